@@ -1,0 +1,141 @@
+"""The engine's commands of the `noodle` CLI: run, nodes, tiny-models, bench (bot/cli.py adds the rest).
+
+`noodle run WF.json ... --models DIR --out DIR [--input DIR]` is a contract other tools call:
+one JSON line per workflow (ComfyUI's history shape plus `meta`), exit 0 when all ran, 2 when
+a workflow was invalid, 1 when one failed while running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from engine.errors import JobCancelled, NodeExecutionError, NoodleError, WorkflowInvalid
+from engine.events import Event, Executing, Progress
+from engine.executor import Executor
+from engine.runtime import create_executor
+from engine.settings import EngineSettings, Limits, ModelsSettings
+
+
+def add_engine_commands(sub: argparse._SubParsersAction, defaults: Any) -> None:
+    """Register the engine's subcommands; `defaults` is the loaded Settings (config.toml)."""
+    run = sub.add_parser("run", help="run ComfyUI API-format workflow files in one engine")
+    run.add_argument("workflows", nargs="+", type=Path)
+    run.add_argument("--models", type=Path, default=defaults.models.dir)
+    run.add_argument("--out", type=Path, default=defaults.engine.output_dir)
+    run.add_argument("--input", type=Path, default=defaults.engine.input_dir)
+    run.set_defaults(handler=lambda a: cmd_run(a, defaults))
+
+    nodes = sub.add_parser("nodes", help="print the node catalog as ComfyUI's /object_info JSON")
+    nodes.add_argument("--models", type=Path, default=defaults.models.dir)
+    nodes.set_defaults(handler=lambda a: cmd_nodes(a, defaults))
+
+    tiny = sub.add_parser("tiny-models", help="write the tiny random test models (offline, seconds)")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--force", action="store_true", help="rewrite files that exist")
+    tiny.set_defaults(handler=cmd_tiny_models)
+
+    bench = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
+    bench.add_argument("what", choices=["engine"])
+    bench.add_argument("--models", type=Path, default=Path(".cache/models"))
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.set_defaults(handler=cmd_bench)
+
+
+def executor_for(args: argparse.Namespace, defaults: Any) -> Executor:
+    models = ModelsSettings(**{**defaults.models.model_dump(), "dir": args.models})
+    engine_settings = EngineSettings(**{**defaults.engine.model_dump(),
+                                        "output_dir": getattr(args, "out", defaults.engine.output_dir),
+                                        "input_dir": getattr(args, "input", defaults.engine.input_dir)})
+    limits: Limits = defaults.limits
+    return create_executor(models, engine_settings, limits)
+
+
+class ProgressBar:
+    """A tqdm bar on stderr naming the node and the sampler step, only on a terminal."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self._bar: Any = None
+
+    def __call__(self, event: Event) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if isinstance(event, Executing):
+            self.close()
+            self._bar = tqdm(total=1, desc=f"{event.node} {event.class_type}", file=sys.stderr, leave=False)
+        elif isinstance(event, Progress) and self._bar is not None:
+            self._bar.total = event.max
+            self._bar.n = event.value
+            self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def cmd_run(args: argparse.Namespace, defaults: Any) -> int:
+    executor = executor_for(args, defaults)
+    worst = 0
+    for path in args.workflows:
+        bar = ProgressBar()
+        try:
+            workflow = json.loads(path.read_text(encoding="utf-8"))
+            result = executor.run(workflow, listener=bar)
+            line: dict[str, Any] = result.to_dict()
+        except (OSError, json.JSONDecodeError) as err:
+            line = {"error": {"type": "invalid_prompt", "message": f"Cannot read workflow file {path}",
+                              "details": str(err), "extra_info": {}}, "node_errors": {}}
+            worst = max(worst, 2)
+        except WorkflowInvalid as err:
+            line = err.body
+            worst = max(worst, 2)
+        except NodeExecutionError as err:
+            line = {"type": "execution_error", "node_id": err.node_id, "node_type": err.class_type,
+                    "exception_type": type(err.cause).__name__, "exception_message": str(err.cause)}
+            worst = max(worst, 1)
+        except (JobCancelled, NoodleError) as err:
+            line = {"type": "execution_error", "exception_type": type(err).__name__, "exception_message": str(err)}
+            worst = max(worst, 1)
+        finally:
+            bar.close()
+        print(json.dumps(line), flush=True)
+    return worst
+
+
+def cmd_nodes(args: argparse.Namespace, defaults: Any) -> int:
+    from engine.models.paths import ModelCatalog
+    from engine.nodes import catalog
+
+    models = ModelCatalog(args.models, allow_weights_only_pickle=defaults.models.allow_weights_only_pickle)
+    input_dir = Path(defaults.engine.input_dir)
+
+    def choices(folder: str) -> list[str]:
+        if folder == "input":
+            return sorted(p.name for p in input_dir.glob("*") if p.is_file()) if input_dir.is_dir() else []
+        return models.list(folder) if Path(args.models).is_dir() else []
+
+    info = {name: cls.object_info(choices) for name, cls in sorted(catalog().items())}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_tiny_models(args: argparse.Namespace) -> int:
+    from engine.tiny import write_tiny_models
+
+    written = write_tiny_models(args.dir, force=args.force)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from engine.bench import bench_engine
+
+    return bench_engine(args.models, repeats=args.repeats)

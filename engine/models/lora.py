@@ -1,0 +1,142 @@
+"""LoRA files as peft adapters on loaded modules, switched per use without touching the base weights.
+
+diffusers converts kohya/A1111 keys to peft and loads them (`lora_state_dict`,
+`load_lora_into_unet`, `load_lora_into_text_encoder`); what it lacks is ComfyUI's model: a
+LoRA set belongs to a MODEL or CLIP value, not to the pipeline, and the UNet and the text
+encoders take different strengths. So adapters are loaded per module on first use and the
+active set and scales are switched right before a module runs.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from engine.errors import UnsupportedModel
+from engine.values import LoraPatch
+
+
+@dataclass
+class _ModuleState:
+    loaded: set[str] = field(default_factory=set)
+    active: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class ConvertedLora:
+    """A LoRA file in diffusers' peft naming, with its network alphas."""
+
+    state_dict: dict[str, torch.Tensor]
+    network_alphas: dict[str, Any] | None
+
+
+class LoraAdapters:
+    """Loads LoRAs into modules as named adapters and sets which are active at what strength."""
+
+    def __init__(self) -> None:
+        self._modules: weakref.WeakKeyDictionary[torch.nn.Module, _ModuleState] = weakref.WeakKeyDictionary()
+        self._converted: OrderedDict[tuple[str, str], ConvertedLora] = OrderedDict()
+        self.loads = 0
+        self.switches = 0
+
+    def activate_unet(self, pipe: DiffusionPipeline, wanted: dict[str, float], files: dict[str, dict]) -> None:
+        """Make exactly `wanted` (adapter key -> strength) active on the pipeline's UNet."""
+        unet = pipe.unet
+        state = self._modules.setdefault(unet, _ModuleState())
+        for key in wanted:
+            if key not in state.loaded:
+                lora = self._convert(pipe, key, files[key])
+                type(pipe).load_lora_into_unet(dict(lora.state_dict), lora.network_alphas, unet=unet,
+                                               adapter_name=key, _pipeline=pipe)
+                self._check_loaded(unet, key, "UNet")
+                state.loaded.add(key)
+                state.active = (("<stale>", 0.0),)
+                self.loads += 1
+        self._switch(unet, state, wanted)
+
+    def activate_text_encoders(self, pipe: DiffusionPipeline, wanted: dict[str, float], files: dict[str, dict]) -> None:
+        """Make exactly `wanted` active on the pipeline's text encoder(s)."""
+        for attr in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(pipe, attr, None)
+            if encoder is None:
+                continue
+            state = self._modules.setdefault(encoder, _ModuleState())
+            for key in wanted:
+                if key not in state.loaded:
+                    lora = self._convert(pipe, key, files[key])
+                    # a LoRA without keys for this encoder loads nothing; it still counts as loaded
+                    type(pipe).load_lora_into_text_encoder(dict(lora.state_dict), lora.network_alphas,
+                                                           text_encoder=encoder, prefix=attr, adapter_name=key,
+                                                           _pipeline=pipe)
+                    state.loaded.add(key)
+                    state.active = (("<stale>", 0.0),)
+                    self.loads += 1
+            self._switch(encoder, state, wanted)
+
+    def _convert(self, pipe: DiffusionPipeline, key: str, raw: dict[str, torch.Tensor]) -> ConvertedLora:
+        cache_key = (type(pipe).__name__, key)
+        if cache_key not in self._converted:
+            try:
+                state_dict, alphas = type(pipe).lora_state_dict(dict(raw), unet_config=pipe.unet.config)
+            except (ValueError, KeyError, RuntimeError, IndexError) as err:
+                raise UnsupportedModel(f"this LoRA's keys are not a LoRA diffusers can read ({err})") from err
+            self._converted[cache_key] = ConvertedLora(state_dict, alphas)
+            while len(self._converted) > 32:
+                self._converted.popitem(last=False)
+        return self._converted[cache_key]
+
+    @staticmethod
+    def _check_loaded(module: torch.nn.Module, key: str, what: str) -> None:
+        if not any(key in getattr(layer, "lora_A", {}) for layer in _tuner_layers(module)):
+            raise UnsupportedModel(f"the LoRA matched no layer of the {what}: it was made for another model family")
+
+    def _switch(self, module: torch.nn.Module, state: _ModuleState, wanted: dict[str, float]) -> None:
+        target = tuple(sorted(wanted.items()))
+        if target == state.active:
+            return
+        for layer in _tuner_layers(module):
+            present = [name for name in wanted if name in layer.lora_A]
+            if not present:
+                # no active LoRA here: peft skips the adapters, so the output is the base layer's, bit for bit
+                layer.enable_adapters(False)
+                continue
+            layer.enable_adapters(True)
+            layer.set_adapter(present)
+            for name in present:
+                layer.set_scale(name, wanted[name])  # scaling = strength * alpha / rank
+        state.active = target
+        self.switches += 1
+
+
+def _tuner_layers(module: torch.nn.Module) -> list[BaseTunerLayer]:
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def summed(patches: Sequence[LoraPatch], key_of: Any) -> dict[str, float]:
+    """Adapter key -> total strength: the same LoRA twice adds up; a total of 0 drops out."""
+    total: dict[str, float] = {}
+    for patch in patches:
+        key = key_of(patch.name)
+        total[key] = total.get(key, 0.0) + patch.strength
+    return {k: s for k, s in total.items() if s != 0.0}
+
+
+def folded_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's weights with its active LoRAs added in, under the plain (non-peft) names."""
+    state = {name.replace(".base_layer", ""): tensor for name, tensor in module.state_dict().items()
+             if ".lora_" not in name}
+    for name, layer in module.named_modules():
+        if not isinstance(layer, BaseTunerLayer) or layer.disable_adapters:
+            continue
+        for adapter in layer.active_adapters:
+            if adapter in getattr(layer, "lora_A", {}):
+                key = f"{name}.weight"
+                state[key] = state[key] + layer.get_delta_weight(adapter).to(state[key].dtype)
+    return state

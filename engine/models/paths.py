@@ -1,0 +1,164 @@
+"""The models folder: listing model files and turning a user-given name into a safe path.
+
+Names come from workflows and slash commands, so they are untrusted: a name resolves only to a
+file inside its own folder (`checkpoints/`, `loras/`, `vae/`, `embeddings/`). `..`, absolute
+paths and symlinks leading out of the folder are refused, as are pickle files unless the owner
+opted into weights-only loading. Path traversal through model names was reported against both
+ComfyUI and A1111; this module is the one place Noodle turns a name into a path.
+
+`safe_join` applies the same rules to other user-named files (the input images folder).
+Also here: the cheap fingerprint the model cache keys on, and A1111's short "Model hash".
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from engine.errors import ModelNotFound, UnsafeModelFile, UnsupportedModel
+from engine.models.detect import PICKLE_SUFFIXES
+
+__all__ = ["FOLDERS", "ModelCatalog", "file_fingerprint", "safe_join", "short_hash"]
+
+Folder = Literal["checkpoints", "loras", "vae", "embeddings"]
+FOLDERS: dict[str, str] = {"checkpoints": "checkpoint", "loras": "LoRA", "vae": "VAE", "embeddings": "embedding"}
+SAFE_SUFFIX = ".safetensors"
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class ModelCatalog:
+    """The four model folders under one root, with listing and safe name resolution."""
+
+    def __init__(self, root: Path, allow_weights_only_pickle: bool = False) -> None:
+        self.root = Path(root)
+        self.allow_weights_only_pickle = allow_weights_only_pickle
+
+    def _suffixes(self) -> tuple[str, ...]:
+        return (SAFE_SUFFIX, *PICKLE_SUFFIXES) if self.allow_weights_only_pickle else (SAFE_SUFFIX,)
+
+    def _folder(self, folder: str) -> Path:
+        if folder not in FOLDERS:
+            raise ValueError(f"model folder {folder!r} is not one of {', '.join(FOLDERS)}")
+        return self.root / folder
+
+    def _shown(self, folder: str) -> str:
+        return f"{self.root.name}/{folder}"
+
+    def list(self, folder: str) -> list[str]:
+        """Loadable files in a folder: relative posix names (subfolders included), sorted.
+
+        Only .safetensors (plus pickle suffixes when allowed); files whose real path leaves the
+        folder are left out, since `resolve` would refuse them.
+        """
+        base = self._folder(folder)
+        if not base.is_dir():
+            return []
+        real_base = base.resolve()
+        names: list[str] = []
+        # os.walk does not descend into symlinked directories (followlinks=False): a link to "/"
+        # inside loras/ would otherwise make the listing walk the whole disk.
+        for directory, subdirs, files in os.walk(base):
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            for file in files:
+                path = Path(directory) / file
+                if file.startswith(".") or not file.lower().endswith(self._suffixes()):
+                    continue
+                if path.resolve().is_relative_to(real_base) and path.is_file():
+                    names.append(path.relative_to(base).as_posix())
+        return sorted(names)
+
+    def resolve(self, folder: str, name: str) -> Path:
+        """The real path of `name` inside `folder`; refuses escapes and pickles, names the closest on a miss."""
+        base = self._folder(folder)
+        kind = FOLDERS[folder]
+        suffix = PurePosixPath(name.replace("\\", "/")).suffix.lower()
+        if suffix in PICKLE_SUFFIXES and not self.allow_weights_only_pickle:
+            raise UnsafeModelFile(
+                f"{kind} {name!r} is a pickle file ({suffix}), and pickle files can run code when loaded; only "
+                f".safetensors is loaded. Convert it to .safetensors, or the owner can set "
+                f"models.allow_weights_only_pickle = true in config.toml to load it with torch.load(weights_only=True)"
+            )
+        path = safe_join(base, name, what=kind, shown=self._shown(folder), listing=lambda: self.list(folder))
+        if suffix not in self._suffixes():
+            raise UnsupportedModel(f"{kind} {name!r} is not a .safetensors file; only .safetensors is loaded")
+        return path
+
+
+def _all_files(base: Path) -> list[str]:
+    if not base.is_dir():
+        return []
+    return sorted(p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
+
+
+def safe_join(
+    base: Path,
+    name: str,
+    *,
+    what: str = "file",
+    shown: str | None = None,
+    listing: Callable[[], Iterable[str]] | None = None,
+) -> Path:
+    """The real path of the existing file `name` inside `base`, for names from untrusted input.
+
+    Refuses (UnsafeModelFile) NUL bytes, absolute paths, `..` and symlinks whose target leaves
+    `base`; a missing file raises ModelNotFound with the closest names from `listing` (by
+    default every file under `base`). `what` and `shown` word the messages ("input image",
+    "input").
+    """
+    shown = shown or base.name
+    # ComfyUI on Windows lists subfolder models as "sub\\model.safetensors"; workflows exported
+    # there carry that spelling, so a backslash is read as a separator, never as a file name.
+    clean = name.replace("\\", "/")
+    if "\x00" in clean:
+        raise UnsafeModelFile(f"{what} name {name!r} contains a NUL byte; names are plain file names in {shown}")
+    if clean.startswith("/") or _WINDOWS_DRIVE.match(clean):
+        raise UnsafeModelFile(
+            f"{what} name {name!r} is an absolute path; a name must be relative to {shown}"
+        )
+    parts = PurePosixPath(clean).parts
+    if ".." in parts:
+        raise UnsafeModelFile(f"{what} name {name!r} contains '..'; a name must stay inside {shown}")
+    available = listing or (lambda: _all_files(base))
+    if not parts:
+        raise ModelNotFound(what, name, shown, available())
+    try:
+        real = base.joinpath(*parts).resolve()
+        inside = real.is_relative_to(base.resolve())
+        exists = inside and real.is_file()
+    except OSError:  # a name the file system cannot even look up (too long, bad bytes): not there
+        inside, exists = True, False
+    if not inside:
+        raise UnsafeModelFile(
+            f"{what} {name!r} is a symlink whose target leaves {shown}; a name must resolve inside its folder"
+        )
+    if not exists:
+        raise ModelNotFound(what, name, shown, available())
+    return real
+
+
+def file_fingerprint(path: Path) -> str:
+    """Size and modification time: cheap, and changes whenever the file is replaced or rewritten."""
+    stat = Path(path).stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_prefix(path: str, size: int, mtime_ns: int) -> str:
+    # size and mtime are part of the cache key so a rewritten file is hashed again.
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
+
+
+def short_hash(path: Path) -> str:
+    """A1111's "Model hash": the first 10 hex digits of the whole file's sha256, cached per file version."""
+    real = Path(path).resolve()
+    stat = real.stat()
+    return _sha256_prefix(str(real), stat.st_size, stat.st_mtime_ns)

@@ -1,0 +1,12 @@
+"""The node catalog: importing the families registers every node class in `Node.registry`."""
+
+from __future__ import annotations
+
+from engine.nodes.base import Node
+
+
+def catalog() -> dict[str, type[Node]]:
+    """Every registered node class by ComfyUI class_type."""
+    from engine.nodes import conditioning, images, latents, loaders, merging, sampling, vae  # noqa: F401
+
+    return Node.registry

@@ -1,0 +1,143 @@
+"""Conditioning nodes: CLIPTextEncode, CLIPTextEncodeSDXL, ConditioningCombine, ConditioningConcat.
+
+Text goes through `prompts` (tokens, 75-token chunks, emphasis, embeddings); this module only
+knows which encoders a checkpoint family has and how ComfyUI sets their layers.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+
+from engine.nodes.base import MAX_RESOLUTION, Node, RunContext, Socket, Text, register
+from engine.values import ClipRef, CondItem, Conditioning
+from prompts.encode import ClipEncoder, EncodedPrompt, encode_prompt
+from prompts.errors import PromptError
+
+EOS = 49407
+
+
+def clip_encoders(clip: ClipRef, ctx: RunContext) -> list[ClipEncoder]:
+    """The ClipEncoders of a checkpoint with its LoRAs active and ComfyUI's layer choice."""
+    models = ctx.models.use_text_encoders(clip)
+    pipe = clip.pipe
+    # the same module object encodes differently under another LoRA set: part of the cache key
+    tag = repr(sorted((p.name, p.strength) for p in clip.loras))
+    if clip.arch.family == "sdxl":
+        # ComfyUI's SDXL encoders: both at the penultimate layer, no final layer norm; clip_g pads
+        # with 0 and gives the pooled vector
+        layer = -2 if clip.stop_at_layer is None else clip.stop_at_layer
+        return [
+            ClipEncoder(pipe.tokenizer, models[0], layer=layer, final_norm=False, pooled=False, pad_token=EOS,
+                        cache_tag=tag),
+            ClipEncoder(pipe.tokenizer_2, models[1], layer=layer, final_norm=False, pooled=True, pad_token=0,
+                        cache_tag=tag),
+        ]
+    layer = -1 if clip.stop_at_layer is None else clip.stop_at_layer
+    # SD1.x: an earlier layer still goes through the final layer norm (ComfyUI layer_norm_hidden_state)
+    return [ClipEncoder(pipe.tokenizer, models[0], layer=layer, final_norm=True, pooled=False, pad_token=EOS,
+                        cache_tag=tag)]
+
+
+def encode_text(text: str, encoders: list[ClipEncoder], ctx: RunContext) -> EncodedPrompt:
+    """Encode with the models folder's embeddings and the configured weighting; errors name the node."""
+    try:
+        return encode_prompt(text, encoders, embeddings=ctx.models.embeddings,
+                             weighting=ctx.prompt_weighting, cache=ctx.models.prompt_cache)  # type: ignore[arg-type]
+    except PromptError as err:
+        raise PromptError(f"node {ctx.node_id}: {err}") from err
+
+
+def cond_item(encoded: EncodedPrompt, extras: dict | None = None) -> CondItem:
+    # kept on the CPU in fp32: conditionings are cached between runs and moved to the device by the sampler
+    pooled = encoded.pooled.detach().float().cpu() if encoded.pooled is not None else None
+    return CondItem(encoded.embeds.detach().float().cpu(), pooled, dict(extras or {}), encoded.report)
+
+
+@register
+class CLIPTextEncode(Node):
+    """Encode a prompt into conditioning; long prompts become several 75-token chunks."""
+
+    CATEGORY: ClassVar[str] = "conditioning"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("CONDITIONING",)
+
+    text: str = Text(multiline=True)
+    clip: ClipRef = Socket("CLIP")
+
+    def run(self, ctx: RunContext) -> tuple[Conditioning]:
+        encoded = encode_text(self.text, clip_encoders(self.clip, ctx), ctx)
+        ctx.meta.tokens[ctx.node_id] = encoded.report.to_dict()
+        return (Conditioning((cond_item(encoded),)),)
+
+
+@register
+class CLIPTextEncodeSDXL(Node):
+    """SDXL: separate texts for the two encoders, with explicit size conditioning."""
+
+    CATEGORY: ClassVar[str] = "advanced/conditioning"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("CONDITIONING",)
+
+    clip: ClipRef = Socket("CLIP")
+    width: int = Field(1024, ge=0, le=MAX_RESOLUTION)
+    height: int = Field(1024, ge=0, le=MAX_RESOLUTION)
+    crop_w: int = Field(0, ge=0, le=MAX_RESOLUTION)
+    crop_h: int = Field(0, ge=0, le=MAX_RESOLUTION)
+    target_width: int = Field(1024, ge=0, le=MAX_RESOLUTION)
+    target_height: int = Field(1024, ge=0, le=MAX_RESOLUTION)
+    text_g: str = Text(multiline=True)
+    text_l: str = Text(multiline=True)
+
+    def run(self, ctx: RunContext) -> tuple[Conditioning]:
+        if self.clip.arch.family != "sdxl":
+            raise ValueError(f"CLIPTextEncodeSDXL needs an SDXL checkpoint; {self.clip.checkpoint.name!r} is "
+                             f"{self.clip.arch.family}: use CLIPTextEncode")
+        clip_l, clip_g = clip_encoders(self.clip, ctx)
+        enc_l = encode_text(self.text_l, [clip_l], ctx)
+        enc_g = encode_text(self.text_g, [clip_g], ctx)
+        # ComfyUI pads the shorter token list with empty-prompt chunks so both have as many chunks
+        embeds_l, embeds_g = enc_l.embeds, enc_g.embeds
+        if embeds_l.shape[1] != embeds_g.shape[1]:
+            empty_l = encode_text("", [clip_l], ctx).embeds
+            empty_g = encode_text("", [clip_g], ctx).embeds
+            while embeds_l.shape[1] < embeds_g.shape[1]:
+                embeds_l = torch.cat([embeds_l, empty_l], dim=1)
+            while embeds_g.shape[1] < embeds_l.shape[1]:
+                embeds_g = torch.cat([embeds_g, empty_g], dim=1)
+        joined = EncodedPrompt(torch.cat([embeds_l, embeds_g], dim=-1), enc_g.pooled, enc_g.report)
+        ctx.meta.tokens[ctx.node_id] = {"text_g": enc_g.report.to_dict(), "text_l": enc_l.report.to_dict()}
+        extras = {"width": self.width, "height": self.height, "crop_w": self.crop_w, "crop_h": self.crop_h,
+                  "target_width": self.target_width, "target_height": self.target_height}
+        return (Conditioning((cond_item(joined, extras),)),)
+
+
+@register
+class ConditioningCombine(Node):
+    """Keep two conditionings side by side: the sampler averages their predictions."""
+
+    CATEGORY: ClassVar[str] = "conditioning"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("CONDITIONING",)
+
+    conditioning_1: Conditioning = Socket("CONDITIONING")
+    conditioning_2: Conditioning = Socket("CONDITIONING")
+
+    def run(self, ctx: RunContext) -> tuple[Conditioning]:
+        return (Conditioning(self.conditioning_1.items + self.conditioning_2.items),)
+
+
+@register
+class ConditioningConcat(Node):
+    """Join the first cond of `conditioning_from` to each of `conditioning_to` along the token axis."""
+
+    CATEGORY: ClassVar[str] = "conditioning"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("CONDITIONING",)
+
+    conditioning_to: Conditioning = Socket("CONDITIONING")
+    conditioning_from: Conditioning = Socket("CONDITIONING")
+
+    def run(self, ctx: RunContext) -> tuple[Conditioning]:
+        source = self.conditioning_from.items[0]
+        joined = tuple(CondItem(torch.cat([item.embeds, source.embeds], dim=1), item.pooled, item.extras, item.report)
+                       for item in self.conditioning_to.items)
+        return (Conditioning(joined),)

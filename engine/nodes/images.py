@@ -1,0 +1,190 @@
+"""Image nodes: LoadImage, SaveImage, PreviewImage, ImageScale, with ComfyUI's names and defaults."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+from pydantic import Field
+
+from engine.errors import LimitExceeded, NoodleError, UnsafeModelFile
+from engine.nodes.base import MAX_RESOLUTION, Choice, FolderLookup, Node, Output, RunContext, Socket, Text, register
+from engine.recipe import image_parameters
+from engine.pngmeta import save_png
+from engine.values import ImageBatch, Mask
+
+UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
+# Decompression bombs: Pillow's own guard is a warning at 89 Mpx; we refuse far earlier (config max_pixels).
+Image.MAX_IMAGE_PIXELS = 16384 * 16384
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image as ComfyUI's IMAGE: [1, H, W, 3] float 0..1."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array.copy())[None]
+
+
+def tensor_to_pils(pixels: torch.Tensor) -> list[Image.Image]:
+    """IMAGE [B, H, W, C] -> PIL images; 255*x clipped and truncated to uint8, as ComfyUI's SaveImage does."""
+    array = (255.0 * pixels.detach().float().cpu().numpy()).clip(0, 255).astype(np.uint8)
+    return [Image.fromarray(item) for item in array]
+
+
+@register
+class LoadImage(Node):
+    """Load an image from the input folder as IMAGE and its alpha channel as MASK."""
+
+    CATEGORY: ClassVar[str] = "image"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("IMAGE", "MASK")
+
+    image: str = Choice("input")
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any], lookup: FolderLookup) -> str | None:
+        # ComfyUI's IS_CHANGED hashes the file: a new file under the same name runs again
+        return hashlib.sha256(lookup.resolve("input", inputs["image"]).read_bytes()).hexdigest()
+
+    def run(self, ctx: RunContext) -> tuple[ImageBatch, Mask]:
+        path = ctx.models.resolve("input", self.image)
+        limits = ctx.limits
+        try:
+            with Image.open(path) as opened:
+                if opened.width * opened.height > limits.max_pixels:
+                    raise LimitExceeded(
+                        f"image {self.image!r} is {opened.width}x{opened.height} = {opened.width * opened.height} "
+                        f"pixels; the limit is {limits.max_pixels} (limits.max_pixels in config.toml): scale it down")
+                frames, masks = [], []
+                for frame in ImageSequence.Iterator(opened):
+                    frame = ImageOps.exif_transpose(frame)
+                    if frames and frame.size != (frames[0].shape[2], frames[0].shape[1]):
+                        break  # ComfyUI keeps the leading frames of the first frame's size
+                    frames.append(pil_to_tensor(frame))
+                    if "A" in frame.getbands():
+                        alpha = np.asarray(frame.getchannel("A"), dtype=np.float32) / 255.0
+                        masks.append(1.0 - torch.from_numpy(alpha.copy()))  # ComfyUI's MASK is 1 where transparent
+                    else:
+                        masks.append(torch.zeros(64, 64))
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+            raise NoodleError(f"input {self.image!r} is not an image Pillow can read ({err}); "
+                              "use PNG, JPEG or WebP") from err
+        if any(m.shape != masks[0].shape for m in masks):
+            masks = [torch.zeros(64, 64) for _ in masks]
+        return ImageBatch(torch.cat(frames)), Mask(torch.stack(masks))
+
+
+def save_path(output_dir: Path, prefix: str, width: int = 0, height: int = 0,
+              suffix: str = ".png") -> tuple[Path, str, int]:
+    """Folder, file stem and next counter for a prefix, as ComfyUI's get_save_image_path."""
+    prefix = prefix.replace("%width%", str(width)).replace("%height%", str(height))
+    folder = (output_dir / prefix).parent.resolve()
+    root = output_dir.resolve()
+    if folder != root and root not in folder.parents:
+        raise UnsafeModelFile(f"filename_prefix {prefix!r} leaves the output folder; use a relative name such as "
+                              "'noodle' or 'portraits/noodle'")
+    stem = Path(prefix).name
+    pattern = re.compile(re.escape(stem) + r"_(\d+)_?" + re.escape(suffix) + "$")
+    found = folder.glob(f"{stem}_*{suffix}") if folder.is_dir() else []
+    counters = [int(m.group(1)) for p in found if (m := pattern.match(p.name))]
+    return folder, stem, max(counters, default=0) + 1
+
+
+def save_images(ctx: RunContext, pixels: torch.Tensor, prefix: str, kind: str, folder_root: Path) -> Output:
+    """Write a batch as `{prefix}_{counter:05}_.png` with its recipe in text chunks."""
+    images = tensor_to_pils(pixels)
+    folder, stem, counter = save_path(folder_root, prefix, images[0].width, images[0].height)
+    texts = {"prompt": json.dumps(ctx.prompt)}
+    parameters = image_parameters(ctx, images[0].width, images[0].height)
+    if parameters:
+        texts["parameters"] = parameters
+    results = []
+    for image in images:
+        name = f"{stem}_{counter:05}_.png"
+        save_png(image, folder / name, texts)
+        subfolder = folder.relative_to(folder_root.resolve()).as_posix()
+        results.append({"filename": name, "subfolder": "" if subfolder == "." else subfolder, "type": kind})
+        counter += 1
+    return Output((), {"images": results})
+
+
+@register
+class SaveImage(Node):
+    """Save images to the output folder as PNG with the workflow and A1111 parameters inside."""
+
+    CATEGORY: ClassVar[str] = "image"
+    OUTPUT_NODE: ClassVar[bool] = True
+
+    images: ImageBatch = Socket("IMAGE")
+    filename_prefix: str = Text("ComfyUI")
+
+    def run(self, ctx: RunContext) -> Output:
+        return save_images(ctx, self.images.pixels, self.filename_prefix, "output", ctx.output_dir)
+
+
+@register
+class PreviewImage(Node):
+    """Save images to the temp folder for a quick look."""
+
+    CATEGORY: ClassVar[str] = "image"
+    OUTPUT_NODE: ClassVar[bool] = True
+
+    images: ImageBatch = Socket("IMAGE")
+
+    def run(self, ctx: RunContext) -> Output:
+        return save_images(ctx, self.images.pixels, f"ComfyUI_temp_{ctx.prompt_id[:5]}", "temp", ctx.temp_dir)
+
+
+def resize_pixels(pixels: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
+    """Resize IMAGE [B, H, W, C]; 0 for one side keeps the aspect ratio; `center` crops to the new aspect."""
+    _, old_h, old_w, _ = pixels.shape
+    if width == 0 and height == 0:
+        return pixels
+    width = width or max(1, round(old_w * height / old_h))
+    height = height or max(1, round(old_h * width / old_w))
+    if crop == "center":
+        old_aspect, new_aspect = old_w / old_h, width / height
+        if old_aspect > new_aspect:
+            keep = round(old_h * new_aspect)
+            x = (old_w - keep) // 2
+            pixels = pixels[:, :, x:x + keep]
+        elif old_aspect < new_aspect:
+            keep = round(old_w / new_aspect)
+            y = (old_h - keep) // 2
+            pixels = pixels[:, y:y + keep]
+    if method == "lanczos":  # torch has no lanczos: Pillow does it per image
+        return torch.cat([pil_to_tensor(img.resize((width, height), Image.Resampling.LANCZOS))
+                          for img in tensor_to_pils(pixels)])
+    chw = pixels.movedim(-1, 1)
+    mode = {"nearest-exact": "nearest-exact", "bilinear": "bilinear", "area": "area", "bicubic": "bicubic"}[method]
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    return F.interpolate(chw, size=(height, width), mode=mode, **kwargs).clamp(0, 1).movedim(1, -1)
+
+
+@register
+class ImageScale(Node):
+    """Resize images to a width and height."""
+
+    CATEGORY: ClassVar[str] = "image/upscaling"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("IMAGE",)
+
+    image: ImageBatch = Socket("IMAGE")
+    upscale_method: str = Choice(UPSCALE_METHODS)
+    width: int = Field(512, ge=0, le=MAX_RESOLUTION, json_schema_extra={"step": 1})
+    height: int = Field(512, ge=0, le=MAX_RESOLUTION, json_schema_extra={"step": 1})
+    crop: str = Choice(("disabled", "center"))
+
+    @classmethod
+    def check_values(cls, values: dict[str, Any], limits: Any) -> list[tuple[str, str]]:
+        if values.get("width", 0) * values.get("height", 0) > limits.max_pixels:
+            return [("width", f"{values['width']}x{values['height']} is above this server's limit of "
+                              f"{limits.max_pixels} pixels (limits.max_pixels in config.toml)")]
+        return []
+
+    def run(self, ctx: RunContext) -> tuple[ImageBatch]:
+        return (ImageBatch(resize_pixels(self.image.pixels, self.width, self.height, self.upscale_method, self.crop)),)

@@ -1,0 +1,166 @@
+"""Latent nodes: EmptyLatentImage, LatentUpscale, LatentUpscaleBy, with ComfyUI's names and ranges."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from engine.errors import LimitExceeded
+from engine.nodes.base import MAX_RESOLUTION, Choice, Node, RunContext, Socket, register
+from engine.settings import Limits
+from engine.values import Latent
+
+LATENT_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
+LATENT_CHANNELS = 4  # SD1.x and SDXL; the VAE scales sides by 8
+
+
+def size_problems(width: int, height: int, batch: int, limits: Limits) -> list[tuple[str, str]]:
+    """The config limits on an image size and batch, as validation messages."""
+    problems = []
+    for name, side in (("width", width), ("height", height)):
+        if side > limits.max_side:
+            problems.append((name, f"{name} {side} is above this server's limit of {limits.max_side}; use "
+                                   f"{limits.max_side} or less, or ask the owner to raise limits.max_side in config.toml"))
+    if width * height > limits.max_pixels:
+        problems.append(("width", f"{width}x{height} = {width * height} pixels is above this server's limit of "
+                                  f"{limits.max_pixels} (limits.max_pixels in config.toml)"))
+    if batch > limits.max_batch:
+        problems.append(("batch_size", f"batch_size {batch} is above this server's limit of {limits.max_batch} "
+                                       "(limits.max_batch in config.toml)"))
+    return problems
+
+
+@register
+class EmptyLatentImage(Node):
+    """A batch of empty latents: the start of text-to-image."""
+
+    CATEGORY: ClassVar[str] = "latent"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("LATENT",)
+
+    width: int = Field(512, ge=16, le=MAX_RESOLUTION, json_schema_extra={"step": 8})
+    height: int = Field(512, ge=16, le=MAX_RESOLUTION, json_schema_extra={"step": 8})
+    batch_size: int = Field(1, ge=1, le=4096)
+
+    @classmethod
+    def check_values(cls, values: dict[str, Any], limits: Limits) -> list[tuple[str, str]]:
+        return size_problems(values["width"], values["height"], values["batch_size"], limits)
+
+    def run(self, ctx: RunContext) -> tuple[Latent]:
+        # sides are floored to a multiple of 8, as ComfyUI does (width // 8)
+        shape = (self.batch_size, LATENT_CHANNELS, self.height // 8, self.width // 8)
+        return (Latent(torch.zeros(shape)),)
+
+
+def upscale_latent(samples: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
+    """Resize latents to (height, width) in latent cells; `center` crops to the new aspect first."""
+    _, _, old_h, old_w = samples.shape
+    if crop == "center":
+        old_aspect, new_aspect = old_w / old_h, width / height
+        if old_aspect > new_aspect:
+            keep = round(old_h * new_aspect)
+            samples = samples[:, :, :, (old_w - keep) // 2:(old_w - keep) // 2 + keep]
+        elif old_aspect < new_aspect:
+            keep = round(old_w / new_aspect)
+            samples = samples[:, :, (old_h - keep) // 2:(old_h - keep) // 2 + keep]
+    if method == "bislerp":
+        return _bislerp(samples, width, height)
+    kwargs = {"align_corners": False} if method in ("bilinear", "bicubic") else {}
+    return F.interpolate(samples, size=(height, width), mode=method, **kwargs)
+
+
+def _bislerp(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """ComfyUI's bislerp: bilinear positions, but channels blended by spherical interpolation."""
+    def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a_norm, b_norm = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
+        a_unit = a / a_norm.clamp_min(1e-8)
+        b_unit = b / b_norm.clamp_min(1e-8)
+        dot = (a_unit * b_unit).sum(1, keepdim=True).clamp(-1 + 1e-6, 1 - 1e-6)
+        omega = torch.acos(dot)
+        so = torch.sin(omega)
+        unit = (torch.sin((1 - t) * omega) / so) * a_unit + (torch.sin(t * omega) / so) * b_unit
+        blended = unit * (a_norm * (1 - t) + b_norm * t)
+        linear = a * (1 - t) + b * t
+        return torch.where(dot > 1 - 1e-5, linear, blended)
+
+    def along(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+        old = x.shape[dim]
+        pos = (torch.arange(size, dtype=torch.float32) + 0.5) * old / size - 0.5
+        pos = pos.clamp(0, old - 1)
+        low = pos.floor().long()
+        high = (low + 1).clamp(max=old - 1)
+        t = (pos - low).view(*[-1 if d == dim else 1 for d in range(x.dim())])
+        return slerp(x.index_select(dim, low), x.index_select(dim, high), t)
+
+    return along(along(samples.float(), width, 3), height, 2).to(samples.dtype)
+
+
+@register
+class LatentUpscale(Node):
+    """Resize latents to a pixel width and height (0 keeps the aspect ratio)."""
+
+    CATEGORY: ClassVar[str] = "latent"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("LATENT",)
+
+    samples: Latent = Socket("LATENT")
+    upscale_method: str = Choice(LATENT_METHODS)
+    width: int = Field(512, ge=0, le=MAX_RESOLUTION, json_schema_extra={"step": 8})
+    height: int = Field(512, ge=0, le=MAX_RESOLUTION, json_schema_extra={"step": 8})
+    crop: str = Choice(("disabled", "center"))
+
+    @classmethod
+    def check_values(cls, values: dict[str, Any], limits: Limits) -> list[tuple[str, str]]:
+        return size_problems(values["width"], values["height"], 1, limits)
+
+    def run(self, ctx: RunContext) -> tuple[Latent]:
+        _, _, h, w = self.samples.samples.shape
+        width, height = self.width // 8, self.height // 8
+        if width == 0 and height == 0:
+            return (self.samples,)
+        width = width or max(1, round(w * height / h))
+        height = height or max(1, round(h * width / w))
+        resized = upscale_latent(self.samples.samples, width, height, self.upscale_method, self.crop)
+        return (Latent(resized, self.samples.batch_index),)
+
+
+@register
+class LatentUpscaleBy(Node):
+    """Resize latents by a factor."""
+
+    CATEGORY: ClassVar[str] = "latent"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("LATENT",)
+
+    samples: Latent = Socket("LATENT")
+    upscale_method: str = Choice(LATENT_METHODS)
+    scale_by: float = Field(1.5, ge=0.01, le=8.0, json_schema_extra={"step": 0.01})
+
+    def run(self, ctx: RunContext) -> tuple[Latent]:
+        _, _, h, w = self.samples.samples.shape
+        width, height = round(w * self.scale_by), round(h * self.scale_by)
+        side_limit = ctx.limits.max_side // 8
+        if max(width, height) > side_limit:
+            raise LimitExceeded(f"scaling by {self.scale_by} gives {width * 8}x{height * 8}, above this server's "
+                                f"limit of {ctx.limits.max_side} per side (limits.max_side in config.toml)")
+        resized = upscale_latent(self.samples.samples, width, height, self.upscale_method, "disabled")
+        return (Latent(resized, self.samples.batch_index),)
+
+
+@register
+class RepeatLatentBatch(Node):
+    """Repeat a latent batch (img2img of one picture, several times with different noise)."""
+
+    CATEGORY: ClassVar[str] = "latent/batch"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("LATENT",)
+
+    samples: Latent = Socket("LATENT")
+    amount: int = Field(1, ge=1, le=64)
+
+    def run(self, ctx: RunContext) -> tuple[Latent]:
+        samples = self.samples.samples.repeat(self.amount, 1, 1, 1)
+        index = self.samples.batch_index
+        if index is not None:  # keep each copy's noise distinct, as ComfyUI offsets the indices
+            offset = max(index) - min(index) + 1
+            index = tuple(index) + tuple(x + i * offset for i in range(1, self.amount) for x in index)
+        return (Latent(samples, index),)

@@ -1,0 +1,188 @@
+"""Sampler nodes: KSampler and KSamplerAdvanced, with ComfyUI's names, defaults and ranges.
+
+The sigma schedule is ComfyUI's (engine/samplers.py), the step math is a diffusers scheduler,
+and the model call is ComfyUI's: positive and negative conds in one UNet batch, then
+classifier-free guidance `uncond + (cond - uncond) * cfg`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field
+
+from engine import samplers
+from engine.nodes.base import SEED_MAX, Choice, Node, RunContext, Socket, register
+from engine.settings import Limits
+from engine.values import CondItem, Conditioning, Latent, ModelRef
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def prepare_noise(latent: torch.Tensor, seed: int, batch_index: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Initial noise on the CPU for the whole batch, as comfy/sample.py prepare_noise: same seed, same picture anywhere."""
+    generator = torch.manual_seed(seed)
+    if batch_index is None:
+        return torch.randn(latent.shape, dtype=torch.float32, generator=generator, device="cpu")
+    # items of a split batch keep the noise they had in the whole batch
+    draws = [torch.randn((1, *latent.shape[1:]), dtype=torch.float32, generator=generator, device="cpu")
+             for _ in range(max(batch_index) + 1)]
+    return torch.cat([draws[i] for i in batch_index])
+
+
+def _repeat_to(embeds: torch.Tensor, length: int) -> torch.Tensor:
+    # ComfyUI batches conds of different lengths by repeating each to a common multiple: attention
+    # over k copies of the same keys gives the same result as over one copy
+    return embeds.repeat(1, length // embeds.shape[1], 1)
+
+
+def _time_ids(item: CondItem, height: int, width: int) -> list[float]:
+    extras = item.extras
+    h, w = extras.get("height", height), extras.get("width", width)
+    return [h, w, extras.get("crop_h", 0), extras.get("crop_w", 0),
+            extras.get("target_height", h), extras.get("target_width", w)]
+
+
+def guided_eps(unet: torch.nn.Module, positive: Conditioning, negative: Conditioning, cfg: float,
+               sdxl: bool, pixel_size: tuple[int, int]) -> EpsFn:
+    """The guided noise prediction for a batch of latents at one sigma."""
+    # cfg 1 needs no negative pass: ComfyUI skips it too, and the result is the same
+    items = list(positive.items) + ([] if math.isclose(cfg, 1.0) else list(negative.items))
+    n_pos = len(positive.items)
+    length = math.lcm(*(item.embeds.shape[1] for item in items))
+    device, dtype = unet.device, unet.dtype
+    context = torch.cat([_repeat_to(item.embeds, length) for item in items]).to(device, dtype)
+    added: dict[str, torch.Tensor] | None = None
+    if sdxl:
+        pooled = [item.pooled if item.pooled is not None else torch.zeros(1, 1280) for item in items]
+        added = {
+            "text_embeds": torch.cat(pooled).to(device, dtype),
+            "time_ids": torch.tensor([_time_ids(item, *pixel_size) for item in items], device=device, dtype=dtype),
+        }
+
+    def eps(x: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        x_in = x.to(device, dtype).repeat(len(items), 1, 1, 1)
+        ctx_in = context.repeat_interleave(batch, dim=0)
+        kwargs: dict[str, Any] = {}
+        if added is not None:
+            kwargs["added_cond_kwargs"] = {k: v.repeat_interleave(batch, dim=0) for k, v in added.items()}
+        t = timestep.reshape(-1)[:1].to(device).expand(x_in.shape[0])
+        out = unet(x_in, t, encoder_hidden_states=ctx_in, **kwargs).sample.float().to(x.device)
+        preds = out.reshape(len(items), batch, *out.shape[1:])
+        cond = preds[:n_pos].mean(0)
+        if len(items) == n_pos:
+            return cond
+        uncond = preds[n_pos:].mean(0)
+        return uncond + (cond - uncond) * cfg
+
+    return eps
+
+
+def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.Tensor, sigmas: torch.Tensor,
+                sampler_name: str, scheduler: str, seed: int, cfg: float,
+                positive: Conditioning, negative: Conditioning) -> Latent:
+    """Denoise `latent` along `sigmas`; progress and interrupts at every step."""
+    if len(sigmas) < 2:
+        return latent  # nothing to do (denoise 0, or start past the end), as ComfyUI returns the input
+    unet = ctx.models.use_unet(model)
+    scale = float(model.pipe.vae.config.scaling_factor)
+    h, w = latent.samples.shape[2] * 8, latent.samples.shape[3] * 8
+    eps = guided_eps(unet, positive, negative, cfg, model.arch.family == "sdxl", (h, w))
+    plan = samplers.build_scheduler(sampler_name, scheduler, sigmas, seed)
+    steps = len(sigmas) - 1
+
+    def on_step(index: int, total: int, x: torch.Tensor) -> None:
+        ctx.progress(index + 1, total)
+
+    ctx.progress(0, steps)
+    with torch.inference_mode():
+        # LATENT values are in the VAE's raw space; the model works on scaled latents
+        out = samplers.sample(plan, eps, latent.samples.float() * scale, noise, callback=on_step)
+    return Latent(out / scale, latent.batch_index)
+
+
+def _sampler_problems(values: dict[str, Any], limits: Limits) -> list[tuple[str, str]]:
+    problems = []
+    if values["steps"] > limits.max_steps:
+        problems.append(("steps", f"steps {values['steps']} is above this server's limit of {limits.max_steps}; "
+                                  "use fewer, or ask the owner to raise limits.max_steps in config.toml"))
+    try:
+        samplers.check_pair(values["sampler_name"], values["scheduler"], values["steps"], values.get("denoise", 1.0))
+    except samplers.UnfaithfulSampler as err:
+        problems.append(("scheduler", str(err)))
+    return problems
+
+
+@register
+class KSampler(Node):
+    """Denoise a latent with one ComfyUI sampler/scheduler pair."""
+
+    CATEGORY: ClassVar[str] = "sampling"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("LATENT",)
+
+    model: ModelRef = Socket("MODEL")
+    seed: int = Field(0, ge=0, le=SEED_MAX, json_schema_extra={"control_after_generate": True})
+    steps: int = Field(20, ge=1, le=10_000)
+    cfg: float = Field(8.0, ge=0.0, le=100.0, json_schema_extra={"step": 0.1})
+    sampler_name: str = Choice(samplers.SUPPORTED_SAMPLERS)
+    scheduler: str = Choice(samplers.SCHEDULER_NAMES)
+    positive: Conditioning = Socket("CONDITIONING")
+    negative: Conditioning = Socket("CONDITIONING")
+    latent_image: Latent = Socket("LATENT")
+    denoise: float = Field(1.0, ge=0.0, le=1.0, json_schema_extra={"step": 0.01})
+
+    @classmethod
+    def check_values(cls, values: dict[str, Any], limits: Limits) -> list[tuple[str, str]]:
+        return _sampler_problems(values, limits)
+
+    def run(self, ctx: RunContext) -> tuple[Latent]:
+        ctx.meta.seeds[ctx.node_id] = self.seed
+        latent = self.latent_image
+        noise = prepare_noise(latent.samples, self.seed, latent.batch_index)
+        sigmas = samplers.ksampler_sigmas(self.scheduler, self.steps, self.denoise, samplers.model_sigmas(),
+                                           sampler_name=self.sampler_name)
+        return (run_sampler(ctx, self.model, latent, noise, sigmas, self.sampler_name, self.scheduler, self.seed,
+                            self.cfg, self.positive, self.negative),)
+
+
+@register
+class KSamplerAdvanced(Node):
+    """KSampler with control over noise and the range of steps run."""
+
+    CATEGORY: ClassVar[str] = "sampling"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("LATENT",)
+
+    model: ModelRef = Socket("MODEL")
+    add_noise: str = Choice(("enable", "disable"))
+    noise_seed: int = Field(0, ge=0, le=SEED_MAX, json_schema_extra={"control_after_generate": True})
+    steps: int = Field(20, ge=1, le=10_000)
+    cfg: float = Field(8.0, ge=0.0, le=100.0, json_schema_extra={"step": 0.1})
+    sampler_name: str = Choice(samplers.SUPPORTED_SAMPLERS)
+    scheduler: str = Choice(samplers.SCHEDULER_NAMES)
+    positive: Conditioning = Socket("CONDITIONING")
+    negative: Conditioning = Socket("CONDITIONING")
+    latent_image: Latent = Socket("LATENT")
+    start_at_step: int = Field(0, ge=0, le=10_000)
+    end_at_step: int = Field(10_000, ge=0, le=10_000)
+    return_with_leftover_noise: str = Choice(("disable", "enable"))
+
+    @classmethod
+    def check_values(cls, values: dict[str, Any], limits: Limits) -> list[tuple[str, str]]:
+        return _sampler_problems(values, limits)
+
+    def run(self, ctx: RunContext) -> tuple[Latent]:
+        ctx.meta.seeds[ctx.node_id] = self.noise_seed
+        latent = self.latent_image
+        if self.add_noise == "disable":
+            noise = torch.zeros(latent.samples.shape)
+        else:
+            noise = prepare_noise(latent.samples, self.noise_seed, latent.batch_index)
+        sigmas = samplers.advanced_sigmas(self.scheduler, self.steps, self.start_at_step, self.end_at_step,
+                                          self.return_with_leftover_noise != "enable", samplers.model_sigmas(),
+                                          sampler_name=self.sampler_name)
+        return (run_sampler(ctx, self.model, latent, noise, sigmas, self.sampler_name, self.scheduler,
+                            self.noise_seed, self.cfg, self.positive, self.negative),)

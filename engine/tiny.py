@@ -1,0 +1,177 @@
+"""Tiny test models: real SD1.x/SDXL architectures at tiny widths, random weights, real CLIP vocabulary.
+
+`write_tiny_models(root)` fills a models folder (`checkpoints/`, `loras/`, `vae/`, `embeddings/`)
+offline in a few seconds, deterministically (fixed seeds), in the same file layouts users drop in:
+original single-file checkpoints (via `to_original`), kohya-style LoRAs, an SD VAE file and an
+A1111 textual-inversion embedding. Tests, `make run` and benchmarks use them instead of
+multi-GB downloads. A manifest with a format version lets a changed generator rewrite the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from engine.models.detect import Arch, Family
+from engine.models.to_original import pipeline_to_original, vae_file_dict
+
+__all__ = ["FORMAT_VERSION", "TinyComponents", "tiny_components", "tiny_lora", "write_tiny_models"]
+
+# Bump when anything below changes what is written: the cache is then rebuilt.
+FORMAT_VERSION = 1
+MANIFEST = "tiny-models.json"
+LORA_RANK = 4
+
+# name -> (family, seed); same architecture, different seeds, so model merges and cache keys differ.
+CHECKPOINTS: dict[str, tuple[Family, int]] = {
+    "tiny-sd15": ("sd15", 0),
+    "tiny-sd15-b": ("sd15", 1),
+    "tiny-sdxl": ("sdxl", 2),
+}
+VAE_SEED = 3
+LORA_SEEDS = {"tiny-lora-a": 10, "tiny-lora-b": 11}
+EMBEDDING_SEED = 20
+
+# The layers kohya's LoRA trainer targets in SD1.x: every linear/1x1 in the UNet's transformer
+# blocks, and the CLIP attention and MLP projections.
+_UNET_TARGET = re.compile(
+    r"^(down_blocks|mid_block|up_blocks)\..*attentions\.\d+\."
+    r"(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2))$"
+)
+_TE_TARGET = re.compile(r"^encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
+
+
+@dataclass
+class TinyComponents:
+    """A tiny pipeline's models, shaped like a diffusers pipeline for `pipeline_to_original`."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+
+
+def tiny_components(family: Family, seed: int) -> TinyComponents:
+    """Randomly initialised tiny UNet, VAE and text encoder(s) of a family, from `torch.manual_seed(seed)`.
+
+    Default initialisation is used as is: PyTorch's for the UNet and VAE, CLIP's normal(0, 0.02)
+    for the text encoders; at these widths it gives finite, non-constant images.
+    """
+    config_dir = Arch.of(family, True).config_dir
+    # fork_rng: seed a private copy of the global generator, leaving the caller's state as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
+        te = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
+        te2 = None
+        if family == "sdxl":
+            te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_dir / "text_encoder_2"))
+    for module in (unet, vae, te, te2):
+        if module is not None:
+            module.eval()
+    return TinyComponents(unet, vae, te, te2)
+
+
+def _lora_pair(module: nn.Module, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Random down/up weights for one layer, sized so the update is as large as the layer's own weight.
+
+    lora_down ~ N(0, 1/in) and lora_up ~ N(0, 0.25/rank) give an update with entries of standard
+    deviation 0.5/sqrt(in), close to PyTorch's default weight scale (0.58/sqrt(in)): a LoRA at
+    strength 1 visibly changes the output, and lora_up is never zero (a freshly trained LoRA's is).
+    """
+    if isinstance(module, nn.Linear):
+        fan_in, fan_out, extra = module.in_features, module.out_features, ()
+    elif isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
+        fan_in, fan_out, extra = module.in_channels, module.out_channels, (1, 1)
+    else:
+        raise TypeError(f"no LoRA shape for {type(module).__name__}")
+    down = torch.randn((LORA_RANK, fan_in, *extra), generator=generator) / fan_in**0.5
+    up = torch.randn((fan_out, LORA_RANK, *extra), generator=generator) * 0.5 / LORA_RANK**0.5
+    return down, up
+
+
+def tiny_lora(seed: int) -> dict[str, Tensor]:
+    """A kohya/A1111-style LoRA (rank 4, alpha 4) for the tiny SD1.x UNet and text encoder."""
+    components = tiny_components(*CHECKPOINTS["tiny-sd15"])  # only its layer names and shapes are used
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, Tensor] = {}
+    unet_modules = components.unet.named_modules()
+    targets = [("lora_unet_", name, module) for name, module in unet_modules if _UNET_TARGET.match(name)]
+    # kohya names CLIP layers from the transformers model root, which has a `text_model.` level.
+    targets += [
+        ("lora_te_text_model_", name, module)
+        for name, module in components.text_encoder.named_modules()
+        if _TE_TARGET.match(name.removeprefix("text_model."))
+    ]
+    for prefix, name, module in targets:
+        key = prefix + name.removeprefix("text_model.").replace(".", "_")
+        state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = _lora_pair(module, generator)
+        state[f"{key}.alpha"] = torch.tensor(float(LORA_RANK))  # alpha == rank: scale 1 at strength 1
+    return state
+
+
+def _save(state: dict[str, Tensor], path: Path) -> None:
+    """Write atomically: parallel test runs may build the same cache at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({key: tensor.contiguous() for key, tensor in state.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def _plan(root: Path) -> dict[str, Path]:
+    paths = {name: root / "checkpoints" / f"{name}.safetensors" for name in CHECKPOINTS}
+    paths |= {name: root / "loras" / f"{name}.safetensors" for name in LORA_SEEDS}
+    paths["tiny-vae"] = root / "vae" / "tiny-vae.safetensors"
+    paths["tiny-embedding"] = root / "embeddings" / "tiny-embedding.safetensors"
+    return paths
+
+
+def _manifest_current(root: Path) -> bool:
+    try:
+        return json.loads((root / MANIFEST).read_text()).get("format") == FORMAT_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def write_tiny_models(root: Path, *, force: bool = False) -> dict[str, Path]:
+    """Write the tiny models under `root` and return name -> path; files already there are kept.
+
+    Everything is rewritten when `force` is set or the manifest's format version is not this
+    generator's.
+    """
+    root = Path(root)
+    paths = _plan(root)
+    rewrite = force or not _manifest_current(root)
+    todo = {name for name, path in paths.items() if rewrite or not path.is_file()}
+    for name, (family, seed) in CHECKPOINTS.items():
+        if name in todo:
+            _save(pipeline_to_original(tiny_components(family, seed), family), paths[name])
+    for name, seed in LORA_SEEDS.items():
+        if name in todo:
+            _save(tiny_lora(seed), paths[name])
+    if "tiny-vae" in todo:
+        _save(vae_file_dict(tiny_components("sd15", VAE_SEED).vae), paths["tiny-vae"])
+    if "tiny-embedding" in todo:
+        config_dir = Arch.of("sd15", True).config_dir
+        width = CLIPTextConfig.from_pretrained(config_dir / "text_encoder").hidden_size
+        generator = torch.Generator().manual_seed(EMBEDDING_SEED)
+        # Two vectors at CLIP's own token-embedding scale (normal, std 0.02): an in-distribution "word".
+        _save({"emb_params": torch.randn((2, width), generator=generator) * 0.02}, paths["tiny-embedding"])
+
+    if todo:
+        files = {name: path.relative_to(root).as_posix() for name, path in paths.items()}
+        manifest = json.dumps({"format": FORMAT_VERSION, "files": files}, indent=2, sort_keys=True)
+        tmp = root / f".{MANIFEST}.{os.getpid()}.tmp"
+        tmp.write_text(manifest + "\n")
+        os.replace(tmp, root / MANIFEST)
+    return paths

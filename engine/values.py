@@ -1,0 +1,117 @@
+"""The values that travel along a workflow's links: frozen dataclasses, one per ComfyUI type.
+
+MODEL -> ModelRef, CLIP -> ClipRef, VAE -> VaeRef, CONDITIONING -> Conditioning,
+LATENT -> Latent, IMAGE -> ImageBatch, MASK -> Mask. A value never changes once made: a
+LoraLoader returns a new ModelRef naming its patches; the model manager applies them to the
+shared modules right before they run (ComfyUI's ModelPatcher idea, done with peft adapters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+    from engine.models.detect import Arch
+    from engine.models.manager import LoadedCheckpoint
+    from prompts.report import TokenReport
+
+
+@dataclass(frozen=True)
+class LoraPatch:
+    """One LoRA file applied at one strength."""
+
+    name: str
+    strength: float
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A diffusion model (UNet) as a node sees it: which pipeline holds it, which LoRAs apply."""
+
+    checkpoint: LoadedCheckpoint
+    pipe: DiffusionPipeline
+    loras: tuple[LoraPatch, ...] = ()
+    # How the model was made, for metadata: the checkpoint name or e.g. "merge(a, b, 0.5)".
+    label: str = ""
+
+    @property
+    def arch(self) -> Arch:
+        return self.checkpoint.arch
+
+    def with_lora(self, patch: LoraPatch) -> ModelRef:
+        return ModelRef(self.checkpoint, self.pipe, (*self.loras, patch), self.label)
+
+
+@dataclass(frozen=True)
+class ClipRef:
+    """The text encoder(s) of a checkpoint, their LoRA patches and ComfyUI's clip-skip layer."""
+
+    checkpoint: LoadedCheckpoint
+    pipe: DiffusionPipeline
+    loras: tuple[LoraPatch, ...] = ()
+    # CLIPSetLastLayer: -1 the last layer, -2 the penultimate; None is the model's own default
+    # (SD1.x the last layer, SDXL the penultimate, as ComfyUI builds them).
+    stop_at_layer: int | None = None
+
+    @property
+    def arch(self) -> Arch:
+        return self.checkpoint.arch
+
+
+@dataclass(frozen=True)
+class VaeRef:
+    """A VAE and where it came from (the checkpoint's own or a VAELoader file)."""
+
+    vae: AutoencoderKL
+    name: str
+    # The loaded checkpoint this VAE lives in ("" for a VAELoader file): caches drop it with it.
+    checkpoint_key: str = ""
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+
+@dataclass(frozen=True)
+class CondItem:
+    """One text encoding: token embeddings [1, 77*k, D], SDXL's pooled vector and size conditioning."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    report: TokenReport | None = None
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """CONDITIONING: ComfyUI's list of conds; ConditioningCombine keeps them apart, Concat joins them."""
+
+    items: tuple[CondItem, ...]
+
+
+@dataclass(frozen=True)
+class Latent:
+    """LATENT: samples [B, 4, H/8, W/8] in the model's latent space (unscaled, as ComfyUI keeps them)."""
+
+    samples: torch.Tensor
+    # Which item of a bigger batch each sample was, so per-item noise stays the same (LatentFromBatch).
+    batch_index: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ImageBatch:
+    """IMAGE: pixels [B, H, W, C] as float 0..1 on the CPU, as ComfyUI passes them."""
+
+    pixels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Mask:
+    """MASK: [B, H, W] float 0..1."""
+
+    values: torch.Tensor

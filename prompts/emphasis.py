@@ -1,0 +1,160 @@
+"""Emphasis syntax: prompt text -> weighted fragments, with A1111's rules.
+
+    (x)       x1.1, nested brackets multiply: ((x)) = 1.21
+    (x:1.3)   x1.3 (times any enclosing brackets, as in A1111; ComfyUI would set 1.3 flat)
+    [x]       /1.1
+    \\( \\) \\[ \\] \\\\   the literal character
+    BREAK     (upper case, as a word) ends the current 75-token chunk
+
+Unbalanced brackets never fail: an unclosed `(` or `[` applies its default multiplier to the
+end of the text, a stray `)` or `]` is plain text (both as A1111). `:` that is not a weight is
+plain text, so `embedding:name` and `(a:b)` keep their colons. A lone backslash before
+anything else stays a backslash (A1111 drops it; keeping it spares kaomoji and paths).
+
+The only error is a weight that is not a finite number (`(x:1e999)` cannot be written, but 400
+digits or thousands of nested brackets overflow): `PromptError`, because an infinite weight
+would turn the whole conditioning into NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from .errors import PromptError
+
+__all__ = ["ROUND_MULTIPLIER", "SQUARE_MULTIPLIER", "Fragment", "parse_weighted"]
+
+ROUND_MULTIPLIER = 1.1
+SQUARE_MULTIPLIER = 1 / 1.1
+
+# One syntax element per match. Weights accept spaces around the number ("(x: 1.2 )"), which
+# ComfyUI's float() parsing also accepts; a malformed number ("(x:1.2.3)") is not a weight.
+_SYNTAX = re.compile(
+    r"""
+      (?P<escaped>\\[()\[\]\\])
+    | (?P<open>[(\[])
+    | :\s*(?P<weight>[+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)
+    | (?P<close>[)\]])
+    | (?P<text>[^\\()\[\]:]+|[\\:])
+    """,
+    re.VERBOSE,
+)
+# A1111's rule: BREAK as a whole word, upper case only; surrounding whitespace goes with it.
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """A run of prompt text with one weight, or (is_break) a BREAK marker that starts a new chunk."""
+
+    text: str
+    weight: float = 1.0
+    is_break: bool = False
+
+
+@dataclass
+class _Span:
+    """One bracket pair: pieces [start, end) get `multiplier` (end is fixed when the bracket closes)."""
+
+    start: int
+    multiplier: float
+    end: int | None = None
+
+
+def _nested_products(count: int, spans: list[_Span]) -> list[float]:
+    """Per piece, the product of the multipliers of the spans covering it.
+
+    Spans of one bracket kind come from a stack, so they nest; a sweep with a stack of running
+    products is linear, where A1111's re-multiplying of every later piece at each close is
+    quadratic (a 10k-character prompt of brackets would take seconds).
+    """
+    products = [1.0] * count
+    ordered = sorted((s for s in spans if s.end is not None and s.end > s.start), key=lambda s: (s.start, -s.end))
+    stack: list[tuple[int, float]] = []  # (end, product of this span and all spans around it)
+    next_span = 0
+    for index in range(count):
+        while stack and stack[-1][0] <= index:
+            stack.pop()
+        while next_span < len(ordered) and ordered[next_span].start <= index:
+            span = ordered[next_span]
+            next_span += 1
+            outer = stack[-1][1] if stack else 1.0
+            stack.append((span.end, outer * span.multiplier))
+        products[index] = stack[-1][1] if stack else 1.0
+    return products
+
+
+def _explicit_weight(number: str) -> float:
+    weight = float(number)  # the pattern only lets decimal numbers through; 309+ digits give inf
+    if not math.isfinite(weight):
+        raise PromptError(f"emphasis weight {number[:12]}... ({len(number)} characters) is too large; "
+                          "write weights like (word:1.2)")
+    return weight
+
+
+def parse_weighted(text: str) -> list[Fragment]:
+    """Split `text` into fragments with A1111 emphasis weights; adjacent equal weights are merged.
+
+    `parse_weighted("an (important) word")` gives `[Fragment("an ", 1.0), Fragment("important",
+    1.1), Fragment(" word", 1.0)]`. Empty text gives `[]`. Raises `PromptError` only for a weight
+    that overflows to infinity.
+    """
+    pieces: list[str | None] = []  # None marks a BREAK
+    round_spans: list[_Span] = []
+    square_spans: list[_Span] = []
+    open_round: list[_Span] = []
+    open_square: list[_Span] = []
+
+    for match in _SYNTAX.finditer(text):
+        kind = match.lastgroup
+        token = match.group(0)
+        if kind == "escaped":
+            pieces.append(token[1])
+        elif kind == "open":
+            span = _Span(len(pieces), ROUND_MULTIPLIER if token == "(" else SQUARE_MULTIPLIER)
+            (open_round if token == "(" else open_square).append(span)
+            (round_spans if token == "(" else square_spans).append(span)
+        elif kind == "weight" and open_round:
+            span = open_round.pop()
+            span.multiplier = _explicit_weight(match.group("weight"))
+            span.end = len(pieces)
+        elif kind == "close" and token == ")" and open_round:
+            open_round.pop().end = len(pieces)
+        elif kind == "close" and token == "]" and open_square:
+            open_square.pop().end = len(pieces)
+        else:  # text, or a weight/close with nothing open: literal, as A1111
+            parts = _BREAK.split(token)
+            for position, part in enumerate(parts):
+                if position:
+                    pieces.append(None)
+                pieces.append(part)
+
+    for span in open_round + open_square:  # unclosed: default multiplier up to the end
+        span.end = len(pieces)
+    weights = [
+        r * s
+        for r, s in zip(_nested_products(len(pieces), round_spans), _nested_products(len(pieces), square_spans))
+    ]
+    if not all(math.isfinite(w) for w in weights):
+        raise PromptError("emphasis weight overflowed to infinity: thousands of nested brackets multiply 1.1 "
+                          "each; write the weight out instead, like (word:1.5)")
+    return _merge(pieces, weights)
+
+
+def _merge(pieces: list[str | None], weights: list[float]) -> list[Fragment]:
+    """Drop empty pieces and join neighbours of equal weight (A1111 does too: "(a)(b)" is "ab" at 1.1)."""
+    fragments: list[Fragment] = []
+    for piece, weight in zip(pieces, weights):
+        if piece is None:
+            if fragments and not fragments[-1].is_break:
+                fragments.append(Fragment("BREAK", 1.0, is_break=True))
+            continue
+        if not piece:
+            continue
+        if fragments and not fragments[-1].is_break and fragments[-1].weight == weight:
+            fragments[-1] = Fragment(fragments[-1].text + piece, weight)
+        else:
+            fragments.append(Fragment(piece, weight))
+    return fragments

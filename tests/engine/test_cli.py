@@ -1,0 +1,78 @@
+"""The `noodle` CLI contract: `run` prints one JSON line per workflow with ComfyUI's shapes and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.engine.conftest import txt2img, with_changes
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def noodle(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NOODLE_CONFIG": str(cwd / "none.toml"), "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "bot.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_run_prints_one_line_per_workflow_and_reuses_the_cache(tiny_models: Path, tmp_path: Path) -> None:
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(txt2img(seed=1)))
+    second.write_text(json.dumps(txt2img(seed=2)))
+    done = noodle("run", str(first), str(second), "--models", str(tiny_models), "--out", str(tmp_path / "out"),
+                  cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(lines) == 2
+    for line in lines:
+        assert set(line) == {"prompt_id", "outputs", "meta"}
+        [image] = line["outputs"]["9"]["images"]
+        assert set(image) == {"filename", "subfolder", "type"}
+        assert (tmp_path / "out" / image["subfolder"] / image["filename"]).is_file()
+        assert {"seeds", "tokens", "timings", "cached"} <= set(line["meta"])
+    assert lines[0]["meta"]["cached"] == []
+    assert sorted(lines[1]["meta"]["cached"]) == ["4", "5", "6", "7"]
+    assert lines[1]["meta"]["seeds"] == {"3": 2}
+
+
+def test_run_exit_codes_invalid_2_failed_1(tiny_models: Path, tmp_path: Path) -> None:
+    invalid = tmp_path / "invalid.json"
+    invalid.write_text(json.dumps(with_changes(txt2img(), "3", sampler_name="dpm_adaptive")))
+    done = noodle("run", str(invalid), "--models", str(tiny_models), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 2
+    body = json.loads(done.stdout)
+    assert body["error"]["type"] == "prompt_outputs_failed_validation"
+    assert body["node_errors"]["3"]["errors"][0]["type"] == "value_not_in_list"
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG but not really")
+    failing = tmp_path / "failing.json"
+    failing.write_text(json.dumps(txt2img(init_image="broken.png")))
+    done = noodle("run", str(failing), "--models", str(tiny_models), "--out", str(tmp_path / "out"),
+                  "--input", str(tmp_path / "in"), cwd=tmp_path)
+    assert done.returncode == 1
+    line = json.loads(done.stdout)
+    assert line["type"] == "execution_error" and line["node_id"] == "12" and line["node_type"] == "LoadImage"
+
+
+def test_nodes_prints_object_info(tiny_models: Path, tmp_path: Path) -> None:
+    done = noodle("nodes", "--models", str(tiny_models), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    ksampler = info["KSampler"]
+    assert ksampler["input"]["required"]["steps"] == ["INT", {"default": 20, "min": 1, "max": 10000}]
+    assert ksampler["input"]["required"]["cfg"][1] == {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1}
+    assert "euler" in ksampler["input"]["required"]["sampler_name"][0]
+    assert ksampler["output"] == ["LATENT"]
+    assert "tiny-sd15.safetensors" in info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert info["SaveImage"]["output_node"] is True
+    for name in ("CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "KSamplerAdvanced",
+                 "VAEDecode", "VAEEncode", "VAELoader", "LoraLoader", "LoraLoaderModelOnly", "CLIPSetLastLayer",
+                 "LoadImage", "SaveImage", "PreviewImage", "ModelMergeSimple", "CLIPMergeSimple", "CheckpointSave",
+                 "LatentUpscale", "LatentUpscaleBy", "ImageScale", "ConditioningCombine", "ConditioningConcat",
+                 "CLIPTextEncodeSDXL"):
+        assert name in info, name

@@ -1,0 +1,110 @@
+"""End to end on the tiny models: txt2img (SD1.5, SDXL), img2img, a separate VAE, PNG metadata, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.executor import Executor
+from engine.pngmeta import parse_parameters, read_png_texts
+from tests.engine.conftest import txt2img, with_changes
+
+
+def image_paths(executor: Executor, outputs: dict, node: str = "9") -> list[Path]:
+    root = executor.settings.output_dir
+    return [root / img["subfolder"] / img["filename"] for img in outputs[node]["images"]]
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def fresh_run(executor: Executor, workflow: dict) -> dict:
+    executor.cache.clear()
+    return executor.run(workflow).to_dict()
+
+
+def test_sd15_txt2img_writes_a_png_with_its_recipe(executor: Executor) -> None:
+    result = fresh_run(executor, txt2img(filename_prefix="sd15"))
+    [path] = image_paths(executor, result["outputs"])
+    assert path.name == "sd15_00001_.png"
+    image = Image.open(path)
+    assert image.size == (64, 64)
+    texts = read_png_texts(path)
+    assert json.loads(texts["prompt"])["3"]["class_type"] == "KSampler"
+    prompt, negative, fields = parse_parameters(texts["parameters"])
+    assert (prompt, negative) == ("a red fox in the snow", "blurry")
+    assert fields["Steps"] == "4" and fields["Seed"] == "42" and fields["Size"] == "64x64"
+    assert fields["Sampler"] == "Euler" and fields["CFG scale"] == "7.0"
+    assert fields["Model"] == "tiny-sd15" and len(fields["Model hash"]) == 10
+    assert result["meta"]["seeds"] == {"3": 42}
+    assert result["meta"]["tokens"]["6"]["tokens"] == 6  # a red fox in the snow
+    assert pixels(path).std() > 1.0, "a flat image means the sampler or decoder did nothing"
+
+
+def test_same_graph_and_seed_give_identical_pixels(executor: Executor) -> None:
+    first = image_paths(executor, fresh_run(executor, txt2img(seed=7))["outputs"])[0]
+    second = image_paths(executor, fresh_run(executor, txt2img(seed=7))["outputs"])[0]
+    other = image_paths(executor, fresh_run(executor, txt2img(seed=8))["outputs"])[0]
+    assert first != second
+    assert np.array_equal(pixels(first), pixels(second))
+    assert not np.array_equal(pixels(first), pixels(other))
+
+
+def test_sdxl_txt2img(executor: Executor) -> None:
+    result = fresh_run(executor, txt2img(checkpoint="tiny-sdxl.safetensors", filename_prefix="sdxl"))
+    [path] = image_paths(executor, result["outputs"])
+    assert Image.open(path).size == (64, 64)
+    assert pixels(path).std() > 1.0
+    assert result["meta"]["models"]["checkpoints"]["tiny-sdxl.safetensors"]["arch"] == "sdxl"
+
+
+def test_batch_gives_distinct_images_and_item_zero_matches_the_solo_run(executor: Executor) -> None:
+    batch = image_paths(executor, fresh_run(executor, txt2img(batch_size=2, seed=3))["outputs"])
+    assert len(batch) == 2
+    assert not np.array_equal(pixels(batch[0]), pixels(batch[1]))
+
+
+def test_img2img_starts_from_the_image(executor: Executor) -> None:
+    source = image_paths(executor, fresh_run(executor, txt2img(seed=11))["outputs"])[0]
+    (executor.settings.input_dir / "fox.png").write_bytes(source.read_bytes())
+    low = image_paths(executor, fresh_run(executor, txt2img(init_image="fox.png", denoise=0.3, seed=5))["outputs"])[0]
+    high = image_paths(executor, fresh_run(executor, txt2img(init_image="fox.png", denoise=1.0, seed=5))["outputs"])[0]
+    start = pixels(source)
+    assert np.abs(pixels(low) - start).mean() < np.abs(pixels(high) - start).mean()
+
+
+def test_denoise_zero_returns_the_encoded_image(executor: Executor) -> None:
+    source = image_paths(executor, fresh_run(executor, txt2img(seed=12))["outputs"])[0]
+    (executor.settings.input_dir / "still.png").write_bytes(source.read_bytes())
+    sampled = image_paths(executor, fresh_run(executor, txt2img(init_image="still.png", denoise=0.0))["outputs"])[0]
+    round_trip = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+        "12": {"class_type": "LoadImage", "inputs": {"image": "still.png"}},
+        "13": {"class_type": "VAEEncode", "inputs": {"pixels": ["12", 0], "vae": ["4", 2]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "roundtrip"}},
+    }
+    decoded = image_paths(executor, fresh_run(executor, round_trip)["outputs"])[0]
+    # nothing was sampled: the VAE round trip alone, bit for bit
+    assert np.array_equal(pixels(sampled), pixels(decoded))
+
+
+def test_separate_vae_loader_changes_the_decode(executor: Executor) -> None:
+    own = image_paths(executor, fresh_run(executor, txt2img(seed=9))["outputs"])[0]
+    other = image_paths(executor, fresh_run(executor, txt2img(seed=9, vae="tiny-vae.safetensors"))["outputs"])[0]
+    assert not np.array_equal(pixels(own), pixels(other))
+
+
+@pytest.mark.parametrize("sampler,scheduler", [("euler_ancestral", "normal"), ("dpmpp_2m", "karras"),
+                                               ("heun", "normal"), ("uni_pc", "simple")])
+def test_other_samplers_run_and_are_deterministic(executor: Executor, sampler: str, scheduler: str) -> None:
+    workflow = with_changes(txt2img(seed=21), "3", sampler_name=sampler, scheduler=scheduler)
+    first = image_paths(executor, fresh_run(executor, workflow)["outputs"])[0]
+    second = image_paths(executor, fresh_run(executor, workflow)["outputs"])[0]
+    assert np.array_equal(pixels(first), pixels(second))
+    assert pixels(first).std() > 1.0

@@ -7,8 +7,13 @@ import logging
 import os
 import sys
 
-from bot.settings import Settings
-from engine.cli import add_engine_commands
+# transformers warns at import time that torchvision is missing (we never use its image processors);
+# the level must be set before diffusers imports it. `-v` turns the libraries' logs back on.
+if "-v" not in sys.argv and "--verbose" not in sys.argv:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from bot.settings import Settings  # noqa: E402
+from engine.cli import add_engine_commands  # noqa: E402
 
 
 def build_parser(settings: Settings) -> argparse.ArgumentParser:
@@ -29,12 +34,25 @@ def run_main(settings: Settings) -> int:
     return run_demo(settings)
 
 
+def quiet_libraries(*, verbose: bool) -> None:
+    """diffusers and transformers chatter (load bars, dtype notes) is not for our users; -v shows it."""
+    if verbose:
+        return
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and configs ship with the project; never ask a hub
     settings = Settings()
     args = build_parser(settings).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries(verbose=args.verbose)
     return int(args.handler(args) or 0)
 
 

@@ -26,8 +26,9 @@ def run_demo(settings: Settings) -> int:
     if not checkpoints:
         print(f"{models.dir}/checkpoints holds no .safetensors file: drop an SD1.5 or SDXL checkpoint there")
         return 1
-    tiny = checkpoints[0].startswith("tiny-")
-    params = WorkflowParams(checkpoint=checkpoints[0], prompt="a red fox in the snow, (highly detailed:1.2)",
+    checkpoint = "tiny-sd15.safetensors" if "tiny-sd15.safetensors" in checkpoints else checkpoints[0]
+    tiny = checkpoint.startswith("tiny-")
+    params = WorkflowParams(checkpoint=checkpoint, prompt="a red fox in the snow, (highly detailed:1.2)",
                             negative="blurry", seed=42, steps=8 if tiny else 20, cfg=7.0,
                             width=64 if tiny else 512, height=64 if tiny else 512, filename_prefix="noodle-demo")
     result = executor.run(build_workflow(params))

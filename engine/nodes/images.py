@@ -15,9 +15,11 @@ from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 from pydantic import Field
 
 from engine.errors import LimitExceeded, NoodleError, UnsafeModelFile
+from engine.nodes.latents import center_crop, size_problems
 from engine.nodes.base import MAX_RESOLUTION, Choice, FolderLookup, Node, Output, RunContext, Socket, Text, register
 from engine.recipe import image_parameters
 from engine.pngmeta import save_png
+from engine.settings import Limits
 from engine.values import ImageBatch, Mask
 
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
@@ -148,22 +150,13 @@ def resize_pixels(pixels: torch.Tensor, width: int, height: int, method: str, cr
     width = width or max(1, round(old_w * height / old_h))
     height = height or max(1, round(old_h * width / old_w))
     if crop == "center":
-        old_aspect, new_aspect = old_w / old_h, width / height
-        if old_aspect > new_aspect:
-            keep = round(old_h * new_aspect)
-            x = (old_w - keep) // 2
-            pixels = pixels[:, :, x:x + keep]
-        elif old_aspect < new_aspect:
-            keep = round(old_w / new_aspect)
-            y = (old_h - keep) // 2
-            pixels = pixels[:, y:y + keep]
+        pixels = center_crop(pixels, width, height, h_axis=1)
     if method == "lanczos":  # torch has no lanczos: Pillow does it per image
         return torch.cat([pil_to_tensor(img.resize((width, height), Image.Resampling.LANCZOS))
                           for img in tensor_to_pils(pixels)])
-    chw = pixels.movedim(-1, 1)
-    mode = {"nearest-exact": "nearest-exact", "bilinear": "bilinear", "area": "area", "bicubic": "bicubic"}[method]
-    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    return F.interpolate(chw, size=(height, width), mode=mode, **kwargs).clamp(0, 1).movedim(1, -1)
+    kwargs = {"align_corners": False} if method in ("bilinear", "bicubic") else {}
+    resized = F.interpolate(pixels.movedim(-1, 1), size=(height, width), mode=method, **kwargs)
+    return resized.clamp(0, 1).movedim(1, -1)
 
 
 @register
@@ -180,11 +173,8 @@ class ImageScale(Node):
     crop: str = Choice(("disabled", "center"))
 
     @classmethod
-    def check_values(cls, values: dict[str, Any], limits: Any) -> list[tuple[str, str]]:
-        if values.get("width", 0) * values.get("height", 0) > limits.max_pixels:
-            return [("width", f"{values['width']}x{values['height']} is above this server's limit of "
-                              f"{limits.max_pixels} pixels (limits.max_pixels in config.toml)")]
-        return []
+    def check_values(cls, values: dict[str, Any], limits: Limits) -> list[tuple[str, str]]:
+        return size_problems(values["width"], values["height"], 1, limits)
 
     def run(self, ctx: RunContext) -> tuple[ImageBatch]:
         return (ImageBatch(resize_pixels(self.image.pixels, self.width, self.height, self.upscale_method, self.crop)),)

@@ -54,17 +54,23 @@ class EmptyLatentImage(Node):
         return (Latent(torch.zeros(shape)),)
 
 
+def center_crop(x: torch.Tensor, width: int, height: int, h_axis: int) -> torch.Tensor:
+    """The middle of `x` at the aspect ratio width:height (ComfyUI's crop="center"); sides at h_axis, h_axis+1."""
+    old_h, old_w = x.shape[h_axis], x.shape[h_axis + 1]
+    old_aspect, new_aspect = old_w / old_h, width / height
+    if old_aspect > new_aspect:
+        keep = round(old_h * new_aspect)
+        return x.narrow(h_axis + 1, (old_w - keep) // 2, keep)
+    if old_aspect < new_aspect:
+        keep = round(old_w / new_aspect)
+        return x.narrow(h_axis, (old_h - keep) // 2, keep)
+    return x
+
+
 def upscale_latent(samples: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
     """Resize latents to (height, width) in latent cells; `center` crops to the new aspect first."""
-    _, _, old_h, old_w = samples.shape
     if crop == "center":
-        old_aspect, new_aspect = old_w / old_h, width / height
-        if old_aspect > new_aspect:
-            keep = round(old_h * new_aspect)
-            samples = samples[:, :, :, (old_w - keep) // 2:(old_w - keep) // 2 + keep]
-        elif old_aspect < new_aspect:
-            keep = round(old_w / new_aspect)
-            samples = samples[:, :, (old_h - keep) // 2:(old_h - keep) // 2 + keep]
+        samples = center_crop(samples, width, height, h_axis=2)
     if method == "bislerp":
         return _bislerp(samples, width, height)
     kwargs = {"align_corners": False} if method in ("bilinear", "bicubic") else {}

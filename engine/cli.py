@@ -38,6 +38,12 @@ def add_engine_commands(sub: argparse._SubParsersAction, defaults: Any) -> None:
     tiny.add_argument("--force", action="store_true", help="rewrite files that exist")
     tiny.set_defaults(handler=cmd_tiny_models)
 
+    tokens = sub.add_parser("tokens", help="print the CLIP token usage of a prompt as JSON")
+    tokens.add_argument("text")
+    tokens.add_argument("--models", type=Path, default=defaults.models.dir,
+                        help="models folder whose embeddings/ the prompt may name")
+    tokens.set_defaults(handler=lambda a: cmd_tokens(a, defaults))
+
     bench = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     bench.add_argument("what", choices=["engine"])
     bench.add_argument("--models", type=Path, default=Path(".cache/models"))
@@ -123,6 +129,22 @@ def cmd_nodes(args: argparse.Namespace, defaults: Any) -> int:
 
     info = {name: cls.object_info(choices) for name, cls in sorted(catalog().items())}
     print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace, defaults: Any) -> int:
+    from prompts.embeddings import EmbeddingLibrary
+    from prompts.errors import PromptError
+    from prompts.plan import token_report
+
+    folder = Path(args.models) / "embeddings"
+    try:
+        report = token_report(args.text, EmbeddingLibrary(folder) if folder.is_dir() else None,
+                              max_chunks=defaults.limits.max_prompt_chunks)
+    except PromptError as err:
+        print(json.dumps({"error": str(err)}))
+        return 2
+    print(json.dumps(report.to_dict()))
     return 0
 
 

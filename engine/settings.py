@@ -43,4 +43,7 @@ class Limits(BaseModel):
     max_batch: int = Field(8, ge=1)
     max_steps: int = Field(150, ge=1)
     max_prompt_chars: int = Field(4000, ge=1)
+    # Each 75-token chunk costs a text-encoder pass and longer cross-attention; beyond this many
+    # the rest of a prompt is cut, and the token report says how many tokens were.
+    max_prompt_chunks: int = Field(8, ge=1)
     max_input_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)

@@ -9,6 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.errors import ModelNotFound
+from prompts.loras import extract_lora_tags
+from prompts.names import closest_names
+from prompts.styles import apply_style
+from prompts.wildcards import resolve_wildcards
+
 
 @dataclass(frozen=True)
 class LoraChoice:
@@ -77,3 +83,41 @@ def build_workflow(p: WorkflowParams) -> dict[str, dict[str, Any]]:
     images = add("8", "VAEDecode", samples=sampled, vae=vae)
     add("9", "SaveImage", images=images, filename_prefix=p.filename_prefix)
     return graph
+
+
+@dataclass(frozen=True)
+class ExpandedPrompt:
+    """A user's prompt after wildcards, style and `<lora:...>` tags: what is encoded, stored and shown."""
+
+    prompt: str
+    negative: str
+    loras: tuple[LoraChoice, ...]
+
+
+def expand_prompt(prompt: str, negative: str, seed: int, available_loras: list[str], *,
+                  style: str | None = None, loras: tuple[LoraChoice, ...] = ()) -> ExpandedPrompt:
+    """Resolve wildcards with the job's seed, apply a named style, and turn `<lora:name:w>` tags into LoraChoices.
+
+    A tag names a file of the loras folder with or without `.safetensors`; an unknown one raises
+    ModelNotFound with the closest names. Tags come after the explicitly chosen `loras`.
+    """
+    text = resolve_wildcards(prompt, seed)
+    negative = resolve_wildcards(negative, seed)
+    text, tags = extract_lora_tags(text)
+    if style:
+        text, negative = apply_style(style, text, negative)
+    chosen = list(loras)
+    for tag in tags:
+        name = _lora_file(tag.name, available_loras)
+        chosen.append(LoraChoice(name, tag.unet_weight, tag.clip_weight))
+    return ExpandedPrompt(" ".join(text.split()) if tags else text, negative, tuple(chosen))
+
+
+def _lora_file(name: str, available: list[str]) -> str:
+    for candidate in (name, f"{name}.safetensors"):
+        if candidate in available:
+            return candidate
+    by_stem = [n for n in available if n.rsplit("/", 1)[-1].removesuffix(".safetensors") == name]
+    if len(by_stem) == 1:
+        return by_stem[0]
+    raise ModelNotFound("LoRA", name, "models/loras", closest_names(name, available) or available)

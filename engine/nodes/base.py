@@ -101,6 +101,8 @@ class RunMeta:
     timings: dict[str, float] = field(default_factory=dict)
     cached: list[str] = field(default_factory=list)
     models: dict[str, Any] = field(default_factory=dict)
+    # per text-encode node: "hit" when the prompt encoder's cache served it, else "miss"
+    encoder_cache: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -109,6 +111,7 @@ class RunMeta:
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "cached": list(self.cached),
             "models": dict(self.models),
+            "encoder_cache": dict(self.encoder_cache),
         }
 
 

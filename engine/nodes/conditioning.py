@@ -44,10 +44,15 @@ def clip_encoders(clip: ClipRef, ctx: RunContext) -> list[ClipEncoder]:
 def encode_text(text: str, encoders: list[ClipEncoder], ctx: RunContext) -> EncodedPrompt:
     """Encode with the models folder's embeddings and the configured weighting; errors name the node."""
     try:
-        return encode_prompt(text, encoders, embeddings=ctx.models.embeddings,
-                             weighting=ctx.prompt_weighting, cache=ctx.models.prompt_cache)  # type: ignore[arg-type]
+        hits = ctx.models.prompt_cache.cache_info().hits
+        encoded = encode_prompt(text, encoders, embeddings=ctx.models.embeddings,
+                                weighting=ctx.prompt_weighting,  # type: ignore[arg-type]
+                                cache=ctx.models.prompt_cache, max_chunks=ctx.limits.max_prompt_chunks)
     except PromptError as err:
         raise PromptError(f"node {ctx.node_id}: {err}") from err
+    # the same text with the same encoders in another graph (or this one) comes from the encoder cache
+    ctx.meta.encoder_cache[ctx.node_id] = "hit" if ctx.models.prompt_cache.cache_info().hits > hits else "miss"
+    return encoded
 
 
 def cond_item(encoded: EncodedPrompt, extras: dict | None = None) -> CondItem:

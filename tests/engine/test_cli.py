@@ -76,3 +76,15 @@ def test_nodes_prints_object_info(tiny_models: Path, tmp_path: Path) -> None:
                  "LatentUpscale", "LatentUpscaleBy", "ImageScale", "ConditioningCombine", "ConditioningConcat",
                  "CLIPTextEncodeSDXL"):
         assert name in info, name
+
+
+def test_tokens_prints_the_report(tiny_models: Path, tmp_path: Path) -> None:
+    done = noodle("tokens", "a photo of a cat, embedding:tiny-embedding <lora:tiny-lora-a:0.5>", "--models",
+                  str(tiny_models), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["tokens"] == 5 + 1 + 2  # "a photo of a cat" 5, the comma 1, two embedding vectors
+    assert report["chunks"] == 1 and report["chunk_tokens"] == [8]
+    assert report["embeddings"] == ["tiny-embedding"]
+    assert report["loras"] == [{"name": "tiny-lora-a", "unet_weight": 0.5, "clip_weight": 0.5}]
+    assert report["warnings"] == []

@@ -41,6 +41,7 @@ def test_sd15_txt2img_writes_a_png_with_its_recipe(executor: Executor) -> None:
     assert fields["Steps"] == "4" and fields["Seed"] == "42" and fields["Size"] == "64x64"
     assert fields["Sampler"] == "Euler" and fields["CFG scale"] == "7.0"
     assert fields["Model"] == "tiny-sd15" and len(fields["Model hash"]) == 10
+    assert fields["Token usage"] == "prompt 6/75, negative 1/75"
     assert result["meta"]["seeds"] == {"3": 42}
     assert result["meta"]["tokens"]["6"]["tokens"] == 6  # a red fox in the snow
     assert pixels(path).std() > 1.0, "a flat image means the sampler or decoder did nothing"

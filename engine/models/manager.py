@@ -149,6 +149,9 @@ class ModelManager:
         self.stats.misses += 1
         # a pickle name only resolves when the owner allowed weights-only loading (ModelCatalog)
         arch = detect_checkpoint(path, allow_weights_only_pickle=self.catalog.allow_weights_only_pickle)
+        # free room first, with the file's size as the estimate: loading next to models that must go
+        # anyway would need both in memory at once
+        self._make_room(path.stat().st_size)
         started = time.perf_counter()
         pipe = load_checkpoint_pipeline(path, arch, self.device, self.dtype)
         seconds = time.perf_counter() - started

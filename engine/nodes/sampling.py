@@ -24,7 +24,9 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def prepare_noise(latent: torch.Tensor, seed: int, batch_index: tuple[int, ...] | None = None) -> torch.Tensor:
     """Initial noise on the CPU for the whole batch, as comfy/sample.py prepare_noise: same seed, same picture anywhere."""
-    generator = torch.manual_seed(seed)
+    # a generator of our own: the same numbers as ComfyUI's torch.manual_seed(seed), without reseeding
+    # the process-wide generator under other threads
+    generator = torch.Generator("cpu").manual_seed(seed)
     if batch_index is None:
         return torch.randn(latent.shape, dtype=torch.float32, generator=generator, device="cpu")
     # items of a split batch keep the noise they had in the whole batch

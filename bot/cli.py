@@ -1,4 +1,8 @@
-"""The `noodle` command: the engine's subcommands plus the front ends (`main`, later `chat` and `bot`)."""
+"""The `noodle` command: the engine's subcommands plus the front ends: `bot`, `chat`, `main`, `bench bot`.
+
+engine/cli.py owns `run`, `nodes`, `tiny-models`, `tokens` and `bench engine|...`; this module adds
+`bot` to the `bench` command's choices and handles it before the engine's handler sees it.
+"""
 
 from __future__ import annotations
 
@@ -12,26 +16,99 @@ import sys
 if "-v" not in sys.argv and "--verbose" not in sys.argv:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
 from bot.settings import Settings  # noqa: E402
 from engine.cli import add_engine_commands  # noqa: E402
 
 
 def build_parser(settings: Settings) -> argparse.ArgumentParser:
+    """Every `noodle` subcommand, the engine's and the front ends'."""
     parser = argparse.ArgumentParser(prog="noodle", description="Stable Diffusion workflows, ComfyUI-compatible, "
                                                                 "for Discord and the console")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     sub = parser.add_subparsers(dest="command", required=True)
     add_engine_commands(sub, settings)
-    main_cmd = sub.add_parser("main", help="what `make run` starts")
+    add_bench_bot(sub)
+
+    bot_cmd = sub.add_parser("bot", help="run the Discord bot (token from DISCORD_TOKEN)")
+    bot_cmd.add_argument("--print-commands", action="store_true",
+                         help="print the application commands as JSON, exactly as they would be synced; no connection")
+    bot_cmd.set_defaults(handler=lambda a: cmd_bot(a, settings))
+
+    chat = sub.add_parser("chat", help="the local console front end: /imagine and react lines on stdin")
+    chat.add_argument("--models", type=Path, default=None,
+                      help="models folder (default: [models] dir; the tiny test models if it does not exist)")
+    chat.add_argument("--db", type=Path, default=None, help="SQLite file (default: [bot] database)")
+    chat.add_argument("--out", type=Path, default=None, help="where PNGs are written (default: [engine] output_dir)")
+    chat.set_defaults(handler=lambda a: cmd_chat(a, settings))
+
+    main_cmd = sub.add_parser("main", help="what `make run` starts: the bot with DISCORD_TOKEN, else `chat`")
     main_cmd.set_defaults(handler=lambda a: run_main(settings))
     return parser
 
 
-def run_main(settings: Settings) -> int:
-    """The Discord bot when DISCORD_TOKEN is set, else the demo on the tiny models."""
-    from bot.demo import run_demo
+def add_bench_bot(sub: argparse._SubParsersAction) -> None:
+    """Make `noodle bench bot` work beside the engine's benches without touching engine/cli.py."""
+    bench = sub.choices.get("bench")
+    if bench is None:
+        bench = sub.add_parser("bench", help="benchmarks")
+        bench.add_argument("what", choices=[])
+        bench.add_argument("--models", type=Path, default=Path(".cache/models"))
+    what = next(action for action in bench._actions if action.dest == "what")
+    what.choices = [*(what.choices or []), "bot"]
+    bench.add_argument("--commands", type=int, default=50, help="bench bot: commands arriving at once")
+    engine_handler = bench.get_default("handler")
 
-    return run_demo(settings)
+    def handler(args: argparse.Namespace) -> Any:
+        if args.what == "bot":
+            from bot.bench_bot import bench_bot
+
+            return bench_bot(args.models, commands=args.commands)
+        return engine_handler(args)
+
+    bench.set_defaults(handler=handler)
+
+
+def cmd_bot(args: argparse.Namespace, settings: Settings) -> int:
+    """`noodle bot`: connect and run, or print the command schema without connecting."""
+    if args.print_commands:
+        import asyncio
+        import json
+
+        from bot.discord_app import command_payloads
+
+        print(json.dumps(asyncio.run(command_payloads(settings)), indent=2, ensure_ascii=False))
+        return 0
+    from bot.discord_app import run_bot
+
+    return run_bot(settings)
+
+
+def cmd_chat(args: argparse.Namespace, settings: Settings, *, demo: tuple[str, ...] = ()) -> int:
+    """`noodle chat`: the console on stdin (`demo` lines when stdin is empty and not a terminal)."""
+    import asyncio
+
+    from bot.console import chat_settings, run_chat
+
+    chat, note = chat_settings(settings, models=args.models, db=args.db, out=args.out)
+    if note:
+        print(note, file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    return asyncio.run(run_chat(chat, stdin=sys.stdin, out=sys.stdout, err=sys.stderr, interactive=interactive,
+                                demo=() if interactive else demo))
+
+
+def run_main(settings: Settings) -> int:
+    """The Discord bot when DISCORD_TOKEN is set, else `noodle chat` (a demo when nothing is piped in)."""
+    if settings.discord_token is not None:
+        from bot.discord_app import run_bot
+
+        return run_bot(settings)
+    from bot.console import DEMO
+
+    return cmd_chat(argparse.Namespace(models=None, db=None, out=None), settings, demo=DEMO)
 
 
 def quiet_libraries(*, verbose: bool) -> None:
@@ -47,6 +124,7 @@ def quiet_libraries(*, verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `noodle` entry point."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and configs ship with the project; never ask a hub
     settings = Settings()
     args = build_parser(settings).parse_args(argv)

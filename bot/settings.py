@@ -8,16 +8,42 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from engine.settings import EngineSettings, Limits, ModelsSettings
+from engine.settings import EngineSettings, Limits, ModelsSettings, QueueSettings
 
 
 class BotSettings(BaseModel):
-    """The Discord side; filled in by the bot's issue."""
+    """The `[bot]` table: what both front ends (Discord and `noodle chat`) default to and allow."""
 
-    status_edit_seconds: float = 2.0
+    # One SQLite file for the bot's history and the engine's job queue (WAL: both write to it).
+    database: Path = Path("noodle.sqlite3")
+    # Results are written under [engine] output_dir in this folder (SaveImage only writes inside
+    # the output folder); attachments and variation sources go under [engine] input_dir.
+    results_folder: str = "noodle"
+    uploads_folder: str = "noodle-uploads"
+    # Empty: the first checkpoint of the models folder (tiny-sd15 when only the tiny models are there).
+    default_model: str = ""
+    default_negative: str = ""
+    default_steps: int = Field(20, ge=1)
+    default_cfg: float = Field(7.0, ge=0.0)
+    default_sampler: str = "euler"
+    default_scheduler: str = "normal"
+    # Default side by the checkpoint's architecture; the tiny test models default to 64.
+    size_sd15: int = Field(512, ge=64)
+    size_sdxl: int = Field(1024, ge=64)
+    min_side: int = Field(64, ge=8)
+    max_cfg: float = Field(30.0, gt=0.0, le=100.0)
+    max_batch: int = Field(4, ge=1, le=4)
+    max_clip_skip: int = Field(12, ge=1, le=24)
+    img2img_denoise: float = Field(0.75, gt=0.0, le=1.0)
+    variation_denoise: float = Field(0.6, gt=0.0, le=1.0)
+    # Discord allows about one edit a second per message before rate limits bite; 2 s leaves room.
+    status_edit_seconds: float = Field(2.0, ge=0.5)
+    max_attachment_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    # How long a front end waits for a finished job to be stored and posted before it gives up.
+    publish_timeout_seconds: float = Field(300.0, gt=0.0)
 
 
 def config_path() -> Path:
@@ -33,6 +59,7 @@ class Settings(BaseSettings):
     models: ModelsSettings = ModelsSettings()
     engine: EngineSettings = EngineSettings()
     limits: Limits = Limits()
+    queue: QueueSettings = QueueSettings()
     bot: BotSettings = BotSettings()
     discord_token: SecretStr | None = None
 

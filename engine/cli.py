@@ -1,4 +1,4 @@
-"""The engine's commands of the `noodle` CLI: run, nodes, tiny-models, bench (bot/cli.py adds the rest).
+"""The engine's commands of the `noodle` CLI: run, nodes, tiny-models, tokens, bench (bot/cli.py adds the rest).
 
 `noodle run WF.json ... --models DIR --out DIR [--input DIR]` is a contract other tools call:
 one JSON line per workflow (ComfyUI's history shape plus `meta`), exit 0 when all ran, 2 when
@@ -45,7 +45,7 @@ def add_engine_commands(sub: argparse._SubParsersAction, defaults: Any) -> None:
     tokens.set_defaults(handler=lambda a: cmd_tokens(a, defaults))
 
     bench = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    bench.add_argument("what", choices=["engine"])
+    bench.add_argument("what", choices=["engine", "queue"])
     bench.add_argument("--models", type=Path, default=Path(".cache/models"))
     bench.add_argument("--repeats", type=int, default=5)
     bench.set_defaults(handler=cmd_bench)
@@ -158,6 +158,10 @@ def cmd_tiny_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "queue":
+        from engine.bench_queue import bench_queue
+
+        return bench_queue(args.models, repeats=args.repeats)
     from engine.bench import bench_engine
 
     return bench_engine(args.models, repeats=args.repeats)

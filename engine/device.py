@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -28,13 +30,37 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[setting]
 
 
+# A container's memory limit (cgroup v2, then v1): the machine's RAM is not what this process may use.
+CGROUP_LIMIT_FILES = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+GIB = 1024**3
+
+
+def usable_ram(limit_files: Sequence[Path] = CGROUP_LIMIT_FILES) -> int:
+    """Bytes of RAM this process may use: the machine's, or its container's limit when that is lower."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: assume a modest machine
+        total = 16 * GIB
+    for path in limit_files:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < total:  # "max" (v2) or a huge number (v1) mean no limit
+            total = int(text)
+    return total
+
+
 def memory_budget(device: torch.device, configured: int = 0) -> int:
-    """Bytes the loaded checkpoints may take: the configured number, else half the device's memory."""
+    """Bytes the loaded checkpoints may take: the configured number, else a share of the device's memory.
+
+    On CUDA the card's memory less room for activations and the VAE (a quarter, at least 2 GiB: SDXL at
+    1024x1024 needs a few GiB beyond its weights); elsewhere (CPU, Apple's unified memory) half the RAM
+    this process may use, so the OS, Python and the bot keep the rest.
+    """
     if configured > 0:
         return configured
     if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory * 0.6)
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.5)
-    except (ValueError, OSError, AttributeError):
-        return 8 * 1024**3
+        total = torch.cuda.get_device_properties(device).total_memory
+        return max(total - max(total // 4, 2 * GIB), total // 4)
+    return usable_ram() // 2

@@ -53,8 +53,20 @@ class LimitExceeded(NoodleError):
     """A value above a limit set in config.toml."""
 
 
+class QueueFull(LimitExceeded):
+    """A job refused by the queue's per-user or global cap (`[queue]` in config.toml)."""
+
+
 class JobCancelled(NoodleError):
     """A run stopped by an interrupt at a sampler step."""
+
+
+class JobFailed(NoodleError):
+    """A queued job that ended in an error; the message is for the person who asked."""
+
+    def __init__(self, message: str, job_id: str = "") -> None:
+        self.job_id = job_id
+        super().__init__(message)
 
 
 class NodeExecutionError(NoodleError):

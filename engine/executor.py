@@ -79,80 +79,22 @@ class Executor:
         is_cancelled: Callable[[], bool] = lambda: False,
     ) -> RunResult:
         """Run a workflow (API JSON or already validated); raises NodeExecutionError or JobCancelled."""
+        run = self.begin(workflow, prompt_id=prompt_id, listener=listener, is_cancelled=is_cancelled)
+        for node_id in run.prompt.order:
+            run.compute(node_id)
+        return run.finish()
+
+    def begin(
+        self,
+        workflow: Any,
+        *,
+        prompt_id: str | None = None,
+        listener: Listener | None = None,
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ) -> Run:
+        """Start a run without computing anything: `run` drives it node by node, the queue's batches by hand."""
         prompt = workflow if isinstance(workflow, ValidatedPrompt) else self.validate(workflow)
-        prompt_id = prompt_id or uuid.uuid4().hex
-        emit = listener or (lambda event: None)
-        nodes = catalog()
-        class_types = {node_id: prompt.workflow.nodes[node_id].class_type for node_id in prompt.order}
-        sigs = signatures(prompt.order, class_types, prompt.constants, prompt.links,
-                          lambda node_id: self._fingerprint(nodes[class_types[node_id]], prompt, node_id))
-        meta = RunMeta()
-        api = prompt.workflow.to_api()
-        temp_dir = self.settings.output_dir / "temp"
-        started = time.perf_counter()
-        emit(ExecutionStart(prompt_id))
-
-        # Look every node up first: ComfyUI announces the cached set before running anything.
-        values: dict[str, tuple[Any, ...]] = {}
-        ui: dict[str, dict[str, Any]] = {}
-        for node_id in prompt.order:
-            entry = self.cache.get(sigs[node_id])
-            if entry is not None:
-                values[node_id] = entry.values
-                if entry.ui:
-                    ui[node_id] = entry.ui
-                _replay_meta(meta, node_id, entry.meta)
-                meta.cached.append(node_id)
-        emit(ExecutionCached(prompt_id, tuple(meta.cached)))
-
-        def report(node: str, value: int, total: int) -> None:
-            emit(Progress(prompt_id, node, value, total))
-
-        for node_id in prompt.order:
-            if node_id in values:
-                if node_id in ui:
-                    emit(Executed(prompt_id, node_id, ui[node_id]))
-                continue
-            cls = nodes[class_types[node_id]]
-            emit(Executing(prompt_id, node_id, cls.__name__))
-            ctx = RunContext(
-                node_id=node_id, prompt_id=prompt_id, prompt=api, models=self.models,
-                device=self.models.device, dtype=self.models.dtype, input_dir=self.settings.input_dir,
-                output_dir=self.settings.output_dir, meta=meta, limits=self.limits, temp_dir=temp_dir,
-                report_progress=report, is_cancelled=is_cancelled, prompt_weighting=self.settings.prompt_weighting,
-            )
-            node_started = time.perf_counter()
-            try:
-                ctx.check_cancelled()
-                node = cls.model_construct(**self._inputs(prompt, node_id, values))
-                produced = node.run(ctx)
-            except JobCancelled:
-                emit(ExecutionInterrupted(prompt_id, node_id))
-                raise
-            except Exception as err:  # the edge of one node: name it, keep the cause
-                wrapped = NodeExecutionError(node_id, cls.__name__, err)
-                emit(ExecutionError(prompt_id, node_id, cls.__name__, type(err).__name__, str(err)))
-                if not isinstance(err, NoodleError):
-                    log.exception("node %s (%s) failed", node_id, cls.__name__)
-                raise wrapped from err
-            meta.timings[node_id] = time.perf_counter() - node_started
-            out = produced if isinstance(produced, Output) else Output(tuple(produced))
-            values[node_id] = out.values
-            if out.ui:
-                ui[node_id] = out.ui
-                emit(Executed(prompt_id, node_id, out.ui))
-            self.cache.put(sigs[node_id], CacheEntry(out.values, out.ui, _meta_of(meta, node_id), _holds(out.values)))
-
-        meta.timings["total"] = time.perf_counter() - started
-        emit(ExecutionSuccess(prompt_id))
-        outputs = {node_id: ui[node_id] for node_id in prompt.outputs if node_id in ui}
-        return RunResult(prompt_id, outputs, meta.to_dict())
-
-    def _inputs(self, prompt: ValidatedPrompt, node_id: str, values: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
-        inputs = dict(prompt.constants.get(node_id, {}))
-        for name, (src, index) in prompt.links.get(node_id, {}).items():
-            inputs[name] = values[src][index]
-        return inputs
+        return Run(self, prompt, prompt_id or uuid.uuid4().hex, listener or (lambda event: None), is_cancelled)
 
     def _fingerprint(self, cls: type[Node], prompt: ValidatedPrompt, node_id: str) -> str | None:
         try:
@@ -161,12 +103,159 @@ class Executor:
             return None  # the node itself will report the missing file when it runs
 
 
-def _meta_of(meta: RunMeta, node_id: str) -> dict[str, Any]:
+class Run:
+    """One workflow run in progress: node values so far, its meta, its events.
+
+    Made by `Executor.begin`. Cached node outputs are looked up (and announced, as ComfyUI does)
+    when the run starts; `compute` runs one node unless its value is there already, and
+    `provide` sets a value computed elsewhere (the queue's batched sampler).
+    """
+
+    def __init__(self, executor: Executor, prompt: ValidatedPrompt, prompt_id: str, emit: Listener,
+                 is_cancelled: Callable[[], bool]) -> None:
+        self.executor, self.prompt, self.prompt_id, self.emit = executor, prompt, prompt_id, emit
+        self.is_cancelled = is_cancelled
+        nodes = catalog()
+        self._classes = {node_id: nodes[prompt.workflow.nodes[node_id].class_type] for node_id in prompt.order}
+        self._sigs = signatures(prompt.order, {n: c.__name__ for n, c in self._classes.items()}, prompt.constants,
+                                prompt.links, lambda node_id: executor._fingerprint(self._classes[node_id], prompt,
+                                                                                   node_id))
+        self.meta = RunMeta()
+        # extra top-level meta for this run (the queue notes a batch here)
+        self.notes: dict[str, Any] = {}
+        self._api = prompt.workflow.to_api()
+        # what the model cache did for this job (summed over its own nodes, not whatever ran in between)
+        self.model_activity: dict[str, float] = dict.fromkeys(_COUNTERS, 0)
+        self._started = time.perf_counter()
+        self.values: dict[str, tuple[Any, ...]] = {}
+        self._ui: dict[str, dict[str, Any]] = {}
+        emit(ExecutionStart(prompt_id))
+        # Look every node up first: ComfyUI announces the cached set before running anything.
+        for node_id in prompt.order:
+            entry = executor.cache.get(self._sigs[node_id])
+            if entry is not None:
+                self.values[node_id] = entry.values
+                if entry.ui:
+                    self._ui[node_id] = entry.ui
+                _replay_meta(self.meta, node_id, entry.meta)
+                self.meta.cached.append(node_id)
+                if "models" in entry.meta and "checkpoints" in entry.meta["models"]:
+                    # a cached loader output holds its checkpoint in memory: a model cache hit for this job
+                    executor.models.count_hit(len(entry.meta["models"]["checkpoints"]))
+                    self.model_activity["hits"] += len(entry.meta["models"]["checkpoints"])
+        emit(ExecutionCached(prompt_id, tuple(self.meta.cached)))
+
+    def class_of(self, node_id: str) -> type[Node]:
+        return self._classes[node_id]
+
+    def context(self, node_id: str) -> RunContext:
+        """What a node sees while it runs."""
+        ex = self.executor
+        return RunContext(
+            node_id=node_id, prompt_id=self.prompt_id, prompt=self._api, models=ex.models,
+            device=ex.models.device, dtype=ex.models.dtype, input_dir=ex.settings.input_dir,
+            output_dir=ex.settings.output_dir, meta=self.meta, limits=ex.limits,
+            temp_dir=ex.settings.output_dir / "temp",
+            report_progress=lambda node, value, total: self.emit(Progress(self.prompt_id, node, value, total)),
+            is_cancelled=self.is_cancelled, prompt_weighting=ex.settings.prompt_weighting,
+        )
+
+    def inputs(self, node_id: str) -> dict[str, Any]:
+        """A node's input values: its constants and the outputs of the nodes linked to it."""
+        inputs = dict(self.prompt.constants.get(node_id, {}))
+        for name, (src, index) in self.prompt.links.get(node_id, {}).items():
+            inputs[name] = self.values[src][index]
+        return inputs
+
+    def announce(self, node_id: str) -> None:
+        """Tell the listener a node starts (ComfyUI's `executing`)."""
+        self.emit(Executing(self.prompt_id, node_id, self._classes[node_id].__name__))
+
+    def compute(self, node_id: str) -> None:
+        """Run one node whose inputs are ready, unless its value is known already."""
+        if node_id in self.values:
+            if node_id in self.meta.cached and node_id in self._ui:
+                self.emit(Executed(self.prompt_id, node_id, self._ui[node_id]))
+            return
+        cls = self._classes[node_id]
+        self.announce(node_id)
+        ctx = self.context(node_id)
+        node_started = time.perf_counter()
+        models_before = _copy_models(self.meta.models)
+        stats_before = self.executor.models.stats_snapshot()
+        try:
+            ctx.check_cancelled()
+            node = cls.model_construct(**self.inputs(node_id))
+            produced = node.run(ctx)
+        except JobCancelled as err:
+            self.fail(node_id, err)
+            raise
+        except Exception as err:  # the edge of one node: name it, keep the cause
+            raise self.fail(node_id, err) from err
+        finally:
+            self.add_model_activity(stats_before)
+        out = produced if isinstance(produced, Output) else Output(tuple(produced))
+        self.provide(node_id, out, time.perf_counter() - node_started, models_before)
+
+    def provide(self, node_id: str, out: Output, seconds: float, models_before: dict[str, Any] | None = None) -> None:
+        """Set a node's output (computed here or by a batch), report it and keep it in the output cache."""
+        self.meta.timings[node_id] = seconds
+        self.values[node_id] = out.values
+        if out.ui:
+            self._ui[node_id] = out.ui
+            self.emit(Executed(self.prompt_id, node_id, out.ui))
+        part = _meta_of(self.meta, node_id, models_before)
+        self.executor.cache.put(self._sigs[node_id], CacheEntry(out.values, out.ui, part, _holds(out.values)))
+
+    def add_model_activity(self, stats_before: dict[str, Any]) -> None:
+        """Count what the model manager did since `stats_before` (its `stats_snapshot()`) as this job's."""
+        after = self.executor.models.stats_snapshot()
+        for key in _COUNTERS:
+            self.model_activity[key] += after[key] - stats_before[key]
+
+    def fail(self, node_id: str, err: BaseException) -> NoodleError:
+        """The error to raise for a node that failed: JobCancelled as is, anything else named after the node."""
+        if isinstance(err, JobCancelled):
+            self.emit(ExecutionInterrupted(self.prompt_id, node_id))
+            return err
+        name = self._classes[node_id].__name__
+        self.emit(ExecutionError(self.prompt_id, node_id, name, type(err).__name__, str(err)))
+        if not isinstance(err, NoodleError):
+            log.error("node %s (%s) failed", node_id, name, exc_info=err)
+        return NodeExecutionError(node_id, name, err)
+
+    def finish(self) -> RunResult:
+        """The result, once every output node has run."""
+        self.meta.timings["total"] = time.perf_counter() - self._started
+        self.emit(ExecutionSuccess(self.prompt_id))
+        meta = self.meta.to_dict()
+        # checkpoint cache hits, misses, evictions and load time of this job, LoRA adapter loads and switches
+        meta["models"].update({key: round(value, 4) if key == "load_seconds" else int(value)
+                               for key, value in self.model_activity.items()})
+        meta["models"]["loaded"] = self.executor.models.loaded_names()
+        meta.update(self.notes)
+        outputs = {node_id: self._ui[node_id] for node_id in self.prompt.outputs if node_id in self._ui}
+        return RunResult(self.prompt_id, outputs, meta)
+
+
+def _copy_models(models: dict[str, Any]) -> dict[str, Any]:
+    return {section: dict(entries) if isinstance(entries, dict) else entries for section, entries in models.items()}
+
+
+def _meta_of(meta: RunMeta, node_id: str, models_before: dict[str, Any] | None = None) -> dict[str, Any]:
     part: dict[str, Any] = {}
     if node_id in meta.seeds:
         part["seeds"] = meta.seeds[node_id]
     if node_id in meta.tokens:
         part["tokens"] = meta.tokens[node_id]
+    if models_before is not None:
+        # what the node added to meta.models (a loader's checkpoint hash, a LoRA's strengths): a cached
+        # output must still put the model hash into the PNG of a reroll
+        added = {section: {k: v for k, v in entries.items() if models_before.get(section, {}).get(k) != v}
+                 for section, entries in meta.models.items() if isinstance(entries, dict)}
+        added = {section: entries for section, entries in added.items() if entries}
+        if added:
+            part["models"] = added
     return part
 
 
@@ -175,6 +264,11 @@ def _replay_meta(meta: RunMeta, node_id: str, part: dict[str, Any]) -> None:
         meta.seeds[node_id] = part["seeds"]
     if "tokens" in part:
         meta.tokens[node_id] = part["tokens"]
+    for section, entries in part.get("models", {}).items():
+        meta.models.setdefault(section, {}).update(entries)
+
+
+_COUNTERS = ("hits", "misses", "evictions", "load_seconds", "lora_loads", "lora_switches")
 
 
 def _holds(values: tuple[Any, ...]) -> frozenset[str]:

@@ -72,6 +72,8 @@ _SPECS: Mapping[str, _Spec] = MappingProxyType({
     "uni_pc_bh2": _Spec(UniPCMultistepScheduler, {"solver_type": "bh2"}, vp=True),
 })
 SUPPORTED_SAMPLERS: tuple[str, ...] = tuple(name for name in SAMPLER_NAMES if name in _SPECS)
+# No step noise: each latent of a batch gets exactly its solo result, so the queue may batch jobs that use these.
+DETERMINISTIC_SAMPLERS = frozenset(name for name, spec in _SPECS.items() if not spec.noise)
 
 # KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS compute steps+1 sigmas and drop the second last one.
 _DISCARD_PENULTIMATE = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})

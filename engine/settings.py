@@ -30,7 +30,8 @@ class EngineSettings(BaseModel):
     input_dir: Path = Path("input")
     # Node outputs kept between runs, most recently used first (ComfyUI keeps the last prompt's).
     node_cache_entries: int = Field(256, ge=0)
-    # Loaded checkpoints kept; 0 bytes means automatic (half the RAM or VRAM).
+    # Loaded checkpoints kept; 0 bytes means automatic (engine.device.memory_budget: VRAM less room for
+    # activations on CUDA, half the usable RAM, container limits included, elsewhere).
     model_memory_bytes: int = Field(0, ge=0)
     prompt_weighting: Literal["comfy", "a1111"] = "comfy"
 
@@ -47,3 +48,16 @@ class Limits(BaseModel):
     # the rest of a prompt is cut, and the token report says how many tokens were.
     max_prompt_chunks: int = Field(8, ge=1)
     max_input_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+
+
+class QueueSettings(BaseModel):
+    """The `[queue]` table: how many jobs wait, how many run as one batch, what a crash costs a job."""
+
+    # Jobs one user may have queued or running at once; more are refused with the list of theirs.
+    per_user_max: int = Field(5, ge=1)
+    # Jobs queued or running in total.
+    global_max: int = Field(100, ge=1)
+    # Queued jobs that differ only in seeds and prompts run as one sampler batch of up to this many.
+    batch_max: int = Field(4, ge=1)
+    # A job that was running when the process died is run once more after a restart, then failed.
+    retry_running_once: bool = True

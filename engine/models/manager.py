@@ -162,6 +162,10 @@ class ModelManager:
         log.info("loaded checkpoint %s (%s, %.1f MB) in %.2f s", name, arch.family, loaded.nbytes / 1e6, seconds)
         return loaded
 
+    def count_hit(self, checkpoints: int = 1) -> None:
+        """Count checkpoints a run reused through the node output cache (still in memory) as cache hits."""
+        self.stats.hits += checkpoints
+
     def loaded_names(self) -> list[str]:
         """Checkpoints in memory, least recently used first."""
         return list(self._checkpoints)

@@ -8,7 +8,7 @@ classifier-free guidance `uncond + (cond - uncond) * cfg`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -48,52 +48,76 @@ def _time_ids(item: CondItem, height: int, width: int) -> list[float]:
             extras.get("target_height", h), extras.get("target_width", w)]
 
 
-def guided_eps(unet: torch.nn.Module, positive: Conditioning, negative: Conditioning, cfg: float,
-               sdxl: bool, pixel_size: tuple[int, int]) -> EpsFn:
-    """The guided noise prediction for a batch of latents at one sigma."""
+def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditioning],
+               negative: Conditioning | Sequence[Conditioning], cfg: float, sdxl: bool, pixel_size: tuple[int, int],
+               sizes: Sequence[int] | None = None) -> EpsFn:
+    """The guided noise prediction for a batch of latents at one sigma.
+
+    One Conditioning pair guides the whole batch, as a KSampler does. With per-item sequences (the
+    queue's batches of several jobs) pair g guides the next `sizes[g]` latents, all in one UNet call.
+    """
+    positives = [positive] if isinstance(positive, Conditioning) else list(positive)
+    negatives = [negative] if isinstance(negative, Conditioning) else list(negative)
+    groups_wanted = 1 if sizes is None else len(sizes)
+    if len(positives) != groups_wanted or len(negatives) != groups_wanted:
+        raise ValueError(f"{len(positives)} positive and {len(negatives)} negative conds for {groups_wanted} "
+                         "group(s) of latents: give one pair per group, with `sizes` for more than one")
     # cfg 1 needs no negative pass: ComfyUI skips it too, and the result is the same
-    items = list(positive.items) + ([] if math.isclose(cfg, 1.0) else list(negative.items))
-    n_pos = len(positive.items)
-    length = math.lcm(*(item.embeds.shape[1] for item in items))
+    skip_negative = math.isclose(cfg, 1.0)
+    groups = [list(p.items) + ([] if skip_negative else list(n.items)) for p, n in zip(positives, negatives)]
+    n_pos = [len(p.items) for p in positives]
+    length = math.lcm(*(item.embeds.shape[1] for items in groups for item in items))
     device, dtype = unet.device, unet.dtype
-    context = torch.cat([_repeat_to(item.embeds, length) for item in items]).to(device, dtype)
-    added: dict[str, torch.Tensor] | None = None
+    contexts = [torch.cat([_repeat_to(item.embeds, length) for item in items]).to(device, dtype) for items in groups]
+    added: list[dict[str, torch.Tensor]] | None = None
     if sdxl:
-        pooled = [item.pooled if item.pooled is not None else torch.zeros(1, 1280) for item in items]
-        added = {
-            "text_embeds": torch.cat(pooled).to(device, dtype),
+        added = [{
+            "text_embeds": torch.cat([item.pooled if item.pooled is not None else torch.zeros(1, 1280)
+                                      for item in items]).to(device, dtype),
             "time_ids": torch.tensor([_time_ids(item, *pixel_size) for item in items], device=device, dtype=dtype),
-        }
+        } for items in groups]
 
     def eps(x: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        x_in = x.to(device, dtype).repeat(len(items), 1, 1, 1)
-        ctx_in = context.repeat_interleave(batch, dim=0)
+        counts = list(sizes) if sizes is not None else [x.shape[0]]
+        chunks = x.split(counts)
+        # per group: every cond item over the group's latents, item-major, then all groups in one batch
+        x_in = torch.cat([chunk.to(device, dtype).repeat(len(items), 1, 1, 1) for chunk, items in zip(chunks, groups)])
+        ctx_in = torch.cat([context.repeat_interleave(b, dim=0) for context, b in zip(contexts, counts)])
         kwargs: dict[str, Any] = {}
         if added is not None:
-            kwargs["added_cond_kwargs"] = {k: v.repeat_interleave(batch, dim=0) for k, v in added.items()}
+            kwargs["added_cond_kwargs"] = {key: torch.cat([a[key].repeat_interleave(b, dim=0)
+                                                           for a, b in zip(added, counts)]) for key in added[0]}
         t = timestep.reshape(-1)[:1].to(device).expand(x_in.shape[0])
         out = unet(x_in, t, encoder_hidden_states=ctx_in, **kwargs).sample.float().to(x.device)
-        preds = out.reshape(len(items), batch, *out.shape[1:])
-        cond = preds[:n_pos].mean(0)
-        if len(items) == n_pos:
-            return cond
-        uncond = preds[n_pos:].mean(0)
-        return uncond + (cond - uncond) * cfg
+        guided, offset = [], 0
+        for items, batch, positives_in in zip(groups, counts, n_pos):
+            preds = out[offset:offset + len(items) * batch].reshape(len(items), batch, *out.shape[1:])
+            offset += len(items) * batch
+            cond = preds[:positives_in].mean(0)
+            if len(items) == positives_in:
+                guided.append(cond)
+                continue
+            uncond = preds[positives_in:].mean(0)
+            guided.append(uncond + (cond - uncond) * cfg)
+        return torch.cat(guided)
 
     return eps
 
 
 def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.Tensor, sigmas: torch.Tensor,
                 sampler_name: str, scheduler: str, seed: int, cfg: float,
-                positive: Conditioning, negative: Conditioning) -> Latent:
-    """Denoise `latent` along `sigmas`; progress and interrupts at every step."""
+                positive: Conditioning | Sequence[Conditioning], negative: Conditioning | Sequence[Conditioning],
+                sizes: Sequence[int] | None = None) -> Latent:
+    """Denoise `latent` along `sigmas`; progress and interrupts at every step.
+
+    Per-item conds and `sizes` as in `guided_eps`: the queue samples several jobs' latents at once.
+    """
     if len(sigmas) < 2:
         return latent  # nothing to do (denoise 0, or start past the end), as ComfyUI returns the input
     unet = ctx.models.use_unet(model)
     scale = float(model.pipe.vae.config.scaling_factor)
     h, w = latent.samples.shape[2] * 8, latent.samples.shape[3] * 8
-    eps = guided_eps(unet, positive, negative, cfg, model.arch.family == "sdxl", (h, w))
+    eps = guided_eps(unet, positive, negative, cfg, model.arch.family == "sdxl", (h, w), sizes)
     plan = samplers.build_scheduler(sampler_name, scheduler, sigmas, seed)
     steps = len(sigmas) - 1
 

@@ -1,0 +1,1 @@
+"""Discord cogs, one per command family, each built with the Studio it calls."""

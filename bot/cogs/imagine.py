@@ -1,0 +1,178 @@
+"""/imagine: options -> GenerationRequest -> Studio.submit, acknowledged at once, then live status.
+
+The option ranges and choices come from config.toml (`Allowed`), so the cog class is made by
+`imagine_cog`: discord.py reads the signature when the class is created, and the signature is
+the schema Discord enforces before a command reaches us. For that reason this module does not
+use `from __future__ import annotations` (the annotations must be real objects built from
+config values).
+"""
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.discord_post import InteractionStatus, origin_of, requester_of
+from bot.errors import RequestInvalid
+from bot.request import DISCORD_INT_MAX, Allowed, ImageUpload, check_upload_meta
+from bot.status import relay
+from bot.tickets import StudioEvent, Ticket
+from engine.errors import NoodleError
+
+if TYPE_CHECKING:
+    from bot.service import Studio
+
+__all__ = ["imagine_cog"]
+
+log = logging.getLogger(__name__)
+# Discord drops an unanswered command after 3 s and the interaction token after 15 min; edits
+# through the token stop a little before that (the result itself is posted as a channel message).
+TOKEN_SECONDS = 14 * 60
+DOWNLOAD_SECONDS = 30.0
+
+
+def _choices(names: tuple[str, ...]) -> list[app_commands.Choice[str]]:
+    return [app_commands.Choice(name=name, value=name) for name in names[:25]]
+
+
+def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: float = 2.0) -> commands.Cog:
+    """The /imagine cog for these limits; `studio` None builds it for `--print-commands` only."""
+    Prompt = app_commands.Range[str, 1, allowed.max_prompt_chars]
+    Negative = app_commands.Range[str, 0, allowed.max_prompt_chars]
+    Steps = app_commands.Range[int, 1, allowed.max_steps]
+    Cfg = app_commands.Range[float, 0.0, allowed.max_cfg]
+    Seed = app_commands.Range[int, 0, DISCORD_INT_MAX]
+    Side = app_commands.Range[int, allowed.min_side, allowed.max_side]
+    Batch = app_commands.Range[int, 1, allowed.max_batch]
+    Denoise = app_commands.Range[float, 0.01, 1.0]
+    ClipSkip = app_commands.Range[int, 1, allowed.max_clip_skip]
+
+    def need_studio() -> "Studio":
+        if studio is None:
+            raise RuntimeError("this cog was built to print the command schema; give it a Studio to run commands")
+        return studio
+
+    async def complete_model(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        names = await asyncio.to_thread(need_studio().checkpoints, current)
+        return [app_commands.Choice(name=name[:100], value=name) for name in names[:25] if len(name) <= 100]
+
+    async def complete_loras(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        from bot.options import lora_suggestions
+
+        names = await asyncio.to_thread(need_studio().engine.executor.models.choices, "loras")
+        return [app_commands.Choice(name=value, value=value) for value in lora_suggestions(current, names)]
+
+    class Imagine(commands.Cog):
+        """Make images from a prompt."""
+
+        def __init__(self) -> None:
+            self._tasks: set[asyncio.Task[None]] = set()
+
+        async def cog_unload(self) -> None:
+            """Stop following jobs (their results are still posted by the Studio)."""
+            for task in self._tasks:
+                task.cancel()
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=5)
+
+        @app_commands.command(name="imagine", description="Make images from a prompt (Stable Diffusion, "
+                                                          "ComfyUI-compatible)")
+        @app_commands.describe(
+            prompt="What to draw; (word:1.2) weights and <lora:name:0.8> tags work",
+            negative="What to keep out of the picture",
+            model="Checkpoint file from the models folder (SD1.x or SDXL)",
+            loras="LoRAs with strengths, e.g. detail:0.8, style:0.5",
+            steps="Sampling steps, as in ComfyUI's KSampler",
+            cfg="How closely to follow the prompt (CFG scale)",
+            sampler="Sampler, as in ComfyUI",
+            scheduler="Noise schedule, as in ComfyUI",
+            seed="Seed for the same picture again; random when left out",
+            width="Width in pixels (a multiple of 8); the checkpoint's own size when left out",
+            height="Height in pixels (a multiple of 8); the checkpoint's own size when left out",
+            batch="How many images",
+            image="Start from this image (img2img); the result keeps its size",
+            denoise="With an image: how much to change it (0.3 a little, 0.8 a lot)",
+            clip_skip="Skip the last CLIP layers (2 for most anime models)",
+        )
+        @app_commands.choices(sampler=_choices(allowed.samplers), scheduler=_choices(allowed.schedulers))
+        @app_commands.autocomplete(model=complete_model, loras=complete_loras)
+        async def imagine(self, interaction: discord.Interaction, prompt: Prompt,
+                          negative: Optional[Negative] = None, model: Optional[str] = None,
+                          loras: Optional[str] = None, steps: Optional[Steps] = None, cfg: Optional[Cfg] = None,
+                          sampler: Optional[str] = None, scheduler: Optional[str] = None,
+                          seed: Optional[Seed] = None, width: Optional[Side] = None, height: Optional[Side] = None,
+                          batch: Optional[Batch] = None, image: Optional[discord.Attachment] = None,
+                          denoise: Optional[Denoise] = None, clip_skip: Optional[ClipSkip] = None) -> None:
+            """Queue the images and follow them in a private status message; the result is posted publicly."""
+            # Acknowledge first: everything after this may take longer than Discord's 3 seconds.
+            # Private: the status and any refusal are for the requester; the result is public.
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            options: dict[str, Any] = {
+                "prompt": prompt, "negative": negative, "model": model, "loras": loras, "steps": steps,
+                "cfg": cfg, "sampler": sampler, "scheduler": scheduler, "seed": seed, "width": width,
+                "height": height, "batch": batch, "denoise": denoise, "clip_skip": clip_skip,
+            }
+            try:
+                if image is not None:
+                    options["image"] = await _download(image, allowed)
+                studio = need_studio()
+                request = await studio.parse({k: v for k, v in options.items() if v is not None})
+                ticket = await studio.submit(request, requester_of(interaction), origin_of(interaction))
+            except NoodleError as err:
+                await _reply(interaction, f"❌ {err}")
+                return
+            await _reply(interaction, _queued_text(ticket))
+            task = asyncio.create_task(self._follow(interaction, ticket, time.monotonic()),
+                                       name=f"status-{ticket.job_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        async def _follow(self, interaction: discord.Interaction, ticket: Ticket, replied_at: float) -> None:
+            # the token lives 15 minutes from the command; edits through it stop a little before
+            deadline = replied_at + TOKEN_SECONDS - (time.time() - interaction.created_at.timestamp())
+            await relay(need_studio().follow(ticket.job_id), InteractionStatus(interaction), every=status_every,
+                        deadline=deadline, shown_at=replied_at, finish=_verdict)
+
+    return Imagine()
+
+
+async def _download(attachment: discord.Attachment, allowed: Allowed) -> ImageUpload:
+    """The attachment's bytes, refused by its size and type before a byte is downloaded."""
+    check_upload_meta(attachment.filename, attachment.content_type, attachment.size, allowed)
+    try:
+        data = await asyncio.wait_for(attachment.read(), timeout=DOWNLOAD_SECONDS)
+    except (discord.HTTPException, asyncio.TimeoutError) as err:
+        raise RequestInvalid(f"image: {attachment.filename!r} could not be downloaded ({err}); attach it again") \
+            from err
+    return ImageUpload(filename=attachment.filename, content_type=attachment.content_type, data=data)
+
+
+async def _reply(interaction: discord.Interaction, text: str) -> None:
+    try:
+        await interaction.edit_original_response(content=text[:2000])
+    except discord.HTTPException as err:
+        log.info("could not answer the interaction: %s", err)
+
+
+def _queued_text(ticket: Ticket) -> str:
+    where = "next" if ticket.position == 1 else f"#{ticket.position} in the queue" if ticket.position else "queued"
+    return f"⏳ Queued ({where}): {ticket.summary} · job {ticket.job_id}"
+
+
+def _verdict(final: StudioEvent) -> str:
+    """The last status line: a link to the posted result, or why there is none."""
+    generation = final.generation
+    if final.kind == "done" and generation is not None and not final.error:
+        link = _jump(generation.guild_id, generation.channel_id, generation.message_id)
+        return f"✅ Done: #{generation.id} {link}".rstrip()
+    return f"❌ {final.error or 'the job failed'}"
+
+
+def _jump(guild_id: Optional[str], channel_id: Optional[str], message_id: Optional[str]) -> str:
+    if not (channel_id and message_id):
+        return ""
+    return f"https://discord.com/channels/{guild_id or '@me'}/{channel_id}/{message_id}"

@@ -1,0 +1,146 @@
+"""Discord's side of showing things: results posted as channel messages, status sinks, who reacted or asked.
+
+Results go out as new channel messages with the PNG bytes exactly as SaveImage wrote them (so
+their `prompt` and `parameters` chunks stay intact) and never through the interaction token,
+which dies 15 minutes after the command; the bot adds the reactions that drive 🔁 🔀 🗑️ ℹ️.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import discord
+
+from bot.embeds import failure_text, result_card, to_embed, truncate
+from bot.errors import GenerationNotFound
+from bot.records import Generation
+from bot.tickets import Origin, Requester
+from engine.errors import NoodleError
+
+__all__ = ["REACTIONS", "VARIATION_DIGITS", "ChannelStatus", "DiscordPublisher", "InteractionStatus",
+           "PublishError", "origin_of", "reactions_for", "requester_of", "resolve_channel"]
+
+log = logging.getLogger(__name__)
+
+REROLL, VARIATION, DELETE, DETAILS = "🔁", "🔀", "🗑️", "ℹ️"
+REACTIONS = (REROLL, VARIATION, DELETE, DETAILS)
+# On a batch, 1️⃣..4️⃣ ask for a variation of that image (🔀 takes the first)
+VARIATION_DIGITS = ("1️⃣", "2️⃣", "3️⃣", "4️⃣")
+NEEDED = "Send Messages, Attach Files, Embed Links and Add Reactions"
+
+
+class PublishError(NoodleError):
+    """A result that Discord would not take (missing permission, deleted channel)."""
+
+
+def reactions_for(generation: Generation) -> tuple[str, ...]:
+    """The reactions the bot adds under a result: the four actions, and a digit per image of a batch."""
+    count = len(generation.images)
+    return REACTIONS + (VARIATION_DIGITS[:count] if count > 1 else ())
+
+
+def requester_of(interaction: discord.Interaction) -> Requester:
+    """The person behind a command, with the permissions Discord resolved for this channel."""
+    user = interaction.user
+    return Requester(str(user.id), str(interaction.guild_id) if interaction.guild_id else None,
+                     getattr(user, "display_name", str(user)), bool(interaction.permissions.manage_messages))
+
+
+def origin_of(interaction: discord.Interaction) -> Origin:
+    """Where a command's result is posted: the channel it was used in."""
+    return Origin(str(interaction.channel_id) if interaction.channel_id else None,
+                  str(interaction.guild_id) if interaction.guild_id else None)
+
+
+async def resolve_channel(client: Any, channel_id: int) -> Any:
+    """A channel by id from the cache, else from the API (messages from before a restart are not cached)."""
+    channel = client.get_channel(channel_id)
+    if channel is not None:
+        return channel
+    try:
+        return await asyncio.wait_for(client.fetch_channel(channel_id), timeout=15)
+    except (discord.NotFound, discord.Forbidden) as err:
+        raise PublishError(f"channel {channel_id} is gone or hidden from Noodle ({err.text or err.status}); "
+                           "invite the bot there again or use /imagine elsewhere") from err
+
+
+class DiscordPublisher:
+    """Posts finished generations to their channel; the Studio calls it once per result, restarts included."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    async def publish(self, generation: Generation) -> str | None:
+        """Send the PNGs and the card as a new message, add the reactions, return the message id."""
+        if generation.channel_id is None:
+            raise GenerationNotFound(f"#{generation.id} has no channel to post to")
+        channel = await resolve_channel(self.client, int(generation.channel_id))
+        blobs = await asyncio.to_thread(lambda: [(Path(p).name, Path(p).read_bytes()) for p in generation.images])
+        files = [discord.File(io.BytesIO(data), filename=name) for name, data in blobs]
+        mention = discord.AllowedMentions(users=[discord.Object(int(generation.requester_id))]) \
+            if generation.requester_id.isdigit() else discord.AllowedMentions.none()
+        content = f"<@{generation.requester_id}>" if generation.requester_id.isdigit() else None
+        try:
+            message = await channel.send(content=content, embed=to_embed(result_card(generation)), files=files,
+                                         allowed_mentions=mention)
+        except discord.Forbidden as err:
+            raise PublishError(f"Noodle may not post in channel {generation.channel_id}: it needs {NEEDED} "
+                               "there") from err
+        except discord.HTTPException as err:
+            raise PublishError(f"Discord refused the result ({err.status}: {err.text}); the PNGs are kept and "
+                               "ℹ️ still works once posted") from err
+        for emoji in reactions_for(generation):
+            try:
+                await message.add_reaction(emoji)
+            except discord.HTTPException as err:  # the result is out; people can still react by hand
+                log.warning("could not add %s to message %s: %s", emoji, message.id, err)
+                break
+        return str(message.id)
+
+    async def publish_failure(self, generation: Generation) -> None:
+        """Tell the requester in the channel that a job nobody was watching failed."""
+        if generation.channel_id is None:
+            return
+        channel = await resolve_channel(self.client, int(generation.channel_id))
+        try:
+            await channel.send(f"<@{generation.requester_id}> {truncate(failure_text(generation), 1900)}",
+                               allowed_mentions=discord.AllowedMentions(users=True))
+        except discord.HTTPException as err:
+            raise PublishError(f"could not report the failure of #{generation.id}: {err}") from err
+
+
+class InteractionStatus:
+    """The status shown in the command's own (private) response, edited through the interaction token."""
+
+    def __init__(self, interaction: discord.Interaction) -> None:
+        self.interaction = interaction
+
+    async def update(self, text: str) -> None:
+        try:
+            await self.interaction.edit_original_response(content=text)
+        except discord.HTTPException as err:  # an expired token or a deleted response: the result still posts
+            log.info("status edit failed: %s", err)
+
+
+class ChannelStatus:
+    """A status line as a channel message (jobs started by a reaction have no interaction to answer)."""
+
+    def __init__(self, message: Any) -> None:
+        self.message = message
+
+    async def update(self, text: str) -> None:
+        try:
+            await self.message.edit(content=text)
+        except discord.HTTPException as err:
+            log.info("status edit failed: %s", err)
+
+    async def remove(self) -> None:
+        """Delete the status line once the result is posted."""
+        try:
+            await self.message.delete()
+        except discord.HTTPException as err:
+            log.info("status delete failed: %s", err)

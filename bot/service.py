@@ -1,0 +1,275 @@
+"""`Studio`: what a front end can ask of Noodle (submit, reroll, vary, delete, explain, follow a job).
+
+It knows nothing of Discord or terminals. A request becomes one workflow per image (bot/request.py,
+the engine's templates), each with its own seed, queued with the requester as owner (so the queue's
+limits apply to whoever asked, reactions included; the queue samples compatible jobs as one batch),
+and recorded in SQLite first. One background task follows every job the engine reports: it stores
+each ended job, settles a request once all its images ended and hands it to the front end's
+`Publisher`, so results of jobs resumed after a restart are posted too (bot/settle.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bot.errors import GenerationNotFound, NotAllowed, RequestInvalid
+from bot.files import PreparedImage, prepare_image, read_parameters, remove_files, save_prepared
+from bot.follow import merged_events
+from bot.options import name_suggestions, resolve_name
+from bot.outcome import details_of, prefix_for, summary_of
+from bot.records import Generation, NewGeneration
+from bot.request import DISCORD_INT_MAX, SEED_MAX, Allowed, GenerationRequest, RequestContext, parse_request
+from bot.settings import Settings
+from bot.settle import Settler
+from bot.store import Store
+from bot.tickets import Details, Origin, Publisher, Requester, StudioEvent, Ticket
+from engine.models.detect import Arch, detect_checkpoint
+from engine.models.paths import file_fingerprint
+from engine.service import EngineService, Owner
+from engine.templates import LoraChoice, WorkflowParams, build_workflow
+
+__all__ = ["Studio"]
+
+
+class Studio(Settler):
+    """The transport-free service core both front ends call."""
+
+    def __init__(self, engine: EngineService, store: Store, settings: Settings, *, front: str,
+                 publisher: Publisher | None = None) -> None:
+        super().__init__(engine, store, front=front, publisher=publisher,
+                         publish_timeout=settings.bot.publish_timeout_seconds)
+        self.settings = settings
+        self.allowed = Allowed.from_settings(settings)
+        self._arch: dict[tuple[str, str], Arch] = {}
+
+    # -- what can be asked for ---------------------------------------------------------------
+
+    def checkpoints(self, matching: str = "") -> list[str]:
+        """Checkpoint files whose names contain `matching` (for autocomplete)."""
+        return name_suggestions(matching, self.engine.executor.models.choices("checkpoints"))
+
+    def loras(self, matching: str = "") -> list[str]:
+        """LoRA files whose names contain `matching`."""
+        return name_suggestions(matching, self.engine.executor.models.choices("loras"))
+
+    async def context(self) -> RequestContext:
+        """The limits and the models folder as they are now (listed off the event loop)."""
+        models = self.engine.executor.models
+        checkpoints, loras = await asyncio.to_thread(lambda: (models.choices("checkpoints"), models.choices("loras")))
+        return RequestContext(self.allowed, checkpoints, loras)
+
+    async def parse(self, options: dict[str, Any]) -> GenerationRequest:
+        """Raw options (Discord's or the console's) -> a checked request; RequestInvalid/ModelNotFound say why not."""
+        return parse_request(options, await self.context())
+
+    # -- new jobs ----------------------------------------------------------------------------
+
+    async def submit(self, request: GenerationRequest, who: Requester, origin: Origin | None = None) -> Ticket:
+        """Queue `request` for `who`, one job per image (seeds seed, seed+1, ...); nothing changes when refused."""
+        context = await self.context()
+        checkpoint = self._checkpoint(request.model, context.checkpoints)
+        arch = await self._arch_of(checkpoint)
+        prepared = None
+        if request.image is not None:
+            prepared = await asyncio.to_thread(prepare_image, request.image.data, request.image.filename,
+                                               self.settings.bot.uploads_folder, self.allowed)
+        seed = request.seed if request.seed is not None else _random_seed(request.batch)
+        if seed + request.batch - 1 > SEED_MAX:
+            raise RequestInvalid(f"seed {seed} leaves no room for {request.batch} images (one seed each, up to "
+                                 f"{SEED_MAX}); use a smaller seed")
+        params, _ = request.to_params(
+            checkpoint=checkpoint, arch=arch, seed=seed, defaults=self.settings.bot, allowed=self.allowed,
+            available_loras=context.loras, init_image=prepared.name if prepared else None,
+            image_size=(prepared.width, prepared.height) if prepared else None,
+            filename_prefix=prefix_for(self.settings.bot.results_folder, request.prompt))
+        return await self._queue("imagine", params, request.batch, request.stored(), who, origin or Origin(),
+                                 prepared=prepared)
+
+    async def reroll(self, generation_id: int, who: Requester, origin: Origin | None = None) -> Ticket:
+        """The same graphs with new seeds: the engine's cache serves everything above the sampler."""
+        parent = await self._usable(generation_id)
+        count = max(1, len(parent.jobs))
+        params = replace(_params_of(parent), seed=_random_seed(count))
+        if params.init_image and not (self.engine.executor.settings.input_dir / params.init_image).is_file():
+            raise RequestInvalid(f"the image #{parent.id} started from is gone from the input folder; "
+                                 "attach it again with /imagine image:")
+        return await self._queue("reroll", params, count, {**parent.request, "reroll_of": parent.id}, who,
+                                 origin or _origin_of(parent), parent=parent)
+
+    async def variation(self, generation_id: int, who: Requester, image: int = 1,
+                        origin: Origin | None = None) -> Ticket:
+        """img2img of image `image` (1-based) of a result at the configured variation denoise."""
+        parent = await self._usable(generation_id)
+        if not 1 <= image <= len(parent.images):
+            raise RequestInvalid(f"#{parent.id} has {len(parent.images)} image(s); pick 1 to {len(parent.images)}")
+        data = await asyncio.to_thread(_read_bytes, parent.images[image - 1])
+        if data is None:
+            raise RequestInvalid(f"image {image} of #{parent.id} is no longer on disk; reroll it or run /imagine")
+        prepared = await asyncio.to_thread(prepare_image, data, f"#{parent.id} image {image}",
+                                           self.settings.bot.uploads_folder, self.allowed)
+        params = replace(_params_of(parent), seed=_random_seed(1), init_image=prepared.name,
+                         denoise=self.settings.bot.variation_denoise, batch_size=1,
+                         width=prepared.width // 8 * 8, height=prepared.height // 8 * 8)
+        request = {**parent.request, "variation_of": parent.id, "variation_of_image": image}
+        return await self._queue("variation", params, 1, request, who, origin or _origin_of(parent),
+                                 prepared=prepared, parent=parent)
+
+    async def _queue(self, kind: str, params: WorkflowParams, count: int, request: dict[str, Any], who: Requester,
+                     origin: Origin, *, prepared: PreparedImage | None = None,
+                     parent: Generation | None = None) -> Ticket:
+        owner = Owner(who.user_id, who.guild_id)
+        self._check_room(owner, count)
+        # A name of its own per image: SaveImage is cached like any node (as in ComfyUI), so the same graph
+        # twice would hand back the first run's files, which a 🗑️ on that first result then removes.
+        images = [(params.seed + n, build_workflow(replace(
+            params, seed=params.seed + n, batch_size=1,
+            filename_prefix=f"{params.filename_prefix}-{secrets.token_hex(4)}"))) for n in range(count)]
+        input_dir = self.engine.executor.settings.input_dir
+        created = await asyncio.to_thread(save_prepared, prepared, input_dir) if prepared else False
+        new = NewGeneration(kind=kind, front=self.front, requester_id=who.user_id, request=request,
+                            params=_params_json(replace(params, batch_size=1)), model_name=params.checkpoint,
+                            images=images, guild_id=origin.guild_id or who.guild_id, channel_id=origin.channel_id,
+                            parent_id=parent.id if parent else None)
+        generation = await self.store.add(new)
+        handles: list[Any] = []
+        try:
+            for idx, (_, workflow) in enumerate(images, 1):
+                handle = await self.engine.submit(workflow, owner, extra={
+                    "generation_id": generation.id, "idx": idx, "front": self.front, "channel_id": origin.channel_id})
+                handles.append(handle)
+                await self.store.attach_job(generation.id, idx, handle.job_id)
+        except BaseException:
+            # all or nothing: a refused image takes its siblings back out of the queue
+            for handle in handles:
+                await self.engine.cancel(handle.job_id)
+            await self.store.discard(generation.id)
+            if created and prepared is not None:
+                await asyncio.to_thread(remove_files, [str(input_dir / prepared.name)])
+            raise
+        await self.store.mark_queued(generation.id)
+        positions = [p for p in (h.position() for h in handles) if p is not None]
+        return Ticket(handles[0].job_id, generation.id, min(positions, default=None), kind,
+                      summary_of(params, count), tuple(h.job_id for h in handles))
+
+    def _check_room(self, owner: Owner, count: int) -> None:
+        """A batch needs one queue place per image: say so before queueing half of it."""
+        limit = self.settings.queue.per_user_max
+        active = len(self.engine.jobs(owner))
+        if active + count > limit:
+            raise RequestInvalid(f"this needs {count} place(s) in the queue and you have {active} of {limit} in use "
+                                 "([queue] per_user_max); wait for a result or ask for fewer images")
+
+    # -- results -----------------------------------------------------------------------------
+
+    async def delete(self, generation_id: int, who: Requester) -> Generation:
+        """Remove a result's files and retire it (the requester, or someone allowed to manage messages)."""
+        generation = await self._usable(generation_id)
+        if who.user_id != generation.requester_id and not who.can_manage_messages:
+            raise NotAllowed(f"only the requester of #{generation.id} or members with Manage Messages can delete it; "
+                             "react with 🔁 or 🔀 to make your own version instead")
+        await asyncio.to_thread(remove_files, generation.images)
+        await self.store.mark_deleted(generation.id, time.time())
+        return generation
+
+    async def details(self, generation_id: int, who: Requester) -> Details:
+        """Everything that reproduces a result: its card, A1111's parameters text, the workflow JSON."""
+        generation = await self._usable(generation_id)
+        parameters = await asyncio.to_thread(read_parameters, generation.images)
+        return details_of(generation, parameters)
+
+    async def generation(self, generation_id: int) -> Generation | None:
+        """A generation by its number (the `#12` in a result's footer)."""
+        return await self.store.get(generation_id)
+
+    async def by_message(self, message_id: int | str) -> Generation | None:
+        """The generation posted as message `message_id`, across restarts."""
+        return await self.store.by_message(message_id)
+
+    async def by_job(self, job_id: str) -> Generation | None:
+        """The generation one of whose images is job `job_id`."""
+        return await self.store.by_job(job_id)
+
+    async def _usable(self, generation_id: int) -> Generation:
+        generation = await self.store.get(generation_id)
+        if generation is None:
+            raise GenerationNotFound(f"there is no generation #{generation_id}; results show their number in the "
+                                     "footer")
+        if generation.state == "deleted":
+            raise RequestInvalid(f"#{generation.id} was deleted; run /imagine again")
+        if generation.state != "done":
+            raise RequestInvalid(f"#{generation.id} is {generation.state}; wait for its result")
+        return generation
+
+    # -- following jobs ----------------------------------------------------------------------
+
+    async def follow(self, job_id: str) -> AsyncIterator[StudioEvent]:
+        """A request's position, start and progress (over all its images), then `done` (stored, posted) or `failed`."""
+        generation = await self.store.by_job(job_id)
+        if generation is None:
+            raise GenerationNotFound(f"Noodle has no record of job {job_id}")
+        self._followers[generation.id] = self._followers.get(generation.id, 0) + 1
+        try:
+            async for event in merged_events(self.engine, generation.job_ids or [job_id]):
+                yield event
+            settled, problem = await self.wait_settled(generation.id)
+            kind = "done" if settled.state == "done" else "failed"
+            yield StudioEvent(kind, job_id, images=len(settled.jobs), images_done=len(settled.images),
+                              generation=settled, error=problem or (settled.error if kind == "failed" else None))
+        finally:
+            self._followers[generation.id] -= 1
+            if not self._followers[generation.id]:
+                del self._followers[generation.id]
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _checkpoint(self, wanted: str | None, available: list[str]) -> str:
+        if not available:
+            raise RequestInvalid("models/checkpoints holds no .safetensors file: drop an SD1.5 or SDXL checkpoint "
+                                 "there (or run `noodle tiny-models` to try the tiny test models)")
+        if wanted:
+            return resolve_name("checkpoint", wanted, available, "models/checkpoints")
+        configured = self.settings.bot.default_model
+        if configured:
+            return resolve_name("checkpoint", configured, available, "models/checkpoints ([bot] default_model)")
+        return sorted(available)[0]
+
+    async def _arch_of(self, checkpoint: str) -> Arch:
+        models = self.engine.executor.models
+        path = models.resolve("checkpoints", checkpoint)
+        key = (checkpoint, await asyncio.to_thread(file_fingerprint, path))
+        if key not in self._arch:  # reads the safetensors header only, never the weights
+            self._arch[key] = await asyncio.to_thread(
+                detect_checkpoint, path, allow_weights_only_pickle=models.catalog.allow_weights_only_pickle)
+        return self._arch[key]
+
+
+def _random_seed(count: int) -> int:
+    """A seed people can type back into Discord (integer options stop at 2**53), leaving room for a batch."""
+    return secrets.randbelow(DISCORD_INT_MAX - count + 2)
+
+
+def _params_json(params: WorkflowParams) -> dict[str, Any]:
+    data = dict(params.__dict__)
+    data["loras"] = [lora.__dict__ for lora in params.loras]
+    return data
+
+
+def _params_of(generation: Generation) -> WorkflowParams:
+    data = dict(generation.params)
+    data["loras"] = tuple(LoraChoice(**lora) for lora in data.get("loras", []))
+    return WorkflowParams(**data)
+
+
+def _origin_of(generation: Generation) -> Origin:
+    return Origin(channel_id=generation.channel_id, guild_id=generation.guild_id)
+
+
+def _read_bytes(path: str) -> bytes | None:
+    file = Path(path)
+    return file.read_bytes() if file.is_file() else None

@@ -1,0 +1,301 @@
+"""The job board: every job's state, shared by the event loop's side of the service and the worker thread.
+
+One lock guards the records, the fair order (engine/scheduler.py) and the running batch. Each state
+change is written to the store (engine/jobstore.py) outside the lock, then told as a `JobEvent`
+through `emit`, which the service makes thread-safe (`loop.call_soon_threadsafe`). Methods that write
+run in a thread, never on the event loop: the worker's own, or `asyncio.to_thread` for the service's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from engine.errors import QueueFull
+from engine.jobs import ACTIVE, TERMINAL, JobEvent, JobInfo, JobRecord, JobState, Owner
+from engine.jobstore import JobStore
+from engine.scheduler import Entry, FairQueue, StepRate
+from engine.settings import QueueSettings
+from engine.validate import ValidatedPrompt
+
+__all__ = ["JobBoard", "Prepare"]
+
+log = logging.getLogger(__name__)
+
+# workflow -> (validated prompt, batch key, sampler steps); raises WorkflowInvalid
+Prepare = Callable[[dict[str, Any]], tuple[ValidatedPrompt, "str | None", int]]
+KEEP_FINISHED = 1000  # finished jobs kept in memory for handles and /queue history; the store keeps all
+
+
+class JobBoard:
+    """Jobs in memory, in the fair order, stored and announced on every change."""
+
+    def __init__(self, store: JobStore, settings: QueueSettings, prepare: Prepare,
+                 emit: Callable[[JobEvent], None]) -> None:
+        self.store, self.settings, self._prepare, self._emit = store, settings, prepare, emit
+        self._cond = threading.Condition()
+        self._queue = FairQueue()
+        self._jobs: dict[str, JobRecord] = {}  # oldest first
+        self._reserved: set[str] = set()  # admitted but not stored yet
+        self._running: list[JobRecord] = []
+        self._running_left = 0  # sampler steps the running batch has left
+        self._told: dict[str, int] = {}  # the position each queued job was last told
+        self.rate = StepRate()
+        self.stopping = False
+
+    # -- the service's side (called through asyncio.to_thread) ------------------------------
+
+    def submit(self, workflow: dict[str, Any], owner: Owner, extra: dict[str, Any]) -> JobRecord:
+        """Validate, check the caps, store, then queue: the job is durable before it can run."""
+        prompt, key, steps = self._prepare(workflow)
+        try:
+            json.dumps(extra)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"extra is stored with the job as JSON and must be JSON-serializable: {err}") from err
+        api = workflow if isinstance(workflow, dict) else prompt.workflow.to_api()
+        job = JobRecord(uuid.uuid4().hex, owner, api, dict(extra), time.time(), prompt=prompt, key=key, steps=steps)
+        with self._cond:
+            self._check_caps(owner)
+            job.seq = job.line = self._queue.ticket()
+            self._jobs[job.job_id] = job
+            self._reserved.add(job.job_id)
+        try:
+            self.store.insert(job)
+        except BaseException:
+            with self._cond:
+                self._reserved.discard(job.job_id)
+                self._jobs.pop(job.job_id, None)
+            raise
+        with self._cond:
+            self._reserved.discard(job.job_id)
+            self._enqueue(job)
+            self._announce()
+            self._cond.notify_all()
+        return job
+
+    def resume(self) -> list[JobRecord]:
+        """Pick up the stored queue after a restart: queued jobs in their order, running ones retried once."""
+        jobs = self.store.active()
+        changed = []
+        for job in jobs:
+            if job.state is JobState.RUNNING:
+                if self.settings.retry_running_once and job.attempts < 2:
+                    # runs first; its attempts keep the run the crash cut short
+                    job.state, job.front = JobState.QUEUED, True
+                else:
+                    job.state, job.error = JobState.FAILED, _crashed_message(job.attempts, self.settings)
+                changed.append(job)
+            if job.state is JobState.QUEUED:
+                try:
+                    job.prompt, job.key, job.steps = self._prepare(job.workflow)
+                except Exception as err:  # a model removed while Noodle was down: say so now
+                    job.state, job.error = JobState.FAILED, f"this job could not run after a restart: {err}"
+                    changed.append(job)
+        self.store.save(changed)
+        with self._cond:
+            for job in jobs:
+                self._jobs[job.job_id] = job
+                if job.state is JobState.QUEUED:
+                    self._enqueue(job)
+            for job in jobs:
+                if job.state is JobState.FAILED:
+                    self._emit(JobEvent(job.job_id, "failed", error=job.error))
+            self._announce()
+            self._cond.notify_all()
+        return jobs
+
+    def cancel(self, job_id: str, by: Owner | None) -> bool:
+        """Remove a queued job, or ask a running one to stop at its next sampler step; False if neither."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.state not in ACTIVE or job.job_id in self._reserved:
+                return False
+            if by is not None and by.user_id != job.owner.user_id:
+                return False  # only the owner; moderators cancel with by=None
+            if job.state is JobState.RUNNING:
+                job.cancel_requested, job.cancel_by = True, by
+                return True
+            lines = self._queue.remove(job_id)
+            self._apply_lines(lines)
+            job.state, job.error = JobState.CANCELLED, f"cancelled{_who(by)} while it was queued"
+        self._write([job], lines)
+        with self._cond:
+            self._emit(JobEvent(job_id, "cancelled", error=job.error))
+            self._announce()
+            self._forget_old()
+        return True
+
+    def stop(self) -> None:
+        """Start nothing new; the running batch stops at its next step and goes back to the queue."""
+        with self._cond:
+            self.stopping = True
+            self._cond.notify_all()
+
+    # -- reading (cheap: fine on the event loop) ------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._cond:
+            return self._jobs.get(job_id)
+
+    def position(self, job_id: str) -> int | None:
+        with self._cond:
+            return self._queue.positions().get(job_id)
+
+    def infos(self, owner: Owner | None, states: Iterable[JobState]) -> list[JobInfo]:
+        """Jobs in the given states: running first, then queued in order, then the rest, newest first."""
+        wanted = set(states)
+        with self._cond:
+            positions = self._queue.positions()
+            etas = self._etas()
+            jobs = [j for j in self._jobs.values() if j.state in wanted and j.job_id not in self._reserved
+                    and (owner is None or j.owner.user_id == owner.user_id)]
+        rank = {JobState.RUNNING: 0, JobState.QUEUED: 1}
+        jobs.sort(key=lambda j: (rank.get(j.state, 2), positions.get(j.job_id, 0), -j.created_at))
+        return [j.info(positions.get(j.job_id), etas.get(j.job_id)) for j in jobs]
+
+    # -- the worker's side ------------------------------------------------------------------------
+
+    def next_batch(self, poll_seconds: float = 1.0) -> list[JobRecord]:
+        """Wait for queued jobs; take the next batch, marked running and stored. [] once stopping."""
+        with self._cond:
+            while not self.stopping and not len(self._queue):
+                self._cond.wait(timeout=poll_seconds)
+            if self.stopping:
+                return []
+            entries, lines = self._queue.take(self.settings.batch_max)
+            self._apply_lines(lines)
+            batch = [self._jobs[e.job_id] for e in entries]
+            for job in batch:
+                job.state = JobState.RUNNING
+                job.attempts += 1
+            self._running = batch
+            self._running_left = max(job.steps for job in batch)
+        # durable before it runs: a crash from here on counts as an attempt
+        self._write(batch, lines)
+        with self._cond:
+            for job in batch:
+                self._emit(JobEvent(job.job_id, "started", eta_s=self._eta_of_running()))
+            self._announce()
+        return batch
+
+    def progress(self, jobs: list[JobRecord], node: str, value: int, maximum: int, *, sampler: bool,
+                 seconds: float | None = None, steps: int = 0) -> None:
+        """A node of the running batch moved on; `seconds` over `steps` sampler steps feed the step rate."""
+        with self._cond:
+            if sampler:
+                if seconds is not None:
+                    self.rate.observe(seconds, steps)
+                self._running_left = max(0, maximum - value)
+            eta = self._eta_of_running()
+            for job in jobs:
+                self._emit(JobEvent(job.job_id, "progress", eta_s=eta, node=node, value=value, max=maximum))
+
+    def finish(self, job: JobRecord, state: JobState, *, result: dict[str, Any] | None = None,
+               error: str | None = None) -> None:
+        """A running job ended: done, failed or cancelled."""
+        with self._cond:
+            job.state, job.result, job.error = state, result, error
+            self._running = [j for j in self._running if j is not job]
+        self._write([job])
+        with self._cond:
+            self._emit(JobEvent(job.job_id, str(state), result=result, error=error))  # type: ignore[arg-type]
+            self._announce()
+            self._forget_old()
+
+    def requeue(self, jobs: list[JobRecord], *, solo: bool = False) -> None:
+        """Put running jobs back in front (not counted as an attempt); `solo`: never batch them."""
+        with self._cond:
+            for job in jobs:
+                job.state, job.attempts, job.front = JobState.QUEUED, max(0, job.attempts - 1), True
+                job.cancel_requested, job.cancel_by = False, None
+                job.solo = job.solo or solo
+                self._running = [j for j in self._running if j is not job]
+                self._enqueue(job)
+        self._write(jobs)
+        with self._cond:
+            self._announce()
+            self._cond.notify_all()
+
+    def interrupted(self, job: JobRecord) -> bool:
+        """Whether the running `job` should stop at its next step (cancelled, or the service stopping)."""
+        return job.cancel_requested or self.stopping
+
+    def _write(self, jobs: list[JobRecord], lines: dict[str, int] | None = None) -> None:
+        """Store state changes; a database error is logged and the queue goes on in memory."""
+        try:
+            self.store.save(jobs, lines)
+        except sqlite3.Error:
+            log.exception("could not store the state of jobs %s; they go on, but a restart would not know",
+                          [job.job_id for job in jobs])
+
+    # -- inside the lock --------------------------------------------------------------------------
+
+    def _enqueue(self, job: JobRecord) -> None:
+        key = None if job.solo else job.key
+        self._queue.restore(Entry(job.job_id, job.owner.user_id, job.seq, job.line, job.steps, key, job.front))
+
+    def _apply_lines(self, lines: dict[str, int]) -> None:
+        for job_id, line in lines.items():
+            self._jobs[job_id].line = line
+
+    def _check_caps(self, owner: Owner) -> None:
+        active = [j for j in self._jobs.values() if j.state in ACTIVE]
+        mine = [j for j in active if j.owner.user_id == owner.user_id]
+        limits = self.settings
+        if len(mine) >= limits.per_user_max:
+            raise QueueFull(f"you already have {len(mine)} jobs in the queue, the most one person may have "
+                            f"(queue.per_user_max = {limits.per_user_max} in config.toml): {self._listing(mine)}; "
+                            "wait for one to finish or cancel one")
+        if len(active) >= limits.global_max:
+            yours = f"; yours: {self._listing(mine)}" if mine else "; none of them is yours"
+            raise QueueFull(f"the queue is full: {len(active)} jobs are queued or running, the most this server "
+                            f"takes (queue.global_max = {limits.global_max} in config.toml){yours}; try again when "
+                            "it is shorter")
+
+    def _listing(self, jobs: list[JobRecord]) -> str:
+        positions = self._queue.positions()
+        return ", ".join(f"{j.job_id[:8]} ({'running' if j.state is JobState.RUNNING else 'queued'}"
+                         f"{f', position {positions[j.job_id]}' if j.job_id in positions else ''})" for j in jobs)
+
+    def _etas(self) -> dict[str, float | None]:
+        etas = self._queue.etas(self.rate.value, self._running_left if self._running else 0)
+        for job in self._running:
+            etas[job.job_id] = self._eta_of_running()
+        return etas
+
+    def _eta_of_running(self) -> float | None:
+        return None if self.rate.value is None else self._running_left * self.rate.value
+
+    def _announce(self) -> None:
+        """Tell each queued job its place when it is new or has changed."""
+        positions = self._queue.positions()
+        etas = self._queue.etas(self.rate.value, self._running_left if self._running else 0)
+        for job_id, position in positions.items():
+            told = self._told.get(job_id)
+            if told != position:
+                kind = "queued" if told is None and self._jobs[job_id].attempts == 0 else "position"
+                self._emit(JobEvent(job_id, kind, position=position, eta_s=etas[job_id]))
+        self._told = positions
+
+    def _forget_old(self) -> None:
+        finished = [job_id for job_id, job in self._jobs.items() if job.state in TERMINAL]
+        for job_id in finished[:max(0, len(finished) - KEEP_FINISHED)]:
+            del self._jobs[job_id]
+
+
+def _who(by: Owner | None) -> str:
+    return "" if by is None else f" by {by.user_id}"
+
+
+def _crashed_message(attempts: int, settings: QueueSettings) -> str:
+    if not settings.retry_running_once:
+        return ("Noodle stopped while this job was running (a crash or a kill); queue.retry_running_once is off "
+                "in config.toml, so it was not run again: submit it again")
+    return (f"Noodle stopped while this job was running, {attempts} times in a row (a crash or a kill, perhaps "
+            "out of memory); it is not tried again: submit it again, perhaps with a smaller size or fewer steps")

@@ -1,0 +1,249 @@
+"""The engine service: a persistent, fair job queue around one worker thread that owns the device.
+
+What a front end (the Discord bot, the console) calls on its event loop:
+
+    service = EngineService(executor, settings.bot.database, settings.queue)
+    await service.start()                        # resumes the stored queue, starts the worker
+    handle = await service.submit(workflow, Owner(user_id, guild_id), extra={"channel_id": ...})
+    async for event in handle.events(): ...      # queued, position, started, progress, then done/failed/cancelled
+    result = await handle.result(timeout=600)    # RunResult.to_dict(); raises JobFailed or JobCancelled
+    await service.stop()
+
+A job is validated, then stored (engine/jobstore.py) before `submit` returns; jobs run round-robin
+across users (engine/scheduler.py), compatible ones in one sampler batch (engine/batching.py); the
+board (engine/board.py) keeps their state and the worker thread (engine/worker.py) runs them. Nothing
+torch-, disk- or PIL-heavy runs on the loop: validation and database writes go through
+`asyncio.to_thread`, and events come back with `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+from engine.batching import batch_key, sampler_steps
+from engine.board import KEEP_FINISHED, JobBoard
+from engine.errors import JobCancelled, JobFailed, QueueFull
+from engine.executor import Executor
+from engine.jobs import JobEvent, JobInfo, JobState, Owner
+from engine.jobstore import JobStore
+from engine.settings import QueueSettings
+from engine.validate import ValidatedPrompt
+from engine.worker import Worker
+
+__all__ = ["EngineService", "JobCancelled", "JobEvent", "JobFailed", "JobHandle", "JobInfo", "JobState", "Owner",
+           "QueueFull"]
+
+log = logging.getLogger(__name__)
+
+
+class _Stream:
+    """Events of one follower: registered when made, so nothing sent after that is missed."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[JobEvent | None] = asyncio.Queue()
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> JobEvent:
+        event = await self._queue.get()
+        if event is None:
+            self._queue.put_nowait(None)  # stays ended
+            raise StopAsyncIteration
+        return event
+
+    def put(self, event: JobEvent) -> None:
+        self._queue.put_nowait(event)
+
+    def end(self) -> None:
+        self._queue.put_nowait(None)
+
+
+class JobHandle:
+    """One job as a front end follows it; also for jobs resumed after a restart (`EngineService.handle`)."""
+
+    def __init__(self, job_id: str, owner: Owner, service: EngineService) -> None:
+        self.job_id, self.owner = job_id, owner
+        self._service = service
+        self._latest: list[JobEvent] = []  # what a new follower is told first: the job's state now
+        self._final: JobEvent | None = None
+        self._finished = asyncio.Event()
+        # a follower that stops iterating is dropped with its stream
+        self._streams: weakref.WeakSet[_Stream] = weakref.WeakSet()
+
+    def events(self) -> AsyncIterator[JobEvent]:
+        """The job's events, starting with its latest state; ends after done, failed or cancelled."""
+        stream = _Stream()
+        for event in self._latest:
+            stream.put(event)
+        if self._final is None:
+            self._streams.add(stream)
+        else:
+            stream.end()
+        return stream
+
+    async def result(self, timeout: float | None = None) -> dict[str, Any]:
+        """RunResult.to_dict() once done; raises JobFailed, JobCancelled, or TimeoutError after `timeout` s."""
+        await asyncio.wait_for(self._finished.wait(), timeout)
+        final = self._final
+        assert final is not None
+        if final.kind == "done":
+            return dict(final.result or {})
+        if final.kind == "cancelled":
+            raise JobCancelled(final.error or "cancelled")
+        raise JobFailed(final.error or "failed", self.job_id)
+
+    def position(self) -> int | None:
+        """1 when it runs next; None once it runs or ended."""
+        return self._service._require().position(self.job_id)
+
+    def _push(self, event: JobEvent) -> None:
+        if event.kind == "progress":
+            self._latest = [e for e in self._latest if e.kind == "started"] + [event]
+        else:
+            self._latest = [event]
+        if event.final:
+            self._final = event
+            self._finished.set()
+        for stream in list(self._streams):
+            stream.put(event)
+            if event.final:
+                stream.end()
+        if event.final:
+            self._streams.clear()
+
+
+class EngineService:
+    """The queue a front end submits workflows to; one per process, around one executor."""
+
+    def __init__(self, executor: Executor, db_path: Path, settings: QueueSettings) -> None:
+        self._executor, self._db_path, self.settings = executor, Path(db_path), settings
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._board: JobBoard | None = None
+        self._worker: Worker | None = None
+        self._handles: dict[str, JobHandle] = {}
+        self._finished: deque[str] = deque()
+        self._subscribers: weakref.WeakSet[_Stream] = weakref.WeakSet()
+
+    @property
+    def executor(self) -> Executor:
+        """For validation and model lists (`executor.models.choices("checkpoints")`); only the worker runs it."""
+        return self._executor
+
+    async def __aenter__(self) -> EngineService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Open the database, resume its queued jobs (running ones are retried once), start the worker."""
+        if self._board is not None:
+            raise RuntimeError("this EngineService is started already")
+        self._loop = asyncio.get_running_loop()
+        store = await asyncio.to_thread(JobStore, self._db_path)
+        board = self._board = JobBoard(store, self.settings, self._prepare, self._post)
+        try:
+            resumed = await asyncio.to_thread(board.resume)
+        except BaseException:
+            self._board = None
+            await asyncio.to_thread(store.close)
+            raise
+        for job in resumed:
+            self._handle_for(job.job_id, job.owner)
+        self._worker = Worker(self._executor, board)
+        self._worker.start()
+        log.info("engine service started: %d jobs resumed from %s", len(resumed), self._db_path)
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Start nothing new; the running job stops at its next step and stays queued for the next start."""
+        board, worker = self._board, self._worker
+        if board is None:
+            return
+        board.stop()
+        if worker is not None:
+            await asyncio.to_thread(worker.join, timeout)
+            if worker.is_alive():
+                log.warning("the engine worker did not stop within %.0f s; leaving it to the process exit", timeout)
+                return
+        await asyncio.to_thread(board.store.close)
+        # after every event the worker sent: the loop runs callbacks in order
+        asyncio.get_running_loop().call_soon(self._end_subscribers)
+
+    async def submit(self, workflow: dict[str, Any], owner: Owner, *, extra: dict[str, Any] | None = None
+                     ) -> JobHandle:
+        """Validate (WorkflowInvalid, nothing stored), check the caps (QueueFull), store, queue; its handle."""
+        board = self._require()
+        job = await asyncio.to_thread(board.submit, workflow, owner, dict(extra or {}))
+        return self._handle_for(job.job_id, owner)
+
+    def handle(self, job_id: str) -> JobHandle | None:
+        """The handle of a job this service knows: submitted here, resumed at start, or recently finished."""
+        if job_id in self._handles:
+            return self._handles[job_id]
+        job = self._board.get(job_id) if self._board is not None else None
+        return None if job is None else self._handle_for(job_id, job.owner)
+
+    async def cancel(self, job_id: str, by: Owner | None = None) -> bool:
+        """A queued job is removed; a running one stops at its next sampler step. False: unknown, ended, or
+        `by` is not its owner (moderators cancel with by=None)."""
+        return await asyncio.to_thread(self._require().cancel, job_id, by)
+
+    def jobs(self, owner: Owner | None = None,
+             states: Iterable[JobState] = (JobState.QUEUED, JobState.RUNNING)) -> list[JobInfo]:
+        """Jobs in `states` (of one user if `owner`): running first, then queued in order, then newest first."""
+        return self._require().infos(owner, states)
+
+    def subscribe(self) -> AsyncIterator[JobEvent]:
+        """Every job's events from now on (resumed jobs' results included); ends when the service stops."""
+        stream = _Stream()
+        self._subscribers.add(stream)
+        return stream
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _require(self) -> JobBoard:
+        if self._board is None:
+            raise RuntimeError("the engine service is not started: await service.start() first")
+        return self._board
+
+    def _prepare(self, workflow: dict[str, Any]) -> tuple[ValidatedPrompt, str | None, int]:
+        prompt = self._executor.validate(workflow)
+        return prompt, batch_key(prompt), sampler_steps(prompt)
+
+    def _post(self, event: JobEvent) -> None:
+        """From any thread: deliver on the loop, in order."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._deliver, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            log.debug("event for %s after the loop closed: %s", event.job_id, event.kind)
+
+    def _deliver(self, event: JobEvent) -> None:
+        handle = self.handle(event.job_id)
+        if handle is not None:
+            handle._push(event)
+        for stream in list(self._subscribers):
+            stream.put(event)
+        if event.final:
+            self._finished.append(event.job_id)
+            while len(self._finished) > KEEP_FINISHED:
+                self._handles.pop(self._finished.popleft(), None)
+
+    def _handle_for(self, job_id: str, owner: Owner) -> JobHandle:
+        if job_id not in self._handles:
+            self._handles[job_id] = JobHandle(job_id, owner, self)
+        return self._handles[job_id]
+
+    def _end_subscribers(self) -> None:
+        for stream in list(self._subscribers):
+            stream.end()

@@ -1,0 +1,153 @@
+"""The worker thread: the one owner of the device. Takes batches off the board and runs them.
+
+Nothing here touches the event loop: progress and results go through the board, which stores them
+and hands them to the service. A job's failure is that job's alone: an exception in a node, a
+corrupt model file or an out-of-memory error becomes a message for its owner (out of memory also
+frees the model cache), and the thread goes on with the next job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from engine.batching import SAMPLER_NODES, BatchMember, run_batch
+from engine.board import JobBoard
+from engine.errors import JobCancelled, NodeExecutionError, NoodleError
+from engine.events import Event, Executing, Progress
+from engine.executor import Executor, RunResult
+from engine.jobs import JobRecord, JobState
+
+__all__ = ["Worker", "is_out_of_memory", "message_for"]
+
+log = logging.getLogger(__name__)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch's CUDA OOM, Python's MemoryError, or a backend's "out of memory" RuntimeError, however wrapped."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (torch.cuda.OutOfMemoryError, MemoryError)):
+            return True
+        if isinstance(current, RuntimeError) and "out of memory" in str(current).lower():
+            return True
+        current = current.cause if isinstance(current, NodeExecutionError) else current.__cause__
+    return False
+
+
+def message_for(err: BaseException, device: torch.device) -> str:
+    """What the owner of a failed job is told."""
+    where = f" while running node {err.node_id} ({err.class_type})" if isinstance(err, NodeExecutionError) else ""
+    if is_out_of_memory(err):
+        cause = err.cause if isinstance(err, NodeExecutionError) else err
+        what = "GPU" if device.type == "cuda" or isinstance(cause, torch.cuda.OutOfMemoryError) else "machine"
+        return (f"the {what} ran out of memory{where}; the model cache was freed: try a smaller size or batch, "
+                "or fewer LoRAs")
+    if isinstance(err, NoodleError):
+        return str(err)
+    return (f"the engine failed unexpectedly{where} ({type(err).__name__}: {err}); try again, and tell the "
+            "server owner if it keeps happening")
+
+
+class _Listener:
+    """A job's executor events -> the board's progress; the batch's first job also times sampler steps."""
+
+    def __init__(self, board: JobBoard, job: JobRecord, *, timed: bool) -> None:
+        self.board, self.job, self.timed = board, job, timed
+        self.sampler = False
+        self.last: tuple[int, float] | None = None
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Executing):
+            self.sampler, self.last = event.class_type in SAMPLER_NODES, None
+        elif isinstance(event, Progress):
+            seconds = None
+            steps = 0
+            if self.sampler and self.timed:
+                now = time.perf_counter()
+                if self.last is not None and event.value > self.last[0]:
+                    seconds, steps = now - self.last[1], event.value - self.last[0]
+                self.last = (event.value, now)
+            self.board.progress([self.job], event.node, event.value, event.max, sampler=self.sampler,
+                                seconds=seconds, steps=steps)
+
+
+class Worker(threading.Thread):
+    """Runs the board's jobs on the executor, one batch at a time, until the board stops."""
+
+    def __init__(self, executor: Executor, board: JobBoard) -> None:
+        super().__init__(name="noodle-engine", daemon=True)
+        self.executor, self.board = executor, board
+
+    def run(self) -> None:
+        while True:
+            try:
+                batch = self.board.next_batch()
+            except Exception:  # the store could not be written: those jobs stay queued in it
+                log.exception("could not start the next jobs")
+                continue
+            if not batch:
+                return
+            try:
+                self._run(batch)
+            except Exception as err:  # a bug of ours: fail what is left of the batch, keep the thread
+                log.exception("the engine failed running %s", [job.job_id for job in batch])
+                for job in batch:
+                    if job.state is JobState.RUNNING:
+                        self.board.finish(job, JobState.FAILED, error=message_for(err, self.executor.device))
+
+    def _run(self, batch: list[JobRecord]) -> None:
+        listeners = [_Listener(self.board, job, timed=index == 0) for index, job in enumerate(batch)]
+        if len(batch) == 1:
+            outcomes: list[RunResult | Exception] = [self._solo(batch[0], listeners[0])]
+        else:
+            members = [BatchMember(self._prompt(job), job.job_id, listener, self._interrupt(job))
+                       for job, listener in zip(batch, listeners)]
+            outcomes = run_batch(self.executor, members)
+        if any(isinstance(o, Exception) and is_out_of_memory(o) for o in outcomes):
+            self._free_memory()
+        put_back: list[JobRecord] = []
+        alone: list[JobRecord] = []
+        for job, outcome in zip(batch, outcomes):
+            if isinstance(outcome, RunResult):
+                self.board.finish(job, JobState.DONE, result=outcome.to_dict())
+            elif isinstance(outcome, JobCancelled) and job.cancel_requested:
+                who = "" if job.cancel_by is None else f" by {job.cancel_by.user_id}"
+                self.board.finish(job, JobState.CANCELLED, error=f"cancelled{who} while it was running")
+            elif isinstance(outcome, JobCancelled):
+                put_back.append(job)  # the service is stopping, or a batch-mate was cancelled
+            elif len(batch) > 1 and is_out_of_memory(outcome):
+                alone.append(job)  # a batch may not fit where each job alone does
+            else:
+                self.board.finish(job, JobState.FAILED, error=message_for(outcome, self.executor.device))
+        if put_back:
+            self.board.requeue(put_back)
+        if alone:
+            self.board.requeue(alone, solo=True)
+
+    def _solo(self, job: JobRecord, listener: _Listener) -> RunResult | Exception:
+        try:
+            return self.executor.run(self._prompt(job), prompt_id=job.job_id, listener=listener,
+                                     is_cancelled=self._interrupt(job))
+        except Exception as err:  # the job's failure, told to its owner by _run
+            return err
+
+    @staticmethod
+    def _prompt(job: JobRecord) -> object:
+        return job.prompt if job.prompt is not None else job.workflow
+
+    def _interrupt(self, job: JobRecord) -> Callable[[], bool]:
+        return lambda: self.board.interrupted(job)
+
+    def _free_memory(self) -> None:
+        """After an out-of-memory error, as ComfyUI does: every model and cached output goes."""
+        log.warning("out of memory: unloading every model and clearing the caches")
+        self.executor.models.unload_all()
+        self.executor.cache.clear()
+        self.executor.models.prompt_cache.clear()

@@ -1,0 +1,107 @@
+"""The application commands exactly as they would be synced (`to_dict`), and `noodle bot --print-commands`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from bot.cli import main
+from bot.discord_app import command_payloads, intents
+from bot.settings import BotSettings, Settings
+from engine.samplers import SCHEDULER_NAMES, SUPPORTED_SAMPLERS
+
+
+def _options(payload: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {option["name"]: option for option in payload["options"]}
+
+
+async def test_imagine_has_every_option_typed_with_config_ranges_and_choices() -> None:
+    [imagine] = await command_payloads(Settings())
+    assert imagine["name"] == "imagine" and imagine["type"] == 1 and imagine["description"]
+    options = _options(imagine)
+    assert list(options) == ["prompt", "negative", "model", "loras", "steps", "cfg", "sampler", "scheduler", "seed",
+                             "width", "height", "batch", "image", "denoise", "clip_skip"]
+    assert [name for name, o in options.items() if o["required"]] == ["prompt"]
+    kinds = {name: o["type"] for name, o in options.items()}
+    assert kinds == {"prompt": 3, "negative": 3, "model": 3, "loras": 3, "steps": 4, "cfg": 10, "sampler": 3,
+                     "scheduler": 3, "seed": 4, "width": 4, "height": 4, "batch": 4, "image": 11, "denoise": 10,
+                     "clip_skip": 4}
+    assert (options["prompt"]["min_length"], options["prompt"]["max_length"]) == (1, 4000)
+    assert (options["steps"]["min_value"], options["steps"]["max_value"]) == (1, 150)
+    assert (options["cfg"]["min_value"], options["cfg"]["max_value"]) == (0.0, 30.0)
+    assert (options["width"]["min_value"], options["width"]["max_value"]) == (64, 2048)
+    assert (options["batch"]["min_value"], options["batch"]["max_value"]) == (1, 4)
+    assert (options["denoise"]["min_value"], options["denoise"]["max_value"]) == (0.01, 1.0)
+    assert options["seed"]["max_value"] == 2**53 - 1  # Discord's integers are doubles
+    assert [c["value"] for c in options["sampler"]["choices"]] == list(SUPPORTED_SAMPLERS)
+    assert [c["value"] for c in options["scheduler"]["choices"]] == list(SCHEDULER_NAMES)
+    assert options["model"]["autocomplete"] and options["loras"]["autocomplete"]
+    assert all(len(o["description"]) <= 100 for o in options.values())
+
+
+async def test_ranges_follow_config_toml() -> None:
+    settings = Settings(bot=BotSettings(max_batch=2, max_cfg=12.0, min_side=256))
+    settings = settings.model_copy(update={"limits": settings.limits.model_copy(
+        update={"max_steps": 50, "max_side": 1024, "max_prompt_chars": 1000})})
+    options = _options((await command_payloads(settings))[0])
+    assert options["steps"]["max_value"] == 50 and options["batch"]["max_value"] == 2
+    assert options["cfg"]["max_value"] == 12.0 and options["prompt"]["max_length"] == 1000
+    assert (options["height"]["min_value"], options["height"]["max_value"]) == (256, 1024)
+
+
+def test_only_non_privileged_intents() -> None:
+    chosen = intents()
+    assert chosen.guilds and chosen.guild_reactions and chosen.dm_reactions
+    assert not (chosen.members or chosen.presences or chosen.message_content)
+
+
+async def test_print_commands_prints_the_sync_payload_without_connecting(capsys: pytest.CaptureFixture[str],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = await command_payloads(Settings())
+    monkeypatch.setenv("DISCORD_TOKEN", "not-a-real-token-and-never-used")
+    import asyncio
+
+    code = await asyncio.to_thread(main, ["bot", "--print-commands"])
+    out = capsys.readouterr().out
+    assert code == 0 and json.loads(out) == expected
+    assert "not-a-real-token" not in out
+
+
+async def test_the_client_wires_store_engine_studio_and_cogs_and_syncs_only_on_change(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot.discord_app import NoodleBot
+
+    synced: list[int] = []
+
+    async def sync(*, guild: object = None) -> list[object]:  # the Discord edge: the HTTP call of tree.sync
+        synced.append(1)
+        return []
+
+    for start in range(2):
+        bot = NoodleBot(settings)
+        monkeypatch.setattr(bot.tree, "sync", sync)
+        await bot.setup_hook()
+        try:
+            assert set(bot.cogs) == {"Imagine", "Reactions"} and bot.studio.front == "discord"
+            assert [c.name for c in bot.tree.get_commands()] == ["imagine"]
+        finally:
+            await bot.close()
+    assert synced == [1]  # the second start found the same schema already synced
+
+
+def test_noodle_bot_without_a_token_says_how_to_get_one(capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DISCORD_TOKEN", raising=False)
+    assert main(["bot"]) == 2
+    assert "DISCORD_TOKEN is not set" in capsys.readouterr().out
+
+
+def test_bench_bot_sits_beside_the_engine_benches() -> None:
+    from bot.cli import build_parser
+
+    parser = build_parser(Settings())
+    args = parser.parse_args(["bench", "bot", "--commands", "7"])
+    assert (args.what, args.commands) == ("bot", 7)
+    assert parser.parse_args(["bench", "engine"]).what == "engine"

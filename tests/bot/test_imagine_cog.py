@@ -1,0 +1,131 @@
+"""/imagine driven like Discord drives it: a thin fake interaction, the real cog, Studio, SQLite and engine."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+import discord
+from PIL import Image
+
+from bot.cogs.imagine import imagine_cog
+from bot.request import Allowed
+from engine.pngmeta import read_png_texts
+from tests.bot.conftest import WAIT, Env
+from tests.bot.fakes import FakeAttachment, FakeInteraction
+
+
+async def _imagine(env: Env, interaction: FakeInteraction, **options: Any) -> Any:
+    cog = imagine_cog(env.studio, Allowed.from_settings(env.settings), status_every=0.5)
+    await cog.imagine.callback(cog, interaction, **options)
+    return cog
+
+
+async def _posted(env: Env, count: int = 1) -> list[Any]:
+    async def wait() -> None:
+        while len(env.channel.results()) < count:
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(wait(), WAIT)
+    return env.channel.results()
+
+
+async def _done(cog: Any) -> None:
+    """Wait for the cog's status tasks (they end with the job's verdict)."""
+    await asyncio.wait_for(asyncio.gather(*cog._tasks), WAIT)
+
+
+def field(embed: discord.Embed, name: str) -> str:
+    return next(f.value for f in embed.fields if f.name == name)
+
+
+async def test_acknowledges_first_then_shows_the_queue_then_posts_the_result_in_the_channel(env: Env) -> None:
+    interaction = FakeInteraction(user_id=42)
+    cog = await _imagine(env, interaction, prompt="a red fox <lora:tiny-lora-a:0.8>", negative="blurry", seed=42,
+                         steps=4, width=64, height=64, loras="tiny-lora-b:0.5:0.25", sampler="euler",
+                         scheduler="karras")
+    assert interaction.response.calls == [("defer", {"ephemeral": True, "thinking": True})]
+    assert interaction.edits[0].startswith("⏳ Queued") and "seed 42" in interaction.edits[0]
+    await _done(cog)
+    [message] = await _posted(env)
+    assert message.content == "<@42>"
+    assert message.reactions == ["🔁", "🔀", "🗑️", "ℹ️"]
+    embed = message.embed
+    assert embed.description == "a red fox"  # the tag is taken out of the text that is encoded
+    assert field(embed, "Seed") == "42" and field(embed, "Negative") == "blurry"
+    assert field(embed, "Steps · CFG · Sampler") == "4 · 7 · euler/karras"
+    assert field(embed, "LoRAs") == "tiny-lora-b 0.5/0.25, tiny-lora-a 0.8"
+    assert field(embed, "Size") == "64×64"
+    assert field(embed, "Tokens") == "prompt 3/75 · negative 1/75"
+    assert field(embed, "Model").startswith("tiny-sd15 (") and "hash pending" not in field(embed, "Model")
+    generation = await env.store.by_message(message.id)
+    assert generation.job_id in embed.footer.text and f"#{generation.id}" in embed.footer.text
+    png = message.files[0].data
+    assert "prompt" in Image.open(io.BytesIO(png)).text and png == open(generation.images[0], "rb").read()
+    assert interaction.edits[-1].startswith("✅ Done") and str(message.id) in interaction.edits[-1]
+    gaps = [b - a for a, b in zip(interaction.edit_times, interaction.edit_times[1:])]
+    assert all(gap >= 0.5 * 0.99 for gap in gaps)  # status_every: edits never closer together
+
+
+async def test_a_batch_posts_every_image_with_its_seed_and_a_digit_per_image(env: Env) -> None:
+    cog = await _imagine(env, FakeInteraction(), prompt="three pears", seed=100, steps=4, width=64, height=64,
+                         batch=3)
+    await _done(cog)
+    [message] = await _posted(env)
+    assert len(message.files) == 3
+    assert field(message.embed, "Seed") == "#1 100 · #2 101 · #3 102"
+    assert message.reactions[4:] == ["1️⃣", "2️⃣", "3️⃣"]
+    for sent, seed in zip(message.files, (100, 101, 102)):
+        assert f"Seed: {seed}," in Image.open(io.BytesIO(sent.data)).text["parameters"]
+
+
+async def test_an_attached_image_makes_img2img_at_its_size(env: Env) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (72, 64), (30, 120, 200)).save(buffer, format="PNG")
+    attachment = FakeAttachment(buffer.getvalue())
+    cog = await _imagine(env, FakeInteraction(), prompt="a blue wall", image=attachment, denoise=0.5, steps=4)
+    await _done(cog)
+    [message] = await _posted(env)
+    assert "72×64 · img2img, denoise 0.5" in field(message.embed, "Size")
+    generation = await env.store.by_message(message.id)
+    assert generation.workflow["12"]["class_type"] == "LoadImage"
+    assert Image.open(generation.images[0]).size == (72, 64)
+
+
+async def test_a_refusal_is_private_and_nothing_is_downloaded_or_queued(env: Env) -> None:
+    interaction = FakeInteraction()
+    big = FakeAttachment(b"x", filename="huge.png", size=50 * 1024 * 1024)
+    await _imagine(env, interaction, prompt="a fox", image=big)
+    assert interaction.response.calls[0][1]["ephemeral"] is True
+    assert interaction.edits[-1].startswith("❌ image: 'huge.png' is 52.4 MB; the limit is")
+    assert big.reads == 0 and not env.engine.jobs() and not await env.store.recent()
+    text = FakeAttachment(b"hello", filename="notes.txt", content_type="text/plain")
+    await _imagine(env, interaction, prompt="a fox", image=text)
+    assert "is text/plain, not an image" in interaction.edits[-1]
+    await _imagine(env, interaction, prompt="a fox", model="tiny-sdxxl")
+    assert "checkpoint 'tiny-sdxxl' is not in models/checkpoints; closest: 'tiny-sdxl.safetensors'" \
+        in interaction.edits[-1]
+    await _imagine(env, interaction, prompt="a fox", width=100)
+    assert "width 100 is not a multiple of 8" in interaction.edits[-1]
+    assert not env.channel.sent and not await env.store.recent()
+
+
+async def test_sdxl_checkpoints_are_built_by_their_architecture(env: Env) -> None:
+    cog = await _imagine(env, FakeInteraction(), prompt="a castle", model="tiny-sdxl", steps=2, seed=9)
+    await _done(cog)
+    [message] = await _posted(env)
+    generation = await env.store.by_message(message.id)
+    assert generation.workflow["4"]["inputs"]["ckpt_name"] == "tiny-sdxl.safetensors"
+    assert generation.params["width"] == 64  # the tiny models' own size; real SDXL defaults to 1024
+    assert read_png_texts(generation.images[0])["parameters"].endswith("Version: Noodle")
+
+
+async def test_autocomplete_offers_the_models_folder(env: Env) -> None:
+    cog = imagine_cog(env.studio, Allowed.from_settings(env.settings))
+    model = cog.imagine._params["model"].autocomplete
+    choices = await model(FakeInteraction(), "sdx")
+    assert [c.value for c in choices] == ["tiny-sdxl.safetensors"]
+    loras = cog.imagine._params["loras"].autocomplete
+    assert [c.value for c in await loras(FakeInteraction(), "tiny-lora-a:0.7, tiny-lora-b")] == \
+        ["tiny-lora-a:0.7, tiny-lora-b:1.0"]

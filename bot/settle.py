@@ -180,7 +180,8 @@ class Settler:
                     job_id = info.job_id
                 if job.ended:
                     continue
-                info = infos.get(job_id)
+                # a job that ended while nobody listened is no longer active: the engine's table still has it
+                info = infos.get(job_id) or await self.engine.info(job_id)
                 if info is None:
                     await self.store.end_job(job_id, "failed", error="the queue lost this job in a restart; run it "
                                                                      "again")

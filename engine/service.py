@@ -201,6 +201,12 @@ class EngineService:
         """Jobs in `states` (of one user if `owner`): running first, then queued in order, then newest first."""
         return self._require().infos(owner, states)
 
+    async def info(self, job_id: str) -> JobInfo | None:
+        """Any job this database ever held, in memory or only in the table (finished before a restart)."""
+        board = self._require()
+        job = board.get(job_id) or await asyncio.to_thread(board.store.get, job_id)
+        return None if job is None else job.info()
+
     def subscribe(self) -> AsyncIterator[JobEvent]:
         """Every job's events from now on (resumed jobs' results included); ends when the service stops."""
         stream = _Stream()

@@ -16,6 +16,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.cogs.tasks import CogTasks
 from bot.discord_post import InteractionStatus, origin_of, requester_of
 from bot.errors import RequestInvalid
 from bot.request import DISCORD_INT_MAX, Allowed, ImageUpload, check_upload_meta
@@ -70,14 +71,11 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
         """Make images from a prompt."""
 
         def __init__(self) -> None:
-            self._tasks: set[asyncio.Task[None]] = set()
+            self._tasks = CogTasks()
 
         async def cog_unload(self) -> None:
             """Stop following jobs (their results are still posted by the Studio)."""
-            for task in self._tasks:
-                task.cancel()
-            if self._tasks:
-                await asyncio.wait(self._tasks, timeout=5)
+            await self._tasks.cancel_all()
 
         @app_commands.command(name="imagine", description="Make images from a prompt (Stable Diffusion, "
                                                           "ComfyUI-compatible)")
@@ -126,10 +124,7 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
                 await _reply(interaction, f"❌ {err}")
                 return
             await _reply(interaction, _queued_text(ticket))
-            task = asyncio.create_task(self._follow(interaction, ticket, time.monotonic()),
-                                       name=f"status-{ticket.job_id}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._follow(interaction, ticket, time.monotonic()), name=f"status-{ticket.job_id}")
 
         async def _follow(self, interaction: discord.Interaction, ticket: Ticket, replied_at: float) -> None:
             # the token lives 15 minutes from the command; edits through it stop a little before

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord.ext import commands
 
+from bot.cogs.tasks import CogTasks
 from bot.discord_post import (DELETE, DETAILS, REROLL, VARIATION, VARIATION_DIGITS, ChannelStatus, resolve_channel)
 from bot.embeds import truncate
 from bot.status import relay
@@ -42,14 +43,11 @@ class Reactions(commands.Cog):
         self.bot = bot
         self.studio = studio
         self.status_every = status_every
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = CogTasks()
 
     async def cog_unload(self) -> None:
         """Stop following jobs (their results are still posted by the Studio)."""
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5)
+        await self._tasks.cancel_all()
 
     @commands.Cog.listener()
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
@@ -95,9 +93,7 @@ class Reactions(commands.Cog):
         except discord.HTTPException as err:
             log.info("no status line for job %s: %s", ticket.job_id, err)
             return
-        task = asyncio.create_task(self._follow(ChannelStatus(message), ticket, label), name=f"status-{ticket.job_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._follow(ChannelStatus(message), ticket, label), name=f"status-{ticket.job_id}")
 
     async def _follow(self, status: ChannelStatus, ticket: Ticket, label: str) -> None:
         final = await relay(self.studio.follow(ticket.job_id), _Prefixed(status, label), every=self.status_every,

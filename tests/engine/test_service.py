@@ -293,3 +293,16 @@ async def test_a_service_must_be_started_first(queue_env: QueueEnv) -> None:
     service = EngineService(queue_env.executor, queue_env.db, QueueSettings())
     with pytest.raises(RuntimeError, match="start"):
         await service.submit(txt2img(), ANN)
+
+
+async def test_a_finished_job_is_still_known_after_a_restart(queue_env: QueueEnv) -> None:
+    service = await queue_env.start()
+    handle = await service.submit(txt2img(seed=31), ANN, extra={"generation_id": 7})
+    result = await handle.result(timeout=TIMEOUT)
+    await service.stop()
+    again = await queue_env.start()
+    assert again.jobs() == []  # nothing active to resume
+    info = await again.info(handle.job_id)
+    assert info is not None and info.state == JobState.DONE
+    assert info.result["outputs"] == result["outputs"] and info.extra == {"generation_id": 7}
+    assert await again.info("no-such-job") is None

@@ -28,3 +28,14 @@ def tiny_models() -> Path:
 
     write_tiny_models(TINY_MODELS_DIR)
     return TINY_MODELS_DIR
+
+
+def tiny_executor(models: Path, root: Path, limits: object | None = None):  # type: ignore[no-untyped-def]
+    """An executor on the CPU over `models`, writing into root/output and reading root/input."""
+    from engine.runtime import create_executor
+    from engine.settings import EngineSettings, Limits, ModelsSettings
+
+    for name in ("output", "input"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    settings = EngineSettings(output_dir=root / "output", input_dir=root / "input", device="cpu")
+    return create_executor(ModelsSettings(dir=models), settings, limits or Limits())  # type: ignore[arg-type]

@@ -21,34 +21,29 @@ from bot.settings import BotSettings, Settings
 from bot.store import Store
 from bot.tickets import Requester, StudioEvent, Ticket
 from engine.executor import Executor
-from engine.runtime import create_executor
 from engine.service import EngineService
-from engine.settings import EngineSettings, ModelsSettings
+from engine.settings import ModelsSettings
 from tests.bot.fakes import FakeChannel, FakeClient
+from tests.conftest import tiny_executor
 
 WAIT = 120.0  # seconds any test waits for a job, at most (tiny models take well under one)
 
 
 @pytest.fixture(scope="session")
-def bot_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bot-engine")
-    dirs = {"out": root / "output", "input": root / "input"}
-    for path in dirs.values():
-        path.mkdir()
-    return dirs
+def bot_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bot-engine")
 
 
 @pytest.fixture(scope="session")
-def bot_executor(tiny_models: Path, bot_dirs: dict[str, Path]) -> Executor:
-    settings = EngineSettings(output_dir=bot_dirs["out"], input_dir=bot_dirs["input"], device="cpu")
-    return create_executor(ModelsSettings(dir=tiny_models), settings, Settings().limits)
+def bot_executor(tiny_models: Path, bot_root: Path) -> Executor:
+    return tiny_executor(tiny_models, bot_root, Settings().limits)
 
 
 @pytest.fixture
-def settings(tmp_path: Path, tiny_models: Path, bot_dirs: dict[str, Path]) -> Settings:
+def settings(tmp_path: Path, tiny_models: Path, bot_executor: Executor) -> Settings:
     return Settings(
         models=ModelsSettings(dir=tiny_models),
-        engine=EngineSettings(output_dir=bot_dirs["out"], input_dir=bot_dirs["input"], device="cpu"),
+        engine=bot_executor.settings,
         bot=BotSettings(database=tmp_path / "noodle.sqlite3", default_model="tiny-sd15.safetensors",
                         status_edit_seconds=0.5, default_steps=4),
     )

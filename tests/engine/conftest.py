@@ -9,24 +9,13 @@ from typing import Any
 import pytest
 
 from engine.executor import Executor
-from engine.runtime import create_executor
-from engine.settings import EngineSettings, Limits, ModelsSettings
 from engine.templates import LoraChoice, WorkflowParams, build_workflow
+from tests.conftest import tiny_executor
 
 
 @pytest.fixture(scope="session")
-def engine_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("engine")
-    dirs = {"out": root / "output", "input": root / "input"}
-    for path in dirs.values():
-        path.mkdir()
-    return dirs
-
-
-@pytest.fixture(scope="session")
-def executor(tiny_models: Path, engine_dirs: dict[str, Path]) -> Executor:
-    settings = EngineSettings(output_dir=engine_dirs["out"], input_dir=engine_dirs["input"], device="cpu")
-    return create_executor(ModelsSettings(dir=tiny_models), settings, Limits())
+def executor(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Executor:
+    return tiny_executor(tiny_models, tmp_path_factory.mktemp("engine"))
 
 
 def txt2img(**overrides: Any) -> dict[str, Any]:

@@ -50,7 +50,7 @@ class _Interaction:
         self.user = SimpleNamespace(id=user_id, display_name=f"bench-{user_id}")
         self.guild_id = 1
         self.channel_id = 2
-        self.permissions = SimpleNamespace(manage_messages=False)
+        self.permissions = SimpleNamespace(manage_messages=False, manage_guild=False)
         self.created_at = datetime.now(timezone.utc)
         self.edits: list[str] = []
 

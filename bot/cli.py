@@ -42,6 +42,8 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
                       help="models folder (default: [models] dir; the tiny test models if it does not exist)")
     chat.add_argument("--db", type=Path, default=None, help="SQLite file (default: [bot] database)")
     chat.add_argument("--out", type=Path, default=None, help="where PNGs are written (default: [engine] output_dir)")
+    chat.add_argument("--manage-server", action="store_true",
+                      help="act as a member with Manage Server (may create, change and delete presets)")
     chat.set_defaults(handler=lambda a: cmd_chat(a, settings))
 
     main_cmd = sub.add_parser("main", help="what `make run` starts: the bot with DISCORD_TOKEN, else `chat`")
@@ -97,7 +99,8 @@ def cmd_chat(args: argparse.Namespace, settings: Settings, *, demo: tuple[str, .
         print(note, file=sys.stderr)
     interactive = sys.stdin.isatty()
     return asyncio.run(run_chat(chat, stdin=sys.stdin, out=sys.stdout, err=sys.stderr, interactive=interactive,
-                                demo=() if interactive else demo))
+                                demo=() if interactive else demo,
+                                manage_server=bool(getattr(args, "manage_server", False))))
 
 
 def run_main(settings: Settings) -> int:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from bot.embeds import card_text, failure_text, result_card
+from bot.embeds import card_text, failure_text, history_line, result_card
 from bot.errors import RequestInvalid
-from bot.options import parse_options
+from bot.console_presets import CONSOLE_SERVER, preset_command, settings_command
+from bot.options import IMAGINE_OPTIONS, parse_options
 from bot.records import Generation
 from bot.request import ImageUpload
 from bot.settings import Settings
@@ -29,6 +31,15 @@ __all__ = ["DEMO", "Console", "ConsolePublisher", "LineReader", "chat_settings",
 HELP = """commands:
   /imagine prompt: a red fox seed: 42 steps: 8      options: negative model loras steps cfg sampler scheduler
                                                     seed width height batch image (a file path) denoise clip_skip
+  /preset create|update name: anime model: M steps: 28 ...   options: name model loras vae style negative
+                                                    steps cfg sampler scheduler width height clip_skip
+  /preset delete|show name: anime, /preset default [name: anime], /preset list
+      (creating, changing, deleting and the default need `noodle chat --manage-server`)
+  /imagine ... preset: anime                        applies the preset; your options override it
+  /settings [clear] preset: anime steps: 20 ...      your own defaults: preset width height steps negative
+  /tokens a red fox, (snow:1.2)                     the token report of a prompt (75-token chunks)
+  /history                                          your last generations
+  /models                                           checkpoints (architecture, size, hash), LoRAs, embeddings
   react JOB 🔁|🔀|🗑️|ℹ️ [N]                          JOB is a job id or `last`; N picks an image of a batch
       (or: reroll, variation, delete, details)
   help, quit"""
@@ -110,12 +121,14 @@ class Console:
     """Runs console lines against a Studio; `last` is the latest job id printed."""
 
     def __init__(self, studio: Any, out: TextIO, err: TextIO, *, interactive: bool, user: str = "console:you",
-                 details_dir: Path = Path(".")) -> None:
+                 details_dir: Path = Path("."), manage_server: bool = False) -> None:
         self.studio = studio
         self.out, self.err = out, err
         self.interactive = interactive
         # the person at the console runs this machine: they may delete any result, as a moderator would
         self.who = Requester(user, None, user.removeprefix("console:"), can_manage_messages=True)
+        # presets belong to a server: the console is one server of its own; --manage-server makes you its manager
+        self.member = replace(self.who, guild_id=CONSOLE_SERVER, manage_server=manage_server)
         self.details_dir = details_dir
         self.last: str | None = None
         self.failures = 0
@@ -150,6 +163,21 @@ class Console:
                 print(HELP, file=self.out)
             elif text.startswith(("/imagine", "imagine ")):
                 await self._imagine(text.split(None, 1)[1] if " " in text else "")
+            elif text.startswith(("/preset", "preset ")):
+                print(await preset_command(self.studio, self.member, text.split(None, 1)[1] if " " in text else ""),
+                      file=self.out, flush=True)
+            elif text.startswith(("/settings", "settings")):
+                print(await settings_command(self.studio, self.member, text.split(None, 1)[1] if " " in text else ""),
+                      file=self.out, flush=True)
+            elif text.startswith(("/tokens", "tokens ")):
+                print(await self.studio.tokens(text.split(None, 1)[1] if " " in text else ""), file=self.out,
+                      flush=True)
+            elif text in ("/models", "models"):
+                print(await self.studio.models_text(), file=self.out, flush=True)
+            elif text in ("/history", "history"):
+                found = await self.studio.history(self.who)
+                print("\n".join(history_line(g) for g in found) or "no generations yet; try /imagine",
+                      file=self.out, flush=True)
             elif text.startswith("react"):
                 await self._react(text.split()[1:])
             else:
@@ -160,10 +188,11 @@ class Console:
             print(f"error: {err}", file=self.out, flush=True)
 
     async def _imagine(self, rest: str) -> None:
-        options: dict[str, Any] = parse_options(rest)
+        options: dict[str, Any] = parse_options(rest, (*IMAGINE_OPTIONS, "preset"))
         if "image" in options:
             options["image"] = await _read_image(options["image"])
-        ticket = await self.studio.submit(await self.studio.parse(options), self.who)
+        layered = await self.studio.layered_options(options, self.member)
+        ticket = await self.studio.submit(await self.studio.parse(layered), self.who)
         await self._wait(ticket)
 
     async def _react(self, words: list[str]) -> None:
@@ -226,7 +255,7 @@ async def _read_image(path_text: str) -> ImageUpload:
 
 
 async def run_chat(settings: Settings, *, stdin: TextIO, out: TextIO, err: TextIO, interactive: bool,
-                   demo: tuple[str, ...] = ()) -> int:
+                   demo: tuple[str, ...] = (), manage_server: bool = False) -> int:
     """Open the database, start the engine and a console Studio, run the lines, shut everything down."""
     from bot.service import Studio
     from engine.runtime import create_executor
@@ -242,7 +271,8 @@ async def run_chat(settings: Settings, *, stdin: TextIO, out: TextIO, err: TextI
         studio = Studio(engine, store, settings, front="console",
                         publisher=ConsolePublisher(out, err if interactive else None))
         await studio.start()
-        console = Console(studio, out, err, interactive=interactive, details_dir=settings.engine.output_dir)
+        console = Console(studio, out, err, interactive=interactive, details_dir=settings.engine.output_dir,
+                          manage_server=manage_server)
         return await console.run(LineReader(stdin), demo=demo)
     finally:
         if studio is not None:

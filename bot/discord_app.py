@@ -18,7 +18,9 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.cogs.imagine import imagine_cog
+from bot.cogs.presets import presets_cog
 from bot.cogs.reactions import Reactions
+from bot.cogs.user_settings import settings_cog
 from bot.discord_post import DiscordPublisher
 from bot.request import Allowed
 from bot.settings import Settings
@@ -42,7 +44,15 @@ async def command_payloads(settings: Settings) -> list[dict[str, Any]]:
     """Every application command as `tree.sync()` would send it, built without a connection."""
     bot = commands.Bot(command_prefix=commands.when_mentioned, intents=intents(), help_command=None)
     await bot.add_cog(imagine_cog(None, Allowed.from_settings(settings)))
+    await bot.add_cog(presets_cog(None, Allowed.from_settings(settings), _style_names()))
+    await bot.add_cog(settings_cog(None, Allowed.from_settings(settings)))
     return [command.to_dict(bot.tree) for command in bot.tree.get_commands()]
+
+
+def _style_names() -> tuple[str, ...]:
+    from prompts.styles import load_styles
+
+    return tuple(load_styles())
 
 
 class NoodleBot(commands.Bot):
@@ -71,6 +81,8 @@ class NoodleBot(commands.Bot):
         self.studio = Studio(self.engine, self.store, settings, front="discord", publisher=DiscordPublisher(self))
         every = settings.bot.status_edit_seconds
         await self.add_cog(imagine_cog(self.studio, Allowed.from_settings(settings), status_every=every))
+        await self.add_cog(presets_cog(self.studio, Allowed.from_settings(settings), _style_names()))
+        await self.add_cog(settings_cog(self.studio, Allowed.from_settings(settings)))
         await self.add_cog(Reactions(self, self.studio, status_every=every))
         await self.studio.start()
         await self._sync_if_changed()

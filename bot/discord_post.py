@@ -47,7 +47,8 @@ def requester_of(interaction: discord.Interaction) -> Requester:
     """The person behind a command, with the permissions Discord resolved for this channel."""
     user = interaction.user
     return Requester(str(user.id), str(interaction.guild_id) if interaction.guild_id else None,
-                     getattr(user, "display_name", str(user)), bool(interaction.permissions.manage_messages))
+                     getattr(user, "display_name", str(user)), bool(interaction.permissions.manage_messages),
+                     bool(interaction.permissions.manage_guild))
 
 
 def origin_of(interaction: discord.Interaction) -> Origin:

@@ -7,6 +7,7 @@ from the run's meta as stored: seeds, token usage per text encode, cached nodes,
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +143,10 @@ def result_card(generation: Generation) -> Card:
     ]
     if params.get("clip_skip"):
         fields.insert(5, ("Clip skip", str(-int(params["clip_skip"]))))
+    if generation.request.get("preset"):
+        fields.insert(0, ("Preset", str(generation.request["preset"])))
+    if generation.request.get("style"):
+        fields.insert(1, ("Style", str(generation.request["style"])))
     cached = _cached(generation)
     if cached:
         fields.append(("Cached", cached))
@@ -192,3 +197,17 @@ def failure_text(generation: Generation) -> str:
     """What a failed or cancelled job tells its requester."""
     verb = "was cancelled" if generation.state == "cancelled" else "failed"
     return f"❌ Job {generation.job_id} (#{generation.id}) {verb}: {generation.error or 'no reason given'}"
+
+
+def history_line(generation: Generation) -> str:
+    """One line of /history: number, kind, state, prompt, model and a link to the posted result."""
+    prompt = truncate(str(generation.params.get("prompt") or generation.request.get("prompt", "")), 60)
+    model = generation.model_name.rsplit("/", 1)[-1].removesuffix(".safetensors")
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(generation.created_at))
+    where = ""
+    if generation.channel_id and generation.message_id:
+        where = f" https://discord.com/channels/{generation.guild_id or '@me'}/{generation.channel_id}/" \
+                f"{generation.message_id}"
+    elif generation.images and generation.state == "done":
+        where = f" {generation.images[0]}"
+    return f"#{generation.id} {generation.kind} · {generation.state} · {when} UTC · {model} · {prompt}{where}"

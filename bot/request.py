@@ -22,6 +22,7 @@ from engine.models.detect import Arch
 from engine.samplers import SCHEDULER_NAMES, SUPPORTED_SAMPLERS, UnfaithfulSampler, check_pair
 from engine.templates import ExpandedPrompt, LoraChoice, WorkflowParams, expand_prompt
 from prompts.errors import PromptError
+from prompts.styles import apply_style
 
 __all__ = ["Allowed", "GenerationRequest", "ImageUpload", "RequestContext", "check_upload_meta", "parse_request"]
 
@@ -66,6 +67,7 @@ class RequestContext:
     allowed: Allowed
     checkpoints: Sequence[str]
     loras: Sequence[str]
+    vaes: Sequence[str] = ()
 
 
 def check_upload_meta(filename: str, content_type: str | None, size: int, allowed: Allowed) -> None:
@@ -114,6 +116,9 @@ class GenerationRequest(BaseModel):
     image: ImageUpload | None = None
     denoise: float | None = None
     clip_skip: int | None = None
+    vae: str | None = None
+    style: str | None = None  # a style of prompts/styles.toml, applied before wildcards and LoRA tags
+    preset: str | None = None  # the server preset these options were layered from (recorded, shown)
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> GenerationRequest:
@@ -128,6 +133,8 @@ class GenerationRequest(BaseModel):
             resolve_name("checkpoint", self.model, context.checkpoints, "models/checkpoints")
         for spec in parse_loras(self.loras):
             resolve_name("LoRA", spec.name, context.loras, "models/loras")
+        if self.vae:
+            resolve_name("VAE", self.vae, context.vaes, "models/vae")
         return self
 
     def _problems(self, allowed: Allowed) -> list[str]:
@@ -178,7 +185,7 @@ class GenerationRequest(BaseModel):
         return data
 
     def to_params(self, *, checkpoint: str, arch: Arch, seed: int, defaults: BotSettings, allowed: Allowed,
-                  available_loras: Sequence[str], init_image: str | None = None,
+                  available_loras: Sequence[str], available_vaes: Sequence[str] = (), init_image: str | None = None,
                   image_size: tuple[int, int] | None = None, filename_prefix: str = "noodle",
                   ) -> tuple[WorkflowParams, ExpandedPrompt]:
         """The WorkflowParams for this request on `checkpoint` (resolved) of architecture `arch`.
@@ -211,7 +218,10 @@ class GenerationRequest(BaseModel):
                                   spec.strength_model, spec.strength_clip) for spec in parse_loras(self.loras))
         negative = self.negative if self.negative is not None else defaults.default_negative
         try:
-            expanded = expand_prompt(self.prompt, negative, seed, list(available_loras), loras=chosen)
+            prompt = self.prompt
+            if self.style:
+                prompt, negative = apply_style(self.style, prompt, negative)
+            expanded = expand_prompt(prompt, negative, seed, list(available_loras), loras=chosen)
         except PromptError as err:
             raise RequestInvalid(f"prompt: {err}") from None
         params = WorkflowParams(
@@ -220,6 +230,7 @@ class GenerationRequest(BaseModel):
             scheduler=scheduler, width=width, height=height, batch_size=self.batch, loras=expanded.loras,
             clip_skip=-self.clip_skip if self.clip_skip and self.clip_skip > 1 else None, init_image=init_image,
             denoise=denoise, filename_prefix=filename_prefix,
+            vae=resolve_name("VAE", self.vae, available_vaes, "models/vae") if self.vae else None,
         )
         return params, expanded
 

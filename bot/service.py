@@ -23,21 +23,24 @@ from bot.files import PreparedImage, prepare_image, read_parameters, remove_file
 from bot.follow import merged_events
 from bot.options import name_suggestions, resolve_name
 from bot.outcome import details_of, prefix_for, summary_of
+from bot.preset_desk import PresetDesk
 from bot.records import Generation, NewGeneration
 from bot.request import DISCORD_INT_MAX, SEED_MAX, Allowed, GenerationRequest, RequestContext, parse_request
 from bot.settings import Settings
 from bot.settle import Settler
 from bot.store import Store
 from bot.tickets import Details, Origin, Publisher, Requester, StudioEvent, Ticket
+from bot.token_check import token_text
+from engine.errors import NoodleError
 from engine.models.detect import Arch, detect_checkpoint
-from engine.models.paths import file_fingerprint
+from engine.models.paths import file_fingerprint, short_hash
 from engine.service import EngineService, Owner
 from engine.templates import LoraChoice, WorkflowParams, build_workflow
 
 __all__ = ["Studio"]
 
 
-class Studio(Settler):
+class Studio(PresetDesk, Settler):
     """The transport-free service core both front ends call."""
 
     def __init__(self, engine: EngineService, store: Store, settings: Settings, *, front: str,
@@ -61,12 +64,41 @@ class Studio(Settler):
     async def context(self) -> RequestContext:
         """The limits and the models folder as they are now (listed off the event loop)."""
         models = self.engine.executor.models
-        checkpoints, loras = await asyncio.to_thread(lambda: (models.choices("checkpoints"), models.choices("loras")))
-        return RequestContext(self.allowed, checkpoints, loras)
+        checkpoints, loras, vaes = await asyncio.to_thread(
+            lambda: (models.choices("checkpoints"), models.choices("loras"), models.choices("vae")))
+        return RequestContext(self.allowed, checkpoints, loras, vaes)
 
     async def parse(self, options: dict[str, Any]) -> GenerationRequest:
         """Raw options (Discord's or the console's) -> a checked request; RequestInvalid/ModelNotFound say why not."""
         return parse_request(options, await self.context())
+
+    async def models_text(self) -> str:
+        """/models: checkpoints (architecture, size, short hash), LoRAs and embeddings of the models folder."""
+        models = self.engine.executor.models
+        lines = ["Checkpoints:"]
+        for name in await asyncio.to_thread(models.choices, "checkpoints"):
+            path = models.resolve("checkpoints", name)
+            try:
+                arch = (await self._arch_of(name)).name
+            except NoodleError as err:  # listed anyway, with why /imagine cannot use it
+                arch = f"not loadable: {err}"
+            size, digest = await asyncio.to_thread(lambda p=path: (p.stat().st_size, short_hash(p)))
+            lines.append(f"  {name} · {arch} · {size / 1e6:,.1f} MB · {digest}")
+        for title, folder in (("LoRAs", "loras"), ("Embeddings", "embeddings")):
+            names = await asyncio.to_thread(models.choices, folder)
+            lines.append(f"{title}: {', '.join(names) or f'none (put .safetensors files in models/{folder})'}")
+        if len(lines) == 1 + 2:
+            lines.insert(1, "  none: put SD1.5 or SDXL .safetensors files in models/checkpoints")
+        return "\n".join(lines)
+
+    async def history(self, who: Requester, limit: int = 10) -> list[Generation]:
+        """`who`'s latest generations, newest first (/history)."""
+        return await self.store.recent(who.user_id, limit)
+
+    async def tokens(self, text: str) -> str:
+        """The token report of `text` (/tokens), with this models folder's embeddings."""
+        return await asyncio.to_thread(token_text, text, self.settings.models.dir / "embeddings",
+                                       self.settings.limits.max_prompt_chunks)
 
     # -- new jobs ----------------------------------------------------------------------------
 
@@ -85,7 +117,7 @@ class Studio(Settler):
                                  f"{SEED_MAX}); use a smaller seed")
         params, _ = request.to_params(
             checkpoint=checkpoint, arch=arch, seed=seed, defaults=self.settings.bot, allowed=self.allowed,
-            available_loras=context.loras, init_image=prepared.name if prepared else None,
+            available_loras=context.loras, available_vaes=context.vaes, init_image=prepared.name if prepared else None,
             image_size=(prepared.width, prepared.height) if prepared else None,
             filename_prefix=prefix_for(self.settings.bot.results_folder, request.prompt))
         return await self._queue("imagine", params, request.batch, request.stored(), who, origin or Origin(),

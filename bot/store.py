@@ -20,6 +20,7 @@ from typing import Any
 
 import aiosqlite
 
+from bot.preset_store import PRESET_MIGRATION, PresetTable
 from bot.records import Generation, JobRow, NewGeneration, Outcome
 from engine.errors import NoodleError
 
@@ -88,6 +89,7 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (scope, scope_id, key)
     );
     """,
+    PRESET_MIGRATION,
 )
 
 PENDING = ("submitting", "queued", "running")
@@ -128,7 +130,7 @@ def _generation(rows: _Rows) -> Generation:
     )
 
 
-class Store:
+class Store(PresetTable):
     """Generations and their jobs (and the presets/settings tables to come) over one aiosqlite connection."""
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:

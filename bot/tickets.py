@@ -22,6 +22,8 @@ class Requester:
     name: str = ""
     # Discord's Manage Messages in the result's channel: lets a moderator delete anyone's result
     can_manage_messages: bool = False
+    # Discord's Manage Server in the guild: lets a member create, change and delete the server's presets
+    manage_server: bool = False
 
 
 @dataclass(frozen=True)

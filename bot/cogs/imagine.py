@@ -61,6 +61,11 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
         names = await asyncio.to_thread(need_studio().checkpoints, current)
         return [app_commands.Choice(name=name[:100], value=name) for name in names[:25] if len(name) <= 100]
 
+    async def complete_preset(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        guild = str(interaction.guild_id) if interaction.guild_id else None
+        names = await need_studio().preset_names(guild, current)
+        return [app_commands.Choice(name=name, value=name) for name in names[:25]]
+
     async def complete_loras(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         from bot.options import lora_suggestions
 
@@ -81,6 +86,7 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
                                                           "ComfyUI-compatible)")
         @app_commands.describe(
             prompt="What to draw; (word:1.2) weights and <lora:name:0.8> tags work",
+            preset="A preset of this server (/preset list); your options override it",
             negative="What to keep out of the picture",
             model="Checkpoint file from the models folder (SD1.x or SDXL)",
             loras="LoRAs with strengths, e.g. detail:0.8, style:0.5",
@@ -97,8 +103,8 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
             clip_skip="Skip the last CLIP layers (2 for most anime models)",
         )
         @app_commands.choices(sampler=_choices(allowed.samplers), scheduler=_choices(allowed.schedulers))
-        @app_commands.autocomplete(model=complete_model, loras=complete_loras)
-        async def imagine(self, interaction: discord.Interaction, prompt: Prompt,
+        @app_commands.autocomplete(model=complete_model, loras=complete_loras, preset=complete_preset)
+        async def imagine(self, interaction: discord.Interaction, prompt: Prompt, preset: Optional[str] = None,
                           negative: Optional[Negative] = None, model: Optional[str] = None,
                           loras: Optional[str] = None, steps: Optional[Steps] = None, cfg: Optional[Cfg] = None,
                           sampler: Optional[str] = None, scheduler: Optional[str] = None,
@@ -110,7 +116,8 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
             # Private: the status and any refusal are for the requester; the result is public.
             await interaction.response.defer(ephemeral=True, thinking=True)
             options: dict[str, Any] = {
-                "prompt": prompt, "negative": negative, "model": model, "loras": loras, "steps": steps,
+                "prompt": prompt, "preset": preset, "negative": negative, "model": model, "loras": loras,
+                "steps": steps,
                 "cfg": cfg, "sampler": sampler, "scheduler": scheduler, "seed": seed, "width": width,
                 "height": height, "batch": batch, "denoise": denoise, "clip_skip": clip_skip,
             }
@@ -118,8 +125,10 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
                 if image is not None:
                     options["image"] = await _download(image, allowed)
                 studio = need_studio()
-                request = await studio.parse({k: v for k, v in options.items() if v is not None})
-                ticket = await studio.submit(request, requester_of(interaction), origin_of(interaction))
+                who = requester_of(interaction)
+                layered = await studio.layered_options({k: v for k, v in options.items() if v is not None}, who)
+                request = await studio.parse(layered)
+                ticket = await studio.submit(request, who, origin_of(interaction))
             except NoodleError as err:
                 await _reply(interaction, f"❌ {err}")
                 return

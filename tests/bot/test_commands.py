@@ -18,14 +18,16 @@ def _options(payload: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 async def test_imagine_has_every_option_typed_with_config_ranges_and_choices() -> None:
-    [imagine] = await command_payloads(Settings())
+    imagine = next(c for c in await command_payloads(Settings()) if c["name"] == "imagine")
     assert imagine["name"] == "imagine" and imagine["type"] == 1 and imagine["description"]
     options = _options(imagine)
-    assert list(options) == ["prompt", "negative", "model", "loras", "steps", "cfg", "sampler", "scheduler", "seed",
+    assert list(options) == ["prompt", "preset", "negative", "model", "loras", "steps", "cfg", "sampler", "scheduler",
+                             "seed",
                              "width", "height", "batch", "image", "denoise", "clip_skip"]
     assert [name for name, o in options.items() if o["required"]] == ["prompt"]
     kinds = {name: o["type"] for name, o in options.items()}
-    assert kinds == {"prompt": 3, "negative": 3, "model": 3, "loras": 3, "steps": 4, "cfg": 10, "sampler": 3,
+    assert kinds == {"prompt": 3, "preset": 3, "negative": 3, "model": 3, "loras": 3, "steps": 4, "cfg": 10,
+                     "sampler": 3,
                      "scheduler": 3, "seed": 4, "width": 4, "height": 4, "batch": 4, "image": 11, "denoise": 10,
                      "clip_skip": 4}
     assert (options["prompt"]["min_length"], options["prompt"]["max_length"]) == (1, 4000)
@@ -38,6 +40,7 @@ async def test_imagine_has_every_option_typed_with_config_ranges_and_choices() -
     assert [c["value"] for c in options["sampler"]["choices"]] == list(SUPPORTED_SAMPLERS)
     assert [c["value"] for c in options["scheduler"]["choices"]] == list(SCHEDULER_NAMES)
     assert options["model"]["autocomplete"] and options["loras"]["autocomplete"]
+    assert options["preset"]["autocomplete"]
     assert all(len(o["description"]) <= 100 for o in options.values())
 
 
@@ -84,8 +87,10 @@ async def test_the_client_wires_store_engine_studio_and_cogs_and_syncs_only_on_c
         monkeypatch.setattr(bot.tree, "sync", sync)
         await bot.setup_hook()
         try:
-            assert set(bot.cogs) == {"Imagine", "Reactions"} and bot.studio.front == "discord"
-            assert [c.name for c in bot.tree.get_commands()] == ["imagine"]
+            assert set(bot.cogs) == {"Imagine", "Presets", "UserSettings", "Reactions"}
+            assert bot.studio.front == "discord"
+            assert [c.name for c in bot.tree.get_commands()] == ["imagine", "preset", "settings", "tokens", "history",
+                                                                 "models"]
         finally:
             await bot.close()
     assert synced == [1]  # the second start found the same schema already synced

@@ -1,0 +1,78 @@
+"""`/preset ...` lines of `noodle chat`: the same Studio calls as the Discord /preset group, as text.
+
+`/preset create name: anime model: tiny-sd15 steps: 28` (Discord's `name: value` notation); the
+console is one server of its own (`CONSOLE_SERVER`), and `noodle chat --manage-server` makes the
+person at it a member with Manage Server.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bot.errors import RequestInvalid
+from bot.options import parse_options
+from bot.presets import PRESET_OPTIONS, PresetRecord, preset_from_options
+from bot.tickets import Requester
+
+__all__ = ["CONSOLE_SERVER", "preset_command", "record_line", "settings_command"]
+
+CONSOLE_SERVER = "console"
+SUBCOMMANDS = ("create", "update", "delete", "default", "list", "show")
+
+
+def record_line(record: PresetRecord, default: str | None = None) -> str:
+    """A preset as one line: ⭐ for the default, ⚠️ with the missing files when broken."""
+    mark = " ⭐ default" if record.preset.name == default else ""
+    broken = f" ⚠️ broken: {', '.join(record.broken)} missing" if record.broken else ""
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.updated_at))
+    return f"{record.preset.describe()}{mark}{broken} (changed by {record.updated_by} {when} UTC)"
+
+
+async def preset_command(studio: Any, who: Requester, rest: str) -> str:
+    """Run `/preset SUB options` for `who`; returns the text to print (errors raise NoodleError)."""
+    sub, _, text = rest.strip().partition(" ")
+    if sub not in SUBCOMMANDS:
+        raise RequestInvalid(f"/preset {sub or '(nothing)'} is not a preset command; use one of "
+                             f"{', '.join(SUBCOMMANDS)}, e.g. /preset list")
+    options: dict[str, Any] = parse_options(text, PRESET_OPTIONS, first="name")
+    if sub in ("create", "update"):
+        preset = preset_from_options(options)
+        if sub == "create":
+            record = await studio.create_preset(who, preset)
+            return f"saved preset {record_line(record)}; use it with /imagine ... preset: {record.preset.name}"
+        return f"updated preset {record_line(await studio.update_preset(who, preset))}"
+    name = options.get("name")
+    extra = sorted(set(options) - {"name"})
+    if extra:
+        raise RequestInvalid(f"/preset {sub} takes only name:, not {', '.join(extra)}")
+    if sub == "default":
+        chosen = await studio.set_default_preset(who, name)
+        return f"default preset: {chosen}" if chosen else "no default preset now"
+    if sub == "list":
+        records = await studio.list_presets(who.guild_id)
+        default = await studio.default_preset(who.guild_id)
+        return "\n".join(record_line(r, default) for r in records) or "no presets yet; make one with /preset create"
+    if not name:
+        raise RequestInvalid(f"/preset {sub} needs a name, e.g. /preset {sub} name: anime")
+    if sub == "delete":
+        await studio.delete_preset(who, name)
+        return f"deleted preset {name}"
+    record = await studio.show_preset(who.guild_id, name)
+    made = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.created_at))
+    return f"{record_line(record, await studio.default_preset(who.guild_id))}\nmade by {record.created_by} {made} UTC"
+
+
+async def settings_command(studio: Any, who: Requester, rest: str) -> str:
+    """`/settings [clear] [preset: P] [width: W] [height: H] [steps: N] [negative: TEXT]`: show or change them."""
+    from bot.preset_desk import USER_KEYS
+
+    text = rest.strip()
+    if text == "clear" or text.startswith("clear "):
+        await studio.change_settings(who, dict.fromkeys(await studio.user_settings(who)))
+        text = text.removeprefix("clear").strip()
+    options = parse_options(text, USER_KEYS, first="preset")
+    current = await studio.change_settings(who, options)
+    if not current:
+        return "no defaults of your own: /imagine uses the server's default preset and config.toml"
+    return "your defaults: " + ", ".join(f"{key}={value}" for key, value in current.items())

@@ -16,6 +16,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.cogs.lookup import checkpoint_choices, preset_choices, require_studio
 from bot.cogs.tasks import CogTasks
 from bot.discord_post import InteractionStatus, origin_of, requester_of
 from bot.errors import RequestInvalid
@@ -53,18 +54,13 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
     ClipSkip = app_commands.Range[int, 1, allowed.max_clip_skip]
 
     def need_studio() -> "Studio":
-        if studio is None:
-            raise RuntimeError("this cog was built to print the command schema; give it a Studio to run commands")
-        return studio
+        return require_studio(studio)
 
     async def complete_model(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-        names = await asyncio.to_thread(need_studio().checkpoints, current)
-        return [app_commands.Choice(name=name[:100], value=name) for name in names[:25] if len(name) <= 100]
+        return await checkpoint_choices(need_studio(), current)
 
     async def complete_preset(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-        guild = str(interaction.guild_id) if interaction.guild_id else None
-        names = await need_studio().preset_names(guild, current)
-        return [app_commands.Choice(name=name, value=name) for name in names[:25]]
+        return await preset_choices(need_studio(), interaction, current)
 
     async def complete_loras(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         from bot.options import lora_suggestions

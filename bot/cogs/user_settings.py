@@ -12,6 +12,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.cogs.lookup import preset_choices, require_studio
 from bot.cogs.imagine import _reply
 from bot.discord_post import requester_of
 from bot.embeds import history_line
@@ -39,13 +40,10 @@ def settings_cog(studio: "Optional[Studio]", allowed: Allowed) -> commands.Cog:
     Side = app_commands.Range[int, allowed.min_side, allowed.max_side]
 
     def need_studio() -> "Studio":
-        if studio is None:
-            raise RuntimeError("this cog was built to print the command schema; give it a Studio to run commands")
-        return studio
+        return require_studio(studio)
 
     async def complete_preset(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-        guild = str(interaction.guild_id) if interaction.guild_id else None
-        return [app_commands.Choice(name=n, value=n) for n in (await need_studio().preset_names(guild, current))[:25]]
+        return await preset_choices(need_studio(), interaction, current)
 
     class UserSettings(commands.Cog):
         """A member's own /imagine defaults."""

@@ -11,6 +11,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,9 +20,38 @@ from diffusers import EulerDiscreteScheduler
 from engine.runtime import create_executor
 from engine.settings import EngineSettings, Limits, ModelsSettings
 from engine.templates import WorkflowParams, build_workflow
-from engine.tiny import write_tiny_models
+from engine.tiny import write_random_checkpoint, write_tiny_models
 
-SIZE, STEPS, CFG = 64, 8, 7.0
+CFG = 7.0
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """What is measured: a checkpoint file in `models_dir/checkpoints`, an image size and a step count."""
+
+    label: str
+    checkpoint: str
+    size: int
+    steps: int
+
+
+TINY = BenchCase("tiny SD1.5", "tiny-sd15.safetensors", 64, 8)
+# Real architectures with random weights: what a GPU box runs, at the sizes people ask for.
+REAL = {
+    "sd15": BenchCase("full-size SD1.5 (random weights)", "random-sd15.safetensors", 512, 20),
+    "sdxl": BenchCase("full-size SDXL (random weights)", "random-sdxl.safetensors", 1024, 20),
+}
+
+
+def prepare(models_dir: Path, real_size: str | None) -> BenchCase:
+    """Write the models the case needs (kept between runs) and return it."""
+    write_tiny_models(models_dir)
+    if real_size is None:
+        return TINY
+    case = REAL[real_size]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    write_random_checkpoint(models_dir / "checkpoints" / case.checkpoint, real_size, device=device)  # type: ignore[arg-type]
+    return case
 
 
 def _timed(action: Callable[[], object]) -> float:
@@ -30,12 +60,22 @@ def _timed(action: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def bench_engine(models_dir: Path, repeats: int = 5) -> int:
+def _synced(action: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        result = action()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return result
+    return run
+
+
+def bench_engine(models_dir: Path, repeats: int = 5, real_size: str | None = None) -> int:
     """Print the timings and ratios; return the exit code."""
-    write_tiny_models(models_dir)
+    case = prepare(models_dir, real_size)
+    SIZE, STEPS = case.size, case.steps
     out = Path(tempfile.mkdtemp(prefix="noodle-bench-"))
     executor = create_executor(ModelsSettings(dir=models_dir), EngineSettings(output_dir=out), Limits())
-    params = WorkflowParams(checkpoint="tiny-sd15.safetensors", prompt="a red fox in the snow", negative="blurry",
+    params = WorkflowParams(checkpoint=case.checkpoint, prompt="a red fox in the snow", negative="blurry",
                             seed=1, steps=STEPS, cfg=CFG, width=SIZE, height=SIZE)
     workflow = build_workflow(params)
     executor.run(workflow)  # load the checkpoint once: loading is not what is compared
@@ -44,11 +84,15 @@ def bench_engine(models_dir: Path, repeats: int = 5) -> int:
     euler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace", steps_offset=0)
     pipe.scheduler = euler
 
+    node_seconds: dict[str, list[float]] = {}
+
     def graph_uncached() -> None:
         # models stay loaded; every node and text encoding is computed again
         executor.cache.clear()
         executor.models.prompt_cache.clear()
-        executor.run(workflow)
+        timings = executor.run(workflow).meta["timings"]
+        for node_id, seconds in timings.items():
+            node_seconds.setdefault(f"{node_id} {workflow.get(node_id, {}).get('class_type', '')}".strip(), []).append(seconds)
 
     def cold() -> None:
         # what a first request costs: the checkpoint read from disk, nothing cached
@@ -58,9 +102,15 @@ def bench_engine(models_dir: Path, repeats: int = 5) -> int:
         executor.run(workflow)
 
     def pipeline() -> None:
-        image = executor.models.checkpoint(params.checkpoint).pipe(params.prompt, negative_prompt=params.negative, num_inference_steps=STEPS, guidance_scale=CFG,
-                     width=SIZE, height=SIZE, generator=torch.Generator().manual_seed(1)).images[0]
-        image.save(out / "pipeline.png")  # our graph writes a PNG too
+        pipe = executor.models.checkpoint(params.checkpoint).pipe
+        latents = pipe(params.prompt, negative_prompt=params.negative, num_inference_steps=STEPS, guidance_scale=CFG,
+                       width=SIZE, height=SIZE, generator=torch.Generator().manual_seed(1), output_type="latent").images
+        # Decoded as our VAEDecode does, in the VAE's own dtype: our graph keeps a force_upcast VAE in
+        # fp32 on a GPU, where diffusers' SD1.5 pipeline would hand it fp16 latents.
+        vae = pipe.vae
+        with torch.inference_mode():
+            pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        pipe.image_processor.postprocess(pixels, output_type="pil")[0].save(out / "pipeline.png")  # ours writes a PNG too
 
     seeds = iter(range(1000, 1000 + 10 * repeats))
 
@@ -69,20 +119,26 @@ def bench_engine(models_dir: Path, repeats: int = 5) -> int:
 
     pipe.set_progress_bar_config(disable=True)
     times: dict[str, list[float]] = {"graph": [], "pipeline": [], "cold": [], "reroll": []}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(repeats):
-        times["graph"].append(_timed(graph_uncached))
-        times["pipeline"].append(_timed(pipeline))
-        times["cold"].append(_timed(cold))
+        times["graph"].append(_timed(_synced(graph_uncached)))
+        times["pipeline"].append(_timed(_synced(pipeline)))
+        times["cold"].append(_timed(_synced(cold)))
         pipe = executor.models.checkpoint(params.checkpoint).pipe  # reloaded by the cold run
         pipe.scheduler = euler
         pipe.set_progress_bar_config(disable=True)
-        times["reroll"].append(_timed(reroll))
+        times["reroll"].append(_timed(_synced(reroll)))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"tiny SD1.5, {SIZE}x{SIZE}, {STEPS} steps, cfg {CFG}, median of {repeats} ({torch.get_num_threads()} threads)")
+    models = executor.models
+    where = torch.cuda.get_device_name() if models.device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"{case.label}, {SIZE}x{SIZE}, {STEPS} steps, cfg {CFG}, median of {repeats} ({where}, {models.dtype})")
     print(f"  our graph, nothing cached    {med['graph'] * 1000:8.1f} ms   (checkpoint in memory)")
     print(f"  diffusers pipeline           {med['pipeline'] * 1000:8.1f} ms   (same components, euler/normal)")
     print(f"  cold run                     {med['cold'] * 1000:8.1f} ms   (checkpoint read from disk)")
     print(f"  reroll, new seed             {med['reroll'] * 1000:8.1f} ms   (loader and encodes from cache)")
+    node_ms = {node: round(statistics.median(values) * 1000, 1) for node, values in node_seconds.items()}
+    print("  where our graph's time goes:  " + ", ".join(f"{node} {ms} ms" for node, ms in node_ms.items()))
     summary = {
         "graph_vs_pipeline": round(med["graph"] / med["pipeline"], 3),
         "reroll_vs_cold": round(med["reroll"] / med["cold"], 3),
@@ -92,7 +148,22 @@ def bench_engine(models_dir: Path, repeats: int = 5) -> int:
         "cold_ms": round(med["cold"] * 1000, 2),
         "reroll_ms": round(med["reroll"] * 1000, 2),
         "repeats": repeats,
-        "device": str(executor.models.device),
+        "device": where,
+        "dtype": str(models.dtype).removeprefix("torch."),
+        "image": image_check(out),
+        "node_ms": node_ms,
     }
+    if models.device.type == "cuda":
+        summary["peak_vram_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(summary))
     return 0
+
+
+def image_check(out: Path) -> dict[str, float]:
+    """The last PNG our graph wrote: its pixel spread, which is 0 for a black (NaN-decoded) image."""
+    import numpy as np
+    from PIL import Image
+
+    newest = max((path for path in out.glob("*.png") if path.name != "pipeline.png"), key=lambda path: path.stat().st_mtime_ns)
+    pixels = np.asarray(Image.open(newest).convert("RGB"), dtype=np.float32)
+    return {"mean": round(float(pixels.mean()), 2), "std": round(float(pixels.std()), 2)}

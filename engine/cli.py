@@ -48,6 +48,9 @@ def add_engine_commands(sub: argparse._SubParsersAction, defaults: Any) -> None:
     bench.add_argument("what", choices=["engine", "queue"])
     bench.add_argument("--models", type=Path, default=Path(".cache/models"))
     bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--real-size", choices=["sd15", "sdxl"], default=None,
+                       help="engine: a full-size checkpoint with random weights (written once into --models) "
+                            "at 512 or 1024 pixels, 20 steps, instead of the tiny model; meant for a GPU")
     bench.set_defaults(handler=cmd_bench)
 
 
@@ -164,4 +167,4 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return bench_queue(args.models, repeats=args.repeats)
     from engine.bench import bench_engine
 
-    return bench_engine(args.models, repeats=args.repeats)
+    return bench_engine(args.models, repeats=args.repeats, real_size=args.real_size)

@@ -24,7 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from engine.models.detect import Arch, Family
 from engine.models.to_original import pipeline_to_original, vae_file_dict
 
-__all__ = ["FORMAT_VERSION", "TinyComponents", "tiny_components", "tiny_lora", "write_tiny_models"]
+__all__ = ["FORMAT_VERSION", "TinyComponents", "tiny_components", "tiny_lora", "write_random_checkpoint", "write_tiny_models"]
 
 # Bump when anything below changes what is written: the cache is then rebuilt.
 FORMAT_VERSION = 1
@@ -60,15 +60,17 @@ class TinyComponents:
     text_encoder_2: CLIPTextModelWithProjection | None = None
 
 
-def tiny_components(family: Family, seed: int) -> TinyComponents:
-    """Randomly initialised tiny UNet, VAE and text encoder(s) of a family, from `torch.manual_seed(seed)`.
+def tiny_components(family: Family, seed: int, *, tiny: bool = True, device: str = "cpu") -> TinyComponents:
+    """Randomly initialised UNet, VAE and text encoder(s) of a family, from `torch.manual_seed(seed)`.
 
-    Default initialisation is used as is: PyTorch's for the UNet and VAE, CLIP's normal(0, 0.02)
-    for the text encoders; at these widths it gives finite, non-constant images.
+    Tiny widths by default; `tiny=False` builds the real, full-size architecture (for benchmarks and
+    GPU checks at real size), on `device` so that a GPU does the initialisation. Default
+    initialisation is used as is: PyTorch's for the UNet and VAE, CLIP's normal(0, 0.02) for the text
+    encoders; it gives finite, non-constant images.
     """
-    config_dir = Arch.of(family, True).config_dir
+    config_dir = Arch.of(family, tiny).config_dir
     # fork_rng: seed a private copy of the global generator, leaving the caller's state as it was.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
@@ -80,6 +82,20 @@ def tiny_components(family: Family, seed: int) -> TinyComponents:
         if module is not None:
             module.eval()
     return TinyComponents(unet, vae, te, te2)
+
+
+def write_random_checkpoint(path: Path, family: Family, *, device: str = "cpu", seed: int = 0) -> Path:
+    """A full-size SD1.5 or SDXL single-file checkpoint with random weights, in fp16 as most downloads are.
+
+    Kept when the file exists. 2.1 GB for SD1.5, 6.9 GB for SDXL: for benchmarks and GPU checks at real
+    size (`noodle bench engine --real-size`), never for tests.
+    """
+    path = Path(path)
+    if not path.is_file():
+        with torch.no_grad():
+            state = pipeline_to_original(tiny_components(family, seed, tiny=False, device=device), family)
+        _save({key: tensor.half() if tensor.is_floating_point() else tensor for key, tensor in state.items()}, path)
+    return path
 
 
 def _lora_pair(module: nn.Module, generator: torch.Generator) -> tuple[Tensor, Tensor]:

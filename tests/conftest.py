@@ -31,11 +31,16 @@ def tiny_models() -> Path:
 
 
 def tiny_executor(models: Path, root: Path, limits: object | None = None):  # type: ignore[no-untyped-def]
-    """An executor on the CPU over `models`, writing into root/output and reading root/input."""
+    """An executor over `models`, writing into root/output and reading root/input.
+
+    On the CPU, where the expected numbers were measured; NOODLE_TEST_DEVICE=cuda runs the same tests
+    on a GPU in fp16, to find what breaks there (exact-pixel comparisons may then differ slightly).
+    """
     from engine.runtime import create_executor
     from engine.settings import EngineSettings, Limits, ModelsSettings
 
     for name in ("output", "input"):
         (root / name).mkdir(parents=True, exist_ok=True)
-    settings = EngineSettings(output_dir=root / "output", input_dir=root / "input", device="cpu")
+    settings = EngineSettings(output_dir=root / "output", input_dir=root / "input",
+                              device=os.environ.get("NOODLE_TEST_DEVICE", "cpu"))
     return create_executor(ModelsSettings(dir=models), settings, limits or Limits())  # type: ignore[arg-type]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import torch
 
 from engine.nodes.base import Node, RunContext, Socket, register
 from engine.values import ImageBatch, Latent, VaeRef
+
+log = logging.getLogger(__name__)
 
 
 def _vae_ready(vae: VaeRef) -> torch.nn.Module:
@@ -35,6 +38,12 @@ class VAEDecode(Node):
             # one item at a time: a batch of large images would need the decoder's activations times the batch
             for index, item in enumerate(self.samples.samples):
                 decoded = module.decode(item[None].to(module.device, module.dtype)).sample
+                if module.dtype != torch.float32 and not bool(decoded.isfinite().all()):
+                    # Many SD1.x VAEs overflow in half precision now and then, giving a black image. As
+                    # A1111's automatic VAE precision does, keep this VAE in fp32 from now on and decode again.
+                    log.warning("the VAE gave NaN or inf in %s; it runs in float32 from now on", module.dtype)
+                    module.to(torch.float32)
+                    decoded = module.decode(item[None].to(module.device, module.dtype)).sample
                 images.append(((decoded.float().cpu() + 1.0) / 2.0).clamp(0, 1).movedim(1, -1))
                 ctx.progress(index + 1, len(self.samples.samples))
         return (ImageBatch(torch.cat(images)),)

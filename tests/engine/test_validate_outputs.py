@@ -153,6 +153,8 @@ def random_workflows(draw: st.DrawFn) -> dict[str, Any]:
             sampler = copy.deepcopy(TXT2IMG["3"])
             sampler["inputs"]["latent_image"] = draw(st.sampled_from([["3", 0], ["5", 0]]))
             workflow["5"] = sampler
+            # node 3 may already be junk from an earlier edit: the cycle is built on a fresh sampler
+            workflow["3"] = copy.deepcopy(TXT2IMG["3"])
             workflow["3"]["inputs"]["latent_image"] = draw(st.sampled_from([["5", 0], ["3", 0]]))
         elif edit == "node":
             workflow[node_id] = draw(random_node(ids))

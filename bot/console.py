@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from bot.embeds import card_text, failure_text, history_line, result_card
 from bot.errors import RequestInvalid
-from bot.console_presets import CONSOLE_SERVER, preset_command, settings_command
+from bot.console_presets import CONSOLE_SERVER, preset_command, queue_command, settings_command
 from bot.options import IMAGINE_OPTIONS, parse_options
 from bot.records import Generation
 from bot.request import ImageUpload
@@ -31,15 +31,18 @@ __all__ = ["DEMO", "Console", "ConsolePublisher", "LineReader", "chat_settings",
 HELP = """commands:
   /imagine prompt: a red fox seed: 42 steps: 8      options: negative model loras steps cfg sampler scheduler
                                                     seed width height batch image (a file path) denoise clip_skip
+                                                    private (Discord: the result goes to your DMs)
   /preset create|update name: anime model: M steps: 28 ...   options: name model loras vae style negative
                                                     steps cfg sampler scheduler width height clip_skip
   /preset delete|show name: anime, /preset default [name: anime], /preset list
       (creating, changing, deleting and the default need `noodle chat --manage-server`)
   /imagine ... preset: anime                        applies the preset; your options override it
-  /settings [clear] preset: anime steps: 20 ...      your own defaults: preset width height steps negative
+  /settings [clear] preset: anime steps: 20 ...      your own defaults: preset width height steps negative private
   /tokens a red fox, (snow:1.2)                     the token report of a prompt (75-token chunks)
   /history                                          your last generations
   /models                                           checkpoints (architecture, size, hash), LoRAs, embeddings
+  /queue [cancel: 12]                               your queued and running requests (place, ETA); cancel one
+  COMMAND &                                         run a command in the background (then /queue shows it)
   react JOB 🔁|🔀|🗑️|ℹ️ [N]                          JOB is a job id or `last`; N picks an image of a batch
       (or: reroll, variation, delete, details)
   help, quit"""
@@ -132,6 +135,7 @@ class Console:
         self.details_dir = details_dir
         self.last: str | None = None
         self.failures = 0
+        self._background: set[asyncio.Task[None]] = set()
 
     async def run(self, reader: LineReader, *, demo: tuple[str, ...] = ()) -> int:
         """Read and run lines until EOF or `quit`; 0 when every command worked, else 1.
@@ -149,6 +153,8 @@ class Console:
                 for command in demo:
                     await self.handle(command)
             if line is None or line.strip() in ("quit", "exit"):
+                if self._background:  # commands sent off with `&` finish before the console does
+                    await asyncio.gather(*self._background)
                 return 1 if self.failures else 0
             first = False
             await self.handle(line)
@@ -157,6 +163,11 @@ class Console:
         """Run one line; a refusal is printed and counted, never raised."""
         text = line.strip()
         if not text or text.startswith("#"):
+            return
+        if text.endswith("&"):  # as in a shell: queue it, take the next line at once
+            task = asyncio.create_task(self.handle(text.removesuffix("&")))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
             return
         try:
             if text in ("help", "/help"):
@@ -174,6 +185,9 @@ class Console:
                       flush=True)
             elif text in ("/models", "models"):
                 print(await self.studio.models_text(), file=self.out, flush=True)
+            elif text.startswith(("/queue", "queue")):
+                print(await queue_command(self.studio, self.who, text.split(None, 1)[1] if " " in text else ""),
+                      file=self.out, flush=True)
             elif text in ("/history", "history"):
                 found = await self.studio.history(self.who)
                 print("\n".join(history_line(g) for g in found) or "no generations yet; try /imagine",

@@ -15,7 +15,7 @@ from bot.options import parse_options
 from bot.presets import PRESET_OPTIONS, PresetRecord, preset_from_options
 from bot.tickets import Requester
 
-__all__ = ["CONSOLE_SERVER", "preset_command", "record_line", "settings_command"]
+__all__ = ["CONSOLE_SERVER", "preset_command", "queue_command", "record_line", "settings_command"]
 
 CONSOLE_SERVER = "console"
 SUBCOMMANDS = ("create", "update", "delete", "default", "list", "show")
@@ -76,3 +76,18 @@ async def settings_command(studio: Any, who: Requester, rest: str) -> str:
     if not current:
         return "no defaults of your own: /imagine uses the server's default preset and config.toml"
     return "your defaults: " + ", ".join(f"{key}={value}" for key, value in current.items())
+
+
+async def queue_command(studio: Any, who: Requester, rest: str) -> str:
+    """`/queue [cancel: 12]`: cancel that request first if asked, then list the caller's queue."""
+    from bot.queue_desk import queue_text
+
+    text = rest.replace("#", "").strip()
+    head = ""
+    if text:
+        number = text.removeprefix("cancel").lstrip(": ").strip()
+        if not text.startswith("cancel") or not number.isdigit():
+            raise RequestInvalid(f"/queue takes only cancel: NUMBER, as in /queue cancel: 12, not {rest.strip()!r}")
+        stopped = await studio.cancel_request(who, int(number))
+        head = f"cancelled #{number} ({stopped} image(s) stopped)\n"
+    return head + queue_text(await studio.queue_entries(who))

@@ -76,19 +76,32 @@ class DiscordPublisher:
         self.client = client
 
     async def publish(self, generation: Generation) -> str | None:
-        """Send the PNGs and the card as a new message, add the reactions, return the message id."""
-        if generation.channel_id is None:
+        """Send the PNGs and the card as a new message, add the reactions, return the message id.
+
+        A private result (/settings private, /imagine private:) goes to the requester's DMs instead of the
+        channel; reactions work there too.
+        """
+        private = bool(generation.request.get("private"))
+        if generation.channel_id is None and not private:
             raise GenerationNotFound(f"#{generation.id} has no channel to post to")
-        channel = await resolve_channel(self.client, int(generation.channel_id))
         blobs = await asyncio.to_thread(lambda: [(Path(p).name, Path(p).read_bytes()) for p in generation.images])
         files = [discord.File(io.BytesIO(data), filename=name) for name, data in blobs]
-        mention = discord.AllowedMentions(users=[discord.Object(int(generation.requester_id))]) \
-            if generation.requester_id.isdigit() else discord.AllowedMentions.none()
-        content = f"<@{generation.requester_id}>" if generation.requester_id.isdigit() else None
+        embed = to_embed(result_card(generation))
         try:
-            message = await channel.send(content=content, embed=to_embed(result_card(generation)), files=files,
-                                         allowed_mentions=mention)
+            if private:
+                user = await self._user(generation.requester_id)
+                message = await user.send(embed=embed, files=files)
+            else:
+                channel = await resolve_channel(self.client, int(generation.channel_id or 0))
+                mention = discord.AllowedMentions(users=[discord.Object(int(generation.requester_id))]) \
+                    if generation.requester_id.isdigit() else discord.AllowedMentions.none()
+                content = f"<@{generation.requester_id}>" if generation.requester_id.isdigit() else None
+                message = await channel.send(content=content, embed=embed, files=files, allowed_mentions=mention)
         except discord.Forbidden as err:
+            if private:
+                raise PublishError("Noodle may not send you direct messages, and your results are private: allow "
+                                   "DMs from server members, or turn private results off with /settings private: "
+                                   "False") from err
             raise PublishError(f"Noodle may not post in channel {generation.channel_id}: it needs {NEEDED} "
                                "there") from err
         except discord.HTTPException as err:
@@ -103,15 +116,25 @@ class DiscordPublisher:
         return str(message.id)
 
     async def publish_failure(self, generation: Generation) -> None:
-        """Tell the requester in the channel that a job nobody was watching failed."""
-        if generation.channel_id is None:
-            return
-        channel = await resolve_channel(self.client, int(generation.channel_id))
+        """Tell the requester that a job nobody was watching failed: in the channel, or by DM if private."""
+        text = truncate(failure_text(generation), 1900)
         try:
-            await channel.send(f"<@{generation.requester_id}> {truncate(failure_text(generation), 1900)}",
+            if generation.request.get("private"):
+                await (await self._user(generation.requester_id)).send(content=text)
+                return
+            if generation.channel_id is None:
+                return
+            channel = await resolve_channel(self.client, int(generation.channel_id))
+            await channel.send(f"<@{generation.requester_id}> {text}",
                                allowed_mentions=discord.AllowedMentions(users=True))
         except discord.HTTPException as err:
             raise PublishError(f"could not report the failure of #{generation.id}: {err}") from err
+
+    async def _user(self, user_id: str) -> Any:
+        """A user to DM, from the cache or the API."""
+        if not user_id.isdigit():
+            raise PublishError(f"{user_id} is not a Discord user; private results need one")
+        return self.client.get_user(int(user_id)) or await asyncio.wait_for(self.client.fetch_user(int(user_id)), 15)
 
 
 class InteractionStatus:

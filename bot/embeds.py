@@ -205,7 +205,9 @@ def history_line(generation: Generation) -> str:
     model = generation.model_name.rsplit("/", 1)[-1].removesuffix(".safetensors")
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(generation.created_at))
     where = ""
-    if generation.channel_id and generation.message_id:
+    if generation.request.get("private") and generation.message_id:
+        where = " (sent to your DMs)"
+    elif generation.channel_id and generation.message_id:
         where = f" https://discord.com/channels/{generation.guild_id or '@me'}/{generation.channel_id}/" \
                 f"{generation.message_id}"
     elif generation.images and generation.state == "done":

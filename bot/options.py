@@ -29,7 +29,7 @@ __all__ = [
 # The /imagine options in Discord's order; the console accepts the same names.
 IMAGINE_OPTIONS: tuple[str, ...] = (
     "prompt", "negative", "model", "loras", "steps", "cfg", "sampler", "scheduler", "seed", "width", "height",
-    "batch", "image", "denoise", "clip_skip",
+    "batch", "image", "denoise", "clip_skip", "private",
 )
 LORA_WEIGHT_LIMIT = 100.0  # LoraLoader's strength range in ComfyUI: -100..100
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from bot.errors import RequestInvalid
 from bot.presets import (Preset, PresetRecord, check_name, layered, missing_files, require_manage_server,
                          validate_preset)
@@ -19,7 +21,7 @@ from prompts.styles import Style, load_styles
 __all__ = ["PresetDesk", "USER_KEYS"]
 
 # What /settings keeps per user (the /imagine options among them are layered under the preset's).
-USER_KEYS = ("preset", "width", "height", "steps", "negative")
+USER_KEYS = ("preset", "width", "height", "steps", "negative", "private")
 DEFAULT_KEY = "default_preset"
 
 
@@ -119,6 +121,11 @@ class PresetDesk:
         if changes.get("preset"):  # it must exist here now (it may break later: /imagine then says so)
             changes = {**changes, "preset": (await self._record(who.guild_id, str(changes["preset"]).strip().lower()))
                        .preset.name}
+        if changes.get("private") is not None:  # the console gives text: yes/no, true/false, on/off, 1/0
+            try:
+                changes = {**changes, "private": TypeAdapter(bool).validate_python(changes["private"])}
+            except ValidationError:
+                raise RequestInvalid(f"private: takes true or false, not {changes['private']!r}") from None
         for key in ("width", "height", "steps"):
             if changes.get(key) is not None:
                 request_check = {"prompt": "settings check", key: changes[key]}

@@ -24,6 +24,7 @@ from bot.follow import merged_events
 from bot.options import name_suggestions, resolve_name
 from bot.outcome import details_of, prefix_for, summary_of
 from bot.preset_desk import PresetDesk
+from bot.queue_desk import QueueDesk
 from bot.records import Generation, NewGeneration
 from bot.request import DISCORD_INT_MAX, SEED_MAX, Allowed, GenerationRequest, RequestContext, parse_request
 from bot.settings import Settings
@@ -40,7 +41,7 @@ from engine.templates import LoraChoice, WorkflowParams, build_workflow
 __all__ = ["Studio"]
 
 
-class Studio(PresetDesk, Settler):
+class Studio(PresetDesk, QueueDesk, Settler):
     """The transport-free service core both front ends call."""
 
     def __init__(self, engine: EngineService, store: Store, settings: Settings, *, front: str,

@@ -97,6 +97,7 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
             image="Start from this image (img2img); the result keeps its size",
             denoise="With an image: how much to change it (0.3 a little, 0.8 a lot)",
             clip_skip="Skip the last CLIP layers (2 for most anime models)",
+            private="Send the result to your DMs instead of this channel (/settings keeps it for you)",
         )
         @app_commands.choices(sampler=_choices(allowed.samplers), scheduler=_choices(allowed.schedulers))
         @app_commands.autocomplete(model=complete_model, loras=complete_loras, preset=complete_preset)
@@ -106,8 +107,10 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
                           sampler: Optional[str] = None, scheduler: Optional[str] = None,
                           seed: Optional[Seed] = None, width: Optional[Side] = None, height: Optional[Side] = None,
                           batch: Optional[Batch] = None, image: Optional[discord.Attachment] = None,
-                          denoise: Optional[Denoise] = None, clip_skip: Optional[ClipSkip] = None) -> None:
-            """Queue the images and follow them in a private status message; the result is posted publicly."""
+                          denoise: Optional[Denoise] = None, clip_skip: Optional[ClipSkip] = None,
+                          private: Optional[bool] = None) -> None:
+            """Queue the images and follow them in a private status message; the result is posted in the channel
+            (or, for private results, in the requester's DMs)."""
             # Acknowledge first: everything after this may take longer than Discord's 3 seconds.
             # Private: the status and any refusal are for the requester; the result is public.
             await interaction.response.defer(ephemeral=True, thinking=True)
@@ -115,7 +118,7 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
                 "prompt": prompt, "preset": preset, "negative": negative, "model": model, "loras": loras,
                 "steps": steps,
                 "cfg": cfg, "sampler": sampler, "scheduler": scheduler, "seed": seed, "width": width,
-                "height": height, "batch": batch, "denoise": denoise, "clip_skip": clip_skip,
+                "height": height, "batch": batch, "denoise": denoise, "clip_skip": clip_skip, "private": private,
             }
             try:
                 if image is not None:

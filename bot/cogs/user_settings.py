@@ -1,4 +1,4 @@
-"""/settings: a member's own /imagine defaults (preset, size, steps, negative), kept across sessions;
+"""/settings: a member's own /imagine defaults (preset, size, steps, negative, private results), kept across sessions;
 /tokens: a prompt's token report; /history: the caller's last generations; /models: the models folder.
 
 Layered under a chosen preset and explicit options, over the server's default preset (see
@@ -52,19 +52,21 @@ def settings_cog(studio: "Optional[Studio]", allowed: Allowed) -> commands.Cog:
         @app_commands.describe(preset="A preset of this server to use when you choose none",
                                width="Default width in pixels", height="Default height in pixels",
                                steps="Default sampling steps", negative="Default negative prompt",
+                               private="Send your results to your DMs instead of the channel",
                                clear="Forget all your defaults first")
         @app_commands.autocomplete(preset=complete_preset)
         async def settings(self, interaction: discord.Interaction, preset: Optional[str] = None,
                            width: Optional[Side] = None, height: Optional[Side] = None,
                            steps: Optional[Steps] = None, negative: Optional[Negative] = None,
-                           clear: bool = False) -> None:
+                           private: Optional[bool] = None, clear: bool = False) -> None:
             """Change the options given (after `clear`), then show them all."""
             await interaction.response.defer(ephemeral=True, thinking=True)
             who = requester_of(interaction)
             try:
                 if clear:
                     await need_studio().change_settings(who, dict.fromkeys(await need_studio().user_settings(who)))
-                changes = {"preset": preset, "width": width, "height": height, "steps": steps, "negative": negative}
+                changes = {"preset": preset, "width": width, "height": height, "steps": steps, "negative": negative,
+                           "private": private}
                 current = await need_studio().change_settings(
                     who, {key: value for key, value in changes.items() if value is not None})
                 text = f"✅ {settings_text(current)}"

@@ -89,11 +89,15 @@ class FakeUser:
         self.display_name = f"user{user_id}"
         self.closed = closed
         self.dms: list[tuple[str, list[SentFile]]] = []
+        self.dm_channel = FakeChannel(channel_id=10_000 + user_id)  # the DM channel: messages with ids
 
-    async def send(self, content: str | None = None, *, files: list[discord.File] | None = None, **_: Any) -> None:
+    async def send(self, content: str | None = None, *, embed: discord.Embed | None = None,
+                   files: list[discord.File] | None = None, **_: Any) -> FakeMessage:
         if self.closed:
             raise discord.Forbidden(SimpleNamespace(status=403, reason="Forbidden"), "Cannot send messages to this user")
-        self.dms.append((content or "", [SentFile(f.filename, f.fp.read()) for f in files or []]))
+        message = await self.dm_channel.send(content, embed=embed, files=files)
+        self.dms.append((content or "", message.files))
+        return message
 
 
 class FakeClient:

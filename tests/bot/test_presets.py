@@ -275,7 +275,7 @@ async def test_settings_keep_a_members_defaults_across_restarts(env: Env) -> Non
     assert code == 1 and "error: there is no preset 'bogus'" in out
     settings = {c["name"]: c for c in await command_payloads(Settings())}["settings"]
     kinds = {o["name"]: o["type"] for o in settings["options"]}
-    assert kinds == {"preset": 3, "width": 4, "height": 4, "steps": 4, "negative": 3, "clear": 5}
+    assert kinds == {"preset": 3, "width": 4, "height": 4, "steps": 4, "negative": 3, "private": 5, "clear": 5}
 
 
 async def test_tokens_reports_chunks_embeddings_and_lora_tags(env: Env) -> None:

@@ -1,0 +1,108 @@
+"""The Studio's /queue: a member's requests in the queue with their place and ETA, and cancelling them.
+
+A mixin of `Studio`, transport-free like the rest of it. The engine queues one job per image; a member
+thinks in requests (`#12`, the number on the status line and the result), so jobs are grouped by the
+generation they belong to. Cancelling a request cancels all its images: queued ones leave the queue, a
+running one stops at its next sampler step, and the request settles as cancelled (bot/settle.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bot.embeds import truncate
+from bot.errors import GenerationNotFound, NotAllowed, RequestInvalid
+from bot.records import Generation
+from bot.store import Store
+from bot.tickets import Requester
+from engine.service import EngineService, JobInfo, JobState, Owner
+
+__all__ = ["QueueDesk", "QueueEntry", "queue_text"]
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """One request of the caller's that has images queued or running."""
+
+    generation_id: int
+    kind: str
+    prompt: str
+    images: int  # images of the request still queued or running
+    running: bool
+    position: int | None  # the place of its first queued image (1 runs next); None while it runs
+    eta_s: float | None  # seconds until its last image is done, at the recent step rate; None before any rate
+
+    def line(self) -> str:
+        """`#12 imagine · "a red fox…" · 2 images · queued, position 3, about 40 s`."""
+        images = f" · {self.images} images" if self.images > 1 else ""
+        where = "running" if self.running else f"queued, position {self.position}" if self.position else "queued"
+        eta = f", about {_duration(self.eta_s)} left" if self.eta_s is not None else ""
+        return f"#{self.generation_id} {self.kind} · \"{self.prompt}\"{images} · {where}{eta}"
+
+
+def queue_text(entries: list[QueueEntry], how_to_cancel: str = "Cancel one with /queue cancel: NUMBER.") -> str:
+    """The caller's queue as lines, then how to cancel."""
+    if not entries:
+        return "Nothing of yours is queued or running."
+    return "\n".join([*(entry.line() for entry in entries), how_to_cancel])
+
+
+class QueueDesk:
+    """/queue for `Studio`: list and cancel the caller's requests."""
+
+    engine: EngineService
+    store: Store
+
+    async def queue_entries(self, who: Requester) -> list[QueueEntry]:
+        """`who`'s requests with queued or running images: running first, then by place in the queue."""
+        grouped: dict[int, list[JobInfo]] = {}
+        for info in self.engine.jobs(Owner(who.user_id, who.guild_id)):
+            if "generation_id" in info.extra:  # jobs of other programs sharing the queue have none
+                grouped.setdefault(int(info.extra["generation_id"]), []).append(info)
+        entries = []
+        for generation_id, infos in grouped.items():
+            generation = await self.store.get(generation_id)
+            prompt = "" if generation is None else _prompt_of(generation)
+            positions = [info.position for info in infos if info.position is not None]
+            etas = [info.eta_s for info in infos]
+            entries.append(QueueEntry(
+                generation_id, generation.kind if generation else "request", truncate(prompt, 60), len(infos),
+                any(info.state == JobState.RUNNING for info in infos), min(positions, default=None),
+                None if any(eta is None for eta in etas) else max(etas)))  # type: ignore[type-var]
+        entries.sort(key=lambda e: (not e.running, e.position or 0, e.generation_id))
+        return entries
+
+    async def cancel_request(self, who: Requester, generation_id: int) -> int:
+        """Cancel every queued or running image of request #`generation_id`; returns how many were stopped.
+
+        The requester may cancel their own; a member with Manage Messages anyone's (as with 🗑️).
+        """
+        generation = await self.store.get(generation_id)
+        if generation is None:
+            raise GenerationNotFound(f"there is no request #{generation_id}; /queue lists yours with their numbers")
+        mine = generation.requester_id == who.user_id
+        if not mine and not who.can_manage_messages:
+            raise NotAllowed(f"#{generation_id} is someone else's request; only they or members with Manage "
+                             "Messages can cancel it")
+        by = Owner(who.user_id, who.guild_id) if mine else None
+        stopped = 0
+        for job in generation.jobs:
+            if job.job_id is not None and not job.ended and await self.engine.cancel(job.job_id, by):
+                stopped += 1
+        if not stopped:
+            raise RequestInvalid(f"#{generation_id} has nothing queued or running (it is {generation.state}); "
+                                 "/queue lists what can still be cancelled")
+        return stopped
+
+
+def _prompt_of(generation: Generation) -> str:
+    return str(generation.params.get("prompt") or generation.request.get("prompt")
+               or generation.request.get("filename") or "")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    return f"{seconds / 60:.0f} min"

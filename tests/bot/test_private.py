@@ -1,0 +1,99 @@
+"""Private results on a real SQLite file with the real Studio and engine: /settings private and /imagine
+private: send the result to the requester's DMs, rerolls from there stay private, closed DMs are said."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+import pytest
+
+from bot.console import Console
+from bot.discord_app import command_payloads
+from bot.embeds import history_line
+from bot.errors import RequestInvalid
+from bot.cogs.reactions import Reactions
+from bot.tickets import Requester
+from tests.bot.conftest import WAIT, Env
+from tests.bot.fakes import reaction
+
+ALICE = Requester("42", "777", "alice")
+
+
+async def imagine(env: Env, explicit: dict[str, Any], who: Requester = ALICE) -> Any:
+    layered = await env.studio.layered_options({"prompt": "a paper boat", "steps": 4, "width": 64, "height": 64,
+                                                **explicit}, who)
+    ticket = await env.studio.submit(await env.studio.parse(layered), who, _origin())
+    return await env.finish(ticket)
+
+
+def _origin() -> Any:
+    from bot.tickets import Origin
+
+    return Origin("555", "777")
+
+
+async def test_the_setting_sends_results_to_dms_and_rerolls_from_there_stay_private(env: Env) -> None:
+    assert (await env.studio.change_settings(ALICE, {"private": "yes"}))["private"] is True
+    await env.restart()  # kept in SQLite
+    final = await imagine(env, {})
+    assert final.kind == "done" and final.error is None
+    assert env.channel.results() == []  # nothing in the channel
+    user = env.client.get_user(42)
+    [message] = user.dm_channel.results()
+    generation = final.generation
+    assert generation.request["private"] is True and generation.message_id == str(message.id)
+    assert [f.filename for f in message.files] == [p.rsplit("/", 1)[-1] for p in generation.images]
+    assert message.reactions[:4] == ["🔁", "🔀", "🗑️", "ℹ️"]
+    assert history_line(await env.studio.generation(generation.id)).endswith("(sent to your DMs)")
+
+    # 🔁 in the DM: a reroll, posted in the DM too (the request, private flag included, is the parent's)
+    env.client.channels[user.dm_channel.id] = user.dm_channel
+    cog = Reactions(env.client, env.studio, status_every=0.5)
+    await cog.on_raw_reaction_add(reaction(message.id, 42, "🔁", channel_id=user.dm_channel.id, guild_id=None))
+    await asyncio.wait_for(asyncio.gather(*cog._tasks), WAIT)
+    assert len(user.dm_channel.results()) == 2 and env.channel.results() == []
+    reroll = await env.store.by_message(user.dm_channel.results()[-1].id)
+    assert reroll.kind == "reroll" and reroll.request["private"] is True
+
+
+async def test_an_explicit_option_wins_over_the_setting(env: Env) -> None:
+    await env.studio.change_settings(ALICE, {"private": True})
+    final = await imagine(env, {"private": False})
+    assert final.error is None and len(env.channel.results()) == 1
+    assert env.client.get_user(42).dm_channel.results() == []
+    public = Requester("50", "777")  # no setting: public, unless asked for on the command
+    await imagine(env, {"private": True}, public)
+    assert len(env.client.get_user(50).dm_channel.results()) == 1 and len(env.channel.results()) == 1
+
+
+async def test_closed_dms_are_said_and_nothing_goes_to_the_channel(env: Env) -> None:
+    env.client.get_user(42).closed = True
+    final = await imagine(env, {"private": True})
+    assert "may not send you direct messages" in (final.error or "")
+    assert "/settings private: False" in final.error
+    assert env.channel.results() == []
+    assert (await env.studio.generation(final.generation.id)).posted_at is None
+
+
+async def test_bad_values_are_refused_with_what_is_allowed(env: Env) -> None:
+    with pytest.raises(RequestInvalid, match="private: takes true or false"):
+        await env.studio.change_settings(ALICE, {"private": "maybe"})
+    assert await env.studio.user_settings(ALICE) == {}
+
+
+async def test_the_option_is_on_imagine_and_settings(settings: Any) -> None:
+    payload = {command["name"]: command for command in await command_payloads(settings)}
+    for name in ("imagine", "settings"):
+        [option] = [o for o in payload[name]["options"] if o["name"] == "private"]
+        assert option["type"] == 5 and not option.get("required", False)  # 5: boolean
+
+
+async def test_the_console_keeps_the_setting(env: Env) -> None:
+    out = io.StringIO()
+    console = Console(env.studio, out, io.StringIO(), interactive=False, user="console:you")
+    await console.handle("/settings private: on steps: 5")
+    assert "private=True" in out.getvalue() and "steps=5" in out.getvalue()
+    await console.handle("/settings private: sometimes")
+    assert "error: private: takes true or false" in out.getvalue()

@@ -154,6 +154,8 @@ def result_card(generation: Generation) -> Card:
     footer = f"job {generation.job_id}{more} · #{generation.id} · {REACTION_HELP}"
     if generation.error:  # some images of a batch failed; the others are here
         fields.append(("Missing", truncate(generation.error, FIELD_CHARS)))
+    if generation.request.get("notes"):
+        fields.append(("⚠️ Note", truncate("; ".join(generation.request["notes"]), FIELD_CHARS)))
     return Card(_title(generation), truncate(params.get("prompt", ""), PROMPT_CHARS), tuple(fields), footer)
 
 

@@ -141,7 +141,8 @@ class PresetDesk:
         """/imagine's options with the defaults under them, later winning: the server's default preset,
         the user's settings, the chosen preset (`preset:`, else the user's own), the explicit options.
 
-        A preset naming a file that is gone fails here, naming the preset and the file.
+        A chosen preset naming a file that is gone fails here, naming the preset and the file; a broken server
+        default is left out, with a note that the result card shows.
         """
         context = await self.context()
         mine = await self.user_settings(who)
@@ -151,10 +152,20 @@ class PresetDesk:
         if chosen and who.guild_id is None:
             raise RequestInvalid(f"preset {chosen!r}: presets belong to a server; use /imagine there, or leave "
                                  "preset out here")
-        base = await self._preset_options(who.guild_id, default, context, "the server's default preset") \
-            if default else {}
+        base: dict[str, Any] = {}
+        notes: list[str] = []
+        if default:
+            try:
+                base = await self._preset_options(who.guild_id, default, context, "the server's default preset")
+            except RequestInvalid as err:
+                # One broken default must not stop every /imagine in the server: run without it, and say so on
+                # the result. A preset someone chose (here or in /settings) still fails: they asked for it.
+                notes.append(f"{err}; this image was made without it")
+                default = None
         picked = await self._preset_options(who.guild_id, chosen, context, "preset") if chosen else {}
         merged = layered(base, user, picked, {k: v for k, v in explicit.items() if k != "preset"})
+        if notes:
+            merged["notes"] = tuple(notes)
         if explicit.get("image") is not None:  # img2img keeps the image's size: a default size does not apply
             for key in ("width", "height"):
                 if explicit.get(key) is None:

@@ -120,6 +120,7 @@ class GenerationRequest(BaseModel):
     style: str | None = None  # a style of prompts/styles.toml, applied before wildcards and LoRA tags
     preset: str | None = None  # the server preset these options were layered from (recorded, shown)
     private: bool = False  # the result goes to the requester's DMs instead of the channel (rerolls too)
+    notes: tuple[str, ...] = ()  # what the requester should know about how the options were layered (card: Note)
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> GenerationRequest:

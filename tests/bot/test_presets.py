@@ -154,6 +154,31 @@ async def test_a_preset_whose_model_was_removed_is_broken_and_nothing_else(env: 
     assert [r.preset.name for r in await env.studio.list_presets("777")] == ["fine"]
 
 
+async def test_a_broken_server_default_is_left_out_with_a_note_but_a_chosen_one_fails(env: Env) -> None:
+    folder = env.settings.models.dir / "checkpoints"
+    doomed = f"doomed-{secrets.token_hex(4)}.safetensors"
+    shutil.copyfile(folder / "tiny-sd15.safetensors", folder / doomed)
+    try:
+        await env.studio.create_preset(MANAGER, Preset(name="house", model=doomed, steps=3, negative="house style"))
+        await env.studio.set_default_preset(MANAGER, "house")
+    finally:
+        (folder / doomed).unlink()
+    options = await env.studio.layered_options({"prompt": "a fox"}, MEMBER)
+    assert "negative" not in options and "preset" not in options  # nothing of the broken default is used
+    [note] = options["notes"]
+    assert note.startswith("the server's default preset 'house' is broken") and "made without it" in note
+    final = await env.run(options, MEMBER)
+    assert final.kind == "done"
+    fields = dict(result_card(final.generation).fields)
+    assert "'house' is broken" in fields["⚠️ Note"] and "Preset" not in fields
+    # chosen, explicitly or through /settings: it fails, naming it
+    with pytest.raises(RequestInvalid, match="preset 'house' is broken"):
+        await env.studio.layered_options({"prompt": "a fox", "preset": "house"}, MEMBER)
+    await env.studio.change_settings(MEMBER, {"preset": "house"})
+    with pytest.raises(RequestInvalid, match="preset 'house' is broken"):
+        await env.studio.layered_options({"prompt": "a fox"}, MEMBER)
+
+
 def _cog(env: Env) -> Any:
     return presets_cog(env.studio, Allowed.from_settings(env.settings), tuple(load_styles()))
 

@@ -24,6 +24,7 @@ from bot.settings import Settings
 from bot.status import relay
 from bot.store import Store
 from bot.tickets import Requester, Ticket
+from bot.workflow_file import read_workflow_file
 from engine.errors import NoodleError
 
 __all__ = ["DEMO", "Console", "ConsolePublisher", "LineReader", "chat_settings", "run_chat"]
@@ -37,6 +38,7 @@ HELP = """commands:
   /preset delete|show name: anime, /preset default [name: anime], /preset list
       (creating, changing, deleting and the default need `noodle chat --manage-server`)
   /imagine ... preset: anime                        applies the preset; your options override it
+  /workflow my-graph.json                           run a ComfyUI workflow file (Save (API Format)) as one job
   /settings [clear] preset: anime steps: 20 ...      your own defaults: preset width height steps negative private
   /tokens a red fox, (snow:1.2)                     the token report of a prompt (75-token chunks)
   /history                                          your last generations
@@ -174,6 +176,10 @@ class Console:
                 print(HELP, file=self.out)
             elif text.startswith(("/imagine", "imagine ")):
                 await self._imagine(text.split(None, 1)[1] if " " in text else "")
+            elif text.startswith(("/workflow", "workflow ")):  # a ComfyUI API-format file, run as one job
+                data, name = await asyncio.to_thread(read_workflow_file, text.split(None, 1)[1] if " " in text else "",
+                                                     self.studio.settings.limits.max_workflow_bytes)
+                await self._wait(await self.studio.run_workflow(data, name, self.who))
             elif text.startswith(("/preset", "preset ")):
                 print(await preset_command(self.studio, self.member, text.split(None, 1)[1] if " " in text else ""),
                       file=self.out, flush=True)

@@ -22,6 +22,7 @@ from bot.cogs.presets import presets_cog
 from bot.cogs.queue import queue_cog
 from bot.cogs.reactions import Reactions
 from bot.cogs.user_settings import settings_cog
+from bot.cogs.workflow import Workflow
 from bot.discord_post import DiscordPublisher
 from bot.request import Allowed
 from bot.settings import Settings
@@ -48,6 +49,7 @@ async def command_payloads(settings: Settings) -> list[dict[str, Any]]:
     await bot.add_cog(presets_cog(None, Allowed.from_settings(settings), _style_names()))
     await bot.add_cog(settings_cog(None, Allowed.from_settings(settings)))
     await bot.add_cog(queue_cog(None))
+    await bot.add_cog(Workflow(None))
     return [command.to_dict(bot.tree) for command in bot.tree.get_commands()]
 
 
@@ -86,6 +88,7 @@ class NoodleBot(commands.Bot):
         await self.add_cog(presets_cog(self.studio, Allowed.from_settings(settings), _style_names()))
         await self.add_cog(settings_cog(self.studio, Allowed.from_settings(settings)))
         await self.add_cog(queue_cog(self.studio))
+        await self.add_cog(Workflow(self.studio, status_every=every))
         await self.add_cog(Reactions(self, self.studio, status_every=every))
         await self.studio.start()
         await self._sync_if_changed()

@@ -19,6 +19,7 @@ from bot.embeds import failure_text, result_card, to_embed, truncate
 from bot.errors import GenerationNotFound
 from bot.records import Generation
 from bot.tickets import Origin, Requester
+from bot.workflow_file import is_workflow
 from engine.errors import NoodleError
 
 __all__ = ["REACTIONS", "VARIATION_DIGITS", "ChannelStatus", "DiscordPublisher", "InteractionStatus",
@@ -31,6 +32,7 @@ REACTIONS = (REROLL, VARIATION, DELETE, DETAILS)
 # On a batch, 1️⃣..4️⃣ ask for a variation of that image (🔀 takes the first)
 VARIATION_DIGITS = ("1️⃣", "2️⃣", "3️⃣", "4️⃣")
 NEEDED = "Send Messages, Attach Files, Embed Links and Add Reactions"
+MAX_FILES = 10  # Discord's limit of attachments on one message; a /workflow may write more images
 
 
 class PublishError(NoodleError):
@@ -39,6 +41,8 @@ class PublishError(NoodleError):
 
 def reactions_for(generation: Generation) -> tuple[str, ...]:
     """The reactions the bot adds under a result: the four actions, and a digit per image of a batch."""
+    if is_workflow(generation):  # 🔀 varies /imagine results only
+        return (REROLL, DELETE, DETAILS)
     count = len(generation.images)
     return REACTIONS + (VARIATION_DIGITS[:count] if count > 1 else ())
 
@@ -84,9 +88,13 @@ class DiscordPublisher:
         private = bool(generation.request.get("private"))
         if generation.channel_id is None and not private:
             raise GenerationNotFound(f"#{generation.id} has no channel to post to")
-        blobs = await asyncio.to_thread(lambda: [(Path(p).name, Path(p).read_bytes()) for p in generation.images])
+        shown = generation.images[:MAX_FILES]
+        blobs = await asyncio.to_thread(lambda: [(Path(p).name, Path(p).read_bytes()) for p in shown])
         files = [discord.File(io.BytesIO(data), filename=name) for name, data in blobs]
         embed = to_embed(result_card(generation))
+        if len(generation.images) > len(shown):
+            embed.add_field(name="Not attached", value=f"{len(generation.images) - len(shown)} more image(s): Discord "
+                            f"takes {MAX_FILES} files a message", inline=False)
         try:
             if private:
                 user = await self._user(generation.requester_id)

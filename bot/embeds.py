@@ -124,6 +124,12 @@ def _title(generation: Generation) -> str:
 
 def result_card(generation: Generation) -> Card:
     """The card of a finished generation, from its stored row."""
+    # /workflow results have a card of their own, built on this module: imported when first needed
+    from bot.workflow_card import workflow_card
+    from bot.workflow_file import is_workflow
+
+    if is_workflow(generation):
+        return workflow_card(generation)
     params = generation.params
     model = generation.model_name.rsplit("/", 1)[-1].removesuffix(".safetensors")
     count = max(1, len(generation.images) or len(generation.jobs))
@@ -203,7 +209,8 @@ def failure_text(generation: Generation) -> str:
 
 def history_line(generation: Generation) -> str:
     """One line of /history: number, kind, state, prompt, model and a link to the posted result."""
-    prompt = truncate(str(generation.params.get("prompt") or generation.request.get("prompt", "")), 60)
+    prompt = truncate(str(generation.params.get("prompt") or generation.request.get("prompt")
+                          or generation.params.get("filename", "")), 60)
     model = generation.model_name.rsplit("/", 1)[-1].removesuffix(".safetensors")
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(generation.created_at))
     where = ""

@@ -15,6 +15,7 @@ from typing import Any
 from bot.embeds import card_text, result_card
 from bot.records import Generation, Outcome
 from bot.tickets import Details
+from bot.workflow_file import is_workflow
 from engine.executor import Executor
 from engine.models.paths import short_hash
 from engine.templates import WorkflowParams
@@ -24,9 +25,13 @@ __all__ = ["details_of", "outcome_of", "prefix_for", "summary_of"]
 
 def outcome_of(executor: Executor, generation: Generation) -> Outcome:
     """A request's verdict once all its jobs ended: image paths, token usage, what every image took from the
-    cache, timings, the model hash (a cached loader replays no model meta: then the file is hashed)."""
+    cache, timings, the model hash (a cached loader replays no model meta: then the file is hashed).
+
+    Every PNG a job's output nodes wrote is kept, in output order: an /imagine job writes one, a
+    /workflow job as many as its SaveImage nodes and batches make."""
     output_dir = executor.settings.output_dir
     images: dict[int, str] = {}
+    all_images: dict[int, list[str]] = {}
     problems: list[str] = []
     cached_sets: list[list[str]] = []
     totals: list[float] = []
@@ -43,12 +48,13 @@ def outcome_of(executor: Executor, generation: Generation) -> Outcome:
             continue
         meta = result.get("meta", {})
         images[job.idx] = paths[0]
+        all_images[job.idx] = paths
         tokens = tokens or dict(meta.get("tokens", {}))
         cached_sets.append(list(meta.get("cached", [])))
         totals.append(float(meta.get("timings", {}).get("total", 0.0)))
         known = meta.get("models", {}).get("checkpoints", {}).get(generation.model_name, {})
         model_hash = model_hash or known.get("hash")
-    if images and model_hash is None:
+    if images and model_hash is None and generation.model_name:  # a workflow may load no checkpoint at all
         model_hash = short_hash(executor.models.resolve("checkpoints", generation.model_name))
     # a node counts as cached when every image got it from the cache (a reroll: loader and encodes)
     cached = [node for node in (cached_sets[0] if cached_sets else []) if all(node in c for c in cached_sets)]
@@ -58,7 +64,7 @@ def outcome_of(executor: Executor, generation: Generation) -> Outcome:
         state = "cancelled" if all(job.state == "cancelled" for job in generation.jobs) else "failed"
     timings = {"total": max(totals), "sum": sum(totals)} if totals else {}
     return Outcome(state=state, images=images, tokens=tokens, cached=cached, timings=timings, model_hash=model_hash,
-                   finished_at=time.time(), error="; ".join(problems) or None)
+                   finished_at=time.time(), error="; ".join(problems) or None, all_images=all_images)
 
 
 def prefix_for(folder: str, prompt: str) -> str:
@@ -82,7 +88,11 @@ def details_of(generation: Generation, parameters: str | None) -> Details:
     text = card_text(result_card(generation))
     if parameters:
         text += f"\n\nA1111 parameters (PNG Info):\n{parameters}"
-    text += "\n\nThe workflow JSON (image 1) is ComfyUI's API format: load it there, or run it with `noodle run`."
+    if is_workflow(generation):
+        text += ("\n\nThe workflow JSON is the graph as it ran (SaveImage names under the results folder, PreviewImage "
+                 "saved like SaveImage): load it in ComfyUI, or run it again with /workflow.")
+    else:
+        text += "\n\nThe workflow JSON (image 1) is ComfyUI's API format: load it there, or run it with `noodle run`."
     if len(generation.jobs) > 1:
         seeds = ", ".join(f"#{job.idx} {job.seed}" for job in generation.jobs)
         text += f" Each image is its own job; only the KSampler seed differs: {seeds}."

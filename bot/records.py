@@ -1,5 +1,6 @@
 """The rows of the bot's history as frozen dataclasses: a generation (one request, one posted message) and
-its jobs (one per image, each with its own seed and workflow).
+its jobs (one per image for /imagine, each with its own seed and workflow; one for a /workflow, which
+may write several images).
 
 bot/store.py reads and writes them; the Studio, the embeds and both front ends only read them.
 """
@@ -41,15 +42,21 @@ class JobRow:
     workflow: dict[str, Any]
     state: str
     result: dict[str, Any] | None = None
-    image_path: str | None = None
+    image_path: str | None = None  # the first PNG (the only one of an /imagine job)
     error: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    image_paths: tuple[str, ...] = ()  # every PNG the job wrote, in output order (schema 3 on)
 
     @property
     def ended(self) -> bool:
         """The job will not change any more."""
         return self.state in ENDED
+
+    @property
+    def paths(self) -> list[str]:
+        """Every PNG of this job; rows written before schema 3 know only their one `image_path`."""
+        return list(self.image_paths) or ([self.image_path] if self.image_path else [])
 
 
 @dataclass(frozen=True)
@@ -57,13 +64,16 @@ class Outcome:
     """What settling a generation writes: its verdict and the numbers the card shows."""
 
     state: str  # done (at least one image) | failed | cancelled
-    images: dict[int, str]  # idx -> PNG path as SaveImage wrote it
+    images: dict[int, str]  # idx -> the job's first PNG path as SaveImage wrote it
     tokens: dict[str, Any]
     cached: list[str]
     timings: dict[str, float]
     model_hash: str | None
     finished_at: float
     error: str | None = None
+    # idx -> every PNG path of the job, in output order (a /workflow job may write several); a job
+    # missing here has just its `images` path
+    all_images: dict[int, list[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -106,13 +116,13 @@ class Generation:
 
     @property
     def images(self) -> list[str]:
-        """The PNG paths of the images that came out, in the message's order."""
-        return [job.image_path for job in self.jobs if job.image_path]
+        """The PNG paths of the images that came out, in the message's order (job by job)."""
+        return [path for job in self.jobs for path in job.paths]
 
     @property
     def image_seeds(self) -> list[int]:
-        """The seed of each image that came out, in the same order as `images`."""
-        return [job.seed for job in self.jobs if job.image_path]
+        """The seed of each image that came out, in the same order as `images` (its job's seed)."""
+        return [job.seed for job in self.jobs for _ in job.paths]
 
     @property
     def seed(self) -> int:

@@ -6,6 +6,7 @@ limits apply to whoever asked, reactions included; the queue samples compatible 
 and recorded in SQLite first. One background task follows every job the engine reports: it stores
 each ended job, settles a request once all its images ended and hands it to the front end's
 `Publisher`, so results of jobs resumed after a restart are posted too (bot/settle.py).
+An uploaded /workflow is one job of its own graph, queued the same way (bot/workflow_desk.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from bot.settle import Settler
 from bot.store import Store
 from bot.tickets import Details, Origin, Publisher, Requester, StudioEvent, Ticket
 from bot.token_check import token_text
+from bot.workflow_desk import WorkflowDesk, variation_refused
+from bot.workflow_file import is_workflow
 from engine.errors import NoodleError
 from engine.models.detect import Arch, detect_checkpoint
 from engine.models.paths import file_fingerprint, short_hash
@@ -41,7 +44,7 @@ from engine.templates import LoraChoice, WorkflowParams, build_workflow
 __all__ = ["Studio"]
 
 
-class Studio(PresetDesk, QueueDesk, Settler):
+class Studio(PresetDesk, QueueDesk, WorkflowDesk, Settler):
     """The transport-free service core both front ends call."""
 
     def __init__(self, engine: EngineService, store: Store, settings: Settings, *, front: str,
@@ -127,6 +130,8 @@ class Studio(PresetDesk, QueueDesk, Settler):
     async def reroll(self, generation_id: int, who: Requester, origin: Origin | None = None) -> Ticket:
         """The same graphs with new seeds: the engine's cache serves everything above the sampler."""
         parent = await self._usable(generation_id)
+        if is_workflow(parent):
+            return await self.rerun_workflow(parent, who, origin or _origin_of(parent))
         count = max(1, len(parent.jobs))
         params = replace(_params_of(parent), seed=_random_seed(count))
         if params.init_image and not (self.engine.executor.settings.input_dir / params.init_image).is_file():
@@ -139,6 +144,8 @@ class Studio(PresetDesk, QueueDesk, Settler):
                         origin: Origin | None = None) -> Ticket:
         """img2img of image `image` (1-based) of a result at the configured variation denoise."""
         parent = await self._usable(generation_id)
+        if is_workflow(parent):
+            raise variation_refused(parent)
         if not 1 <= image <= len(parent.images):
             raise RequestInvalid(f"#{parent.id} has {len(parent.images)} image(s); pick 1 to {len(parent.images)}")
         data = await asyncio.to_thread(_read_bytes, parent.images[image - 1])
@@ -169,10 +176,20 @@ class Studio(PresetDesk, QueueDesk, Settler):
                             params=_params_json(replace(params, batch_size=1)), model_name=params.checkpoint,
                             images=images, guild_id=origin.guild_id or who.guild_id, channel_id=origin.channel_id,
                             parent_id=parent.id if parent else None)
+        try:
+            return await self._enqueue(new, owner, origin, summary_of(params, count))
+        except BaseException:
+            if created and prepared is not None:
+                await asyncio.to_thread(remove_files, [str(input_dir / prepared.name)])
+            raise
+
+    async def _enqueue(self, new: NewGeneration, owner: Owner, origin: Origin, summary: str) -> Ticket:
+        """Record a request, then queue one job per workflow of `new.images` (/imagine's images, a /workflow's
+        one graph): all or nothing, so a refusal leaves no row and no job behind."""
         generation = await self.store.add(new)
         handles: list[Any] = []
         try:
-            for idx, (_, workflow) in enumerate(images, 1):
+            for idx, (_, workflow) in enumerate(new.images, 1):
                 handle = await self.engine.submit(workflow, owner, extra={
                     "generation_id": generation.id, "idx": idx, "front": self.front, "channel_id": origin.channel_id})
                 handles.append(handle)
@@ -182,13 +199,11 @@ class Studio(PresetDesk, QueueDesk, Settler):
             for handle in handles:
                 await self.engine.cancel(handle.job_id)
             await self.store.discard(generation.id)
-            if created and prepared is not None:
-                await asyncio.to_thread(remove_files, [str(input_dir / prepared.name)])
             raise
         await self.store.mark_queued(generation.id)
         positions = [p for p in (h.position() for h in handles) if p is not None]
-        return Ticket(handles[0].job_id, generation.id, min(positions, default=None), kind,
-                      summary_of(params, count), tuple(h.job_id for h in handles))
+        return Ticket(handles[0].job_id, generation.id, min(positions, default=None), new.kind, summary,
+                      tuple(h.job_id for h in handles))
 
     def _check_room(self, owner: Owner, count: int) -> None:
         """A batch needs one queue place per image: say so before queueing half of it."""

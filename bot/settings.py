@@ -44,6 +44,9 @@ class BotSettings(BaseModel):
     max_attachment_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     # How long a front end waits for a finished job to be stored and posted before it gives up.
     publish_timeout_seconds: float = Field(300.0, gt=0.0)
+    # Node types /workflow refuses (on Discord and in `noodle chat`): CheckpointSave writes a multi-GB
+    # checkpoint file on this machine every time it runs.
+    workflow_blocked_nodes: tuple[str, ...] = ("CheckpointSave",)
 
 
 def config_path() -> Path:

@@ -90,6 +90,9 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
     PRESET_MIGRATION,
+    # 3: every PNG of a job, as a JSON list (a /workflow job may write several); image_path stays the first.
+    # Older rows keep NULL here and are read through image_path.
+    "ALTER TABLE generation_jobs ADD COLUMN image_paths_json TEXT;",
 )
 
 PENDING = ("submitting", "queued", "running")
@@ -113,7 +116,8 @@ def _loads(text: str | None, empty: Any) -> Any:
 def _job(row: aiosqlite.Row) -> JobRow:
     return JobRow(idx=row["idx"], job_id=row["job_id"], seed=row["seed"], workflow=json.loads(row["workflow_json"]),
                   state=row["state"], result=_loads(row["result_json"], None), image_path=row["image_path"],
-                  error=row["error"], started_at=row["started_at"], finished_at=row["finished_at"])
+                  error=row["error"], started_at=row["started_at"], finished_at=row["finished_at"],
+                  image_paths=tuple(_loads(row["image_paths_json"], [])))
 
 
 def _generation(rows: _Rows) -> Generation:
@@ -238,8 +242,9 @@ class Store(PresetTable):
     async def settle(self, generation_id: int, outcome: Outcome) -> bool:
         """Store the whole generation's outcome once all its jobs ended; False when it was settled already."""
         changed = await self._transaction(
-            *[("UPDATE generation_jobs SET image_path = ? WHERE generation_id = ? AND idx = ?",
-               (path, generation_id, idx)) for idx, path in outcome.images.items()],
+            *[("UPDATE generation_jobs SET image_path = ?, image_paths_json = ? WHERE generation_id = ? AND idx = ?",
+               (path, json.dumps(outcome.all_images.get(idx, [path])), generation_id, idx))
+              for idx, path in outcome.images.items()],
             ("UPDATE generations SET state = ?, model_hash = COALESCE(?, model_hash), tokens_json = ?, "
              "cached_json = ?, timings_json = ?, error = ?, finished_at = ?, started_at = COALESCE(started_at, ?) "
              f"WHERE id = ? AND state IN {_IN_PENDING}",
@@ -257,7 +262,8 @@ class Store(PresetTable):
         """Deleted by its requester or a moderator: the row stays (history), reactions stop working."""
         await self._transaction(
             ("UPDATE generations SET state = 'deleted', deleted_at = ? WHERE id = ?", (deleted_at, generation_id)),
-            ("UPDATE generation_jobs SET image_path = NULL WHERE generation_id = ?", (generation_id,)))
+            ("UPDATE generation_jobs SET image_path = NULL, image_paths_json = NULL WHERE generation_id = ?",
+             (generation_id,)))
 
     async def put_setting(self, scope: str, scope_id: str, key: str, value: Any) -> None:
         """Set one value of the settings table (per guild, user or channel; "bot"/"global" for the bot's own)."""

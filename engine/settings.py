@@ -48,6 +48,8 @@ class Limits(BaseModel):
     # the rest of a prompt is cut, and the token report says how many tokens were.
     max_prompt_chunks: int = Field(8, ge=1)
     max_input_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    # An uploaded workflow JSON (/workflow); ComfyUI's exports of ordinary graphs are a few KiB to tens of KiB.
+    max_workflow_bytes: int = Field(256 * 1024, ge=1024)
 
 
 class QueueSettings(BaseModel):

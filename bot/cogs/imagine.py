@@ -28,7 +28,7 @@ from engine.errors import NoodleError
 if TYPE_CHECKING:
     from bot.service import Studio
 
-__all__ = ["imagine_cog"]
+__all__ = ["announce_and_follow", "imagine_cog"]
 
 log = logging.getLogger(__name__)
 # Discord drops an unanswered command after 3 s and the interaction token after 15 min; edits
@@ -131,16 +131,24 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
             except NoodleError as err:
                 await _reply(interaction, f"❌ {err}")
                 return
-            await _reply(interaction, _queued_text(ticket))
-            self._tasks.spawn(self._follow(interaction, ticket, time.monotonic()), name=f"status-{ticket.job_id}")
-
-        async def _follow(self, interaction: discord.Interaction, ticket: Ticket, replied_at: float) -> None:
-            # the token lives 15 minutes from the command; edits through it stop a little before
-            deadline = replied_at + TOKEN_SECONDS - (time.time() - interaction.created_at.timestamp())
-            await relay(need_studio().follow(ticket.job_id), InteractionStatus(interaction), every=status_every,
-                        deadline=deadline, shown_at=replied_at, finish=_verdict)
+            await announce_and_follow(self._tasks, studio, interaction, ticket, status_every)
 
     return Imagine()
+
+
+async def announce_and_follow(tasks: CogTasks, studio: "Studio", interaction: discord.Interaction, ticket: Ticket,
+                              every: float) -> None:
+    """Say the job is queued, then keep that private message up to date until the verdict (/imagine, /workflow)."""
+    await _reply(interaction, _queued_text(ticket))
+    tasks.spawn(_follow(studio, interaction, ticket, time.monotonic(), every), name=f"status-{ticket.job_id}")
+
+
+async def _follow(studio: "Studio", interaction: discord.Interaction, ticket: Ticket, replied_at: float,
+                  every: float) -> None:
+    # the token lives 15 minutes from the command; edits through it stop a little before
+    deadline = replied_at + TOKEN_SECONDS - (time.time() - interaction.created_at.timestamp())
+    await relay(studio.follow(ticket.job_id), InteractionStatus(interaction), every=every, deadline=deadline,
+                shown_at=replied_at, finish=_verdict)
 
 
 async def _download(attachment: discord.Attachment, allowed: Allowed) -> ImageUpload:

@@ -87,10 +87,10 @@ async def test_the_client_wires_store_engine_studio_and_cogs_and_syncs_only_on_c
         monkeypatch.setattr(bot.tree, "sync", sync)
         await bot.setup_hook()
         try:
-            assert set(bot.cogs) >= {"Imagine", "Presets", "UserSettings", "Queue", "Reactions"}
+            assert set(bot.cogs) == {"Imagine", "Presets", "UserSettings", "Queue", "Workflow", "Reactions"}
             assert bot.studio.front == "discord"
-            names = [c.name for c in bot.tree.get_commands()]
-            assert names[:7] == ["imagine", "preset", "settings", "tokens", "history", "models", "queue"]
+            assert [c.name for c in bot.tree.get_commands()] == ["imagine", "preset", "settings", "tokens", "history",
+                                                                 "models", "queue", "workflow"]
         finally:
             await bot.close()
     assert synced == [1]  # the second start found the same schema already synced

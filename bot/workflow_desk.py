@@ -1,0 +1,115 @@
+"""The Studio's /workflow: run an uploaded ComfyUI API-format workflow as one job, and 🔁 it with new seeds.
+
+A mixin of `Studio`, transport-free like the rest of it. A file goes through bot/workflow_file.py
+(size, JSON, UI format refused, /prompt wrapper unwrapped, blocked node types refused, outputs
+renamed under the results folder) and the engine's validator (ComfyUI's errors, summarised per node),
+then into the queue as ONE job through the same bookkeeping as /imagine (`Studio._enqueue`: the row
+first, all or nothing, the per-user cap). The job's images are stored, posted and deleted together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from bot.errors import RequestInvalid
+from bot.outcome import prefix_for
+from bot.records import Generation, NewGeneration
+from bot.request import DISCORD_INT_MAX
+from bot.settings import Settings
+from bot.tickets import Origin, Requester, Ticket
+from bot.workflow_file import (SOURCE, checkpoints_of, check_size, node_lines, parse_workflow, refuse_blocked,
+                               reseed, seeds_of, summarise, with_outputs)
+from engine.errors import WorkflowInvalid
+from engine.service import EngineService, Owner
+
+__all__ = ["WorkflowDesk", "variation_refused", "workflow_summary"]
+
+SQLITE_INT_MAX = 2**63 - 1  # a KSampler seed may reach 2**64 - 1; the job row keeps one only if SQLite can
+
+
+class WorkflowDesk:
+    """/workflow and the reroll of its results, for `Studio`."""
+
+    engine: EngineService
+    settings: Settings
+    front: str
+    # provided by Studio and PresetDesk
+    user_settings: Callable[[Requester], Coroutine[Any, Any, dict[str, Any]]]
+    _check_room: Callable[[Owner, int], None]
+    _enqueue: Callable[[NewGeneration, Owner, Origin, str], Coroutine[Any, Any, Ticket]]
+
+    async def run_workflow(self, data: bytes, filename: str, who: Requester, origin: Origin | None = None, *,
+                           private: bool | None = None) -> Ticket:
+        """Check, validate and queue an uploaded workflow for `who`; RequestInvalid says why not, and then nothing
+        was stored, written or queued. `private` None follows `who`'s /settings."""
+        filename = filename[:100]
+        check_size(filename, len(data), self.settings.limits.max_workflow_bytes)
+        workflow = await asyncio.to_thread(parse_workflow, data, filename)
+        refuse_blocked(workflow, filename, self.settings.bot.workflow_blocked_nodes)
+        if private is None:
+            private = bool((await self.user_settings(who)).get("private"))
+        request: dict[str, Any] = {"filename": filename, "bytes": len(data)}  # /queue and /history show the name
+        if private:
+            request["private"] = True
+        params = {"source": SOURCE, "filename": filename,
+                  "prefix": prefix_for(self.settings.bot.results_folder, Path(filename).stem)}
+        return await self._queue_workflow("workflow", workflow, params, request, who, origin or Origin())
+
+    async def rerun_workflow(self, parent: Generation, who: Requester, origin: Origin) -> Ticket:
+        """🔁 on a workflow result: the same graph with a new random seed in every sampler."""
+        fresh, seeds = reseed(parent.workflow, lambda: secrets.randbelow(DISCORD_INT_MAX + 1))
+        if not seeds:
+            raise RequestInvalid(f"#{parent.id}'s workflow has no KSampler seed to change (none, or each comes from "
+                                 "another node), so a reroll would give the same images; change it and run /workflow")
+        params = {key: value for key, value in parent.params.items() if key not in ("checkpoints", "seeds")}
+        return await self._queue_workflow("reroll", fresh, params, {**parent.request, "reroll_of": parent.id}, who,
+                                          origin, parent=parent)
+
+    async def _queue_workflow(self, kind: str, workflow: dict[str, Any], params: dict[str, Any],
+                              request: dict[str, Any], who: Requester, origin: Origin, *,
+                              parent: Generation | None = None) -> Ticket:
+        filename = str(params["filename"])
+        ready = with_outputs(workflow, f"{params['prefix']}-{secrets.token_hex(4)}")
+        try:
+            checked = await asyncio.to_thread(self.engine.executor.validate, ready)
+        except WorkflowInvalid as err:
+            raise RequestInvalid(summarise(err.body, filename)) from err
+        owner = Owner(who.user_id, who.guild_id)
+        self._check_room(owner, 1)
+        checkpoints, seeds = checkpoints_of(ready), seeds_of(ready)
+        first_seed = next(iter(seeds.values()), 0)
+        new = NewGeneration(kind=kind, front=self.front, requester_id=who.user_id, request=request,
+                            params={**params, "checkpoints": checkpoints, "seeds": seeds},
+                            model_name=checkpoints[0] if checkpoints else "",
+                            images=[(first_seed if first_seed <= SQLITE_INT_MAX else 0, ready)],
+                            guild_id=origin.guild_id or who.guild_id, channel_id=origin.channel_id,
+                            parent_id=parent.id if parent else None)
+        summary = workflow_summary(filename, checkpoints, seeds)
+        if checked.partial_errors:  # ComfyUI runs the outputs that passed; say which did not
+            summary += " · ⚠️ skipped, failed validation: " + "; ".join(node_lines(checked.partial_errors))
+        try:
+            return await self._enqueue(new, owner, origin, summary)
+        except WorkflowInvalid as err:  # a model file went away between our check and the queue's
+            raise RequestInvalid(summarise(err.body, filename)) from err
+
+
+def workflow_summary(filename: str, checkpoints: list[str], seeds: dict[str, int]) -> str:
+    """`portrait.json · tiny-sd15 · seed 42`: what a queued workflow's ticket says."""
+    models = ", ".join(name.rsplit("/", 1)[-1].removesuffix(".safetensors") for name in checkpoints) or "no checkpoint"
+    if len(seeds) == 1:
+        shown = f"seed {next(iter(seeds.values()))}"
+    else:
+        shown = "seeds " + ", ".join(f"node {node_id}: {seed}" for node_id, seed in seeds.items()) if seeds \
+            else "no sampler seed"
+    return f"{filename} · {models} · {shown}"
+
+
+def variation_refused(parent: Generation) -> RequestInvalid:
+    """Why 🔀 does not work on a workflow result."""
+    return RequestInvalid(f"#{parent.id} came from /workflow: 🔀 variations start from an /imagine result. React 🔁 "
+                          "to run the workflow again with new seeds, or start /imagine from one of its images "
+                          "with image:")

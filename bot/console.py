@@ -138,6 +138,7 @@ class Console:
         self.last: str | None = None
         self.failures = 0
         self._background: set[asyncio.Task[None]] = set()
+        self._detach = False  # the line being run ended in `&`: its job is followed in the background
 
     async def run(self, reader: LineReader, *, demo: tuple[str, ...] = ()) -> int:
         """Read and run lines until EOF or `quit`; 0 when every command worked, else 1.
@@ -166,10 +167,12 @@ class Console:
         text = line.strip()
         if not text or text.startswith("#"):
             return
-        if text.endswith("&"):  # as in a shell: queue it, take the next line at once
-            task = asyncio.create_task(self.handle(text.removesuffix("&")))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        if text.endswith("&"):  # as in a shell: queue it, follow it in the background, take the next line
+            self._detach = True
+            try:
+                await self.handle(text.removesuffix("&"))
+            finally:
+                self._detach = False
             return
         try:
             if text in ("help", "/help"):
@@ -246,14 +249,24 @@ class Console:
         where = f"position {ticket.position}" if ticket.position else "starting"
         print(f"queued job {ticket.job_id} (#{ticket.generation_id}, {where}): {ticket.summary}", file=self.out,
               flush=True)
-        line = _TerminalLine(self.err) if self.interactive else None
+        if self._detach:  # queued now (so /queue lists it); the result prints whenever it comes
+            task = asyncio.create_task(self._follow(ticket, progress=False))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        await self._follow(ticket, progress=self.interactive)
+
+    async def _follow(self, ticket: Ticket, *, progress: bool) -> None:
+        line = _TerminalLine(self.err) if progress else None
         sink = line if line is not None else _Silent()
         loop = asyncio.get_running_loop()
         final = await relay(self.studio.follow(ticket.job_id), sink, every=0.2,
                             deadline=loop.time() + FOLLOW_SECONDS, clock=loop.time)
         if line is not None:
             line.end()
-        if final is None or final.kind == "failed" or final.error:
+        if final is not None and final.generation is not None and final.generation.state == "cancelled":
+            print(f"job {ticket.job_id} (#{ticket.generation_id}) was cancelled", file=self.out, flush=True)
+        elif final is None or final.kind == "failed" or final.error:
             self.failures += 1
             reason = final.error if final is not None else "no result came back"
             print(f"error: job {ticket.job_id} failed: {reason}", file=self.out, flush=True)

@@ -131,6 +131,9 @@ class Settler:
         problem: str | None = None
         generation: Generation | None = None
         async with lock:
+            # someone follows it now (a front end showing its status): they report a failure, not us. Read before
+            # the awaits below, while a follower may see the settled row and stop following.
+            watched = bool(self._followers.get(generation_id))
             try:
                 generation = await self.store.get(generation_id)
                 if generation is not None and generation.state in PENDING and generation.all_ended:
@@ -142,7 +145,8 @@ class Settler:
                         message_id = await asyncio.wait_for(self.publisher.publish(generation), self.publish_timeout)
                         await self.store.mark_posted(generation.id, message_id, time.time())
                         generation = await self.store.get(generation_id) or generation
-                    elif generation.state in ("failed", "cancelled") and not self._followers.get(generation_id):
+                    elif generation.state in ("failed", "cancelled") and not watched \
+                            and not self._followers.get(generation_id):
                         await self.publisher.publish_failure(generation)
             except (NoodleError, OSError, TimeoutError, aiosqlite.Error) as err:
                 log.exception("#%s ended but its result could not be stored or posted", generation_id)

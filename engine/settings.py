@@ -19,6 +19,9 @@ class ModelsSettings(BaseModel):
     # Pickle files run code on load; only with this on are .ckpt/.pt/.bin loaded, and then
     # with torch.load(weights_only=True), as ComfyUI does.
     allow_weights_only_pickle: bool = False
+    # A1111's short model hashes (sha256 of whole files: seconds for a big checkpoint), kept across restarts;
+    # None keeps them in memory only.
+    hash_cache: Path | None = Path(".cache/model-hashes.json")
 
 
 class EngineSettings(BaseModel):

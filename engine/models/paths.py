@@ -12,8 +12,6 @@ Also here: the cheap fingerprint the model cache keys on, and A1111's short "Mod
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -22,6 +20,7 @@ from typing import Literal
 
 from engine.errors import ModelNotFound, UnsafeModelFile, UnsupportedModel
 from engine.models.detect import PICKLE_SUFFIXES
+from engine.models.hashes import hash_book
 
 __all__ = ["FOLDERS", "ModelCatalog", "file_fingerprint", "safe_join", "short_hash"]
 
@@ -147,18 +146,7 @@ def file_fingerprint(path: Path) -> str:
     return f"{stat.st_size}-{stat.st_mtime_ns}"
 
 
-@functools.lru_cache(maxsize=256)
-def _sha256_prefix(path: str, size: int, mtime_ns: int) -> str:
-    # size and mtime are part of the cache key so a rewritten file is hashed again.
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1024 * 1024), b""):
-            digest.update(block)
-    return digest.hexdigest()[:10]
-
-
 def short_hash(path: Path) -> str:
-    """A1111's "Model hash": the first 10 hex digits of the whole file's sha256, cached per file version."""
-    real = Path(path).resolve()
-    stat = real.stat()
-    return _sha256_prefix(str(real), stat.st_size, stat.st_mtime_ns)
+    """A1111's "Model hash": the first 10 hex digits of the whole file's sha256, remembered per file version
+    (engine/models/hashes.py, across restarts when [models] hash_cache is set)."""
+    return hash_book.short_hash(Path(path))

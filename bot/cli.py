@@ -118,12 +118,14 @@ def quiet_libraries(*, verbose: bool) -> None:
     """diffusers and transformers chatter (load bars, dtype notes) is not for our users; -v shows it."""
     if verbose:
         return
-    import diffusers.utils.logging as diffusers_logging
+    # transformers first: importing diffusers already makes transformers warn (about torchvision)
     import transformers.utils.logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    import diffusers.utils.logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,7 +85,7 @@ class DiscordPublisher:
         A private result (/settings private, /imagine private:) goes to the requester's DMs instead of the
         channel; reactions work there too.
         """
-        private = bool(generation.request.get("private"))
+        private = generation.private
         if generation.channel_id is None and not private:
             raise GenerationNotFound(f"#{generation.id} has no channel to post to")
         shown = generation.images[:MAX_FILES]
@@ -127,7 +127,7 @@ class DiscordPublisher:
         """Tell the requester that a job nobody was watching failed: in the channel, or by DM if private."""
         text = truncate(failure_text(generation), 1900)
         try:
-            if generation.request.get("private"):
+            if generation.private:
                 await (await self._user(generation.requester_id)).send(content=text)
                 return
             if generation.channel_id is None:

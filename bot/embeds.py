@@ -207,14 +207,19 @@ def failure_text(generation: Generation) -> str:
     return f"❌ Job {generation.job_id} (#{generation.id}) {verb}: {generation.error or 'no reason given'}"
 
 
+def request_label(generation: Generation) -> str:
+    """What a request is known by in lists: its prompt, or a /workflow's file name."""
+    return str(generation.params.get("prompt") or generation.request.get("prompt")
+               or generation.params.get("filename") or generation.request.get("filename") or "")
+
+
 def history_line(generation: Generation) -> str:
     """One line of /history: number, kind, state, prompt, model and a link to the posted result."""
-    prompt = truncate(str(generation.params.get("prompt") or generation.request.get("prompt")
-                          or generation.params.get("filename", "")), 60)
+    prompt = truncate(request_label(generation), 60)
     model = generation.model_name.rsplit("/", 1)[-1].removesuffix(".safetensors")
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(generation.created_at))
     where = ""
-    if generation.request.get("private") and generation.message_id:
+    if generation.private and generation.message_id:
         where = " (sent to your DMs)"
     elif generation.channel_id and generation.message_id:
         where = f" https://discord.com/channels/{generation.guild_id or '@me'}/{generation.channel_id}/" \

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bot.embeds import truncate
+from bot.embeds import request_label, truncate
 from bot.errors import GenerationNotFound, NotAllowed, RequestInvalid
-from bot.records import Generation
 from bot.store import Store
 from bot.tickets import Requester
 from engine.service import EngineService, JobInfo, JobState, Owner
@@ -62,7 +61,7 @@ class QueueDesk:
         entries = []
         for generation_id, infos in grouped.items():
             generation = await self.store.get(generation_id)
-            prompt = "" if generation is None else _prompt_of(generation)
+            prompt = "" if generation is None else request_label(generation)
             positions = [info.position for info in infos if info.position is not None]
             etas = [info.eta_s for info in infos]
             entries.append(QueueEntry(
@@ -95,14 +94,7 @@ class QueueDesk:
         return stopped
 
 
-def _prompt_of(generation: Generation) -> str:
-    return str(generation.params.get("prompt") or generation.request.get("prompt")
-               or generation.request.get("filename") or "")
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
+def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{max(1, round(seconds))} s"
     return f"{seconds / 60:.0f} min"

@@ -145,6 +145,11 @@ class Generation:
         return self.timings.get("total")
 
     @property
+    def private(self) -> bool:
+        """Its result goes to the requester's DMs (/settings private, /imagine private:), rerolls included."""
+        return bool(self.request.get("private"))
+
+    @property
     def is_terminal(self) -> bool:
         """Settled (done, failed, cancelled) or deleted."""
         return self.state in TERMINAL

@@ -28,7 +28,7 @@ from engine.errors import NoodleError
 if TYPE_CHECKING:
     from bot.service import Studio
 
-__all__ = ["announce_and_follow", "imagine_cog"]
+__all__ = ["announce_and_follow", "imagine_cog", "read_attachment"]
 
 log = logging.getLogger(__name__)
 # Discord drops an unanswered command after 3 s and the interaction token after 15 min; edits
@@ -154,12 +154,17 @@ async def _follow(studio: "Studio", interaction: discord.Interaction, ticket: Ti
 async def _download(attachment: discord.Attachment, allowed: Allowed) -> ImageUpload:
     """The attachment's bytes, refused by its size and type before a byte is downloaded."""
     check_upload_meta(attachment.filename, attachment.content_type, attachment.size, allowed)
-    try:
-        data = await asyncio.wait_for(attachment.read(), timeout=DOWNLOAD_SECONDS)
-    except (discord.HTTPException, asyncio.TimeoutError) as err:
-        raise RequestInvalid(f"image: {attachment.filename!r} could not be downloaded ({err}); attach it again") \
-            from err
+    data = await read_attachment(attachment, "image")
     return ImageUpload(filename=attachment.filename, content_type=attachment.content_type, data=data)
+
+
+async def read_attachment(attachment: discord.Attachment, option: str) -> bytes:
+    """An attachment's bytes (its size already checked); a failed or slow download says to attach it again."""
+    try:
+        return await asyncio.wait_for(attachment.read(), timeout=DOWNLOAD_SECONDS)
+    except (discord.HTTPException, asyncio.TimeoutError) as err:
+        raise RequestInvalid(f"{option}: {attachment.filename!r} could not be downloaded ({err}); attach it again") \
+            from err
 
 
 async def _reply(interaction: discord.Interaction, text: str) -> None:

@@ -16,12 +16,13 @@ from bot.cogs.imagine import _reply
 from bot.cogs.lookup import require_studio
 from bot.discord_post import requester_of
 from bot.queue_desk import QueueEntry, queue_text
+from bot.tickets import Requester
 from engine.errors import NoodleError
 
 if TYPE_CHECKING:
     from bot.service import Studio
 
-__all__ = ["CancelButton", "QueueView", "queue_cog"]
+__all__ = ["CancelButton", "QueueView", "cancel_line", "queue_cog"]
 
 log = logging.getLogger(__name__)
 # Discord: at most 25 buttons on a message (5 rows of 5)
@@ -40,11 +41,7 @@ class CancelButton(discord.ui.Button):  # type: ignore[type-arg]
 
     async def callback(self, interaction: discord.Interaction) -> None:
         who = requester_of(interaction)
-        try:
-            stopped = await self.studio.cancel_request(who, self.generation_id)
-            head = f"🛑 Cancelled #{self.generation_id} ({stopped} image(s) stopped)."
-        except NoodleError as err:
-            head = f"❌ {err}"
+        head = await cancel_line(self.studio, who, self.generation_id)
         text, view = await queue_answer(self.studio, who)
         try:
             await interaction.response.edit_message(content=f"{head}\n{text}"[:2000], view=view)
@@ -61,9 +58,18 @@ class QueueView(discord.ui.View):
             self.add_item(CancelButton(studio, entry))
 
 
-async def queue_answer(studio: "Studio", who: object) -> tuple[str, Optional[QueueView]]:
+async def cancel_line(studio: "Studio", who: Requester, generation_id: int) -> str:
+    """Cancel request #`generation_id` for `who`; the outcome as the answer's first line."""
+    try:
+        stopped = await studio.cancel_request(who, generation_id)
+    except NoodleError as err:
+        return f"❌ {err}"
+    return f"🛑 Cancelled #{generation_id} ({stopped} image(s) stopped)."
+
+
+async def queue_answer(studio: "Studio", who: Requester) -> tuple[str, Optional[QueueView]]:
     """The list as text, and its buttons (None when there is nothing to cancel)."""
-    entries = await studio.queue_entries(who)  # type: ignore[arg-type]
+    entries = await studio.queue_entries(who)
     text = queue_text(entries, "Cancel one with its button, or /queue cancel: NUMBER.")
     return text, (QueueView(studio, entries) if entries else None)
 
@@ -85,13 +91,7 @@ def queue_cog(studio: "Optional[Studio]") -> commands.Cog:
             """List (after cancelling `cancel`, if given), privately."""
             await interaction.response.defer(ephemeral=True, thinking=True)
             who = requester_of(interaction)
-            head = ""
-            if cancel is not None:
-                try:
-                    stopped = await need_studio().cancel_request(who, cancel)
-                    head = f"🛑 Cancelled #{cancel} ({stopped} image(s) stopped).\n"
-                except NoodleError as err:
-                    head = f"❌ {err}\n"
+            head = f"{await cancel_line(need_studio(), who, cancel)}\n" if cancel is not None else ""
             text, view = await queue_answer(need_studio(), who)
             if view is None:
                 await _reply(interaction, head + text)

@@ -6,18 +6,16 @@ checks the bytes again, parses, validates and queues them as one job (bot/workfl
 channel (or their DMs, for private results); the follow-up helpers are /imagine's.
 """
 
-import asyncio
 from typing import TYPE_CHECKING, Optional
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.imagine import DOWNLOAD_SECONDS, _reply, announce_and_follow
+from bot.cogs.imagine import _reply, announce_and_follow, read_attachment
 from bot.cogs.lookup import require_studio
 from bot.cogs.tasks import CogTasks
 from bot.discord_post import origin_of, requester_of
-from bot.errors import RequestInvalid
 from bot.workflow_file import check_size
 from engine.errors import NoodleError
 
@@ -62,8 +60,4 @@ class Workflow(commands.Cog):
 async def _download(attachment: discord.Attachment, limit: int) -> bytes:
     """The attachment's bytes, refused by the size Discord reports before a byte is downloaded."""
     check_size(attachment.filename, attachment.size, limit)
-    try:
-        return await asyncio.wait_for(attachment.read(), timeout=DOWNLOAD_SECONDS)
-    except (discord.HTTPException, asyncio.TimeoutError) as err:
-        raise RequestInvalid(f"workflow: {attachment.filename!r} could not be downloaded ({err}); attach it again") \
-            from err
+    return await read_attachment(attachment, "workflow")

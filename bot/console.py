@@ -9,6 +9,7 @@ on a terminal it prompts and draws a progress line.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, TextIO
 
 from bot.embeds import card_text, failure_text, history_line, result_card
 from bot.errors import RequestInvalid
+from bot.files import read_capped
 from bot.console_presets import CONSOLE_SERVER, preset_command, queue_command, settings_command
 from bot.options import IMAGINE_OPTIONS, parse_options
 from bot.records import Generation
@@ -51,6 +53,7 @@ HELP = """commands:
 ACTIONS = {"🔁": "reroll", "reroll": "reroll", "🔀": "variation", "variation": "variation", "🗑️": "delete",
            "🗑": "delete", "delete": "delete", "ℹ️": "details", "ℹ": "details", "details": "details",
            "1️⃣": "variation:1", "2️⃣": "variation:2", "3️⃣": "variation:3", "4️⃣": "variation:4"}
+log = logging.getLogger(__name__)
 TINY_DIR = Path(".cache/models")
 # what `make run` shows when nothing is piped in: one image, then a reroll served from the cache
 DEMO = ("/imagine prompt: a red fox in the snow, (highly detailed:1.2) negative: blurry seed: 42 steps: 8",
@@ -130,8 +133,9 @@ class Console:
         self.studio = studio
         self.out, self.err = out, err
         self.interactive = interactive
-        # the person at the console runs this machine: they may delete any result, as a moderator would
-        self.who = Requester(user, None, user.removeprefix("console:"), can_manage_messages=True)
+        # no server, so no moderator rights: like a DM, the console reaches its own results only (bot/access.py),
+        # never a Discord server's should the two share a database
+        self.who = Requester(user, None, user.removeprefix("console:"))
         # presets belong to a server: the console is one server of its own; --manage-server makes you its manager
         self.member = replace(self.who, guild_id=CONSOLE_SERVER, manage_server=manage_server)
         self.details_dir = details_dir
@@ -209,11 +213,16 @@ class Console:
         except NoodleError as err:
             self.failures += 1
             print(f"error: {err}", file=self.out, flush=True)
+        except Exception as err:  # a bug of ours, not the line's: one line here, the traceback once in the log
+            self.failures += 1
+            log.exception("console command %r failed", text[:200])
+            print(f"error: Noodle failed on this command ({type(err).__name__}: {str(err)[:200]}); the traceback is "
+                  "in the log. The console goes on with the next command", file=self.out, flush=True)
 
     async def _imagine(self, rest: str) -> None:
         options: dict[str, Any] = parse_options(rest, (*IMAGINE_OPTIONS, "preset"))
         if "image" in options:
-            options["image"] = await _read_image(options["image"])
+            options["image"] = await _read_image(options["image"], self.studio.allowed.max_attachment_bytes)
         layered = await self.studio.layered_options(options, self.member)
         ticket = await self.studio.submit(await self.studio.parse(layered), self.who)
         await self._wait(ticket)
@@ -229,10 +238,16 @@ class Console:
         generation = await self.studio.by_job(job_id) if job_id else None
         if generation is None:
             raise RequestInvalid(f"no job {job!r} here; use a job id printed in a result's last line, or `last`")
+        extra = words[2:]
+        if extra and (action != "variation" or len(extra) > 1):  # a word we would otherwise drop unread
+            takes = "one image number, as in" if action == "variation" else "nothing after it:"
+            raise RequestInvalid(f"{words[1]} takes {takes} react {job} {words[1]}"
+                                 f"{' 1' if action == 'variation' else ''}; not {' '.join(extra)!r}")
         if action == "reroll":
             await self._wait(await self.studio.reroll(generation.id, self.who))
         elif action.startswith("variation"):
-            index = int(action.split(":")[1]) if ":" in action else int(words[2]) if len(words) > 2 else 1
+            index = int(action.split(":")[1]) if ":" in action else _image_number(extra[0], generation, job) \
+                if extra else 1
             await self._wait(await self.studio.variation(generation.id, self.who, index))
         elif action == "delete":
             await self.studio.delete(generation.id, self.who)
@@ -272,15 +287,25 @@ class Console:
             print(f"error: job {ticket.job_id} failed: {reason}", file=self.out, flush=True)
 
 
+def _image_number(text: str, generation: Generation, job: str) -> int:
+    """`react JOB 🔀 N`'s N: the number of one of the result's images, 1 to how many it has."""
+    count = len(generation.images)
+    # the length check first: int() of a few thousand digits is slow, then refused by Python itself
+    if text.isdecimal() and len(text) <= len(str(count)) and 1 <= int(text) <= count:
+        return int(text)
+    raise RequestInvalid(f"{text!r} is not an image number of #{generation.id}: it has {count} image(s), pick 1 to "
+                         f"{count}, as in react {job} 🔀 1")
+
+
 class _Silent:
     async def update(self, text: str) -> None:
         return None
 
 
-async def _read_image(path_text: str) -> ImageUpload:
+async def _read_image(path_text: str, limit: int) -> ImageUpload:
     path = Path(path_text.strip()).expanduser()
-    try:
-        data = await asyncio.to_thread(path.read_bytes)
+    try:  # at most limit + 1 bytes: the Studio refuses a larger file by its size, with the limit
+        data = await asyncio.to_thread(read_capped, path, limit)
     except OSError as err:
         raise RequestInvalid(f"image: cannot read {path} ({err.strerror}); give the path of a PNG, JPEG or WebP "
                              "file") from None

@@ -86,8 +86,10 @@ async def queue_command(studio: Any, who: Requester, rest: str) -> str:
     head = ""
     if text:
         number = text.removeprefix("cancel").lstrip(": ").strip()
-        if not text.startswith("cancel") or not number.isdigit():
-            raise RequestInvalid(f"/queue takes only cancel: NUMBER, as in /queue cancel: 12, not {rest.strip()!r}")
+        # isdecimal: isdigit takes '²', which int() refuses; past 30 digits no request exists and int() refuses 4,300+
+        if not text.startswith("cancel") or not number.isdecimal() or len(number) > 30:
+            raise RequestInvalid("/queue takes only cancel: NUMBER, as in /queue cancel: 12, "
+                                 f"not {rest.strip()[:60]!r}")
         stopped = await studio.cancel_request(who, int(number))
         head = f"cancelled #{number} ({stopped} image(s) stopped)\n"
     return head + queue_text(await studio.queue_entries(who))

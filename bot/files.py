@@ -8,17 +8,17 @@ the event loop.
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from bot.errors import RequestInvalid
 from bot.request import Allowed
+from engine.disk import check_free_space
+from engine.errors import LimitExceeded
+from engine.images_io import UnusableImage, decode_still, suffix_for
 from engine.pngmeta import read_png_texts
 
-__all__ = ["PreparedImage", "prepare_image", "read_parameters", "remove_files", "save_prepared"]
+__all__ = ["PreparedImage", "prepare_image", "read_capped", "read_parameters", "remove_files", "save_prepared"]
 
 
 @dataclass(frozen=True)
@@ -26,51 +26,53 @@ class PreparedImage:
     """An image that passed the checks: where it will live in the input folder, its size, its bytes."""
 
     name: str  # relative to the input folder, as LoadImage's `image` input takes it
-    width: int
+    width: int  # upright (EXIF orientation applied), as LoadImage will produce it
     height: int
     data: bytes
 
 
 def prepare_image(data: bytes, label: str, folder: str, allowed: Allowed) -> PreparedImage:
-    """Decode `data` enough to know it is an image within the limits; name it by its content."""
+    """Decode `data` as LoadImage will (engine/images_io.py) and check it; name it by its content.
+
+    Decoding it all here, not only the header, means a damaged file, an animation or a foreign format is
+    refused to the member's face, and the size on the card is the upright size LoadImage samples from.
+    """
     if len(data) > allowed.max_attachment_bytes:
         raise RequestInvalid(f"image: {label!r} is {len(data) / 1e6:.1f} MB; the limit is "
                              f"{allowed.max_attachment_bytes / 1e6:.1f} MB: scale it down or save it as JPEG")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > allowed.max_pixels or max(width, height) > allowed.max_side:
-                raise RequestInvalid(
-                    f"image: {label!r} is {width}x{height} = {width * height} pixels; this server takes up to "
-                    f"{allowed.max_side} pixels a side and {allowed.max_pixels} in all (limits in config.toml): "
-                    "scale it down")
-            if min(width, height) < allowed.min_side:
-                raise RequestInvalid(f"image: {label!r} is {width}x{height}; both sides must be at least "
-                                     f"{allowed.min_side} pixels: use a larger image")
-            image.verify()  # reads the whole stream: a truncated or corrupt file fails here, not in the worker
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
-        raise RequestInvalid(f"image: {label!r} is not an image Noodle can read ({type(err).__name__}); attach a "
-                             "PNG, JPEG, WebP or BMP file") from None
+        still = decode_still(data, f"image: {label!r}", max_bytes=allowed.max_attachment_bytes,
+                             max_side=allowed.max_side, max_pixels=allowed.max_pixels)
+    except (UnusableImage, LimitExceeded) as err:
+        raise RequestInvalid(str(err)) from None
+    width, height = still.width, still.height
+    if min(width, height) < allowed.min_side:
+        raise RequestInvalid(f"image: {label!r} is {width}x{height}; both sides must be at least "
+                             f"{allowed.min_side} pixels: use a larger image")
+    # the original bytes, not a re-encoding: LoadImage decodes them with the same function, EXIF and all
     digest = hashlib.sha256(data).hexdigest()[:20]
-    return PreparedImage(f"{folder}/{digest}.png" if data[:8] == b"\x89PNG\r\n\x1a\n" else
-                         f"{folder}/{digest}{_suffix(data)}", width, height, data)
+    return PreparedImage(f"{folder}/{digest}{suffix_for(still.format)}", width, height, data)
 
 
-def _suffix(data: bytes) -> str:
-    if data[:3] == b"\xff\xd8\xff":
-        return ".jpg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return ".webp"
-    if data[:2] == b"BM":
-        return ".bmp"
-    return ".png"
+def read_capped(path: Path, limit: int) -> bytes:
+    """A local file's bytes (`noodle chat`'s image: and /workflow PATH), never more than `limit` + 1 of them.
+
+    The size is not taken from stat(): a device or a FIFO (/dev/zero) says 0 and never ends, so the read
+    itself is bounded; the caller refuses `len(data) > limit` with its own message. OSError passes through.
+    """
+    if not path.is_file():
+        raise IsADirectoryError(21, "not a regular file") if path.is_dir() else OSError(22, "not a regular file")
+    with path.open("rb") as opened:
+        return opened.read(limit + 1)
 
 
-def save_prepared(image: PreparedImage, input_dir: Path) -> bool:
+def save_prepared(image: PreparedImage, input_dir: Path, keep_free_mb: int = 0) -> bool:
     """Write the image into the input folder; True when this call created the file (so a refusal can undo it)."""
     path = input_dir / image.name
     if path.exists():
-        return False  # content-addressed: the same bytes are already there
+        path.touch()  # content-addressed: the same bytes are there; retention counts from their last use
+        return False
+    check_free_space(input_dir, keep_free_mb, len(image.data))  # DiskFull: refused before a byte is written
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_suffix(path.suffix + ".part")
     temp.write_bytes(image.data)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bot.access import may_moderate, not_found, reachable
 from bot.embeds import request_label, truncate
-from bot.errors import GenerationNotFound, NotAllowed, RequestInvalid
+from bot.errors import NotAllowed, RequestInvalid
 from bot.store import Store
 from bot.tickets import Requester
 from engine.service import EngineService, JobInfo, JobState, Owner
@@ -74,13 +75,15 @@ class QueueDesk:
     async def cancel_request(self, who: Requester, generation_id: int) -> int:
         """Cancel every queued or running image of request #`generation_id`; returns how many were stopped.
 
-        The requester may cancel their own; a member with Manage Messages anyone's (as with 🗑️).
+        The requester may cancel their own; a member with Manage Messages anyone's in their own server (as with
+        🗑️). Another server's request, a DM one or someone's private one is answered as a number that does not
+        exist (bot/access.py): numbers are sequential, the answer must not confirm that one is in use.
         """
-        generation = await self.store.get(generation_id)
+        generation = await reachable(self.store, generation_id, who)
         if generation is None:
-            raise GenerationNotFound(f"there is no request #{generation_id}; /queue lists yours with their numbers")
+            raise not_found(generation_id, "request", "/queue lists yours with their numbers")
         mine = generation.requester_id == who.user_id
-        if not mine and not who.can_manage_messages:
+        if not may_moderate(generation, who):
             raise NotAllowed(f"#{generation_id} is someone else's request; only they or members with Manage "
                              "Messages can cancel it")
         by = Owner(who.user_id, who.guild_id) if mine else None

@@ -21,15 +21,18 @@ from bot.settings import BotSettings, Settings
 from engine.models.detect import Arch
 from engine.samplers import SCHEDULER_NAMES, SUPPORTED_SAMPLERS, UnfaithfulSampler, check_pair
 from engine.templates import ExpandedPrompt, LoraChoice, WorkflowParams, expand_prompt
+from prompts.emphasis import parse_weighted
 from prompts.errors import PromptError
+from prompts.loras import extract_lora_tags
 from prompts.styles import apply_style
 
 __all__ = ["Allowed", "GenerationRequest", "ImageUpload", "RequestContext", "check_upload_meta", "parse_request"]
 
 SEED_MAX = 2**64 - 1  # KSampler's range
 DISCORD_INT_MAX = 2**53 - 1  # Discord's integer options are doubles: larger seeds cannot be typed there
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# what engine/images_io.py decodes; anything else is refused before a byte is downloaded
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,10 @@ class RequestContext:
 def check_upload_meta(filename: str, content_type: str | None, size: int, allowed: Allowed) -> None:
     """Refuse an attachment by what Discord says about it, before downloading a byte of it."""
     if content_type is not None and content_type.split(";")[0].strip().lower() not in IMAGE_TYPES:
-        raise RequestInvalid(f"image: {filename!r} is {content_type}, not an image; attach a PNG, JPEG, WebP or "
-                             "BMP file")
+        raise RequestInvalid(f"image: {filename!r} is {content_type}, not an image Noodle decodes; attach a PNG, "
+                             "JPEG or WebP file")
     if content_type is None and not filename.lower().endswith(IMAGE_SUFFIXES):
-        raise RequestInvalid(f"image: {filename!r} does not look like an image; attach a PNG, JPEG, WebP or BMP file")
+        raise RequestInvalid(f"image: {filename!r} does not look like an image; attach a PNG, JPEG or WebP file")
     if size > allowed.max_attachment_bytes:
         raise RequestInvalid(f"image: {filename!r} is {size / 1e6:.1f} MB; the limit is "
                              f"{allowed.max_attachment_bytes / 1e6:.1f} MB: scale it down or save it as JPEG")
@@ -226,6 +229,11 @@ class GenerationRequest(BaseModel):
             expanded = expand_prompt(prompt, negative, seed, list(available_loras), loras=chosen)
         except PromptError as err:
             raise RequestInvalid(f"prompt: {err}") from None
+        for name, text in (("prompt", expanded.prompt), ("negative", expanded.negative)):
+            try:  # the text encode reads the emphasis again; read here, a bad weight never reaches the queue
+                parse_weighted(extract_lora_tags(text)[0])
+            except PromptError as err:
+                raise RequestInvalid(f"{name}: {err}") from None
         params = WorkflowParams(
             checkpoint=checkpoint, prompt=expanded.prompt, negative=expanded.negative, seed=seed, steps=steps,
             cfg=self.cfg if self.cfg is not None else defaults.default_cfg, sampler_name=sampler,

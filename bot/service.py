@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bot.access import may_moderate, not_found, reachable
 from bot.errors import GenerationNotFound, NotAllowed, RequestInvalid
 from bot.files import PreparedImage, prepare_image, read_parameters, remove_files, save_prepared
 from bot.follow import merged_events
@@ -28,6 +29,7 @@ from bot.preset_desk import PresetDesk
 from bot.queue_desk import QueueDesk
 from bot.records import Generation, NewGeneration
 from bot.request import DISCORD_INT_MAX, SEED_MAX, Allowed, GenerationRequest, RequestContext, parse_request
+from bot.retention import Retention, inputs_of, owned_folder
 from bot.settings import Settings
 from bot.settle import Settler
 from bot.store import Store
@@ -50,7 +52,8 @@ class Studio(PresetDesk, QueueDesk, WorkflowDesk, Settler):
     def __init__(self, engine: EngineService, store: Store, settings: Settings, *, front: str,
                  publisher: Publisher | None = None) -> None:
         super().__init__(engine, store, front=front, publisher=publisher,
-                         publish_timeout=settings.bot.publish_timeout_seconds)
+                         publish_timeout=settings.bot.publish_timeout_seconds,
+                         retention=Retention(store, engine.executor.settings, settings.bot, settings.retention))
         self.settings = settings
         self.allowed = Allowed.from_settings(settings)
         self._arch: dict[tuple[str, str], Arch] = {}
@@ -129,21 +132,22 @@ class Studio(PresetDesk, QueueDesk, WorkflowDesk, Settler):
 
     async def reroll(self, generation_id: int, who: Requester, origin: Origin | None = None) -> Ticket:
         """The same graphs with new seeds: the engine's cache serves everything above the sampler."""
-        parent = await self._usable(generation_id)
+        parent = await self._usable(generation_id, who)
+        private = await self._keeps_private(parent, who)
         if is_workflow(parent):
-            return await self.rerun_workflow(parent, who, origin or _origin_of(parent))
+            return await self.rerun_workflow(parent, who, origin or _origin_of(parent), private=private)
         count = max(1, len(parent.jobs))
         params = replace(_params_of(parent), seed=_random_seed(count))
         if params.init_image and not (self.engine.executor.settings.input_dir / params.init_image).is_file():
             raise RequestInvalid(f"the image #{parent.id} started from is gone from the input folder; "
                                  "attach it again with /imagine image:")
-        return await self._queue("reroll", params, count, {**parent.request, "reroll_of": parent.id}, who,
-                                 origin or _origin_of(parent), parent=parent)
+        request = {**parent.request, "reroll_of": parent.id, **({"private": True} if private else {})}
+        return await self._queue("reroll", params, count, request, who, origin or _origin_of(parent), parent=parent)
 
     async def variation(self, generation_id: int, who: Requester, image: int = 1,
                         origin: Origin | None = None) -> Ticket:
         """img2img of image `image` (1-based) of a result at the configured variation denoise."""
-        parent = await self._usable(generation_id)
+        parent = await self._usable(generation_id, who)
         if is_workflow(parent):
             raise variation_refused(parent)
         if not 1 <= image <= len(parent.images):
@@ -157,6 +161,8 @@ class Studio(PresetDesk, QueueDesk, WorkflowDesk, Settler):
                          denoise=self.settings.bot.variation_denoise, batch_size=1,
                          width=prepared.width // 8 * 8, height=prepared.height // 8 * 8)
         request = {**parent.request, "variation_of": parent.id, "variation_of_image": image}
+        if await self._keeps_private(parent, who):
+            request["private"] = True
         return await self._queue("variation", params, 1, request, who, origin or _origin_of(parent),
                                  prepared=prepared, parent=parent)
 
@@ -171,7 +177,8 @@ class Studio(PresetDesk, QueueDesk, WorkflowDesk, Settler):
             params, seed=params.seed + n, batch_size=1,
             filename_prefix=f"{params.filename_prefix}-{secrets.token_hex(4)}"))) for n in range(count)]
         input_dir = self.engine.executor.settings.input_dir
-        created = await asyncio.to_thread(save_prepared, prepared, input_dir) if prepared else False
+        created = await asyncio.to_thread(save_prepared, prepared, input_dir,
+                                          self.settings.limits.min_free_disk_mb) if prepared else False
         new = NewGeneration(kind=kind, front=self.front, requester_id=who.user_id, request=request,
                             params=_params_json(replace(params, batch_size=1)), model_name=params.checkpoint,
                             images=images, guild_id=origin.guild_id or who.guild_id, channel_id=origin.channel_id,
@@ -216,18 +223,30 @@ class Studio(PresetDesk, QueueDesk, WorkflowDesk, Settler):
     # -- results -----------------------------------------------------------------------------
 
     async def delete(self, generation_id: int, who: Requester) -> Generation:
-        """Remove a result's files and retire it (the requester, or someone allowed to manage messages)."""
-        generation = await self._usable(generation_id)
-        if who.user_id != generation.requester_id and not who.can_manage_messages:
+        """Remove a result's files and retire it (the requester, or a Manage Messages member of its server)."""
+        generation = await self._usable(generation_id, who)
+        if not may_moderate(generation, who):
             raise NotAllowed(f"only the requester of #{generation.id} or members with Manage Messages can delete it; "
                              "react with 🔁 or 🔀 to make your own version instead")
         await asyncio.to_thread(remove_files, generation.images)
         await self.store.mark_deleted(generation.id, time.time())
+        await self._remove_source(generation)
         return generation
+
+    async def _remove_source(self, generation: Generation) -> None:
+        """The upload a deleted result started from goes too, unless another result loads the same file (uploads
+        are named by their content, so two members' identical attachments are one file)."""
+        input_dir = self.engine.executor.settings.input_dir
+        uploads = owned_folder(input_dir, self.settings.bot.uploads_folder, "uploads_folder")
+        for name in sorted(inputs_of(generation)):
+            # only an upload: never an owner's own input file that a /workflow loaded
+            if uploads is not None and uploads in (input_dir / name).resolve().parents \
+                    and not await self.store.uses_input(name, besides=generation.id):
+                await asyncio.to_thread(remove_files, [str(input_dir / name)])
 
     async def details(self, generation_id: int, who: Requester) -> Details:
         """Everything that reproduces a result: its card, A1111's parameters text, the workflow JSON."""
-        generation = await self._usable(generation_id)
+        generation = await self._usable(generation_id, who)
         parameters = await asyncio.to_thread(read_parameters, generation.images)
         return details_of(generation, parameters)
 
@@ -243,16 +262,21 @@ class Studio(PresetDesk, QueueDesk, WorkflowDesk, Settler):
         """The generation one of whose images is job `job_id`."""
         return await self.store.by_job(job_id)
 
-    async def _usable(self, generation_id: int) -> Generation:
-        generation = await self.store.get(generation_id)
+    async def _usable(self, generation_id: int, who: Requester) -> Generation:
+        """A finished result `who` may reach; another server's, a DM one or someone's private one reads as missing."""
+        generation = await reachable(self.store, generation_id, who)
         if generation is None:
-            raise GenerationNotFound(f"there is no generation #{generation_id}; results show their number in the "
-                                     "footer")
+            raise not_found(generation_id, "generation", "results show their number in the footer")
         if generation.state == "deleted":
             raise RequestInvalid(f"#{generation.id} was deleted; run /imagine again")
         if generation.state != "done":
             raise RequestInvalid(f"#{generation.id} is {generation.state}; wait for its result")
         return generation
+
+    async def _keeps_private(self, parent: Generation, who: Requester) -> bool:
+        """A reroll or variation is private when its parent was (it stays in DMs) or when the member who reacted
+        keeps /settings private: True (their version of a public result goes to their DMs)."""
+        return parent.private or bool((await self.user_settings(who)).get("private"))
 
     # -- following jobs ----------------------------------------------------------------------
 

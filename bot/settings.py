@@ -44,9 +44,27 @@ class BotSettings(BaseModel):
     max_attachment_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     # How long a front end waits for a finished job to be stored and posted before it gives up.
     publish_timeout_seconds: float = Field(300.0, gt=0.0)
+    # While Discord cannot be reached the bot retries its login after 5 s, doubling up to 5 min (the engine runs
+    # queued jobs meanwhile); a bad token is not retried.
+    connect_retry_first_seconds: float = Field(5.0, gt=0.0)
+    connect_retry_max_seconds: float = Field(300.0, gt=0.0)
     # Node types /workflow refuses (on Discord and in `noodle chat`): CheckpointSave writes a multi-GB
     # checkpoint file on this machine every time it runs.
     workflow_blocked_nodes: tuple[str, ...] = ("CheckpointSave",)
+
+
+class RetentionSettings(BaseModel):
+    """The `[retention]` table: how long uploads, the engine's finished job rows and results are kept (0: for ever).
+
+    Pruned at start and then every `check_every_hours`; files of requests still queued or running stay."""
+
+    # Attachments and variation sources under [engine] input_dir/[bot] uploads_folder, by last use.
+    uploads_days: float = Field(30.0, ge=0.0)
+    # Finished rows of the engine's queue table (the bot's history keeps what a result needs).
+    job_rows_days: float = Field(30.0, ge=0.0)
+    # Result PNGs under [engine] output_dir/[bot] results_folder; their requests are retired as by 🗑️.
+    results_days: float = Field(0.0, ge=0.0)
+    check_every_hours: float = Field(1.0, gt=0.0)
 
 
 def config_path() -> Path:
@@ -64,6 +82,7 @@ class Settings(BaseSettings):
     limits: Limits = Limits()
     queue: QueueSettings = QueueSettings()
     bot: BotSettings = BotSettings()
+    retention: RetentionSettings = RetentionSettings()
     discord_token: SecretStr | None = None
 
     @classmethod

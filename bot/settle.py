@@ -4,6 +4,10 @@ One task reads `engine.subscribe()` (every job's events): a started job marks it
 ended job is stored, and when every image of a request has ended the request is settled (its outcome
 written) and handed to the front end's `Publisher` once. At start, `reconcile` does the same for what
 ended or stayed unposted while no process listened, so results survive a restart.
+
+When the database cannot be written (a full disk), the request that could not be recorded fails anyway:
+in memory, its follower told at once, its PNGs removed (nothing would find them again), its other images
+cancelled; the failure is written as soon as a later write gets through (every engine event retries).
 """
 
 from __future__ import annotations
@@ -12,16 +16,21 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from bot.errors import GenerationNotFound
+from bot.files import remove_files
 from bot.outcome import outcome_of
 from bot.records import Generation
+from bot.retention import Retention
 from bot.store import PENDING, Store
 from bot.tickets import Publisher
+from engine.disk import is_disk_full
 from engine.errors import NoodleError
 from engine.service import EngineService, JobEvent, JobState
 
@@ -36,8 +45,9 @@ class Settler:
     """Keeps the store in step with the engine and posts each settled request once."""
 
     def __init__(self, engine: EngineService, store: Store, *, front: str, publisher: Publisher | None,
-                 publish_timeout: float) -> None:
+                 publish_timeout: float, retention: Retention | None = None) -> None:
         self.engine = engine
+        self.retention = retention
         self.store = store
         self.front = front
         self.publisher = publisher
@@ -48,15 +58,22 @@ class Settler:
         self._waiting: dict[int, asyncio.Future[Settled]] = {}
         self._settled: OrderedDict[int, Settled] = OrderedDict()
         self._followers: dict[int, int] = {}
+        # requests failed in memory because the database could not record them, until it takes the failure
+        self._unstored: dict[int, Generation] = {}
 
     async def start(self) -> None:
         """Listen to the engine, then settle what ended or stayed unposted while nobody listened."""
         # subscribed before reconciling, so no event falls in between
         self._pump_task = asyncio.create_task(self._pump(self.engine.subscribe()), name=f"{self.front}-settler")
         await self.reconcile()
+        if self.retention is not None:  # after reconciling: what a restart settles is no longer "queued"
+            self.retention.start()
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Cancel the listener and any result still being stored or posted (a restart redoes them)."""
+        """Cancel the listener, the retention task and any result still being stored or posted (a restart redoes
+        them)."""
+        if self.retention is not None:
+            await self.retention.stop()
         tasks = [t for t in (self._pump_task, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
@@ -70,7 +87,7 @@ class Settler:
         """The settled generation (stored, posted if this front posts it), waiting up to the publish timeout."""
         if generation_id in self._settled:
             return self._settled[generation_id]
-        generation = await self.store.get(generation_id)
+        generation = self._unstored.get(generation_id) or await self.store.get(generation_id)
         if generation_id in self._settled:  # settled while we read: no await from here to the future below
             return self._settled[generation_id]
         if generation is None:
@@ -89,6 +106,8 @@ class Settler:
     async def _pump(self, events: AsyncIterator[JobEvent]) -> None:
         async for event in events:
             try:
+                if self._unstored and event.kind != "progress":  # each retry is a write: not at every step
+                    await self._store_unstored()
                 if event.kind == "started":
                     started = time.time()
                     if await self.store.mark_running(event.job_id, started) is None and await self._adopt(event.job_id):
@@ -102,13 +121,26 @@ class Settler:
         state = kind if kind in ENDED_EVENTS else "failed"
         if state == "done" and result is None:
             state, error = "failed", "the engine reported no result"
-        generation_id = await self.store.end_job(job_id, state, result=result, error=error)
-        if generation_id is None and await self._adopt(job_id):
+        try:
             generation_id = await self.store.end_job(job_id, state, result=result, error=error)
+            if generation_id is None and await self._adopt(job_id):
+                generation_id = await self.store.end_job(job_id, state, result=result, error=error)
+        except aiosqlite.Error as err:  # the end happened all the same: fail its request rather than hang it
+            unrecorded = await self.store.by_job(job_id)
+            if unrecorded is None:
+                raise
+            failed = f"image {_idx_of(unrecorded, job_id)} failed: {error}" if state == "failed" and error else None
+            await self._fail_unstored(unrecorded, err, results=[result], reason=failed)
+            self._spawn(self.settle(unrecorded.id))
+            return
         if generation_id is None:
             log.warning("job %s ended but no generation records it (another program's job?)", job_id)
             return
         generation = await self.store.get(generation_id)
+        if state == "done" and (generation_id in self._unstored or _state_of(generation, job_id) != "done"):
+            # an image that ended after its request failed (a full disk): no message will show it, so no file stays
+            await asyncio.to_thread(remove_files, _written_files(self.engine.executor.settings.output_dir, [result]))
+            return
         if generation is not None and generation.all_ended and generation.state in PENDING:
             self._spawn(self.settle(generation_id))
 
@@ -135,24 +167,32 @@ class Settler:
             # the awaits below, while a follower may see the settled row and stop following.
             watched = bool(self._followers.get(generation_id))
             try:
-                generation = await self.store.get(generation_id)
+                # failed in memory (the database refused it) until _store_unstored records it
+                generation = self._unstored.get(generation_id) or await self.store.get(generation_id)
                 if generation is not None and generation.state in PENDING and generation.all_ended:
                     outcome = await asyncio.to_thread(outcome_of, self.engine.executor, generation)
-                    await self.store.settle(generation_id, outcome)
-                    generation = await self.store.get(generation_id) or generation
+                    try:
+                        await self.store.settle(generation_id, outcome)
+                        generation = await self.store.get(generation_id) or generation
+                    except aiosqlite.Error as err:
+                        generation = await self._fail_unstored(generation, err, reason=outcome.error)
                 if generation is not None and self.publisher is not None and generation.front == self.front:
                     if self._must_post(generation):
                         message_id = await asyncio.wait_for(self.publisher.publish(generation), self.publish_timeout)
                         await self.store.mark_posted(generation.id, message_id, time.time())
                         generation = await self.store.get(generation_id) or generation
                     elif generation.state in ("failed", "cancelled") and not watched \
-                            and not self._followers.get(generation_id):
+                            and not self._followers.get(generation_id) and generation_id not in self._settled:
                         await self.publisher.publish_failure(generation)
             except (NoodleError, OSError, TimeoutError, aiosqlite.Error) as err:
                 log.exception("#%s ended but its result could not be stored or posted", generation_id)
                 problem = f"the result could not be posted: {err}"
         if self._locks.get(generation_id) is lock and not lock.locked():
             del self._locks[generation_id]
+        self._announce(generation_id, generation, problem)
+
+    def _announce(self, generation_id: int, generation: Generation | None, problem: str | None) -> None:
+        """Hand a settled generation to whoever waits for it (and to followers arriving late)."""
         future = self._waiting.pop(generation_id, None) if generation is None or generation.state not in PENDING \
             else None
         if generation is None:
@@ -167,6 +207,50 @@ class Settler:
             self._settled.popitem(last=False)
         if future is not None and not future.done():
             future.set_result(settled)
+
+    async def _fail_unstored(self, generation: Generation, err: aiosqlite.Error, *,
+                             results: Iterable[dict[str, Any] | None] = (), reason: str | None = None) -> Generation:
+        """The database refused to record `generation`'s end: fail it in memory now (settle announces it), store
+        that later.
+
+        Its PNGs are removed (no row would lead to them: they could only fill the disk further) and its
+        images still queued or running are cancelled, since the request has failed as a whole."""
+        log.error("#%s could not be recorded (%s); it fails now and is stored as failed once the database takes "
+                  "writes again", generation.id, err, exc_info=err)
+        if is_disk_full(err):
+            why = (f"the disk holding the database ({self.store.path.name}) is full, so Noodle could not record "
+                   "this request and removed its images")
+            advice = ": free space on it (or ask the server owner to), then run it again"
+        else:
+            why = f"Noodle's database could not record this request ({err}) and removed its images"
+            advice = ": try again, and tell the server owner if it keeps happening"
+        # a job that failed on the same full disk already says what to do: once is enough
+        message = f"{reason}; {why}" if reason else why
+        message += "" if reason and advice in reason else advice
+        known = [job.result for job in generation.jobs] + list(results)
+        await asyncio.to_thread(remove_files, _written_files(self.engine.executor.settings.output_dir, known))
+        for job in generation.jobs:
+            if job.job_id is not None and not job.ended:
+                await self.engine.cancel(job.job_id)
+        now = time.time()
+        jobs = tuple(job if job.state in ("failed", "cancelled") else replace(
+            job, state="failed", error=why + advice, result=None, image_path=None, image_paths=(),
+            finished_at=job.finished_at or now) for job in generation.jobs)
+        failed = replace(generation, state="failed", error=message, finished_at=now, jobs=jobs)
+        self._unstored[generation.id] = failed
+        return failed
+
+    async def _store_unstored(self) -> None:
+        """Write the failures kept in memory while the database refused them; the rest wait for the next try."""
+        for generation_id, failed in list(self._unstored.items()):
+            try:
+                await self.store.fail(generation_id, failed.error or "failed", failed.finished_at or time.time())
+            except aiosqlite.Error as err:
+                log.warning("the database still refuses writes (%s); %d failed requests wait to be recorded", err,
+                            len(self._unstored))
+                return
+            del self._unstored[generation_id]
+            log.info("#%s is now recorded as failed", generation_id)
 
     async def reconcile(self) -> None:
         """After a restart: record jobs that ended unheard, settle what can be, post what never was."""
@@ -206,3 +290,19 @@ class Settler:
             if job.job_id is not None and not job.ended:
                 await self.store.end_job(job.job_id, "cancelled", error="Noodle stopped while queueing this request")
         await self.store.discard(generation.id)
+
+
+def _idx_of(generation: Generation, job_id: str) -> int:
+    return next((job.idx for job in generation.jobs if job.job_id == job_id), 1)
+
+
+def _state_of(generation: Generation | None, job_id: str) -> str | None:
+    return next((job.state for job in generation.jobs if job.job_id == job_id), None) if generation else None
+
+
+def _written_files(output_dir: Path, results: Iterable[dict[str, Any] | None]) -> list[str]:
+    """Every PNG the job results name: SaveImage's under the output folder, PreviewImage's under its temp/."""
+    folders = {"output": output_dir, "temp": output_dir / "temp"}
+    return [str(folders[image.get("type", "output")] / image.get("subfolder", "") / image["filename"])
+            for result in results if result for output in result.get("outputs", {}).values()
+            for image in output.get("images", []) if image.get("type", "output") in folders]

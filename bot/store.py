@@ -113,8 +113,19 @@ def _loads(text: str | None, empty: Any) -> Any:
     return empty if text is None else json.loads(text)
 
 
+# KSampler seeds reach 2**64 - 1, SQLite's INTEGER stops at 2**63 - 1: the upper half is kept as its two's
+# complement (negative), which no real seed is, so old rows read back unchanged and every seed round-trips
+def _seed_to_row(seed: int) -> int:
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def _seed_from_row(value: int) -> int:
+    return value + 2**64 if value < 0 else value
+
+
 def _job(row: aiosqlite.Row) -> JobRow:
-    return JobRow(idx=row["idx"], job_id=row["job_id"], seed=row["seed"], workflow=json.loads(row["workflow_json"]),
+    return JobRow(idx=row["idx"], job_id=row["job_id"], seed=_seed_from_row(row["seed"]),
+                  workflow=json.loads(row["workflow_json"]),
                   state=row["state"], result=_loads(row["result_json"], None), image_path=row["image_path"],
                   error=row["error"], started_at=row["started_at"], finished_at=row["finished_at"],
                   image_paths=tuple(_loads(row["image_paths_json"], [])))
@@ -192,7 +203,7 @@ class Store(PresetTable):
                 await self._db.executemany(
                     "INSERT INTO generation_jobs (generation_id, idx, seed, workflow_json, state) "
                     "VALUES (?, ?, ?, ?, 'submitting')",
-                    [(generation_id, idx, seed, json.dumps(workflow))
+                    [(generation_id, idx, _seed_to_row(seed), json.dumps(workflow))
                      for idx, (seed, workflow) in enumerate(new.images, 1)])
                 await self._db.commit()
             except BaseException:
@@ -253,6 +264,19 @@ class Store(PresetTable):
               outcome.finished_at - outcome.timings.get("total", 0.0), generation_id)))
         return changed > 0
 
+    async def fail(self, generation_id: int, error: str, finished_at: float) -> bool:
+        """Record a request the Studio failed without its outcome (the database could not be written then):
+        its jobs still open, or done with images since removed, fail with `error`; False if it was settled."""
+        changed = await self._transaction(
+            ("UPDATE generation_jobs SET state = 'failed', error = COALESCE(error, ?), result_json = NULL, "
+             "image_path = NULL, image_paths_json = NULL, finished_at = COALESCE(finished_at, ?) "
+             f"WHERE generation_id = ? AND state IN ('done', {_IN_PENDING[1:-1]}) "
+             f"AND (SELECT state FROM generations WHERE id = ?) IN {_IN_PENDING}",
+             (error, finished_at, generation_id, generation_id)),
+            ("UPDATE generations SET state = 'failed', error = ?, finished_at = ? "
+             f"WHERE id = ? AND state IN {_IN_PENDING}", (error, finished_at, generation_id)))
+        return changed > 0
+
     async def mark_posted(self, generation_id: int, message_id: str | None, posted_at: float) -> None:
         """The result is out (a Discord message id; None for the console)."""
         await self._write("UPDATE generations SET message_id = ?, posted_at = ? WHERE id = ?",
@@ -301,6 +325,28 @@ class Store(PresetTable):
     async def unposted(self, front: str) -> list[Generation]:
         """Settled generations of `front` whose result was never posted (the process stopped in between)."""
         return await self._many("WHERE state = 'done' AND posted_at IS NULL AND front = ? ORDER BY id", (front,))
+
+    async def uses_input(self, name: str, *, besides: int) -> bool:
+        """Whether a generation other than #`besides`, and not deleted, loads input `name` (a shared upload)."""
+        rows = await self._db.execute_fetchall(
+            "SELECT 1 FROM generations g WHERE g.id != ? AND g.state != 'deleted' AND "
+            "(json_extract(g.params_json, '$.init_image') = ? OR EXISTS (SELECT 1 FROM generation_jobs j "
+            "WHERE j.generation_id = g.id AND instr(j.workflow_json, ?) > 0)) LIMIT 1",
+            (besides, name, json.dumps(name)))
+        return bool(list(rows))
+
+    async def finished_before(self, before: float) -> list[Generation]:
+        """Done generations that finished before `before` (for retention of results), oldest first."""
+        return await self._many("WHERE state = 'done' AND finished_at < ? ORDER BY id", (before,))
+
+    async def images_kept(self, before: float) -> set[str]:
+        """PNG paths of results that are not deleted and finished at or after `before` (retention keeps them)."""
+        rows = await self._db.execute_fetchall(
+            "SELECT j.image_path, j.image_paths_json FROM generation_jobs j "
+            "JOIN generations g ON g.id = j.generation_id "
+            f"WHERE g.state != 'deleted' AND (g.finished_at IS NULL OR g.finished_at >= ? OR g.state IN {_IN_PENDING})",
+            (before,))
+        return {path for row in rows for path in [row[0], *_loads(row[1], [])] if path}
 
     async def recent(self, requester_id: str | None = None, limit: int = 20) -> list[Generation]:
         """The latest generations, newest first (of one requester, if given)."""

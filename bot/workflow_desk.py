@@ -1,10 +1,11 @@
 """The Studio's /workflow: run an uploaded ComfyUI API-format workflow as one job, and 🔁 it with new seeds.
 
-A mixin of `Studio`, transport-free like the rest of it. A file goes through bot/workflow_file.py
-(size, JSON, UI format refused, /prompt wrapper unwrapped, blocked node types refused, outputs
-renamed under the results folder) and the engine's validator (ComfyUI's errors, summarised per node),
-then into the queue as ONE job through the same bookkeeping as /imagine (`Studio._enqueue`: the row
-first, all or nothing, the per-user cap). The job's images are stored, posted and deleted together.
+A mixin of `Studio`, transport-free like the rest of it. A member at their queue cap is refused
+first, before any work. A file then goes through bot/workflow_file.py (size, JSON, UI format refused,
+/prompt wrapper unwrapped, blocked node types refused, outputs renamed under the results folder) and the
+engine's validator (ComfyUI's errors and the whole graph's cost, summarised per node), then into the
+queue as ONE job through the same bookkeeping as /imagine (`Studio._enqueue`: the row first, all or
+nothing, the per-user cap). The job's images are stored, posted and deleted together.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class WorkflowDesk:
         """Check, validate and queue an uploaded workflow for `who`; RequestInvalid says why not, and then nothing
         was stored, written or queued. `private` None follows `who`'s /settings."""
         filename = filename[:100]
+        self._check_room(Owner(who.user_id, who.guild_id), 1)  # a member at their cap costs no parsing or validating
         check_size(filename, len(data), self.settings.limits.max_workflow_bytes)
         workflow = await asyncio.to_thread(parse_workflow, data, filename)
         refuse_blocked(workflow, filename, self.settings.bot.workflow_blocked_nodes)
@@ -59,15 +61,17 @@ class WorkflowDesk:
                   "prefix": prefix_for(self.settings.bot.results_folder, Path(filename).stem)}
         return await self._queue_workflow("workflow", workflow, params, request, who, origin or Origin())
 
-    async def rerun_workflow(self, parent: Generation, who: Requester, origin: Origin) -> Ticket:
-        """🔁 on a workflow result: the same graph with a new random seed in every sampler."""
+    async def rerun_workflow(self, parent: Generation, who: Requester, origin: Origin, *,
+                             private: bool = False) -> Ticket:
+        """🔁 on a workflow result: the same graph with a new random seed in every sampler (`private`: to DMs)."""
+        self._check_room(Owner(who.user_id, who.guild_id), 1)
         fresh, seeds = reseed(parent.workflow, lambda: secrets.randbelow(DISCORD_INT_MAX + 1))
         if not seeds:
             raise RequestInvalid(f"#{parent.id}'s workflow has no KSampler seed to change (none, or each comes from "
                                  "another node), so a reroll would give the same images; change it and run /workflow")
         params = {key: value for key, value in parent.params.items() if key not in ("checkpoints", "seeds")}
-        return await self._queue_workflow("reroll", fresh, params, {**parent.request, "reroll_of": parent.id}, who,
-                                          origin, parent=parent)
+        request = {**parent.request, "reroll_of": parent.id, **({"private": True} if private else {})}
+        return await self._queue_workflow("reroll", fresh, params, request, who, origin, parent=parent)
 
     async def _queue_workflow(self, kind: str, workflow: dict[str, Any], params: dict[str, Any],
                               request: dict[str, Any], who: Requester, origin: Origin, *,
@@ -79,7 +83,6 @@ class WorkflowDesk:
         except WorkflowInvalid as err:
             raise RequestInvalid(summarise(err.body, filename)) from err
         owner = Owner(who.user_id, who.guild_id)
-        self._check_room(owner, 1)
         checkpoints, seeds = checkpoints_of(ready), seeds_of(ready)
         first_seed = next(iter(seeds.values()), 0)
         new = NewGeneration(kind=kind, front=self.front, requester_id=who.user_id, request=request,

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from bot.embeds import truncate
+from bot.files import read_capped
 from bot.errors import RequestInvalid
 from bot.records import Generation
+from engine.cost import LIMIT_EXCEEDED
 
 __all__ = ["SEED_INPUTS", "SOURCE", "check_size", "checkpoints_of", "is_workflow", "node_lines", "parse_workflow",
            "read_workflow_file", "refuse_blocked", "reseed", "seeds_of", "summarise", "with_outputs"]
@@ -29,6 +31,24 @@ EXPORT_HINT = "in ComfyUI export it with Save (API Format) (Workflow → Export 
 SHOWN_NODES, LINE_CHARS, SHOWN_CHOICES = 12, 300, 8
 # why a blocked node type is blocked, for the ones whose reason we know
 REASONS = {"CheckpointSave": "it writes a multi-GB checkpoint file on the bot's machine"}
+# The longest integer a workflow may hold: a KSampler seed reaches 2**64 - 1, 20 digits, and no input takes more.
+# Python's json refuses past 4,300 digits with a ValueError of its own, which escaped as a crash (issue 12).
+MAX_INT_DIGITS = 20
+
+
+class _LongInteger(ValueError):
+    """An integer in the JSON longer than MAX_INT_DIGITS, raised from inside json.loads."""
+
+    def __init__(self, digits: str) -> None:
+        super().__init__(f"an integer of {len(digits)} digits")
+        self.digits = digits
+
+
+def _bounded_int(digits: str) -> int:
+    """json's parse_int: refuse before converting, so no length of digits costs more than a glance."""
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise _LongInteger(digits)
+    return int(digits)
 
 
 def is_workflow(generation: Generation) -> bool:
@@ -51,7 +71,9 @@ def read_workflow_file(path_text: str, limit: int) -> tuple[bytes, str]:
     path = Path(path_text.strip()).expanduser()
     try:
         check_size(path.name, path.stat().st_size, limit)
-        return path.read_bytes(), path.name
+        data = read_capped(path, limit)
+        check_size(path.name, len(data), limit)  # a file that grew, or a device whose stat() size says nothing
+        return data, path.name
     except OSError as err:
         raise RequestInvalid(f"workflow: cannot read {path} ({err.strerror}); give the path of a ComfyUI "
                              "API-format .json file") from None
@@ -69,7 +91,11 @@ def parse_workflow(data: bytes, filename: str) -> dict[str, Any]:
         raise RequestInvalid(f"workflow: {filename!r} is not UTF-8 text (byte {err.start} is not); attach the .json "
                              f"file itself: {EXPORT_HINT}") from None
     try:
-        parsed = json.loads(text)
+        parsed = json.loads(text, parse_int=_bounded_int)
+    except _LongInteger as err:
+        raise RequestInvalid(f"workflow: {filename!r} holds an integer of {len(err.digits.lstrip('-')):,} digits"
+                             f"{_where(text, err.digits)}; no input takes more than {MAX_INT_DIGITS} (a seed goes up "
+                             f"to {2**64 - 1}): fix that value and attach the file again") from None
     except json.JSONDecodeError as err:
         raise RequestInvalid(f"workflow: {filename!r} is not valid JSON: {err.msg} at line {err.lineno}, column "
                              f"{err.colno}; {EXPORT_HINT}") from None
@@ -85,6 +111,16 @@ def parse_workflow(data: bytes, filename: str) -> dict[str, Any]:
                              "format is an object of nodes, {\"3\": {\"class_type\": \"KSampler\", \"inputs\": "
                              f"{{...}}}}, ...}}: {EXPORT_HINT}")
     return parsed
+
+
+def _where(text: str, digits: str) -> str:
+    """` at line L, column C` of a JSON number (a value: after `:`, `[` or `,`), or "" if it cannot be found."""
+    found = re.search(r"[:\[,]\s*(" + re.escape(digits) + r")(?![0-9.eE])", text)
+    if found is None:
+        return ""
+    start = found.start(1)
+    line, column = text.count("\n", 0, start) + 1, start - text.rfind("\n", 0, start)
+    return f" at line {line}, column {column}"
 
 
 def _nodes(workflow: dict[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
@@ -160,9 +196,11 @@ def summarise(body: dict[str, Any], filename: str) -> str:
     """ComfyUI's validation body as a person reads it: one line per node (`node 3 (KSampler): sampler_name: value
     not in list: 'foo' (allowed: euler, ...)`), or the prompt-level error when no node is to blame."""
     node_errors = body.get("node_errors") or {}
-    if node_errors:
-        return "\n".join([f"workflow: {filename!r} did not pass validation:", *node_lines(node_errors)])
     error = body.get("error") or {}
+    if node_errors:
+        verdict = "asks more than this server allows" if error.get("type") == LIMIT_EXCEEDED else \
+            "did not pass validation"
+        return "\n".join([f"workflow: {filename!r} {verdict}:", *node_lines(node_errors)])
     message, details = str(error.get("message") or "invalid workflow"), str(error.get("details") or "")
     hint = ""
     if "does not exist" in message:
@@ -214,6 +252,8 @@ def _problem(item: dict[str, Any]) -> str:
         return f"{name}: {lowered} (got {info.get('received_value')!r})"
     if kind == "custom_validation_failed":
         return details.replace(" - ", ": ", 1)
+    if kind == LIMIT_EXCEEDED:  # the cost of the whole graph, said in full by engine/cost.py
+        return details
     if kind in ("exception_during_validation", "exception_during_inner_validation"):
         return details or lowered
     return f"{lowered}: {details}" if details else lowered

@@ -45,6 +45,7 @@ class JobBoard:
         self._reserved: set[str] = set()  # admitted but not stored yet
         self._running: list[JobRecord] = []
         self._running_left = 0  # sampler steps the running batch has left
+        self._started: dict[str, float] = {}  # time.monotonic() when each running job started, for its time limit
         self._told: dict[str, int] = {}  # the position each queued job was last told
         self.rate = StepRate()
         self.stopping = False
@@ -171,9 +172,11 @@ class JobBoard:
             entries, lines = self._queue.take(self.settings.batch_max)
             self._apply_lines(lines)
             batch = [self._jobs[e.job_id] for e in entries]
+            started = time.monotonic()
             for job in batch:
                 job.state = JobState.RUNNING
                 job.attempts += 1
+                self._started[job.job_id] = started  # the limit counts from here, not from the queue
             self._running = batch
             self._running_left = max(job.steps for job in batch)
         # durable before it runs: a crash from here on counts as an attempt
@@ -202,6 +205,7 @@ class JobBoard:
         with self._cond:
             job.state, job.result, job.error = state, result, error
             self._running = [j for j in self._running if j is not job]
+            self._started.pop(job.job_id, None)
         self._write([job])
         with self._cond:
             self._emit(JobEvent(job.job_id, str(state), result=result, error=error))  # type: ignore[arg-type]
@@ -216,6 +220,7 @@ class JobBoard:
                 job.cancel_requested, job.cancel_by = False, None
                 job.solo = job.solo or solo
                 self._running = [j for j in self._running if j is not job]
+                self._started.pop(job.job_id, None)  # a new run, a new deadline
                 self._enqueue(job)
         self._write(jobs)
         with self._cond:
@@ -223,8 +228,22 @@ class JobBoard:
             self._cond.notify_all()
 
     def interrupted(self, job: JobRecord) -> bool:
-        """Whether the running `job` should stop at its next step (cancelled, or the service stopping)."""
-        return job.cancel_requested or self.stopping
+        """Whether the running `job` should stop at its next step (cancelled, past its time limit, or stopping)."""
+        return job.cancel_requested or self.stopping or self.overtime(job) is not None
+
+    def overtime(self, job: JobRecord) -> float | None:
+        """Seconds the running `job` has run once that reaches [queue] job_time_limit_seconds; None before."""
+        limit = self.settings.job_time_limit_seconds
+        started = self._started.get(job.job_id)
+        if not limit or started is None:
+            return None
+        elapsed = time.monotonic() - started
+        return elapsed if elapsed >= limit else None
+
+    def overtime_message(self, elapsed: float) -> str:
+        """What the owner of a job stopped by the time limit is told."""
+        return (f"stopped after {_seconds(elapsed)} s: the limit is {self.settings.job_time_limit_seconds:g} s "
+                "([queue] job_time_limit_seconds in config.toml); use fewer steps or a smaller size")
 
     def _write(self, jobs: list[JobRecord], lines: dict[str, int] | None = None) -> None:
         """Store state changes; a database error is logged and the queue goes on in memory."""
@@ -287,6 +306,11 @@ class JobBoard:
         finished = [job_id for job_id, job in self._jobs.items() if job.state in TERMINAL]
         for job_id in finished[:max(0, len(finished) - KEEP_FINISHED)]:
             del self._jobs[job_id]
+
+
+def _seconds(value: float) -> str:
+    # "612", "3.4", "0.052": a tenth of a second is noise on a ten-minute limit, not on a test's 0.05 s
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}" if value >= 1 else f"{value:.2g}"
 
 
 def _who(by: Owner | None) -> str:

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from engine.cache import CacheEntry, OutputCache, signatures
+from engine.cache import CacheEntry, OutputCache, node_cache_budget, signatures
+from engine.cost import validate_within_limits
 from engine.errors import JobCancelled, NodeExecutionError, NoodleError
 from engine.events import (
     Event,
@@ -33,7 +34,7 @@ from engine.models.manager import ModelManager
 from engine.nodes import catalog
 from engine.nodes.base import Node, Output, RunContext, RunMeta
 from engine.settings import EngineSettings, Limits
-from engine.validate import ValidatedPrompt, validate
+from engine.validate import ValidatedPrompt
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class Executor:
         self.models = models
         self.settings = settings
         self.limits = limits
-        self.cache = OutputCache(settings.node_cache_entries)
+        self.cache = OutputCache(settings.node_cache_entries,
+                                 node_cache_budget(settings.node_cache_bytes, models.device))
         models.on_unload(self.cache.drop_holding)
 
     @property
@@ -67,8 +69,9 @@ class Executor:
         return self.models.device
 
     def validate(self, workflow: Any) -> ValidatedPrompt:
-        """Validate against the node catalog and the models folder; raises WorkflowInvalid."""
-        return validate(workflow, catalog(), self.models.choices, self.limits)
+        """Validate against the node catalog and the models folder, and the whole graph's cost against the
+        limits (engine/cost.py); raises WorkflowInvalid."""
+        return validate_within_limits(workflow, catalog(), self.models, self.limits)
 
     def run(
         self,
@@ -205,7 +208,8 @@ class Run:
             self._ui[node_id] = out.ui
             self.emit(Executed(self.prompt_id, node_id, out.ui))
         part = _meta_of(self.meta, node_id, models_before)
-        self.executor.cache.put(self._sigs[node_id], CacheEntry(out.values, out.ui, part, _holds(out.values)))
+        holds = self.executor.models.keys_held_by(out.values)
+        self.executor.cache.put(self._sigs[node_id], CacheEntry(out.values, out.ui, part, holds))
 
     def add_model_activity(self, stats_before: dict[str, Any]) -> None:
         """Count what the model manager did since `stats_before` (its `stats_snapshot()`) as this job's."""
@@ -269,14 +273,3 @@ def _replay_meta(meta: RunMeta, node_id: str, part: dict[str, Any]) -> None:
 
 
 _COUNTERS = ("hits", "misses", "evictions", "load_seconds", "lora_loads", "lora_switches")
-
-
-def _holds(values: tuple[Any, ...]) -> frozenset[str]:
-    keys = set()
-    for value in values:
-        checkpoint = getattr(value, "checkpoint", None)
-        if checkpoint is not None:
-            keys.add(checkpoint.key)
-        if getattr(value, "checkpoint_key", ""):
-            keys.add(value.checkpoint_key)
-    return frozenset(keys)

@@ -53,6 +53,8 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        # state changes a failed write could not store (a full disk), by job: written with the next save
+        self._unsaved: dict[str, tuple[Any, ...]] = {}
         # autocommit: each statement is its own transaction unless `_transaction` groups them
         self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
         try:
@@ -79,8 +81,14 @@ class JobStore:
                         "in config.toml at another file")
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
+
+    def _rollback(self) -> None:
+        """Undo an open transaction; after a failed COMMIT SQLite may have ended it already (SQLITE_FULL does),
+        and a ROLLBACK then would raise "no transaction is active" in place of the real error."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def close(self) -> None:
         with self._lock:
@@ -96,22 +104,42 @@ class JobStore:
                  job.created_at, time.time()))
 
     def save(self, jobs: Iterable[JobRecord], lines: Mapping[str, int] | None = None) -> None:
-        """Write the state, attempts, error and result of `jobs`, and changed places in line, at once."""
+        """Write the state, attempts, error and result of `jobs`, and changed places in line, at once.
+
+        When the write fails (a full disk) the error is raised and the rows are kept: the next save that
+        succeeds writes them too, so a job that ended meanwhile is not left "running" in the table."""
         now = time.time()
         with self._lock:
+            pending = dict(self._unsaved)
+            for j in jobs:  # the latest state of a job wins over one that could not be written before
+                pending[j.job_id] = (str(j.state), j.attempts, int(j.front), j.error, _json_or_none(j.result),
+                                     j.seq, j.line, now, j.job_id)
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(
                     "UPDATE engine_jobs SET state = ?, attempts = ?, front = ?, error = ?, result = ?, seq = ?, "
-                    "line = ?, updated_at = ? WHERE job_id = ?",
-                    [(str(j.state), j.attempts, int(j.front), j.error, _json_or_none(j.result), j.seq, j.line, now,
-                      j.job_id) for j in jobs])
+                    "line = ?, updated_at = ? WHERE job_id = ?", list(pending.values()))
                 self._db.executemany("UPDATE engine_jobs SET line = ?, updated_at = ? WHERE job_id = ?",
                                      [(line, now, job_id) for job_id, line in (lines or {}).items()])
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
+                self._unsaved = pending
                 raise
+            self._unsaved.clear()
+
+    @property
+    def unsaved(self) -> list[str]:
+        """Jobs whose latest state is not in the table yet (a write failed; the next save retries it)."""
+        with self._lock:
+            return list(self._unsaved)
+
+    def prune_finished(self, before: float) -> int:
+        """Delete the rows of jobs that ended (done, failed, cancelled) before `before`; queued and running stay."""
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM engine_jobs WHERE state IN (?, ?, ?) AND updated_at < ?",
+                                      (str(JobState.DONE), str(JobState.FAILED), str(JobState.CANCELLED), before))
+            return cursor.rowcount
 
     def active(self) -> list[JobRecord]:
         """Queued and running jobs, in submission order: what a restart picks up."""

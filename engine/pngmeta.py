@@ -74,7 +74,7 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
 
 
 def save_png(image: Image.Image, path: Path, texts: Mapping[str, str]) -> None:
-    """Write `image` with each text as a PNG text chunk (iTXt where it is not latin-1)."""
+    """Write `image` with each text as a PNG text chunk (iTXt where it is not latin-1); all of it or nothing."""
     info = PngImagePlugin.PngInfo()
     for key, value in texts.items():
         try:
@@ -83,7 +83,15 @@ def save_png(image: Image.Image, path: Path, texts: Mapping[str, str]) -> None:
         except UnicodeEncodeError:
             info.add_itxt(key, value)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG", pnginfo=info, compress_level=4)
+    # written under a temporary name, then renamed: a disk that fills mid-write leaves no half PNG that the
+    # output folder, a result message or the next counter would take for an image
+    partial = path.with_name(path.name + ".part")
+    try:
+        image.save(partial, format="PNG", pnginfo=info, compress_level=4)
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def read_png_texts(path: Path) -> dict[str, str]:

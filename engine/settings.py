@@ -33,6 +33,10 @@ class EngineSettings(BaseModel):
     input_dir: Path = Path("input")
     # Node outputs kept between runs, most recently used first (ComfyUI keeps the last prompt's).
     node_cache_entries: int = Field(256, ge=0)
+    # ...and bytes of their tensors (latents, images, conditioning; models count in model_memory_bytes):
+    # least recently used first out past it. 0 means automatic: an eighth of the automatic model budget,
+    # at most 2 GiB (a 1024x1024 batch of 8 images is 100 MB, its latents 2 MB).
+    node_cache_bytes: int = Field(0, ge=0)
     # Loaded checkpoints kept; 0 bytes means automatic (engine.device.memory_budget: VRAM less room for
     # activations on CUDA, half the usable RAM, container limits included, elsewhere).
     model_memory_bytes: int = Field(0, ge=0)
@@ -53,6 +57,24 @@ class Limits(BaseModel):
     max_input_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     # An uploaded workflow JSON (/workflow); ComfyUI's exports of ordinary graphs are a few KiB to tens of KiB.
     max_workflow_bytes: int = Field(256 * 1024, ge=1024)
+    # The whole graph's cost, computed before a workflow is queued (engine/cost.py); max_batch, max_side and
+    # max_pixels above also hold for every latent and image after every node, not only where a node sets them.
+    # Nodes in one workflow: a graph for one picture has tens; validating costs a little per node.
+    max_workflow_nodes: int = Field(500, ge=1)
+    # Items of one conditioning (ConditioningCombine adds them up): each item is one more UNet pass per latent
+    # per step, so 16 items cost 16 pictures' worth of sampling.
+    max_conditioning_items: int = Field(16, ge=1)
+    # Tokens of the text context a sampler attends to: ConditioningConcat adds lengths, and a sampler repeats
+    # items of different lengths to their least common multiple, as ComfyUI does. 4312 = 77 x lcm(7, 8): the
+    # longest a prompt and a negative within max_prompt_chunks = 8 chunks repeat to, so every /imagine runs.
+    max_conditioning_tokens: int = Field(77 * 7 * 8, ge=77)
+    # Sampler steps of one job, all samplers together: a hires-fix graph runs two or three samplers.
+    max_job_steps: int = Field(1000, ge=1)
+    # Images one job writes (SaveImage and PreviewImage together); Discord posts 10 files a message.
+    max_job_images: int = Field(32, ge=1)
+    # MiB every write (SaveImage, PreviewImage, uploads) leaves free on its disk, or it is refused with a message:
+    # the SQLite file beside them needs room to record the job, and a full disk fails more than one job.
+    min_free_disk_mb: int = Field(512, ge=0)
 
 
 class QueueSettings(BaseModel):
@@ -66,3 +88,6 @@ class QueueSettings(BaseModel):
     batch_max: int = Field(4, ge=1)
     # A job that was running when the process died is run once more after a restart, then failed.
     retry_running_once: bool = True
+    # Seconds one job may run (from its start, not its wait in the queue); past it, it is stopped at its
+    # next sampler step or node and fails with a message. 0: no limit. Fractions allowed.
+    job_time_limit_seconds: float = Field(600.0, ge=0)

@@ -29,12 +29,13 @@ from engine.settings import Limits
 
 __all__ = ["ERROR_TYPES", "ValidatedPrompt", "validate"]
 
-# ComfyUI's error type names, plus ours for a cycle (ComfyUI recurses until RecursionError).
+# ComfyUI's error type names, plus ours for a cycle (ComfyUI recurses until RecursionError) and for a graph
+# over this server's limits as a whole (engine/cost.py, after validation).
 ERROR_TYPES = frozenset({
     "invalid_prompt", "prompt_no_outputs", "prompt_outputs_failed_validation", "exception_during_validation",
     "required_input_missing", "bad_linked_input", "return_type_mismatch", "exception_during_inner_validation",
     "invalid_input_type", "value_smaller_than_min", "value_bigger_than_max", "value_not_in_list",
-    "custom_validation_failed", "dependency_cycle",
+    "custom_validation_failed", "dependency_cycle", "limit_exceeded",
 })
 
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}

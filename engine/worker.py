@@ -2,13 +2,14 @@
 
 Nothing here touches the event loop: progress and results go through the board, which stores them
 and hands them to the service. A job's failure is that job's alone: an exception in a node, a
-corrupt model file or an out-of-memory error becomes a message for its owner (out of memory also
-frees the model cache), and the thread goes on with the next job.
+corrupt model file, an out-of-memory error (of the GPU or of the CPU allocator; it also frees the
+caches) or its time limit becomes a message for its owner, and the thread goes on with the next job.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -26,33 +27,58 @@ __all__ = ["Worker", "is_out_of_memory", "message_for"]
 
 log = logging.getLogger(__name__)
 
+# torch's CPU allocator when malloc fails: "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator:
+# can't allocate memory: you tried to allocate 1125899906842624 bytes. Error code 12 (Cannot allocate memory)"
+CPU_ALLOCATION_FAILED = re.compile(r"can't allocate memory(?:: you tried to allocate (\d+) bytes)?")
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """`err` and what it wraps: a node's failure, then each `__cause__`."""
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.cause if isinstance(current, NodeExecutionError) else current.__cause__
+    return chain
+
+
+def _cpu_allocation(err: BaseException) -> re.Match[str] | None:
+    return next((match for cause in _causes(err) if isinstance(cause, RuntimeError)
+                 and (match := CPU_ALLOCATION_FAILED.search(str(cause))) is not None), None)
+
 
 def is_out_of_memory(err: BaseException) -> bool:
-    """torch's CUDA OOM, Python's MemoryError, or a backend's "out of memory" RuntimeError, however wrapped."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, (torch.cuda.OutOfMemoryError, MemoryError)):
-            return True
-        if isinstance(current, RuntimeError) and "out of memory" in str(current).lower():
-            return True
-        current = current.cause if isinstance(current, NodeExecutionError) else current.__cause__
-    return False
+    """torch's CUDA OOM, Python's MemoryError, a backend's "out of memory" RuntimeError or the CPU allocator's
+    "can't allocate memory", however wrapped."""
+    return _cpu_allocation(err) is not None or any(
+        isinstance(cause, (torch.cuda.OutOfMemoryError, MemoryError))
+        or (isinstance(cause, RuntimeError) and "out of memory" in str(cause).lower()) for cause in _causes(err))
 
 
 def message_for(err: BaseException, device: torch.device) -> str:
     """What the owner of a failed job is told."""
     where = f" while running node {err.node_id} ({err.class_type})" if isinstance(err, NodeExecutionError) else ""
     if is_out_of_memory(err):
-        cause = err.cause if isinstance(err, NodeExecutionError) else err
-        what = "GPU" if device.type == "cuda" or isinstance(cause, torch.cuda.OutOfMemoryError) else "machine"
-        return (f"the {what} ran out of memory{where}; the model cache was freed: try a smaller size or batch, "
+        cpu = _cpu_allocation(err)
+        gpu = any(isinstance(cause, torch.cuda.OutOfMemoryError) for cause in _causes(err))
+        what = "GPU" if gpu or (device.type == "cuda" and cpu is None) else "machine"
+        asked = f", asking for {_size(int(cpu[1]))} at once" if cpu is not None and cpu[1] else ""
+        return (f"the {what} ran out of memory{where}{asked}; the caches were freed: try a smaller size or batch, "
                 "or fewer LoRAs")
     if isinstance(err, NoodleError):
         return str(err)
     return (f"the engine failed unexpectedly{where} ({type(err).__name__}: {err}); try again, and tell the "
             "server owner if it keeps happening")
+
+
+def _size(nbytes: int) -> str:
+    """1125899906842624 -> "1.0 PiB": what a person reads in an error message."""
+    value = float(nbytes)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            return f"{nbytes} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} PiB"
 
 
 class _Listener:
@@ -120,6 +146,9 @@ class Worker(threading.Thread):
             elif isinstance(outcome, JobCancelled) and job.cancel_requested:
                 who = "" if job.cancel_by is None else f" by {job.cancel_by.user_id}"
                 self.board.finish(job, JobState.CANCELLED, error=f"cancelled{who} while it was running")
+            elif isinstance(outcome, JobCancelled) and (elapsed := self.board.overtime(job)) is not None:
+                # each job's own limit: a batch stopped for one of its jobs puts the others back
+                self.board.finish(job, JobState.FAILED, error=self.board.overtime_message(elapsed))
             elif isinstance(outcome, JobCancelled):
                 put_back.append(job)  # the service is stopping, or a batch-mate was cancelled
             elif len(batch) > 1 and is_out_of_memory(outcome):

@@ -9,11 +9,17 @@
 Unbalanced brackets never fail: an unclosed `(` or `[` applies its default multiplier to the
 end of the text, a stray `)` or `]` is plain text (both as A1111). `:` that is not a weight is
 plain text, so `embedding:name` and `(a:b)` keep their colons. A lone backslash before
-anything else stays a backslash (A1111 drops it; keeping it spares kaomoji and paths).
+anything else stays a backslash (A1111 drops it; keeping it spares kaomoji and paths). A weight
+may be written with an exponent, `(x:1e-1)`, as ComfyUI's float() reads it (A1111 would keep it
+as text: whoever writes it means a weight, and so it is checked as one).
 
-The only error is a weight that is not a finite number (`(x:1e999)` cannot be written, but 400
-digits or thousands of nested brackets overflow): `PromptError`, because an infinite weight
-would turn the whole conditioning into NaN.
+The errors (`PromptError`, naming the weight) are weights a public bot must not encode:
+- a weight, written or reached by multiplying nested brackets, outside -MAX_WEIGHT..MAX_WEIGHT.
+  A1111 has no bound, but 1e39 is inf in float32 and 1.1**1000 is 2.5e41: the conditioning turns
+  to inf/NaN, the image decodes black, and on a GPU a NaN decode would switch the shared VAE to
+  fp32 for every later job. ComfyUI's own strength inputs stop at ±100, so we do too; no real
+  prompt comes near it (0.5-1.5 is usual);
+- brackets open more than MAX_NESTING deep at once (1,000 `(` in a row).
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from dataclasses import dataclass
 
 from .errors import PromptError
 
-__all__ = ["ROUND_MULTIPLIER", "SQUARE_MULTIPLIER", "Fragment", "parse_weighted"]
+__all__ = ["MAX_NESTING", "MAX_WEIGHT", "ROUND_MULTIPLIER", "SQUARE_MULTIPLIER", "Fragment", "parse_weighted"]
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
+MAX_WEIGHT = 100.0  # |weight| of any text after its brackets multiply: ComfyUI's strength range, finite in fp16
+MAX_NESTING = 64  # ( and [ open at once; 1.1**48 already passes MAX_WEIGHT, so only [ gets this deep
 
 # One syntax element per match. Weights accept spaces around the number ("(x: 1.2 )"), which
 # ComfyUI's float() parsing also accepts; a malformed number ("(x:1.2.3)") is not a weight.
@@ -35,7 +43,7 @@ _SYNTAX = re.compile(
     r"""
       (?P<escaped>\\[()\[\]\\])
     | (?P<open>[(\[])
-    | :\s*(?P<weight>[+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)
+    | :\s*(?P<weight>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\)
     | (?P<close>[)\]])
     | (?P<text>[^\\()\[\]:]+|[\\:])
     """,
@@ -86,26 +94,41 @@ def _nested_products(count: int, spans: list[_Span]) -> list[float]:
     return products
 
 
-def _explicit_weight(number: str) -> float:
+def _explicit_weight(number: str, text: str) -> float:
+    """The weight of `(text:number)`, refused outside ±MAX_WEIGHT (1e39 or 400 digits: inf in float32)."""
     weight = float(number)  # the pattern only lets decimal numbers through; 309+ digits give inf
-    if not math.isfinite(weight):
-        raise PromptError(f"emphasis weight {number[:12]}... ({len(number)} characters) is too large; "
-                          "write weights like (word:1.2)")
+    if not (math.isfinite(weight) and abs(weight) <= MAX_WEIGHT):
+        shown = number if len(number) <= 20 else f"{number[:12]}… ({len(number)} characters)"
+        raise PromptError(f"emphasis weight {shown} on {_shown(text)} is outside {_range()}; weights of 0.5 to 1.5 "
+                          f"are usual: write it like ({_shown(text, quote=False)}:1.2)")
     return weight
+
+
+def _range() -> str:
+    return f"-{MAX_WEIGHT:g} to {MAX_WEIGHT:g}, the range this bot allows"
+
+
+def _shown(text: str, *, quote: bool = True) -> str:
+    short = " ".join(text.split())
+    short = short if len(short) <= 30 else short[:29] + "…"
+    if quote:
+        return repr(short) if short else "an empty group"
+    return short or "word"
 
 
 def parse_weighted(text: str) -> list[Fragment]:
     """Split `text` into fragments with A1111 emphasis weights; adjacent equal weights are merged.
 
     `parse_weighted("an (important) word")` gives `[Fragment("an ", 1.0), Fragment("important",
-    1.1), Fragment(" word", 1.0)]`. Empty text gives `[]`. Raises `PromptError` only for a weight
-    that overflows to infinity.
+    1.1), Fragment(" word", 1.0)]`. Empty text gives `[]`. Raises `PromptError` only for a weight,
+    written or multiplied, outside ±MAX_WEIGHT, and for brackets nested deeper than MAX_NESTING.
     """
     pieces: list[str | None] = []  # None marks a BREAK
     round_spans: list[_Span] = []
     square_spans: list[_Span] = []
     open_round: list[_Span] = []
     open_square: list[_Span] = []
+    deepest = 0
 
     for match in _SYNTAX.finditer(text):
         kind = match.lastgroup
@@ -116,9 +139,10 @@ def parse_weighted(text: str) -> list[Fragment]:
             span = _Span(len(pieces), ROUND_MULTIPLIER if token == "(" else SQUARE_MULTIPLIER)
             (open_round if token == "(" else open_square).append(span)
             (round_spans if token == "(" else square_spans).append(span)
+            deepest = max(deepest, len(open_round) + len(open_square))
         elif kind == "weight" and open_round:
             span = open_round.pop()
-            span.multiplier = _explicit_weight(match.group("weight"))
+            span.multiplier = _explicit_weight(match.group("weight"), "".join(p or "" for p in pieces[span.start:]))
             span.end = len(pieces)
         elif kind == "close" and token == ")" and open_round:
             open_round.pop().end = len(pieces)
@@ -131,15 +155,21 @@ def parse_weighted(text: str) -> list[Fragment]:
                     pieces.append(None)
                 pieces.append(part)
 
+    if deepest > MAX_NESTING:
+        raise PromptError(f"brackets nest {deepest} deep here; at most {MAX_NESTING} ( and [ may be open at once "
+                          "(each ( multiplies the weight by 1.1): close them, or write one weight, as in (word:1.5)")
     for span in open_round + open_square:  # unclosed: default multiplier up to the end
         span.end = len(pieces)
     weights = [
         r * s
         for r, s in zip(_nested_products(len(pieces), round_spans), _nested_products(len(pieces), square_spans))
     ]
-    if not all(math.isfinite(w) for w in weights):
-        raise PromptError("emphasis weight overflowed to infinity: thousands of nested brackets multiply 1.1 "
-                          "each; write the weight out instead, like (word:1.5)")
+    for piece, weight in zip(pieces, weights):
+        # after multiplying: (x:90) inside a ( is 99, inside two it is 108.9
+        if piece and not (math.isfinite(weight) and abs(weight) <= MAX_WEIGHT):
+            raise PromptError(f"the brackets around {_shown(piece)} multiply its weight to {weight:.4g}, outside "
+                              f"{_range()}: use fewer brackets, or write one weight, as in "
+                              f"({_shown(piece, quote=False)}:1.5)")
     return _merge(pieces, weights)
 
 

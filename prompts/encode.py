@@ -17,7 +17,7 @@ casts them to the UNet's dtype.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, cast
 
 import torch
@@ -26,6 +26,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedT
 from .cache import PromptEncoderCache
 from .chunks import CHUNK_TOKENS, Chunk
 from .embeddings import EmbeddingLibrary
+from .errors import PromptError
 from .plan import plan_prompt
 from .report import TokenReport
 
@@ -173,12 +174,19 @@ def _empty_encoding(encoder: ClipEncoder, cache: PromptEncoderCache | None) -> t
     return z_empty
 
 
+# A1111 restores a chunk's mean by the ratio of two means; when either is this small next to the
+# chunk's typical magnitude the ratio is noise (a final LayerNorm without bias gives means of ~1e-8,
+# and 0/0 is NaN), so the chunk is weighted without restoring and the report says so.
+_MEAN_RESTORE_FLOOR = 1e-3
+
+
 def _apply_weights(
     z: torch.Tensor, chunks: Sequence[Chunk], weighting: Weighting, empty: torch.Tensor | None
-) -> torch.Tensor:
-    """Weight each chunk's hidden states [chunks, 77, width]; chunks with all weights 1.0 are left
-    bit for bit as encoded."""
+) -> tuple[torch.Tensor, list[str]]:
+    """Weight each chunk's hidden states [chunks, 77, width], with warnings for the report; chunks
+    with all weights 1.0 are left bit for bit as encoded."""
     out = z.clone()
+    warnings: list[str] = []
     for index, chunk in enumerate(chunks):
         if not chunk.weighted:
             continue
@@ -189,15 +197,21 @@ def _apply_weights(
             assert empty is not None
             moved = (z[index] - empty) * w + empty
             out[index] = torch.where(w != 1.0, moved, z[index])
+            continue
+        # A1111 "Original": scale each token, then restore the chunk's mean so the overall
+        # magnitude stays where the UNet expects it
+        original_mean = z[index].mean()
+        scaled = z[index] * w
+        new_mean = scaled.mean()
+        floor = _MEAN_RESTORE_FLOOR * z[index].abs().mean()
+        ratio = original_mean / new_mean if new_mean != 0 else torch.tensor(float("inf"))
+        if min(original_mean.abs(), new_mean.abs()) <= floor or not torch.isfinite(ratio):
+            out[index] = scaled
+            warnings.append(f"a1111 weighting: chunk {index + 1}'s mean ({float(original_mean):.2g}) is too close "
+                            "to zero to restore; its weights were applied without restoring the mean")
         else:
-            # A1111 "Original": scale each token, then restore the chunk's mean so the overall
-            # magnitude stays where the UNet expects it
-            original_mean = z[index].mean()
-            scaled = z[index] * w
-            new_mean = scaled.mean()
-            # (a mean of exactly 0 cannot be restored by scaling; A1111 would divide into inf)
-            out[index] = scaled * (original_mean / new_mean) if new_mean != 0 else scaled
-    return out
+            out[index] = scaled * ratio
+    return out, warnings
 
 
 def encode_prompt(
@@ -237,6 +251,7 @@ def encode_prompt(
     # 3. Encode every chunk with every encoder, then weight
     per_encoder: list[torch.Tensor] = []
     pooled: torch.Tensor | None = None
+    warnings: list[str] = []
     for encoder in encoders:
         ids = [encoder.input_ids(chunk) for chunk in plan.chunks]
         vectors = [
@@ -247,13 +262,21 @@ def encode_prompt(
         z, encoder_pooled = _run(encoder, ids, vectors)
         if any(chunk.weighted for chunk in plan.chunks):
             empty = _empty_encoding(encoder, cache) if weighting == "comfy" else None
-            z = _apply_weights(z, plan.chunks, weighting, empty)
+            z, weight_warnings = _apply_weights(z, plan.chunks, weighting, empty)
+            warnings.extend(weight_warnings)
         per_encoder.append(z.reshape(1, len(plan.chunks) * (CHUNK_TOKENS + 2), encoder.width))
         if encoder_pooled is not None:
             pooled = encoder_pooled[0:1]  # from the first chunk, as ComfyUI and A1111
 
     # 4. Join encoders on the feature axis (SDXL: clip_l then clip_g)
-    result = EncodedPrompt(torch.cat(per_encoder, dim=-1), pooled, plan.report)
+    embeds = torch.cat(per_encoder, dim=-1)
+    if not bool(torch.isfinite(embeds).all()) or (pooled is not None and not bool(torch.isfinite(pooled).all())):
+        # never hand NaN/inf to a sampler: it would decode black, and on a GPU flip the shared VAE to fp32
+        raise PromptError("this prompt's conditioning came out as NaN or infinity (an extreme weight?); "
+                          "use smaller weights and try again")
+    report = plan.report if not warnings else replace(
+        plan.report, warnings=list(dict.fromkeys([*plan.report.warnings, *warnings])))
+    result = EncodedPrompt(embeds, pooled, report)
     if cache is not None:
         cache.store(key, owners, result)
         return result.copy()

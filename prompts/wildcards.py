@@ -20,10 +20,13 @@ from pathlib import Path
 from .errors import PromptError
 from .names import closest_names
 
-__all__ = ["DEFAULT_WILDCARDS", "MAX_DEPTH", "available_wildcards", "resolve_wildcards"]
+__all__ = ["DEFAULT_WILDCARDS", "MAX_DEPTH", "MAX_NAME_CHARS", "available_wildcards", "resolve_wildcards"]
 
 DEFAULT_WILDCARDS = Path(__file__).parent / "wildcards"
 MAX_DEPTH = 8
+# a wildcard's name, folders included: far above real names ("artists/painters"), far below the 255 bytes
+# one file name may take (Linux NAME_MAX, ".txt" included)
+MAX_NAME_CHARS = 100
 _ESCAPABLE = ("{", "}", "|")  # only these: `\(` must reach the emphasis parser untouched
 # a name starts with a letter or digit, so "____" or "__" in ordinary text stays text
 _WILDCARD = re.compile(r"__([A-Za-z0-9][A-Za-z0-9_\-]*(?:/[A-Za-z0-9][A-Za-z0-9_\-]*)*?)__")
@@ -47,15 +50,23 @@ class _Resolver:
 
     def wildcard_lines(self, name: str) -> list[str]:
         if name not in self.lines:
-            root = self.folder.resolve()
-            path = (root / f"{name}.txt").resolve()
-            if not path.is_relative_to(root) or not path.is_file():
-                names = available_wildcards(self.folder)
-                closest = closest_names(name, names)
+            if len(name) > MAX_NAME_CHARS:  # before any path is built: 300 letters were ENAMETOOLONG, path and all
+                raise PromptError(f"wildcard __{name[:20]}…__ has a {len(name)}-character name; wildcard names are "
+                                  f"at most {MAX_NAME_CHARS} letters, digits, _ and - (with / between folders): "
+                                  f"{self._listed()}")
+            try:
+                root = self.folder.resolve()
+                path = (root / f"{name}.txt").resolve()
+                found = path.is_relative_to(root) and path.is_file()
+            except (OSError, RuntimeError) as err:  # a folder we may not read; RuntimeError: Python 3.11's link loop
+                reason = err.strerror if isinstance(err, OSError) else "a symbolic link loop"  # neither names a path
+                raise PromptError(f"wildcard __{name}__ cannot be looked up ({reason}); ask the server's owner to "
+                                  "check the wildcards folder") from None
+            if not found:
+                closest = closest_names(name, available_wildcards(self.folder))
                 hint = f"; closest: {', '.join(closest)}" if closest else ""
-                listed = ", ".join(f"__{n}__" for n in names) or "none"
                 # the folder's own name only: the message reaches Discord, the server's paths should not
-                raise PromptError(f"wildcard __{name}__ is not in {self.folder.name}/{hint} (available: {listed})")
+                raise PromptError(f"wildcard __{name}__ is not in {self.folder.name}/{hint} ({self._listed()})")
             try:
                 text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as err:
@@ -67,6 +78,10 @@ class _Resolver:
             if not self.lines[name]:
                 raise PromptError(f"wildcard file {path.name} has no lines to draw from; add one option per line")
         return self.lines[name]
+
+    def _listed(self) -> str:
+        listed = ", ".join(f"__{n}__" for n in available_wildcards(self.folder)) or "none"
+        return f"available: {listed}"
 
     def resolve(self, text: str, depth: int) -> str:
         if depth > MAX_DEPTH:

@@ -16,6 +16,7 @@ from bot.cogs.imagine import _reply
 from bot.cogs.lookup import require_studio
 from bot.discord_post import requester_of
 from bot.queue_desk import QueueEntry, queue_text
+from bot.request import DISCORD_INT_MAX
 from bot.tickets import Requester
 from engine.errors import NoodleError
 
@@ -87,7 +88,7 @@ def queue_cog(studio: "Optional[Studio]") -> commands.Cog:
                                                         "cancel them")
         @app_commands.describe(cancel="Cancel this request (its number, as in #12)")
         async def queue(self, interaction: discord.Interaction,
-                        cancel: Optional[app_commands.Range[int, 1, 2**53]] = None) -> None:
+                        cancel: Optional[app_commands.Range[int, 1, DISCORD_INT_MAX]] = None) -> None:
             """List (after cancelling `cancel`, if given), privately."""
             await interaction.response.defer(ephemeral=True, thinking=True)
             who = requester_of(interaction)

@@ -2,7 +2,9 @@
 
 Handled from raw reaction events and matched by message id in SQLite (as discord.py's
 reaction_roles example does), so they work on messages from before a restart that no cache
-holds. Whoever reacts owns the new job: the queue's per-user limits apply to them.
+holds. Whoever reacts owns the new job: the queue's per-user limits apply to them, and their
+/settings private too (a private parent stays private; a private member's version goes to their DMs).
+What a member may do to someone else's result is the Studio's to say (bot/access.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["Reactions"]
 
 log = logging.getLogger(__name__)
-# A reaction job's status line is a plain channel message: no token to expire, but we stop
+# A reaction job's status line is a plain message (channel or DM): no token to expire, but we stop
 # watching after an hour all the same (the result is posted by the Studio either way).
 FOLLOW_SECONDS = 60 * 60
 NOTICE_SECONDS = 30  # how long a public "I could not DM you" notice stays
@@ -70,12 +72,11 @@ class Reactions(commands.Cog):
         try:
             if emoji == REROLL:
                 ticket = await self.studio.reroll(generation.id, who, _origin(payload))
-                await self._watch(channel, ticket, f"🔁 <@{who.user_id}>'s reroll of #{generation.id}")
+                await self._watch(channel, ticket, who, f"reroll of #{generation.id}", REROLL)
             elif emoji == VARIATION or emoji in VARIATION_DIGITS:
                 index = 1 if emoji == VARIATION else VARIATION_DIGITS.index(emoji) + 1
                 ticket = await self.studio.variation(generation.id, who, index, _origin(payload))
-                await self._watch(channel, ticket,
-                                  f"🔀 <@{who.user_id}>'s variation of #{generation.id}, image {index}")
+                await self._watch(channel, ticket, who, f"variation of #{generation.id}, image {index}", VARIATION)
             elif emoji == DELETE:
                 await self._delete(channel, generation, who)
                 return
@@ -85,11 +86,16 @@ class Reactions(commands.Cog):
             await self._tell(who.user_id, channel, f"❌ {err}")
         await _unreact(channel, payload)
 
-    async def _watch(self, channel: Any, ticket: Ticket, label: str) -> None:
-        """Show the new job's status as a channel message, removed once its result is posted."""
+    async def _watch(self, channel: Any, ticket: Ticket, who: Requester, what: str, emoji: str) -> None:
+        """Show the new job's status as a message, removed once its result is posted: in the channel, or in the
+        reactor's DMs when the new result is private (the status must not announce it where the result is not)."""
+        generation = await self.studio.by_job(ticket.job_id)
+        private = generation is not None and generation.private
+        label = f"{emoji} your {what}" if private else f"{emoji} <@{who.user_id}>'s {what}"
         try:
-            message = await channel.send(f"{label}: ⏳ queued · job {ticket.job_id}",
-                                         allowed_mentions=discord.AllowedMentions.none())
+            where = await self._user(who.user_id) if private else channel
+            message = await where.send(f"{label}: ⏳ queued · job {ticket.job_id}",
+                                       allowed_mentions=discord.AllowedMentions.none())
         except discord.HTTPException as err:
             log.info("no status line for job %s: %s", ticket.job_id, err)
             return
@@ -129,7 +135,7 @@ class Reactions(commands.Cog):
 
     async def _dm(self, user_id: str, channel: Any, text: str, files: list[discord.File]) -> None:
         try:
-            user = self.bot.get_user(int(user_id)) or await asyncio.wait_for(self.bot.fetch_user(int(user_id)), 15)
+            user = await self._user(user_id)
             await user.send(content=text, files=files)
         except discord.HTTPException as err:
             log.info("could not DM %s: %s", user_id, err)
@@ -139,6 +145,11 @@ class Reactions(commands.Cog):
                                    allowed_mentions=discord.AllowedMentions(users=True))
             except discord.HTTPException as notice_err:
                 log.info("could not tell %s either: %s", user_id, notice_err)
+
+
+    async def _user(self, user_id: str) -> Any:
+        """A user to DM, from the cache or the API (a restart empties the cache)."""
+        return self.bot.get_user(int(user_id)) or await asyncio.wait_for(self.bot.fetch_user(int(user_id)), 15)
 
 
 class _Prefixed:

@@ -1,20 +1,25 @@
-"""The model manager: loaded checkpoints in an LRU bounded by memory, VAEs, LoRA adapters.
+"""The model manager: loaded checkpoints and merged models in an LRU bounded by memory, VAEs, LoRA adapters.
 
 Checkpoints are loaded once (diffusers single-file loading) and kept while they fit the
 budget, most recently used first; a new one unloads the least recently used until it fits,
-as ComfyUI's model management does. LoRAs are peft adapters on the loaded modules: a
-LoraLoader only names them, and `use_unet` / `use_text_encoders` switch the adapter set right
-before a module runs, so changing LoRAs never reloads a checkpoint from disk.
+as ComfyUI's model management does. A merge (engine/nodes/merging.py) makes new weights that
+live in node outputs, not here: the manager counts them in the same budget while any value
+holds them, and evicting one tells the node cache to let go of it. LoRAs are peft adapters
+on the loaded modules: a LoraLoader only names them, and `use_unet` / `use_text_encoders`
+switch the adapter set right before a module runs, so changing LoRAs never reloads a
+checkpoint from disk.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import itertools
 import logging
 import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -50,6 +55,7 @@ class LoadedCheckpoint:
     fingerprint: str
     load_seconds: float
     nbytes: int
+    used: int = 0  # the manager's clock when last loaded or run: the least recently used goes first
 
     @property
     def key(self) -> str:
@@ -59,6 +65,18 @@ class LoadedCheckpoint:
     def short_hash(self) -> str:
         """A1111's "Model hash": the first 10 hex digits of the file's sha256."""
         return short_hash(self.path)
+
+
+@dataclass
+class MergedModel:
+    """The new modules of one merge, counted in the model budget while the pipeline holding them lives."""
+
+    key: str
+    label: str
+    parent: str  # the key of the loaded checkpoint whose other components the merged pipeline shares
+    pipe: weakref.ref[DiffusionPipeline]
+    nbytes: int
+    used: int = 0
 
 
 @dataclass
@@ -95,6 +113,8 @@ class ModelManager:
         self.stats = ManagerStats()
         self.lookup: FolderLookup = _Lookup(self)
         self._checkpoints: OrderedDict[str, LoadedCheckpoint] = OrderedDict()
+        self._merges: dict[str, MergedModel] = {}
+        self._clock = itertools.count(1)
         self._vaes: OrderedDict[str, AutoencoderKL] = OrderedDict()
         self._loras: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.adapters = LoraAdapters()
@@ -142,6 +162,7 @@ class ModelManager:
         cached = self._checkpoints.get(name)
         if cached is not None and cached.fingerprint == fingerprint:
             self._checkpoints.move_to_end(name)
+            cached.used = next(self._clock)
             self.stats.hits += 1
             return cached
         if cached is not None:  # the file changed on disk: the old weights are stale
@@ -155,7 +176,8 @@ class ModelManager:
         started = time.perf_counter()
         pipe = load_checkpoint_pipeline(path, arch, self.device, self.dtype)
         seconds = time.perf_counter() - started
-        loaded = LoadedCheckpoint(name, path, arch, pipe, fingerprint, seconds, _pipeline_bytes(pipe))
+        loaded = LoadedCheckpoint(name, path, arch, pipe, fingerprint, seconds, _pipeline_bytes(pipe),
+                                  next(self._clock))
         self.stats.load_seconds += seconds
         self._make_room(loaded.nbytes)
         self._checkpoints[name] = loaded
@@ -174,25 +196,100 @@ class ModelManager:
         """Free every model (after an out-of-memory error, as ComfyUI does)."""
         for name in list(self._checkpoints):
             self._unload(name)
+        for key in list(self._merges):
+            self._drop_merge(key)
         self._vaes.clear()
         self._loras.clear()
         _free_memory(self.device)
 
-    def _make_room(self, incoming: int) -> None:
-        used = sum(c.nbytes for c in self._checkpoints.values())
-        while self._checkpoints and used + incoming > self.memory_budget:
-            name = next(iter(self._checkpoints))
-            used -= self._checkpoints[name].nbytes
-            self._unload(name)
+    def resident_bytes(self) -> int:
+        """What the loaded checkpoints and the live merges take: the number held under `memory_budget`."""
+        self._forget_dead_merges()
+        return sum(c.nbytes for c in self._checkpoints.values()) + sum(m.nbytes for m in self._merges.values())
+
+    def _make_room(self, incoming: int, keep: frozenset[str] = frozenset()) -> None:
+        """Evict the least recently used checkpoints and merges, never those in `keep`, until `incoming` fits."""
+        while self.resident_bytes() + incoming > self.memory_budget:
+            candidates = [(c.used, name, False) for name, c in self._checkpoints.items() if c.key not in keep]
+            candidates += [(m.used, key, True) for key, m in self._merges.items() if key not in keep]
+            if not candidates:
+                return
+            _, victim, merge = min(candidates)
+            if merge:
+                self._drop_merge(victim)
+            else:
+                self._unload(victim)
             self.stats.evictions += 1
 
     def _unload(self, name: str) -> None:
         loaded = self._checkpoints.pop(name)
         for listener in self._unload_listeners:
             listener(loaded.key)
+        # a merge shares this checkpoint's other components: keeping it would keep them, uncounted
+        for key in [key for key, merge in self._merges.items() if merge.parent == loaded.key]:
+            self._drop_merge(key)
         log.info("unloaded checkpoint %s", name)
         del loaded
         _free_memory(self.device)
+
+    # -- merged models ---------------------------------------------------------------------
+
+    def adopt_merge(self, pipe: DiffusionPipeline, modules: Sequence[torch.nn.Module], parent: LoadedCheckpoint,
+                    label: str) -> None:
+        """Count a merge's new `modules` (held by `pipe`, which shares `parent`'s other components) in the
+        budget, evicting the least recently used other models to fit it."""
+        nbytes = sum(_module_bytes(module) for module in modules)
+        self._make_room(nbytes, keep=frozenset({parent.key}))
+        tick = next(self._clock)
+        merge = MergedModel(f"merge:{tick}", label, parent.key, weakref.ref(pipe), nbytes, tick)
+        self._merges[merge.key] = merge
+        if self.resident_bytes() > self.memory_budget:
+            log.warning("%s (%.1f MB) and its checkpoint %s are over the model budget of %.1f MB ([engine] "
+                        "model_memory_bytes); kept for this job, evicted by the next load", label, nbytes / 1e6,
+                        parent.name, self.memory_budget / 1e6)
+        log.info("merged %s: %.1f MB of new weights", label, nbytes / 1e6)
+
+    def merge_labels(self) -> list[str]:
+        """The merges whose weights are in memory and counted, least recently used first."""
+        self._forget_dead_merges()
+        return [m.label for m in sorted(self._merges.values(), key=lambda m: m.used)]
+
+    def keys_held_by(self, values: Iterable[Any]) -> frozenset[str]:
+        """The checkpoints and merges that node output `values` keep in memory; a cache drops them with those."""
+        keys: set[str] = set()
+        for value in values:
+            checkpoint = getattr(value, "checkpoint", None)
+            if checkpoint is not None:
+                keys.add(checkpoint.key)
+            if getattr(value, "checkpoint_key", ""):
+                keys.add(value.checkpoint_key)
+            merge = self._merge_of(getattr(value, "pipe", None))
+            if merge is not None:
+                keys.add(merge.key)
+        return frozenset(keys)
+
+    def _merge_of(self, pipe: DiffusionPipeline | None) -> MergedModel | None:
+        if pipe is None:
+            return None
+        return next((m for m in self._merges.values() if m.pipe() is pipe), None)
+
+    def _touch(self, checkpoint: LoadedCheckpoint, pipe: DiffusionPipeline) -> None:
+        """A model runs: its checkpoint (and merge) become the most recently used."""
+        checkpoint.used = next(self._clock)
+        merge = self._merge_of(pipe)
+        if merge is not None:
+            merge.used = next(self._clock)
+
+    def _drop_merge(self, key: str) -> None:
+        merge = self._merges.pop(key)
+        for listener in self._unload_listeners:  # the node cache lets go of the outputs holding it
+            listener(key)
+        log.info("dropped merged model %s", merge.label)
+
+    def _forget_dead_merges(self) -> None:
+        # the node cache let go of a merge's last output on its own (LRU): its memory is free already
+        for key in [key for key, merge in self._merges.items() if merge.pipe() is None]:
+            del self._merges[key]
 
     # -- VAEs ------------------------------------------------------------------------------
 
@@ -232,6 +329,7 @@ class ModelManager:
     def use_unet(self, model: ModelRef) -> torch.nn.Module:
         """The UNet of `model` with exactly its LoRAs active (none: adapters off, the bare weights)."""
         wanted = summed(model.loras, self.lora_key)
+        self._touch(model.checkpoint, model.pipe)
         self._wrap_lora_errors(model.loras, model.checkpoint.name,
                                lambda: self.adapters.activate_unet(model.pipe, wanted, self._files(model.loras)))
         return model.pipe.unet
@@ -239,6 +337,7 @@ class ModelManager:
     def use_text_encoders(self, clip: ClipRef) -> list[torch.nn.Module]:
         """The text encoders of `clip` with exactly its LoRAs active."""
         wanted = summed(clip.loras, self.lora_key)
+        self._touch(clip.checkpoint, clip.pipe)
         self._wrap_lora_errors(clip.loras, clip.checkpoint.name,
                                lambda: self.adapters.activate_text_encoders(clip.pipe, wanted, self._files(clip.loras)))
         return [m for m in (clip.pipe.text_encoder, getattr(clip.pipe, "text_encoder_2", None)) if m is not None]
@@ -256,11 +355,11 @@ class ModelManager:
 
 
 def _pipeline_bytes(pipe: DiffusionPipeline) -> int:
-    total = 0
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            total += sum(p.numel() * p.element_size() for p in component.parameters())
-    return total
+    return sum(_module_bytes(c) for c in pipe.components.values() if isinstance(c, torch.nn.Module))
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _free_memory(device: torch.device) -> None:

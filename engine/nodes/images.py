@@ -11,10 +11,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+from PIL import Image
 from pydantic import Field
 
-from engine.errors import LimitExceeded, NoodleError, UnsafeModelFile
+from engine.disk import DiskFull, check_free_space, disk_full_message, is_disk_full
+from engine.errors import UnsafeModelFile
+from engine.images_io import decode_still
 from engine.nodes.latents import center_crop, size_problems
 from engine.nodes.base import MAX_RESOLUTION, Choice, FolderLookup, Node, Output, RunContext, Socket, Text, register
 from engine.recipe import image_parameters
@@ -23,8 +25,6 @@ from engine.settings import Limits
 from engine.values import ImageBatch, Mask
 
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
-# Decompression bombs: Pillow's own guard is a warning at 89 Mpx; we refuse far earlier (config max_pixels).
-Image.MAX_IMAGE_PIXELS = 16384 * 16384
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -41,7 +41,7 @@ def tensor_to_pils(pixels: torch.Tensor) -> list[Image.Image]:
 
 @register
 class LoadImage(Node):
-    """Load an image from the input folder as IMAGE and its alpha channel as MASK."""
+    """Load one still PNG, JPEG or WebP from the input folder as IMAGE and its alpha channel as MASK."""
 
     CATEGORY: ClassVar[str] = "image"
     RETURN_TYPES: ClassVar[tuple[str, ...]] = ("IMAGE", "MASK")
@@ -54,31 +54,17 @@ class LoadImage(Node):
         return hashlib.sha256(lookup.resolve("input", inputs["image"]).read_bytes()).hexdigest()
 
     def run(self, ctx: RunContext) -> tuple[ImageBatch, Mask]:
-        path = ctx.models.resolve("input", self.image)
+        # the same checks and decoding as an /imagine upload (engine/images_io.py): one still frame, upright
         limits = ctx.limits
-        try:
-            with Image.open(path) as opened:
-                if opened.width * opened.height > limits.max_pixels:
-                    raise LimitExceeded(
-                        f"image {self.image!r} is {opened.width}x{opened.height} = {opened.width * opened.height} "
-                        f"pixels; the limit is {limits.max_pixels} (limits.max_pixels in config.toml): scale it down")
-                frames, masks = [], []
-                for frame in ImageSequence.Iterator(opened):
-                    frame = ImageOps.exif_transpose(frame)
-                    if frames and frame.size != (frames[0].shape[2], frames[0].shape[1]):
-                        break  # ComfyUI keeps the leading frames of the first frame's size
-                    frames.append(pil_to_tensor(frame))
-                    if "A" in frame.getbands():
-                        alpha = np.asarray(frame.getchannel("A"), dtype=np.float32) / 255.0
-                        masks.append(1.0 - torch.from_numpy(alpha.copy()))  # ComfyUI's MASK is 1 where transparent
-                    else:
-                        masks.append(torch.zeros(64, 64))
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-            raise NoodleError(f"input {self.image!r} is not an image Pillow can read ({err}); "
-                              "use PNG, JPEG or WebP") from err
-        if any(m.shape != masks[0].shape for m in masks):
-            masks = [torch.zeros(64, 64) for _ in masks]
-        return ImageBatch(torch.cat(frames)), Mask(torch.stack(masks))
+        still = decode_still(ctx.models.resolve("input", self.image), f"input {self.image!r}",
+                             max_bytes=limits.max_input_image_bytes, max_side=limits.max_side,
+                             max_pixels=limits.max_pixels)
+        pixels = torch.from_numpy(still.rgb)[None]
+        if still.alpha is None:
+            mask = torch.zeros(1, 64, 64)  # ComfyUI's LoadImage gives a 64x64 empty mask to an opaque image
+        else:
+            mask = 1.0 - torch.from_numpy(still.alpha)[None]  # ComfyUI's MASK is 1 where transparent
+        return ImageBatch(pixels), Mask(mask)
 
 
 def save_path(output_dir: Path, prefix: str, width: int = 0, height: int = 0,
@@ -105,13 +91,27 @@ def save_images(ctx: RunContext, pixels: torch.Tensor, prefix: str, kind: str, f
     parameters = image_parameters(ctx, images[0].width, images[0].height)
     if parameters:
         texts["parameters"] = parameters
-    results = []
-    for image in images:
-        name = f"{stem}_{counter:05}_.png"
-        save_png(image, folder / name, texts)
-        subfolder = folder.relative_to(folder_root.resolve()).as_posix()
-        results.append({"filename": name, "subfolder": "" if subfolder == "." else subfolder, "type": kind})
-        counter += 1
+    # a PNG is at most about its raw pixels plus the text chunks: refuse before writing what would not fit
+    text_bytes = sum(len(value.encode()) for value in texts.values())
+    need = sum(image.width * image.height * len(image.getbands()) + text_bytes for image in images)
+    check_free_space(folder_root, ctx.limits.min_free_disk_mb, need, label=f"{ctx.output_dir.name}/")
+    results: list[dict[str, str]] = []
+    written: list[Path] = []
+    try:
+        for image in images:
+            name = f"{stem}_{counter:05}_.png"
+            save_png(image, folder / name, texts)
+            written.append(folder / name)
+            subfolder = folder.relative_to(folder_root.resolve()).as_posix()
+            results.append({"filename": name, "subfolder": "" if subfolder == "." else subfolder, "type": kind})
+            counter += 1
+    except BaseException as err:
+        # all of the batch or none of it: the job fails, so its first images would be files nobody refers to
+        for path in written:
+            path.unlink(missing_ok=True)
+        if isinstance(err, OSError) and is_disk_full(err):
+            raise DiskFull(disk_full_message(err, f"{ctx.output_dir.name}/")) from err
+        raise
     return Output((), {"images": results})
 
 

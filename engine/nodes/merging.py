@@ -1,7 +1,8 @@
 """Merging nodes: ModelMergeSimple, CLIPMergeSimple and CheckpointSave.
 
 A merge builds new modules from the weights of its inputs with their LoRAs folded in, and a
-pipeline that shares every other component; the loaded checkpoints stay untouched.
+pipeline that shares every other component; the loaded checkpoints stay untouched. The new
+modules count in the model manager's memory budget (`ModelManager.adopt_merge`) like a checkpoint.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ class ModelMergeSimple(Node):
             merged = blend(first, second, self.ratio, "model")
         unet = rebuilt(self.model1.pipe.unet, merged)
         label = f"merge({self.model1.label}, {self.model2.label}, {self.ratio})"
-        return (ModelRef(self.model1.checkpoint, with_components(self.model1.pipe, unet=unet), (), label),)
+        pipe = with_components(self.model1.pipe, unet=unet)
+        ctx.models.adopt_merge(pipe, [unet], self.model1.checkpoint, label)
+        return (ModelRef(self.model1.checkpoint, pipe, (), label),)
 
 
 @register
@@ -92,6 +95,8 @@ class CLIPMergeSimple(Node):
                            skip=(".position_ids", ".logit_scale"))
             replace[attr] = rebuilt(module, merged)
         pipe = with_components(self.clip1.pipe, **replace)
+        label = f"clip merge({self.clip1.checkpoint.name}, {self.clip2.checkpoint.name}, {self.ratio})"
+        ctx.models.adopt_merge(pipe, list(replace.values()), self.clip1.checkpoint, label)
         return (ClipRef(self.clip1.checkpoint, pipe, (), self.clip1.stop_at_layer),)
 
 

@@ -132,15 +132,18 @@ def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.T
 
 
 def _sampler_problems(values: dict[str, Any], limits: Limits) -> list[tuple[str, str]]:
-    problems = []
-    if values["steps"] > limits.max_steps:
-        problems.append(("steps", f"steps {values['steps']} is above this server's limit of {limits.max_steps}; "
-                                  "use fewer, or ask the owner to raise limits.max_steps in config.toml"))
+    if values["steps"] > limits.max_steps:  # refused anyway: its schedule is not worth computing
+        return [("steps", f"steps {values['steps']} is above this server's limit of {limits.max_steps}; "
+                          "use fewer, or ask the owner to raise limits.max_steps in config.toml")]
+    denoise = values.get("denoise", 1.0)
+    too_long = samplers.schedule_problem(values["steps"], denoise)
+    if too_long is not None:
+        return [("denoise", too_long)]
     try:
-        samplers.check_pair(values["sampler_name"], values["scheduler"], values["steps"], values.get("denoise", 1.0))
+        samplers.check_pair(values["sampler_name"], values["scheduler"], values["steps"], denoise)
     except samplers.UnfaithfulSampler as err:
-        problems.append(("scheduler", str(err)))
-    return problems
+        return [("scheduler", str(err))]
+    return []
 
 
 @register

@@ -97,3 +97,65 @@ async def test_the_console_keeps_the_setting(env: Env) -> None:
     assert "private=True" in out.getvalue() and "steps=5" in out.getvalue()
     await console.handle("/settings private: sometimes")
     assert "error: private: takes true or false" in out.getvalue()
+
+
+async def _react_and_wait(env: Env, message_id: int, user_id: int, emoji: str, **where: Any) -> Reactions:
+    cog = Reactions(env.client, env.studio, status_every=0.5)
+    await cog.on_raw_reaction_add(reaction(message_id, user_id, emoji, **where))
+    await asyncio.wait_for(asyncio.gather(*cog._tasks), WAIT)
+    return cog
+
+
+async def test_a_private_members_reroll_and_variation_of_a_public_result_go_to_their_dms(env: Env) -> None:
+    final = await imagine(env, {})  # Alice's, public
+    [original] = env.channel.results()
+    bob = Requester("50", "777", "bob")
+    await env.studio.change_settings(bob, {"private": True})
+    for emoji, kind in (("🔁", "reroll"), ("🔀", "variation")):
+        await _react_and_wait(env, original.id, 50, emoji)
+        dm = env.client.get_user(50).dm_channel
+        made = await env.store.by_message(dm.results()[-1].id)
+        assert made.kind == kind and made.requester_id == "50" and made.private
+        assert made.parent_id == final.generation.id
+    assert env.channel.results() == [original]  # nothing of Bob's in the channel: no result...
+    assert [m.content for m in env.channel.sent if not m.files] == []  # ...and no status line either
+    statuses = [m for m in env.client.get_user(50).dm_channel.sent if not m.files]
+    assert [m.content.split(":")[0] for m in statuses] == [f"🔁 your reroll of #{final.generation.id}",
+                                                           f"🔀 your variation of #{final.generation.id}, image 1"]
+    assert all(m.deleted for m in statuses)  # gone once the result was out, as in a channel
+
+    # a member without the setting still rerolls in public
+    await _react_and_wait(env, original.id, 51, "🔁")
+    assert len(env.channel.results()) == 2
+    assert not (await env.store.by_message(env.channel.results()[-1].id)).private
+
+
+async def test_a_private_parent_stays_private_whatever_the_reactor_keeps_now(env: Env) -> None:
+    await env.studio.change_settings(ALICE, {"private": True})
+    final = await imagine(env, {})
+    await env.studio.change_settings(ALICE, {"private": False})  # changed her mind since
+    dm = env.client.get_user(42).dm_channel
+    env.client.channels[dm.id] = dm
+    [message] = dm.results()
+    await _react_and_wait(env, message.id, 42, "🔀", channel_id=dm.id, guild_id=None)
+    variation = await env.store.by_message(dm.results()[-1].id)
+    assert variation.kind == "variation" and variation.private and env.channel.results() == []
+    # through the Studio directly, from the server's channel: still private
+    ticket = await env.studio.reroll(final.generation.id, ALICE, _origin())
+    reroll = (await env.finish(ticket)).generation
+    assert reroll.private and len(dm.results()) == 3 and env.channel.results() == []
+
+
+async def test_a_private_members_reroll_of_a_public_workflow_goes_to_their_dms(env: Env) -> None:
+    import json
+
+    from tests.engine.conftest import txt2img
+
+    data = json.dumps(txt2img(seed=5, batch_size=1, filename_prefix="ComfyUI")).encode()
+    final = await env.finish(await env.studio.run_workflow(data, "graph.json", ALICE, _origin()))
+    assert final.error is None and not final.generation.private
+    bob = Requester("50", "777", "bob")
+    await env.studio.change_settings(bob, {"private": True})
+    reroll = (await env.finish(await env.studio.reroll(final.generation.id, bob, _origin()))).generation
+    assert reroll.kind == "reroll" and reroll.private and reroll.request["reroll_of"] == final.generation.id
+    assert len(env.client.get_user(50).dm_channel.results()) == 1 and len(env.channel.results()) == 1

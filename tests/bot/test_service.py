@@ -96,7 +96,7 @@ def _png(width: int, height: int) -> bytes:
 
 async def test_bad_input_gets_a_clear_message_and_changes_nothing(env: Env) -> None:
     limits = env.settings.limits
-    assert "not an image" in await _refused(env, {}, image=b"GIF89a this is text, not pixels")
+    assert "is a GIF file; Noodle decodes only PNG, JPEG or WebP" in await _refused(env, {}, image=b"GIF89a text")
     assert "limit is" in await _refused(env, {}, image=b"\x89PNG\r\n\x1a\n" + bytes(21 * 1024 * 1024))
     too_big = await _refused(env, {}, image=_png(limits.max_side + 8, 64))
     assert "scale it down" in too_big and str(limits.max_side) in too_big
@@ -139,7 +139,7 @@ async def test_details_hold_the_parameters_text_and_the_workflow(env: Env) -> No
     import json
 
     result = (await env.run({"prompt": "a bridge at dusk", "seed": 11, "batch": 2})).generation
-    details = await env.studio.details(result.id, Requester("77"))
+    details = await env.studio.details(result.id, Requester("77", "777"))  # a member of the result's server
     assert "Seed: 11" in details.text
     assert "A1111 parameters" in details.text and "#2 12" in details.text
     assert json.loads(details.workflow_json) == result.workflow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from prompts import Fragment, PromptError, parse_weighted
+from prompts.emphasis import MAX_NESTING
 
 
 def pairs(text: str) -> list[tuple[str, float]]:
@@ -91,13 +92,17 @@ def test_leading_and_repeated_breaks_make_no_empty_chunks() -> None:
     assert [f.is_break for f in parse_weighted("BREAK a BREAK BREAK b")] == [False, True, False]
 
 
-def test_weights_that_overflow_are_a_prompt_error() -> None:
-    with pytest.raises(PromptError, match="too large"):
+def test_weights_outside_the_allowed_range_are_a_prompt_error() -> None:
+    with pytest.raises(PromptError, match=r"emphasis weight 999999999999… \(400 characters\) on 'x' is outside "
+                                          r"-100 to 100"):
         parse_weighted("(x:" + "9" * 400 + ")")
-    with pytest.raises(PromptError, match="nested brackets"):
+    with pytest.raises(PromptError, match="brackets nest 8000 deep here; at most 64"):
         parse_weighted("(" * 8000 + "x")
 
 
-def test_deep_nesting_is_fast_and_finite() -> None:
-    fragments = parse_weighted("(" * 3000 + "x" + ")" * 3000 + " y")
-    assert fragments[0].text == "x" and fragments[0].weight == pytest.approx(1.1 ** 3000, rel=1e-9)
+def test_deep_nesting_is_refused_in_one_pass() -> None:
+    # 3,000 closed pairs: the sweep stays linear, and the depth is refused before any weight is multiplied
+    with pytest.raises(PromptError, match="nest 3000 deep"):
+        parse_weighted("(" * 3000 + "x" + ")" * 3000 + " y")
+    fragments = parse_weighted("[" * MAX_NESTING + "x" + "]" * MAX_NESTING + " y")
+    assert fragments[0].text == "x" and fragments[0].weight == pytest.approx(1.1 ** -MAX_NESTING, rel=1e-9)

@@ -97,18 +97,44 @@ def test_comfy_weighting_matches_a_hand_computation(sd1: ClipEncoder, tokenizer:
     assert torch.equal(encoded.embeds[0, 3], z[3])  # weight 1.0 positions untouched
 
 
-def test_a1111_weighting_matches_a_hand_computation(sd1: ClipEncoder, tokenizer: CLIPTokenizer,
-                                                    sd1_model: CLIPTextModel) -> None:
-    encoded = encode_prompt("a (cat:1.5) on [a mat]", [sd1], weighting="a1111")
+@pytest.fixture(scope="module")
+def biased_sd1_model(sd1_model: CLIPTextModel) -> CLIPTextModel:
+    """The tiny CLIP with a final LayerNorm bias, as real CLIP-L has: hidden states whose mean is not ~0."""
+    model = copy.deepcopy(sd1_model)
     with torch.no_grad():
-        z = sd1_model(input_ids=ids_for(tokenizer, "a cat on a mat")).last_hidden_state[0]
+        model.final_layer_norm.bias.copy_(torch.linspace(-0.5, 0.2, L_WIDTH))
+    return model
+
+
+def test_a1111_weighting_matches_a_hand_computation(tokenizer: CLIPTokenizer,
+                                                    biased_sd1_model: CLIPTextModel) -> None:
+    encoded = encode_prompt("a (cat:1.5) on [a mat]", [sd1_encoder(tokenizer, biased_sd1_model)], weighting="a1111")
+    with torch.no_grad():
+        z = biased_sd1_model(input_ids=ids_for(tokenizer, "a cat on a mat")).last_hidden_state[0]
+    assert abs(float(z.mean())) > 0.05  # a mean that can be restored
     weights = torch.ones(77)
     weights[2] = 1.5
     weights[4:6] = 1 / 1.1
     scaled = z * weights[:, None]
     expected = scaled * (z.mean() / scaled.mean())
-    torch.testing.assert_close(encoded.embeds[0], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(encoded.embeds[0], expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(encoded.embeds[0].mean(), z.mean(), rtol=1e-5, atol=1e-7)
+    assert not any("restore" in warning for warning in encoded.report.warnings)
+
+
+def test_a1111_weighting_of_a_mean_near_zero_weights_without_restoring_and_says_so(
+        sd1: ClipEncoder, tokenizer: CLIPTokenizer, sd1_model: CLIPTextModel) -> None:
+    # a final LayerNorm without bias (random tiny CLIP) gives a chunk mean of ~1e-8: 0/0 would be NaN
+    with torch.no_grad():
+        z = sd1_model(input_ids=ids_for(tokenizer, "a cat on a mat")).last_hidden_state[0]
+    assert abs(float(z.mean())) < 1e-4
+    encoded = encode_prompt("a (cat:1.5) on [a mat]", [sd1], weighting="a1111")
+    weights = torch.ones(77)
+    weights[2] = 1.5
+    weights[4:6] = 1 / 1.1
+    assert torch.isfinite(encoded.embeds).all()
+    torch.testing.assert_close(encoded.embeds[0], z * weights[:, None], rtol=0, atol=1e-6)
+    assert any("too close to zero to restore" in warning for warning in encoded.report.warnings)
 
 
 @pytest.mark.parametrize("weighting", ["comfy", "a1111"])

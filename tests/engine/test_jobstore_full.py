@@ -1,0 +1,83 @@
+"""The queue's store when SQLite cannot write: the real error is raised (never "cannot rollback"), the rows
+that could not be written are kept and land with the next write that can, so no job stays "running"."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from engine.disk import is_disk_full
+from engine.jobs import JobState
+from engine.jobstore import JobStore
+from tests.engine.disk_support import SmallDisk, small_disk  # noqa: F401 (a fixture)
+from tests.engine.test_jobstore import job
+
+
+def _states(path: Path) -> dict[str, str]:
+    with sqlite3.connect(path) as other:  # the bot's connection: only what reached the file counts
+        return dict(other.execute("SELECT job_id, state FROM engine_jobs"))
+
+
+def _cap_pages(store: JobStore) -> None:
+    # max_page_count is a per-connection limit, so it is set on the store's own connection: SQLite then
+    # answers SQLITE_FULL ("database or disk is full") exactly as a full disk makes it do
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def test_a_full_database_reports_itself_and_the_row_lands_with_the_next_write(tmp_path: Path) -> None:
+    path = tmp_path / "noodle.sqlite3"
+    store = JobStore(path)
+    ran, other = job("ran", 1), job("other", 2)
+    store.insert(ran)
+    store.insert(other)
+    ran.state = JobState.RUNNING
+    store.save([ran])
+    _cap_pages(store)
+    ran.state, ran.result = JobState.DONE, {"outputs": {}, "meta": {"big": "x" * 200_000}}  # needs new pages
+    with pytest.raises(sqlite3.OperationalError, match="^database or disk is full$") as failed:
+        store.save([ran])
+    assert is_disk_full(failed.value)
+    assert store.unsaved == ["ran"] and _states(path)["ran"] == "running"
+
+    store._db.execute("PRAGMA max_page_count = 1073741823")  # room again
+    other.state = JobState.RUNNING
+    store.save([other])
+    assert store.unsaved == []
+    assert _states(path) == {"ran": "done", "other": "running"}
+    assert store.get("ran").result == ran.result
+    store.close()
+
+
+def test_a_newer_state_wins_over_the_one_that_could_not_be_written(tmp_path: Path) -> None:
+    path = tmp_path / "noodle.sqlite3"
+    store = JobStore(path)
+    first = job("a", 1)
+    store.insert(first)
+    _cap_pages(store)
+    first.state, first.error = JobState.FAILED, "x" * 100_000
+    with pytest.raises(sqlite3.OperationalError):
+        store.save([first])
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+    first.state, first.error = JobState.CANCELLED, "cancelled"
+    store.save([first])
+    assert _states(path) == {"a": "cancelled"} and store.get("a").error == "cancelled"
+    store.close()
+
+
+def test_on_a_really_full_disk_the_commit_error_is_the_one_raised(small_disk: SmallDisk) -> None:
+    path = small_disk.root / "noodle.sqlite3"
+    store = JobStore(path)
+    ran = job("ran", 1)
+    store.insert(ran)
+    small_disk.fill()
+    ran.state, ran.result = JobState.DONE, {"outputs": {}, "meta": {}}
+    with pytest.raises(sqlite3.OperationalError, match="^database or disk is full$"):
+        store.save([ran])  # the WAL cannot grow: COMMIT fails, and SQLite has ended the transaction itself
+    assert store.unsaved == ["ran"]
+    small_disk.free()
+    store.save([])
+    assert _states(path) == {"ran": "done"}
+    store.close()

@@ -28,7 +28,7 @@ from bot.files import remove_files
 from bot.outcome import outcome_of
 from bot.records import Generation
 from bot.retention import Retention
-from bot.store import PENDING, Store
+from bot.store import PENDING, WRITE_FAILED, Store
 from bot.tickets import Publisher
 from engine.disk import is_disk_full
 from engine.errors import NoodleError
@@ -125,7 +125,7 @@ class Settler:
             generation_id = await self.store.end_job(job_id, state, result=result, error=error)
             if generation_id is None and await self._adopt(job_id):
                 generation_id = await self.store.end_job(job_id, state, result=result, error=error)
-        except aiosqlite.Error as err:  # the end happened all the same: fail its request rather than hang it
+        except WRITE_FAILED as err:  # the end happened all the same: fail its request rather than hang it
             unrecorded = await self.store.by_job(job_id)
             if unrecorded is None:
                 raise
@@ -174,7 +174,7 @@ class Settler:
                     try:
                         await self.store.settle(generation_id, outcome)
                         generation = await self.store.get(generation_id) or generation
-                    except aiosqlite.Error as err:
+                    except WRITE_FAILED as err:
                         generation = await self._fail_unstored(generation, err, reason=outcome.error)
                 if generation is not None and self.publisher is not None and generation.front == self.front:
                     if self._must_post(generation):
@@ -208,7 +208,7 @@ class Settler:
         if future is not None and not future.done():
             future.set_result(settled)
 
-    async def _fail_unstored(self, generation: Generation, err: aiosqlite.Error, *,
+    async def _fail_unstored(self, generation: Generation, err: BaseException, *,
                              results: Iterable[dict[str, Any] | None] = (), reason: str | None = None) -> Generation:
         """The database refused to record `generation`'s end: fail it in memory now (settle announces it), store
         that later.
@@ -245,7 +245,7 @@ class Settler:
         for generation_id, failed in list(self._unstored.items()):
             try:
                 await self.store.fail(generation_id, failed.error or "failed", failed.finished_at or time.time())
-            except aiosqlite.Error as err:
+            except WRITE_FAILED as err:
                 log.warning("the database still refuses writes (%s); %d failed requests wait to be recorded", err,
                             len(self._unstored))
                 return

@@ -22,9 +22,13 @@ import aiosqlite
 
 from bot.preset_store import PRESET_MIGRATION, PresetTable
 from bot.records import Generation, JobRow, NewGeneration, Outcome
+from engine.disk import DiskFull, is_disk_full
 from engine.errors import NoodleError
 
-__all__ = ["MIGRATIONS", "PENDING", "Store", "StoreError", "migrate"]
+__all__ = ["MIGRATIONS", "PENDING", "WRITE_FAILED", "Store", "StoreError", "migrate"]
+
+# What a refused write raises: SQLite's own errors, and DiskFull for one refused because the disk is full
+WRITE_FAILED: tuple[type[BaseException], ...] = (aiosqlite.Error, DiskFull)
 
 # Each entry moves `PRAGMA user_version` from its index to index + 1; never edit a shipped one.
 MIGRATIONS: tuple[str, ...] = (
@@ -206,8 +210,10 @@ class Store(PresetTable):
                     [(generation_id, idx, _seed_to_row(seed), json.dumps(workflow))
                      for idx, (seed, workflow) in enumerate(new.images, 1)])
                 await self._db.commit()
-            except BaseException:
+            except BaseException as err:
                 await self._db.rollback()
+                if is_disk_full(err):
+                    raise self._full() from err
                 raise
         generation = await self.get(generation_id)
         assert generation is not None
@@ -386,10 +392,17 @@ class Store(PresetTable):
                     cursor = await self._db.execute(sql, args)
                     changed = cursor.rowcount
                 await self._db.commit()
-            except BaseException:
+            except BaseException as err:
                 await self._db.rollback()
+                if is_disk_full(err):
+                    raise self._full() from err
                 raise
         return changed
+
+    def _full(self) -> DiskFull:
+        """A write that failed on a full disk, as a message for the person whose command it was."""
+        return DiskFull(f"the disk holding the database ({self.path.name}) is full, so Noodle could not record this; "
+                        "nothing was queued or changed: the server owner must free space on it, then try again")
 
 
 async def _user_version(db: aiosqlite.Connection) -> int:

@@ -29,8 +29,6 @@ from engine.service import EngineService, Owner
 
 __all__ = ["WorkflowDesk", "variation_refused", "workflow_summary"]
 
-SQLITE_INT_MAX = 2**63 - 1  # a KSampler seed may reach 2**64 - 1; the job row keeps one only if SQLite can
-
 
 class WorkflowDesk:
     """/workflow and the reroll of its results, for `Studio`."""
@@ -88,7 +86,7 @@ class WorkflowDesk:
         new = NewGeneration(kind=kind, front=self.front, requester_id=who.user_id, request=request,
                             params={**params, "checkpoints": checkpoints, "seeds": seeds},
                             model_name=checkpoints[0] if checkpoints else "",
-                            images=[(first_seed if first_seed <= SQLITE_INT_MAX else 0, ready)],
+                            images=[(first_seed, ready)],  # the store keeps seeds up to 2**64 - 1
                             guild_id=origin.guild_id or who.guild_id, channel_id=origin.channel_id,
                             parent_id=parent.id if parent else None)
         summary = workflow_summary(filename, checkpoints, seeds)

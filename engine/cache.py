@@ -152,6 +152,10 @@ class OutputCache:
             self._discard(sig)
         return len(doomed)
 
+    def discard(self, signature: str) -> None:
+        """Forget one entry (a failed run's SaveImage output, whose files were removed)."""
+        self._discard(signature)
+
     def clear(self) -> None:
         self._entries.clear()
         self._sizes.clear()

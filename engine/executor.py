@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -132,6 +133,8 @@ class Run:
         self._started = time.perf_counter()
         self.values: dict[str, tuple[Any, ...]] = {}
         self._ui: dict[str, dict[str, Any]] = {}
+        # files this run's output nodes wrote (not cached ones): a failed run removes them, all or nothing
+        self._written: list[tuple[str, Path]] = []
         emit(ExecutionStart(prompt_id))
         # Look every node up first: ComfyUI announces the cached set before running anything.
         for node_id in prompt.order:
@@ -206,6 +209,7 @@ class Run:
         self.values[node_id] = out.values
         if out.ui:
             self._ui[node_id] = out.ui
+            self._written += [(self._sigs[node_id], path) for path in self._files_of(out.ui)]
             self.emit(Executed(self.prompt_id, node_id, out.ui))
         part = _meta_of(self.meta, node_id, models_before)
         holds = self.executor.models.keys_held_by(out.values)
@@ -217,8 +221,24 @@ class Run:
         for key in _COUNTERS:
             self.model_activity[key] += after[key] - stats_before[key]
 
+    def _files_of(self, ui: dict[str, Any]) -> list[Path]:
+        """The files an output node's `ui` names (ComfyUI's `{"filename", "subfolder", "type"}` entries)."""
+        roots = {"output": self.executor.settings.output_dir, "temp": self.executor.settings.output_dir / "temp"}
+        return [roots[item["type"]] / item.get("subfolder", "") / item["filename"]
+                for item in ui.get("images", ()) if isinstance(item, dict) and item.get("type") in roots]
+
+    def discard_written(self) -> None:
+        """Remove what this run's output nodes wrote, and forget their cached outputs that point at those files:
+        a job that fails or is cancelled leaves no image behind (an earlier SaveImage's PNGs included)."""
+        for signature, path in self._written:
+            path.unlink(missing_ok=True)
+            self.executor.cache.discard(signature)
+        self._written.clear()
+
     def fail(self, node_id: str, err: BaseException) -> NoodleError:
-        """The error to raise for a node that failed: JobCancelled as is, anything else named after the node."""
+        """The error to raise for a node that failed: JobCancelled as is, anything else named after the node.
+        Files the run wrote so far are removed either way."""
+        self.discard_written()
         if isinstance(err, JobCancelled):
             self.emit(ExecutionInterrupted(self.prompt_id, node_id))
             return err

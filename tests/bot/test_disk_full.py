@@ -25,6 +25,7 @@ from engine.errors import NodeExecutionError
 from engine.executor import Executor
 from engine.nodes import images
 from engine.pngmeta import save_png
+from engine.service import JobState
 from engine.settings import ModelsSettings
 from tests.bot.conftest import Env, _origin
 from tests.conftest import tiny_executor
@@ -199,10 +200,19 @@ async def test_a_commit_the_database_refuses_is_reported_as_itself(env: Env) -> 
     pages = (await env.store._db.execute_fetchall("PRAGMA page_count"))[0][0]
     await env.store._db.execute(f"PRAGMA max_page_count = {pages}")
     try:
-        with pytest.raises(sqlite3.OperationalError, match="^database or disk is full$"):
-            await env.store.put_setting("user", "42", "notes", "x" * 200_000)
-        with pytest.raises(sqlite3.OperationalError, match="^database or disk is full$"):
-            await env.store.mark_posted(final.generation.id, "x" * 200_000, 0.0)
+        for write in (env.store.put_setting("user", "42", "notes", "x" * 200_000),
+                      env.store.mark_posted(final.generation.id, "x" * 200_000, 0.0)):
+            with pytest.raises(DiskFull, match="the disk holding the database \\(noodle.sqlite3\\) is full") as caught:
+                await write
+            cause = caught.value.__cause__
+            assert isinstance(cause, sqlite3.OperationalError) and str(cause) == "database or disk is full"
+        # a member's command on a full database: one clear refusal, nothing queued
+        jobs = len(env.engine.jobs(states=tuple(JobState)))
+        request = await env.studio.parse({"prompt": "a fox " + "very " * 700, "steps": 4, "width": 64,
+                                          "height": 64})
+        with pytest.raises(DiskFull, match="nothing was queued or changed"):
+            await env.studio.submit(request, Requester("42", "777"))
+        assert len(env.engine.jobs(states=tuple(JobState))) == jobs
     finally:
         await env.store._db.execute("PRAGMA max_page_count = 1073741823")
     assert (await env.store.get(final.generation.id)).message_id == final.generation.message_id  # nothing half done

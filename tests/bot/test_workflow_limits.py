@@ -155,3 +155,11 @@ async def test_a_member_at_their_cap_is_refused_before_any_parsing_or_validating
     finally:
         gate.open()
     assert (await env.finish(held)).kind == "done"
+
+
+async def test_a_workflow_seed_of_2_to_the_64_minus_1_is_kept_whole(env: Env) -> None:
+    top = 2**64 - 1  # ComfyUI's KSampler seed maximum: past SQLite's signed 64 bits, stored all the same
+    final = await run(env, as_file(graph(seed=top, batch_size=1)))
+    assert final.kind == "done", final.error
+    stored = await env.store.get(final.generation.id)
+    assert stored.jobs[0].seed == top and stored.params["seeds"] == {"3": top}

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.errors import NodeExecutionError
 from engine.executor import Executor
 from engine.pngmeta import parse_parameters, read_png_texts
 from tests.engine.conftest import txt2img, with_changes
@@ -109,3 +110,25 @@ def test_other_samplers_run_and_are_deterministic(executor: Executor, sampler: s
     second = image_paths(executor, fresh_run(executor, workflow)["outputs"])[0]
     assert np.array_equal(pixels(first), pixels(second))
     assert pixels(first).std() > 1.0
+
+
+def test_a_run_that_fails_after_one_saveimage_leaves_none_of_its_pngs(executor: Executor) -> None:
+    # SaveImage "9" writes its PNG, then a second branch fails (a 3-frame APNG in LoadImage): all or nothing
+    frames = [Image.new("RGB", (64, 64), (40 * i, 0, 0)) for i in range(3)]
+    animated = executor.settings.input_dir / "three-frames.png"
+    animated.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(animated, save_all=True, append_images=frames[1:])
+    workflow = txt2img(seed=11, filename_prefix="all-or-nothing")
+    workflow["9"]["inputs"]["filename_prefix"] = "all-or-nothing"
+    workflow["30"] = {"class_type": "LoadImage", "inputs": {"image": "three-frames.png"}}
+    workflow["31"] = {"class_type": "SaveImage", "inputs": {"images": ["30", 0], "filename_prefix": "all-or-nothing"}}
+    prompt = executor.validate(workflow)
+    assert prompt.order.index("9") < prompt.order.index("30")  # the first PNG is written before the failure
+    before = set(executor.settings.output_dir.rglob("all-or-nothing*"))
+    with pytest.raises(NodeExecutionError, match="animated PNG of 3 frames"):
+        executor.run(prompt)
+    assert set(executor.settings.output_dir.rglob("all-or-nothing*")) == before
+    # the same graph without the failing branch runs again from the top of SaveImage: its cached output is gone
+    del workflow["30"], workflow["31"]
+    result = executor.run(workflow)
+    assert "9" not in result.meta["cached"] and len(set(executor.settings.output_dir.rglob("all-or-nothing*"))) == 1

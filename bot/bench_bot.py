@@ -68,7 +68,7 @@ async def measure(models_dir: Path, commands: int, busy_steps: int = BUSY_STEPS)
     from bot.settings import BotSettings, Settings
     from bot.store import Store
     from engine.runtime import create_executor
-    from engine.service import EngineService
+    from engine.queue import EngineService
     from engine.settings import EngineSettings, ModelsSettings
 
     root = Path(tempfile.mkdtemp(prefix="noodle-bench-bot-"))

@@ -17,10 +17,9 @@ if "-v" not in sys.argv and "--verbose" not in sys.argv:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
 
 from bot.settings import Settings  # noqa: E402
-from engine.cli import add_engine_commands  # noqa: E402
+from engine.cli import Bench, add_engine_commands  # noqa: E402
 
 
 def build_parser(settings: Settings) -> argparse.ArgumentParser:
@@ -29,8 +28,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
                                                                 "for Discord and the console")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_engine_commands(sub, settings)
-    add_bench_bot(sub)
+    add_engine_commands(sub, settings, benches={"bot": Bench(_bench_bot, _bench_bot_options)})
 
     bot_cmd = sub.add_parser("bot", help="run the Discord bot (token from DISCORD_TOKEN)")
     bot_cmd.add_argument("--print-commands", action="store_true",
@@ -51,26 +49,15 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     return parser
 
 
-def add_bench_bot(sub: argparse._SubParsersAction) -> None:
-    """Make `noodle bench bot` work beside the engine's benches without touching engine/cli.py."""
-    bench = sub.choices.get("bench")
-    if bench is None:
-        bench = sub.add_parser("bench", help="benchmarks")
-        bench.add_argument("what", choices=[])
-        bench.add_argument("--models", type=Path, default=Path(".cache/models"))
-    what = next(action for action in bench._actions if action.dest == "what")
-    what.choices = [*(what.choices or []), "bot"]
+def _bench_bot_options(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--commands", type=int, default=50, help="bench bot: commands arriving at once")
-    engine_handler = bench.get_default("handler")
 
-    def handler(args: argparse.Namespace) -> Any:
-        if args.what == "bot":
-            from bot.bench_bot import bench_bot
 
-            return bench_bot(args.models, commands=args.commands)
-        return engine_handler(args)
+def _bench_bot(args: argparse.Namespace) -> int:
+    """`noodle bench bot`: the real /imagine handler against a busy engine."""
+    from bot.bench_bot import bench_bot
 
-    bench.set_defaults(handler=handler)
+    return bench_bot(args.models, commands=args.commands)
 
 
 def cmd_bot(args: argparse.Namespace, settings: Settings) -> int:

@@ -317,7 +317,7 @@ async def run_chat(settings: Settings, *, stdin: TextIO, out: TextIO, err: TextI
     """Open the database, start the engine and a console Studio, run the lines, shut everything down."""
     from bot.service import Studio
     from engine.runtime import create_executor
-    from engine.service import EngineService
+    from engine.queue import EngineService
 
     store = await Store.open(settings.bot.database)
     engine: Any = None

@@ -7,26 +7,17 @@ person at it a member with Manage Server.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from bot.errors import RequestInvalid
 from bot.options import parse_options
-from bot.presets import PRESET_OPTIONS, PresetRecord, preset_from_options
+from bot.presets import PRESET_OPTIONS, preset_details, preset_from_options, preset_line
 from bot.tickets import Requester
 
-__all__ = ["CONSOLE_SERVER", "preset_command", "queue_command", "record_line", "settings_command"]
+__all__ = ["CONSOLE_SERVER", "preset_command", "queue_command", "settings_command"]
 
 CONSOLE_SERVER = "console"
 SUBCOMMANDS = ("create", "update", "delete", "default", "list", "show")
-
-
-def record_line(record: PresetRecord, default: str | None = None) -> str:
-    """A preset as one line: ⭐ for the default, ⚠️ with the missing files when broken."""
-    mark = " ⭐ default" if record.preset.name == default else ""
-    broken = f" ⚠️ broken: {', '.join(record.broken)} missing" if record.broken else ""
-    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.updated_at))
-    return f"{record.preset.describe()}{mark}{broken} (changed by {record.updated_by} {when} UTC)"
 
 
 async def preset_command(studio: Any, who: Requester, rest: str) -> str:
@@ -40,8 +31,8 @@ async def preset_command(studio: Any, who: Requester, rest: str) -> str:
         preset = preset_from_options(options)
         if sub == "create":
             record = await studio.create_preset(who, preset)
-            return f"saved preset {record_line(record)}; use it with /imagine ... preset: {record.preset.name}"
-        return f"updated preset {record_line(await studio.update_preset(who, preset))}"
+            return f"saved preset {preset_line(record)}; use it with /imagine ... preset: {record.preset.name}"
+        return f"updated preset {preset_line(await studio.update_preset(who, preset))}"
     name = options.get("name")
     extra = sorted(set(options) - {"name"})
     if extra:
@@ -52,15 +43,14 @@ async def preset_command(studio: Any, who: Requester, rest: str) -> str:
     if sub == "list":
         records = await studio.list_presets(who.guild_id)
         default = await studio.default_preset(who.guild_id)
-        return "\n".join(record_line(r, default) for r in records) or "no presets yet; make one with /preset create"
+        return "\n".join(preset_line(r, default) for r in records) or "no presets yet; make one with /preset create"
     if not name:
         raise RequestInvalid(f"/preset {sub} needs a name, e.g. /preset {sub} name: anime")
     if sub == "delete":
         await studio.delete_preset(who, name)
         return f"deleted preset {name}"
     record = await studio.show_preset(who.guild_id, name)
-    made = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.created_at))
-    return f"{record_line(record, await studio.default_preset(who.guild_id))}\nmade by {record.created_by} {made} UTC"
+    return preset_details(record, await studio.default_preset(who.guild_id))
 
 
 async def settings_command(studio: Any, who: Requester, rest: str) -> str:

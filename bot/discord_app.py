@@ -115,7 +115,7 @@ class NoodleBot(commands.Bot):
         from bot.service import Studio
         from bot.store import Store
         from engine.runtime import create_executor
-        from engine.service import EngineService
+        from engine.queue import EngineService
 
         settings = self.settings
         self.store = await Store.open(settings.bot.database)

@@ -15,7 +15,8 @@ from typing import Any
 
 import discord
 
-from bot.embeds import failure_text, result_card, to_embed, truncate
+from bot.card import truncate
+from bot.embeds import failure_text, result_card, to_embed
 from bot.errors import GenerationNotFound
 from bot.records import Generation
 from bot.tickets import Origin, Requester

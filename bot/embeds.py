@@ -2,28 +2,27 @@
 
 One `Card` (title, description, fields, footer) per generation; `card_text` is the console's
 rendering and `to_embed` Discord's, so both front ends show the same words. The numbers come
-from the run's meta as stored: seeds, token usage per text encode, cached nodes, timings.
+from the run's meta as stored: seeds, token usage per text encode, cached nodes, timings. `Card` and the
+lines every card shares are in bot/card.py; a /workflow result's card is bot/workflow_card.py's.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import discord
 
+from bot.card import FIELD_CHARS, PROMPT_CHARS, Card, first_sampler, seconds_text, token_usage, truncate
 from bot.records import Generation
+from bot.workflow_card import workflow_card
+from bot.workflow_file import is_workflow
+from engine.models.paths import display_name
 
-__all__ = ["REACTION_HELP", "Card", "card_text", "failure_text", "result_card", "status_text", "to_embed",
-           "token_usage", "truncate"]
+__all__ = ["REACTION_HELP", "card_text", "failure_text", "history_line", "request_label", "result_card", "status_text",
+           "to_embed"]
 
 REACTION_HELP = "🔁 reroll · 🔀 variation · 🗑️ delete · ℹ️ details"
-# Discord's embed limits are 4096 (description), 1024 (field), 256 (title), 6000 (all): we stay well
-# inside so a 4000-character prompt and negative still fit; ℹ️ details has the full text.
-PROMPT_CHARS = 1800
-FIELD_CHARS = 1000
-CHUNK = 75
 _LABELS = {
     "CheckpointLoaderSimple": "checkpoint", "LoraLoader": "LoRA", "LoraLoaderModelOnly": "LoRA",
     "CLIPSetLastLayer": "clip skip", "VAELoader": "VAE", "EmptyLatentImage": "empty latent",
@@ -31,55 +30,10 @@ _LABELS = {
 }
 
 
-@dataclass(frozen=True)
-class Card:
-    """The text of a result, front-end neutral."""
-
-    title: str
-    description: str
-    fields: tuple[tuple[str, str], ...]
-    footer: str
-
-
-def truncate(text: str, limit: int) -> str:
-    """`text` cut to `limit` characters, with an ellipsis when something was cut."""
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
-
-
-def _sampler(workflow: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    return next(((node_id, node) for node_id, node in workflow.items()
-                 if node.get("class_type") in ("KSampler", "KSamplerAdvanced")), ("", {"inputs": {}}))
-
-
-def _usage(report: dict[str, Any] | None) -> str | None:
-    if not report:
-        return None
-    report = report.get("text_g", report)  # SDXL's dual encode: the bigger encoder's count
-    tokens, chunks = int(report.get("tokens", 0)), max(1, int(report.get("chunks", 1)))
-    text = f"{tokens}/{CHUNK * chunks}"
-    notes = [f"{chunks} chunks"] if chunks > 1 else []
-    if report.get("truncated"):
-        notes.append(f"{report['truncated']} cut")
-    return f"{text} ({', '.join(notes)})" if notes else text
-
-
-def token_usage(generation: Generation) -> str:
-    """`prompt 42/75 · negative 9/75`, with chunks and cut tokens when a prompt needed more than 75."""
-    sampler_id, sampler = _sampler(generation.workflow)
-    parts = []
-    for label in ("positive", "negative"):
-        link = sampler["inputs"].get(label)
-        node_id = str(link[0]) if isinstance(link, list) and link else None
-        usage = _usage(generation.tokens.get(node_id)) if node_id else None
-        if usage:
-            parts.append(f"{'prompt' if label == 'positive' else 'negative'} {usage}")
-    return " · ".join(parts) or "not reported"
-
-
 def _cached(generation: Generation) -> str | None:
     if not generation.cached:
         return None
-    sampler_id, sampler = _sampler(generation.workflow)
+    sampler_id, sampler = first_sampler(generation.workflow)
     names = []
     for node_id in generation.cached:
         class_type = generation.workflow.get(node_id, {}).get("class_type", "")
@@ -92,14 +46,10 @@ def _cached(generation: Generation) -> str | None:
            "follows ran"
 
 
-def _seconds(value: float | None) -> str:
-    return "–" if value is None else f"{value:.1f} s"
-
-
 def _loras(params: dict[str, Any]) -> str:
     entries = []
     for lora in params.get("loras", []):
-        name = str(lora["name"]).rsplit("/", 1)[-1].removesuffix(".safetensors")
+        name = display_name(str(lora["name"]))
         model, clip = lora["strength_model"], lora["strength_clip"]
         entries.append(f"{name} {model:g}" if model == clip else f"{name} {model:g}/{clip:g}")
     return ", ".join(entries) or "none"
@@ -124,14 +74,10 @@ def _title(generation: Generation) -> str:
 
 def result_card(generation: Generation) -> Card:
     """The card of a finished generation, from its stored row."""
-    # /workflow results have a card of their own, built on this module: imported when first needed
-    from bot.workflow_card import workflow_card
-    from bot.workflow_file import is_workflow
-
     if is_workflow(generation):
         return workflow_card(generation)
     params = generation.params
-    model = generation.model_name.rsplit("/", 1)[-1].removesuffix(".safetensors")
+    model = display_name(generation.model_name)
     count = max(1, len(generation.images) or len(generation.jobs))
     size = f"{params.get('width')}×{params.get('height')}" + (f" ×{count}" if count > 1 else "")
     if params.get("init_image"):
@@ -145,7 +91,8 @@ def result_card(generation: Generation) -> Card:
         ("LoRAs", _loras(params)),
         ("Size", size),
         ("Tokens", token_usage(generation)),
-        ("Time", f"queue {_seconds(generation.queue_wait_s)} · generation {_seconds(generation.generation_s)}"),
+        ("Time", f"queue {seconds_text(generation.queue_wait_s)} · "
+                 f"generation {seconds_text(generation.generation_s)}"),
     ]
     if params.get("clip_skip"):
         fields.insert(5, ("Clip skip", str(-int(params["clip_skip"]))))
@@ -216,7 +163,7 @@ def request_label(generation: Generation) -> str:
 def history_line(generation: Generation) -> str:
     """One line of /history: number, kind, state, prompt, model and a link to the posted result."""
     prompt = truncate(request_label(generation), 60)
-    model = generation.model_name.rsplit("/", 1)[-1].removesuffix(".safetensors")
+    model = display_name(generation.model_name)
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(generation.created_at))
     where = ""
     if generation.private and generation.message_id:

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from bot.records import ENDED
 from bot.tickets import StudioEvent
 
 __all__ = ["merged_events"]
@@ -60,7 +61,7 @@ async def merged_events(engine: Any, job_ids: Sequence[str]) -> AsyncIterator[St
             elif event.kind == "progress":
                 yield StudioEvent("progress", primary, value=event.value, max=event.max, node=event.node,
                                   images=len(job_ids), images_done=ended)
-            elif event.kind in ("done", "failed", "cancelled"):
+            elif event.kind in ENDED:
                 positions.pop(event.job_id, None)
                 ended += 1
     finally:

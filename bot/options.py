@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from bot.errors import RequestInvalid
 from engine.errors import ModelNotFound
+from engine.models.paths import SAFE_SUFFIX, display_name
 from prompts.names import closest_names
 
 __all__ = [
@@ -33,7 +34,6 @@ IMAGINE_OPTIONS: tuple[str, ...] = (
 )
 LORA_WEIGHT_LIMIT = 100.0  # LoraLoader's strength range in ComfyUI: -100..100
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
-SUFFIX = ".safetensors"
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,11 @@ def resolve_name(kind: str, name: str, available: Sequence[str], folder: str) ->
     Raises ModelNotFound naming the closest files (or listing the folder) when none matches.
     """
     wanted = name.strip()
-    for candidate in (wanted, f"{wanted}{SUFFIX}"):
+    for candidate in (wanted, f"{wanted}{SAFE_SUFFIX}"):
         if candidate in available:
             return candidate
-    folded = wanted.lower().removesuffix(SUFFIX)
-    by_stem = [n for n in available if n.rsplit("/", 1)[-1].lower().removesuffix(SUFFIX) == folded]
+    folded = wanted.lower().removesuffix(SAFE_SUFFIX)
+    by_stem = [n for n in available if display_name(n.lower()) == folded]
     if len(by_stem) == 1:
         return by_stem[0]
     raise ModelNotFound(kind, wanted, folder, closest_names(wanted, available) or available)
@@ -110,7 +110,7 @@ def lora_suggestions(current: str, available: Iterable[str], limit: int = 25) ->
     suffix = f":{weight}" if colon else ":1.0"
     out = []
     for found in name_suggestions(name, available, limit):
-        value = f"{prefix}{found.removesuffix(SUFFIX)}{suffix}".strip()
+        value = f"{prefix}{found.removesuffix(SAFE_SUFFIX)}{suffix}".strip()
         if len(value) <= 100:  # Discord's limit on a choice's name and value
             out.append(value)
     return out

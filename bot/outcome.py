@@ -17,7 +17,7 @@ from bot.records import Generation, Outcome
 from bot.tickets import Details
 from bot.workflow_file import is_workflow
 from engine.executor import Executor
-from engine.models.paths import short_hash
+from engine.models.paths import display_name, short_hash
 from engine.templates import WorkflowParams
 
 __all__ = ["details_of", "outcome_of", "prefix_for", "summary_of"]
@@ -76,7 +76,7 @@ def prefix_for(folder: str, prompt: str) -> str:
 
 def summary_of(params: WorkflowParams, count: int = 1) -> str:
     """`tiny-sd15 · 64×64 ×2 · seeds 42-43`: what a queued ticket says."""
-    model = params.checkpoint.rsplit("/", 1)[-1].removesuffix(".safetensors")
+    model = display_name(params.checkpoint)
     batch = f" ×{count}" if count > 1 else ""
     kind = " · img2img" if params.init_image else ""
     seeds = f"seeds {params.seed}-{params.seed + count - 1}" if count > 1 else f"seed {params.seed}"

@@ -10,6 +10,7 @@ the missing file, /preset list marks it, and nothing else is affected.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from prompts.names import closest_names
 from prompts.styles import Style
 
 __all__ = ["LAYER_KEYS", "PRESET_OPTIONS", "Preset", "PresetRecord", "check_name", "layered", "missing_files",
-           "preset_from_options", "require_manage_server", "validate_preset"]
+           "preset_details", "preset_from_options", "preset_line", "require_manage_server", "validate_preset"]
 
 # The /imagine options a preset or a user's settings may set (what `layered` merges).
 LAYER_KEYS = ("model", "loras", "vae", "style", "negative", "steps", "cfg", "sampler", "scheduler", "width",
@@ -73,6 +74,31 @@ class PresetRecord(BaseModel):
     updated_by: str
     updated_at: float
     broken: tuple[str, ...] = Field(default=())  # the files it names that are gone
+
+
+def preset_line(record: PresetRecord, default: str | None = None, *, markdown: bool = False) -> str:
+    """A preset as one line: ⭐ for the default, ⚠️ with the missing files when broken, who changed it last.
+
+    `markdown` is Discord's: the preset in bold, the member as a mention; the console prints plain text.
+    """
+    mark = " ⭐ default" if record.preset.name == default else ""
+    broken = f" ⚠️ broken: {', '.join(record.broken)} missing" if record.broken else ""
+    shown = f"**{record.preset.describe()}**" if markdown else record.preset.describe()
+    return f"{shown}{mark}{broken} (changed by {_member(record.updated_by, markdown)} {_utc(record.updated_at)} UTC)"
+
+
+def preset_details(record: PresetRecord, default: str | None = None, *, markdown: bool = False) -> str:
+    """/preset show: the preset's line, then who made it and when."""
+    return (f"{preset_line(record, default, markdown=markdown)}\n"
+            f"made by {_member(record.created_by, markdown)} {_utc(record.created_at)} UTC")
+
+
+def _member(user_id: str, markdown: bool) -> str:
+    return f"<@{user_id}>" if markdown else user_id
+
+
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(timestamp))
 
 
 def preset_from_options(options: Mapping[str, Any]) -> Preset:

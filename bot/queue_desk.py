@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bot.access import may_moderate, not_found, reachable
-from bot.embeds import request_label, truncate
+from bot.card import truncate
+from bot.embeds import request_label
 from bot.errors import NotAllowed, RequestInvalid
 from bot.store import Store
 from bot.tickets import Requester
-from engine.service import EngineService, JobInfo, JobState, Owner
+from engine.queue import EngineService, JobInfo, JobState, Owner
 
 __all__ = ["QueueDesk", "QueueEntry", "queue_text"]
 

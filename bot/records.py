@@ -8,19 +8,28 @@ bot/store.py reads and writes them; the Studio, the embeds and both front ends o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["Generation", "JobRow", "NewGeneration", "Outcome", "ENDED", "TERMINAL"]
+from engine.queue.jobs import ENDED
 
-ENDED = ("done", "failed", "cancelled")  # a job's last states
-TERMINAL = ("done", "failed", "cancelled", "deleted")  # a generation's
+__all__ = ["ENDED", "NOT_DONE", "TERMINAL", "Generation", "GenerationKind", "GenerationState", "JobRow",
+           "JobRowState", "NewGeneration", "Outcome"]
+
+GenerationKind = Literal["imagine", "reroll", "variation", "workflow"]
+# `submitting`: stored, its jobs not yet in the engine's queue; the rest as the engine's JobState
+JobRowState = Literal["submitting", "queued", "running", "done", "failed", "cancelled"]
+GenerationState = Literal["submitting", "queued", "running", "done", "failed", "cancelled", "deleted"]
+
+# ENDED (a job's last states) is the engine's set; a generation has one more way to be over
+TERMINAL: frozenset[str] = ENDED | {"deleted"}
+NOT_DONE: frozenset[str] = ENDED - {"done"}  # ended without its result: failed or cancelled
 
 
 @dataclass(frozen=True)
 class NewGeneration:
     """What is known when a request is accepted, before the engine has its jobs."""
 
-    kind: str
+    kind: GenerationKind
     front: str
     requester_id: str
     request: dict[str, Any]
@@ -40,7 +49,7 @@ class JobRow:
     job_id: str | None
     seed: int
     workflow: dict[str, Any]
-    state: str
+    state: JobRowState
     result: dict[str, Any] | None = None
     image_path: str | None = None  # the first PNG (the only one of an /imagine job)
     error: str | None = None
@@ -63,7 +72,7 @@ class JobRow:
 class Outcome:
     """What settling a generation writes: its verdict and the numbers the card shows."""
 
-    state: str  # done (at least one image) | failed | cancelled
+    state: Literal["done", "failed", "cancelled"]  # done: at least one image
     images: dict[int, str]  # idx -> the job's first PNG path as SaveImage wrote it
     tokens: dict[str, Any]
     cached: list[str]
@@ -81,10 +90,10 @@ class Generation:
     """One request: its options, the params its images share, its jobs, and where its result went."""
 
     id: int
-    kind: str
+    kind: GenerationKind
     parent_id: int | None
     front: str
-    state: str
+    state: GenerationState
     requester_id: str
     guild_id: str | None
     channel_id: str | None

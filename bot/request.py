@@ -18,9 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from bot.errors import RequestInvalid
 from bot.options import parse_loras, resolve_name
 from bot.settings import BotSettings, Settings
+from engine.images_io import IMAGE_SUFFIXES
 from engine.models.detect import Arch
+from engine.nodes.base import SEED_MAX
+from engine.nodes.latents import side_problem, size_problems
 from engine.samplers import SCHEDULER_NAMES, SUPPORTED_SAMPLERS, UnfaithfulSampler, check_pair
-from engine.templates import ExpandedPrompt, LoraChoice, WorkflowParams, expand_prompt
+from engine.templates import LoraChoice, WorkflowParams, expand_prompt
 from prompts.emphasis import parse_weighted
 from prompts.errors import PromptError
 from prompts.loras import extract_lora_tags
@@ -28,11 +31,9 @@ from prompts.styles import apply_style
 
 __all__ = ["Allowed", "GenerationRequest", "ImageUpload", "RequestContext", "check_upload_meta", "parse_request"]
 
-SEED_MAX = 2**64 - 1  # KSampler's range
 DISCORD_INT_MAX = 2**53 - 1  # Discord's integer options are doubles: larger seeds cannot be typed there
 # what engine/images_io.py decodes; anything else is refused before a byte is downloaded
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass(frozen=True)
@@ -161,9 +162,8 @@ class GenerationRequest(BaseModel):
         bound("batch", self.batch, 1, allowed.max_batch, f"ask for 1 to {allowed.max_batch} images")
         bound("denoise", self.denoise, 0.01, 1.0, "0.3 keeps the image close, 0.8 changes it a lot")
         bound("clip_skip", self.clip_skip, 1, allowed.max_clip_skip, "1 is off, 2 is what most anime models want")
-        for name, side in (("width", self.width), ("height", self.height)):
-            if side is not None:
-                problems += size_problems(name, side, allowed)
+        problems += [problem for name, side in (("width", self.width), ("height", self.height)) if side is not None
+                     and (problem := side_problem(name, side, allowed.max_side, min_side=allowed.min_side, grid=True))]
         if self.sampler is not None and self.sampler not in allowed.samplers:
             problems.append(f"sampler {self.sampler!r} is not available; choose one of {', '.join(allowed.samplers)}")
         if self.scheduler is not None and self.scheduler not in allowed.schedulers:
@@ -192,7 +192,7 @@ class GenerationRequest(BaseModel):
     def to_params(self, *, checkpoint: str, arch: Arch, seed: int, defaults: BotSettings, allowed: Allowed,
                   available_loras: Sequence[str], available_vaes: Sequence[str] = (), init_image: str | None = None,
                   image_size: tuple[int, int] | None = None, filename_prefix: str = "noodle",
-                  ) -> tuple[WorkflowParams, ExpandedPrompt]:
+                  ) -> WorkflowParams:
         """The WorkflowParams for this request on `checkpoint` (resolved) of architecture `arch`.
 
         Defaults: config.toml's [bot] values; the size by architecture (SDXL 1024, SD1.x 512,
@@ -203,10 +203,8 @@ class GenerationRequest(BaseModel):
             width, height = (image_size[0] // 8) * 8, (image_size[1] // 8) * 8
         else:
             width, height = self.width or native, self.height or native
-        problems = [p for name, side in (("width", width), ("height", height)) for p in size_problems(name, side, allowed)]
-        if width * height > allowed.max_pixels:
-            problems.append(f"{width}x{height} = {width * height} pixels is above this server's limit of "
-                            f"{allowed.max_pixels} (limits.max_pixels in config.toml); ask for a smaller size")
+        problems = [problem for _, problem in size_problems(width, height, 1, allowed, min_side=allowed.min_side,
+                                                            grid=True)]
         if problems:
             model = checkpoint.removesuffix(".safetensors")
             raise RequestInvalid(f"{model} ({arch.family}, {native}x{native} native) cannot make this size: "
@@ -234,7 +232,7 @@ class GenerationRequest(BaseModel):
                 parse_weighted(extract_lora_tags(text)[0])
             except PromptError as err:
                 raise RequestInvalid(f"{name}: {err}") from None
-        params = WorkflowParams(
+        return WorkflowParams(
             checkpoint=checkpoint, prompt=expanded.prompt, negative=expanded.negative, seed=seed, steps=steps,
             cfg=self.cfg if self.cfg is not None else defaults.default_cfg, sampler_name=sampler,
             scheduler=scheduler, width=width, height=height, batch_size=self.batch, loras=expanded.loras,
@@ -242,21 +240,10 @@ class GenerationRequest(BaseModel):
             denoise=denoise, filename_prefix=filename_prefix,
             vae=resolve_name("VAE", self.vae, available_vaes, "models/vae") if self.vae else None,
         )
-        return params, expanded
 
 
 def _num(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:g}"
-
-
-def size_problems(name: str, side: int, allowed: Allowed) -> list[str]:
-    """Why a width or height cannot be made: outside the limits, or not on the 8-pixel latent grid."""
-    if not allowed.min_side <= side <= allowed.max_side:
-        return [f"{name} {side} is outside {allowed.min_side}..{allowed.max_side} (limits.max_side in config.toml)"]
-    if side % 8:
-        low, high = side - side % 8, side - side % 8 + 8
-        return [f"{name} {side} is not a multiple of 8 (SD latents are 1/8 of the image); use {low} or {high}"]
-    return []
 
 
 _PYDANTIC_WORDS = {

@@ -26,8 +26,7 @@ from bot.records import Generation
 from bot.settings import BotSettings, RetentionSettings
 from bot.store import Store
 from engine.errors import NoodleError
-from engine.jobs import JobRecord
-from engine.jobstore import JobStore
+from engine.queue import JobRecord, JobStore
 from engine.settings import EngineSettings
 
 __all__ = ["Pruned", "Retention", "expired_files", "inputs_of", "owned_folder"]

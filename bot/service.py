@@ -28,7 +28,7 @@ from bot.outcome import details_of, prefix_for, summary_of
 from bot.preset_desk import PresetDesk
 from bot.queue_desk import QueueDesk
 from bot.records import Generation, NewGeneration
-from bot.request import DISCORD_INT_MAX, SEED_MAX, Allowed, GenerationRequest, RequestContext, parse_request
+from bot.request import DISCORD_INT_MAX, Allowed, GenerationRequest, RequestContext, parse_request
 from bot.retention import Retention, inputs_of, owned_folder
 from bot.settings import Settings
 from bot.settle import Settler
@@ -40,7 +40,8 @@ from bot.workflow_file import is_workflow
 from engine.errors import NoodleError
 from engine.models.detect import Arch, detect_checkpoint
 from engine.models.paths import file_fingerprint, short_hash
-from engine.service import EngineService, Owner
+from engine.nodes.base import SEED_MAX
+from engine.queue import EngineService, Owner
 from engine.templates import LoraChoice, WorkflowParams, build_workflow
 
 __all__ = ["Studio"]
@@ -63,10 +64,6 @@ class Studio(PresetDesk, QueueDesk, WorkflowDesk, Settler):
     def checkpoints(self, matching: str = "") -> list[str]:
         """Checkpoint files whose names contain `matching` (for autocomplete)."""
         return name_suggestions(matching, self.engine.executor.models.choices("checkpoints"))
-
-    def loras(self, matching: str = "") -> list[str]:
-        """LoRA files whose names contain `matching`."""
-        return name_suggestions(matching, self.engine.executor.models.choices("loras"))
 
     async def context(self) -> RequestContext:
         """The limits and the models folder as they are now (listed off the event loop)."""
@@ -122,7 +119,7 @@ class Studio(PresetDesk, QueueDesk, WorkflowDesk, Settler):
         if seed + request.batch - 1 > SEED_MAX:
             raise RequestInvalid(f"seed {seed} leaves no room for {request.batch} images (one seed each, up to "
                                  f"{SEED_MAX}); use a smaller seed")
-        params, _ = request.to_params(
+        params = request.to_params(
             checkpoint=checkpoint, arch=arch, seed=seed, defaults=self.settings.bot, allowed=self.allowed,
             available_loras=context.loras, available_vaes=context.vaes, init_image=prepared.name if prepared else None,
             image_size=(prepared.width, prepared.height) if prepared else None,
@@ -334,6 +331,7 @@ def _params_json(params: WorkflowParams) -> dict[str, Any]:
 
 def _params_of(generation: Generation) -> WorkflowParams:
     data = dict(generation.params)
+    data.pop("extra", None)  # rows stored before WorkflowParams lost its never-used `extra` field carry `{}`
     data["loras"] = tuple(LoraChoice(**lora) for lora in data.get("loras", []))
     return WorkflowParams(**data)
 

@@ -26,18 +26,17 @@ import aiosqlite
 from bot.errors import GenerationNotFound
 from bot.files import remove_files
 from bot.outcome import outcome_of
-from bot.records import Generation
+from bot.records import ENDED, NOT_DONE, Generation
 from bot.retention import Retention
 from bot.store import PENDING, WRITE_FAILED, Store
 from bot.tickets import Publisher
 from engine.disk import is_disk_full
 from engine.errors import NoodleError
-from engine.service import EngineService, JobEvent, JobState
+from engine.queue import EngineService, JobEvent, JobState
 
 __all__ = ["Settled", "Settler"]
 
 log = logging.getLogger(__name__)
-ENDED_EVENTS = ("done", "failed", "cancelled")
 Settled = tuple[Generation, str | None]  # the stored generation, and why it could not be posted (if so)
 
 
@@ -112,13 +111,13 @@ class Settler:
                     started = time.time()
                     if await self.store.mark_running(event.job_id, started) is None and await self._adopt(event.job_id):
                         await self.store.mark_running(event.job_id, started)
-                elif event.kind in ENDED_EVENTS:
+                elif event.kind in ENDED:
                     await self._job_ended(event.job_id, event.kind, event.result, event.error)
             except (NoodleError, aiosqlite.Error) as err:  # one bad event must not stop results for everyone
                 log.exception("could not record %s of job %s: %s", event.kind, event.job_id, err)
 
     async def _job_ended(self, job_id: str, kind: str, result: dict[str, Any] | None, error: str | None) -> None:
-        state = kind if kind in ENDED_EVENTS else "failed"
+        state = kind if kind in ENDED else "failed"
         if state == "done" and result is None:
             state, error = "failed", "the engine reported no result"
         try:
@@ -181,7 +180,7 @@ class Settler:
                         message_id = await asyncio.wait_for(self.publisher.publish(generation), self.publish_timeout)
                         await self.store.mark_posted(generation.id, message_id, time.time())
                         generation = await self.store.get(generation_id) or generation
-                    elif generation.state in ("failed", "cancelled") and not watched \
+                    elif generation.state in NOT_DONE and not watched \
                             and not self._followers.get(generation_id) and generation_id not in self._settled:
                         await self.publisher.publish_failure(generation)
             except (NoodleError, OSError, TimeoutError, aiosqlite.Error) as err:
@@ -233,7 +232,7 @@ class Settler:
             if job.job_id is not None and not job.ended:
                 await self.engine.cancel(job.job_id)
         now = time.time()
-        jobs = tuple(job if job.state in ("failed", "cancelled") else replace(
+        jobs = tuple(job if job.state in NOT_DONE else replace(
             job, state="failed", error=why + advice, result=None, image_path=None, image_paths=(),
             finished_at=job.finished_at or now) for job in generation.jobs)
         failed = replace(generation, state="failed", error=message, finished_at=now, jobs=jobs)
@@ -273,7 +272,7 @@ class Settler:
                 if info is None:
                     await self.store.end_job(job_id, "failed", error="the queue lost this job in a restart; run it "
                                                                      "again")
-                elif info.state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
+                elif info.state in ENDED:
                     await self._job_ended(job_id, str(info.state), info.result, info.error)
             else:
                 refreshed = await self.store.get(generation.id)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import aiosqlite
 
 from bot.preset_store import PRESET_MIGRATION, PresetTable
-from bot.records import Generation, JobRow, NewGeneration, Outcome
+from bot.records import ENDED, Generation, JobRow, NewGeneration, Outcome
 from engine.disk import DiskFull, is_disk_full
 from engine.errors import NoodleError
 
@@ -150,7 +151,7 @@ def _generation(rows: _Rows) -> Generation:
 
 
 class Store(PresetTable):
-    """Generations and their jobs (and the presets/settings tables to come) over one aiosqlite connection."""
+    """Generations, their jobs and the per-scope settings over one aiosqlite connection (presets: preset_store.py)."""
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
@@ -194,27 +195,20 @@ class Store(PresetTable):
 
     async def add(self, new: NewGeneration, *, created_at: float | None = None) -> Generation:
         """Record an accepted request and its images' jobs (state `submitting`) in one transaction."""
-        async with self._writing:
-            try:
-                cursor = await self._db.execute(
-                    "INSERT INTO generations (kind, parent_id, front, state, requester_id, guild_id, channel_id, "
-                    "request_json, params_json, model_name, created_at) "
-                    "VALUES (?, ?, ?, 'submitting', ?, ?, ?, ?, ?, ?, ?)",
-                    (new.kind, new.parent_id, new.front, new.requester_id, new.guild_id, new.channel_id,
-                     json.dumps(new.request), json.dumps(new.params), new.model_name,
-                     time.time() if created_at is None else created_at))
-                generation_id = int(cursor.lastrowid or 0)
-                await self._db.executemany(
-                    "INSERT INTO generation_jobs (generation_id, idx, seed, workflow_json, state) "
-                    "VALUES (?, ?, ?, ?, 'submitting')",
-                    [(generation_id, idx, _seed_to_row(seed), json.dumps(workflow))
-                     for idx, (seed, workflow) in enumerate(new.images, 1)])
-                await self._db.commit()
-            except BaseException as err:
-                await self._db.rollback()
-                if is_disk_full(err):
-                    raise self._full() from err
-                raise
+        async with self._atomic():
+            cursor = await self._db.execute(
+                "INSERT INTO generations (kind, parent_id, front, state, requester_id, guild_id, channel_id, "
+                "request_json, params_json, model_name, created_at) "
+                "VALUES (?, ?, ?, 'submitting', ?, ?, ?, ?, ?, ?, ?)",
+                (new.kind, new.parent_id, new.front, new.requester_id, new.guild_id, new.channel_id,
+                 json.dumps(new.request), json.dumps(new.params), new.model_name,
+                 time.time() if created_at is None else created_at))
+            generation_id = int(cursor.lastrowid or 0)
+            await self._db.executemany(
+                "INSERT INTO generation_jobs (generation_id, idx, seed, workflow_json, state) "
+                "VALUES (?, ?, ?, ?, 'submitting')",
+                [(generation_id, idx, _seed_to_row(seed), json.dumps(workflow))
+                 for idx, (seed, workflow) in enumerate(new.images, 1)])
         generation = await self.get(generation_id)
         assert generation is not None
         return generation
@@ -247,7 +241,7 @@ class Store(PresetTable):
     async def end_job(self, job_id: str, state: str, *, result: dict[str, Any] | None = None,
                       error: str | None = None, finished_at: float | None = None) -> int | None:
         """Record a job's end (done with its RunResult, or failed/cancelled with a reason); returns its generation id."""
-        if state not in ("done", "failed", "cancelled"):
+        if state not in ENDED:
             raise ValueError(f"end_job() takes done, failed or cancelled, not {state!r}")
         await self._write(
             "UPDATE generation_jobs SET state = ?, result_json = ?, error = ?, finished_at = ? "
@@ -385,19 +379,26 @@ class Store(PresetTable):
 
     async def _transaction(self, *statements: tuple[str, Sequence[Any]]) -> int:
         """Run statements as one transaction, never interleaved with another coroutine's; rows changed by the last."""
+        changed = 0
+        async with self._atomic():
+            for sql, args in statements:
+                cursor = await self._db.execute(sql, args)
+                changed = cursor.rowcount
+        return changed
+
+    @asynccontextmanager
+    async def _atomic(self) -> AsyncIterator[None]:
+        """One transaction, never interleaved with another coroutine's: committed at the end, or rolled back
+        (a full disk raised as DiskFull, naming the database)."""
         async with self._writing:
             try:
-                changed = 0
-                for sql, args in statements:
-                    cursor = await self._db.execute(sql, args)
-                    changed = cursor.rowcount
+                yield
                 await self._db.commit()
             except BaseException as err:
                 await self._db.rollback()
                 if is_disk_full(err):
                     raise self._full() from err
                 raise
-        return changed
 
     def _full(self) -> DiskFull:
         """A write that failed on a full disk, as a message for the person whose command it was."""

@@ -8,13 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from bot.errors import RequestInvalid
+from prompts.chunks import CHUNK_TOKENS
 from prompts.embeddings import EmbeddingLibrary
 from prompts.errors import PromptError
 from prompts.plan import token_report
 
-__all__ = ["CHUNK", "token_text"]
-
-CHUNK = 75  # CLIP's tokens per chunk, as ComfyUI and A1111 count them
+__all__ = ["token_text"]
 
 
 def token_text(text: str, embeddings_dir: Path, max_chunks: int | None = None) -> str:
@@ -28,7 +27,7 @@ def token_text(text: str, embeddings_dir: Path, max_chunks: int | None = None) -
     except PromptError as err:
         raise RequestInvalid(f"the prompt cannot be read: {err}") from None
     chunks = max(1, report.chunks)
-    lines = [f"{report.tokens}/{CHUNK * chunks} tokens ({chunks} chunk{'s' if chunks > 1 else ''}: "
+    lines = [f"{report.tokens}/{CHUNK_TOKENS * chunks} tokens ({chunks} chunk{'s' if chunks > 1 else ''}: "
              f"{', '.join(str(n) for n in report.chunk_tokens) or '0'})"]
     if report.truncated:
         lines.append(f"{report.truncated} tokens past the limit of {max_chunks} chunks are cut "

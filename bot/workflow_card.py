@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.embeds import FIELD_CHARS, PROMPT_CHARS, Card, _seconds, token_usage, truncate
+from bot.card import FIELD_CHARS, PROMPT_CHARS, Card, first_sampler, seconds_text, token_usage, truncate
 from bot.records import Generation
 from bot.workflow_file import checkpoints_of, seeds_of
+from engine.models.paths import display_name
 
 __all__ = ["WORKFLOW_REACTION_HELP", "workflow_card"]
 
@@ -31,8 +32,8 @@ def workflow_card(generation: Generation) -> Card:
     tokens = token_usage(generation)
     if tokens != "not reported":
         fields.append(("Tokens", tokens))
-    fields.append(("Time", f"queue {_seconds(generation.queue_wait_s)} · generation "
-                           f"{_seconds(generation.generation_s)}"))
+    fields.append(("Time", f"queue {seconds_text(generation.queue_wait_s)} · generation "
+                           f"{seconds_text(generation.generation_s)}"))
     if generation.cached:
         fields.append(("Cached", f"nodes {', '.join(generation.cached)} came from the cache"))
     if generation.error:
@@ -45,7 +46,7 @@ def workflow_card(generation: Generation) -> Card:
 def _checkpoints(generation: Generation) -> str:
     names = []
     for name in checkpoints_of(generation.workflow):
-        short = name.rsplit("/", 1)[-1].removesuffix(".safetensors")
+        short = display_name(name)
         # the hash is known for the first checkpoint (the one a result's model is)
         names.append(f"{short} ({generation.model_hash})" if name == generation.model_name and generation.model_hash
                      else short)
@@ -62,10 +63,8 @@ def _seeds(seeds: dict[str, int]) -> str:
 
 def _prompt(workflow: dict[str, Any]) -> str:
     """The positive text of the first sampler, when it is a CLIPTextEncode with a constant text."""
-    for node in workflow.values():
-        if isinstance(node, dict) and node.get("class_type") in ("KSampler", "KSamplerAdvanced"):
-            link = node.get("inputs", {}).get("positive")
-            source = workflow.get(str(link[0])) if isinstance(link, list) and link else None
-            text = source.get("inputs", {}).get("text") if isinstance(source, dict) else None
-            return text if isinstance(text, str) else ""
-    return ""
+    _, sampler = first_sampler(workflow)
+    link = sampler.get("inputs", {}).get("positive")
+    source = workflow.get(str(link[0])) if isinstance(link, list) and link else None
+    text = source.get("inputs", {}).get("text") if isinstance(source, dict) else None
+    return text if isinstance(text, str) else ""

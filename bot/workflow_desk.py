@@ -25,7 +25,8 @@ from bot.tickets import Origin, Requester, Ticket
 from bot.workflow_file import (SOURCE, checkpoints_of, check_size, node_lines, parse_workflow, refuse_blocked,
                                reseed, seeds_of, summarise, with_outputs)
 from engine.errors import WorkflowInvalid
-from engine.service import EngineService, Owner
+from engine.models.paths import display_name
+from engine.queue import EngineService, Owner
 
 __all__ = ["WorkflowDesk", "variation_refused", "workflow_summary"]
 
@@ -100,7 +101,7 @@ class WorkflowDesk:
 
 def workflow_summary(filename: str, checkpoints: list[str], seeds: dict[str, int]) -> str:
     """`portrait.json · tiny-sd15 · seed 42`: what a queued workflow's ticket says."""
-    models = ", ".join(name.rsplit("/", 1)[-1].removesuffix(".safetensors") for name in checkpoints) or "no checkpoint"
+    models = ", ".join(display_name(name) for name in checkpoints) or "no checkpoint"
     if len(seeds) == 1:
         shown = f"seed {next(iter(seeds.values()))}"
     else:

@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from bot.embeds import truncate
+from bot.card import truncate
 from bot.files import read_capped
 from bot.errors import RequestInvalid
 from bot.records import Generation
 from engine.cost import LIMIT_EXCEEDED
+from engine.nodes.base import SEED_MAX
 
 __all__ = ["SEED_INPUTS", "SOURCE", "check_size", "checkpoints_of", "is_workflow", "node_lines", "parse_workflow",
            "read_workflow_file", "refuse_blocked", "reseed", "seeds_of", "summarise", "with_outputs"]
@@ -33,7 +34,7 @@ SHOWN_NODES, LINE_CHARS, SHOWN_CHOICES = 12, 300, 8
 REASONS = {"CheckpointSave": "it writes a multi-GB checkpoint file on the bot's machine"}
 # The longest integer a workflow may hold: a KSampler seed reaches 2**64 - 1, 20 digits, and no input takes more.
 # Python's json refuses past 4,300 digits with a ValueError of its own, which escaped as a crash (issue 12).
-MAX_INT_DIGITS = 20
+MAX_INT_DIGITS = len(str(SEED_MAX))
 
 
 class _LongInteger(ValueError):
@@ -95,7 +96,7 @@ def parse_workflow(data: bytes, filename: str) -> dict[str, Any]:
     except _LongInteger as err:
         raise RequestInvalid(f"workflow: {filename!r} holds an integer of {len(err.digits.lstrip('-')):,} digits"
                              f"{_where(text, err.digits)}; no input takes more than {MAX_INT_DIGITS} (a seed goes up "
-                             f"to {2**64 - 1}): fix that value and attach the file again") from None
+                             f"to {SEED_MAX}): fix that value and attach the file again") from None
     except json.JSONDecodeError as err:
         raise RequestInvalid(f"workflow: {filename!r} is not valid JSON: {err.msg} at line {err.lineno}, column "
                              f"{err.colno}; {EXPORT_HINT}") from None

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,20 @@ from engine.runtime import create_executor
 from engine.settings import EngineSettings, Limits, ModelsSettings
 
 
-def add_engine_commands(sub: argparse._SubParsersAction, defaults: Any) -> None:
-    """Register the engine's subcommands; `defaults` is the loaded Settings (config.toml)."""
+@dataclass(frozen=True)
+class Bench:
+    """One `noodle bench WHAT`: what it runs, and the options of its own it adds to `noodle bench`."""
+
+    run: Callable[[argparse.Namespace], int]
+    add_options: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def add_engine_commands(sub: argparse._SubParsersAction, defaults: Any, *,
+                        benches: Mapping[str, Bench] | None = None) -> None:
+    """Register the engine's subcommands; `defaults` is the loaded Settings (config.toml).
+
+    `benches` are a front end's benchmarks, offered by `noodle bench` beside the engine's own.
+    """
     run = sub.add_parser("run", help="run ComfyUI API-format workflow files in one engine")
     run.add_argument("workflows", nargs="+", type=Path)
     run.add_argument("--models", type=Path, default=defaults.models.dir)
@@ -44,14 +58,18 @@ def add_engine_commands(sub: argparse._SubParsersAction, defaults: Any) -> None:
                         help="models folder whose embeddings/ the prompt may name")
     tokens.set_defaults(handler=lambda a: cmd_tokens(a, defaults))
 
+    every = {"engine": Bench(_bench_engine), "queue": Bench(_bench_queue), **(benches or {})}
     bench = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    bench.add_argument("what", choices=["engine", "queue"])
+    bench.add_argument("what", choices=list(every))
     bench.add_argument("--models", type=Path, default=Path(".cache/models"))
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--real-size", choices=["sd15", "sdxl"], default=None,
                        help="engine: a full-size checkpoint with random weights (written once into --models) "
                             "at 512 or 1024 pixels, 20 steps, instead of the tiny model; meant for a GPU")
-    bench.set_defaults(handler=cmd_bench)
+    for one in every.values():
+        if one.add_options is not None:
+            one.add_options(bench)
+    bench.set_defaults(handler=lambda a: every[a.what].run(a))
 
 
 def executor_for(args: argparse.Namespace, defaults: Any) -> Executor:
@@ -160,11 +178,13 @@ def cmd_tiny_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "queue":
-        from engine.bench_queue import bench_queue
+def _bench_queue(args: argparse.Namespace) -> int:
+    from engine.queue.bench import bench_queue
 
-        return bench_queue(args.models, repeats=args.repeats)
+    return bench_queue(args.models, repeats=args.repeats)
+
+
+def _bench_engine(args: argparse.Namespace) -> int:
     from engine.bench import bench_engine
 
     return bench_engine(args.models, repeats=args.repeats, real_size=args.real_size)

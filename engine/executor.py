@@ -151,9 +151,6 @@ class Run:
                     self.model_activity["hits"] += len(entry.meta["models"]["checkpoints"])
         emit(ExecutionCached(prompt_id, tuple(self.meta.cached)))
 
-    def class_of(self, node_id: str) -> type[Node]:
-        return self._classes[node_id]
-
     def context(self, node_id: str) -> RunContext:
         """What a node sees while it runs."""
         ex = self.executor

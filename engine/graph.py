@@ -12,6 +12,7 @@ during validation). Only a prompt that is not a JSON object at all is refused he
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "topological_order",
     "topological_sort",
     "upstream",
+    "walk",
 ]
 
 
@@ -147,15 +149,20 @@ def links(node: NodeSpec) -> dict[str, tuple[str, int | float]]:
 
 def upstream(workflow: Workflow, node_ids: Iterable[str]) -> set[str]:
     """`node_ids` and every node they depend on through links (links to absent nodes are skipped)."""
+    return set(walk((n for n in node_ids if n in workflow.nodes), _workflow_deps(workflow)))
+
+
+def walk(roots: Iterable[str], deps: Callable[[str], Iterable[str]]) -> Iterator[str]:
+    """`roots` and every node reachable from them through `deps`, each once, nearest first (breadth first)."""
     seen: set[str] = set()
-    todo = [n for n in node_ids if n in workflow.nodes]
-    while todo:
-        node_id = todo.pop()
+    queue = deque(roots)
+    while queue:
+        node_id = queue.popleft()
         if node_id in seen:
             continue
         seen.add(node_id)
-        todo.extend(_workflow_deps(workflow)(node_id))
-    return seen
+        yield node_id
+        queue.extend(deps(node_id))
 
 
 def topological_order(workflow: Workflow, node_ids: Iterable[str]) -> list[str]:

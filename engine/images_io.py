@@ -24,13 +24,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engine.errors import LimitExceeded, NoodleError
 
-__all__ = ["ALLOWED_FORMATS", "StillImage", "UnusableImage", "decode_still", "suffix_for", "to_floats"]
+__all__ = ["ALLOWED_FORMATS", "IMAGE_SUFFIXES", "StillImage", "UnusableImage", "decode_still", "suffix_for",
+           "to_floats"]
 
 # Pillow's names; an MPO is a camera JPEG holding extra pictures (a preview, a depth map) after the main one
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 ALLOWED_TEXT = "PNG, JPEG or WebP"
 _SHOWN = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WebP"}
 _SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "WEBP": ".webp"}
+# the file names those formats go by: what the input folder lists and an attachment may be called
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Pillow keeps 16-bit grey as I;16 (PNG) and its widenings I and F with the same numbers: 0..65535
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 # what a damaged file raises from Pillow's decoders and EXIF reader

@@ -6,15 +6,18 @@ and LoRAs; values a run decided (model hashes, token usage) come from the run's 
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from engine.graph import is_link
+from engine.graph import is_link, walk
+from engine.models.paths import display_name
 from engine.pngmeta import A1111_SAMPLER_NAMES, A1111_SCHEDULE_NAMES, parameters_text
+from prompts.chunks import CHUNK_TOKENS
 
 if TYPE_CHECKING:
     from engine.nodes.base import RunContext
+
+__all__ = ["describe", "image_parameters", "upstream", "usage_text"]
 
 SAMPLERS = ("KSampler", "KSamplerAdvanced")
 ENCODERS = ("CLIPTextEncode", "CLIPTextEncodeSDXL")
@@ -22,20 +25,16 @@ ENCODERS = ("CLIPTextEncode", "CLIPTextEncodeSDXL")
 
 def upstream(prompt: dict[str, Any], start: str, input_name: str | None = None) -> Iterator[tuple[str, dict]]:
     """Nodes above `start` (through one input only, if named), nearest first."""
-    node = prompt.get(start, {})
-    inputs = node.get("inputs", {})
-    queue = deque(str(v[0]) for k, v in inputs.items() if is_link(v) and (input_name is None or k == input_name))
-    seen: set[str] = set()
-    while queue:
-        node_id = queue.popleft()
-        if node_id in seen or node_id not in prompt:
-            continue
-        seen.add(node_id)
+    def sources(node_id: str, only: str | None = None) -> list[str]:
+        inputs = prompt.get(node_id, {}).get("inputs", {})
+        return [v[0] for k, v in inputs.items() if is_link(v) and (only is None or k == only) and v[0] in prompt]
+
+    for node_id in walk(sources(start, input_name), sources):
         yield node_id, prompt[node_id]
-        queue.extend(str(v[0]) for v in prompt[node_id].get("inputs", {}).values() if is_link(v))
 
 
-def _first(prompt: dict[str, Any], start: str, input_name: str, class_types: tuple[str, ...]) -> tuple[str, dict] | None:
+def _first(prompt: dict[str, Any], start: str, input_name: str | None,
+           class_types: tuple[str, ...]) -> tuple[str, dict] | None:
     return next(((i, n) for i, n in upstream(prompt, start, input_name) if n.get("class_type") in class_types), None)
 
 
@@ -45,17 +44,32 @@ def _text_of(node: dict[str, Any]) -> str:
     return text if isinstance(text, str) else ""
 
 
-def _usage(tokens: dict[str, Any] | None) -> str | None:
-    if not tokens:
+def usage_text(tokens: Mapping[str, Any], positive: str | None, negative: str | None, *, separator: str = " · ",
+               notes: bool = True) -> str | None:
+    """`prompt 42/75 · negative 9/75` from a run's token reports by encode node; None when neither reported.
+
+    `notes` adds the chunks and the tokens a cap cut (`50/150 (2 chunks, 3 cut)`) when a prompt needed more.
+    """
+    parts = [f"{label} {usage}" for label, node_id in (("prompt", positive), ("negative", negative))
+             if node_id and (usage := _usage(tokens.get(node_id), notes))]
+    return separator.join(parts) or None
+
+
+def _usage(report: Mapping[str, Any] | None, notes: bool) -> str | None:
+    if not report:
         return None
-    report = tokens.get("text_g", tokens)
-    total, chunks = report.get("tokens", 0), max(1, report.get("chunks", 1))
-    return f"{total}/{75 * chunks}"
+    report = report.get("text_g", report)  # SDXL's dual encode: the bigger encoder's count
+    total, chunks = int(report.get("tokens", 0)), max(1, int(report.get("chunks", 1)))
+    text = f"{total}/{CHUNK_TOKENS * chunks}"
+    shown = [f"{chunks} chunks"] if chunks > 1 else []
+    if report.get("truncated"):
+        shown.append(f"{report['truncated']} cut")
+    return f"{text} ({', '.join(shown)})" if notes and shown else text
 
 
 def describe(prompt: dict[str, Any], save_node: str, meta: Any) -> dict[str, Any] | None:
     """The recipe of the images a node saved: prompt, negative and A1111's key/value fields."""
-    found = next(((i, n) for i, n in upstream(prompt, save_node) if n.get("class_type") in SAMPLERS), None)
+    found = _first(prompt, save_node, None, SAMPLERS)
     if found is None:
         return None
     sampler_id, sampler = found
@@ -71,8 +85,6 @@ def describe(prompt: dict[str, Any], save_node: str, meta: Any) -> dict[str, Any
     hashes = meta.models.get("checkpoints", {}) if meta is not None else {}
     tokens = meta.tokens if meta is not None else {}
     scheduler = inputs.get("scheduler")
-    usage = [f"{label} {u}" for label, node in (("prompt", positive), ("negative", negative))
-             if node and (u := _usage(tokens.get(node[0])))]
     fields: dict[str, Any] = {
         "Steps": inputs.get("steps"),
         "Sampler": A1111_SAMPLER_NAMES.get(str(inputs.get("sampler_name")), inputs.get("sampler_name")),
@@ -81,11 +93,12 @@ def describe(prompt: dict[str, Any], save_node: str, meta: Any) -> dict[str, Any
         "Seed": inputs.get("seed", inputs.get("noise_seed")),
         "Size": None,
         "Model hash": hashes.get(ckpt_name, {}).get("hash") if ckpt_name else None,
-        "Model": ckpt_name.rsplit("/", 1)[-1].removesuffix(".safetensors") if isinstance(ckpt_name, str) else None,
+        "Model": display_name(ckpt_name) if isinstance(ckpt_name, str) else None,
         "Denoising strength": inputs.get("denoise") if inputs.get("denoise", 1.0) != 1.0 else None,
         "Clip skip": -clip_skip if isinstance(clip_skip, int) and clip_skip < -1 else None,
         "Lora": ", ".join(f"{l.get('lora_name')}: {l.get('strength_model')}" for l in loras) or None,
-        "Token usage": ", ".join(usage) or None,
+        "Token usage": usage_text(tokens, positive[0] if positive else None, negative[0] if negative else None,
+                                  separator=", ", notes=False),
         "Version": "Noodle",
     }
     return {"prompt": _text_of(positive[1]) if positive else "",

@@ -6,13 +6,13 @@ cache sees the same signatures); LoRAs are chained between the loader and everyt
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import ModelNotFound
+from engine.models.paths import display_name
 from prompts.loras import extract_lora_tags
 from prompts.names import closest_names
-from prompts.styles import apply_style
 from prompts.wildcards import resolve_wildcards
 
 
@@ -46,7 +46,6 @@ class WorkflowParams:
     init_image: str | None = None  # a file in the input folder: img2img
     denoise: float = 1.0
     filename_prefix: str = "noodle"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def build_workflow(p: WorkflowParams) -> dict[str, dict[str, Any]]:
@@ -95,8 +94,8 @@ class ExpandedPrompt:
 
 
 def expand_prompt(prompt: str, negative: str, seed: int, available_loras: list[str], *,
-                  style: str | None = None, loras: tuple[LoraChoice, ...] = ()) -> ExpandedPrompt:
-    """Resolve wildcards with the job's seed, apply a named style, and turn `<lora:name:w>` tags into LoraChoices.
+                  loras: tuple[LoraChoice, ...] = ()) -> ExpandedPrompt:
+    """Resolve wildcards with the job's seed and turn `<lora:name:w>` tags into LoraChoices.
 
     A tag names a file of the loras folder with or without `.safetensors`; an unknown one raises
     ModelNotFound with the closest names. Tags come after the explicitly chosen `loras`.
@@ -104,8 +103,6 @@ def expand_prompt(prompt: str, negative: str, seed: int, available_loras: list[s
     text = resolve_wildcards(prompt, seed)
     negative = resolve_wildcards(negative, seed)
     text, tags = extract_lora_tags(text)
-    if style:
-        text, negative = apply_style(style, text, negative)
     chosen = list(loras)
     for tag in tags:
         name = _lora_file(tag.name, available_loras)
@@ -117,7 +114,7 @@ def _lora_file(name: str, available: list[str]) -> str:
     for candidate in (name, f"{name}.safetensors"):
         if candidate in available:
             return candidate
-    by_stem = [n for n in available if n.rsplit("/", 1)[-1].removesuffix(".safetensors") == name]
+    by_stem = [n for n in available if display_name(n) == name]
     if len(by_stem) == 1:
         return by_stem[0]
     raise ModelNotFound("LoRA", name, "models/loras", closest_names(name, available) or available)

@@ -23,7 +23,7 @@ from types import MappingProxyType
 from typing import Any
 
 from engine.errors import WorkflowInvalid
-from engine.graph import NO_INPUTS, CycleError, Workflow, topological_sort
+from engine.graph import NO_INPUTS, CycleError, Workflow, topological_sort, walk
 from engine.nodes.base import InputSpec, Node
 from engine.settings import Limits
 
@@ -133,7 +133,7 @@ class _Validation:
         reported = {node_id: self._reported_errors(node_id, found_by[node_id]) for node_id in finished}
         self._add_cycle_errors(outputs, reported)
 
-        reach = {out: self._upstream(out) for out in outputs}
+        reach = {out: set(walk([out], self._deps)) for out in outputs}
         failed = [out for out in outputs if any(reported[n] for n in reach[out])]
         good = [out for out in outputs if out not in failed]
         node_errors: dict[str, Any] = {}
@@ -187,15 +187,6 @@ class _Validation:
 
     def _deps(self, node_id: str) -> list[str]:
         return [src for _, src, _ in self.checks[node_id].followed]
-
-    def _upstream(self, node_id: str) -> set[str]:
-        seen, todo = set(), [node_id]
-        while todo:
-            current = todo.pop()
-            if current not in seen:
-                seen.add(current)
-                todo.extend(self._deps(current))
-        return seen
 
     def _reported_errors(self, node_id: str, found_by: tuple[str, str] | None) -> list[dict[str, Any]]:
         check = self.checks[node_id]

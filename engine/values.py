@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DiffusionPipeline
 
     from engine.models.detect import Arch
-    from engine.models.manager import LoadedCheckpoint
+    from engine.models.checkpoint import LoadedCheckpoint
     from prompts.report import TokenReport
 
 

@@ -12,7 +12,8 @@ from .cache import CacheInfo, PromptEncoderCache
 from .chunks import CHUNK_TOKENS, Chunk
 from .embeddings import EmbeddingLibrary, EmbeddingMatch
 from .emphasis import Fragment, parse_weighted
-from .encode import ClipEncoder, EncodedPrompt, Weighting, encode_prompt, sd1_encoder, sdxl_encoders
+from .encode import ClipEncoder, Weighting, encode_prompt, sd1_encoder, sdxl_encoders
+from .encoded import EncodedPrompt
 from .errors import PromptError
 from .loras import LoraTag, extract_lora_tags
 from .names import closest_names

@@ -14,10 +14,10 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Generic, NamedTuple, TypeVar
 
-if TYPE_CHECKING:  # encode.py imports this module; annotations only
+if TYPE_CHECKING:  # annotations only: the cache itself never touches a tensor
     import torch
 
-    from .encode import EncodedPrompt
+    from .encoded import EncodedPrompt
 
 __all__ = ["CacheInfo", "PromptEncoderCache"]
 

@@ -26,11 +26,11 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedT
 from .cache import PromptEncoderCache
 from .chunks import CHUNK_TOKENS, Chunk
 from .embeddings import EmbeddingLibrary
+from .encoded import EncodedPrompt
 from .errors import PromptError
 from .plan import plan_prompt
-from .report import TokenReport
 
-__all__ = ["ClipEncoder", "EncodedPrompt", "Weighting", "encode_prompt", "sd1_encoder", "sdxl_encoders"]
+__all__ = ["ClipEncoder", "Weighting", "encode_prompt", "sd1_encoder", "sdxl_encoders"]
 
 Weighting = Literal["comfy", "a1111"]
 _WEIGHTINGS = ("comfy", "a1111")
@@ -105,20 +105,6 @@ def sdxl_encoders(
 
 def _end_token(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(cast(int, tokenizer.eos_token_id))
-
-
-@dataclass(frozen=True)
-class EncodedPrompt:
-    """`embeds` [1, 77 * chunks, sum of widths], `pooled` [1, projection] or None, and the report."""
-
-    embeds: torch.Tensor
-    pooled: torch.Tensor | None
-    report: TokenReport
-
-    def copy(self) -> EncodedPrompt:
-        """The same values in fresh tensors (what a cache hit hands out)."""
-        pooled = None if self.pooled is None else self.pooled.clone()
-        return EncodedPrompt(self.embeds.clone(), pooled, self.report)
 
 
 def _text_model(model: CLIPTextModel | CLIPTextModelWithProjection) -> CLIPTextModel:

@@ -1,33 +1,174 @@
-"""The layout shows the flow: imports point downstream (bot -> engine -> prompts), modules stay small."""
+"""The layout shows the flow: imports point downstream (bot -> engine -> prompts), no two modules import each
+other (directly or round a loop), modules stay small.
+
+Imports are read from the source (the AST), not from a running interpreter, so an import under
+`if TYPE_CHECKING:` or inside a function counts as much as one at the top: each is a dependency a reader
+has to follow, and a cycle through one is a cycle the first refactor turns into an ImportError.
+"""
 
 from __future__ import annotations
 
 import ast
+from collections import deque
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("bot", "engine", "prompts")
 FORBIDDEN = {"engine": {"bot"}, "prompts": {"bot", "engine"}}
 
 
-def imported_packages(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+def module_name(path: Path) -> str:
+    """`engine/models/paths.py` -> `engine.models.paths`; a package's `__init__.py` is the package."""
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_names(module: str, source: str, *, is_package: bool = False) -> set[str]:
+    """Every dotted name `module`'s source imports, anywhere in the file, relative imports resolved.
+
+    `from a import b` gives both `a` and `a.b`: b may be a submodule; which names are modules is the
+    caller's to decide.
+    """
+    package = module.split(".") if is_package else module.split(".")[:-1]
     names: set[str] = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            anchor = package[: len(package) - node.level + 1] if node.level else []
+            base = ".".join([*anchor, *([node.module] if node.module else [])])
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+    names.discard("")
     return names
+
+
+def _our_modules() -> dict[str, Path]:
+    return {module_name(path): path for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))}
+
+
+def _imports_of(path: Path) -> set[str]:
+    return imported_names(module_name(path), path.read_text(encoding="utf-8"), is_package=path.name == "__init__.py")
+
+
+def import_graph(sources: Mapping[str, set[str]]) -> dict[str, set[str]]:
+    """Module -> the modules of `sources` it imports: each name maps to its longest prefix that is a module.
+
+    Only the named module counts, not the packages above it (`import engine.models.paths` is an edge to
+    engine.models.paths, not to engine.models): an `__init__.py` is an edge only when it is imported itself.
+    """
+    def target(name: str) -> str | None:
+        while name and name not in sources:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    return {module: {t for name in names if (t := target(name)) and t != module} for module, names in sources.items()}
+
+
+def import_cycles(graph: Mapping[str, Iterable[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component of more than one module, as the modules in import order."""
+    edges = {module: sorted(set(targets)) for module, targets in graph.items()}
+    # Tarjan's algorithm, iterative: index, lowlink, and a stack of modules not yet placed in a component
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+    for root in sorted(edges):
+        if root in index:
+            continue
+        work = [(root, iter(edges[root]))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            module, pending = work[-1]
+            step = next(pending, None)
+            if step is not None:
+                if step not in index:
+                    index[step] = low[step] = len(index)
+                    stack.append(step)
+                    on_stack.add(step)
+                    work.append((step, iter(edges.get(step, ()))))
+                elif step in on_stack:
+                    low[module] = min(low[module], index[step])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[module])
+            if low[module] == index[module]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == module:
+                        break
+                if len(component) > 1:
+                    components.append(sorted(component))
+    return [_loop_through(component, edges) for component in sorted(components)]
+
+
+def _loop_through(component: list[str], edges: Mapping[str, list[str]]) -> list[str]:
+    """The shortest import loop from the component's first module back to it, the first module repeated."""
+    start, inside = component[0], set(component)
+    came_from: dict[str, str] = {}
+    queue = deque([start])
+    while queue:
+        module = queue.popleft()
+        for step in edges[module]:
+            if step == start:
+                loop = [module]
+                while loop[-1] != start:
+                    loop.append(came_from[loop[-1]])
+                return [start, *reversed(loop[:-1]), start] if module != start else [start, start]
+            if step in inside and step not in came_from:
+                came_from[step] = module
+                queue.append(step)
+    raise AssertionError(f"{component} is not strongly connected")  # pragma: no cover - Tarjan's invariant
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_imports_point_downstream(package: str) -> None:
-    offenders = [f"{path.relative_to(REPO)} imports {sorted(imported_packages(path) & FORBIDDEN[package])}"
-                 for path in sorted((REPO / package).rglob("*.py"))
-                 if imported_packages(path) & FORBIDDEN[package]]
+    offenders = []
+    for path in sorted((REPO / package).rglob("*.py")):
+        upstream = {name.split(".")[0] for name in _imports_of(path)} & FORBIDDEN[package]
+        if upstream:
+            offenders.append(f"{path.relative_to(REPO)} imports {sorted(upstream)}")
     assert not offenders, offenders
+
+
+def test_no_import_cycles_between_modules() -> None:
+    graph = import_graph({module: _imports_of(path) for module, path in _our_modules().items()})
+    cycles = [" -> ".join(cycle) for cycle in import_cycles(graph)]
+    assert not cycles, "modules that import each other (move what both need into a module below them):\n" + \
+        "\n".join(cycles)
+
+
+def test_the_import_reader_sees_type_checking_function_and_relative_imports() -> None:
+    source = """
+from typing import TYPE_CHECKING
+from . import sibling
+from .. import up
+if TYPE_CHECKING:
+    from engine.models.manager import ModelManager
+def later():
+    import bot.cards.text
+"""
+    names = imported_names("engine.nodes.base", source)
+    assert {"engine.nodes.sibling", "engine.up", "engine.models.manager", "bot.cards.text"} <= names
+    assert imported_names("prompts", "from .cache import X", is_package=True) >= {"prompts.cache"}
+
+
+def test_a_loop_of_three_is_reported_in_import_order() -> None:
+    sources = {"a": {"b.thing"}, "b": {"c", "os"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
+    graph = import_graph(sources)
+    assert graph == {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert import_cycles(graph) == [["a", "b", "c", "a"]]
+    assert import_cycles(import_graph({"a": {"b"}, "b": set()})) == []
 
 
 def test_no_weights_in_the_tree() -> None:

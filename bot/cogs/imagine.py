@@ -8,37 +8,23 @@ config values).
 """
 
 import asyncio
-import logging
-import time
 from typing import TYPE_CHECKING, Any, Optional
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.lookup import checkpoint_choices, preset_choices, require_studio
+from bot.cogs.interaction import (announce_and_follow, checkpoint_choices, fixed_choices, preset_choices,
+                                  read_attachment, reply, require_studio)
 from bot.cogs.tasks import CogTasks
-from bot.discord_post import InteractionStatus, origin_of, requester_of
-from bot.errors import RequestInvalid
+from bot.discord_post import origin_of, requester_of
 from bot.request import DISCORD_INT_MAX, Allowed, ImageUpload, check_upload_meta
-from bot.status import relay
-from bot.tickets import StudioEvent, Ticket
 from engine.errors import NoodleError
 
 if TYPE_CHECKING:
     from bot.service import Studio
 
-__all__ = ["announce_and_follow", "imagine_cog", "read_attachment"]
-
-log = logging.getLogger(__name__)
-# Discord drops an unanswered command after 3 s and the interaction token after 15 min; edits
-# through the token stop a little before that (the result itself is posted as a channel message).
-TOKEN_SECONDS = 14 * 60
-DOWNLOAD_SECONDS = 30.0
-
-
-def _choices(names: tuple[str, ...]) -> list[app_commands.Choice[str]]:
-    return [app_commands.Choice(name=name, value=name) for name in names[:25]]
+__all__ = ["imagine_cog"]
 
 
 def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: float = 2.0) -> commands.Cog:
@@ -99,7 +85,7 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
             clip_skip="Skip the last CLIP layers (2 for most anime models)",
             private="Send the result to your DMs instead of this channel (/settings keeps it for you)",
         )
-        @app_commands.choices(sampler=_choices(allowed.samplers), scheduler=_choices(allowed.schedulers))
+        @app_commands.choices(sampler=fixed_choices(allowed.samplers), scheduler=fixed_choices(allowed.schedulers))
         @app_commands.autocomplete(model=complete_model, loras=complete_loras, preset=complete_preset)
         async def imagine(self, interaction: discord.Interaction, prompt: Prompt, preset: Optional[str] = None,
                           negative: Optional[Negative] = None, model: Optional[str] = None,
@@ -112,7 +98,7 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
             """Queue the images and follow them in a private status message; the result is posted in the channel
             (or, for private results, in the requester's DMs)."""
             # Acknowledge first: everything after this may take longer than Discord's 3 seconds.
-            # Private: the status and any refusal are for the requester; the result is public.
+            # Ephemeral: the status and any refusal are for the requester alone; the result is posted apart.
             await interaction.response.defer(ephemeral=True, thinking=True)
             options: dict[str, Any] = {
                 "prompt": prompt, "preset": preset, "negative": negative, "model": model, "loras": loras,
@@ -129,26 +115,11 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
                 request = await studio.parse(layered)
                 ticket = await studio.submit(request, who, origin_of(interaction))
             except NoodleError as err:
-                await _reply(interaction, f"❌ {err}")
+                await reply(interaction, f"❌ {err}")
                 return
             await announce_and_follow(self._tasks, studio, interaction, ticket, status_every)
 
     return Imagine()
-
-
-async def announce_and_follow(tasks: CogTasks, studio: "Studio", interaction: discord.Interaction, ticket: Ticket,
-                              every: float) -> None:
-    """Say the job is queued, then keep that private message up to date until the verdict (/imagine, /workflow)."""
-    await _reply(interaction, _queued_text(ticket))
-    tasks.spawn(_follow(studio, interaction, ticket, time.monotonic(), every), name=f"status-{ticket.job_id}")
-
-
-async def _follow(studio: "Studio", interaction: discord.Interaction, ticket: Ticket, replied_at: float,
-                  every: float) -> None:
-    # the token lives 15 minutes from the command; edits through it stop a little before
-    deadline = replied_at + TOKEN_SECONDS - (time.time() - interaction.created_at.timestamp())
-    await relay(studio.follow(ticket.job_id), InteractionStatus(interaction), every=every, deadline=deadline,
-                shown_at=replied_at, finish=_verdict)
 
 
 async def _download(attachment: discord.Attachment, allowed: Allowed) -> ImageUpload:
@@ -156,39 +127,3 @@ async def _download(attachment: discord.Attachment, allowed: Allowed) -> ImageUp
     check_upload_meta(attachment.filename, attachment.content_type, attachment.size, allowed)
     data = await read_attachment(attachment, "image")
     return ImageUpload(filename=attachment.filename, content_type=attachment.content_type, data=data)
-
-
-async def read_attachment(attachment: discord.Attachment, option: str) -> bytes:
-    """An attachment's bytes (its size already checked); a failed or slow download says to attach it again."""
-    try:
-        return await asyncio.wait_for(attachment.read(), timeout=DOWNLOAD_SECONDS)
-    except (discord.HTTPException, asyncio.TimeoutError) as err:
-        raise RequestInvalid(f"{option}: {attachment.filename!r} could not be downloaded ({err}); attach it again") \
-            from err
-
-
-async def _reply(interaction: discord.Interaction, text: str) -> None:
-    try:
-        await interaction.edit_original_response(content=text[:2000])
-    except discord.HTTPException as err:
-        log.info("could not answer the interaction: %s", err)
-
-
-def _queued_text(ticket: Ticket) -> str:
-    where = "next" if ticket.position == 1 else f"#{ticket.position} in the queue" if ticket.position else "queued"
-    return f"⏳ Queued ({where}): {ticket.summary} · job {ticket.job_id}"
-
-
-def _verdict(final: StudioEvent) -> str:
-    """The last status line: a link to the posted result, or why there is none."""
-    generation = final.generation
-    if final.kind == "done" and generation is not None and not final.error:
-        link = _jump(generation.guild_id, generation.channel_id, generation.message_id)
-        return f"✅ Done: #{generation.id} {link}".rstrip()
-    return f"❌ {final.error or 'the job failed'}"
-
-
-def _jump(guild_id: Optional[str], channel_id: Optional[str], message_id: Optional[str]) -> str:
-    if not (channel_id and message_id):
-        return ""
-    return f"https://discord.com/channels/{guild_id or '@me'}/{channel_id}/{message_id}"

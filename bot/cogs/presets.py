@@ -7,24 +7,23 @@ whatever the server's integration settings allow; answers are private to the mem
 """
 
 import asyncio
-import time
 from typing import TYPE_CHECKING, Any, Optional
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.lookup import checkpoint_choices, preset_choices, require_studio
-from bot.cogs.imagine import _choices, _reply
+from bot.cogs.interaction import (MAX_CHOICES, checkpoint_choices, fixed_choices, preset_choices, reply,
+                                  require_studio)
 from bot.discord_post import requester_of
-from bot.presets import Preset, PresetRecord
+from bot.presets import Preset, preset_details, preset_line
 from bot.request import Allowed
 from engine.errors import NoodleError
 
 if TYPE_CHECKING:
     from bot.service import Studio
 
-__all__ = ["preset_text", "presets_cog"]
+__all__ = ["presets_cog"]
 
 DESCRIBE = {
     "name": "The preset's name (lower-case letters, digits, - and _)",
@@ -37,14 +36,6 @@ DESCRIBE = {
     "scheduler": "Noise schedule, as in ComfyUI", "width": "Width in pixels (a multiple of 8)",
     "height": "Height in pixels (a multiple of 8)", "clip_skip": "Skip the last CLIP layers (2 for most anime models)",
 }
-
-
-def preset_text(record: PresetRecord, default: Optional[str] = None) -> str:
-    """One preset as a line: marked ⭐ when it is the default and ⚠️ with the missing files when broken."""
-    mark = " ⭐ default" if record.preset.name == default else ""
-    broken = f" ⚠️ broken: {', '.join(record.broken)} missing" if record.broken else ""
-    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.updated_at))
-    return f"**{record.preset.describe()}**{mark}{broken} (changed by <@{record.updated_by}> {when} UTC)"
 
 
 def presets_cog(studio: "Optional[Studio]", allowed: Allowed, styles: "tuple[str, ...]") -> commands.Cog:
@@ -67,7 +58,7 @@ def presets_cog(studio: "Optional[Studio]", allowed: Allowed, styles: "tuple[str
 
     async def complete_vae(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         names = await asyncio.to_thread(need_studio().engine.executor.models.choices, "vae")
-        return [app_commands.Choice(name=n, value=n) for n in names if current.lower() in n.lower()][:25]
+        return [app_commands.Choice(name=n, value=n) for n in names if current.lower() in n.lower()][:MAX_CHOICES]
 
     async def answer(interaction: discord.Interaction, work: Any) -> None:
         """Acknowledge privately, run `work` (a coroutine returning the text), show its text or its error."""
@@ -76,14 +67,14 @@ def presets_cog(studio: "Optional[Studio]", allowed: Allowed, styles: "tuple[str
             text = await work
         except NoodleError as err:
             text = f"❌ {err}"
-        await _reply(interaction, text)
+        await reply(interaction, text)
 
     def preset_of(**options: Any) -> Preset:
         return Preset(**{key: value for key, value in options.items() if value is not None})
 
     describe = app_commands.describe(**DESCRIBE)
-    choose = app_commands.choices(sampler=_choices(allowed.samplers), scheduler=_choices(allowed.schedulers),
-                                  style=_choices(styles))
+    choose = app_commands.choices(sampler=fixed_choices(allowed.samplers),
+                                  scheduler=fixed_choices(allowed.schedulers), style=fixed_choices(styles))
 
     class Presets(commands.Cog):
         """A server's shared presets for /imagine."""
@@ -106,7 +97,8 @@ def presets_cog(studio: "Optional[Studio]", allowed: Allowed, styles: "tuple[str
                 record = await need_studio().create_preset(requester_of(interaction), preset_of(
                     name=name, model=model, loras=loras, vae=vae, style=style, negative=negative, steps=steps,
                     cfg=cfg, sampler=sampler, scheduler=scheduler, width=width, height=height, clip_skip=clip_skip))
-                return f"✅ Saved preset {preset_text(record)}; use it with /imagine preset:{record.preset.name}"
+                return (f"✅ Saved preset {preset_line(record, markdown=True)}; use it with "
+                        f"/imagine preset:{record.preset.name}")
             await answer(interaction, work())
 
         @preset.command(name="update", description="Change options of a preset (needs Manage Server)")
@@ -124,7 +116,7 @@ def presets_cog(studio: "Optional[Studio]", allowed: Allowed, styles: "tuple[str
                 record = await need_studio().update_preset(requester_of(interaction), preset_of(
                     name=name, model=model, loras=loras, vae=vae, style=style, negative=negative, steps=steps,
                     cfg=cfg, sampler=sampler, scheduler=scheduler, width=width, height=height, clip_skip=clip_skip))
-                return f"✅ Updated preset {preset_text(record)}"
+                return f"✅ Updated preset {preset_line(record, markdown=True)}"
             await answer(interaction, work())
 
         @preset.command(name="delete", description="Delete a preset (needs Manage Server)")
@@ -157,7 +149,7 @@ def presets_cog(studio: "Optional[Studio]", allowed: Allowed, styles: "tuple[str
                 default = await need_studio().default_preset(guild)
                 if not records:
                     return "No presets here yet; a member with Manage Server makes one with /preset create"
-                return "\n".join(preset_text(record, default) for record in records)
+                return "\n".join(preset_line(record, default, markdown=True) for record in records)
             await answer(interaction, work())
 
         @preset.command(name="show", description="One preset's options, maker and state")
@@ -168,9 +160,7 @@ def presets_cog(studio: "Optional[Studio]", allowed: Allowed, styles: "tuple[str
             async def work() -> str:
                 guild = str(interaction.guild_id) if interaction.guild_id else None
                 record = await need_studio().show_preset(guild, name)
-                made = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.created_at))
-                return (f"{preset_text(record, await need_studio().default_preset(guild))}\n"
-                        f"made by <@{record.created_by}> {made} UTC")
+                return preset_details(record, await need_studio().default_preset(guild), markdown=True)
             await answer(interaction, work())
 
     return Presets()

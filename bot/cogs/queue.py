@@ -12,8 +12,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.imagine import _reply
-from bot.cogs.lookup import require_studio
+from bot.cogs.interaction import reply, require_studio
 from bot.discord_post import requester_of
 from bot.queue_desk import QueueEntry, queue_text
 from bot.request import DISCORD_INT_MAX
@@ -95,7 +94,7 @@ def queue_cog(studio: "Optional[Studio]") -> commands.Cog:
             head = f"{await cancel_line(need_studio(), who, cancel)}\n" if cancel is not None else ""
             text, view = await queue_answer(need_studio(), who)
             if view is None:
-                await _reply(interaction, head + text)
+                await reply(interaction, head + text)
                 return
             try:
                 await interaction.edit_original_response(content=(head + text)[:2000], view=view)

@@ -20,7 +20,7 @@ from discord.ext import commands
 
 from bot.cogs.tasks import CogTasks
 from bot.discord_post import (DELETE, DETAILS, REROLL, VARIATION, VARIATION_DIGITS, ChannelStatus, resolve_channel)
-from bot.embeds import truncate
+from bot.card import truncate
 from bot.status import relay
 from bot.records import Generation
 from bot.tickets import Origin, Requester, Ticket

@@ -12,8 +12,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.lookup import preset_choices, require_studio
-from bot.cogs.imagine import _reply
+from bot.cogs.interaction import preset_choices, reply, require_studio
 from bot.discord_post import requester_of
 from bot.embeds import history_line
 from bot.request import Allowed
@@ -72,7 +71,7 @@ def settings_cog(studio: "Optional[Studio]", allowed: Allowed) -> commands.Cog:
                 text = f"✅ {settings_text(current)}"
             except NoodleError as err:
                 text = f"❌ {err}"
-            await _reply(interaction, text)
+            await reply(interaction, text)
 
         @app_commands.command(name="tokens", description="Count a prompt's CLIP tokens (75 per chunk) before "
                                                          "running it")
@@ -84,7 +83,7 @@ def settings_cog(studio: "Optional[Studio]", allowed: Allowed) -> commands.Cog:
                 answer = await need_studio().tokens(text)
             except NoodleError as err:
                 answer = f"❌ {err}"
-            await _reply(interaction, answer)
+            await reply(interaction, answer)
 
         @app_commands.command(name="history", description="Your last generations, with links to the results")
         @app_commands.describe(count="How many (newest first)")
@@ -93,7 +92,7 @@ def settings_cog(studio: "Optional[Studio]", allowed: Allowed) -> commands.Cog:
             """The caller's own generations, privately."""
             await interaction.response.defer(ephemeral=True, thinking=True)
             found = await need_studio().history(requester_of(interaction), count)
-            await _reply(interaction, "\n".join(history_line(g) for g in found) or "No generations yet; try /imagine")
+            await reply(interaction, "\n".join(history_line(g) for g in found) or "No generations yet; try /imagine")
 
         @app_commands.command(name="models", description="Checkpoints (architecture, size, hash), LoRAs and "
                                                          "embeddings available here")
@@ -104,6 +103,6 @@ def settings_cog(studio: "Optional[Studio]", allowed: Allowed) -> commands.Cog:
                 text = await need_studio().models_text()
             except NoodleError as err:
                 text = f"❌ {err}"
-            await _reply(interaction, text)
+            await reply(interaction, text)
 
     return UserSettings()

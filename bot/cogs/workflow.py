@@ -12,8 +12,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.imagine import _reply, announce_and_follow, read_attachment
-from bot.cogs.lookup import require_studio
+from bot.cogs.interaction import announce_and_follow, read_attachment, reply, require_studio
 from bot.cogs.tasks import CogTasks
 from bot.discord_post import origin_of, requester_of
 from bot.workflow_file import check_size
@@ -52,7 +51,7 @@ class Workflow(commands.Cog):
             ticket = await studio.run_workflow(data, file.filename, requester_of(interaction), origin_of(interaction),
                                                private=private)
         except NoodleError as err:
-            await _reply(interaction, f"❌ {err}")
+            await reply(interaction, f"❌ {err}")
             return
         await announce_and_follow(self._tasks, studio, interaction, ticket, self.status_every)
 

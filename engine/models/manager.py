@@ -30,41 +30,17 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from safetensors.torch import load_file
 
 from engine.errors import UnsupportedModel
-from engine.models.detect import Arch, detect_checkpoint
+from engine.images_io import IMAGE_SUFFIXES
+from engine.models.checkpoint import LoadedCheckpoint
+from engine.models.detect import detect_checkpoint
 from engine.models.lora import LoraAdapters, summed
-from engine.models.paths import ModelCatalog, file_fingerprint, safe_join, short_hash
+from engine.models.paths import FolderLookup, ModelCatalog, file_fingerprint, safe_join
 from engine.models.single_file import load_checkpoint_pipeline, load_vae
-from engine.nodes.base import FolderLookup
 from prompts.cache import PromptEncoderCache
 from prompts.embeddings import EmbeddingLibrary
 from engine.values import ClipRef, LoraPatch, ModelRef
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-@dataclass
-class LoadedCheckpoint:
-    """One checkpoint file in memory: its pipeline (all components) and what identifies it."""
-
-    name: str
-    path: Path
-    arch: Arch
-    pipe: DiffusionPipeline
-    fingerprint: str
-    load_seconds: float
-    nbytes: int
-    used: int = 0  # the manager's clock when last loaded or run: the least recently used goes first
-
-    @property
-    def key(self) -> str:
-        return f"checkpoint:{self.name}:{self.fingerprint}"
-
-    @cached_property
-    def short_hash(self) -> str:
-        """A1111's "Model hash": the first 10 hex digits of the file's sha256."""
-        return short_hash(self.path)
 
 
 @dataclass

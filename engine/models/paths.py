@@ -22,7 +22,7 @@ from engine.errors import ModelNotFound, UnsafeModelFile, UnsupportedModel
 from engine.models.detect import PICKLE_SUFFIXES
 from engine.models.hashes import hash_book
 
-__all__ = ["FOLDERS", "ModelCatalog", "file_fingerprint", "safe_join", "short_hash"]
+__all__ = ["FOLDERS", "FolderLookup", "ModelCatalog", "display_name", "file_fingerprint", "safe_join", "short_hash"]
 
 Folder = Literal["checkpoints", "loras", "vae", "embeddings"]
 FOLDERS: dict[str, str] = {"checkpoints": "checkpoint", "loras": "LoRA", "vae": "VAE", "embeddings": "embedding"}
@@ -88,6 +88,13 @@ class ModelCatalog:
         return path
 
 
+class FolderLookup:
+    """Resolves the files a node names, for fingerprints; the executor passes the model manager's."""
+
+    def resolve(self, folder: str, name: str) -> Path:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
 def _all_files(base: Path) -> list[str]:
     if not base.is_dir():
         return []
@@ -138,6 +145,11 @@ def safe_join(
     if not exists:
         raise ModelNotFound(what, name, shown, available())
     return real
+
+
+def display_name(name: str) -> str:
+    """A model file as people read it, without its folder and `.safetensors`: `anime/detail.safetensors` -> `detail`."""
+    return name.rsplit("/", 1)[-1].removesuffix(SAFE_SUFFIX)
 
 
 def file_fingerprint(path: Path) -> str:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from engine.models.manager import ModelManager
+    from engine.models.paths import FolderLookup
     from engine.settings import Limits
 
 # ComfyUI's MAX_RESOLUTION; config.toml's limits are checked separately and are tighter.
@@ -200,13 +201,6 @@ class Node(BaseModel):
             "category": cls.CATEGORY,
             "output_node": cls.OUTPUT_NODE,
         }
-
-
-class FolderLookup:
-    """Resolves the files a node names, for fingerprints; the executor passes the real one."""
-
-    def resolve(self, folder: str, name: str) -> Path:  # pragma: no cover - interface
-        raise NotImplementedError
 
 
 NodeT = TypeVar("NodeT", bound=type[Node])

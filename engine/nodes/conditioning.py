@@ -13,7 +13,8 @@ from pydantic import Field
 
 from engine.nodes.base import MAX_RESOLUTION, Node, RunContext, Socket, Text, register
 from engine.values import ClipRef, CondItem, Conditioning
-from prompts.encode import ClipEncoder, EncodedPrompt, encode_prompt
+from prompts.encode import ClipEncoder, encode_prompt
+from prompts.encoded import EncodedPrompt
 from prompts.errors import PromptError
 
 EOS = 49407

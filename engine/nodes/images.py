@@ -18,7 +18,8 @@ from engine.disk import DiskFull, check_free_space, disk_full_message, is_disk_f
 from engine.errors import UnsafeModelFile
 from engine.images_io import decode_still
 from engine.nodes.latents import center_crop, size_problems
-from engine.nodes.base import MAX_RESOLUTION, Choice, FolderLookup, Node, Output, RunContext, Socket, Text, register
+from engine.models.paths import FolderLookup
+from engine.nodes.base import MAX_RESOLUTION, Choice, Node, Output, RunContext, Socket, Text, register
 from engine.recipe import image_parameters
 from engine.pngmeta import save_png
 from engine.settings import Limits

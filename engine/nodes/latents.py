@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,16 +17,43 @@ LATENT_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 LATENT_CHANNELS = 4  # SD1.x and SDXL; the VAE scales sides by 8
 
 
-def size_problems(width: int, height: int, batch: int, limits: Limits) -> list[tuple[str, str]]:
-    """The config limits on an image size and batch, as validation messages."""
-    problems = []
-    for name, side in (("width", width), ("height", height)):
-        if side > limits.max_side:
-            problems.append((name, f"{name} {side} is above this server's limit of {limits.max_side}; use "
-                                   f"{limits.max_side} or less, or ask the owner to raise limits.max_side in config.toml"))
+class SizeLimits(Protocol):
+    """What a size is checked against: the engine's [limits], or the bot's `Allowed` (the tighter of both)."""
+
+    @property
+    def max_side(self) -> int: ...
+    @property
+    def max_pixels(self) -> int: ...
+    @property
+    def max_batch(self) -> int: ...
+
+
+def side_problem(name: str, side: int, max_side: int, *, min_side: int | None = None, grid: bool = False) -> str | None:
+    """Why a width or height cannot be made, or None.
+
+    A node floors its sides to the 8-pixel latent grid, as ComfyUI does; /imagine refuses such a side
+    instead (`grid`), and a side under [bot] min_side (`min_side`), so a person gets the size asked for.
+    """
+    if side > max_side:
+        return (f"{name} {side} is above this server's limit of {max_side}; use {max_side} or less, or ask the "
+                "owner to raise limits.max_side in config.toml")
+    if min_side is not None and side < min_side:
+        return (f"{name} {side} is below this server's minimum of {min_side} (bot.min_side in config.toml); use "
+                f"{min_side} or more")
+    if grid and side % 8:
+        low = side - side % 8
+        return f"{name} {side} is not a multiple of 8 (SD latents are 1/8 of the image); use {low} or {low + 8}"
+    return None
+
+
+def size_problems(width: int, height: int, batch: int, limits: SizeLimits, *, min_side: int | None = None,
+                  grid: bool = False) -> list[tuple[str, str]]:
+    """The config limits on an image size and batch, as (input name, message) pairs; see `side_problem`."""
+    problems = [(name, problem) for name, side in (("width", width), ("height", height))
+                if (problem := side_problem(name, side, limits.max_side, min_side=min_side, grid=grid))]
     if width * height > limits.max_pixels:
         problems.append(("width", f"{width}x{height} = {width * height} pixels is above this server's limit of "
-                                  f"{limits.max_pixels} (limits.max_pixels in config.toml)"))
+                                  f"{limits.max_pixels} (limits.max_pixels in config.toml); ask for a smaller size"))
     if batch > limits.max_batch:
         problems.append(("batch_size", f"batch_size {batch} is above this server's limit of {limits.max_batch} "
                                        "(limits.max_batch in config.toml)"))

@@ -6,8 +6,8 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from engine.models.paths import file_fingerprint
-from engine.nodes.base import Choice, FolderLookup, Node, RunContext, Socket, register
+from engine.models.paths import FolderLookup, file_fingerprint
+from engine.nodes.base import Choice, Node, RunContext, Socket, register
 from engine.values import ClipRef, LoraPatch, ModelRef, VaeRef
 
 

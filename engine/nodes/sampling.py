@@ -1,6 +1,6 @@
 """Sampler nodes: KSampler and KSamplerAdvanced, with ComfyUI's names, defaults and ranges.
 
-The sigma schedule is ComfyUI's (engine/samplers.py), the step math is a diffusers scheduler,
+The sigma schedule is ComfyUI's (engine/samplers/sigmas.py), the step math is a diffusers scheduler,
 and the model call is ComfyUI's: positive and negative conds in one UNet batch, then
 classifier-free guidance `uncond + (cond - uncond) * cfg`.
 """

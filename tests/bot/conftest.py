@@ -21,7 +21,7 @@ from bot.settings import BotSettings, Settings
 from bot.store import Store
 from bot.tickets import Requester, StudioEvent, Ticket
 from engine.executor import Executor
-from engine.service import EngineService
+from engine.queue import EngineService
 from engine.settings import ModelsSettings
 from tests.bot.fakes import FakeChannel, FakeClient
 from tests.conftest import tiny_executor

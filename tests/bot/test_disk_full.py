@@ -25,13 +25,13 @@ from engine.errors import NodeExecutionError
 from engine.executor import Executor
 from engine.nodes import images
 from engine.pngmeta import save_png
-from engine.service import JobState
+from engine.queue import JobState
 from engine.settings import ModelsSettings
 from tests.bot.conftest import Env, _origin
 from tests.conftest import tiny_executor
 from tests.engine.conftest import txt2img
 from tests.engine.disk_support import SmallDisk, small_disk  # noqa: F401 (a fixture)
-from tests.engine.service_support import GATE_SEED, Gate
+from tests.engine.queue.service_support import GATE_SEED, Gate
 
 WHO = Requester("42", "777")
 NOWHERE = 10**9  # MiB to keep free: about a petabyte, more than any test machine's disk has

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.embeds import card_text, result_card, status_text, to_embed, token_usage
+from bot.card import token_usage
+from bot.embeds import card_text, result_card, status_text, to_embed
 from bot.records import Generation, JobRow
 
 WORKFLOW = {"3": {"class_type": "KSampler", "inputs": {"positive": ["6", 0], "negative": ["7", 0], "seed": 42}},

@@ -44,7 +44,7 @@ from tests.bot.test_upload_images import card_size, imagine_with, load_and_save
 from tests.bot.test_workflow import ALICE, as_file, graph
 from tests.bot.test_workflow_limits import combined, concatenated, repeated, widened
 from tests.engine.conftest import txt2img
-from tests.engine.service_support import GATE_SEED, Gate
+from tests.engine.queue.service_support import GATE_SEED, Gate
 from tests.engine.test_cost import chained_samplers
 from tests.engine.test_load_image_formats import GREY_16, apng, chunk, encode, exif_rotated_jpeg, grey16_png, \
     png_by_hand

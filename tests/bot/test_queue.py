@@ -17,7 +17,7 @@ from bot.errors import NotAllowed, RequestInvalid
 from bot.tickets import Requester
 from tests.bot.conftest import WAIT, Env, _origin
 from tests.bot.fakes import FakeInteraction
-from tests.engine.service_support import GATE_SEED, Gate
+from tests.engine.queue.service_support import GATE_SEED, Gate
 
 ALICE = Requester("42", "777", "alice")
 BOB = Requester("43", "777", "bob")

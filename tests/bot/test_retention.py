@@ -22,7 +22,7 @@ from bot.retention import DAY, Retention
 from bot.settings import RetentionSettings, Settings
 from bot.tickets import Origin, Requester
 from tests.bot.conftest import WAIT, Env, _origin
-from tests.engine.service_support import GATE_SEED, Gate
+from tests.engine.queue.service_support import GATE_SEED, Gate
 
 WHO = Requester("42", "777")
 OLD = 40 * DAY  # past the 30-day defaults

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 
 import numpy as np
 from PIL import Image
@@ -49,6 +50,16 @@ async def test_reroll_runs_the_same_graph_with_a_new_seed_and_reports_the_cached
     assert first.workflow["3"]["inputs"]["seed"] != reroll.workflow["3"]["inputs"]["seed"]
     assert {"4", "6", "7"} <= set(reroll.cached)
     assert f"Model hash: {first.model_hash}" in read_png_texts(reroll.images[0])["parameters"]
+
+
+async def test_a_row_stored_with_the_old_extra_field_still_rerolls(env: Env) -> None:
+    first = (await env.run({"prompt": "a cabin in the woods", "seed": 1})).generation
+    with sqlite3.connect(env.store.path) as db:  # what every row written before `WorkflowParams.extra` went holds
+        db.execute("UPDATE generations SET params_json = json_set(params_json, '$.extra', json('{}')) WHERE id = ?",
+                   (first.id,))
+    assert (await env.store.get(first.id)).params["extra"] == {}
+    reroll = (await env.finish(await env.studio.reroll(first.id, Requester("99", "777")))).generation
+    assert reroll.state == "done" and reroll.parent_id == first.id and "extra" not in reroll.params
 
 
 async def test_variation_is_img2img_of_that_image_at_the_configured_denoise(env: Env) -> None:
@@ -108,7 +119,8 @@ async def test_bad_input_gets_a_clear_message_and_changes_nothing(env: Env) -> N
     assert "closest" in await _refused(env, {"prompt": "a fox <lora:tiny-lora-z:0.5>"})
     odd = await _refused(env, {"width": 100, "height": 64})
     assert "not a multiple of 8" in odd and "use 96 or 104" in odd
-    assert "outside 64..2048" in await _refused(env, {"width": 4096})
+    assert "width 4096 is above this server's limit of 2048" in await _refused(env, {"width": 4096})
+    assert "width 32 is below this server's minimum of 64 (bot.min_side" in await _refused(env, {"width": 32})
     assert "keeps the image's size" in await _refused(env, {"width": 64}, image=_png(64, 64))
 
 

@@ -26,11 +26,11 @@ from bot.store import MIGRATIONS, Store, migrate
 from bot.tickets import Origin, Requester
 from bot.workflow_file import LINE_CHARS, SHOWN_NODES, reseed, summarise
 from engine.errors import WorkflowInvalid
-from engine.service import JobState
+from engine.queue import JobState
 from tests.bot.conftest import WAIT, Env
 from tests.bot.fakes import FakeAttachment, FakeInteraction, reaction
 from tests.engine.conftest import txt2img
-from tests.engine.service_support import GATE_SEED, Gate
+from tests.engine.queue.service_support import GATE_SEED, Gate
 from tests.engine.test_validate_outputs import random_workflows
 from tests.engine.validate_support import run as validate_with_fake_nodes
 

@@ -19,7 +19,7 @@ from bot.tickets import Origin
 from tests.bot.conftest import Env
 from tests.bot.test_workflow import ALICE, as_file, graph, refused, run
 from tests.engine.conftest import txt2img
-from tests.engine.service_support import GATE_SEED, Gate
+from tests.engine.queue.service_support import GATE_SEED, Gate
 from tests.engine.test_cost import chain, chained_samplers, feed_sampler
 
 HEADER = "workflow: 'attack.json' asks more than this server allows:"

@@ -30,13 +30,3 @@ def with_changes(workflow: dict[str, Any], node: str, **inputs: Any) -> dict[str
     changed = copy.deepcopy(workflow)
     changed[node]["inputs"].update(inputs)
     return changed
-
-
-@pytest.fixture
-async def queue_env(executor: Executor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Engine services on the session executor over a database in tmp_path, with a gate (service_support)."""
-    from tests.engine.service_support import QueueEnv
-
-    env = QueueEnv(executor, tmp_path / "noodle.sqlite3", monkeypatch)
-    yield env
-    await env.close()

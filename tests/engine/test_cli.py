@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from engine.cli import Bench, add_engine_commands
+from engine.settings import EngineSettings, Limits, ModelsSettings
 from tests.engine.conftest import txt2img, with_changes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,3 +91,16 @@ def test_tokens_prints_the_report(tiny_models: Path, tmp_path: Path) -> None:
     assert report["embeddings"] == ["tiny-embedding"]
     assert report["loras"] == [{"name": "tiny-lora-a", "unet_weight": 0.5, "clip_weight": 0.5}]
     assert report["warnings"] == []
+
+
+def test_a_front_end_adds_its_bench_beside_the_engine_benches_through_the_hook() -> None:
+    defaults = argparse.Namespace(models=ModelsSettings(), engine=EngineSettings(), limits=Limits())
+    parser = argparse.ArgumentParser(prog="noodle")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ran: list[int] = []
+    add_engine_commands(sub, defaults, benches={"extra": Bench(
+        run=lambda args: ran.append(args.rounds) or 0,
+        add_options=lambda bench: bench.add_argument("--rounds", type=int, default=1))})
+    args = parser.parse_args(["bench", "extra", "--rounds", "3"])
+    assert args.handler(args) == 0 and ran == [3]
+    assert parser.parse_args(["bench", "queue"]).what == "queue"

@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from engine import samplers
 from engine.cost import LIMIT_EXCEEDED, RULES, WorkflowCost, check_cost, validate_within_limits
 from engine.errors import WorkflowInvalid
 from engine.executor import Executor
 from engine.nodes import catalog
+from engine.samplers import plan as sampler_plan
 from engine.settings import Limits
 from tests.engine.conftest import txt2img
 
@@ -256,21 +256,21 @@ def test_every_node_that_makes_a_latent_image_or_conditioning_has_a_rule() -> No
 def test_validating_many_samplers_builds_each_sampler_pair_once(executor: Executor,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     built: list[str] = []
-    configure = samplers._configure
+    configure = sampler_plan._configure
 
     def counted(spec: Any, target: Any) -> Any:
         built.append(spec.cls.__name__)
         return configure(spec, target)
 
-    monkeypatch.setattr(samplers, "_configure", counted)
-    samplers._pair_problem.cache_clear()
+    monkeypatch.setattr(sampler_plan, "_configure", counted)
+    sampler_plan._pair_problem.cache_clear()
     workflow = chained_samplers(300, 3)
     for i in range(300):
         workflow[f"k{i}"]["inputs"].update(sampler_name=("dpm_2", "heun")[i % 2], steps=1 + i % 3, denoise=0.5)
     executor.validate(workflow)
     # 301 samplers: node "3" (euler) and 300 of dpm_2 or heun at 1-3 steps; three pairs, each built once
     assert sorted(built) == ["EulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler"]
-    samplers._pair_problem.cache_clear()
+    sampler_plan._pair_problem.cache_clear()
 
 
 # -- any graph of these nodes: within the limits, or refused with a limit named ----------------------

@@ -20,6 +20,7 @@ from engine.graph import (
     topological_order,
     topological_sort,
     upstream,
+    walk,
 )
 
 TXT2IMG: dict[str, Any] = {
@@ -184,6 +185,13 @@ def test_a_long_chain_does_not_hit_the_recursion_limit() -> None:
     workflow = chain({str(i): [str(i + 1)] if i < n else [] for i in range(n + 1)})
     order = topological_order(workflow, ["0"])
     assert order == [str(i) for i in range(n, -1, -1)]
+
+
+def test_walk_yields_each_reachable_node_once_nearest_first_even_around_a_cycle() -> None:
+    deps = {"save": ["decode"], "decode": ["sampler", "vae"], "sampler": ["model", "decode"], "vae": ["model"],
+            "model": []}
+    assert list(walk(["save"], deps.__getitem__)) == ["save", "decode", "sampler", "vae", "model"]
+    assert list(walk([], deps.__getitem__)) == []
 
 
 def test_topological_sort_works_on_any_dependency_function() -> None:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import ModelNotFound, NoodleError, UnsafeModelFile, UnsupportedModel
-from engine.models.paths import ModelCatalog, file_fingerprint, short_hash
+from engine.models.paths import ModelCatalog, display_name, file_fingerprint, short_hash
 
 
 def _touch(path: Path, data: bytes = b"x") -> Path:
@@ -151,3 +151,11 @@ def test_short_hash_is_a1111_model_hash_and_follows_the_file(tmp_path: Path) -> 
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert short_hash(path) == hashlib.sha256(b"changed").hexdigest()[:10]
+
+
+@pytest.mark.parametrize(("name", "shown"), [
+    ("tiny-sd15.safetensors", "tiny-sd15"), ("anime/sub/detail.safetensors", "detail"), ("plain", "plain"),
+    ("old.ckpt", "old.ckpt"),  # only .safetensors is dropped: a pickle keeps its suffix, so it shows as one
+])
+def test_display_name_drops_the_folder_and_safetensors_only(name: str, shown: str) -> None:
+    assert display_name(name) == shown

@@ -1,4 +1,4 @@
-"""Templates: a request's prompt expanded (wildcards, style, <lora:> tags) and turned into a graph that runs."""
+"""Templates: a request's prompt expanded (wildcards, <lora:> tags) and turned into a graph that runs."""
 
 from __future__ import annotations
 
@@ -29,12 +29,6 @@ def test_wildcards_follow_the_seed_and_the_resolved_text_is_what_is_kept() -> No
     assert len(picks) > 1
     assert expand_prompt("a {red|green} fox", "", 7, []) == expand_prompt("a {red|green} fox", "", 7, [])
     assert "{" not in expand_prompt("a {red|green} fox", "", 7, []).prompt
-
-
-def test_a_style_wraps_the_prompt_and_adds_to_the_negative() -> None:
-    expanded = expand_prompt("a fox", "blurry", 1, [], style="cinematic")
-    assert "a fox" in expanded.prompt and expanded.prompt != "a fox"
-    assert expanded.negative.startswith("blurry")
 
 
 def test_an_expanded_prompt_runs_with_its_loras(executor: Executor) -> None:

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from engine.errors import JobFailed
-from engine.jobs import Owner
 from engine.nodes.base import RunContext
 from engine.nodes.vae import VAEDecode
+from engine.queue import Owner
 from tests.engine.conftest import txt2img
-from tests.engine.service_support import TIMEOUT, QueueEnv, collect, rows
+from tests.engine.queue.service_support import TIMEOUT, QueueEnv, collect, rows
 
 LIMIT = 5.0  # seconds; a tiny-model job takes about one here, even on a busy machine
 OVERTIME = re.compile(r"stopped after ([0-9.]+) s: the limit is 5 s \(\[queue\] job_time_limit_seconds in "

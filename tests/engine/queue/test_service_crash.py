@@ -1,6 +1,6 @@
 """Crashes: a real child process running the service is killed with SIGKILL mid-queue; no job is lost.
 
-The child (tests/engine/crash_child.py) submits jobs, and its first running job hangs in its sampler, so the
+The child (tests/engine/queue/crash_child.py) submits jobs, and its first running job hangs in its sampler, so the
 kill lands while that job is stored as running. Markers on its stdout say when; every wait has a timeout.
 """
 
@@ -19,15 +19,15 @@ from typing import Any
 import pytest
 
 from engine.executor import Executor
-from engine.service import EngineService, JobFailed, JobState
+from engine.queue import EngineService, JobFailed, JobState
 from engine.settings import QueueSettings
-from tests.engine.service_support import TIMEOUT, QueueEnv, next_event, rows
+from tests.engine.queue.service_support import TIMEOUT, QueueEnv, next_event, rows
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 class Child:
-    """`python -m tests.engine.crash_child`, its stdout read line by line on a thread of its own."""
+    """`python -m tests.engine.queue.crash_child`, its stdout read line by line on a thread of its own."""
 
     def __init__(self, db: Path, models: Path, out: Path, *args: str) -> None:
         self.log = out / f"child-{os.getpid()}-{len(list(out.glob('child-*')))}.log"
@@ -35,7 +35,7 @@ class Child:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "TRANSFORMERS_VERBOSITY": "error"}
         with self.log.open("w") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "tests.engine.crash_child", str(db), str(models), str(out), *args],
+                [sys.executable, "-m", "tests.engine.queue.crash_child", str(db), str(models), str(out), *args],
                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()

@@ -4,21 +4,20 @@ Users wait in one line. The user at the front runs their oldest job and goes to 
 ten jobs take turns with another user's one, as a shared printer's queue does. Where a user stands is
 the `line` value of their oldest queued job: a tick of the queue's own counter, taken when the user
 joined the line (a job submitted with none of theirs waiting) or last had a turn. Seqs and lines are
-stored with the jobs (engine/jobstore.py), so a restart rebuilds exactly the same order. A job put back
+stored with the jobs (job_store.py), so a restart rebuilds exactly the same order. A job put back
 after it started (a crash, a stop, a batch-mate's cancel) waits in front, before the round-robin, and
 does not change its user's place in line: a retry costs nobody a turn.
 
 `take` hands the worker the job at the front plus queued jobs that can share its sampler batch
-(engine/batching.py decides which can). A job joins when nothing before it in the order is left behind,
+(batching.py decides which can). A job joins when nothing before it in the order is left behind,
 or when it is its user's oldest and that user has not started a job since any job it would overtake
 was submitted: one turn taken early, paid for by going to the back of the line. So no user waits
-behind more than their own jobs plus one turn of each other user (tests/engine/test_scheduler.py).
+behind more than their own jobs plus one turn of each other user (tests/engine/queue/test_fairness.py).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 __all__ = ["Entry", "FairQueue", "StepRate"]
@@ -33,7 +32,7 @@ class Entry:
     seq: int  # when it was submitted (a tick): a user's jobs run in this order
     line: int  # where its user stands in line while this is their oldest job (a tick)
     steps: int = 0  # sampler steps, for ETAs
-    key: str | None = None  # batch compatibility (engine/batching.py); None runs alone
+    key: str | None = None  # batch compatibility (batching.py); None runs alone
     front: bool = False  # put back after it started: runs before the round-robin order
 
 
@@ -49,19 +48,6 @@ class FairQueue:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def __contains__(self, job_id: object) -> bool:
-        return job_id in self._entries
-
-    def __iter__(self) -> Iterator[Entry]:
-        return iter(self.order())
-
-    def get(self, job_id: str) -> Entry | None:
-        return self._entries.get(job_id)
-
-    def count(self, user: str) -> int:
-        """How many jobs `user` has queued."""
-        return len(self._by_user.get(user, ())) + sum(1 for entry in self._front if entry.user == user)
 
     def push(self, job_id: str, user: str, *, steps: int = 0, key: str | None = None) -> Entry:
         """Queue a new job; a user with nothing queued joins the back of the line."""

@@ -1,6 +1,6 @@
-"""The worker thread: the one owner of the device. Takes batches off the board and runs them.
+"""The worker thread: the one owner of the device. Takes batches off the job table and runs them.
 
-Nothing here touches the event loop: progress and results go through the board, which stores them
+Nothing here touches the event loop: progress and results go through the job table, which stores them
 and hands them to the service. A job's failure is that job's alone: an exception in a node, a
 corrupt model file, an out-of-memory error (of the GPU or of the CPU allocator; it also frees the
 caches) or its time limit becomes a message for its owner, and the thread goes on with the next job.
@@ -16,12 +16,12 @@ from collections.abc import Callable
 
 import torch
 
-from engine.batching import SAMPLER_NODES, BatchMember, run_batch
-from engine.board import JobBoard
 from engine.errors import JobCancelled, NodeExecutionError, NoodleError
 from engine.events import Event, Executing, Progress
 from engine.executor import Executor, RunResult
-from engine.jobs import JobRecord, JobState
+from engine.queue.batching import SAMPLER_NODES, BatchMember, run_batch
+from engine.queue.jobs import JobRecord, JobState
+from engine.queue.state_table import JobTable
 
 __all__ = ["Worker", "is_out_of_memory", "message_for"]
 
@@ -82,10 +82,10 @@ def _size(nbytes: int) -> str:
 
 
 class _Listener:
-    """A job's executor events -> the board's progress; the batch's first job also times sampler steps."""
+    """A job's executor events -> the table's progress; the batch's first job also times sampler steps."""
 
-    def __init__(self, board: JobBoard, job: JobRecord, *, timed: bool) -> None:
-        self.board, self.job, self.timed = board, job, timed
+    def __init__(self, table: JobTable, job: JobRecord, *, timed: bool) -> None:
+        self.table, self.job, self.timed = table, job, timed
         self.sampler = False
         self.last: tuple[int, float] | None = None
 
@@ -100,21 +100,21 @@ class _Listener:
                 if self.last is not None and event.value > self.last[0]:
                     seconds, steps = now - self.last[1], event.value - self.last[0]
                 self.last = (event.value, now)
-            self.board.progress([self.job], event.node, event.value, event.max, sampler=self.sampler,
+            self.table.progress([self.job], event.node, event.value, event.max, sampler=self.sampler,
                                 seconds=seconds, steps=steps)
 
 
 class Worker(threading.Thread):
-    """Runs the board's jobs on the executor, one batch at a time, until the board stops."""
+    """Runs the table's jobs on the executor, one batch at a time, until the table stops."""
 
-    def __init__(self, executor: Executor, board: JobBoard) -> None:
+    def __init__(self, executor: Executor, table: JobTable) -> None:
         super().__init__(name="noodle-engine", daemon=True)
-        self.executor, self.board = executor, board
+        self.executor, self.table = executor, table
 
     def run(self) -> None:
         while True:
             try:
-                batch = self.board.next_batch()
+                batch = self.table.next_batch()
             except Exception:  # the store could not be written: those jobs stay queued in it
                 log.exception("could not start the next jobs")
                 continue
@@ -126,10 +126,10 @@ class Worker(threading.Thread):
                 log.exception("the engine failed running %s", [job.job_id for job in batch])
                 for job in batch:
                     if job.state is JobState.RUNNING:
-                        self.board.finish(job, JobState.FAILED, error=message_for(err, self.executor.device))
+                        self.table.finish(job, JobState.FAILED, error=message_for(err, self.executor.device))
 
     def _run(self, batch: list[JobRecord]) -> None:
-        listeners = [_Listener(self.board, job, timed=index == 0) for index, job in enumerate(batch)]
+        listeners = [_Listener(self.table, job, timed=index == 0) for index, job in enumerate(batch)]
         if len(batch) == 1:
             outcomes: list[RunResult | Exception] = [self._solo(batch[0], listeners[0])]
         else:
@@ -142,23 +142,23 @@ class Worker(threading.Thread):
         alone: list[JobRecord] = []
         for job, outcome in zip(batch, outcomes):
             if isinstance(outcome, RunResult):
-                self.board.finish(job, JobState.DONE, result=outcome.to_dict())
+                self.table.finish(job, JobState.DONE, result=outcome.to_dict())
             elif isinstance(outcome, JobCancelled) and job.cancel_requested:
                 who = "" if job.cancel_by is None else f" by {job.cancel_by.user_id}"
-                self.board.finish(job, JobState.CANCELLED, error=f"cancelled{who} while it was running")
-            elif isinstance(outcome, JobCancelled) and (elapsed := self.board.overtime(job)) is not None:
+                self.table.finish(job, JobState.CANCELLED, error=f"cancelled{who} while it was running")
+            elif isinstance(outcome, JobCancelled) and (elapsed := self.table.overtime(job)) is not None:
                 # each job's own limit: a batch stopped for one of its jobs puts the others back
-                self.board.finish(job, JobState.FAILED, error=self.board.overtime_message(elapsed))
+                self.table.finish(job, JobState.FAILED, error=self.table.overtime_message(elapsed))
             elif isinstance(outcome, JobCancelled):
                 put_back.append(job)  # the service is stopping, or a batch-mate was cancelled
             elif len(batch) > 1 and is_out_of_memory(outcome):
                 alone.append(job)  # a batch may not fit where each job alone does
             else:
-                self.board.finish(job, JobState.FAILED, error=message_for(outcome, self.executor.device))
+                self.table.finish(job, JobState.FAILED, error=message_for(outcome, self.executor.device))
         if put_back:
-            self.board.requeue(put_back)
+            self.table.requeue(put_back)
         if alone:
-            self.board.requeue(alone, solo=True)
+            self.table.requeue(alone, solo=True)
 
     def _solo(self, job: JobRecord, listener: _Listener) -> RunResult | Exception:
         try:
@@ -172,7 +172,7 @@ class Worker(threading.Thread):
         return job.prompt if job.prompt is not None else job.workflow
 
     def _interrupt(self, job: JobRecord) -> Callable[[], bool]:
-        return lambda: self.board.interrupted(job)
+        return lambda: self.table.interrupted(job)
 
     def _free_memory(self) -> None:
         """After an out-of-memory error, as ComfyUI does: every model and cached output goes."""

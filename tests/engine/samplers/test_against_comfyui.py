@@ -14,7 +14,7 @@ import torch
 import torchsde
 
 from engine import samplers as S
-from tests.engine.test_samplers import MS, gaussian_eps, latents, run
+from tests.engine.samplers.sampler_support import MS, gaussian_eps, latents, run
 
 pytestmark = pytest.mark.filterwarnings("ignore:Should have t:UserWarning")
 

@@ -1,7 +1,7 @@
 """A queued job's data: who asked, its state, the events a front end follows, the row a /queue shows.
 
-engine/service.py re-exports these as its API; engine/jobstore.py stores `JobRecord`s; the board
-(engine/board.py) changes them under its lock.
+The package (engine/queue/__init__.py) exports these as its API; job_store.py stores `JobRecord`s; the
+job table (state_table.py) changes them under its lock.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from engine.validate import ValidatedPrompt
 
-__all__ = ["ACTIVE", "TERMINAL", "EventKind", "JobEvent", "JobInfo", "JobRecord", "JobState", "Owner"]
+__all__ = ["ACTIVE", "ENDED", "EventKind", "JobEvent", "JobInfo", "JobRecord", "JobState", "Owner"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class JobState(StrEnum):
 
 
 ACTIVE = (JobState.QUEUED, JobState.RUNNING)
-TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+# a job's last states, and the kinds of its last event: the one spelling of "ended" (the bot reads it too)
+ENDED = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
 
 EventKind = Literal["queued", "position", "started", "progress", "done", "failed", "cancelled"]
 
@@ -54,7 +55,7 @@ class JobEvent:
     @property
     def final(self) -> bool:
         """The last event of a job: done, failed or cancelled."""
-        return self.kind in ("done", "failed", "cancelled")
+        return self.kind in ENDED
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,14 @@ class JobInfo:
 
 @dataclass(eq=False)
 class JobRecord:
-    """A job as the service keeps it; the board changes it under its lock, the store writes it."""
+    """A job as the service keeps it; the job table changes it under its lock, the store writes it."""
 
     job_id: str
     owner: Owner
     workflow: dict[str, Any]  # the API-format graph as submitted
     extra: dict[str, Any]
     created_at: float
-    seq: int = 0  # FairQueue's order (engine/scheduler.py), stored so a restart keeps it
+    seq: int = 0  # FairQueue's order (fairness.py), stored so a restart keeps it
     line: int = 0
     state: JobState = JobState.QUEUED
     attempts: int = 0  # times it started running
@@ -91,7 +92,7 @@ class JobRecord:
     result: dict[str, Any] | None = None
     # not stored: worked out again from the workflow after a restart
     prompt: ValidatedPrompt | None = None
-    key: str | None = None  # batch compatibility (engine/batching.py)
+    key: str | None = None  # batch compatibility (batching.py)
     steps: int = 0
     solo: bool = False  # ran out of memory in a batch: run it alone
     cancel_by: Owner | None = field(default=None)

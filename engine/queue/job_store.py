@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import NoodleError
-from engine.jobs import JobRecord, JobState, Owner
+from engine.queue.jobs import JobRecord, JobState, Owner
 
 __all__ = ["SCHEMA_VERSION", "JobStore"]
 

@@ -13,12 +13,12 @@ from engine.device import memory_budget, usable_ram
 from engine.errors import JobCancelled, JobFailed, NodeExecutionError, QueueFull, WorkflowInvalid
 from engine.nodes.latents import EmptyLatentImage
 from engine.nodes.vae import VAEDecode
+from engine.queue import EngineService, JobState, Owner
+from engine.queue.worker import is_out_of_memory, message_for
 from engine.runtime import create_executor
-from engine.service import EngineService, JobState, Owner
 from engine.settings import EngineSettings, Limits, ModelsSettings, QueueSettings
-from engine.worker import is_out_of_memory, message_for
 from tests.engine.conftest import txt2img
-from tests.engine.service_support import TIMEOUT, QueueEnv, collect, rows
+from tests.engine.queue.service_support import TIMEOUT, QueueEnv, collect, rows
 
 ANN, BOB, CAT = Owner("ann", "guild"), Owner("bob", "guild"), Owner("cat")
 
@@ -254,7 +254,7 @@ async def test_stop_puts_the_running_job_back_and_the_next_start_runs_it(queue_e
     await queue_env.gate.wait_entered()
     waiting = await first.submit(txt2img(seed=100), ANN)
     stopping = asyncio.create_task(first.stop(timeout=TIMEOUT))
-    await asyncio.sleep(0)  # one turn of the loop: the task starts and asks the board to stop before it awaits
+    await asyncio.sleep(0)  # one turn of the loop: the task starts and asks the job table to stop before it awaits
     queue_env.gate.open()
     await asyncio.wait_for(stopping, TIMEOUT)
     stored = rows(queue_env.db)

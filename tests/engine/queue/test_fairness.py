@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.scheduler import Entry, FairQueue, StepRate
+from engine.queue.fairness import Entry, FairQueue, StepRate
 
 USERS = st.sampled_from(["ann", "bob", "cat", "dan"])
 KEYS = st.sampled_from([None, "a", "b"])
@@ -36,7 +36,7 @@ class Trace:
         for op, arg, key in ops:
             if op == "push":
                 job_id = f"j{len(self.user)}"
-                self.ahead_at_push[job_id] = self.queue.count(arg)
+                self.ahead_at_push[job_id] = sum(1 for e in self.queue.order() if e.user == arg)
                 self.pushed_at[job_id] = len(self.batches)
                 self.user[job_id] = arg
                 self.queue.push(job_id, arg, steps=4, key=key)

@@ -1,6 +1,4 @@
-"""The engine service: a persistent, fair job queue around one worker thread that owns the device.
-
-What a front end (the Discord bot, the console) calls on its event loop:
+"""`EngineService`: the queue's front door, what a front end (the Discord bot, the console) calls on its loop.
 
     service = EngineService(executor, settings.bot.database, settings.queue)
     await service.start()                        # resumes the stored queue, starts the worker
@@ -9,11 +7,11 @@ What a front end (the Discord bot, the console) calls on its event loop:
     result = await handle.result(timeout=600)    # RunResult.to_dict(); raises JobFailed or JobCancelled
     await service.stop()
 
-A job is validated, then stored (engine/jobstore.py) before `submit` returns; jobs run round-robin
-across users (engine/scheduler.py), compatible ones in one sampler batch (engine/batching.py); the
-board (engine/board.py) keeps their state and the worker thread (engine/worker.py) runs them. Nothing
-torch-, disk- or PIL-heavy runs on the loop: validation and database writes go through
-`asyncio.to_thread`, and events come back with `loop.call_soon_threadsafe`.
+A job is validated, then stored (job_store.py) before `submit` returns; the job table (state_table.py)
+keeps every job's state in the fair order (fairness.py) and the worker thread (worker.py) runs them,
+compatible ones in one sampler batch (batching.py). Nothing torch-, disk- or PIL-heavy runs on the loop:
+validation and database writes go through `asyncio.to_thread`, and events come back with
+`loop.call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -26,18 +24,17 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
-from engine.batching import batch_key, sampler_steps
-from engine.board import KEEP_FINISHED, JobBoard
-from engine.errors import JobCancelled, JobFailed, QueueFull
+from engine.errors import JobCancelled, JobFailed
 from engine.executor import Executor
-from engine.jobs import JobEvent, JobInfo, JobState, Owner
-from engine.jobstore import JobStore
+from engine.queue.batching import batch_key, sampler_steps
+from engine.queue.job_store import JobStore
+from engine.queue.jobs import JobEvent, JobInfo, JobState, Owner
+from engine.queue.state_table import KEEP_FINISHED, JobTable
+from engine.queue.worker import Worker
 from engine.settings import QueueSettings
 from engine.validate import ValidatedPrompt
-from engine.worker import Worker
 
-__all__ = ["EngineService", "JobCancelled", "JobEvent", "JobFailed", "JobHandle", "JobInfo", "JobState", "Owner",
-           "QueueFull"]
+__all__ = ["EngineService", "JobHandle"]
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +122,7 @@ class EngineService:
     def __init__(self, executor: Executor, db_path: Path, settings: QueueSettings) -> None:
         self._executor, self._db_path, self.settings = executor, Path(db_path), settings
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._board: JobBoard | None = None
+        self._table: JobTable | None = None
         self._worker: Worker | None = None
         self._handles: dict[str, JobHandle] = {}
         self._finished: deque[str] = deque()
@@ -145,50 +142,50 @@ class EngineService:
 
     async def start(self) -> None:
         """Open the database, resume its queued jobs (running ones are retried once), start the worker."""
-        if self._board is not None:
+        if self._table is not None:
             raise RuntimeError("this EngineService is started already")
         self._loop = asyncio.get_running_loop()
         store = await asyncio.to_thread(JobStore, self._db_path)
-        board = self._board = JobBoard(store, self.settings, self._prepare, self._post)
+        table = self._table = JobTable(store, self.settings, self._prepare, self._post)
         try:
-            resumed = await asyncio.to_thread(board.resume)
+            resumed = await asyncio.to_thread(table.resume)
         except BaseException:
-            self._board = None
+            self._table = None
             await asyncio.to_thread(store.close)
             raise
         for job in resumed:
             self._handle_for(job.job_id, job.owner)
-        self._worker = Worker(self._executor, board)
+        self._worker = Worker(self._executor, table)
         self._worker.start()
         log.info("engine service started: %d jobs resumed from %s", len(resumed), self._db_path)
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Start nothing new; the running job stops at its next step and stays queued for the next start."""
-        board, worker = self._board, self._worker
-        if board is None:
+        table, worker = self._table, self._worker
+        if table is None:
             return
-        board.stop()
+        table.stop()
         if worker is not None:
             await asyncio.to_thread(worker.join, timeout)
             if worker.is_alive():
                 log.warning("the engine worker did not stop within %.0f s; leaving it to the process exit", timeout)
                 return
-        await asyncio.to_thread(board.store.close)
+        await asyncio.to_thread(table.store.close)
         # after every event the worker sent: the loop runs callbacks in order
         asyncio.get_running_loop().call_soon(self._end_subscribers)
 
     async def submit(self, workflow: dict[str, Any], owner: Owner, *, extra: dict[str, Any] | None = None
                      ) -> JobHandle:
         """Validate (WorkflowInvalid, nothing stored), check the caps (QueueFull), store, queue; its handle."""
-        board = self._require()
-        job = await asyncio.to_thread(board.submit, workflow, owner, dict(extra or {}))
+        table = self._require()
+        job = await asyncio.to_thread(table.submit, workflow, owner, dict(extra or {}))
         return self._handle_for(job.job_id, owner)
 
     def handle(self, job_id: str) -> JobHandle | None:
         """The handle of a job this service knows: submitted here, resumed at start, or recently finished."""
         if job_id in self._handles:
             return self._handles[job_id]
-        job = self._board.get(job_id) if self._board is not None else None
+        job = self._table.get(job_id) if self._table is not None else None
         return None if job is None else self._handle_for(job_id, job.owner)
 
     async def cancel(self, job_id: str, by: Owner | None = None) -> bool:
@@ -202,9 +199,9 @@ class EngineService:
         return self._require().infos(owner, states)
 
     async def info(self, job_id: str) -> JobInfo | None:
-        """Any job this database ever held, in memory or only in the table (finished before a restart)."""
-        board = self._require()
-        job = board.get(job_id) or await asyncio.to_thread(board.store.get, job_id)
+        """Any job this database ever held, in the job table or only on disk (finished before a restart)."""
+        table = self._require()
+        job = table.get(job_id) or await asyncio.to_thread(table.store.get, job_id)
         return None if job is None else job.info()
 
     def subscribe(self) -> AsyncIterator[JobEvent]:
@@ -215,10 +212,10 @@ class EngineService:
 
     # -- internals -----------------------------------------------------------------------------------
 
-    def _require(self) -> JobBoard:
-        if self._board is None:
+    def _require(self) -> JobTable:
+        if self._table is None:
             raise RuntimeError("the engine service is not started: await service.start() first")
-        return self._board
+        return self._table
 
     def _prepare(self, workflow: dict[str, Any]) -> tuple[ValidatedPrompt, str | None, int]:
         prompt = self._executor.validate(workflow)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from engine.errors import NoodleError
-from engine.jobs import JobRecord, JobState, Owner
-from engine.jobstore import SCHEMA_VERSION, JobStore
+from engine.queue.jobs import JobRecord, JobState, Owner
+from engine.queue.job_store import SCHEMA_VERSION, JobStore
 
 
 def job(job_id: str, seq: int, user: str = "ann", **fields: object) -> JobRecord:

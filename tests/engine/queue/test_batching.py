@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine.batching import batch_key, sampler_steps
 from engine.executor import Executor
 from engine.nodes.sampling import guided_eps
 from engine.pngmeta import parse_parameters, read_png_texts
-from engine.service import JobCancelled, Owner
+from engine.queue import JobCancelled, Owner
+from engine.queue.batching import batch_key, sampler_steps
 from engine.values import CondItem, Conditioning
 from tests.engine.conftest import txt2img
-from tests.engine.service_support import TIMEOUT, Gate, QueueEnv, collect, image_of, rows
+from tests.engine.queue.service_support import TIMEOUT, Gate, QueueEnv, collect, image_of, rows
 
 USERS = [Owner(name) for name in ("ann", "bob", "dan", "eve")]
 

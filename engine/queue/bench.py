@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 
-from engine.batching import BatchMember, run_batch
 from engine.executor import Executor
+from engine.queue.batching import BatchMember, run_batch
+from engine.queue.jobs import Owner
+from engine.queue.service import EngineService
 from engine.runtime import create_executor
-from engine.service import EngineService, Owner
 from engine.settings import EngineSettings, Limits, ModelsSettings, QueueSettings
 from engine.templates import WorkflowParams, build_workflow
 from engine.tiny import write_tiny_models

@@ -1,7 +1,7 @@
-"""The job board: every job's state, shared by the event loop's side of the service and the worker thread.
+"""The job table: every job's state, shared by the event loop's side of the service and the worker thread.
 
-One lock guards the records, the fair order (engine/scheduler.py) and the running batch. Each state
-change is written to the store (engine/jobstore.py) outside the lock, then told as a `JobEvent`
+One lock guards the records, the fair order (fairness.py) and the running batch. Each state
+change is written to the store (job_store.py) outside the lock, then told as a `JobEvent`
 through `emit`, which the service makes thread-safe (`loop.call_soon_threadsafe`). Methods that write
 run in a thread, never on the event loop: the worker's own, or `asyncio.to_thread` for the service's.
 """
@@ -18,13 +18,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from engine.errors import QueueFull
-from engine.jobs import ACTIVE, TERMINAL, JobEvent, JobInfo, JobRecord, JobState, Owner
-from engine.jobstore import JobStore
-from engine.scheduler import Entry, FairQueue, StepRate
+from engine.queue.fairness import Entry, FairQueue, StepRate
+from engine.queue.job_store import JobStore
+from engine.queue.jobs import ACTIVE, ENDED, JobEvent, JobInfo, JobRecord, JobState, Owner
 from engine.settings import QueueSettings
 from engine.validate import ValidatedPrompt
 
-__all__ = ["JobBoard", "Prepare"]
+__all__ = ["JobTable", "Prepare"]
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ Prepare = Callable[[dict[str, Any]], tuple[ValidatedPrompt, "str | None", int]]
 KEEP_FINISHED = 1000  # finished jobs kept in memory for handles and /queue history; the store keeps all
 
 
-class JobBoard:
+class JobTable:
     """Jobs in memory, in the fair order, stored and announced on every change."""
 
     def __init__(self, store: JobStore, settings: QueueSettings, prepare: Prepare,
@@ -303,7 +303,7 @@ class JobBoard:
         self._told = positions
 
     def _forget_old(self) -> None:
-        finished = [job_id for job_id, job in self._jobs.items() if job.state in TERMINAL]
+        finished = [job_id for job_id, job in self._jobs.items() if job.state in ENDED]
         for job_id in finished[:max(0, len(finished) - KEEP_FINISHED)]:
             del self._jobs[job_id]
 

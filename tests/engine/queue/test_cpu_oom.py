@@ -14,11 +14,11 @@ import torch
 from pydantic import Field
 
 from engine.errors import JobFailed, NodeExecutionError
-from engine.jobs import Owner
 from engine.nodes.base import Node, Output, RunContext
-from engine.worker import is_out_of_memory, message_for
+from engine.queue import Owner
+from engine.queue.worker import is_out_of_memory, message_for
 from tests.engine.conftest import txt2img
-from tests.engine.service_support import TIMEOUT, QueueEnv, rows
+from tests.engine.queue.service_support import TIMEOUT, QueueEnv, rows
 
 PIB = 2**50
 ADVICE = ("the machine ran out of memory while running node 1 (AllocateBytes), asking for 1.0 PiB at once; "

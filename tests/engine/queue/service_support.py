@@ -16,7 +16,7 @@ from PIL import Image
 
 from engine import samplers
 from engine.executor import Executor
-from engine.jobs import JobEvent
+from engine.queue.jobs import JobEvent
 
 TIMEOUT = 120.0  # generous: a slow CI machine, never a synchronisation
 GATE_SEED = 987_654_321
@@ -101,7 +101,7 @@ class QueueEnv:
         return txt2img(**{"seed": GATE_SEED, "negative": f"held {uuid.uuid4().hex}", **overrides})
 
     async def start(self, executor: Executor | None = None, **settings: Any) -> Any:
-        from engine.service import EngineService
+        from engine.queue import EngineService
         from engine.settings import QueueSettings
 
         service = EngineService(executor or self.executor, self.db, QueueSettings(**settings))

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from engine.disk import is_disk_full
-from engine.jobs import JobState
-from engine.jobstore import JobStore
+from engine.queue.jobs import JobState
+from engine.queue.job_store import JobStore
 from tests.engine.disk_support import SmallDisk, small_disk  # noqa: F401 (a fixture)
-from tests.engine.test_jobstore import job
+from tests.engine.queue.test_job_store import job
 
 
 def _states(path: Path) -> dict[str, str]:

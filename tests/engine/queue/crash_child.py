@@ -1,6 +1,6 @@
 """A child process for test_service_crash: an EngineService on the tiny models, killed by the test with SIGKILL.
 
-    python -m tests.engine.crash_child DB MODELS OUT [--submit N]
+    python -m tests.engine.queue.crash_child DB MODELS OUT [--submit N]
 
 Prints one JSON line for each thing the parent waits on: {"submitted": [...ids], "order": [...ids]} after
 submitting, then {"running": id} once a job is running (stored as running, at its first sampler step).
@@ -28,7 +28,7 @@ def say(**line: Any) -> None:
 async def main(args: argparse.Namespace) -> int:
     from engine import samplers
     from engine.runtime import create_executor
-    from engine.service import EngineService, Owner
+    from engine.queue import EngineService, Owner
     from engine.settings import EngineSettings, Limits, ModelsSettings, QueueSettings
     from tests.engine.conftest import txt2img
 

@@ -1,0 +1,86 @@
+"""The sampling loop: a `SamplerPlan` run over the model's CFG'd noise prediction as KSAMPLER.sample runs it.
+
+ComfyUI's start noise and model input scaling (an EPS model's), the diffusers scheduler's steps with the
+step noise each sampler draws (a seeded generator or a seeded Brownian tree), and a callback per ComfyUI
+step. The math is ComfyUI 0.3.64's: k_diffusion/sampling.py and extra_samplers/uni_pc.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.schedulers import DPMSolverMultistepScheduler, DPMSolverSDEScheduler, LMSDiscreteScheduler
+from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+from engine.samplers.names import SPECS
+from engine.samplers.plan import SamplerPlan
+
+__all__ = ["EpsFn", "noise_scaling", "sample", "scale_model_input"]
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (x_scaled, timestep, sigma) -> eps, with CFG
+
+
+def _brownian_noise(x: torch.Tensor, plan: SamplerPlan) -> Callable[[Any, Any], torch.Tensor]:
+    """ComfyUI's SDE noise: a torchsde Brownian tree over the run's sigma range, seeded with the job seed."""
+    positive = plan.sigmas[plan.sigmas > 0]
+    tree = BrownianTreeNoiseSampler(x, float(positive.min()), float(positive.max()), plan.seed)
+    points = torch.cat([positive, torch.tensor([s for _, s in plan.calls])])
+
+    # DPMSolverSDEScheduler asks at exp(-(-log sigma)), an ulp off, and the tree answers such near misses
+    # differently (up to 2.5e-2 in the latent, measured): queries snap to the run's exact sigmas
+    def snap(sigma: Any) -> float:
+        nearest = float(points[(points - float(sigma)).abs().argmin()])
+        return nearest if abs(nearest - float(sigma)) <= 1e-5 * nearest else float(sigma)
+
+    return lambda sigma, sigma_next: tree(snap(sigma), snap(sigma_next))
+
+
+def noise_scaling(sigma: float, noise: torch.Tensor, latent: torch.Tensor, *, max_denoise: bool) -> torch.Tensor:
+    """ComfyUI's EPS.noise_scaling: the start latent. A full denoise scales by sqrt(1 + sigma^2), not sigma."""
+    return noise * (math.sqrt(1.0 + sigma**2) if max_denoise else sigma) + latent
+
+
+def scale_model_input(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """ComfyUI's EPS.calculate_input: what the UNet sees of x at noise level sigma."""
+    return x / math.sqrt(sigma**2 + 1.0)
+
+
+def sample(plan: SamplerPlan, eps_fn: EpsFn, latent: torch.Tensor, noise: torch.Tensor, *,
+           callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Run the plan as KSAMPLER.sample does. callback(step_index, total_steps, x) follows each ComfyUI step."""
+    scheduler, sigmas = plan.scheduler, plan.sigmas
+    if scheduler is None:
+        return latent  # CFGGuider.sample: no sigmas, the latent comes back untouched
+    if scheduler.step_index is not None:
+        raise ValueError("this SamplerPlan has already run; build a new one for each run")
+    spec, n, s0 = SPECS[plan.sampler_name], plan.steps, float(sigmas[0])
+    max_denoise = math.isclose(plan.sigma_max, s0, rel_tol=1e-5) or s0 > plan.sigma_max  # Sampler.max_denoise
+    x = noise_scaling(s0, noise, latent, max_denoise=max_denoise)
+    to_ve = lambda x, i: x * math.sqrt(float(scheduler.sigmas[i]) ** 2 + 1) if spec.vp else x  # noqa: E731
+    if spec.vp:
+        x = scale_model_input(x, s0)
+    brownian = _brownian_noise(x, plan) if spec.noise == "brownian" else None
+    if isinstance(scheduler, DPMSolverSDEScheduler):
+        scheduler.noise_sampler = brownian  # in place of the unseeded one its step() would build
+    done = 0
+    for k, (timestep, sigma) in enumerate(plan.calls):
+        t = scheduler.timesteps[k]
+        # VE schedulers divide by sqrt(sigma^2 + 1) here; VP ones already hold that quotient
+        eps = eps_fn(scheduler.scale_model_input(x, t), torch.tensor(float(timestep)), sigma)
+        if isinstance(scheduler, LMSDiscreteScheduler) and done == n - 1 and sigmas[n] == 0:
+            x = x - sigma * eps  # sample_lms: the step into sigma 0 returns the denoised estimate
+        else:
+            extra: dict[str, Any] = {"generator": plan.generator} if plan.generator is not None else {}
+            if isinstance(scheduler, DPMSolverMultistepScheduler) and brownian is not None:
+                extra["variance_noise"] = (brownian(sigmas[done], sigmas[done + 1]) if sigmas[done + 1] > 0
+                                           else torch.zeros_like(x))
+            x = scheduler.step(eps, t, x, **extra).prev_sample
+        # a 2nd-order step ends with its 2nd call; the last step into 0 has only one
+        if getattr(scheduler, "state_in_first_order", True) or k == len(plan.calls) - 1:
+            done += 1
+            if callback is not None:
+                callback(done - 1, n, to_ve(x, done))
+    return to_ve(x, n)

@@ -1,0 +1,213 @@
+"""A diffusers scheduler set up to step through ComfyUI's sigmas (`SamplerPlan`), or a refusal saying why not.
+
+`build_scheduler` hands the scheduler the exact sigmas, checks it steps through them, and lists the model
+calls; `check_pair` answers the same question cheaply at validation, once per sampler/scheduler pair.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from diffusers.schedulers import (DPMSolverSDEScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                                  HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
+                                  UniPCMultistepScheduler)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from engine.samplers.names import SCHEDULER_NAMES, SamplerSpec, UnfaithfulSampler, require_known, spec_for
+from engine.samplers.sigmas import ksampler_sigmas, model_sigmas, timestep_for_sigma
+
+__all__ = ["SamplerPlan", "build_scheduler", "check_pair", "supported_schedulers"]
+
+# SD1.x/SDXL training betas; "linspace" because the checkpoint's own "leading" spacing gives another
+# picture (COMFY_FACTS: 19.5 dB). The spacing only matters before our sigmas replace diffusers' own.
+_SD_CONFIG: Mapping[str, Any] = MappingProxyType({"num_train_timesteps": 1000, "beta_start": 0.00085,
+                                                  "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                                                  "prediction_type": "epsilon", "timestep_spacing": "linspace"})
+
+
+@dataclass(frozen=True, eq=False)
+class SamplerPlan:
+    """A diffusers scheduler set up to step through one ComfyUI sigma list. Single use: it holds state."""
+
+    sampler_name: str
+    scheduler_name: str
+    sigmas: torch.Tensor  # ComfyUI's sigmas; fewer than 2: nothing to sample
+    steps: int  # ComfyUI's total_steps, len(sigmas) - 1
+    scheduler: SchedulerMixin | None
+    calls: tuple[tuple[int, float], ...]  # (UNet timestep, sigma) of each model call, in order
+    generator: torch.Generator | None  # step noise of the ancestral samplers, seeded with the job seed
+    seed: int
+    sigma_max: float  # the model's largest training sigma: decides ComfyUI's initial noise scale
+    mechanism: str  # how diffusers got the sigmas: "sigmas=", "sigma array" or "sigma hook"
+
+    @property
+    def effective_sigmas(self) -> torch.Tensor:
+        """The sigmas the diffusers scheduler's steps go between."""
+        return self.sigmas if self.scheduler is None else _boundaries(self.scheduler)[: self.steps + 1]
+
+
+@functools.cache
+def _pristine(cls: type[SchedulerMixin], kwargs: tuple[tuple[str, Any], ...]) -> SchedulerMixin:
+    """One scheduler per configuration, handed out as copies: KDPM2's constructor alone takes 0.2 s."""
+    return cls(**_SD_CONFIG, **dict(kwargs))
+
+
+def _configure(spec: SamplerSpec, target: torch.Tensor) -> tuple[str, SchedulerMixin]:
+    """A diffusers scheduler set to step through `target`, and how; the caller checks the result."""
+    n, kwargs = len(target) - 1, dict(spec.kwargs)
+    if spec.cls is UniPCMultistepScheduler:
+        kwargs["solver_order"] = max(1, min(3, n - 1))  # uni_pc.py: order = min(3, len(timesteps) - 2)
+    make = lambda **flags: copy.deepcopy(_pristine(spec.cls, tuple(sorted({**kwargs, **flags}.items()))))  # noqa
+    if spec.cls is EulerDiscreteScheduler:
+        scheduler = make()
+        scheduler.set_timesteps(sigmas=target.tolist())
+        return "sigmas=", scheduler
+    # diffusers always ends with a step into sigma 0: a list stopping above 0 (KSamplerAdvanced's leftover
+    # noise) gets a 0 appended and the run stops a step early. UniPC gets its last sigma set below instead.
+    head = target[:-1] if target[-1] == 0 or spec.cls is UniPCMultistepScheduler else target
+    if spec.cls is EulerAncestralDiscreteScheduler:  # no custom sigmas, but its step() reads only .sigmas
+        scheduler = make()
+        scheduler.set_timesteps(len(head))
+        scheduler.sigmas = torch.cat([head, torch.zeros(1)])
+        return "sigma array", scheduler
+    # The rest derive all their arrays (2nd-order interleaving, midpoints, timesteps) from _convert_to_karras, so it
+    # answers ComfyUI's sigmas. Plain flags (use_karras_sigmas...) move sigmas ~1e-5: enough to change a timestep.
+    scheduler = make(use_karras_sigmas=True)
+    scheduler._convert_to_karras = lambda in_sigmas, num_inference_steps=None: head.double().numpy().copy()
+    scheduler.set_timesteps(len(head))
+    if spec.cls is UniPCMultistepScheduler:
+        scheduler.sigmas[-1] = float(target[-1])  # UniPC's updates read only .sigmas
+    return "sigma hook", scheduler
+
+
+def _boundaries(scheduler: SchedulerMixin) -> torch.Tensor:
+    """The sigmas a scheduler's steps go between, undoing the 2nd-order schedulers' interleaving."""
+    sigmas = scheduler.sigmas
+    if isinstance(scheduler, (KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler)):
+        return sigmas[0::2]  # s0, s1, s1, ..., s_last, s_last, 0, 0, 0
+    if isinstance(scheduler, (HeunDiscreteScheduler, DPMSolverSDEScheduler)):
+        return torch.cat([sigmas[:-1:2], sigmas[-1:]])  # s0, s1, s1, ..., s_last, s_last, 0
+    return sigmas
+
+
+def _call_sigmas(scheduler: SchedulerMixin) -> list[float]:
+    """The sigma of each model call, taken where each scheduler's scale_model_input takes it."""
+    sigmas, out = scheduler.sigmas, []
+    for k in range(len(scheduler.timesteps)):  # odd calls of 2nd-order schedulers are their 2nd calls
+        if k % 2 and isinstance(scheduler, KDPM2DiscreteScheduler):
+            out.append(scheduler.sigmas_interpol[k])
+        elif k % 2 and isinstance(scheduler, KDPM2AncestralDiscreteScheduler):
+            out.append(scheduler.sigmas_interpol[k - 1])
+        elif k % 2 and isinstance(scheduler, DPMSolverSDEScheduler):  # midpoint in t = -log(sigma), as step() has it
+            t, t_next = sigmas[k - 1].log().neg(), sigmas[k].log().neg()
+            out.append((t + (t_next - t) * 0.5).neg().exp())
+        else:  # Heun's 2nd call is at the next sigma, which its interleaved .sigmas holds there
+            out.append(sigmas[k])
+    return [float(s) for s in out]
+
+
+def _plan(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor, seed: int) -> SamplerPlan:
+    """build_scheduler, refusing without the list of alternatives."""
+    spec, ms = spec_for(sampler_name), model_sigmas()
+    require_known(scheduler_name, SCHEDULER_NAMES, "scheduler")
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
+    if not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any()):
+        raise ValueError(f"sigmas must be finite and >= 0, got {sigmas.tolist()}")
+    n = len(sigmas) - 1
+    plan = dict(sampler_name=sampler_name, scheduler_name=scheduler_name, sigmas=sigmas, steps=max(n, 0), seed=seed,
+                sigma_max=float(ms.float()[-1]))
+    if n < 1:
+        return SamplerPlan(**plan, scheduler=None, calls=(), generator=None, mechanism="none")
+    target = sigmas.clone()
+    problem = _count_problem(spec, n)
+    if problem is not None:
+        raise UnfaithfulSampler(problem)
+    if spec.cls is UniPCMultistepScheduler and target[-1] == 0:  # uni_pc.py stops at 0.001, then divides by alpha
+        target[-1] = 0.001
+    mechanism, scheduler = _configure(spec, target)
+    effective = _boundaries(scheduler)[: n + 1]
+    if len(effective) != n + 1 or not bool(((effective - target).abs() <= 1e-4 * target + 1e-8).all()):
+        raise UnfaithfulSampler(f"diffusers steps through {effective.tolist()}, ComfyUI through {target.tolist()}")
+    scheduler.set_begin_index(0)  # step() then follows our call order instead of looking timesteps up
+    # a 2nd-order scheduler makes one call for its step into 0, which a run ending above 0 never takes
+    n_calls = 2 * n - (len(_boundaries(scheduler)) == n + 1) if spec.two_calls else n
+    call_sigmas = _call_sigmas(scheduler)[:n_calls]
+    calls = tuple(zip(timestep_for_sigma(torch.tensor(call_sigmas), ms).int().tolist(), call_sigmas))
+    generator = torch.Generator("cpu").manual_seed(seed) if spec.noise == "generator" else None
+    return SamplerPlan(**plan, scheduler=scheduler, calls=calls, generator=generator, mechanism=mechanism)
+
+
+def build_scheduler(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor, seed: int) -> SamplerPlan:
+    """A diffusers scheduler (SD1.5 betas) stepping through `sigmas`; UnfaithfulSampler if it cannot."""
+    spec_for(sampler_name)
+    try:
+        return _plan(sampler_name, scheduler_name, sigmas, seed)
+    except UnfaithfulSampler as err:
+        raise UnfaithfulSampler(_refusal(sampler_name, scheduler_name, str(err), max(len(sigmas) - 1, 1))) from None
+
+
+def _refusal(sampler_name: str, scheduler_name: str, reason: str, steps: int) -> str:
+    working = ", ".join(supported_schedulers(sampler_name, steps)) or "none"
+    return (f"sampler {sampler_name!r} with scheduler {scheduler_name!r} cannot match ComfyUI on diffusers "
+            f"({reason}); schedulers that work with {sampler_name!r} at {steps} steps: {working}")
+
+
+def supported_schedulers(sampler_name: str, steps: int = 20) -> list[str]:
+    """The ComfyUI schedulers this sampler runs faithfully at `steps` (full denoise), in ComfyUI's order."""
+    spec = spec_for(sampler_name)
+    return [name for name in SCHEDULER_NAMES if _choice_problem(spec, sampler_name, name, steps, 1.0) is None]
+
+
+def check_pair(sampler_name: str, scheduler_name: str, steps: int, denoise: float = 1.0) -> None:
+    """Raise UnfaithfulSampler unless Noodle reproduces this KSampler choice; for validation before a run.
+
+    Cheap, because a workflow may hold hundreds of samplers: building a diffusers scheduler takes 3-20 ms
+    (KDPM2's most), and doing it for each of 900 KSamplers made a 214 KiB workflow take 2.5 s (euler) to
+    14 s (dpm_2) to validate on an idle 2-core machine, 45 s on a busy one; now 0.2 s.
+    ComfyUI's sigmas are computed (well under a millisecond) and checked for what the sampler needs; whether
+    diffusers steps through a pair's sigmas is asked once per (sampler, scheduler) pair and remembered. The run
+    builds its scheduler with `build_scheduler`, which checks the exact sigmas again, so nothing unfaithful
+    runs unseen.
+    """
+    spec = spec_for(sampler_name)
+    require_known(scheduler_name, SCHEDULER_NAMES, "scheduler")
+    problem = _choice_problem(spec, sampler_name, scheduler_name, steps, denoise)
+    if problem is not None:
+        raise UnfaithfulSampler(_refusal(sampler_name, scheduler_name, problem, steps))
+
+
+def _count_problem(spec: SamplerSpec, steps: int) -> str | None:
+    """What a sampler cannot do with this many steps (at least 1), known without building a scheduler."""
+    if spec.cls is UniPCMultistepScheduler and steps < 2:  # uni_pc.py's order min(3, steps - 1) is 0
+        return "ComfyUI's UniPC does not denoise in a single step"
+    return None
+
+
+def _choice_problem(spec: SamplerSpec, sampler_name: str, scheduler_name: str, steps: int,
+                    denoise: float) -> str | None:
+    """Why a KSampler choice cannot match ComfyUI, or None; the names are known ones."""
+    try:
+        sigmas = ksampler_sigmas(scheduler_name, steps, denoise, model_sigmas(), sampler_name=sampler_name)
+    except ValueError as err:
+        return str(err)
+    count = len(sigmas) - 1
+    return (_count_problem(spec, count) if count >= 1 else None) or _pair_problem(sampler_name, scheduler_name)
+
+
+@functools.cache  # at most len(SUPPORTED_SAMPLERS) x len(SCHEDULER_NAMES) entries
+def _pair_problem(sampler_name: str, scheduler_name: str) -> str | None:
+    """Whether diffusers steps through a pair's sigmas, asked once at 20 full steps: how `_configure` hands a
+    scheduler the sigmas depends on the pair, not the step count (test_every_pair_steps_through_comfys_sigmas_
+    or_is_refused checks 1 to 20 steps and partial denoises, and finds only UniPC's single step refused)."""
+    sigmas = ksampler_sigmas(scheduler_name, 20, 1.0, model_sigmas(), sampler_name=sampler_name)
+    try:
+        _plan(sampler_name, scheduler_name, sigmas, 0)
+    except UnfaithfulSampler as err:
+        return str(err)
+    return None

@@ -21,7 +21,7 @@ from bot.files import read_capped
 from bot.console_presets import CONSOLE_SERVER, preset_command, queue_command, settings_command
 from bot.options import IMAGINE_OPTIONS, parse_options
 from bot.records import Generation
-from bot.request import ImageUpload
+from bot.request import Allowed, ImageUpload, check_upload_meta
 from bot.settings import Settings
 from bot.status import relay
 from bot.store import Store
@@ -222,7 +222,7 @@ class Console:
     async def _imagine(self, rest: str) -> None:
         options: dict[str, Any] = parse_options(rest, (*IMAGINE_OPTIONS, "preset"))
         if "image" in options:
-            options["image"] = await _read_image(options["image"], self.studio.allowed.max_attachment_bytes)
+            options["image"] = await _read_image(options["image"], self.studio.allowed)
         layered = await self.studio.layered_options(options, self.member)
         ticket = await self.studio.submit(await self.studio.parse(layered), self.who)
         await self._wait(ticket)
@@ -302,10 +302,12 @@ class _Silent:
         return None
 
 
-async def _read_image(path_text: str, limit: int) -> ImageUpload:
+async def _read_image(path_text: str, allowed: Allowed) -> ImageUpload:
     path = Path(path_text.strip()).expanduser()
-    try:  # at most limit + 1 bytes: the Studio refuses a larger file by its size, with the limit
-        data = await asyncio.to_thread(read_capped, path, limit)
+    try:  # at most the limit + 1 bytes: a device like /dev/zero never ends
+        data = await asyncio.to_thread(read_capped, path, allowed.max_attachment_bytes)
+        if len(data) > allowed.max_attachment_bytes:  # refused as the Studio would, with the file's whole size
+            check_upload_meta(path.name, None, max(len(data), path.stat().st_size), allowed)
     except OSError as err:
         raise RequestInvalid(f"image: cannot read {path} ({err.strerror}); give the path of a PNG, JPEG or WebP "
                              "file") from None

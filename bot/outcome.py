@@ -16,7 +16,7 @@ from bot.embeds import card_text, result_card
 from bot.records import Generation, Outcome
 from bot.tickets import Details
 from bot.workflow_file import is_workflow
-from engine.executor import Executor
+from engine.executor import Executor, written_paths
 from engine.models.paths import display_name, short_hash
 from engine.templates import WorkflowParams
 
@@ -39,9 +39,8 @@ def outcome_of(executor: Executor, generation: Generation) -> Outcome:
     model_hash: str | None = None
     for job in generation.jobs:
         result = job.result or {}
-        paths = [str((output_dir / image.get("subfolder", "") / image["filename"]).resolve())
-                 for output in result.get("outputs", {}).values() for image in output.get("images", [])
-                 if image.get("type", "output") == "output"]
+        paths = [str(path.resolve()) for output in result.get("outputs", {}).values()
+                 for path in written_paths(output_dir, output, kinds=("output",))]
         if job.state != "done" or not paths:
             problems.append(f"image {job.idx} {job.state if job.state != 'done' else 'came out empty'}: "
                             f"{job.error or 'no reason given'}")

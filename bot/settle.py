@@ -32,6 +32,7 @@ from bot.store import PENDING, WRITE_FAILED, Store
 from bot.tickets import Publisher
 from engine.disk import is_disk_full
 from engine.errors import NoodleError
+from engine.executor import written_paths
 from engine.queue import EngineService, JobEvent, JobState
 
 __all__ = ["Settled", "Settler"]
@@ -301,7 +302,5 @@ def _state_of(generation: Generation | None, job_id: str) -> str | None:
 
 def _written_files(output_dir: Path, results: Iterable[dict[str, Any] | None]) -> list[str]:
     """Every PNG the job results name: SaveImage's under the output folder, PreviewImage's under its temp/."""
-    folders = {"output": output_dir, "temp": output_dir / "temp"}
-    return [str(folders[image.get("type", "output")] / image.get("subfolder", "") / image["filename"])
-            for result in results if result for output in result.get("outputs", {}).values()
-            for image in output.get("images", []) if image.get("type", "output") in folders]
+    return [str(path) for result in results if result for output in result.get("outputs", {}).values()
+            for path in written_paths(output_dir, output)]

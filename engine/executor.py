@@ -38,6 +38,15 @@ from engine.settings import EngineSettings, Limits
 from engine.validate import ValidatedPrompt
 
 log = logging.getLogger(__name__)
+TEMP_FOLDER = "temp"  # PreviewImage writes under output_dir/temp, as ComfyUI's temp directory
+
+
+def written_paths(output_dir: Path, ui: dict[str, Any], kinds: tuple[str, ...] = ("output", "temp")) -> list[Path]:
+    """The files one output node's `ui` names (ComfyUI's `{"filename", "subfolder", "type"}` entries), of `kinds`."""
+    roots = {"output": output_dir, TEMP_FOLDER: output_dir / TEMP_FOLDER}
+    return [roots[kind] / item.get("subfolder", "") / item["filename"]
+            for item in ui.get("images", ()) if isinstance(item, dict)
+            and (kind := item.get("type", "output")) in kinds and kind in roots]
 
 Listener = Callable[[Event], None]
 
@@ -158,7 +167,7 @@ class Run:
             node_id=node_id, prompt_id=self.prompt_id, prompt=self._api, models=ex.models,
             device=ex.models.device, dtype=ex.models.dtype, input_dir=ex.settings.input_dir,
             output_dir=ex.settings.output_dir, meta=self.meta, limits=ex.limits,
-            temp_dir=ex.settings.output_dir / "temp",
+            temp_dir=ex.settings.output_dir / TEMP_FOLDER,
             report_progress=lambda node, value, total: self.emit(Progress(self.prompt_id, node, value, total)),
             is_cancelled=self.is_cancelled, prompt_weighting=ex.settings.prompt_weighting,
         )
@@ -206,7 +215,8 @@ class Run:
         self.values[node_id] = out.values
         if out.ui:
             self._ui[node_id] = out.ui
-            self._written += [(self._sigs[node_id], path) for path in self._files_of(out.ui)]
+            written = written_paths(self.executor.settings.output_dir, out.ui)
+            self._written += [(self._sigs[node_id], path) for path in written]
             self.emit(Executed(self.prompt_id, node_id, out.ui))
         part = _meta_of(self.meta, node_id, models_before)
         holds = self.executor.models.keys_held_by(out.values)
@@ -217,12 +227,6 @@ class Run:
         after = self.executor.models.stats_snapshot()
         for key in _COUNTERS:
             self.model_activity[key] += after[key] - stats_before[key]
-
-    def _files_of(self, ui: dict[str, Any]) -> list[Path]:
-        """The files an output node's `ui` names (ComfyUI's `{"filename", "subfolder", "type"}` entries)."""
-        roots = {"output": self.executor.settings.output_dir, "temp": self.executor.settings.output_dir / "temp"}
-        return [roots[item["type"]] / item.get("subfolder", "") / item["filename"]
-                for item in ui.get("images", ()) if isinstance(item, dict) and item.get("type") in roots]
 
     def discard_written(self) -> None:
         """Remove what this run's output nodes wrote, and forget their cached outputs that point at those files:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.graph import CycleError, topological_sort
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("bot", "engine", "prompts")
 FORBIDDEN = {"engine": {"bot"}, "prompts": {"bot", "engine"}}
@@ -71,45 +73,11 @@ def import_graph(sources: Mapping[str, set[str]]) -> dict[str, set[str]]:
 def import_cycles(graph: Mapping[str, Iterable[str]]) -> list[list[str]]:
     """One cycle per strongly connected component of more than one module, as the modules in import order."""
     edges = {module: sorted(set(targets)) for module, targets in graph.items()}
-    # Tarjan's algorithm, iterative: index, lowlink, and a stack of modules not yet placed in a component
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    components: list[list[str]] = []
-    for root in sorted(edges):
-        if root in index:
-            continue
-        work = [(root, iter(edges[root]))]
-        index[root] = low[root] = len(index)
-        stack.append(root)
-        on_stack.add(root)
-        while work:
-            module, pending = work[-1]
-            step = next(pending, None)
-            if step is not None:
-                if step not in index:
-                    index[step] = low[step] = len(index)
-                    stack.append(step)
-                    on_stack.add(step)
-                    work.append((step, iter(edges.get(step, ()))))
-                elif step in on_stack:
-                    low[module] = min(low[module], index[step])
-                continue
-            work.pop()
-            if work:
-                low[work[-1][0]] = min(low[work[-1][0]], low[module])
-            if low[module] == index[module]:
-                component = []
-                while True:
-                    member = stack.pop()
-                    on_stack.discard(member)
-                    component.append(member)
-                    if member == module:
-                        break
-                if len(component) > 1:
-                    components.append(sorted(component))
-    return [_loop_through(component, edges) for component in sorted(components)]
+    try:  # the workflow graph's own Tarjan: it reports every strongly connected component, not the first loop
+        topological_sort(sorted(edges), lambda module: edges.get(module, ()))
+    except CycleError as err:
+        return [_loop_through(sorted(cycle), edges) for cycle in sorted(sorted(cycle) for cycle in err.cycles)]
+    return []
 
 
 def _loop_through(component: list[str], edges: Mapping[str, list[str]]) -> list[str]:

@@ -12,11 +12,11 @@ import pytest
 
 from bot.console import Console, ConsolePublisher, LineReader
 from bot.errors import RequestInvalid
+from engine.nodes.base import SEED_MAX
 from tests.bot.conftest import Env
 from tests.engine.conftest import txt2img
 
 SMALL = "steps: 2 width: 64 height: 64"
-SEED_MAX = 2**64 - 1
 
 
 async def session(env: Env, lines: list[str], tmp_path: Path) -> tuple[int, list[str]]:
@@ -131,3 +131,19 @@ async def test_a_bug_of_ours_is_one_line_and_the_console_serves_on(env: Env, tmp
                                "traceback is in the log. The console goes on with the next command"]
     assert "\n".join(printed).count("wrote ") == 1
     assert any(record.exc_info and "'/models'" in record.getMessage() for record in caplog.records)
+
+
+async def test_local_files_are_read_bounded_and_a_device_is_refused(env: Env, tmp_path: Path) -> None:
+    limit = env.studio.allowed.max_attachment_bytes
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(limit + 500_000))
+    code, printed = await session(env, [f"/imagine prompt: a fox image: {big} {SMALL}",
+                                        f"/imagine prompt: a fox image: /dev/zero {SMALL}",
+                                        "/workflow /dev/zero"], tmp_path)
+    assert code == 1
+    size = f"{(limit + 500_008) / 1e6:.1f} MB"  # the file's whole size, not the bounded read's
+    assert errors(printed) == [
+        f"error: image: 'big.png' is {size}; the limit is {limit / 1e6:.1f} MB: scale it down or save it as JPEG",
+        "error: image: cannot read /dev/zero (not a regular file); give the path of a PNG, JPEG or WebP file",
+        "error: workflow: cannot read /dev/zero (not a regular file); give the path of a ComfyUI API-format .json "
+        "file"]

@@ -16,6 +16,7 @@ import pytest
 from bot.console import Console, ConsolePublisher, LineReader
 from bot.errors import RequestInvalid
 from bot.tickets import Origin
+from engine.nodes.base import SEED_MAX
 from tests.bot.conftest import Env
 from tests.bot.test_workflow import ALICE, as_file, graph, refused, run
 from tests.engine.conftest import txt2img
@@ -108,9 +109,10 @@ async def test_an_integer_of_five_thousand_digits_is_refused_where_it_is(env: En
     assert message == (f"workflow: 'attack.json' holds an integer of 5,000 digits at line {line}, column {column}; "
                        "no input takes more than 20 (a seed goes up to 18446744073709551615): fix that value and "
                        "attach the file again")
-    # the largest seed a KSampler takes still parses (and runs)
-    final = await run(env, as_file(graph(batch_size=1, seed=2**64 - 1)))
-    assert final.kind == "done" and final.generation.params["seeds"] == {"3": 2**64 - 1}
+    # the largest seed a KSampler takes still parses, runs, and is stored whole (past SQLite's signed 64 bits)
+    final = await run(env, as_file(graph(batch_size=1, seed=SEED_MAX)))
+    assert final.kind == "done" and final.generation.params["seeds"] == {"3": SEED_MAX}
+    assert (await env.store.get(final.generation.id)).jobs[0].seed == SEED_MAX
 
     # the console says so in one line and serves the next command
     bad, good = tmp_path / "huge.json", tmp_path / "fine.json"
@@ -155,11 +157,3 @@ async def test_a_member_at_their_cap_is_refused_before_any_parsing_or_validating
     finally:
         gate.open()
     assert (await env.finish(held)).kind == "done"
-
-
-async def test_a_workflow_seed_of_2_to_the_64_minus_1_is_kept_whole(env: Env) -> None:
-    top = 2**64 - 1  # ComfyUI's KSampler seed maximum: past SQLite's signed 64 bits, stored all the same
-    final = await run(env, as_file(graph(seed=top, batch_size=1)))
-    assert final.kind == "done", final.error
-    stored = await env.store.get(final.generation.id)
-    assert stored.jobs[0].seed == top and stored.params["seeds"] == {"3": top}

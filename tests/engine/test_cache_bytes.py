@@ -87,7 +87,7 @@ def merged_txt2img(seed: int) -> dict[str, Any]:
 
 
 def test_a_merge_counts_in_the_model_budget_and_is_evicted_as_the_least_recently_used(
-        executor: Executor, tiny_models: Path, tmp_path: Path) -> None:
+        tiny_models: Path, tmp_path: Path) -> None:
     a, b = "tiny-sd15.safetensors", "tiny-sd15-b.safetensors"
     # measured on a fresh engine: the session executor's UNet may carry LoRA adapters from other tests
     checkpoint = engine(tiny_models, tmp_path / "measure").models.checkpoint(a)

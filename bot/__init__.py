@@ -1,2 +1,14 @@
-"""Noodle's front ends: the transport-free Studio (service.py) with its request model, store and embeds;
-the Discord client and cogs; the `noodle chat` console; the `noodle` CLI."""
+"""Noodle's bot side, in the order a request passes it:
+
+- core/: transport-free, never imports `discord` (a layout test holds it to that):
+  - studio.py: `Studio`, the services a front end holds, built with explicit dependencies;
+  - requests/: options -> a checked request -> `WorkflowParams` (names, prompt expansion, uploads, workflows);
+  - services/: one class per concern (generations, workflows, presets, /settings, the queue, models);
+  - results/: engine events -> stored verdict -> a front end's `Publisher`; progress, retention;
+  - cards/: what a result, a ticket and ℹ️ details say, as plain data and text;
+  - storage/: the SQLite store, its rows, presets table and versioned params;
+  - front_end.py: the values front ends and services pass each other;
+- discord_app/: the Discord front end (client, connecting, cogs, posting, embeds, its bench);
+- console/: `noodle chat`, the local front end;
+- cli.py and settings.py: the `noodle` command and config.toml.
+"""

@@ -55,7 +55,7 @@ def _bench_bot_options(bench: argparse.ArgumentParser) -> None:
 
 def _bench_bot(args: argparse.Namespace) -> int:
     """`noodle bench bot`: the real /imagine handler against a busy engine."""
-    from bot.bench_bot import bench_bot
+    from bot.discord_app.bench import bench_bot
 
     return bench_bot(args.models, commands=args.commands)
 
@@ -66,11 +66,11 @@ def cmd_bot(args: argparse.Namespace, settings: Settings) -> int:
         import asyncio
         import json
 
-        from bot.discord_app import command_payloads
+        from bot.discord_app.client import command_payloads
 
         print(json.dumps(asyncio.run(command_payloads(settings)), indent=2, ensure_ascii=False))
         return 0
-    from bot.discord_app import run_bot
+    from bot.discord_app.client import run_bot
 
     return run_bot(settings)
 
@@ -79,7 +79,7 @@ def cmd_chat(args: argparse.Namespace, settings: Settings, *, demo: tuple[str, .
     """`noodle chat`: the console on stdin (`demo` lines when stdin is empty and not a terminal)."""
     import asyncio
 
-    from bot.console import chat_settings, run_chat
+    from bot.console.app import chat_settings, run_chat
 
     chat, note = chat_settings(settings, models=args.models, db=args.db, out=args.out)
     if note:
@@ -93,10 +93,10 @@ def cmd_chat(args: argparse.Namespace, settings: Settings, *, demo: tuple[str, .
 def run_main(settings: Settings) -> int:
     """The Discord bot when DISCORD_TOKEN is set, else `noodle chat` (a demo when nothing is piped in)."""
     if settings.discord_token is not None:
-        from bot.discord_app import run_bot
+        from bot.discord_app.client import run_bot
 
         return run_bot(settings)
-    from bot.console import DEMO
+    from bot.console.app import DEMO
 
     return cmd_chat(argparse.Namespace(models=None, db=None, out=None), settings, demo=DEMO)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from engine.runtime import create_executor
+from engine.executor import create_executor
 from engine.settings import EngineSettings, Limits, ModelsSettings
 from engine.templates import WorkflowParams, build_workflow
 from engine.tiny import write_random_checkpoint, write_tiny_models

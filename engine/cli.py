@@ -18,7 +18,7 @@ from typing import Any
 from engine.errors import JobCancelled, NodeExecutionError, NoodleError, WorkflowInvalid
 from engine.events import Event, Executing, Progress
 from engine.executor import Executor
-from engine.runtime import create_executor
+from engine.executor import create_executor
 from engine.settings import EngineSettings, Limits, ModelsSettings
 
 

@@ -31,10 +31,12 @@ from engine.events import (
     ExecutionSuccess,
     Progress,
 )
+from engine.device import memory_budget, pick_device, pick_dtype
 from engine.models.manager import ModelManager
+from engine.models.paths import ModelCatalog
 from engine.nodes import catalog
 from engine.nodes.base import Node, Output, RunContext, RunMeta
-from engine.settings import EngineSettings, Limits
+from engine.settings import EngineSettings, Limits, ModelsSettings
 from engine.validate import ValidatedPrompt
 
 log = logging.getLogger(__name__)
@@ -294,3 +296,18 @@ def _replay_meta(meta: RunMeta, node_id: str, part: dict[str, Any]) -> None:
 
 
 _COUNTERS = ("hits", "misses", "evictions", "load_seconds", "lora_loads", "lora_switches")
+
+
+def create_executor(models: ModelsSettings, engine: EngineSettings, limits: Limits) -> Executor:
+    """One executor built from settings: its own catalog of model files, model manager and output cache, on the
+    configured device."""
+    device = pick_device(engine.device)
+    manager = ModelManager(
+        ModelCatalog(models.dir, allow_weights_only_pickle=models.allow_weights_only_pickle,
+                     hash_cache=models.hash_cache),
+        device=device,
+        dtype=pick_dtype(engine.dtype, device),
+        memory_budget=memory_budget(device, engine.model_memory_bytes),
+        input_dir=engine.input_dir,
+    )
+    return Executor(manager, engine, limits)

@@ -1,4 +1,6 @@
-"""Requests -> workflows: the graphs a ComfyUI user would draw for txt2img and img2img.
+"""Params -> workflows: the graphs a ComfyUI user would draw for txt2img and img2img.
+
+The prompt arrives expanded (style, wildcards and `<lora:>` tags: bot/core/requests/prompt.py).
 
 Node ids are fixed strings so that the same request always gives the same graph (and the
 cache sees the same signatures); LoRAs are chained between the loader and everything else.
@@ -9,11 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import ModelNotFound
-from engine.models.paths import display_name
-from prompts.loras import extract_lora_tags
-from prompts.names import closest_names
-from prompts.wildcards import resolve_wildcards
 
 
 @dataclass(frozen=True)
@@ -82,39 +79,3 @@ def build_workflow(p: WorkflowParams) -> dict[str, dict[str, Any]]:
     images = add("8", "VAEDecode", samples=sampled, vae=vae)
     add("9", "SaveImage", images=images, filename_prefix=p.filename_prefix)
     return graph
-
-
-@dataclass(frozen=True)
-class ExpandedPrompt:
-    """A user's prompt after wildcards, style and `<lora:...>` tags: what is encoded, stored and shown."""
-
-    prompt: str
-    negative: str
-    loras: tuple[LoraChoice, ...]
-
-
-def expand_prompt(prompt: str, negative: str, seed: int, available_loras: list[str], *,
-                  loras: tuple[LoraChoice, ...] = ()) -> ExpandedPrompt:
-    """Resolve wildcards with the job's seed and turn `<lora:name:w>` tags into LoraChoices.
-
-    A tag names a file of the loras folder with or without `.safetensors`; an unknown one raises
-    ModelNotFound with the closest names. Tags come after the explicitly chosen `loras`.
-    """
-    text = resolve_wildcards(prompt, seed)
-    negative = resolve_wildcards(negative, seed)
-    text, tags = extract_lora_tags(text)
-    chosen = list(loras)
-    for tag in tags:
-        name = _lora_file(tag.name, available_loras)
-        chosen.append(LoraChoice(name, tag.unet_weight, tag.clip_weight))
-    return ExpandedPrompt(" ".join(text.split()) if tags else text, negative, tuple(chosen))
-
-
-def _lora_file(name: str, available: list[str]) -> str:
-    for candidate in (name, f"{name}.safetensors"):
-        if candidate in available:
-            return candidate
-    by_stem = [n for n in available if display_name(n) == name]
-    if len(by_stem) == 1:
-        return by_stem[0]
-    raise ModelNotFound("LoRA", name, "models/loras", closest_names(name, available) or available)

@@ -36,7 +36,7 @@ def tiny_executor(models: Path, root: Path, limits: object | None = None):  # ty
     On the CPU, where the expected numbers were measured; NOODLE_TEST_DEVICE=cuda runs the same tests
     on a GPU in fp16, to find what breaks there (exact-pixel comparisons may then differ slightly).
     """
-    from engine.runtime import create_executor
+    from engine.executor import create_executor
     from engine.settings import EngineSettings, Limits, ModelsSettings
 
     for name in ("output", "input"):

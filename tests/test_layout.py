@@ -1,5 +1,6 @@
-"""The layout shows the flow: imports point downstream (bot -> engine -> prompts), no two modules import each
-other (directly or round a loop), modules stay small.
+"""The layout shows the flow: imports point downstream (front ends -> bot.core -> engine -> prompts), the core
+never imports a transport (`discord`), the bot asks the engine service instead of reaching into its
+executor, no two modules import each other (directly or round a loop).
 
 Imports are read from the source (the AST), not from a running interpreter, so an import under
 `if TYPE_CHECKING:` or inside a function counts as much as one at the top: each is a dependency a reader
@@ -19,7 +20,13 @@ from engine.graph import CycleError, topological_sort
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("bot", "engine", "prompts")
-FORBIDDEN = {"engine": {"bot"}, "prompts": {"bot", "engine"}}
+# a folder -> the modules (each with everything below it) that no module inside the folder may import
+FORBIDDEN = {
+    "engine": ("bot",),
+    "prompts": ("bot", "engine"),
+    "bot/core": ("discord", "bot.discord_app", "bot.console"),  # the transport-free core: front ends sit on it
+    "bot/console": ("discord", "bot.discord_app"),
+}
 
 
 def module_name(path: Path) -> str:
@@ -99,13 +106,33 @@ def _loop_through(component: list[str], edges: Mapping[str, list[str]]) -> list[
     raise AssertionError(f"{component} is not strongly connected")  # pragma: no cover - Tarjan's invariant
 
 
-@pytest.mark.parametrize("package", sorted(FORBIDDEN))
-def test_imports_point_downstream(package: str) -> None:
+def _under(name: str, root: str) -> bool:
+    return name == root or name.startswith(f"{root}.")
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_imports_point_downstream(folder: str) -> None:
     offenders = []
-    for path in sorted((REPO / package).rglob("*.py")):
-        upstream = {name.split(".")[0] for name in _imports_of(path)} & FORBIDDEN[package]
+    for path in sorted((REPO / folder).rglob("*.py")):
+        upstream = {root for name in _imports_of(path) for root in FORBIDDEN[folder] if _under(name, root)}
         if upstream:
             offenders.append(f"{path.relative_to(REPO)} imports {sorted(upstream)}")
+    assert not offenders, offenders
+
+
+def test_the_downstream_rule_catches_a_core_module_importing_discord() -> None:
+    names = imported_names("bot.core.cards.result", "import discord.ui\nfrom bot.discord_app.embeds import x")
+    assert {root for name in names for root in FORBIDDEN["bot/core"] if _under(name, root)} == \
+        {"discord", "bot.discord_app"}
+    assert not _under("discordant", "discord")
+
+
+def test_the_bot_asks_the_engine_service_and_never_reaches_into_its_executor() -> None:
+    """`engine.executor.models` / `.settings` from the bot would tie it to the engine's insides: the engine service
+    answers choices, architecture, folders and validation (engine/queue/service.py)."""
+    offenders = [f"{path.relative_to(REPO)}:{node.lineno}" for path in sorted((REPO / "bot").rglob("*.py"))
+                 for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                 if isinstance(node, ast.Attribute) and node.attr == "executor"]
     assert not offenders, offenders
 
 

@@ -7,13 +7,11 @@ can name a checkpoint without importing the manager that loads it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 from diffusers import DiffusionPipeline
 
 from engine.models.detect import Arch
-from engine.models.paths import short_hash
 
 __all__ = ["LoadedCheckpoint"]
 
@@ -34,8 +32,3 @@ class LoadedCheckpoint:
     @property
     def key(self) -> str:
         return f"checkpoint:{self.name}:{self.fingerprint}"
-
-    @cached_property
-    def short_hash(self) -> str:
-        """A1111's "Model hash": the first 10 hex digits of the file's sha256."""
-        return short_hash(self.path)

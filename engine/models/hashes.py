@@ -5,7 +5,8 @@ card: without a memory the first job on each checkpoint after every restart woul
 (A1111 keeps its hashes in a cache.json for the same reason). Digests are kept in memory and, when
 a file is configured (`[models] hash_cache`), in a small JSON file keyed by the resolved path, the
 size and the modification time, so a replaced or rewritten model file is hashed again. The file is
-only a cache: unreadable or corrupt, it is ignored and rewritten.
+only a cache: unreadable or corrupt, it is ignored and rewritten. Each `ModelCatalog`
+(engine/models/paths.py) owns one book; there is no process-wide one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import threading
 from pathlib import Path
 
-__all__ = ["HashBook", "hash_book", "sha256_prefix"]
+__all__ = ["HashBook", "sha256_prefix"]
 
 
 def sha256_prefix(path: Path) -> str:
@@ -36,12 +37,6 @@ class HashBook:
         self._lock = threading.Lock()
         self._known: dict[str, str] = {}
         self._loaded = False
-
-    def use_file(self, file: Path | None) -> None:
-        """Keep the hashes in `file` from now on (None: memory only); its entries are read on next use."""
-        with self._lock:
-            if file != self.file:
-                self.file, self._loaded = file, False
 
     def short_hash(self, path: Path) -> str:
         """The file's short hash: remembered if its path, size and mtime are, else computed and remembered."""
@@ -81,6 +76,3 @@ class HashBook:
             os.replace(tmp, self.file)  # atomic: another process reading it sees the old or the new file
         except OSError:
             pass  # a read-only disk costs a re-hash after the next restart, nothing more
-
-
-hash_book = HashBook()  # the process's book; create_executor points it at [models] hash_cache

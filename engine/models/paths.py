@@ -7,7 +7,8 @@ opted into weights-only loading. Path traversal through model names was reported
 ComfyUI and A1111; this module is the one place Noodle turns a name into a path.
 
 `safe_join` applies the same rules to other user-named files (the input images folder).
-Also here: the cheap fingerprint the model cache keys on, and A1111's short "Model hash".
+Also here: the cheap fingerprint the model cache keys on; the catalog answers A1111's short "Model hash"
+from its own HashBook (engine/models/hashes.py).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import Literal
 
 from engine.errors import ModelNotFound, UnsafeModelFile, UnsupportedModel
 from engine.models.detect import PICKLE_SUFFIXES
-from engine.models.hashes import hash_book
+from engine.models.hashes import HashBook
 
-__all__ = ["FOLDERS", "FolderLookup", "ModelCatalog", "display_name", "file_fingerprint", "safe_join", "short_hash"]
+__all__ = ["FOLDERS", "FolderLookup", "ModelCatalog", "display_name", "file_fingerprint", "safe_join"]
 
 Folder = Literal["checkpoints", "loras", "vae", "embeddings"]
 FOLDERS: dict[str, str] = {"checkpoints": "checkpoint", "loras": "LoRA", "vae": "VAE", "embeddings": "embedding"}
@@ -31,11 +32,16 @@ _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 class ModelCatalog:
-    """The four model folders under one root, with listing and safe name resolution."""
+    """The four model folders under one root, with listing, safe name resolution and the files' short hashes.
 
-    def __init__(self, root: Path, allow_weights_only_pickle: bool = False) -> None:
+    `hash_cache` is the JSON file the hashes are kept in across restarts ([models] hash_cache); None keeps
+    them in memory only.
+    """
+
+    def __init__(self, root: Path, allow_weights_only_pickle: bool = False, hash_cache: Path | None = None) -> None:
         self.root = Path(root)
         self.allow_weights_only_pickle = allow_weights_only_pickle
+        self._hashes = HashBook(hash_cache)
 
     def _suffixes(self) -> tuple[str, ...]:
         return (SAFE_SUFFIX, *PICKLE_SUFFIXES) if self.allow_weights_only_pickle else (SAFE_SUFFIX,)
@@ -86,6 +92,11 @@ class ModelCatalog:
         if suffix not in self._suffixes():
             raise UnsupportedModel(f"{kind} {name!r} is not a .safetensors file; only .safetensors is loaded")
         return path
+
+    def short_hash(self, path: Path) -> str:
+        """A1111's "Model hash" of a model file: the first 10 hex digits of its whole sha256, remembered per file
+        version (across restarts when the catalog has a hash_cache)."""
+        return self._hashes.short_hash(Path(path))
 
 
 class FolderLookup:
@@ -156,9 +167,3 @@ def file_fingerprint(path: Path) -> str:
     """Size and modification time: cheap, and changes whenever the file is replaced or rewritten."""
     stat = Path(path).stat()
     return f"{stat.st_size}-{stat.st_mtime_ns}"
-
-
-def short_hash(path: Path) -> str:
-    """A1111's "Model hash": the first 10 hex digits of the whole file's sha256, remembered per file version
-    (engine/models/hashes.py, across restarts when [models] hash_cache is set)."""
-    return hash_book.short_hash(Path(path))

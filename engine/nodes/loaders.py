@@ -32,7 +32,7 @@ class CheckpointLoaderSimple(Node):
     def run(self, ctx: RunContext) -> tuple[ModelRef, ClipRef, VaeRef]:
         loaded = ctx.models.checkpoint(self.ckpt_name)
         ctx.meta.models.setdefault("checkpoints", {})[self.ckpt_name] = {
-            "hash": loaded.short_hash, "arch": loaded.arch.family}
+            "hash": ctx.models.catalog.short_hash(loaded.path), "arch": loaded.arch.family}
         return (ModelRef(loaded, loaded.pipe, label=self.ckpt_name),
                 ClipRef(loaded, loaded.pipe),
                 VaeRef(loaded.pipe.vae, self.ckpt_name, loaded.key))

@@ -28,7 +28,7 @@ from engine.executor import Executor
 from engine.queue.batching import BatchMember, run_batch
 from engine.queue.jobs import Owner
 from engine.queue.service import EngineService
-from engine.runtime import create_executor
+from engine.executor import create_executor
 from engine.settings import EngineSettings, Limits, ModelsSettings, QueueSettings
 from engine.templates import WorkflowParams, build_workflow
 from engine.tiny import write_tiny_models

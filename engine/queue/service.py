@@ -26,6 +26,8 @@ from typing import Any
 
 from engine.errors import JobCancelled, JobFailed
 from engine.executor import Executor
+from engine.models.detect import Arch, detect_checkpoint
+from engine.models.paths import file_fingerprint
 from engine.queue.batching import batch_key, sampler_steps
 from engine.queue.job_store import JobStore
 from engine.queue.jobs import JobEvent, JobInfo, JobState, Owner
@@ -127,11 +129,51 @@ class EngineService:
         self._handles: dict[str, JobHandle] = {}
         self._finished: deque[str] = deque()
         self._subscribers: weakref.WeakSet[_Stream] = weakref.WeakSet()
+        self._arch: dict[tuple[str, str], Arch] = {}  # (file name, fingerprint) -> family
 
     @property
     def executor(self) -> Executor:
-        """For validation and model lists (`executor.models.choices("checkpoints")`); only the worker runs it."""
+        """The engine's own executor, for its benches and tests; front ends use the methods below instead, and only
+        the worker thread runs it."""
         return self._executor
+
+    # -- what a front end may ask about models and files (it never reaches into the executor) ------------
+
+    @property
+    def input_dir(self) -> Path:
+        """The folder LoadImage reads (uploads are saved under it)."""
+        return self._executor.settings.input_dir
+
+    @property
+    def output_dir(self) -> Path:
+        """The folder SaveImage writes under."""
+        return self._executor.settings.output_dir
+
+    def choices(self, folder: str) -> list[str]:
+        """The file names of a models folder (`checkpoints`, `loras`, `vae`, `embeddings`) as workflows name them;
+        reads the disk, so call it off the loop."""
+        return self._executor.models.choices(folder)
+
+    def model_path(self, folder: str, name: str) -> Path:
+        """Where the file `name` of `folder` is (ModelNotFound, or PathRefused for a path that climbs out)."""
+        return self._executor.models.resolve(folder, name)
+
+    def short_hash(self, folder: str, name: str) -> str:
+        """A1111's "Model hash" of a models file (remembered by the catalog; hashing a new file reads all of it)."""
+        return self._executor.models.catalog.short_hash(self.model_path(folder, name))
+
+    def architecture(self, checkpoint: str) -> Arch:
+        """The family of a checkpoint from its safetensors header (never its weights), remembered per file version."""
+        models = self._executor.models
+        path = models.resolve("checkpoints", checkpoint)
+        key = (checkpoint, file_fingerprint(path))
+        if key not in self._arch:
+            self._arch[key] = detect_checkpoint(path, allow_weights_only_pickle=models.catalog.allow_weights_only_pickle)
+        return self._arch[key]
+
+    def validate(self, workflow: dict[str, Any]) -> ValidatedPrompt:
+        """ComfyUI's validation plus the whole graph's cost (WorkflowInvalid says why not); submit runs it again."""
+        return self._executor.validate(workflow)
 
     async def __aenter__(self) -> EngineService:
         await self.start()

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from bot.discord_post import DiscordPublisher
-from bot.service import Studio
+from bot.discord_app.post import DiscordPublisher
+from bot.core.studio import Studio
 from bot.settings import BotSettings, Settings
-from bot.store import Store
-from bot.tickets import Requester, StudioEvent, Ticket
+from bot.core.storage.store import Store
+from bot.core.front_end import Requester, StudioEvent, Ticket
 from engine.executor import Executor
 from engine.queue import EngineService
 from engine.settings import ModelsSettings
@@ -86,16 +86,16 @@ class Env:
 
     async def run(self, options: dict[str, Any], who: Requester | None = None) -> StudioEvent:
         """Submit /imagine options and follow the job to its verdict."""
-        request = await self.studio.parse({"steps": 4, "width": 64, "height": 64, **options})
-        ticket = await self.studio.submit(request, who or Requester("42", "777"), _origin(self.channel))
+        request = await self.studio.generations.parse({"steps": 4, "width": 64, "height": 64, **options})
+        ticket = await self.studio.generations.submit(request, who or Requester("42", "777"), _origin(self.channel))
         return await self.finish(ticket)
 
     async def finish(self, ticket: Ticket) -> StudioEvent:
-        return await asyncio.wait_for(last_event(self.studio.follow(ticket.job_id)), WAIT)
+        return await asyncio.wait_for(last_event(self.studio.results.follow(ticket.job_id)), WAIT)
 
 
 def _origin(channel: FakeChannel) -> Any:
-    from bot.tickets import Origin
+    from bot.core.front_end import Origin
 
     return Origin(str(channel.id), "777")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bot.bench_bot import measure, percentile
+from bot.discord_app.bench import measure, percentile
 
 
 def test_percentiles_are_nearest_rank() -> None:

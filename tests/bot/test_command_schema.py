@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 import regex
 
-from bot.discord_app import command_payloads
+from bot.discord_app.client import command_payloads
 from bot.settings import Settings
 
 SPEC = Path(__file__).parent / "discord_spec" / "application_command_create.json"
@@ -209,7 +209,7 @@ async def test_queue_cancel_stops_at_discords_largest_integer(payloads: list[dic
 
 async def test_the_old_queue_cancel_bound_of_2_to_the_53_is_refused(payloads: list[dict[str, Any]]) -> None:
     queue = _command(payloads, "queue")
-    _option(queue, "cancel")["max_value"] = 2**53  # what bot/cogs/queue.py sent before issue 12
+    _option(queue, "cancel")["max_value"] = 2**53  # what bot/discord_app/cogs/queue.py sent before issue 12
     assert spec_errors(queue) == ["options/0/max_value: 9007199254740992 is greater than the maximum of "
                                   "9007199254740991"]
     assert spec_errors([queue], BULK) == ["0/options/0/max_value: 9007199254740992 is greater than the maximum of "

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from bot.cli import main
-from bot.discord_app import command_payloads, intents
+from bot.discord_app.client import command_payloads, intents
 from bot.settings import BotSettings, Settings
 from engine.samplers import SCHEDULER_NAMES, SUPPORTED_SAMPLERS
 
@@ -74,7 +74,7 @@ async def test_print_commands_prints_the_sync_payload_without_connecting(capsys:
 
 async def test_the_client_wires_store_engine_studio_and_cogs_and_syncs_only_on_change(
         settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bot.discord_app import NoodleBot
+    from bot.discord_app.client import NoodleBot
 
     synced: list[int] = []
 

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bot.console import Console, ConsolePublisher, LineReader, chat_settings, run_chat
+import pytest
+
+from bot.console.app import Console, ConsolePublisher, LineReader, chat_settings, run_chat
 from bot.settings import Settings
 from tests.bot.conftest import Env
 
@@ -18,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 async def _console(env: Env, lines: str, tmp_path: Path) -> tuple[int, str]:
     out = io.StringIO()
-    env.studio.publisher = ConsolePublisher(out)
+    env.studio.results.publisher = ConsolePublisher(out)
     env.studio.front = "console"
     console = Console(env.studio, out, io.StringIO(), interactive=False, details_dir=tmp_path)
     code = await console.run(LineReader(io.StringIO(lines)))
@@ -79,6 +81,7 @@ async def test_run_chat_opens_everything_and_closes_it(settings: Settings, tmp_p
     assert list((tmp_path / "out").rglob("*.png"))
 
 
+@pytest.mark.slow
 def test_make_run_without_a_token_or_stdin_runs_the_demo_and_exits_0(tmp_path: Path, tiny_models: Path) -> None:
     (tmp_path / ".cache").mkdir()
     os.symlink(tiny_models, tmp_path / ".cache" / "models")  # what `make tiny-models` leaves there

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from bot.console import Console, ConsolePublisher, LineReader
-from bot.errors import RequestInvalid
+from bot.console.app import Console, ConsolePublisher, LineReader
+from bot.core.errors import RequestInvalid
 from engine.nodes.base import SEED_MAX
 from tests.bot.conftest import Env
 from tests.engine.conftest import txt2img
@@ -22,7 +22,7 @@ SMALL = "steps: 2 width: 64 height: 64"
 async def session(env: Env, lines: list[str], tmp_path: Path) -> tuple[int, list[str]]:
     """Run `lines` in ONE console (so `last` carries over); its exit code and what it printed, line by line."""
     out = io.StringIO()
-    env.studio.publisher = ConsolePublisher(out)
+    env.studio.results.publisher = ConsolePublisher(out)
     env.studio.front = "console"
     console = Console(env.studio, out, io.StringIO(), interactive=False, details_dir=tmp_path)
     code = await console.run(LineReader(io.StringIO("\n".join(lines) + "\n")))
@@ -99,7 +99,7 @@ async def test_the_largest_seed_runs_is_stored_and_the_session_goes_on(env: Env,
 
 async def test_discord_and_the_console_refuse_a_seed_with_the_same_words(env: Env, tmp_path: Path) -> None:
     with pytest.raises(RequestInvalid) as caught:  # what the /imagine cog hands the Studio
-        await env.studio.parse({"prompt": "a fox", "seed": SEED_MAX + 1})
+        await env.studio.generations.parse({"prompt": "a fox", "seed": SEED_MAX + 1})
     _, printed = await session(env, [f"/imagine prompt: a fox seed: {SEED_MAX + 1}"], tmp_path)
     assert errors(printed) == [f"error: {caught.value}"]
 
@@ -124,7 +124,7 @@ async def test_a_bug_of_ours_is_one_line_and_the_console_serves_on(env: Env, tmp
     async def broken() -> str:  # a fault injected at the one call /models makes: the edge must hold
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(env.studio, "models_text", broken)
+    monkeypatch.setattr(env.studio.models, "text", broken)
     code, printed = await session(env, ["/models", f"/imagine prompt: a fox {SMALL}"], tmp_path)
     assert code == 1
     assert errors(printed) == ["error: Noodle failed on this command (ZeroDivisionError: division by zero); the "

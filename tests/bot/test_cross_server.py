@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from bot.cogs.queue import CancelButton, queue_cog
-from bot.errors import GenerationNotFound
-from bot.tickets import Origin, Requester
+from bot.discord_app.cogs.queue import CancelButton, queue_cog
+from bot.core.errors import GenerationNotFound
+from bot.core.front_end import Origin, Requester
 from tests.bot.conftest import Env
 from tests.bot.fakes import FakeInteraction
 from tests.bot.test_queue import ComponentResponse, busy, queued  # noqa: F401  (busy: the fixture)
@@ -43,12 +43,12 @@ async def state_of(env: Env) -> tuple[list[Any], set[str]]:
 async def test_another_servers_moderator_cannot_cancel_and_learns_nothing(env: Env, busy: Any) -> None:
     ticket = await queued(env, ALICE)
     number = ticket.generation_id
-    text = await refusal(lambda n: env.studio.cancel_request(MOD_B, n), number)
+    text = await refusal(lambda n: env.studio.queue.cancel(MOD_B, n), number)
     assert text == f"there is no request #{number}; /queue lists yours with their numbers"
-    assert [e.generation_id for e in await env.studio.queue_entries(ALICE)] == [number]  # still queued
+    assert [e.generation_id for e in await env.studio.queue.entries(ALICE)] == [number]  # still queued
 
     # the Cancel button: a forged press from the other server gets the same words
-    entry = (await env.studio.queue_entries(ALICE))[0]
+    entry = (await env.studio.queue.entries(ALICE))[0]
     press = FakeInteraction(user_id=60, guild_id=888, manage_messages=True)
     press.response = ComponentResponse()  # type: ignore[assignment]
     await CancelButton(env.studio, entry).callback(press)  # type: ignore[arg-type]
@@ -58,13 +58,13 @@ async def test_another_servers_moderator_cannot_cancel_and_learns_nothing(env: E
     cog = queue_cog(env.studio)
     await cog.queue.callback(cog, command, cancel=number)
     assert command.edits[-1].startswith(f"❌ {text}\n")
-    assert [e.generation_id for e in await env.studio.queue_entries(ALICE)] == [number]
+    assert [e.generation_id for e in await env.studio.queue.entries(ALICE)] == [number]
 
     # numbers past SQLite's integers are missing too, not an OverflowError
     for huge in (0, -1, 2**63, 2**70):
         with pytest.raises(GenerationNotFound, match=f"there is no request #{huge};"):
-            await env.studio.cancel_request(MOD_B, huge)
-    assert await env.studio.cancel_request(MOD_A, number) == 1  # Alice's own server's moderator may
+            await env.studio.queue.cancel(MOD_B, huge)
+    assert await env.studio.queue.cancel(MOD_A, number) == 1  # Alice's own server's moderator may
 
 
 async def test_another_servers_moderator_cannot_touch_a_result(env: Env) -> None:
@@ -72,8 +72,8 @@ async def test_another_servers_moderator_cannot_touch_a_result(env: Env) -> None
     generation = await env.store.by_message(original.id)
     before = await state_of(env)
     hint = "results show their number in the footer"
-    for call in (lambda n: env.studio.delete(n, MOD_B), lambda n: env.studio.details(n, MOD_B),
-                 lambda n: env.studio.reroll(n, MOD_B), lambda n: env.studio.variation(n, MOD_B, 1)):
+    for call in (lambda n: env.studio.generations.delete(n, MOD_B), lambda n: env.studio.generations.details(n, MOD_B),
+                 lambda n: env.studio.generations.reroll(n, MOD_B), lambda n: env.studio.generations.variation(n, MOD_B, 1)):
         assert await refusal(call, generation.id) == f"there is no generation #{generation.id}; {hint}"
     assert await state_of(env) == before and all(os.path.exists(p) for p in generation.images)
 
@@ -85,9 +85,9 @@ async def test_another_servers_moderator_cannot_touch_a_result(env: Env) -> None
     assert told == f"❌ there is no generation #{generation.id}; {hint}"
 
     # in Alice's server: a member rerolls it (their job), its moderator deletes it
-    ticket = await env.studio.reroll(generation.id, BOB, Origin("555", "777"))
+    ticket = await env.studio.generations.reroll(generation.id, BOB, Origin("555", "777"))
     assert (await env.finish(ticket)).error is None
-    assert (await env.studio.delete(generation.id, MOD_A)).id == generation.id
+    assert (await env.studio.generations.delete(generation.id, MOD_A)).id == generation.id
     assert not any(os.path.exists(p) for p in generation.images)
 
 
@@ -95,19 +95,19 @@ async def test_a_dm_result_is_only_its_requesters(env: Env) -> None:
     dm = env.client.get_user(42).dm_channel
     env.client.channels[dm.id] = dm
     alice_in_dms = Requester("42", None, "alice")
-    request = await env.studio.parse({"prompt": "a lantern", "steps": 4, "width": 64, "height": 64})
-    final = await env.finish(await env.studio.submit(request, alice_in_dms, Origin(str(dm.id), None)))
+    request = await env.studio.generations.parse({"prompt": "a lantern", "steps": 4, "width": 64, "height": 64})
+    final = await env.finish(await env.studio.generations.submit(request, alice_in_dms, Origin(str(dm.id), None)))
     generation = final.generation
     assert final.error is None and generation.guild_id is None and len(dm.results()) == 1
     before = await state_of(env)
     for who in (MOD_A, MOD_B, Requester("61", None, can_manage_messages=True)):
-        for call in (lambda n: env.studio.delete(n, who), lambda n: env.studio.details(n, who),
-                     lambda n: env.studio.reroll(n, who)):
+        for call in (lambda n: env.studio.generations.delete(n, who), lambda n: env.studio.generations.details(n, who),
+                     lambda n: env.studio.generations.reroll(n, who)):
             await refusal(call, generation.id)
     assert await state_of(env) == before
     # Alice herself, in DMs or from a server
-    assert "Seed:" in (await env.studio.details(generation.id, alice_in_dms)).text
-    assert "Seed:" in (await env.studio.details(generation.id, ALICE)).text
+    assert "Seed:" in (await env.studio.generations.details(generation.id, alice_in_dms)).text
+    assert "Seed:" in (await env.studio.generations.details(generation.id, ALICE)).text
 
 
 async def test_a_private_result_is_hidden_from_its_own_server_too(env: Env) -> None:
@@ -116,9 +116,9 @@ async def test_a_private_result_is_hidden_from_its_own_server_too(env: Env) -> N
     assert final.error is None and generation.private and generation.guild_id == "777"
     before = await state_of(env)
     for who in (BOB, MOD_A):
-        await refusal(lambda n: env.studio.details(n, who), generation.id)
-        await refusal(lambda n: env.studio.delete(n, who), generation.id)
-        await refusal(lambda n: env.studio.reroll(n, who), generation.id)
+        await refusal(lambda n: env.studio.generations.details(n, who), generation.id)
+        await refusal(lambda n: env.studio.generations.delete(n, who), generation.id)
+        await refusal(lambda n: env.studio.generations.reroll(n, who), generation.id)
     assert await state_of(env) == before
-    assert (await env.studio.delete(generation.id, ALICE)).id == generation.id
+    assert (await env.studio.generations.delete(generation.id, ALICE)).id == generation.id
 

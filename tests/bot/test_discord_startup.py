@@ -26,10 +26,10 @@ import yarl
 from aiohttp import web
 from pydantic import SecretStr
 
-from bot.discord_app import NoodleBot, run_bot
-from bot.discord_connect import RECONNECT_MESSAGE, describe, retry_delays
+from bot.discord_app.client import NoodleBot, run_bot
+from bot.discord_app.connect import RECONNECT_MESSAGE, describe, retry_delays
 from bot.settings import Settings
-from bot.tickets import Origin, Requester
+from bot.core.front_end import Origin, Requester
 from tests.bot.conftest import WAIT
 from tests.bot.test_command_schema import all_problems
 
@@ -257,6 +257,7 @@ async def test_a_bad_token_says_so_in_one_line_and_exits_2(local_discord: LocalD
     assert "voice will NOT be supported" not in caplog.text
 
 
+@pytest.mark.slow
 async def test_the_engine_runs_while_discord_is_down_and_the_result_is_posted_once_connected(
         local_discord: LocalDiscord, fast_settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
     local_discord.login_status = 503
@@ -264,8 +265,8 @@ async def test_the_engine_runs_while_discord_is_down_and_the_result_is_posted_on
     async with bot:
         await bot.start_core()
         events = bot.engine.subscribe()
-        request = await bot.studio.parse({"prompt": "a red fox", "steps": 2, "width": 64, "height": 64})
-        ticket = await bot.studio.submit(request, Requester("42", "777"), Origin(CHANNEL_ID, "777"))
+        request = await bot.studio.generations.parse({"prompt": "a red fox", "steps": 2, "width": 64, "height": 64})
+        ticket = await bot.studio.generations.submit(request, Requester("42", "777"), Origin(CHANNEL_ID, "777"))
         connecting = asyncio.create_task(bot.keep_connecting("local-token"))
 
         async def job_done() -> None:
@@ -279,7 +280,7 @@ async def test_the_engine_runs_while_discord_is_down_and_the_result_is_posted_on
         assert local_discord.posted == [] and not bot.connected.is_set()
 
         local_discord.login_status = 200  # Discord is back
-        generation, problem = await asyncio.wait_for(bot.studio.wait_settled(ticket.generation_id), WAIT)
+        generation, problem = await asyncio.wait_for(bot.studio.results.wait_settled(ticket.generation_id), WAIT)
         assert problem is None and generation.posted_at is not None
         [post] = local_discord.posted
         assert post["payload"]["content"] == "<@42>"

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bot.request import ImageUpload
+from bot.core.requests.imagine import ImageUpload
 from bot.settings import BotSettings, Settings
-from bot.tickets import Requester
+from bot.core.front_end import Requester
 from engine.disk import DiskFull
 from engine.errors import NodeExecutionError
 from engine.executor import Executor
@@ -72,9 +72,9 @@ async def test_a_disk_that_fills_during_a_job_fails_that_job_and_keeps_nothing_o
         disk_env: Env, small_disk: SmallDisk, monkeypatch: pytest.MonkeyPatch) -> None:
     env = disk_env
     gate = Gate(monkeypatch)
-    request = await env.studio.parse({"prompt": "a fox", "steps": 4, "width": 64, "height": 64, "seed": GATE_SEED,
+    request = await env.studio.generations.parse({"prompt": "a fox", "steps": 4, "width": 64, "height": 64, "seed": GATE_SEED,
                                       "negative": uuid.uuid4().hex})
-    ticket = await env.studio.submit(request, WHO, _origin(env.channel))
+    ticket = await env.studio.generations.submit(request, WHO, _origin(env.channel))
     await gate.wait_entered()
     try:
         small_disk.fill()  # while the job samples: its PNG and every database write after it find no room
@@ -180,7 +180,7 @@ async def test_a_write_that_would_leave_too_little_free_is_refused(tmp_path: Pat
         buffer = tmp_path / "start.png"
         Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer)
         with pytest.raises(DiskFull, match=r"the disk holding input/ has \d+ MiB free; Noodle keeps"):
-            await env.studio.submit(await env.studio.parse(
+            await env.studio.generations.submit(await env.studio.generations.parse(
                 {"prompt": "from a picture", "steps": 4, "image": _attachment(buffer.read_bytes())}), WHO,
                 _origin(env.channel))
         assert list((tmp_path / "input").rglob("*.png")) == []
@@ -208,10 +208,10 @@ async def test_a_commit_the_database_refuses_is_reported_as_itself(env: Env) -> 
             assert isinstance(cause, sqlite3.OperationalError) and str(cause) == "database or disk is full"
         # a member's command on a full database: one clear refusal, nothing queued
         jobs = len(env.engine.jobs(states=tuple(JobState)))
-        request = await env.studio.parse({"prompt": "a fox " + "very " * 700, "steps": 4, "width": 64,
+        request = await env.studio.generations.parse({"prompt": "a fox " + "very " * 700, "steps": 4, "width": 64,
                                           "height": 64})
         with pytest.raises(DiskFull, match="nothing was queued or changed"):
-            await env.studio.submit(request, Requester("42", "777"))
+            await env.studio.generations.submit(request, Requester("42", "777"))
         assert len(env.engine.jobs(states=tuple(JobState))) == jobs
     finally:
         await env.store._db.execute("PRAGMA max_page_count = 1073741823")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.card import token_usage
-from bot.embeds import card_text, result_card, status_text, to_embed
-from bot.records import Generation, JobRow
+from bot.core.cards.card import token_usage
+from bot.core.cards.result import card_text, result_card, status_text
+from bot.discord_app.embeds import to_embed
+from bot.core.storage.records import Generation, JobRow
 
 WORKFLOW = {"3": {"class_type": "KSampler", "inputs": {"positive": ["6", 0], "negative": ["7", 0], "seed": 42}},
             "4": {"class_type": "CheckpointLoaderSimple", "inputs": {}},

@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bot.console import Console, ConsolePublisher, LineReader
-from bot.request import ImageUpload
-from bot.tickets import Origin, Requester
+from bot.console.app import Console, ConsolePublisher, LineReader
+from bot.core.requests.imagine import ImageUpload
+from bot.core.front_end import Origin, Requester
 from engine.errors import NoodleError
 from engine.nodes.base import SEED_MAX
 from tests.bot.conftest import WAIT, Env
@@ -105,7 +105,7 @@ class ConsoleSession:
 
     def __init__(self, env: Env, details_dir: Path) -> None:
         self.out = io.StringIO()
-        env.studio.publisher, env.studio.front = ConsolePublisher(self.out), "console"
+        env.studio.results.publisher, env.studio.front = ConsolePublisher(self.out), "console"
         self.console = Console(env.studio, self.out, io.StringIO(), interactive=False, details_dir=details_dir)
 
     async def line(self, text: str) -> list[str]:
@@ -135,7 +135,7 @@ async def upload(battery: Battery, data: bytes) -> str:
     async def call() -> None:
         image = ImageUpload(filename="in.png", content_type="image/png", data=data)
         options = {"prompt": "a wall", "steps": 2, "image": image}
-        await studio.submit(await studio.parse(options), ALICE, battery.origin)
+        await studio.generations.submit(await studio.generations.parse(options), ALICE, battery.origin)
     return await refusal(call)
 
 
@@ -147,7 +147,7 @@ def header_apng() -> bytes:
 
 
 async def workflow(battery: Battery, data: bytes) -> str:
-    return await refusal(lambda: battery.env.studio.run_workflow(data, "attack.json", ALICE, battery.origin))
+    return await refusal(lambda: battery.env.studio.workflows.run(data, "attack.json", ALICE, battery.origin))
 
 
 def saving(count: int) -> dict[str, Any]:
@@ -166,7 +166,7 @@ async def extreme_weight_in_workflow(battery: Battery) -> str:
     """(fox:1e39) in an uploaded graph's CLIPTextEncode: queued (the text is read when the node runs), then failed."""
     graph_ = txt2img(seed=13)
     graph_["6"]["inputs"]["text"] = "(fox:1e39)"
-    final = await battery.env.finish(await battery.env.studio.run_workflow(as_file(graph_), "weights.json", ALICE,
+    final = await battery.env.finish(await battery.env.studio.workflows.run(as_file(graph_), "weights.json", ALICE,
                                                                            battery.origin))
     assert final.kind == "failed" and final.generation.images == []
     return final.error or ""
@@ -189,7 +189,7 @@ async def at_queue_cap(battery: Battery) -> str:
     """Alice holds her one place; her next upload is refused before it is parsed or validated."""
     env = battery.env
     gate = Gate(battery.monkeypatch)
-    held = await env.studio.run_workflow(as_file(graph(seed=GATE_SEED, negative=f"held {uuid.uuid4().hex}")),
+    held = await env.studio.workflows.run(as_file(graph(seed=GATE_SEED, negative=f"held {uuid.uuid4().hex}")),
                                          "held.json", ALICE, battery.origin)
 
     async def release() -> None:
@@ -198,16 +198,15 @@ async def at_queue_cap(battery: Battery) -> str:
     battery.later(release)
     await gate.wait_entered()
     battery.mark()
-    settings_before = env.studio.settings
-    env.studio.settings = settings_before.model_copy(
-        update={"queue": settings_before.queue.model_copy(update={"per_user_max": 1})})
+    cap_before = env.studio.queue.per_user_max
+    env.studio.queue.per_user_max = 1
 
     async def restore() -> None:
-        env.studio.settings = settings_before
+        env.studio.queue.per_user_max = cap_before
     battery.later(restore)
     validated: list[Any] = []
-    validate = env.engine.executor.validate
-    battery.monkeypatch.setattr(env.engine.executor, "validate", lambda w: validated.append(w) or validate(w))
+    validate = env.engine.validate
+    battery.monkeypatch.setattr(env.engine, "validate", lambda w: validated.append(w) or validate(w))
     text = await workflow(battery, huge_integer())  # would fail to parse: the cap answers first
     assert validated == []
     return text
@@ -238,10 +237,10 @@ async def cancel_from_another_server(battery: Battery) -> str:
     battery.later(release)
     battery.mark()
     number = alices.generation_id
-    text = await refusal(lambda: env.studio.cancel_request(MOD_B, number))
-    missing = await refusal(lambda: env.studio.cancel_request(MOD_B, 987_654))
+    text = await refusal(lambda: env.studio.queue.cancel(MOD_B, number))
+    missing = await refusal(lambda: env.studio.queue.cancel(MOD_B, 987_654))
     assert text == missing.replace("#987654", f"#{number}")  # learns nothing a wrong guess would not tell
-    assert [e.generation_id for e in await env.studio.queue_entries(ALICE)] == [number]
+    assert [e.generation_id for e in await env.studio.queue.entries(ALICE)] == [number]
     return text
 
 
@@ -380,4 +379,4 @@ async def test_what_the_issue_found_broken_but_is_allowed_now_works(env: Env, tm
     session = ConsoleSession(env, tmp_path)
     printed = await session.line(f"/imagine prompt: a fox seed: {SEED_MAX} {SMALL}")
     assert f"Seed: {SEED_MAX}" in "\n".join(printed) and not [row for row in printed if row.startswith("error:")]
-    assert (await env.studio.by_job(session.console.last)).seed == SEED_MAX  # SQLite keeps it whole
+    assert (await env.studio.generations.by_job(session.console.last)).seed == SEED_MAX  # SQLite keeps it whole

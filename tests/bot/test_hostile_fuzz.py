@@ -15,9 +15,9 @@ import hypothesis
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
-from bot.options import IMAGINE_OPTIONS
+from bot.core.requests.options import IMAGINE_OPTIONS
 from bot.settings import Settings
-from bot.tickets import Origin
+from bot.core.front_end import Origin
 from engine.errors import NoodleError
 from engine.executor import Executor
 from engine.nodes import catalog
@@ -158,7 +158,7 @@ async def test_random_uploaded_workflows_are_refused_or_run_and_the_bot_serves_o
 
     async def example(data: bytes) -> None:
         try:
-            ticket = await env.studio.run_workflow(data, "fuzz.json", ALICE, origin)
+            ticket = await env.studio.workflows.run(data, "fuzz.json", ALICE, origin)
         except NoodleError as err:
             assert str(err).strip()
             return

@@ -9,8 +9,8 @@ from typing import Any
 import discord
 from PIL import Image
 
-from bot.cogs.imagine import imagine_cog
-from bot.request import Allowed
+from bot.discord_app.cogs.imagine import imagine_cog
+from bot.core.requests.imagine import Allowed
 from engine.pngmeta import read_png_texts
 from tests.bot.conftest import WAIT, Env
 from tests.bot.fakes import FakeAttachment, FakeInteraction
@@ -22,13 +22,11 @@ async def _imagine(env: Env, interaction: FakeInteraction, **options: Any) -> An
     return cog
 
 
-async def _posted(env: Env, count: int = 1) -> list[Any]:
-    async def wait() -> None:
-        while len(env.channel.results()) < count:
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(wait(), WAIT)
-    return env.channel.results()
+def _posted(env: Env, count: int = 1) -> list[Any]:
+    """The results in the channel, read after `_done`: the verdict links the posted message, so it comes after."""
+    results = env.channel.results()
+    assert len(results) == count, f"{len(results)} results posted, {count} expected"
+    return results
 
 
 async def _done(cog: Any) -> None:
@@ -48,7 +46,7 @@ async def test_acknowledges_first_then_shows_the_queue_then_posts_the_result_in_
     assert interaction.response.calls == [("defer", {"ephemeral": True, "thinking": True})]
     assert interaction.edits[0].startswith("⏳ Queued") and "seed 42" in interaction.edits[0]
     await _done(cog)
-    [message] = await _posted(env)
+    [message] = _posted(env)
     assert message.content == "<@42>"
     assert message.reactions == ["🔁", "🔀", "🗑️", "ℹ️"]
     embed = message.embed
@@ -72,7 +70,7 @@ async def test_a_batch_posts_every_image_with_its_seed_and_a_digit_per_image(env
     cog = await _imagine(env, FakeInteraction(), prompt="three pears", seed=100, steps=4, width=64, height=64,
                          batch=3)
     await _done(cog)
-    [message] = await _posted(env)
+    [message] = _posted(env)
     assert len(message.files) == 3
     assert field(message.embed, "Seed") == "#1 100 · #2 101 · #3 102"
     assert message.reactions[4:] == ["1️⃣", "2️⃣", "3️⃣"]
@@ -86,7 +84,7 @@ async def test_an_attached_image_makes_img2img_at_its_size(env: Env) -> None:
     attachment = FakeAttachment(buffer.getvalue())
     cog = await _imagine(env, FakeInteraction(), prompt="a blue wall", image=attachment, denoise=0.5, steps=4)
     await _done(cog)
-    [message] = await _posted(env)
+    [message] = _posted(env)
     assert "72×64 · img2img, denoise 0.5" in field(message.embed, "Size")
     generation = await env.store.by_message(message.id)
     assert generation.workflow["12"]["class_type"] == "LoadImage"
@@ -114,7 +112,7 @@ async def test_a_refusal_is_private_and_nothing_is_downloaded_or_queued(env: Env
 async def test_sdxl_checkpoints_are_built_by_their_architecture(env: Env) -> None:
     cog = await _imagine(env, FakeInteraction(), prompt="a castle", model="tiny-sdxl", steps=2, seed=9)
     await _done(cog)
-    [message] = await _posted(env)
+    [message] = _posted(env)
     generation = await env.store.by_message(message.id)
     assert generation.workflow["4"]["inputs"]["ckpt_name"] == "tiny-sdxl.safetensors"
     assert generation.params["width"] == 64  # the tiny models' own size; real SDXL defaults to 1024

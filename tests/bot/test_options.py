@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bot.errors import RequestInvalid
-from bot.options import IMAGINE_OPTIONS, LoraSpec, lora_suggestions, parse_loras, parse_options, resolve_name
+from bot.core.errors import RequestInvalid
+from bot.core.requests.names import lora_suggestions, resolve_name
+from bot.core.requests.options import IMAGINE_OPTIONS, LoraSpec, parse_loras, parse_options
 from engine.errors import ModelNotFound
 
 LORAS = ["tiny-lora-a.safetensors", "tiny-lora-b.safetensors", "styles/Film_Grain.safetensors"]

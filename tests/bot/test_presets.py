@@ -11,22 +11,22 @@ from typing import Any
 
 import pytest
 
-from bot.cogs.imagine import imagine_cog
-from bot.cogs.presets import presets_cog
-from bot.cogs.user_settings import settings_cog
-from bot.console import Console, ConsolePublisher, LineReader
-from bot.discord_app import command_payloads
-from bot.request import Allowed
+from bot.discord_app.cogs.imagine import imagine_cog
+from bot.discord_app.cogs.presets import presets_cog
+from bot.discord_app.cogs.user_settings import settings_cog
+from bot.console.app import Console, ConsolePublisher, LineReader
+from bot.discord_app.client import command_payloads
+from bot.core.requests.imagine import Allowed
 from bot.settings import Settings
 from prompts.styles import load_styles
 from tests.bot.fakes import FakeInteraction
 
-from bot.embeds import result_card
-from bot.errors import NotAllowed, RequestInvalid
-from bot.presets import Preset, layered
-from bot.tickets import Requester
+from bot.core.cards.result import result_card
+from bot.core.errors import NotAllowed, RequestInvalid
+from bot.core.presets import Preset, layered
+from bot.core.front_end import Requester
 from engine.errors import ModelNotFound
-from engine.models.paths import short_hash
+from engine.models.hashes import sha256_prefix
 from tests.bot.conftest import WAIT, Env
 
 MANAGER = Requester("1", "777", "manager", manage_server=True)
@@ -41,60 +41,60 @@ def anime(**changes: object) -> Preset:
 
 
 async def test_manager_creates_updates_sets_default_and_deletes(env: Env) -> None:
-    created = await env.studio.create_preset(MANAGER, anime(vae="tiny-vae"))
+    created = await env.studio.presets.create(MANAGER, anime(vae="tiny-vae"))
     assert created.preset.model == "tiny-sd15.safetensors"  # names resolved to the files when saved
     assert created.preset.loras == "tiny-lora-a.safetensors:0.8:0.5"
     assert created.preset.vae == "tiny-vae.safetensors"
     assert (created.created_by, created.updated_by) == ("1", "1") and created.created_at > 0
     other = Requester("3", "777", "other manager", manage_server=True)
-    updated = await env.studio.update_preset(other, Preset(name="anime", steps=8))
+    updated = await env.studio.presets.update(other, Preset(name="anime", steps=8))
     assert updated.preset.steps == 8 and updated.preset.cfg == 6.5  # options not given stay
     assert (updated.created_by, updated.updated_by) == ("1", "3") and updated.updated_at >= created.updated_at
-    assert await env.studio.set_default_preset(MANAGER, "anime") == "anime"
-    assert await env.studio.default_preset("777") == "anime"
-    shown = await env.studio.show_preset("777", "anime")
+    assert await env.studio.presets.set_default(MANAGER, "anime") == "anime"
+    assert await env.studio.presets.default("777") == "anime"
+    shown = await env.studio.presets.show("777", "anime")
     assert shown.preset.steps == 8 and not shown.broken
     await env.restart()  # stored in SQLite, not in memory
-    assert [r.preset.name for r in await env.studio.list_presets("777")] == ["anime"]
-    await env.studio.delete_preset(MANAGER, "anime")
-    assert await env.studio.list_presets("777") == []
-    assert await env.studio.default_preset("777") is None  # the default went with it
+    assert [r.preset.name for r in await env.studio.presets.of_server("777")] == ["anime"]
+    await env.studio.presets.delete(MANAGER, "anime")
+    assert await env.studio.presets.of_server("777") == []
+    assert await env.studio.presets.default("777") is None  # the default went with it
 
 
 async def test_changes_are_refused_without_manage_server(env: Env) -> None:
     with pytest.raises(NotAllowed, match="/preset create needs the Manage Server permission"):
-        await env.studio.create_preset(MEMBER, anime())
-    await env.studio.create_preset(MANAGER, anime())
-    for attempt, command in ((env.studio.update_preset(MEMBER, Preset(name="anime", steps=9)), "update"),
-                             (env.studio.delete_preset(MEMBER, "anime"), "delete"),
-                             (env.studio.set_default_preset(MEMBER, "anime"), "default")):
+        await env.studio.presets.create(MEMBER, anime())
+    await env.studio.presets.create(MANAGER, anime())
+    for attempt, command in ((env.studio.presets.update(MEMBER, Preset(name="anime", steps=9)), "update"),
+                             (env.studio.presets.delete(MEMBER, "anime"), "delete"),
+                             (env.studio.presets.set_default(MEMBER, "anime"), "default")):
         with pytest.raises(NotAllowed, match=f"/preset {command} needs the Manage Server permission"):
             await attempt
     with pytest.raises(NotAllowed, match="works in a server only"):
-        await env.studio.create_preset(Requester("1", None, manage_server=True), anime(name="dm"))
-    record = await env.studio.show_preset("777", "anime")  # reading needs no permission; nothing changed
+        await env.studio.presets.create(Requester("1", None, manage_server=True), anime(name="dm"))
+    record = await env.studio.presets.show("777", "anime")  # reading needs no permission; nothing changed
     assert record.preset.steps == 5 and record.updated_by == "1"
 
 
 async def test_saving_checks_the_models_folder_styles_and_limits(env: Env) -> None:
     with pytest.raises(ModelNotFound, match="tiny-sd15"):  # the closest names are offered
-        await env.studio.create_preset(MANAGER, anime(model="tiny-sd51"))
+        await env.studio.presets.create(MANAGER, anime(model="tiny-sd51"))
     with pytest.raises(ModelNotFound, match="tiny-lora-a"):
-        await env.studio.create_preset(MANAGER, anime(loras="tiny-lora-x:0.5"))
+        await env.studio.presets.create(MANAGER, anime(loras="tiny-lora-x:0.5"))
     with pytest.raises(ModelNotFound, match="VAE"):
-        await env.studio.create_preset(MANAGER, anime(vae="no-such-vae"))
+        await env.studio.presets.create(MANAGER, anime(vae="no-such-vae"))
     with pytest.raises(RequestInvalid, match="style 'anmie' is not in prompts/styles.toml; closest: anime"):
-        await env.studio.create_preset(MANAGER, anime(style="anmie"))
+        await env.studio.presets.create(MANAGER, anime(style="anmie"))
     with pytest.raises(RequestInvalid, match="steps 100000 is outside"):
-        await env.studio.create_preset(MANAGER, anime(steps=100_000))
+        await env.studio.presets.create(MANAGER, anime(steps=100_000))
     with pytest.raises(RequestInvalid, match="preset name 'Bad Name!' is not allowed"):
-        await env.studio.create_preset(MANAGER, anime(name="Bad Name!"))
-    await env.studio.create_preset(MANAGER, anime())
+        await env.studio.presets.create(MANAGER, anime(name="Bad Name!"))
+    await env.studio.presets.create(MANAGER, anime())
     with pytest.raises(RequestInvalid, match="already exists; change it with /preset update anime"):
-        await env.studio.create_preset(MANAGER, anime())
+        await env.studio.presets.create(MANAGER, anime())
     with pytest.raises(RequestInvalid, match="there is no preset 'nope' in this server; presets here: anime"):
-        await env.studio.update_preset(MANAGER, Preset(name="nope", steps=3))
-    assert [r.preset.name for r in await env.studio.list_presets("777")] == ["anime"]
+        await env.studio.presets.update(MANAGER, Preset(name="nope", steps=3))
+    assert [r.preset.name for r in await env.studio.presets.of_server("777")] == ["anime"]
 
 
 def test_layering_later_layers_win() -> None:
@@ -108,22 +108,22 @@ def test_layering_later_layers_win() -> None:
 
 
 async def test_imagine_layers_server_default_user_settings_preset_and_explicit(env: Env) -> None:
-    await env.studio.create_preset(MANAGER, Preset(name="house", model="tiny-sd15", steps=3, cfg=4.0,
+    await env.studio.presets.create(MANAGER, Preset(name="house", model="tiny-sd15", steps=3, cfg=4.0,
                                                    negative="house", width=64))
-    await env.studio.create_preset(MANAGER, Preset(name="chosen", cfg=5.0, negative="chosen", sampler="euler"))
-    await env.studio.set_default_preset(MANAGER, "house")
-    await env.studio.change_settings(MEMBER, {"steps": 4, "negative": "mine", "height": 64})
-    options = await env.studio.layered_options({"prompt": "a fox", "preset": "chosen", "negative": "explicit"},
+    await env.studio.presets.create(MANAGER, Preset(name="chosen", cfg=5.0, negative="chosen", sampler="euler"))
+    await env.studio.presets.set_default(MANAGER, "house")
+    await env.studio.user_defaults.change(MEMBER, {"steps": 4, "negative": "mine", "height": 64})
+    options = await env.studio.presets.layered_options({"prompt": "a fox", "preset": "chosen", "negative": "explicit"},
                                                MEMBER)
     assert options == {"prompt": "a fox", "model": "tiny-sd15.safetensors", "steps": 4, "cfg": 5.0,
                        "negative": "explicit", "sampler": "euler", "width": 64, "height": 64, "preset": "chosen"}
-    without = await env.studio.layered_options({"prompt": "a fox"}, MEMBER)
+    without = await env.studio.presets.layered_options({"prompt": "a fox"}, MEMBER)
     assert without["preset"] == "house" and without["negative"] == "mine" and without["cfg"] == 4.0
 
 
 async def test_imagine_with_a_preset_generates_and_the_result_names_it(env: Env) -> None:
-    await env.studio.create_preset(MANAGER, anime(steps=3))
-    options = await env.studio.layered_options({"prompt": "a fox", "preset": "anime"}, MEMBER)
+    await env.studio.presets.create(MANAGER, anime(steps=3))
+    options = await env.studio.presets.layered_options({"prompt": "a fox", "preset": "anime"}, MEMBER)
     final = await env.run(options, MEMBER)
     assert final.kind == "done" and final.generation is not None
     params = final.generation.params
@@ -139,19 +139,19 @@ async def test_a_preset_whose_model_was_removed_is_broken_and_nothing_else(env: 
     doomed = f"doomed-{secrets.token_hex(4)}.safetensors"
     shutil.copyfile(folder / "tiny-sd15.safetensors", folder / doomed)
     try:
-        await env.studio.create_preset(MANAGER, Preset(name="doomed", model=doomed, steps=3))
-        await env.studio.create_preset(MANAGER, Preset(name="fine", model="tiny-sd15", steps=3))
+        await env.studio.presets.create(MANAGER, Preset(name="doomed", model=doomed, steps=3))
+        await env.studio.presets.create(MANAGER, Preset(name="fine", model="tiny-sd15", steps=3))
     finally:
         (folder / doomed).unlink()
     with pytest.raises(RequestInvalid, match=f"preset 'doomed' is broken: models/checkpoints/{doomed} is no longer"):
-        await env.studio.layered_options({"prompt": "a fox", "preset": "doomed"}, MEMBER)
-    listed = {r.preset.name: r.broken for r in await env.studio.list_presets("777")}
+        await env.studio.presets.layered_options({"prompt": "a fox", "preset": "doomed"}, MEMBER)
+    listed = {r.preset.name: r.broken for r in await env.studio.presets.of_server("777")}
     assert listed == {"doomed": (f"models/checkpoints/{doomed}",), "fine": ()}
-    fine = await env.run(await env.studio.layered_options({"prompt": "a fox", "preset": "fine"}, MEMBER), MEMBER)
-    plain = await env.run(await env.studio.layered_options({"prompt": "a fox"}, MEMBER), MEMBER)
+    fine = await env.run(await env.studio.presets.layered_options({"prompt": "a fox", "preset": "fine"}, MEMBER), MEMBER)
+    plain = await env.run(await env.studio.presets.layered_options({"prompt": "a fox"}, MEMBER), MEMBER)
     assert fine.kind == "done" and plain.kind == "done"
-    await env.studio.delete_preset(MANAGER, "doomed")  # a broken preset can still be deleted
-    assert [r.preset.name for r in await env.studio.list_presets("777")] == ["fine"]
+    await env.studio.presets.delete(MANAGER, "doomed")  # a broken preset can still be deleted
+    assert [r.preset.name for r in await env.studio.presets.of_server("777")] == ["fine"]
 
 
 async def test_a_broken_server_default_is_left_out_with_a_note_but_a_chosen_one_fails(env: Env) -> None:
@@ -159,11 +159,11 @@ async def test_a_broken_server_default_is_left_out_with_a_note_but_a_chosen_one_
     doomed = f"doomed-{secrets.token_hex(4)}.safetensors"
     shutil.copyfile(folder / "tiny-sd15.safetensors", folder / doomed)
     try:
-        await env.studio.create_preset(MANAGER, Preset(name="house", model=doomed, steps=3, negative="house style"))
-        await env.studio.set_default_preset(MANAGER, "house")
+        await env.studio.presets.create(MANAGER, Preset(name="house", model=doomed, steps=3, negative="house style"))
+        await env.studio.presets.set_default(MANAGER, "house")
     finally:
         (folder / doomed).unlink()
-    options = await env.studio.layered_options({"prompt": "a fox"}, MEMBER)
+    options = await env.studio.presets.layered_options({"prompt": "a fox"}, MEMBER)
     assert "negative" not in options and "preset" not in options  # nothing of the broken default is used
     [note] = options["notes"]
     assert note.startswith("the server's default preset 'house' is broken") and "made without it" in note
@@ -173,10 +173,10 @@ async def test_a_broken_server_default_is_left_out_with_a_note_but_a_chosen_one_
     assert "'house' is broken" in fields["⚠️ Note"] and "Preset" not in fields
     # chosen, explicitly or through /settings: it fails, naming it
     with pytest.raises(RequestInvalid, match="preset 'house' is broken"):
-        await env.studio.layered_options({"prompt": "a fox", "preset": "house"}, MEMBER)
-    await env.studio.change_settings(MEMBER, {"preset": "house"})
+        await env.studio.presets.layered_options({"prompt": "a fox", "preset": "house"}, MEMBER)
+    await env.studio.user_defaults.change(MEMBER, {"preset": "house"})
     with pytest.raises(RequestInvalid, match="preset 'house' is broken"):
-        await env.studio.layered_options({"prompt": "a fox"}, MEMBER)
+        await env.studio.presets.layered_options({"prompt": "a fox"}, MEMBER)
 
 
 def _cog(env: Env) -> Any:
@@ -209,7 +209,7 @@ async def test_the_preset_commands_check_manage_server_in_our_code(env: Env) -> 
 
 
 async def test_imagine_preset_option_applies_it_and_names_it_in_the_result(env: Env) -> None:
-    await env.studio.create_preset(MANAGER, Preset(name="quick", model="tiny-sd15", steps=3, width=64, height=64))
+    await env.studio.presets.create(MANAGER, Preset(name="quick", model="tiny-sd15", steps=3, width=64, height=64))
     cog = imagine_cog(env.studio, Allowed.from_settings(env.settings), status_every=0.5)
     await cog.imagine.callback(cog, FakeInteraction(user_id=2), prompt="a fox", preset="quick", cfg=5.0)
     await asyncio.wait_for(asyncio.gather(*cog._tasks), WAIT)
@@ -244,7 +244,7 @@ async def test_the_preset_group_schema_is_typed_with_config_ranges() -> None:
 
 async def _chat(env: Env, lines: list[str], *, manage_server: bool) -> tuple[int, str]:
     out = io.StringIO()
-    env.studio.publisher = ConsolePublisher(out)
+    env.studio.results.publisher = ConsolePublisher(out)
     env.studio.front = "console"
     console = Console(env.studio, out, io.StringIO(), interactive=False, manage_server=manage_server)
     code = await console.run(LineReader(io.StringIO("\n".join(lines))))
@@ -278,14 +278,14 @@ async def test_the_console_has_the_preset_commands_and_manage_server_flag(env: E
 
 
 async def test_settings_keep_a_members_defaults_across_restarts(env: Env) -> None:
-    await env.studio.create_preset(MANAGER, Preset(name="quick", model="tiny-sd15", steps=3, cfg=5.0))
+    await env.studio.presets.create(MANAGER, Preset(name="quick", model="tiny-sd15", steps=3, cfg=5.0))
     cog = settings_cog(env.studio, Allowed.from_settings(env.settings))
     member = FakeInteraction(user_id=2)
     await cog.settings.callback(cog, member, preset="quick", width=64, height=64, negative="blurry")
     assert member.edits[-1] == "✅ your defaults: preset=quick, width=64, height=64, negative=blurry"
     await env.restart()
     cog = settings_cog(env.studio, Allowed.from_settings(env.settings))
-    options = await env.studio.layered_options({"prompt": "a fox", "steps": 4}, MEMBER)
+    options = await env.studio.presets.layered_options({"prompt": "a fox", "steps": 4}, MEMBER)
     assert options == {"prompt": "a fox", "model": "tiny-sd15.safetensors", "steps": 4, "cfg": 5.0, "width": 64,
                        "height": 64, "negative": "blurry", "preset": "quick"}
     await cog.settings.callback(cog, member, preset="nope")
@@ -341,7 +341,7 @@ async def test_models_lists_checkpoints_with_architecture_size_and_hash(env: Env
     asked = FakeInteraction(user_id=2)
     await cog.models.callback(cog, asked)
     text = asked.edits[-1]
-    digest = short_hash(env.settings.models.dir / "checkpoints" / "tiny-sd15.safetensors")
+    digest = sha256_prefix(env.settings.models.dir / "checkpoints" / "tiny-sd15.safetensors")
     assert text.startswith("Checkpoints:\n")
     assert any(line.startswith("  tiny-sd15.safetensors · tiny-sd15 · ") and line.endswith(f" MB · {digest}")
                for line in text.splitlines())

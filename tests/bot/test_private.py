@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from bot.console import Console
-from bot.discord_app import command_payloads
-from bot.embeds import history_line
-from bot.errors import RequestInvalid
-from bot.cogs.reactions import Reactions
-from bot.tickets import Requester
+from bot.console.app import Console
+from bot.discord_app.client import command_payloads
+from bot.core.cards.result import history_line
+from bot.core.errors import RequestInvalid
+from bot.discord_app.cogs.reactions import Reactions
+from bot.core.front_end import Requester
 from tests.bot.conftest import WAIT, Env
 from tests.bot.fakes import reaction
 
@@ -22,20 +22,20 @@ ALICE = Requester("42", "777", "alice")
 
 
 async def imagine(env: Env, explicit: dict[str, Any], who: Requester = ALICE) -> Any:
-    layered = await env.studio.layered_options({"prompt": "a paper boat", "steps": 4, "width": 64, "height": 64,
+    layered = await env.studio.presets.layered_options({"prompt": "a paper boat", "steps": 4, "width": 64, "height": 64,
                                                 **explicit}, who)
-    ticket = await env.studio.submit(await env.studio.parse(layered), who, _origin())
+    ticket = await env.studio.generations.submit(await env.studio.generations.parse(layered), who, _origin())
     return await env.finish(ticket)
 
 
 def _origin() -> Any:
-    from bot.tickets import Origin
+    from bot.core.front_end import Origin
 
     return Origin("555", "777")
 
 
 async def test_the_setting_sends_results_to_dms_and_rerolls_from_there_stay_private(env: Env) -> None:
-    assert (await env.studio.change_settings(ALICE, {"private": "yes"}))["private"] is True
+    assert (await env.studio.user_defaults.change(ALICE, {"private": "yes"}))["private"] is True
     await env.restart()  # kept in SQLite
     final = await imagine(env, {})
     assert final.kind == "done" and final.error is None
@@ -46,7 +46,7 @@ async def test_the_setting_sends_results_to_dms_and_rerolls_from_there_stay_priv
     assert generation.request["private"] is True and generation.message_id == str(message.id)
     assert [f.filename for f in message.files] == [p.rsplit("/", 1)[-1] for p in generation.images]
     assert message.reactions[:4] == ["🔁", "🔀", "🗑️", "ℹ️"]
-    assert history_line(await env.studio.generation(generation.id)).endswith("(sent to your DMs)")
+    assert history_line(await env.studio.generations.get(generation.id)).endswith("(sent to your DMs)")
 
     # 🔁 in the DM: a reroll, posted in the DM too (the request, private flag included, is the parent's)
     env.client.channels[user.dm_channel.id] = user.dm_channel
@@ -59,7 +59,7 @@ async def test_the_setting_sends_results_to_dms_and_rerolls_from_there_stay_priv
 
 
 async def test_an_explicit_option_wins_over_the_setting(env: Env) -> None:
-    await env.studio.change_settings(ALICE, {"private": True})
+    await env.studio.user_defaults.change(ALICE, {"private": True})
     final = await imagine(env, {"private": False})
     assert final.error is None and len(env.channel.results()) == 1
     assert env.client.get_user(42).dm_channel.results() == []
@@ -74,13 +74,13 @@ async def test_closed_dms_are_said_and_nothing_goes_to_the_channel(env: Env) -> 
     assert "may not send you direct messages" in (final.error or "")
     assert "/settings private: False" in final.error
     assert env.channel.results() == []
-    assert (await env.studio.generation(final.generation.id)).posted_at is None
+    assert (await env.studio.generations.get(final.generation.id)).posted_at is None
 
 
 async def test_bad_values_are_refused_with_what_is_allowed(env: Env) -> None:
     with pytest.raises(RequestInvalid, match="private: takes true or false"):
-        await env.studio.change_settings(ALICE, {"private": "maybe"})
-    assert await env.studio.user_settings(ALICE) == {}
+        await env.studio.user_defaults.change(ALICE, {"private": "maybe"})
+    assert await env.studio.user_defaults.get(ALICE) == {}
 
 
 async def test_the_option_is_on_imagine_and_settings(settings: Any) -> None:
@@ -110,7 +110,7 @@ async def test_a_private_members_reroll_and_variation_of_a_public_result_go_to_t
     final = await imagine(env, {})  # Alice's, public
     [original] = env.channel.results()
     bob = Requester("50", "777", "bob")
-    await env.studio.change_settings(bob, {"private": True})
+    await env.studio.user_defaults.change(bob, {"private": True})
     for emoji, kind in (("🔁", "reroll"), ("🔀", "variation")):
         await _react_and_wait(env, original.id, 50, emoji)
         dm = env.client.get_user(50).dm_channel
@@ -131,9 +131,9 @@ async def test_a_private_members_reroll_and_variation_of_a_public_result_go_to_t
 
 
 async def test_a_private_parent_stays_private_whatever_the_reactor_keeps_now(env: Env) -> None:
-    await env.studio.change_settings(ALICE, {"private": True})
+    await env.studio.user_defaults.change(ALICE, {"private": True})
     final = await imagine(env, {})
-    await env.studio.change_settings(ALICE, {"private": False})  # changed her mind since
+    await env.studio.user_defaults.change(ALICE, {"private": False})  # changed her mind since
     dm = env.client.get_user(42).dm_channel
     env.client.channels[dm.id] = dm
     [message] = dm.results()
@@ -141,7 +141,7 @@ async def test_a_private_parent_stays_private_whatever_the_reactor_keeps_now(env
     variation = await env.store.by_message(dm.results()[-1].id)
     assert variation.kind == "variation" and variation.private and env.channel.results() == []
     # through the Studio directly, from the server's channel: still private
-    ticket = await env.studio.reroll(final.generation.id, ALICE, _origin())
+    ticket = await env.studio.generations.reroll(final.generation.id, ALICE, _origin())
     reroll = (await env.finish(ticket)).generation
     assert reroll.private and len(dm.results()) == 3 and env.channel.results() == []
 
@@ -152,10 +152,10 @@ async def test_a_private_members_reroll_of_a_public_workflow_goes_to_their_dms(e
     from tests.engine.conftest import txt2img
 
     data = json.dumps(txt2img(seed=5, batch_size=1, filename_prefix="ComfyUI")).encode()
-    final = await env.finish(await env.studio.run_workflow(data, "graph.json", ALICE, _origin()))
+    final = await env.finish(await env.studio.workflows.run(data, "graph.json", ALICE, _origin()))
     assert final.error is None and not final.generation.private
     bob = Requester("50", "777", "bob")
-    await env.studio.change_settings(bob, {"private": True})
-    reroll = (await env.finish(await env.studio.reroll(final.generation.id, bob, _origin()))).generation
+    await env.studio.user_defaults.change(bob, {"private": True})
+    reroll = (await env.finish(await env.studio.generations.reroll(final.generation.id, bob, _origin()))).generation
     assert reroll.kind == "reroll" and reroll.private and reroll.request["reroll_of"] == final.generation.id
     assert len(env.client.get_user(50).dm_channel.results()) == 1 and len(env.channel.results()) == 1

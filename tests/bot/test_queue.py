@@ -11,10 +11,10 @@ from typing import Any
 import discord
 import pytest
 
-from bot.cogs.queue import CancelButton, QueueView, queue_cog
-from bot.console import Console, LineReader
-from bot.errors import NotAllowed, RequestInvalid
-from bot.tickets import Requester
+from bot.discord_app.cogs.queue import CancelButton, QueueView, queue_cog
+from bot.console.app import Console, LineReader
+from bot.core.errors import NotAllowed, RequestInvalid
+from bot.core.front_end import Requester
 from tests.bot.conftest import WAIT, Env, _origin
 from tests.bot.fakes import FakeInteraction
 from tests.engine.queue.service_support import GATE_SEED, Gate
@@ -25,8 +25,8 @@ MODERATOR = Requester("44", "777", "mod", can_manage_messages=True)
 
 
 async def queued(env: Env, who: Requester, **options: Any) -> Any:
-    request = await env.studio.parse({"prompt": "a red fox", "steps": 4, "width": 64, "height": 64, **options})
-    return await env.studio.submit(request, who, _origin(env.channel))
+    request = await env.studio.generations.parse({"prompt": "a red fox", "steps": 4, "width": 64, "height": 64, **options})
+    return await env.studio.generations.submit(request, who, _origin(env.channel))
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ async def test_lists_the_callers_requests_with_place_and_eta(env: Env, busy: Any
     gate, bobs = busy
     first = await queued(env, ALICE, batch=2)
     second = await queued(env, ALICE, prompt="a blue heron")
-    entries = await env.studio.queue_entries(ALICE)
+    entries = await env.studio.queue.entries(ALICE)
     assert [e.generation_id for e in entries] == [first.generation_id, second.generation_id]
     assert [e.images for e in entries] == [2, 1]
     assert not any(e.running for e in entries)
@@ -52,14 +52,14 @@ async def test_lists_the_callers_requests_with_place_and_eta(env: Env, busy: Any
     assert entries[0].position < entries[1].position  # the queue's order
     assert entries[1].prompt == "a blue heron"
     # Bob sees only his running request, not Alice's
-    [bob] = await env.studio.queue_entries(BOB)
+    [bob] = await env.studio.queue.entries(BOB)
     assert bob.generation_id == bobs.generation_id and bob.running and bob.position is None
     assert "running" in bob.line() and f"#{bobs.generation_id}" in bob.line()
     line = entries[1].line()
     assert f"#{second.generation_id}" in line and f"position {entries[1].position}" in line
     gate.open()
     await env.finish(second)
-    assert await env.studio.queue_entries(ALICE) == []
+    assert await env.studio.queue.entries(ALICE) == []
 
 
 async def test_the_eta_appears_once_the_engine_knows_its_pace(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,7 +69,7 @@ async def test_the_eta_appears_once_the_engine_knows_its_pace(env: Env, monkeypa
     await gate.wait_entered()
     try:
         await queued(env, ALICE)
-        [entry] = await env.studio.queue_entries(ALICE)
+        [entry] = await env.studio.queue.entries(ALICE)
         assert entry.eta_s is not None and entry.eta_s > 0
         assert "left" in entry.line()
     finally:
@@ -78,32 +78,32 @@ async def test_the_eta_appears_once_the_engine_knows_its_pace(env: Env, monkeypa
 
 async def test_cancel_own_request_takes_every_image_out_and_settles_it_cancelled(env: Env, busy: Any) -> None:
     ticket = await queued(env, ALICE, batch=2)
-    assert await env.studio.cancel_request(ALICE, ticket.generation_id) == 2
+    assert await env.studio.queue.cancel(ALICE, ticket.generation_id) == 2
     final = await asyncio.wait_for(env.finish(ticket), WAIT)
     assert final.kind == "failed"
-    generation = await env.studio.generation(ticket.generation_id)
+    generation = await env.studio.generations.get(ticket.generation_id)
     assert generation.state == "cancelled" and all(job.state == "cancelled" for job in generation.jobs)
-    assert await env.studio.queue_entries(ALICE) == []
+    assert await env.studio.queue.entries(ALICE) == []
     with pytest.raises(RequestInvalid, match="nothing queued or running"):
-        await env.studio.cancel_request(ALICE, ticket.generation_id)
+        await env.studio.queue.cancel(ALICE, ticket.generation_id)
 
 
 async def test_a_running_request_stops_at_its_next_step(env: Env, busy: Any) -> None:
     gate, bobs = busy
-    assert await env.studio.cancel_request(BOB, bobs.generation_id) == 1
+    assert await env.studio.queue.cancel(BOB, bobs.generation_id) == 1
     gate.open()
     await asyncio.wait_for(env.finish(bobs), WAIT)
-    assert (await env.studio.generation(bobs.generation_id)).state == "cancelled"
+    assert (await env.studio.generations.get(bobs.generation_id)).state == "cancelled"
 
 
 async def test_only_the_requester_or_a_moderator_may_cancel(env: Env, busy: Any) -> None:
     ticket = await queued(env, ALICE)
     with pytest.raises(NotAllowed, match="someone else's"):
-        await env.studio.cancel_request(BOB, ticket.generation_id)
-    assert len(await env.studio.queue_entries(ALICE)) == 1  # still queued
-    assert await env.studio.cancel_request(MODERATOR, ticket.generation_id) == 1
+        await env.studio.queue.cancel(BOB, ticket.generation_id)
+    assert len(await env.studio.queue.entries(ALICE)) == 1  # still queued
+    assert await env.studio.queue.cancel(MODERATOR, ticket.generation_id) == 1
     with pytest.raises(Exception, match="no request #999"):
-        await env.studio.cancel_request(ALICE, 999)
+        await env.studio.queue.cancel(ALICE, 999)
 
 
 class ComponentResponse:
@@ -150,7 +150,7 @@ async def test_the_cog_lists_privately_with_a_cancel_button_per_request(env: Env
     # someone else's button press (they cannot see it, but a forged one) is refused
     forged = FakeInteraction(user_id=43)
     forged.response = ComponentResponse()  # type: ignore[assignment]
-    await CancelButton(env.studio, (await env.studio.queue_entries(ALICE))[0]).callback(forged)  # type: ignore[arg-type]
+    await CancelButton(env.studio, (await env.studio.queue.entries(ALICE))[0]).callback(forged)  # type: ignore[arg-type]
     assert "someone else's" in forged.response.edits[0]["content"]
 
     # the cancel: option, then nothing left: no buttons
@@ -163,7 +163,7 @@ async def test_the_cog_lists_privately_with_a_cancel_button_per_request(env: Env
 
 
 async def test_the_command_is_in_the_sync_payload(settings: Any) -> None:
-    from bot.discord_app import command_payloads
+    from bot.discord_app.client import command_payloads
 
     payload = {command["name"]: command for command in await command_payloads(settings)}
     [option] = payload["queue"]["options"]
@@ -171,17 +171,31 @@ async def test_the_command_is_in_the_sync_payload(settings: Any) -> None:
     assert not option.get("required", False)
 
 
+class ConsoleOut(io.StringIO):
+    """The console's output; a test waits for a line in it, woken by each write, instead of polling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._wrote = asyncio.Event()
+
+    def write(self, text: str) -> int:
+        self._wrote.set()  # the console prints on the event loop's thread
+        return super().write(text)
+
+    async def until(self, text: str) -> None:
+        async with asyncio.timeout(WAIT):
+            while text not in self.getvalue():
+                self._wrote.clear()
+                await self._wrote.wait()
+
+
 async def test_the_console_queues_in_the_background_lists_and_cancels(env: Env, busy: Any) -> None:
     gate, _ = busy
-    out = io.StringIO()
+    out = ConsoleOut()
     console = Console(env.studio, out, io.StringIO(), interactive=False, user="42")
     console.who = ALICE
     await console.handle("/imagine prompt: a red fox steps: 4 width: 64 height: 64 &")
-    for _ in range(200):  # the background command queues within moments
-        if await env.studio.queue_entries(ALICE):
-            break
-        await asyncio.sleep(0.05)
-    [entry] = await env.studio.queue_entries(ALICE)
+    [entry] = await env.studio.queue.entries(ALICE)  # queued before handle returns; only the following is detached
     await console.handle("/queue")
     assert f"#{entry.generation_id} imagine" in out.getvalue() and "/queue cancel: NUMBER" in out.getvalue()
     await console.handle(f"/queue cancel: {entry.generation_id}")
@@ -189,10 +203,7 @@ async def test_the_console_queues_in_the_background_lists_and_cancels(env: Env, 
     await console.handle("/queue cancel: soon")
     assert "takes only cancel: NUMBER" in out.getvalue()
     gate.open()
-    for _ in range(200):  # the background follower reports the cancellation as such, not as a failure
-        if "was cancelled" in out.getvalue():
-            break
-        await asyncio.sleep(0.05)
+    await out.until("was cancelled")  # the background follower reports the cancellation as such, not as a failure
     assert f"(#{entry.generation_id}) was cancelled" in out.getvalue() and "error: job" not in out.getvalue()
     # it was being followed, so no "failed" notice goes to the channel as well
     assert not [m for m in env.channel.sent if "cancelled" in (m.content or "")]

@@ -8,8 +8,8 @@ import json
 import os
 from typing import Any
 
-from bot.cogs.reactions import Reactions
-from bot.tickets import Requester
+from bot.discord_app.cogs.reactions import Reactions
+from bot.core.front_end import Requester
 from tests.bot.conftest import WAIT, Env
 from tests.bot.fakes import FakeMessage, reaction
 
@@ -106,8 +106,7 @@ async def test_reactions_work_after_a_restart_between_posting_and_reacting(env: 
 
 async def test_limits_apply_to_whoever_reacts(env: Env) -> None:
     original = await _posted(env, {"batch": 2})
-    env.studio.settings = env.settings.model_copy(
-        update={"queue": env.settings.queue.model_copy(update={"per_user_max": 1})})
+    env.studio.queue.per_user_max = 1
     await _react(env, original, 61, "🔁")  # a reroll of two images needs two places
     assert "needs 2 place(s)" in env.client.get_user(61).dms[-1][0]
     assert len(env.channel.results()) == 1

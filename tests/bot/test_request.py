@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bot.errors import RequestInvalid
-from bot.request import Allowed, GenerationRequest, ImageUpload, RequestContext, check_upload_meta, parse_request
+from bot.core.errors import RequestInvalid
+from bot.core.requests.imagine import Allowed, GenerationRequest, ImageUpload, RequestContext, check_upload_meta, parse_request
 from bot.settings import BotSettings, Settings
 from engine.errors import ModelNotFound
 from engine.models.detect import Arch
@@ -19,8 +19,7 @@ CONTEXT = RequestContext(ALLOWED, ["tiny-sd15.safetensors", "tiny-sdxl.safetenso
 
 
 def _params(request: GenerationRequest, arch: Arch, **kwargs):  # type: ignore[no-untyped-def]
-    return request.to_params(checkpoint="x.safetensors", arch=arch, seed=7, defaults=BotSettings(), allowed=ALLOWED,
-                             available_loras=CONTEXT.loras, **kwargs)
+    return request.to_params(CONTEXT, checkpoint="x.safetensors", arch=arch, seed=7, **kwargs)
 
 
 def test_the_limits_come_from_config() -> None:
@@ -79,8 +78,8 @@ def test_default_size_follows_the_checkpoint_architecture() -> None:
             _params(request, Arch.of("sd15", True)).height) == (1024, 512, 64)
     with pytest.raises(RequestInvalid, match=r"cannot make this size: 4096x4096"):
         big = Allowed(**{**ALLOWED.__dict__, "max_side": 4096})
-        request.to_params(checkpoint="x.safetensors", arch=Arch.of("sdxl", False), seed=1,
-                          defaults=BotSettings(size_sdxl=4096), allowed=big, available_loras=[])
+        request.to_params(RequestContext(big, [], [], defaults=BotSettings(size_sdxl=4096)),
+                          checkpoint="x.safetensors", arch=Arch.of("sdxl", False), seed=1)
 
 
 def test_options_become_a_template_workflow_with_loras_clip_skip_and_img2img() -> None:

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bot.errors import RequestInvalid
-from bot.request import ImageUpload
-from bot.retention import DAY, Retention
+from bot.core.errors import RequestInvalid
+from bot.core.requests.imagine import ImageUpload
+from bot.core.results.retention import DAY, Retention
 from bot.settings import RetentionSettings, Settings
-from bot.tickets import Origin, Requester
+from bot.core.front_end import Origin, Requester
 from tests.bot.conftest import WAIT, Env, _origin
 from tests.engine.queue.service_support import GATE_SEED, Gate
 
@@ -45,8 +45,8 @@ async def _submit(env: Env, image: bytes | None = None, **options: object) -> ob
     # with an image the result takes the image's size; without, 64x64
     options.update({"image": ImageUpload(filename="in.png", content_type="image/png", data=image)} if image
                    else {"width": 64, "height": 64})
-    request = await env.studio.parse({"prompt": "a fox", "steps": 4, "negative": uuid.uuid4().hex, **options})
-    return await env.studio.submit(request, WHO, _origin(env.channel))
+    request = await env.studio.generations.parse({"prompt": "a fox", "steps": 4, "negative": uuid.uuid4().hex, **options})
+    return await env.studio.generations.submit(request, WHO, _origin(env.channel))
 
 
 def _engine_rows(env: Env) -> dict[str, str]:
@@ -61,7 +61,7 @@ def _age_engine_rows(env: Env, seconds: float) -> None:
 
 async def _first_pass(env: Env) -> None:
     """The pass the Studio's start began: waited for, so the test's own files meet only the test's passes."""
-    await asyncio.wait_for(env.studio.retention.passed.wait(), WAIT)
+    await asyncio.wait_for(env.studio.results.retention.passed.wait(), WAIT)
 
 
 async def test_old_uploads_and_job_rows_go_and_a_queued_requests_upload_stays(
@@ -85,7 +85,7 @@ async def test_old_uploads_and_job_rows_go_and_a_queued_requests_upload_stays(
         link.symlink_to(outside)
         _age_engine_rows(env, OLD)
 
-        pruned = await env.studio.retention.prune()
+        pruned = await env.studio.results.retention.prune()
     finally:
         gate.open()
 
@@ -99,7 +99,7 @@ async def test_old_uploads_and_job_rows_go_and_a_queued_requests_upload_stays(
     # the bot's own history keeps the request; a reroll says what is gone instead of failing in the engine
     assert (await env.store.get(finished.generation.id)).state == "done"
     with pytest.raises(RequestInvalid, match="is gone from the input folder"):
-        await env.studio.reroll(finished.generation.id, WHO)
+        await env.studio.generations.reroll(finished.generation.id, WHO)
     assert (await env.finish(queued)).kind == "done"  # its upload was there when it ran
     await env.finish(running)
     for path in (fresh, link, outside):
@@ -122,7 +122,7 @@ async def test_results_go_only_when_asked_and_then_as_a_delete_does(
         stray = _age(_write(results / "1999-01-01" / f"stray-{uuid.uuid4().hex}.png"), OLD)
         elsewhere = _age(_write(env.settings.engine.output_dir / f"mine-{uuid.uuid4().hex}.png"), OLD)
 
-        pruned = await env.studio.retention.prune()
+        pruned = await env.studio.results.retention.prune()
 
         assert pruned.results == 1 and pruned.result_files == 2
         assert not any(Path(p).exists() for p in old.images) and not stray.exists()
@@ -143,10 +143,10 @@ async def test_results_stay_by_default_and_nothing_runs_with_every_limit_off(env
     for path in old.images:
         _age(Path(path), OLD)
     assert env.settings.retention.results_days == 0
-    assert (await env.studio.retention.prune()).results == 0
+    assert (await env.studio.results.retention.prune()).results == 0
     assert all(Path(p).exists() for p in old.images)
-    off = Retention(env.store, env.settings.engine, env.settings.bot,
-                    RetentionSettings(uploads_days=0, job_rows_days=0, results_days=0))
+    off = Retention(env.store, env.settings.bot, RetentionSettings(uploads_days=0, job_rows_days=0, results_days=0),
+                    input_dir=env.settings.engine.input_dir, output_dir=env.settings.engine.output_dir)
     off.start()
     assert not off.enabled and off._task is None
     await off.stop()
@@ -159,9 +159,9 @@ async def test_delete_takes_the_source_upload_unless_another_result_loads_it(env
     source = env.settings.engine.input_dir / first.params["init_image"]
     assert second.params["init_image"] == first.params["init_image"] and source.exists()  # one file for both
 
-    await env.studio.delete(first.id, WHO)
+    await env.studio.generations.delete(first.id, WHO)
     assert source.exists()  # the second result still loads it (a reroll of it needs it)
-    await env.studio.delete(second.id, WHO)
+    await env.studio.generations.delete(second.id, WHO)
     assert not source.exists()
     assert not any(Path(p).exists() for p in first.images + second.images)
 
@@ -173,10 +173,10 @@ async def test_delete_never_takes_an_input_file_outside_the_uploads_folder(env: 
 
     mine = _write(env.settings.engine.input_dir / f"owner-{uuid.uuid4().hex}.png")
     workflow = txt2img(init_image=mine.name, denoise=0.5, seed=8)
-    ticket = await env.studio.run_workflow(as_file(workflow), "graph.json", WHO, Origin(str(env.channel.id), "777"))
+    ticket = await env.studio.workflows.run(as_file(workflow), "graph.json", WHO, Origin(str(env.channel.id), "777"))
     generation = (await env.finish(ticket)).generation
     assert generation.state == "done"
-    await env.studio.delete(generation.id, WHO)
+    await env.studio.generations.delete(generation.id, WHO)
     assert mine.exists()
     mine.unlink()
 

@@ -6,9 +6,12 @@ import os
 import sqlite3
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from bot.tickets import Requester
+from bot.core.storage.params import PARAMS_VERSION
+from bot.core.errors import RequestInvalid
+from bot.core.front_end import Requester
 from engine.pngmeta import read_png_texts
 from tests.bot.conftest import Env
 
@@ -41,7 +44,7 @@ async def test_each_image_of_a_batch_has_its_own_seed_and_comes_back_alone(env: 
 
 async def test_reroll_runs_the_same_graph_with_a_new_seed_and_reports_the_cached_nodes(env: Env) -> None:
     first = (await env.run({"prompt": "a cabin in the woods", "seed": 1})).generation
-    ticket = await env.studio.reroll(first.id, Requester("99", "777"))
+    ticket = await env.studio.generations.reroll(first.id, Requester("99", "777"))
     reroll = (await env.finish(ticket)).generation
     assert reroll.kind == "reroll" and reroll.parent_id == first.id and reroll.requester_id == "99"
     assert reroll.seed != first.seed
@@ -54,17 +57,27 @@ async def test_reroll_runs_the_same_graph_with_a_new_seed_and_reports_the_cached
 
 async def test_a_row_stored_with_the_old_extra_field_still_rerolls(env: Env) -> None:
     first = (await env.run({"prompt": "a cabin in the woods", "seed": 1})).generation
-    with sqlite3.connect(env.store.path) as db:  # what every row written before `WorkflowParams.extra` went holds
-        db.execute("UPDATE generations SET params_json = json_set(params_json, '$.extra', json('{}')) WHERE id = ?",
-                   (first.id,))
+    with sqlite3.connect(env.store.path) as db:  # what every row written before params had a version holds
+        db.execute("UPDATE generations SET params_json = json_remove(json_set(params_json, '$.extra', json('{}')), "
+                   "'$.version') WHERE id = ?", (first.id,))
     assert (await env.store.get(first.id)).params["extra"] == {}
-    reroll = (await env.finish(await env.studio.reroll(first.id, Requester("99", "777")))).generation
+    reroll = (await env.finish(await env.studio.generations.reroll(first.id, Requester("99", "777")))).generation
     assert reroll.state == "done" and reroll.parent_id == first.id and "extra" not in reroll.params
+    assert reroll.params["version"] == PARAMS_VERSION
+
+
+async def test_a_stored_row_that_no_longer_fits_the_params_is_refused_naming_what_is_wrong(env: Env) -> None:
+    first = (await env.run({"prompt": "a cabin in the woods", "seed": 1})).generation
+    with sqlite3.connect(env.store.path) as db:  # a field renamed without a migration step
+        db.execute("UPDATE generations SET params_json = json_remove(json_set(params_json, '$.cfg_scale', 7), "
+                   "'$.cfg') WHERE id = ?", (first.id,))
+    with pytest.raises(RequestInvalid, match=r"#\d+ was stored in a form .* cfg_scale, which WorkflowParams has no"):
+        await env.studio.generations.reroll(first.id, Requester("99", "777"))
 
 
 async def test_variation_is_img2img_of_that_image_at_the_configured_denoise(env: Env) -> None:
     first = (await env.run({"prompt": "a teapot", "seed": 3, "batch": 2})).generation
-    ticket = await env.studio.variation(first.id, Requester("42", "777"), image=2)
+    ticket = await env.studio.generations.variation(first.id, Requester("42", "777"), image=2)
     variation = (await env.finish(ticket)).generation
     workflow = variation.workflow
     assert workflow["12"]["class_type"] == "LoadImage" and workflow["13"]["class_type"] == "VAEEncode"
@@ -81,14 +94,14 @@ def _snapshot(env: Env) -> tuple[list[str], list[str]]:
 
 async def _refused(env: Env, options: dict, image: bytes | None = None) -> str:
     """Submit options that must be refused; assert that nothing changed and return the message."""
-    from bot.request import ImageUpload
+    from bot.core.requests.imagine import ImageUpload
     from engine.errors import NoodleError
 
     before, rows = _snapshot(env), await env.store.recent()
     if image is not None:
         options = {**options, "image": ImageUpload(filename="in.png", content_type="image/png", data=image)}
     try:
-        await env.studio.submit(await env.studio.parse({"prompt": "a fox", **options}), Requester("42"))
+        await env.studio.generations.submit(await env.studio.generations.parse({"prompt": "a fox", **options}), Requester("42"))
     except NoodleError as err:
         message = str(err)
     else:
@@ -125,23 +138,22 @@ async def test_bad_input_gets_a_clear_message_and_changes_nothing(env: Env) -> N
 
 
 async def test_a_batch_needs_a_queue_place_per_image(env: Env) -> None:
-    busy = env.settings.model_copy(update={"queue": env.settings.queue.model_copy(update={"per_user_max": 3})})
-    env.studio.settings = busy
+    env.studio.queue.per_user_max = 3
     assert "needs 4 place(s)" in await _refused(env, {"batch": 4})
 
 
 async def test_only_the_requester_or_a_moderator_deletes_a_result(env: Env) -> None:
-    from bot.errors import NotAllowed
+    from bot.core.errors import NotAllowed
 
     result = (await env.run({"prompt": "a kite", "seed": 5})).generation
     try:
-        await env.studio.delete(result.id, Requester("13", "777"))
+        await env.studio.generations.delete(result.id, Requester("13", "777"))
     except NotAllowed as err:
         assert "Manage Messages" in str(err)
     else:
         raise AssertionError("a stranger deleted someone's result")
     assert all(os.path.exists(p) for p in result.images)
-    deleted = await env.studio.delete(result.id, Requester("13", "777", can_manage_messages=True))
+    deleted = await env.studio.generations.delete(result.id, Requester("13", "777", can_manage_messages=True))
     assert deleted.id == result.id
     assert (await env.store.get(result.id)).state == "deleted"
     assert not any(os.path.exists(p) for p in result.images)
@@ -151,7 +163,7 @@ async def test_details_hold_the_parameters_text_and_the_workflow(env: Env) -> No
     import json
 
     result = (await env.run({"prompt": "a bridge at dusk", "seed": 11, "batch": 2})).generation
-    details = await env.studio.details(result.id, Requester("77", "777"))  # a member of the result's server
+    details = await env.studio.generations.details(result.id, Requester("77", "777"))  # a member of the result's server
     assert "Seed: 11" in details.text
     assert "A1111 parameters" in details.text and "#2 12" in details.text
     assert json.loads(details.workflow_json) == result.workflow

@@ -1,37 +1,84 @@
-"""Results survive restarts: jobs queued before a stop are posted after it, unposted results are posted late."""
+"""Results survive restarts: jobs queued before a stop are posted after it, unposted results are posted late.
+
+Tests wait on events, never on time: a Gate holds a job in its sampler for as long as a test needs, a
+verdict is followed to its end, and the fake channel's sends wake a test waiting for a message.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
-from bot.tickets import Origin, Requester
+import pytest
+
+from bot.core.front_end import Origin, Requester
+from engine.queue import JobState
+from engine.queue.state_table import JobTable
 from tests.bot.conftest import WAIT, Env
+from tests.engine.queue.service_support import GATE_SEED, Gate
 
 
-async def _until(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
-    async def wait() -> None:
-        while not await predicate():
-            await asyncio.sleep(0.05)
+async def _verdict(env: Env, job_id: str) -> Any:
+    """Follow a job to its verdict: the last event, which comes once its result is stored and posted."""
+    final = None
+    async with asyncio.timeout(WAIT):
+        async for final in env.studio.results.follow(job_id):
+            pass
+    assert final is not None, f"following job {job_id} gave no event"
+    return final
 
-    try:
-        await asyncio.wait_for(wait(), WAIT)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+
+class ChannelSends:
+    """Wakes a waiting test at every message the fake channel sends (its `send` wrapped), instead of polling."""
+
+    def __init__(self, channel: Any) -> None:
+        self._sent = asyncio.Event()
+        send = channel.send
+
+        async def send_and_wake(*args: Any, **kwargs: Any) -> Any:
+            message = await send(*args, **kwargs)
+            self._sent.set()
+            return message
+
+        channel.send = send_and_wake
+
+    async def until(self, found: Callable[[], bool], what: str) -> None:
+        try:
+            async with asyncio.timeout(WAIT):
+                while not found():
+                    self._sent.clear()
+                    await self._sent.wait()
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for {what}") from None
 
 
-async def test_jobs_queued_before_a_restart_are_posted_after_it(env: Env) -> None:
+async def test_jobs_queued_before_a_restart_are_posted_after_it(monkeypatch: pytest.MonkeyPatch, env: Env) -> None:
+    # monkeypatch before env: undone after env's teardown, whose stop must still open the gate if this test fails
+    gate = Gate(monkeypatch)  # holds the first job in its sampler until the engine is told to stop
+    at_stop: dict[str, JobState] = {}
+    table_stop = JobTable.stop
+
+    def stop(table: JobTable) -> None:
+        table_stop(table)
+        if not at_stop:  # the restart's stop: what the first process leaves behind
+            at_stop.update({info.job_id: info.state for info in table.infos(None, tuple(JobState))})
+        gate.open()  # the held job sees the stop at its next step and goes back to the queue unfinished
+
+    monkeypatch.setattr(JobTable, "stop", stop)
     who, origin = Requester("42", "777"), Origin("555", "777")
-    slow = await env.studio.submit(await env.studio.parse({"prompt": "a long one", "steps": 40, "width": 64,
+    slow = await env.studio.generations.submit(await env.studio.generations.parse({"prompt": "a held one", "seed": GATE_SEED, "width": 64,
                                                            "height": 64}), who, origin)
-    quick = await env.studio.submit(await env.studio.parse({"prompt": "a quick one", "steps": 2, "width": 64,
+    quick = await env.studio.generations.submit(await env.studio.generations.parse({"prompt": "a quick one", "steps": 2, "width": 64,
                                                             "height": 64, "seed": 3}), who, origin)
+    await gate.wait_entered()
     await env.restart()  # the running job stops at its next step and stays queued; the next process runs both
+    # the restart really came while both were unfinished: one held in its sampler, one waiting behind it
+    assert (at_stop[slow.job_id], at_stop[quick.job_id]) == (JobState.RUNNING, JobState.QUEUED)
 
-    async def both_posted() -> bool:
-        rows = [await env.store.get(t.generation_id) for t in (slow, quick)]
-        return all(row is not None and row.message_id for row in rows)
-
-    await _until(both_posted, "the resumed jobs' results")
+    for ticket in (slow, quick):
+        final = await _verdict(env, ticket.job_id)
+        assert final.kind == "done" and final.error is None
     posted = {m.id for m in env.channel.results()}
     for ticket in (slow, quick):
         generation = await env.store.get(ticket.generation_id)
@@ -46,21 +93,22 @@ async def test_a_result_that_could_not_be_posted_is_posted_after_a_restart(env: 
     env.client.channels[555] = channel
     await env.restart()
 
-    async def posted() -> bool:
-        return (await env.store.get(final.generation.id)).message_id is not None
+    late = await _verdict(env, final.job_id)  # settled by the new process's reconcile, which posts it
+    assert late.kind == "done" and late.error is None and late.generation.message_id is not None
+    assert (await env.store.get(final.generation.id)).message_id == late.generation.message_id
+    assert [m.id for m in channel.results()] == [int(late.generation.message_id)]
 
-    await _until(posted, "the late post")
-    assert len(channel.results()) == 1
 
-
-async def test_a_failed_job_nobody_follows_is_reported_in_its_channel(env: Env) -> None:
-    ticket = await env.studio.submit(await env.studio.parse({"prompt": "doomed", "steps": 150, "width": 64,
+async def test_a_failed_job_nobody_follows_is_reported_in_its_channel(
+        monkeypatch: pytest.MonkeyPatch, env: Env) -> None:
+    gate = Gate(monkeypatch)  # holds the job in its sampler, so the cancel finds it running
+    sends = ChannelSends(env.channel)
+    ticket = await env.studio.generations.submit(await env.studio.generations.parse({"prompt": "doomed", "seed": GATE_SEED, "width": 64,
                                                              "height": 64}), Requester("42", "777"),
                                      Origin("555", "777"))
+    await gate.wait_entered()
     assert await env.engine.cancel(ticket.job_id)
+    gate.open()  # the next step sees the cancel
 
-    async def reported() -> bool:
-        return any("was cancelled" in (m.content or "") for m in env.channel.sent)
-
-    await _until(reported, "the failure notice")
+    await sends.until(lambda: any("was cancelled" in (m.content or "") for m in env.channel.sent), "the failure notice")
     assert (await env.store.get(ticket.generation_id)).state == "cancelled"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from bot.status import relay
-from bot.tickets import StudioEvent
+from bot.core.results.status import relay
+from bot.core.front_end import StudioEvent
 
 EVERY = 0.2  # seconds between edits in these tests (2.0 on Discord)
 

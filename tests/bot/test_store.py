@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.records import NewGeneration, Outcome
-from bot.store import MIGRATIONS, Store, StoreError, migrate
+from bot.core.storage.records import NewGeneration, Outcome
+from bot.core.storage.store import MIGRATIONS, Store, StoreError, migrate
 
 
 def _new(images: int = 2) -> NewGeneration:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bot.errors import RequestInvalid
-from bot.request import ImageUpload
-from bot.tickets import Origin, Requester, StudioEvent
+from bot.core.errors import RequestInvalid
+from bot.core.requests.imagine import ImageUpload
+from bot.core.front_end import Origin, Requester, StudioEvent
 from tests.bot.conftest import Env
 from tests.bot.test_service import _refused
 from tests.engine.test_load_image_formats import GREY_16, apng, encode, exif_rotated_jpeg, grey16_png
@@ -24,15 +24,15 @@ ALICE = Requester("42", "777", "alice")
 async def imagine_with(env: Env, data: bytes, filename: str = "upload.png") -> StudioEvent:
     """/imagine with an attachment and no size (an image sets it), followed to its verdict."""
     upload = ImageUpload(filename=filename, content_type="image/png", data=data)
-    request = await env.studio.parse({"prompt": "a wall", "steps": 4, "seed": 3, "image": upload})
-    return await env.finish(await env.studio.submit(request, ALICE, Origin(str(env.channel.id), "777")))
+    request = await env.studio.generations.parse({"prompt": "a wall", "steps": 4, "seed": 3, "image": upload})
+    return await env.finish(await env.studio.generations.submit(request, ALICE, Origin(str(env.channel.id), "777")))
 
 
 async def load_and_save(env: Env, name: str) -> StudioEvent:
     """A /workflow of LoadImage -> SaveImage of `name` in the input folder: the pixels LoadImage made."""
     workflow = {"1": {"class_type": "LoadImage", "inputs": {"image": name}},
                 "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "loaded"}}}
-    ticket = await env.studio.run_workflow(json.dumps(workflow).encode(), "load.json", ALICE,
+    ticket = await env.studio.workflows.run(json.dumps(workflow).encode(), "load.json", ALICE,
                                            Origin(str(env.channel.id), "777"))
     return await env.finish(ticket)
 
@@ -105,8 +105,8 @@ async def test_a_variation_decodes_its_source_like_an_upload(env: Env) -> None:
     result.write_bytes(apng(3))  # whatever is on disk by then goes through the same checks
     try:
         with pytest.raises(RequestInvalid, match=rf"image: '#{first.id} image 1' is an animated PNG of 3 frames"):
-            await env.studio.variation(first.id, ALICE)
+            await env.studio.generations.variation(first.id, ALICE)
     finally:
         result.write_bytes(original)
-    variation = await env.finish(await env.studio.variation(first.id, ALICE))
+    variation = await env.finish(await env.studio.generations.variation(first.id, ALICE))
     assert variation.kind == "done" and card_size(env).startswith("64×64 · img2img")

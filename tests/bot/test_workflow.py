@@ -16,15 +16,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
 
-from bot.cogs.reactions import Reactions
-from bot.cogs.workflow import Workflow
-from bot.console import Console, ConsolePublisher, LineReader
-from bot.discord_app import command_payloads
-from bot.errors import RequestInvalid
+from bot.discord_app.cogs.reactions import Reactions
+from bot.discord_app.cogs.workflow import Workflow
+from bot.console.app import Console, ConsolePublisher, LineReader
+from bot.discord_app.client import command_payloads
+from bot.core.errors import RequestInvalid
 from bot.settings import Settings
-from bot.store import MIGRATIONS, Store, migrate
-from bot.tickets import Origin, Requester
-from bot.workflow_file import LINE_CHARS, SHOWN_NODES, reseed, summarise
+from bot.core.storage.store import MIGRATIONS, Store, migrate
+from bot.core.front_end import Origin, Requester
+from bot.core.requests.workflow_file import LINE_CHARS, SHOWN_NODES, reseed, summarise
 from engine.errors import WorkflowInvalid
 from engine.queue import JobState
 from tests.bot.conftest import WAIT, Env
@@ -50,7 +50,7 @@ def as_file(workflow: Any) -> bytes:
 
 
 async def run(env: Env, data: bytes, filename: str = "graph.json", who: Requester = ALICE) -> Any:
-    ticket = await env.studio.run_workflow(data, filename, who, Origin(str(env.channel.id), "777"))
+    ticket = await env.studio.workflows.run(data, filename, who, Origin(str(env.channel.id), "777"))
     return await env.finish(ticket)
 
 
@@ -64,7 +64,7 @@ async def refused(env: Env, data: bytes, filename: str = "graph.json") -> str:
     """Upload something that must be refused; assert that no row, file or job was left and return the message."""
     before, rows = _snapshot(env), await env.store.recent()
     with pytest.raises(RequestInvalid) as caught:
-        await env.studio.run_workflow(data, filename, ALICE, Origin("555", "777"))
+        await env.studio.workflows.run(data, filename, ALICE, Origin("555", "777"))
     assert _snapshot(env) == before and await env.store.recent() == rows
     return str(caught.value)
 
@@ -148,12 +148,11 @@ async def test_what_is_no_runnable_workflow_is_refused_with_what_to_do(env: Env)
 
 async def test_a_workflow_needs_a_queue_place_like_any_request(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     gate = Gate(monkeypatch)
-    held = await env.studio.run_workflow(as_file(graph(seed=GATE_SEED, negative="held in the sampler")), "held.json",
+    held = await env.studio.workflows.run(as_file(graph(seed=GATE_SEED, negative="held in the sampler")), "held.json",
                                          ALICE, Origin("555", "777"))
     try:
         await gate.wait_entered()
-        env.studio.settings = env.settings.model_copy(
-            update={"queue": env.settings.queue.model_copy(update={"per_user_max": 1})})
+        env.studio.queue.per_user_max = 1
         assert "needs 1 place(s) in the queue and you have 1 of 1 in use" in await refused(env, as_file(graph()))
     finally:
         gate.open()
@@ -164,7 +163,7 @@ async def test_reroll_gives_every_sampler_a_new_seed_variation_is_refused_delete
         env: Env) -> None:
     # the body of ComfyUI's POST /prompt is taken too
     first = (await run(env, as_file({"prompt": graph(), "client_id": "abc"}), "wrapped.json")).generation
-    reroll = (await env.finish(await env.studio.reroll(first.id, Requester("99", "777")))).generation
+    reroll = (await env.finish(await env.studio.generations.reroll(first.id, Requester("99", "777")))).generation
     assert reroll.kind == "reroll" and reroll.parent_id == first.id and reroll.requester_id == "99"
     new_seed = reroll.workflow["3"]["inputs"]["seed"]
     assert new_seed != 5 and reroll.params["seeds"] == {"3": new_seed} and reroll.params["filename"] == "wrapped.json"
@@ -174,20 +173,20 @@ async def test_reroll_gives_every_sampler_a_new_seed_variation_is_refused_delete
     assert reroll.workflow["9"]["inputs"]["filename_prefix"] != first.workflow["9"]["inputs"]["filename_prefix"]
 
     with pytest.raises(RequestInvalid, match=r"came from /workflow: 🔀 variations start from an /imagine result"):
-        await env.studio.variation(first.id, ALICE)
-    details = await env.studio.details(reroll.id, ALICE)
+        await env.studio.generations.variation(first.id, ALICE)
+    details = await env.studio.generations.details(reroll.id, ALICE)
     assert details.text.startswith(f"🔁 Reroll of #{first.id} · /workflow")
     assert "run it again with /workflow" in details.text
     assert json.loads(details.workflow_json)["3"]["inputs"]["seed"] == new_seed
 
-    await env.studio.delete(first.id, ALICE)
+    await env.studio.generations.delete(first.id, ALICE)
     assert not any(os.path.exists(p) for p in first.images)
     assert all(os.path.exists(p) for p in reroll.images)  # its own files
     assert (await env.store.get(first.id)).images == []
 
 
 async def test_private_results_go_to_the_requesters_dms(env: Env) -> None:
-    await env.studio.change_settings(ALICE, {"private": True})
+    await env.studio.user_defaults.change(ALICE, {"private": True})
     final = await run(env, as_file(graph(batch_size=1)))
     assert final.generation.request["private"] is True and env.channel.results() == []
     [message] = env.client.get_user(42).dm_channel.results()
@@ -210,7 +209,7 @@ async def test_the_console_runs_a_workflow_file_and_reacts_to_it(env: Env, tmp_p
     path = tmp_path / "fox.json"
     path.write_bytes(as_file(graph(batch_size=1)))
     out = io.StringIO()
-    env.studio.publisher, env.studio.front = ConsolePublisher(out), "console"
+    env.studio.results.publisher, env.studio.front = ConsolePublisher(out), "console"
     console = Console(env.studio, out, io.StringIO(), interactive=False, details_dir=tmp_path)
     lines = [f"/workflow {path}", "react last 🔀", "react last 🔁", "react last 🗑️", "/workflow /no/such.json",
              "help"]

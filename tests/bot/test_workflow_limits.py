@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from bot.console import Console, ConsolePublisher, LineReader
-from bot.errors import RequestInvalid
-from bot.tickets import Origin
+from bot.console.app import Console, ConsolePublisher, LineReader
+from bot.core.errors import RequestInvalid
+from bot.core.front_end import Origin
 from engine.nodes.base import SEED_MAX
 from tests.bot.conftest import Env
 from tests.bot.test_workflow import ALICE, as_file, graph, refused, run
@@ -119,7 +119,7 @@ async def test_an_integer_of_five_thousand_digits_is_refused_where_it_is(env: En
     bad.write_text(text)
     good.write_bytes(as_file(graph(batch_size=1)))
     out = io.StringIO()
-    env.studio.publisher, env.studio.front = ConsolePublisher(out), "console"
+    env.studio.results.publisher, env.studio.front = ConsolePublisher(out), "console"
     console = Console(env.studio, out, io.StringIO(), interactive=False, details_dir=tmp_path)
     code = await console.run(LineReader(io.StringIO(f"/workflow {bad}\n/workflow {good}\n")))
     errors = [row for row in out.getvalue().splitlines() if row.startswith("error: ")]
@@ -132,27 +132,26 @@ async def test_a_member_at_their_cap_is_refused_before_any_parsing_or_validating
     parent = (await run(env, as_file(graph(batch_size=1)))).generation
     gate = Gate(monkeypatch)
     # a negative of its own: the same graph as another test's would come from the node cache, never sampled
-    held = await env.studio.run_workflow(as_file(graph(seed=GATE_SEED, negative=f"held {uuid.uuid4().hex}")),
+    held = await env.studio.workflows.run(as_file(graph(seed=GATE_SEED, negative=f"held {uuid.uuid4().hex}")),
                                          "held.json", ALICE, Origin("555", "777"))
     try:
         await gate.wait_entered()
-        env.studio.settings = env.settings.model_copy(
-            update={"queue": env.settings.queue.model_copy(update={"per_user_max": 1})})
+        env.studio.queue.per_user_max = 1
         validated: list[Any] = []
-        validate = env.engine.executor.validate
+        validate = env.engine.validate
 
         def counted(workflow: Any) -> Any:
             validated.append(workflow)
             return validate(workflow)
 
-        monkeypatch.setattr(env.engine.executor, "validate", counted)
+        monkeypatch.setattr(env.engine, "validate", counted)
         full = "needs 1 place(s) in the queue and you have 1 of 1 in use"
         # an upload that would fail to parse says only that the queue is full: nothing was read
         huge = as_file(graph()).decode().replace('"seed": 5', f'"seed": {HUGE}', 1).encode()
         assert full in await refused(env, huge)
         assert full in await refused(env, as_file(repeated()))
         with pytest.raises(RequestInvalid, match=r"needs 1 place\(s\) in the queue"):
-            await env.studio.rerun_workflow(parent, ALICE, Origin("555", "777"))
+            await env.studio.workflows.rerun(parent, ALICE, Origin("555", "777"))
         assert validated == []
     finally:
         gate.open()

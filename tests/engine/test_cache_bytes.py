@@ -12,7 +12,7 @@ import torch
 from engine.cache import CacheEntry, OutputCache, nbytes_of, node_cache_budget
 from engine.device import memory_budget
 from engine.executor import Executor
-from engine.runtime import create_executor
+from engine.executor import create_executor
 from engine.settings import EngineSettings, Limits, ModelsSettings
 from engine.values import CondItem, Conditioning, ImageBatch, Latent, ModelRef
 from tests.engine.conftest import txt2img

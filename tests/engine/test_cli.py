@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from engine.cli import Bench, add_engine_commands
 from engine.settings import EngineSettings, Limits, ModelsSettings
 from tests.engine.conftest import txt2img, with_changes
@@ -17,11 +19,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def noodle(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m bot.cli ARGS` in a fresh interpreter (which imports torch: seconds, so its tests are marked slow)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NOODLE_CONFIG": str(cwd / "none.toml"), "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "bot.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_run_prints_one_line_per_workflow_and_reuses_the_cache(tiny_models: Path, tmp_path: Path) -> None:
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     first.write_text(json.dumps(txt2img(seed=1)))
@@ -42,6 +46,7 @@ def test_run_prints_one_line_per_workflow_and_reuses_the_cache(tiny_models: Path
     assert lines[1]["meta"]["seeds"] == {"3": 2}
 
 
+@pytest.mark.slow
 def test_run_exit_codes_invalid_2_failed_1(tiny_models: Path, tmp_path: Path) -> None:
     invalid = tmp_path / "invalid.json"
     invalid.write_text(json.dumps(with_changes(txt2img(), "3", sampler_name="dpm_adaptive")))
@@ -62,6 +67,7 @@ def test_run_exit_codes_invalid_2_failed_1(tiny_models: Path, tmp_path: Path) ->
     assert line["type"] == "execution_error" and line["node_id"] == "12" and line["node_type"] == "LoadImage"
 
 
+@pytest.mark.slow
 def test_nodes_prints_object_info(tiny_models: Path, tmp_path: Path) -> None:
     done = noodle("nodes", "--models", str(tiny_models), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -81,6 +87,7 @@ def test_nodes_prints_object_info(tiny_models: Path, tmp_path: Path) -> None:
         assert name in info, name
 
 
+@pytest.mark.slow
 def test_tokens_prints_the_report(tiny_models: Path, tmp_path: Path) -> None:
     done = noodle("tokens", "a photo of a cat, embedding:tiny-embedding <lora:tiny-lora-a:0.5>", "--models",
                   str(tiny_models), cwd=tmp_path)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import ModelNotFound, NoodleError, UnsafeModelFile, UnsupportedModel
-from engine.models.paths import ModelCatalog, display_name, file_fingerprint, short_hash
+from engine.models.paths import ModelCatalog, display_name, file_fingerprint
 
 
 def _touch(path: Path, data: bytes = b"x") -> Path:
@@ -146,11 +146,12 @@ def test_fingerprint_changes_when_the_file_is_rewritten(tmp_path: Path) -> None:
 def test_short_hash_is_a1111_model_hash_and_follows_the_file(tmp_path: Path) -> None:
     data = os.urandom(3 * 1024 * 1024 + 7)
     path = _touch(tmp_path / "m.safetensors", data)
-    assert short_hash(path) == hashlib.sha256(data).hexdigest()[:10]
+    catalog = ModelCatalog(tmp_path)
+    assert catalog.short_hash(path) == hashlib.sha256(data).hexdigest()[:10]
     path.write_bytes(b"changed")
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    assert short_hash(path) == hashlib.sha256(b"changed").hexdigest()[:10]
+    assert catalog.short_hash(path) == hashlib.sha256(b"changed").hexdigest()[:10]
 
 
 @pytest.mark.parametrize(("name", "shown"), [

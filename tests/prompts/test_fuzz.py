@@ -110,6 +110,7 @@ def test_report_counts_the_visible_text_with_clip_tokenizer(text: str) -> None:
     assert report.chunks >= math.ceil(report.tokens / CHUNK_TOKENS)
 
 
+@pytest.mark.slow  # long texts through the real CLIP tokenizer, every example
 @FUZZ
 @given(st.one_of(st.text(max_size=MAX_CHARS), LONG_TEXT).filter(lambda t: not SYNTAX_CHARS & set(t)
                                                               and "BREAK" not in t))

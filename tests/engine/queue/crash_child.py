@@ -27,7 +27,7 @@ def say(**line: Any) -> None:
 
 async def main(args: argparse.Namespace) -> int:
     from engine import samplers
-    from engine.runtime import create_executor
+    from engine.executor import create_executor
     from engine.queue import EngineService, Owner
     from engine.settings import EngineSettings, Limits, ModelsSettings, QueueSettings
     from tests.engine.conftest import txt2img

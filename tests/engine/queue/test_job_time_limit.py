@@ -3,11 +3,13 @@
 The limit counts from the job's start. The sampler checks it at every step and the executor before
 every node, so a job held in its sampler stops at the next step, and one stuck in a long VAE decode
 stops when the decode returns, before it writes a PNG; either way the next job runs.
+
+The job table's clock is a fake the tests move: the limit runs out exactly when a test says, without
+waiting for it, and never early on a slow machine.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import uuid
@@ -19,14 +21,37 @@ import pytest
 from engine.errors import JobFailed
 from engine.nodes.base import RunContext
 from engine.nodes.vae import VAEDecode
-from engine.queue import Owner
+from engine.queue import Owner, state_table
 from tests.engine.conftest import txt2img
 from tests.engine.queue.service_support import TIMEOUT, QueueEnv, collect, rows
 
-LIMIT = 5.0  # seconds; a tiny-model job takes about one here, even on a busy machine
+LIMIT = 5.0  # seconds on the job table's clock
 OVERTIME = re.compile(r"stopped after ([0-9.]+) s: the limit is 5 s \(\[queue\] job_time_limit_seconds in "
                       r"config\.toml\); use fewer steps or a smaller size")
 ANN, CAT = Owner("ann"), Owner("cat")
+
+
+class TableClock:
+    """Stands in for the `time` module inside engine/queue/state_table.py: its monotonic clock moves only when
+    a test advances it; wall time (the jobs' created_at) stays real."""
+
+    time = staticmethod(time.time)
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> TableClock:
+    fake = TableClock()
+    monkeypatch.setattr(state_table, "time", fake)
+    return fake
 
 
 async def failed_for_time(handle: Any) -> float:
@@ -39,14 +64,13 @@ async def failed_for_time(handle: Any) -> float:
 
 
 async def test_a_job_held_in_its_sampler_past_the_limit_fails_at_the_next_step_and_the_next_job_runs(
-        queue_env: QueueEnv) -> None:
+        queue_env: QueueEnv, clock: TableClock) -> None:
     service = await queue_env.start(job_time_limit_seconds=LIMIT, batch_max=1)
     held = await service.submit(queue_env.held(steps=4), ANN)
     events = held.events()
     await queue_env.gate.wait_entered()
     after = await service.submit(txt2img(seed=211), CAT)
-    # the limit runs out while the gate holds the job at its first step: the subject of this test
-    await asyncio.sleep(LIMIT)
+    clock.advance(LIMIT)  # the limit runs out while the gate holds the job at its first step
     queue_env.gate.open()
 
     assert await failed_for_time(held) >= LIMIT
@@ -59,14 +83,14 @@ async def test_a_job_held_in_its_sampler_past_the_limit_fails_at_the_next_step_a
 
 
 async def test_jobs_stuck_in_a_long_vae_decode_fail_when_it_returns_each_by_its_own_limit(
-        queue_env: QueueEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+        queue_env: QueueEnv, clock: TableClock, monkeypatch: pytest.MonkeyPatch) -> None:
     slow: set[str] = set()
     decode = VAEDecode.run
 
     def long_decode(node: VAEDecode, ctx: RunContext) -> Any:
         images = decode(node, ctx)
         if ctx.prompt_id in slow:
-            time.sleep(LIMIT)  # in the worker thread: a decode that takes the whole limit, as a huge one would
+            clock.advance(LIMIT)  # in the worker thread: a decode that takes the whole limit, as a huge one would
         return images
 
     monkeypatch.setattr(VAEDecode, "run", long_decode)

@@ -14,8 +14,9 @@ from engine.errors import JobCancelled, JobFailed, NodeExecutionError, QueueFull
 from engine.nodes.latents import EmptyLatentImage
 from engine.nodes.vae import VAEDecode
 from engine.queue import EngineService, JobState, Owner
+from engine.queue.state_table import JobTable
 from engine.queue.worker import is_out_of_memory, message_for
-from engine.runtime import create_executor
+from engine.executor import create_executor
 from engine.settings import EngineSettings, Limits, ModelsSettings, QueueSettings
 from tests.engine.conftest import txt2img
 from tests.engine.queue.service_support import TIMEOUT, QueueEnv, collect, rows
@@ -248,13 +249,23 @@ async def test_switching_loras_does_not_reload_the_checkpoint(queue_env: QueueEn
     assert "tiny-lora-b.safetensors" in metas[1]["loras"]
 
 
-async def test_stop_puts_the_running_job_back_and_the_next_start_runs_it(queue_env: QueueEnv) -> None:
+async def test_stop_puts_the_running_job_back_and_the_next_start_runs_it(
+        queue_env: QueueEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    told_to_stop = asyncio.Event()
+    table_stop = JobTable.stop
+
+    def stop(table: JobTable) -> None:
+        table_stop(table)
+        told_to_stop.set()  # on the loop: EngineService.stop calls it before its first await
+
+    monkeypatch.setattr(JobTable, "stop", stop)
     first = await queue_env.start()
     held = await first.submit(queue_env.held(), CAT)
     await queue_env.gate.wait_entered()
     waiting = await first.submit(txt2img(seed=100), ANN)
     stopping = asyncio.create_task(first.stop(timeout=TIMEOUT))
-    await asyncio.sleep(0)  # one turn of the loop: the task starts and asks the job table to stop before it awaits
+    # the gate opens only once the job table is stopping, so the held job sees the stop at its next step
+    await asyncio.wait_for(told_to_stop.wait(), TIMEOUT)
     queue_env.gate.open()
     await asyncio.wait_for(stopping, TIMEOUT)
     stored = rows(queue_env.db)

@@ -23,6 +23,8 @@ from engine.queue import EngineService, JobFailed, JobState
 from engine.settings import QueueSettings
 from tests.engine.queue.service_support import TIMEOUT, QueueEnv, next_event, rows
 
+pytestmark = pytest.mark.slow  # each test starts a child interpreter that loads torch and the tiny models
+
 REPO = Path(__file__).resolve().parents[3]
 
 

@@ -1,0 +1,85 @@
+"""`/preset ...` lines of `noodle chat`: the same Studio calls as the Discord /preset group, as text.
+
+`/preset create name: anime model: tiny-sd15 steps: 28` (Discord's `name: value` notation); the
+console is one server of its own (`CONSOLE_SERVER`), and `noodle chat --manage-server` makes the
+person at it a member with Manage Server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bot.core.errors import RequestInvalid
+from bot.core.requests.options import parse_options
+from bot.core.presets import PRESET_OPTIONS, preset_details, preset_from_options, preset_line
+from bot.core.front_end import Requester
+
+__all__ = ["CONSOLE_SERVER", "preset_command", "queue_command", "settings_command"]
+
+CONSOLE_SERVER = "console"
+SUBCOMMANDS = ("create", "update", "delete", "default", "list", "show")
+
+
+async def preset_command(studio: Any, who: Requester, rest: str) -> str:
+    """Run `/preset SUB options` for `who`; returns the text to print (errors raise NoodleError)."""
+    sub, _, text = rest.strip().partition(" ")
+    if sub not in SUBCOMMANDS:
+        raise RequestInvalid(f"/preset {sub or '(nothing)'} is not a preset command; use one of "
+                             f"{', '.join(SUBCOMMANDS)}, e.g. /preset list")
+    options: dict[str, Any] = parse_options(text, PRESET_OPTIONS, first="name")
+    if sub in ("create", "update"):
+        preset = preset_from_options(options)
+        if sub == "create":
+            record = await studio.presets.create(who, preset)
+            return f"saved preset {preset_line(record)}; use it with /imagine ... preset: {record.preset.name}"
+        return f"updated preset {preset_line(await studio.presets.update(who, preset))}"
+    name = options.get("name")
+    extra = sorted(set(options) - {"name"})
+    if extra:
+        raise RequestInvalid(f"/preset {sub} takes only name:, not {', '.join(extra)}")
+    if sub == "default":
+        chosen = await studio.presets.set_default(who, name)
+        return f"default preset: {chosen}" if chosen else "no default preset now"
+    if sub == "list":
+        records = await studio.presets.of_server(who.guild_id)
+        default = await studio.presets.default(who.guild_id)
+        return "\n".join(preset_line(r, default) for r in records) or "no presets yet; make one with /preset create"
+    if not name:
+        raise RequestInvalid(f"/preset {sub} needs a name, e.g. /preset {sub} name: anime")
+    if sub == "delete":
+        await studio.presets.delete(who, name)
+        return f"deleted preset {name}"
+    record = await studio.presets.show(who.guild_id, name)
+    return preset_details(record, await studio.presets.default(who.guild_id))
+
+
+async def settings_command(studio: Any, who: Requester, rest: str) -> str:
+    """`/settings [clear] [preset: P] [width: W] [height: H] [steps: N] [negative: TEXT]`: show or change them."""
+    from bot.core.services.user_settings import USER_KEYS
+
+    text = rest.strip()
+    if text == "clear" or text.startswith("clear "):
+        await studio.user_defaults.change(who, dict.fromkeys(await studio.user_defaults.get(who)))
+        text = text.removeprefix("clear").strip()
+    options = parse_options(text, USER_KEYS, first="preset")
+    current = await studio.user_defaults.change(who, options)
+    if not current:
+        return "no defaults of your own: /imagine uses the server's default preset and config.toml"
+    return "your defaults: " + ", ".join(f"{key}={value}" for key, value in current.items())
+
+
+async def queue_command(studio: Any, who: Requester, rest: str) -> str:
+    """`/queue [cancel: 12]`: cancel that request first if asked, then list the caller's queue."""
+    from bot.core.services.queue import queue_text
+
+    text = rest.replace("#", "").strip()
+    head = ""
+    if text:
+        number = text.removeprefix("cancel").lstrip(": ").strip()
+        # isdecimal: isdigit takes '²', which int() refuses; past 30 digits no request exists and int() refuses 4,300+
+        if not text.startswith("cancel") or not number.isdecimal() or len(number) > 30:
+            raise RequestInvalid("/queue takes only cancel: NUMBER, as in /queue cancel: 12, "
+                                 f"not {rest.strip()[:60]!r}")
+        stopped = await studio.queue.cancel(who, int(number))
+        head = f"cancelled #{number} ({stopped} image(s) stopped)\n"
+    return head + queue_text(await studio.queue.entries(who))

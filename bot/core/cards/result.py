@@ -1,0 +1,163 @@
+"""What a result says about itself: the card shown under the PNGs on Discord and printed by `noodle chat`.
+
+One `Card` (title, description, fields, footer) per generation; `card_text` is the console's
+rendering and bot/discord_app/embeds.py's `to_embed` Discord's, so both front ends show the same words. The numbers come
+from the run's meta as stored: seeds, token usage per text encode, cached nodes, timings. `Card` and the
+lines every card shares are in bot/core/cards/card.py; a /workflow result's card is bot/core/cards/workflow.py's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bot.core.cards.card import FIELD_CHARS, PROMPT_CHARS, Card, first_sampler, seconds_text, token_usage, truncate
+from bot.core.storage.records import Generation
+from bot.core.cards.workflow import workflow_card
+from bot.core.requests.workflow_file import is_workflow
+from engine.models.paths import display_name
+
+__all__ = ["REACTION_HELP", "card_text", "failure_text", "history_line", "request_label", "result_card", "status_text"]
+
+REACTION_HELP = "🔁 reroll · 🔀 variation · 🗑️ delete · ℹ️ details"
+_LABELS = {
+    "CheckpointLoaderSimple": "checkpoint", "LoraLoader": "LoRA", "LoraLoaderModelOnly": "LoRA",
+    "CLIPSetLastLayer": "clip skip", "VAELoader": "VAE", "EmptyLatentImage": "empty latent",
+    "LoadImage": "image", "VAEEncode": "image encode", "RepeatLatentBatch": "batch",
+}
+
+
+def _cached(generation: Generation) -> str | None:
+    if not generation.cached:
+        return None
+    sampler_id, sampler = first_sampler(generation.workflow)
+    names = []
+    for node_id in generation.cached:
+        class_type = generation.workflow.get(node_id, {}).get("class_type", "")
+        if class_type == "CLIPTextEncode":
+            positive = sampler["inputs"].get("positive", [None])[0]
+            names.append("prompt" if node_id == positive else "negative")
+        else:
+            names.append(_LABELS.get(class_type, class_type or node_id))
+    return f"{', '.join(dict.fromkeys(names))} (nodes {', '.join(generation.cached)}): only the sampler and what " \
+           "follows ran"
+
+
+def _loras(params: dict[str, Any]) -> str:
+    entries = []
+    for lora in params.get("loras", []):
+        name = display_name(str(lora["name"]))
+        model, clip = lora["strength_model"], lora["strength_clip"]
+        entries.append(f"{name} {model:g}" if model == clip else f"{name} {model:g}/{clip:g}")
+    return ", ".join(entries) or "none"
+
+
+def _seed(generation: Generation) -> str:
+    # one job per image, each with its own seed: any of them alone gives that image again
+    seeds = generation.image_seeds or [job.seed for job in generation.jobs] or [generation.seed]
+    if len(seeds) == 1:
+        return str(seeds[0])
+    return " · ".join(f"#{n} {seed}" for n, seed in enumerate(seeds, 1))
+
+
+def _title(generation: Generation) -> str:
+    if generation.kind == "reroll":
+        return f"🔁 Reroll of #{generation.parent_id}"
+    if generation.kind == "variation":
+        index = generation.request.get("variation_of_image", 1)
+        return f"🔀 Variation of #{generation.parent_id}, image {index}"
+    return "🖼️ /imagine"
+
+
+def result_card(generation: Generation) -> Card:
+    """The card of a finished generation, from its stored row."""
+    if is_workflow(generation):
+        return workflow_card(generation)
+    params = generation.params
+    model = display_name(generation.model_name)
+    count = max(1, len(generation.images) or len(generation.jobs))
+    size = f"{params.get('width')}×{params.get('height')}" + (f" ×{count}" if count > 1 else "")
+    if params.get("init_image"):
+        size += f" · img2img, denoise {params.get('denoise'):g}"
+    fields = [
+        ("Negative", truncate(params.get("negative") or "–", FIELD_CHARS)),
+        ("Seed", _seed(generation)),
+        ("Steps · CFG · Sampler", f"{params.get('steps')} · {params.get('cfg'):g} · "
+                                  f"{params.get('sampler_name')}/{params.get('scheduler')}"),
+        ("Model", f"{model} ({generation.model_hash or 'hash pending'})"),
+        ("LoRAs", _loras(params)),
+        ("Size", size),
+        ("Tokens", token_usage(generation)),
+        ("Time", f"queue {seconds_text(generation.queue_wait_s)} · "
+                 f"generation {seconds_text(generation.generation_s)}"),
+    ]
+    if params.get("clip_skip"):
+        fields.insert(5, ("Clip skip", str(-int(params["clip_skip"]))))
+    if generation.request.get("preset"):
+        fields.insert(0, ("Preset", str(generation.request["preset"])))
+    if generation.request.get("style"):
+        fields.insert(1, ("Style", str(generation.request["style"])))
+    cached = _cached(generation)
+    if cached:
+        fields.append(("Cached", cached))
+    more = f" (+{len(generation.jobs) - 1} more)" if len(generation.jobs) > 1 else ""
+    footer = f"job {generation.job_id}{more} · #{generation.id} · {REACTION_HELP}"
+    if generation.error:  # some images of a batch failed; the others are here
+        fields.append(("Missing", truncate(generation.error, FIELD_CHARS)))
+    if generation.request.get("notes"):
+        fields.append(("⚠️ Note", truncate("; ".join(generation.request["notes"]), FIELD_CHARS)))
+    return Card(_title(generation), truncate(params.get("prompt", ""), PROMPT_CHARS), tuple(fields), footer)
+
+
+def card_text(card: Card) -> str:
+    """The card as plain lines: what `noodle chat` prints."""
+    lines = [card.title, f"Prompt: {card.description}"]
+    for name, value in card.fields:
+        value = value.replace("\n", "; ")
+        lines.append(f"{name}: {value}")
+    lines.append(card.footer)
+    return "\n".join(lines)
+
+
+def status_text(kind: str, *, position: int | None = None, eta_s: float | None = None, value: int | None = None,
+                total: int | None = None, job_id: str = "", images: int = 1, images_done: int = 0) -> str:
+    """One line for the status message: the queue position, then the sampler's progress."""
+    tail = (f" · {images_done}/{images} images done" if images > 1 else "") + (f" · job {job_id}" if job_id else "")
+    eta = f", about {eta_s:.0f} s" if eta_s is not None else ""
+    if kind == "position":
+        where = "next" if position == 1 else f"#{position} in the queue" if position else "in the queue"
+        return f"⏳ Queued: {where}{eta}{tail}"
+    if kind == "started":
+        return f"🎨 Started{tail}"
+    if kind == "progress" and total:
+        filled = round(12 * (value or 0) / total)
+        return f"🎨 `{'█' * filled}{'░' * (12 - filled)}` step {value}/{total}{tail}"
+    return f"🎨 Working{tail}"
+
+
+def failure_text(generation: Generation) -> str:
+    """What a failed or cancelled job tells its requester."""
+    verb = "was cancelled" if generation.state == "cancelled" else "failed"
+    return f"❌ Job {generation.job_id} (#{generation.id}) {verb}: {generation.error or 'no reason given'}"
+
+
+def request_label(generation: Generation) -> str:
+    """What a request is known by in lists: its prompt, or a /workflow's file name."""
+    return str(generation.params.get("prompt") or generation.request.get("prompt")
+               or generation.params.get("filename") or generation.request.get("filename") or "")
+
+
+def history_line(generation: Generation) -> str:
+    """One line of /history: number, kind, state, prompt, model and a link to the posted result."""
+    prompt = truncate(request_label(generation), 60)
+    model = display_name(generation.model_name)
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(generation.created_at))
+    where = ""
+    if generation.private and generation.message_id:
+        where = " (sent to your DMs)"
+    elif generation.channel_id and generation.message_id:
+        where = f" https://discord.com/channels/{generation.guild_id or '@me'}/{generation.channel_id}/" \
+                f"{generation.message_id}"
+    elif generation.images and generation.state == "done":
+        where = f" {generation.images[0]}"
+    return f"#{generation.id} {generation.kind} · {generation.state} · {when} UTC · {model} · {prompt}{where}"

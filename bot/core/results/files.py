@@ -1,0 +1,41 @@
+"""The files a result is: where its PNGs are named (`filename_prefix`), removing them, reading their recipe back.
+
+Disk work: the services call `remove_files` and `read_parameters` through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+from engine.pngmeta import read_png_texts
+
+__all__ = ["prefix_for", "read_parameters", "remove_files"]
+
+
+def prefix_for(folder: str, prompt: str) -> str:
+    """SaveImage's filename_prefix: `<folder>/<date>/<first words of the prompt>` (ASCII, no path tricks)."""
+    words = re.sub(r"<[^>]*>", " ", prompt.lower())
+    slug = "-".join(re.findall(r"[a-z0-9]+", words))[:40].strip("-") or "image"
+    return f"{folder}/{datetime.now(timezone.utc):%Y-%m-%d}/{slug}"
+
+
+def remove_files(paths: list[str]) -> int:
+    """Delete files that exist; return how many were removed."""
+    removed = 0
+    for name in paths:
+        path = Path(name)
+        if path.is_file():
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def read_parameters(paths: list[str]) -> str | None:
+    """The A1111 `parameters` text of the first PNG that still exists."""
+    for name in paths:
+        path = Path(name)
+        if path.is_file():
+            return read_png_texts(path).get("parameters")
+    return None

@@ -1,0 +1,231 @@
+"""/imagine and what people do with its results: submit, 🔁 reroll, 🔀 variation, 🗑️ delete, ℹ️ details, /history.
+
+A request becomes one workflow per image (bot/core/requests/ -> engine/templates.py), each with its
+own seed, queued with the requester as owner through `RequestQueue` (recorded first, all or nothing).
+Rerolls and variations read the parent's stored params back as typed, versioned `WorkflowParams`
+(bot/core/storage/params.py) and go through the same queueing as /imagine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bot.core.cards.details import details_of
+from bot.core.cards.summary import summary_of
+from bot.core.errors import NotAllowed, RequestInvalid
+from bot.core.front_end import Details, Origin, Requester, Ticket
+from bot.core.requests.imagine import DISCORD_INT_MAX, GenerationRequest, RequestContext, parse_request
+from bot.core.requests.uploads import PreparedImage, prepare_image, save_prepared
+from bot.core.requests.workflow_file import is_workflow
+from bot.core.results.files import prefix_for, read_parameters, remove_files
+from bot.core.results.retention import inputs_of, owned_folder
+from bot.core.services.access import may_moderate, not_found, reachable
+from bot.core.services.models import ModelChoices
+from bot.core.services.queue import RequestQueue
+from bot.core.services.server_presets import ServerPresets
+from bot.core.services.user_settings import UserDefaults
+from bot.core.services.workflows import Workflows, variation_refused
+from bot.core.storage.params import StoredParamsInvalid, dump_params, load_params
+from bot.core.storage.records import Generation, NewGeneration
+from bot.core.storage.store import Store
+from bot.settings import Settings
+from engine.nodes.base import SEED_MAX
+from engine.queue import EngineService
+from engine.templates import WorkflowParams, build_workflow
+
+__all__ = ["Generations"]
+
+
+class Generations:
+    """/imagine requests and their results."""
+
+    def __init__(self, engine: EngineService, store: Store, settings: Settings, *, models: ModelChoices,
+                 presets: ServerPresets, user_defaults: UserDefaults, queue: RequestQueue,
+                 workflows: Workflows) -> None:
+        self.engine, self.store, self.settings = engine, store, settings
+        self.models, self.presets, self.user_defaults = models, presets, user_defaults
+        self.queue, self.workflows = queue, workflows
+
+    # -- new requests --------------------------------------------------------------------------
+
+    async def imagine(self, explicit: dict[str, Any], who: Requester, origin: Origin | None = None, *,
+                      layered_for: Requester | None = None) -> Ticket:
+        """One /imagine: the options as given, layered over the presets and /settings of `layered_for` (default
+        `who`; the console keeps its presets in a server of its own), checked and queued for `who`, all against
+        one reading of the models folder."""
+        context = await self.models.context()
+        layered = await self.presets.layered_options(explicit, layered_for or who, context)
+        return await self.submit(parse_request(layered, context), who, origin, context=context)
+
+    async def parse(self, options: dict[str, Any]) -> GenerationRequest:
+        """Raw options (Discord's or the console's) -> a checked request; RequestInvalid/ModelNotFound say why not."""
+        return parse_request(options, await self.models.context())
+
+    async def submit(self, request: GenerationRequest, who: Requester, origin: Origin | None = None, *,
+                     context: RequestContext | None = None) -> Ticket:
+        """Queue `request` for `who`, one job per image (seeds seed, seed+1, ...); nothing changes when refused."""
+        context = context or await self.models.context()
+        checkpoint = self.models.pick_checkpoint(request.model, list(context.checkpoints))
+        arch = await self.models.architecture(checkpoint)
+        prepared = None
+        if request.image is not None:
+            prepared = await asyncio.to_thread(prepare_image, request.image.data, request.image.filename,
+                                               self.settings.bot.uploads_folder, context.allowed)
+        seed = request.seed if request.seed is not None else _random_seed(request.batch)
+        if seed + request.batch - 1 > SEED_MAX:
+            raise RequestInvalid(f"seed {seed} leaves no room for {request.batch} images (one seed each, up to "
+                                 f"{SEED_MAX}); use a smaller seed")
+        params = request.to_params(
+            context, checkpoint=checkpoint, arch=arch, seed=seed, init_image=prepared.name if prepared else None,
+            image_size=(prepared.width, prepared.height) if prepared else None,
+            filename_prefix=prefix_for(self.settings.bot.results_folder, request.prompt))
+        return await self._queue("imagine", params, request.batch, request.stored(), who, origin or Origin(),
+                                 prepared=prepared)
+
+    async def reroll(self, generation_id: int, who: Requester, origin: Origin | None = None) -> Ticket:
+        """The same graphs with new seeds: the engine's cache serves everything above the sampler."""
+        parent = await self._usable(generation_id, who)
+        private = await self._keeps_private(parent, who)
+        if is_workflow(parent):
+            return await self.workflows.rerun(parent, who, origin or _origin_of(parent), private=private)
+        count = max(1, len(parent.jobs))
+        params = replace(_params_of(parent), seed=_random_seed(count))
+        if params.init_image and not (self.engine.input_dir / params.init_image).is_file():
+            raise RequestInvalid(f"the image #{parent.id} started from is gone from the input folder; "
+                                 "attach it again with /imagine image:")
+        request = {**parent.request, "reroll_of": parent.id, **({"private": True} if private else {})}
+        return await self._queue("reroll", params, count, request, who, origin or _origin_of(parent), parent=parent)
+
+    async def variation(self, generation_id: int, who: Requester, image: int = 1,
+                        origin: Origin | None = None) -> Ticket:
+        """img2img of image `image` (1-based) of a result at the configured variation denoise."""
+        parent = await self._usable(generation_id, who)
+        if is_workflow(parent):
+            raise variation_refused(parent)
+        if not 1 <= image <= len(parent.images):
+            raise RequestInvalid(f"#{parent.id} has {len(parent.images)} image(s); pick 1 to {len(parent.images)}")
+        data = await asyncio.to_thread(_read_bytes, parent.images[image - 1])
+        if data is None:
+            raise RequestInvalid(f"image {image} of #{parent.id} is no longer on disk; reroll it or run /imagine")
+        prepared = await asyncio.to_thread(prepare_image, data, f"#{parent.id} image {image}",
+                                           self.settings.bot.uploads_folder, self.models.allowed)
+        params = replace(_params_of(parent), seed=_random_seed(1), init_image=prepared.name,
+                         denoise=self.settings.bot.variation_denoise, batch_size=1,
+                         width=prepared.width // 8 * 8, height=prepared.height // 8 * 8)
+        request = {**parent.request, "variation_of": parent.id, "variation_of_image": image}
+        if await self._keeps_private(parent, who):
+            request["private"] = True
+        return await self._queue("variation", params, 1, request, who, origin or _origin_of(parent),
+                                 prepared=prepared, parent=parent)
+
+    async def _queue(self, kind: str, params: WorkflowParams, count: int, request: dict[str, Any], who: Requester,
+                     origin: Origin, *, prepared: PreparedImage | None = None,
+                     parent: Generation | None = None) -> Ticket:
+        self.queue.check_room(who, count)
+        # A name of its own per image: SaveImage is cached like any node (as in ComfyUI), so the same graph
+        # twice would hand back the first run's files, which a 🗑️ on that first result then removes.
+        images = [(params.seed + n, build_workflow(replace(
+            params, seed=params.seed + n, batch_size=1,
+            filename_prefix=f"{params.filename_prefix}-{secrets.token_hex(4)}"))) for n in range(count)]
+        input_dir = self.engine.input_dir
+        created = await asyncio.to_thread(save_prepared, prepared, input_dir,
+                                          self.settings.limits.min_free_disk_mb) if prepared else False
+        new = NewGeneration(kind=kind, front=self.queue.front, requester_id=who.user_id, request=request,
+                            params=dump_params(replace(params, batch_size=1)), model_name=params.checkpoint,
+                            images=images, guild_id=origin.guild_id or who.guild_id, channel_id=origin.channel_id,
+                            parent_id=parent.id if parent else None)
+        try:
+            return await self.queue.enqueue(new, who, origin, summary_of(params, count))
+        except BaseException:
+            if created and prepared is not None:
+                await asyncio.to_thread(remove_files, [str(input_dir / prepared.name)])
+            raise
+
+    # -- results -------------------------------------------------------------------------------
+
+    async def delete(self, generation_id: int, who: Requester) -> Generation:
+        """Remove a result's files and retire it (the requester, or a Manage Messages member of its server)."""
+        generation = await self._usable(generation_id, who)
+        if not may_moderate(generation, who):
+            raise NotAllowed(f"only the requester of #{generation.id} or members with Manage Messages can delete it; "
+                             "react with 🔁 or 🔀 to make your own version instead")
+        await asyncio.to_thread(remove_files, generation.images)
+        await self.store.mark_deleted(generation.id, time.time())
+        await self._remove_source(generation)
+        return generation
+
+    async def _remove_source(self, generation: Generation) -> None:
+        """The upload a deleted result started from goes too, unless another result loads the same file (uploads
+        are named by their content, so two members' identical attachments are one file)."""
+        input_dir = self.engine.input_dir
+        uploads = owned_folder(input_dir, self.settings.bot.uploads_folder, "uploads_folder")
+        for name in sorted(inputs_of(generation)):
+            # only an upload: never an owner's own input file that a /workflow loaded
+            if uploads is not None and uploads in (input_dir / name).resolve().parents \
+                    and not await self.store.uses_input(name, besides=generation.id):
+                await asyncio.to_thread(remove_files, [str(input_dir / name)])
+
+    async def details(self, generation_id: int, who: Requester) -> Details:
+        """Everything that reproduces a result: its card, A1111's parameters text, the workflow JSON."""
+        generation = await self._usable(generation_id, who)
+        parameters = await asyncio.to_thread(read_parameters, generation.images)
+        return details_of(generation, parameters)
+
+    async def history(self, who: Requester, limit: int = 10) -> list[Generation]:
+        """`who`'s latest generations, newest first (/history)."""
+        return await self.store.recent(who.user_id, limit)
+
+    async def get(self, generation_id: int) -> Generation | None:
+        """A generation by its number (the `#12` in a result's footer)."""
+        return await self.store.get(generation_id)
+
+    async def by_message(self, message_id: int | str) -> Generation | None:
+        """The generation posted as message `message_id`, across restarts."""
+        return await self.store.by_message(message_id)
+
+    async def by_job(self, job_id: str) -> Generation | None:
+        """The generation one of whose images is job `job_id`."""
+        return await self.store.by_job(job_id)
+
+    async def _usable(self, generation_id: int, who: Requester) -> Generation:
+        """A finished result `who` may reach; another server's, a DM one or someone's private one reads as missing."""
+        generation = await reachable(self.store, generation_id, who)
+        if generation is None:
+            raise not_found(generation_id, "generation", "results show their number in the footer")
+        if generation.state == "deleted":
+            raise RequestInvalid(f"#{generation.id} was deleted; run /imagine again")
+        if generation.state != "done":
+            raise RequestInvalid(f"#{generation.id} is {generation.state}; wait for its result")
+        return generation
+
+    async def _keeps_private(self, parent: Generation, who: Requester) -> bool:
+        """A reroll or variation is private when its parent was (it stays in DMs) or when the member who reacted
+        keeps /settings private: True (their version of a public result goes to their DMs)."""
+        return parent.private or bool((await self.user_defaults.get(who)).get("private"))
+
+
+def _random_seed(count: int) -> int:
+    """A seed people can type back into Discord (integer options stop at 2**53), leaving room for a batch."""
+    return secrets.randbelow(DISCORD_INT_MAX - count + 2)
+
+
+def _params_of(generation: Generation) -> WorkflowParams:
+    try:
+        return load_params(generation.params)
+    except StoredParamsInvalid as err:
+        raise RequestInvalid(f"#{generation.id} was stored in a form this Noodle cannot rebuild ({err}); run "
+                             "/imagine again with its prompt") from None
+
+
+def _origin_of(generation: Generation) -> Origin:
+    return Origin(channel_id=generation.channel_id, guild_id=generation.guild_id)
+
+
+def _read_bytes(path: str) -> bytes | None:
+    file = Path(path)
+    return file.read_bytes() if file.is_file() else None

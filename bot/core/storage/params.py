@@ -1,0 +1,60 @@
+"""The params of an /imagine result as stored, versioned: what 🔁 and 🔀 read back to build the same graph again.
+
+A row keeps `WorkflowParams` as JSON with a `version`. Reading it back migrates older versions step by
+step (each step renames, drops or fills what that version changed), then validates the result as the
+typed `WorkflowParams` (pydantic over the dataclass): a field renamed in a later release still rerolls an
+old result, and a row that no longer makes sense is refused with what is wrong, never half-built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, fields
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from engine.templates import WorkflowParams
+
+__all__ = ["PARAMS_VERSION", "StoredParamsInvalid", "dump_params", "load_params"]
+
+PARAMS_VERSION = 1
+_ADAPTER = TypeAdapter(WorkflowParams)
+_FIELDS = {f.name for f in fields(WorkflowParams)}
+
+
+class StoredParamsInvalid(ValueError):
+    """A stored row's params cannot be read back as WorkflowParams."""
+
+
+def _from_v0(data: dict[str, Any]) -> dict[str, Any]:
+    """Rows written before versions: `extra` (an always-empty dict WorkflowParams once had) is dropped."""
+    data.pop("extra", None)
+    return data
+
+
+# version -> the step that turns a row of that version into one of the next
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _from_v0}
+
+
+def dump_params(params: WorkflowParams) -> dict[str, Any]:
+    """`params` as JSON-ready data, tagged with the current version."""
+    return {"version": PARAMS_VERSION, **asdict(params)}
+
+
+def load_params(stored: dict[str, Any]) -> WorkflowParams:
+    """Stored params of any version -> WorkflowParams; StoredParamsInvalid says what does not fit."""
+    data = dict(stored)
+    version = data.pop("version", 0)
+    if not isinstance(version, int) or not 0 <= version <= PARAMS_VERSION:
+        raise StoredParamsInvalid(f"params version {version!r} is not one this Noodle reads (0..{PARAMS_VERSION})")
+    for step in range(version, PARAMS_VERSION):
+        data = MIGRATIONS[step](data)
+    unknown = sorted(set(data) - _FIELDS)
+    if unknown:  # a field renamed without a migration step would otherwise fall back to its default unseen
+        raise StoredParamsInvalid(f"params hold {', '.join(unknown)}, which WorkflowParams has no field for")
+    try:
+        return _ADAPTER.validate_python(data, strict=False)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in err.errors())
+        raise StoredParamsInvalid(problems) from None

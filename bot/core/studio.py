@@ -1,0 +1,68 @@
+"""`Studio`: what a front end holds. It builds Noodle's services once, each with its dependencies given explicitly,
+and starts and stops the one that runs in the background (the result collector).
+
+    studio = Studio(engine, store, settings, front="discord", publisher=publisher)
+    await studio.start()
+    ticket = await studio.generations.imagine({"prompt": "a red fox"}, who, origin)
+    async for event in studio.results.follow(ticket.job_id): ...
+
+The services, and what each needs:
+
+- `models` (services/models.py): the models folder, architectures, the request context; the engine;
+- `user_defaults` (services/user_settings.py): /settings; the store, `models`;
+- `presets` (services/server_presets.py): server presets and /imagine's layering; the store, `models`,
+  `user_defaults`;
+- `queue` (services/queue.py): requests into the engine's queue, /queue; the engine, the store;
+- `workflows` (services/workflows.py): /workflow and its reroll; the engine, `queue`, `user_defaults`;
+- `generations` (services/generations.py): /imagine, 🔁, 🔀, 🗑️, ℹ️, /history; all of the above;
+- `results` (results/collector.py): stores what the engine reports, posts results, follows requests.
+
+Nothing here knows Discord or terminals: a front end passes a `Publisher` (bot/core/front_end.py) and
+calls the services.
+"""
+
+from __future__ import annotations
+
+from bot.core.front_end import Publisher
+from bot.core.requests.imagine import Allowed
+from bot.core.results.collector import ResultCollector
+from bot.core.results.retention import Retention
+from bot.core.services.generations import Generations
+from bot.core.services.models import ModelChoices
+from bot.core.services.queue import RequestQueue
+from bot.core.services.server_presets import ServerPresets
+from bot.core.services.user_settings import UserDefaults
+from bot.core.services.workflows import Workflows
+from bot.core.storage.store import Store
+from bot.settings import Settings
+from engine.queue import EngineService
+
+__all__ = ["Studio"]
+
+
+class Studio:
+    """The transport-free services both front ends call, built around one engine service and one store."""
+
+    def __init__(self, engine: EngineService, store: Store, settings: Settings, *, front: str,
+                 publisher: Publisher | None = None) -> None:
+        self.settings, self.front = settings, front
+        self.allowed = Allowed.from_settings(settings)
+        self.models = ModelChoices(engine, settings, self.allowed)
+        self.user_defaults = UserDefaults(store, self.models)
+        self.presets = ServerPresets(store, self.models, self.user_defaults)
+        self.queue = RequestQueue(engine, store, front=front, per_user_max=settings.queue.per_user_max)
+        self.workflows = Workflows(engine, settings, self.queue, self.user_defaults)
+        self.generations = Generations(engine, store, settings, models=self.models, presets=self.presets,
+                                       user_defaults=self.user_defaults, queue=self.queue, workflows=self.workflows)
+        retention = Retention(store, settings.bot, settings.retention, input_dir=engine.input_dir,
+                              output_dir=engine.output_dir)
+        self.results = ResultCollector(engine, store, front=front, publisher=publisher,
+                                       publish_timeout=settings.bot.publish_timeout_seconds, retention=retention)
+
+    async def start(self) -> None:
+        """Collect results from the engine (what ended while nobody listened first)."""
+        await self.results.start()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop collecting; results still being stored or posted are redone at the next start."""
+        await self.results.stop(timeout)

@@ -1,0 +1,114 @@
+"""What every cog does with an interaction besides its own command: find the Studio it was built with, offer
+choices and autocompletes, answer, read an attachment, and follow a queued job in the private status message.
+
+The cogs import these from here and never from one another, so each cog module holds one command family.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+
+from bot.discord_app.cogs.tasks import CogTasks
+from bot.discord_app.post import InteractionStatus
+from bot.core.errors import RequestInvalid
+from bot.core.results.status import relay
+from bot.core.front_end import StudioEvent, Ticket
+
+if TYPE_CHECKING:
+    from bot.core.studio import Studio
+
+__all__ = ["MAX_CHOICES", "announce_and_follow", "checkpoint_choices", "fixed_choices", "preset_choices",
+           "read_attachment", "reply", "require_studio"]
+
+log = logging.getLogger(__name__)
+# Discord shows at most 25 suggestions, each at most 100 characters
+MAX_CHOICES, MAX_CHOICE_CHARS = 25, 100
+# Discord drops an unanswered command after 3 s and the interaction token after 15 min; edits
+# through the token stop a little before that (the result itself is posted as a channel message).
+TOKEN_SECONDS = 14 * 60
+DOWNLOAD_SECONDS = 30.0
+
+
+def require_studio(studio: Studio | None) -> Studio:
+    """The cog's Studio; a cog built only to print the command schema has none."""
+    if studio is None:
+        raise RuntimeError("this cog was built to print the command schema; give it a Studio to run commands")
+    return studio
+
+
+def fixed_choices(names: tuple[str, ...]) -> list[app_commands.Choice[str]]:
+    """A fixed choice list for an option (samplers, schedulers, styles), as many as Discord shows."""
+    return [app_commands.Choice(name=name, value=name) for name in names[:MAX_CHOICES]]
+
+
+async def checkpoint_choices(studio: Studio, current: str) -> list[app_commands.Choice[str]]:
+    """Checkpoints of the models folder matching what was typed (listed off the event loop)."""
+    names = await studio.models.names("checkpoints", current)
+    fitting = [name for name in names if len(name) <= MAX_CHOICE_CHARS]
+    return [app_commands.Choice(name=name, value=name) for name in fitting[:MAX_CHOICES]]
+
+
+async def preset_choices(studio: Studio, interaction: discord.Interaction,
+                         current: str) -> list[app_commands.Choice[str]]:
+    """This server's presets matching what was typed."""
+    guild = str(interaction.guild_id) if interaction.guild_id else None
+    names = await studio.presets.names(guild, current)
+    return [app_commands.Choice(name=name, value=name) for name in names[:MAX_CHOICES]]
+
+
+async def reply(interaction: discord.Interaction, text: str) -> None:
+    """Put `text` in the deferred answer (cut to Discord's 2000 characters); a failed edit is logged, not raised."""
+    try:
+        await interaction.edit_original_response(content=text[:2000])
+    except discord.HTTPException as err:
+        log.info("could not answer the interaction: %s", err)
+
+
+async def read_attachment(attachment: discord.Attachment, option: str) -> bytes:
+    """An attachment's bytes (its size already checked); a failed or slow download says to attach it again."""
+    try:
+        return await asyncio.wait_for(attachment.read(), timeout=DOWNLOAD_SECONDS)
+    except (discord.HTTPException, asyncio.TimeoutError) as err:
+        raise RequestInvalid(f"{option}: {attachment.filename!r} could not be downloaded ({err}); attach it again") \
+            from err
+
+
+async def announce_and_follow(tasks: CogTasks, studio: Studio, interaction: discord.Interaction, ticket: Ticket,
+                              every: float) -> None:
+    """Say the job is queued, then keep that private message up to date until the verdict (/imagine, /workflow)."""
+    await reply(interaction, _queued_text(ticket))
+    tasks.spawn(_follow(studio, interaction, ticket, time.monotonic(), every), name=f"status-{ticket.job_id}")
+
+
+async def _follow(studio: Studio, interaction: discord.Interaction, ticket: Ticket, replied_at: float,
+                  every: float) -> None:
+    # the token lives 15 minutes from the command; edits through it stop a little before
+    deadline = replied_at + TOKEN_SECONDS - (time.time() - interaction.created_at.timestamp())
+    await relay(studio.results.follow(ticket.job_id), InteractionStatus(interaction), every=every, deadline=deadline,
+                shown_at=replied_at, finish=_verdict)
+
+
+def _queued_text(ticket: Ticket) -> str:
+    where = "next" if ticket.position == 1 else f"#{ticket.position} in the queue" if ticket.position else "queued"
+    return f"⏳ Queued ({where}): {ticket.summary} · job {ticket.job_id}"
+
+
+def _verdict(final: StudioEvent) -> str:
+    """The last status line: a link to the posted result, or why there is none."""
+    generation = final.generation
+    if final.kind == "done" and generation is not None and not final.error:
+        link = _jump(generation.guild_id, generation.channel_id, generation.message_id)
+        return f"✅ Done: #{generation.id} {link}".rstrip()
+    return f"❌ {final.error or 'the job failed'}"
+
+
+def _jump(guild_id: str | None, channel_id: str | None, message_id: str | None) -> str:
+    if not (channel_id and message_id):
+        return ""
+    return f"https://discord.com/channels/{guild_id or '@me'}/{channel_id}/{message_id}"

@@ -170,3 +170,11 @@ def test_no_weights_in_the_tree() -> None:
     tracked = [p for p in REPO.rglob("*") if p.suffix in {".safetensors", ".ckpt", ".pt", ".bin"}
                and ".cache" not in p.parts and ".venv" not in p.parts and "output" not in p.parts]
     assert not tracked, tracked
+
+
+def test_test_folders_mirror_the_packages() -> None:
+    """tests/bot/core/services/ tests bot/core/services/: a test package is a folder, not a file-name prefix."""
+    strays = [str(folder.relative_to(REPO)) for folder in sorted((REPO / "tests").rglob("__init__.py"))
+              if folder.parent != REPO / "tests"
+              and not (REPO / folder.parent.relative_to(REPO / "tests") / "__init__.py").is_file()]
+    assert not strays, f"test packages with no package of the same path: {strays}"

@@ -32,14 +32,14 @@ from bot.core.front_end import Origin, Requester
 from engine.errors import NoodleError
 from engine.nodes.base import SEED_MAX
 from tests.bot.conftest import WAIT, Env
-from tests.bot.test_queue import BOB, queued
-from tests.bot.test_upload_images import card_size, imagine_with, load_and_save
-from tests.bot.test_workflow import ALICE, as_file, graph
-from tests.bot.test_workflow_limits import combined, concatenated, repeated, widened
+from tests.bot.core.services.test_queue import BOB, queued
+from tests.bot.core.requests.test_uploads import card_size, imagine_with, load_and_save
+from tests.bot.core.services.test_workflows import ALICE, as_file, graph
+from tests.bot.core.services.test_workflow_limits import combined, concatenated, repeated, widened
 from tests.engine.conftest import txt2img
 from tests.engine.queue.service_support import GATE_SEED, Gate
 from tests.engine.test_cost import chained_samplers
-from tests.engine.test_load_image_formats import GREY_16, apng, chunk, encode, exif_rotated_jpeg, grey16_png, \
+from tests.engine.test_images_io import GREY_16, apng, chunk, encode, exif_rotated_jpeg, grey16_png, \
     png_by_hand
 
 SMALL = "steps: 2 width: 64 height: 64"

@@ -25,7 +25,7 @@ from engine.nodes.base import SEED_MAX
 from engine.settings import Limits
 from tests.bot.conftest import WAIT, Env
 from tests.bot.test_hostile_battery import HUGE, SMALL, ConsoleSession, next_job_runs
-from tests.bot.test_workflow import ALICE
+from tests.bot.core.services.test_workflows import ALICE
 from tests.engine.conftest import txt2img
 
 # -- random hostile input -------------------------------------------------------------------------------------

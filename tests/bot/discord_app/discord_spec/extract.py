@@ -4,10 +4,10 @@ From discord/discord-api-spec (MIT, LICENSE beside this file) it keeps only the 
 `ApplicationCommandCreateRequest` and `ApplicationCommandUpdateRequest` reach through `$ref`, plus the request
 body of PUT /applications/{application_id}/commands (the bulk overwrite `tree.sync()` sends: a list of
 `ApplicationCommandUpdateRequest`). `$ref`s keep their spec form (`#/components/schemas/...`), so the vendored
-file is itself a small valid document. Run it on purpose, then let tests/bot/test_command_schema.py judge:
+file is itself a small valid document. Run it on purpose, then let tests/bot/discord_app/test_command_schema.py judge:
 
     git clone https://github.com/discord/discord-api-spec /tmp/discord-api-spec
-    python tests/bot/discord_spec/extract.py /tmp/discord-api-spec/specs/openapi.json \\
+    python tests/bot/discord_app/discord_spec/extract.py /tmp/discord-api-spec/specs/openapi.json \\
         "$(git -C /tmp/discord-api-spec rev-parse HEAD)"
 """
 
@@ -63,7 +63,7 @@ def extract(spec: dict[str, Any], commit: str) -> dict[str, Any]:
     schemas = spec["components"]["schemas"]
     used = reachable(schemas, ROOTS + tuple(ref.removeprefix(PREFIX) for ref in refs(body)))
     return {
-        "$comment": (f"Extracted by tests/bot/discord_spec/extract.py from github.com/discord/discord-api-spec "
+        "$comment": (f"Extracted by tests/bot/discord_app/discord_spec/extract.py from github.com/discord/discord-api-spec "
                      f"specs/openapi.json at commit {commit} (OpenAPI {spec.get('openapi')}, API v"
                      f"{spec.get('info', {}).get('version')}). MIT License, Copyright 2023 Discord: see LICENSE "
                      "in this folder. Do not edit by hand; rerun extract.py."),

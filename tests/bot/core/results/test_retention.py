@@ -168,7 +168,7 @@ async def test_delete_takes_the_source_upload_unless_another_result_loads_it(env
 
 async def test_delete_never_takes_an_input_file_outside_the_uploads_folder(env: Env) -> None:
     """A /workflow's LoadImage of a file the server owner put in input/: deleting its result leaves the file."""
-    from tests.bot.test_workflow import as_file
+    from tests.bot.core.services.test_workflows import as_file
     from tests.engine.conftest import txt2img
 
     mine = _write(env.settings.engine.input_dir / f"owner-{uuid.uuid4().hex}.png")

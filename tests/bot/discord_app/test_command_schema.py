@@ -1,6 +1,6 @@
 """Every application command Noodle syncs is one Discord accepts: its OpenAPI schema, then the documented rules.
 
-The schema is the vendored part of discord/discord-api-spec (tests/bot/discord_spec/, refreshed by extract.py).
+The schema is the vendored part of discord/discord-api-spec (tests/bot/discord_app/discord_spec/, refreshed by extract.py).
 The spec leaves some rules of discord.com/developers/docs/interactions/application-commands unencoded;
 `documented_problems` checks those. One bad option fails the whole bulk overwrite and leaves a server
 without commands, so each negative case below proves that a rule really bites.

@@ -10,7 +10,7 @@ from PIL import Image
 
 from engine.errors import NodeExecutionError
 from engine.executor import Executor
-from tests.engine.test_engine_runs import fresh_run, image_paths, pixels
+from tests.engine.test_runs import fresh_run, image_paths, pixels
 
 SD15 = "tiny-sd15.safetensors"
 

@@ -15,7 +15,7 @@ from bot.console.app import Console, ConsolePublisher, LineReader, chat_settings
 from bot.settings import Settings
 from tests.bot.conftest import Env
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 async def _console(env: Env, lines: str, tmp_path: Path) -> tuple[int, str]:

@@ -18,7 +18,7 @@ from bot.core.errors import RequestInvalid
 from bot.core.front_end import Origin
 from engine.nodes.base import SEED_MAX
 from tests.bot.conftest import Env
-from tests.bot.test_workflow import ALICE, as_file, graph, refused, run
+from tests.bot.core.services.test_workflows import ALICE, as_file, graph, refused, run
 from tests.engine.conftest import txt2img
 from tests.engine.queue.service_support import GATE_SEED, Gate
 from tests.engine.test_cost import chain, chained_samplers, feed_sampler

@@ -31,7 +31,7 @@ from bot.discord_app.connect import RECONNECT_MESSAGE, describe, retry_delays
 from bot.settings import Settings
 from bot.core.front_end import Origin, Requester
 from tests.bot.conftest import WAIT
-from tests.bot.test_command_schema import all_problems
+from tests.bot.discord_app.test_command_schema import all_problems
 
 APP_ID = "2000"
 CHANNEL_ID = "555"

@@ -6,7 +6,7 @@ import numpy as np
 
 from engine.executor import Executor
 from tests.engine.conftest import txt2img, with_changes
-from tests.engine.test_engine_runs import fresh_run, image_paths, pixels
+from tests.engine.test_runs import fresh_run, image_paths, pixels
 
 LONG = " ".join(["red fox"] * 52)  # 104 tokens: two chunks of 77
 

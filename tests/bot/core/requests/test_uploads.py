@@ -15,8 +15,8 @@ from bot.core.errors import RequestInvalid
 from bot.core.requests.imagine import ImageUpload
 from bot.core.front_end import Origin, Requester, StudioEvent
 from tests.bot.conftest import Env
-from tests.bot.test_service import _refused
-from tests.engine.test_load_image_formats import GREY_16, apng, encode, exif_rotated_jpeg, grey16_png
+from tests.bot.core.services.test_generations import _refused
+from tests.engine.test_images_io import GREY_16, apng, encode, exif_rotated_jpeg, grey16_png
 
 ALICE = Requester("42", "777", "alice")
 

@@ -14,8 +14,8 @@ from bot.core.errors import GenerationNotFound
 from bot.core.front_end import Origin, Requester
 from tests.bot.conftest import Env
 from tests.bot.fakes import FakeInteraction
-from tests.bot.test_queue import ComponentResponse, busy, queued  # noqa: F401  (busy: the fixture)
-from tests.bot.test_reactions import _posted, _react
+from tests.bot.core.services.test_queue import ComponentResponse, busy, queued  # noqa: F401  (busy: the fixture)
+from tests.bot.discord_app.cogs.test_reactions import _posted, _react
 
 ALICE = Requester("42", "777", "alice")
 BOB = Requester("43", "777", "bob")

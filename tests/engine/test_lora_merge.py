@@ -12,7 +12,7 @@ from engine.models.single_file import load_checkpoint_pipeline
 from engine.models.detect import detect_checkpoint
 from engine.values import ClipRef, LoraPatch, ModelRef
 from tests.engine.conftest import txt2img
-from tests.engine.test_engine_runs import fresh_run, image_paths, pixels
+from tests.engine.test_runs import fresh_run, image_paths, pixels
 
 
 def unet_weights(manager: ModelManager, model: ModelRef) -> dict[str, torch.Tensor]:

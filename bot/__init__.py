@@ -8,6 +8,8 @@
   - cards/: what a result, a ticket and ℹ️ details say, as plain data and text;
   - storage/: the SQLite store, its rows, presets table and versioned params;
   - front_end.py: the values front ends and services pass each other;
+  - presets.py: a server preset as data: checked, layered under /imagine's options, shown as a line;
+  - errors.py: the bot's own `NoodleError`s (what a person is told);
 - discord_app/: the Discord front end (client, connecting, cogs, posting, embeds, its bench);
 - console/: `noodle chat`, the local front end;
 - cli.py and settings.py: the `noodle` command and config.toml.

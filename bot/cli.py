@@ -1,7 +1,7 @@
 """The `noodle` command: the engine's subcommands plus the front ends: `bot`, `chat`, `main`, `bench bot`.
 
-engine/cli.py owns `run`, `nodes`, `tiny-models`, `tokens` and `bench engine|...`; this module adds
-`bot` to the `bench` command's choices and handles it before the engine's handler sees it.
+engine/cli.py owns `run`, `nodes`, `tiny-models`, `tokens` and `bench engine|queue`; this module hands it
+`bench bot` through `add_engine_commands(benches=...)` and adds the front ends' own subcommands.
 """
 
 from __future__ import annotations

@@ -15,18 +15,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from bot.console.commands import CONSOLE_SERVER, preset_command, queue_command, settings_command
 from bot.core.cards.result import card_text, failure_text, history_line, result_card
 from bot.core.errors import RequestInvalid
-from bot.core.requests.uploads import read_capped
-from bot.console.commands import CONSOLE_SERVER, preset_command, queue_command, settings_command
-from bot.core.requests.options import IMAGINE_OPTIONS, parse_options
-from bot.core.storage.records import Generation
-from bot.core.requests.imagine import Allowed, ImageUpload, check_upload_meta
-from bot.settings import Settings
-from bot.core.results.status import relay
-from bot.core.storage.store import Store
 from bot.core.front_end import Requester, Ticket
+from bot.core.requests.imagine import Allowed, ImageUpload, check_upload_meta
+from bot.core.requests.options import IMAGINE_OPTIONS, parse_options
+from bot.core.requests.uploads import read_capped
 from bot.core.requests.workflow_file import read_workflow_file
+from bot.core.results.status import relay
+from bot.core.storage.records import Generation
+from bot.core.storage.store import Store
+from bot.settings import Settings
 from engine.errors import NoodleError
 
 __all__ = ["DEMO", "Console", "ConsolePublisher", "LineReader", "chat_settings", "run_chat"]
@@ -133,8 +133,8 @@ class Console:
         self.studio = studio
         self.out, self.err = out, err
         self.interactive = interactive
-        # no server, so no moderator rights: like a DM, the console reaches its own results only (bot/core/services/access.py),
-        # never a Discord server's should the two share a database
+        # no server, so no moderator rights: like a DM, the console reaches its own results only
+        # (bot/core/services/access.py), never a Discord server's should the two share a database
         self.who = Requester(user, None, user.removeprefix("console:"))
         # presets belong to a server: the console is one server of its own; --manage-server makes you its manager
         self.member = replace(self.who, guild_id=CONSOLE_SERVER, manage_server=manage_server)
@@ -231,8 +231,8 @@ class Console:
             raise RequestInvalid("write react JOB EMOJI, e.g. react last 🔁 (JOB is a printed job id or `last`)")
         job, action = words[0], ACTIONS.get(words[1])
         if action is None:
-            raise RequestInvalid(f"{words[1]!r} is not a reaction; use 🔁 🔀 🗑️ ℹ️ (or reroll, variation, delete, "
-                                 "details)")
+            raise RequestInvalid(f"{words[1]!r} is not a reaction; use 🔁 🔀 🗑️ ℹ️ (or reroll, variation, "
+                                 "delete, details)")
         job_id = self.last if job == "last" else job
         generation = await self.studio.generations.by_job(job_id) if job_id else None
         if generation is None:

@@ -1,4 +1,5 @@
-"""`/preset ...` lines of `noodle chat`: the same Studio calls as the Discord /preset group, as text.
+"""The `/preset ...`, `/settings ...` and `/queue ...` lines of `noodle chat`: the same Studio calls as the Discord
+commands, answered as text.
 
 `/preset create name: anime model: tiny-sd15 steps: 28` (Discord's `name: value` notation); the
 console is one server of its own (`CONSOLE_SERVER`), and `noodle chat --manage-server` makes the
@@ -10,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from bot.core.errors import RequestInvalid
-from bot.core.requests.options import parse_options
-from bot.core.presets import PRESET_OPTIONS, preset_details, preset_from_options, preset_line
 from bot.core.front_end import Requester
+from bot.core.presets import PRESET_OPTIONS, preset_details, preset_from_options, preset_line
+from bot.core.requests.options import parse_options
+from bot.core.services.queue import queue_text
+from bot.core.services.user_settings import USER_KEYS, settings_text
 
 __all__ = ["CONSOLE_SERVER", "preset_command", "queue_command", "settings_command"]
 
@@ -55,23 +58,16 @@ async def preset_command(studio: Any, who: Requester, rest: str) -> str:
 
 async def settings_command(studio: Any, who: Requester, rest: str) -> str:
     """`/settings [clear] [preset: P] [width: W] [height: H] [steps: N] [negative: TEXT]`: show or change them."""
-    from bot.core.services.user_settings import USER_KEYS
-
     text = rest.strip()
     if text == "clear" or text.startswith("clear "):
         await studio.user_defaults.change(who, dict.fromkeys(await studio.user_defaults.get(who)))
         text = text.removeprefix("clear").strip()
     options = parse_options(text, USER_KEYS, first="preset")
-    current = await studio.user_defaults.change(who, options)
-    if not current:
-        return "no defaults of your own: /imagine uses the server's default preset and config.toml"
-    return "your defaults: " + ", ".join(f"{key}={value}" for key, value in current.items())
+    return settings_text(await studio.user_defaults.change(who, options))
 
 
 async def queue_command(studio: Any, who: Requester, rest: str) -> str:
     """`/queue [cancel: 12]`: cancel that request first if asked, then list the caller's queue."""
-    from bot.core.services.queue import queue_text
-
     text = rest.replace("#", "").strip()
     head = ""
     if text:

@@ -73,7 +73,8 @@ class Details:
 
 
 class Publisher(Protocol):
-    """A front end's way of showing a finished job; the Studio calls it once per result, restarts included."""
+    """A front end's way of showing a finished job; the result collector calls it once per result, restarts
+    included."""
 
     async def publish(self, generation: Generation) -> str | None:
         """Show the result; return the message id that reactions will name (None where there is none)."""

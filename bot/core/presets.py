@@ -1,7 +1,7 @@
 """Server presets: named /imagine defaults, checked against the models folder, layered under explicit options.
 
-Transport-free: the Studio and both front ends call these. A preset names a checkpoint, LoRAs with
-strengths (`name:model[:clip]`, as /imagine's `loras`), an optional VAE, a style of
+Transport-free: bot/core/services/server_presets.py and both front ends call these. A preset names a
+checkpoint, LoRAs with strengths (`name:model[:clip]`, as /imagine's `loras`), an optional VAE, a style of
 `prompts/styles.toml`, a negative prompt and sampling options. It is checked when saved; a file
 removed from the models folder afterwards makes it *broken*: /imagine with it names the preset and
 the missing file, /preset list marks it, and nothing else is affected.
@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bot.core.errors import NotAllowed, RequestInvalid
+from bot.core.front_end import Requester
+from bot.core.requests.imagine import RequestContext, parse_request
 from bot.core.requests.names import resolve_name
 from bot.core.requests.options import parse_loras
-from bot.core.requests.imagine import RequestContext, parse_request
-from bot.core.front_end import Requester
 from prompts.names import closest_names
 from prompts.styles import Style
 
@@ -137,8 +137,7 @@ def check_name(name: str) -> str:
     return cleaned
 
 
-def validate_preset(preset: Preset, context: RequestContext, vaes: Sequence[str],
-                    styles: Mapping[str, Style]) -> Preset:
+def validate_preset(preset: Preset, context: RequestContext, styles: Mapping[str, Style]) -> Preset:
     """The preset with its file names resolved, or RequestInvalid/ModelNotFound saying what is wrong.
 
     Ranges, sampler and scheduler are /imagine's own checks (the same limits from config.toml);
@@ -155,7 +154,7 @@ def validate_preset(preset: Preset, context: RequestContext, vaes: Sequence[str]
             f"{resolve_name('LoRA', s.name, context.loras, 'models/loras')}:{s.strength_model:g}:{s.strength_clip:g}"
             for s in specs)
     if preset.vae:
-        resolved["vae"] = resolve_name("VAE", preset.vae, vaes, "models/vae")
+        resolved["vae"] = resolve_name("VAE", preset.vae, context.vaes, "models/vae")
     if preset.style is not None and preset.style not in styles:
         hint = closest_names(preset.style, styles)
         closest = f"; closest: {', '.join(hint)}" if hint else ""
@@ -164,7 +163,7 @@ def validate_preset(preset: Preset, context: RequestContext, vaes: Sequence[str]
     return preset.model_copy(update=resolved)
 
 
-def missing_files(preset: Preset, context: RequestContext, vaes: Sequence[str]) -> list[str]:
+def missing_files(preset: Preset, context: RequestContext) -> list[str]:
     """The files the preset names that are no longer in the models folder (empty: it still works)."""
     gone: list[str] = []
     if preset.model and preset.model not in context.checkpoints:
@@ -172,7 +171,7 @@ def missing_files(preset: Preset, context: RequestContext, vaes: Sequence[str]) 
     for spec in parse_loras(preset.loras):
         if spec.name not in context.loras:
             gone.append(f"models/loras/{spec.name}")
-    if preset.vae and preset.vae not in vaes:
+    if preset.vae and preset.vae not in context.vaes:
         gone.append(f"models/vae/{preset.vae}")
     return gone
 

@@ -62,11 +62,11 @@ class _Interaction:
 
 async def measure(models_dir: Path, commands: int, busy_steps: int = BUSY_STEPS) -> dict[str, Any]:
     """The measurement itself (the tests run it small): ack and queued latencies of `commands` arrivals."""
-    from bot.discord_app.cogs.imagine import imagine_cog
     from bot.core.requests.imagine import Allowed
-    from bot.core.studio import Studio
-    from bot.settings import BotSettings, Settings
     from bot.core.storage.store import Store
+    from bot.core.studio import Studio
+    from bot.discord_app.cogs.imagine import imagine_cog
+    from bot.settings import BotSettings, Settings
     from engine.executor import create_executor
     from engine.queue import EngineService
     from engine.settings import EngineSettings, ModelsSettings
@@ -86,9 +86,9 @@ async def measure(models_dir: Path, commands: int, busy_steps: int = BUSY_STEPS)
     cog = imagine_cog(studio, Allowed.from_settings(settings), status_every=settings.bot.status_edit_seconds)
     handler = cog.imagine.callback  # type: ignore[attr-defined]
     try:
-        busy = await studio.generations.submit(await studio.generations.parse({"prompt": "keep the worker busy", "steps": busy_steps,
-                                                        "width": 64, "height": 64}),
-                                   _requester(0))
+        busy_request = await studio.generations.parse({"prompt": "keep the worker busy", "steps": busy_steps,
+                                                       "width": 64, "height": 64})
+        busy = await studio.generations.submit(busy_request, _requester(0))
         async for event in studio.results.follow(busy.job_id):  # wait until the worker is really running it
             if event.kind in ("started", "progress", "done", "failed"):
                 break

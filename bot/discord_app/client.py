@@ -21,17 +21,19 @@ from discord import app_commands
 from discord.ext import commands
 from discord.utils import MISSING
 
+from bot.core.requests.imagine import Allowed
+from bot.core.storage.records import Generation
 from bot.discord_app.cogs.imagine import imagine_cog
 from bot.discord_app.cogs.presets import presets_cog
 from bot.discord_app.cogs.queue import queue_cog
 from bot.discord_app.cogs.reactions import Reactions
 from bot.discord_app.cogs.user_settings import settings_cog
 from bot.discord_app.cogs.workflow import Workflow
-from bot.discord_app.connect import CONNECT_ERRORS, bad_token, describe, quiet_discord_logs, retry_delays, worth_retrying
+from bot.discord_app.connect import (CONNECT_ERRORS, bad_token, describe, quiet_discord_logs, retry_delays,
+                                     worth_retrying)
 from bot.discord_app.post import DiscordPublisher
-from bot.core.storage.records import Generation
-from bot.core.requests.imagine import Allowed
 from bot.settings import Settings
+from prompts.styles import load_styles
 
 __all__ = ["ConnectedPublisher", "DiscordRefused", "NoodleBot", "command_payloads", "intents", "run_bot"]
 
@@ -61,8 +63,6 @@ async def command_payloads(settings: Settings) -> list[dict[str, Any]]:
 
 
 def _style_names() -> tuple[str, ...]:
-    from prompts.styles import load_styles
-
     return tuple(load_styles())
 
 
@@ -77,8 +77,8 @@ class DiscordRefused(Exception):
 class ConnectedPublisher:
     """Posts through DiscordPublisher once the gateway is up: results that end while Discord is away wait here.
 
-    The Studio bounds each wait ([bot] publish_timeout_seconds); what waited longer stays unposted in the
-    store and `NoodleBot.on_ready` posts it.
+    The result collector bounds each wait ([bot] publish_timeout_seconds); what waited longer stays unposted in
+    the store and `NoodleBot.on_ready` posts it.
     """
 
     def __init__(self, inner: DiscordPublisher, connected: asyncio.Event) -> None:

@@ -17,11 +17,11 @@ import discord
 
 from bot.core.cards.card import truncate
 from bot.core.cards.result import failure_text, result_card
-from bot.discord_app.embeds import to_embed
 from bot.core.errors import GenerationNotFound
-from bot.core.storage.records import Generation
 from bot.core.front_end import Origin, Requester
 from bot.core.requests.workflow_file import is_workflow
+from bot.core.storage.records import Generation
+from bot.discord_app.embeds import to_embed
 from engine.errors import NoodleError
 
 __all__ = ["REACTIONS", "VARIATION_DIGITS", "ChannelStatus", "DiscordPublisher", "InteractionStatus",
@@ -76,7 +76,8 @@ async def resolve_channel(client: Any, channel_id: int) -> Any:
 
 
 class DiscordPublisher:
-    """Posts finished generations to their channel; the Studio calls it once per result, restarts included."""
+    """Posts finished generations to their channel; the result collector calls it once per result, restarts
+    included."""
 
     def __init__(self, client: Any) -> None:
         self.client = client

@@ -105,7 +105,7 @@ class ConsoleSession:
 
     def __init__(self, env: Env, details_dir: Path) -> None:
         self.out = io.StringIO()
-        env.studio.results.publisher, env.studio.front = ConsolePublisher(self.out), "console"
+        env.studio.results.publisher = ConsolePublisher(self.out)
         self.console = Console(env.studio, self.out, io.StringIO(), interactive=False, details_dir=details_dir)
 
     async def line(self, text: str) -> list[str]:

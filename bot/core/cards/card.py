@@ -1,5 +1,6 @@
 """What every result card is made of: the front-end neutral `Card`, the size limits its text keeps to, and the
-lines /imagine's card (bot/core/cards/result.py) and /workflow's (bot/core/cards/workflow.py) both show: token usage, timings.
+lines /imagine's card (bot/core/cards/result.py) and /workflow's (bot/core/cards/workflow.py) both show: token
+usage, timings.
 
 Both card modules build on this one, so neither imports the other's building blocks.
 """

@@ -1,9 +1,10 @@
 """What a result says about itself: the card shown under the PNGs on Discord and printed by `noodle chat`.
 
-One `Card` (title, description, fields, footer) per generation; `card_text` is the console's
-rendering and bot/discord_app/embeds.py's `to_embed` Discord's, so both front ends show the same words. The numbers come
+One `Card` (title, description, fields, footer) per generation; `card_text` is the console's rendering and
+bot/discord_app/embeds.py's `to_embed` Discord's, so both front ends show the same words. The numbers come
 from the run's meta as stored: seeds, token usage per text encode, cached nodes, timings. `Card` and the
 lines every card shares are in bot/core/cards/card.py; a /workflow result's card is bot/core/cards/workflow.py's.
+Also here: the status, failure and /history lines, and the label a request is listed by.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import time
 from typing import Any
 
 from bot.core.cards.card import FIELD_CHARS, PROMPT_CHARS, Card, first_sampler, seconds_text, token_usage, truncate
-from bot.core.storage.records import Generation
 from bot.core.cards.workflow import workflow_card
 from bot.core.requests.workflow_file import is_workflow
+from bot.core.storage.records import Generation
 from engine.models.paths import display_name
 
-__all__ = ["REACTION_HELP", "card_text", "failure_text", "history_line", "request_label", "result_card", "status_text"]
+__all__ = ["REACTION_HELP", "card_text", "failure_text", "history_line", "message_link", "request_label", "result_card",
+           "status_text"]
 
 REACTION_HELP = "🔁 reroll · 🔀 variation · 🗑️ delete · ℹ️ details"
 _LABELS = {
@@ -147,17 +149,25 @@ def request_label(generation: Generation) -> str:
                or generation.params.get("filename") or generation.request.get("filename") or "")
 
 
+def message_link(generation: Generation) -> str:
+    """The Discord link of the message a result was posted as, or "" when it was posted in no channel."""
+    if not (generation.channel_id and generation.message_id):
+        return ""
+    where = f"{generation.guild_id or '@me'}/{generation.channel_id}/{generation.message_id}"
+    return f"https://discord.com/channels/{where}"
+
+
 def history_line(generation: Generation) -> str:
     """One line of /history: number, kind, state, prompt, model and a link to the posted result."""
     prompt = truncate(request_label(generation), 60)
     model = display_name(generation.model_name)
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(generation.created_at))
+    link = message_link(generation)
     where = ""
     if generation.private and generation.message_id:
         where = " (sent to your DMs)"
-    elif generation.channel_id and generation.message_id:
-        where = f" https://discord.com/channels/{generation.guild_id or '@me'}/{generation.channel_id}/" \
-                f"{generation.message_id}"
+    elif link:
+        where = f" {link}"
     elif generation.images and generation.state == "done":
         where = f" {generation.images[0]}"
     return f"#{generation.id} {generation.kind} · {generation.state} · {when} UTC · {model} · {prompt}{where}"

@@ -1,4 +1,5 @@
-"""What a queued ticket says in one line: `tiny-sd15 · 64×64 ×2 · seeds 42-43`, `portrait.json · tiny-sd15 · seed 42`."""
+"""What a queued ticket says in one line: `tiny-sd15 · 64×64 ×2 · seeds 42-43` for /imagine,
+`portrait.json · tiny-sd15 · seed 42` for /workflow."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The card of a /workflow result (and of its rerolls): the file, the checkpoints it loaded, every sampler's
-seed, token usage, timings; shown by both front ends like /imagine's card (bot/core/cards/result.py's `result_card`
-hands workflow results here).
+seed, token usage, timings; shown by both front ends like /imagine's card (bot/core/cards/result.py's
+`result_card` hands workflow results here).
 
 A workflow has no /imagine options to show: what it did is read back from its stored graph and run meta.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from bot.core.cards.card import FIELD_CHARS, PROMPT_CHARS, Card, first_sampler, seconds_text, token_usage, truncate
-from bot.core.storage.records import Generation
 from bot.core.requests.workflow_file import checkpoints_of, seeds_of
+from bot.core.storage.records import Generation
 from engine.models.paths import display_name
 
 __all__ = ["WORKFLOW_REACTION_HELP", "workflow_card"]

@@ -1,5 +1,5 @@
-"""`GenerationRequest`: the /imagine options, checked against config.toml and the models folder, then
-turned into `WorkflowParams` through the engine's templates.
+"""`GenerationRequest`: the /imagine options, checked against config.toml (`Allowed`) and the models folder
+(`RequestContext`), then turned into the engine's `WorkflowParams` (`to_params`); `parse_request` builds one.
 
 Second stop of the flow (command -> request -> workflow). Discord enforces the ranges typed in the
 command schema before we see an option; the console does not, and a server owner may change
@@ -90,7 +90,8 @@ def check_upload_meta(filename: str, content_type: str | None, size: int, allowe
 
 
 class ImageUpload(BaseModel):
-    """An attached image (img2img) as bytes; decoded and measured off the event loop by the Studio."""
+    """An attached image (img2img) as bytes; decoded and measured off the event loop when it is queued
+    (bot/core/requests/uploads.py's `prepare_image`)."""
 
     model_config = ConfigDict(frozen=True)
 

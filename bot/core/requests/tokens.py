@@ -1,6 +1,6 @@
 """/tokens: a prompt's token report (CLIP's 75-token chunks, embeddings, LoRA tags, warnings) as text.
 
-The same count the result embed shows, before spending a job on it; transport-free.
+The same count a result card's Tokens field shows, before spending a job on it; transport-free.
 """
 
 from __future__ import annotations

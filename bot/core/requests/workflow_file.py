@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from bot.core.cards.card import truncate
-from bot.core.requests.uploads import read_capped
 from bot.core.errors import RequestInvalid
+from bot.core.requests.uploads import read_capped
 from bot.core.storage.records import Generation
 from engine.cost import LIMIT_EXCEEDED
 from engine.nodes.base import SEED_MAX

@@ -27,13 +27,13 @@ from typing import Any
 import aiosqlite
 
 from bot.core.errors import GenerationNotFound
+from bot.core.front_end import Publisher, StudioEvent
 from bot.core.results.files import remove_files
+from bot.core.results.progress import merged_events
+from bot.core.results.retention import Retention
 from bot.core.results.verdict import outcome_of
 from bot.core.storage.records import ENDED, NOT_DONE, Generation
-from bot.core.results.retention import Retention
 from bot.core.storage.store import PENDING, WRITE_FAILED, Store
-from bot.core.front_end import Publisher, StudioEvent
-from bot.core.results.progress import merged_events
 from engine.disk import is_disk_full
 from engine.errors import NoodleError
 from engine.executor import written_paths
@@ -167,7 +167,8 @@ class ResultCollector:
             self._spawn(self.settle(generation_id))
 
     async def _adopt(self, job_id: str) -> bool:
-        """Link a job to its image when its events overtook the Studio's own bookkeeping (fast jobs, restarts)."""
+        """Link a job to its image when its events overtook `RequestQueue.enqueue`'s bookkeeping (fast jobs,
+        restarts)."""
         for info in self.engine.jobs(states=tuple(JobState)):
             if info.job_id == job_id and "generation_id" in info.extra:
                 await self.store.attach_job(int(info.extra["generation_id"]), int(info.extra.get("idx", 1)), job_id)

@@ -12,8 +12,9 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from bot.core.storage.records import ENDED
 from bot.core.front_end import StudioEvent
+from bot.core.storage.records import ENDED
+from engine.queue import EngineService
 
 __all__ = ["merged_events"]
 
@@ -22,7 +23,7 @@ SILENCE_SECONDS = 6 * 3600
 _END = object()
 
 
-async def merged_events(engine: Any, job_ids: Sequence[str]) -> AsyncIterator[StudioEvent]:
+async def merged_events(engine: EngineService, job_ids: Sequence[str]) -> AsyncIterator[StudioEvent]:
     """Position, start and progress across `job_ids`, until all of them ended (the verdict is not yielded)."""
     queue: asyncio.Queue[Any] = asyncio.Queue()
     primary = job_ids[0]

@@ -1,10 +1,11 @@
 """Retention: uploads, the engine's finished job rows and (when asked) results older than `[retention]` go.
 
-The result collector (bot/core/results/collector.py) starts one `Retention` task: it prunes at start and then every `check_every_hours`,
-and is cancelled on stop. It only ever looks inside [engine] input_dir/[bot] uploads_folder and
-[engine] output_dir/[bot] results_folder (never the folders themselves, never through a link), and keeps
-every file a request still queued or running loads. Results are retired as the 🗑️ reaction retires them:
-the PNGs go, the row stays as history in state `deleted`.
+The result collector (bot/core/results/collector.py) starts one `Retention` task: it prunes at start and
+then every `check_every_hours`, and is cancelled on stop. It only ever looks inside [engine]
+input_dir/[bot] uploads_folder and [engine] output_dir/[bot] results_folder (never the folders
+themselves, never through a link), and keeps every file a request still queued or running loads.
+Results are retired as the 🗑️ reaction retires them: the PNGs go, the row stays as history in state
+`deleted`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import aiosqlite
 
 from bot.core.results.files import remove_files
 from bot.core.storage.records import Generation
-from bot.settings import BotSettings, RetentionSettings
 from bot.core.storage.store import Store
+from bot.settings import BotSettings, RetentionSettings
 from engine.errors import NoodleError
 from engine.queue import JobRecord, JobStore
 

@@ -11,9 +11,9 @@ grants it per server: a moderator of server A is nobody in server B.
 from __future__ import annotations
 
 from bot.core.errors import GenerationNotFound
+from bot.core.front_end import Requester
 from bot.core.storage.records import Generation
 from bot.core.storage.store import Store
-from bot.core.front_end import Requester
 
 __all__ = ["may_moderate", "not_found", "reachable", "visible_to"]
 

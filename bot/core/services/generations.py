@@ -1,4 +1,5 @@
-"""/imagine and what people do with its results: submit, 🔁 reroll, 🔀 variation, 🗑️ delete, ℹ️ details, /history.
+"""/imagine and what people do with its results: submit, 🔁 reroll, 🔀 variation, 🗑️ delete, ℹ️ details,
+/history.
 
 A request becomes one workflow per image (bot/core/requests/ -> engine/templates.py), each with its
 own seed, queued with the requester as owner through `RequestQueue` (recorded first, all or nothing).

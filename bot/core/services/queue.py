@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bot.core.services.access import may_moderate, not_found, reachable
 from bot.core.cards.card import truncate
 from bot.core.cards.result import request_label
 from bot.core.errors import NotAllowed, RequestInvalid
 from bot.core.front_end import Origin, Requester, Ticket
+from bot.core.services.access import may_moderate, not_found, reachable
 from bot.core.storage.records import NewGeneration
 from bot.core.storage.store import Store
 from engine.queue import EngineService, JobInfo, JobState, Owner

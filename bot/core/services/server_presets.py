@@ -8,14 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from bot.core.errors import RequestInvalid
+from bot.core.front_end import Requester
 from bot.core.presets import (Preset, PresetRecord, check_name, layered, missing_files, require_manage_server,
-                         validate_preset)
+                              validate_preset)
 from bot.core.requests.imagine import RequestContext
 from bot.core.services.models import ModelChoices
 from bot.core.services.preset_lookup import preset_record
 from bot.core.services.user_settings import UserDefaults
 from bot.core.storage.store import Store
-from bot.core.front_end import Requester
 from prompts.styles import Style, load_styles
 
 __all__ = ["ServerPresets"]
@@ -47,7 +47,7 @@ class ServerPresets:
             raise RequestInvalid(f"preset {name!r} already exists; change it with /preset update {name} or pick "
                                  "another name")
         context = await self.models.context()
-        checked = validate_preset(preset.model_copy(update={"name": name}), context, context.vaes, self.styles)
+        checked = validate_preset(preset.model_copy(update={"name": name}), context, self.styles)
         return await self.store.add_preset(guild, checked, who.user_id)
 
     async def update(self, who: Requester, preset: Preset) -> PresetRecord:
@@ -57,7 +57,7 @@ class ServerPresets:
         existing = await preset_record(self.store, guild, name)
         merged = Preset(name=name, **{**existing.preset.options(), **preset.options()})
         context = await self.models.context()
-        checked = validate_preset(merged, context, context.vaes, self.styles)
+        checked = validate_preset(merged, context, self.styles)
         return await self.store.replace_preset(guild, checked, who.user_id)
 
     async def delete(self, who: Requester, name: str) -> None:
@@ -84,14 +84,14 @@ class ServerPresets:
         if guild_id is None:
             return []
         context = await self.models.context()
-        return [record.model_copy(update={"broken": tuple(missing_files(record.preset, context, context.vaes))})
+        return [record.model_copy(update={"broken": tuple(missing_files(record.preset, context))})
                 for record in await self.store.presets(guild_id)]
 
     async def show(self, guild_id: str | None, name: str) -> PresetRecord:
         """One preset with its broken files, or RequestInvalid naming the existing ones."""
         record = await preset_record(self.store, guild_id, name.strip().lower())
         context = await self.models.context()
-        return record.model_copy(update={"broken": tuple(missing_files(record.preset, context, context.vaes))})
+        return record.model_copy(update={"broken": tuple(missing_files(record.preset, context))})
 
     async def default(self, guild_id: str | None) -> str | None:
         """The server's default preset's name, if one is set."""
@@ -146,7 +146,7 @@ class ServerPresets:
     async def _preset_options(self, guild_id: str | None, name: str, context: RequestContext,
                               what: str) -> dict[str, Any]:
         record = await preset_record(self.store, guild_id, name.strip().lower())
-        gone = missing_files(record.preset, context, context.vaes)
+        gone = missing_files(record.preset, context)
         if gone:
             raise RequestInvalid(f"{what} {record.preset.name!r} is broken: {', '.join(gone)} is no longer in the "
                                  f"models folder; ask a server manager to /preset update {record.preset.name} with "

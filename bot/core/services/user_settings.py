@@ -14,10 +14,17 @@ from bot.core.services.models import ModelChoices
 from bot.core.services.preset_lookup import preset_record
 from bot.core.storage.store import Store
 
-__all__ = ["USER_KEYS", "UserDefaults"]
+__all__ = ["USER_KEYS", "UserDefaults", "settings_text"]
 
 # What /settings keeps per user (the /imagine options among them are layered under the preset's).
 USER_KEYS = ("preset", "width", "height", "steps", "negative", "private")
+
+
+def settings_text(current: dict[str, Any]) -> str:
+    """A member's defaults as one line (what /settings answers on Discord and in `noodle chat`)."""
+    if not current:
+        return "no defaults of your own: /imagine uses the server's default preset and config.toml"
+    return "your defaults: " + ", ".join(f"{key}={value}" for key, value in current.items())
 
 
 class UserDefaults:

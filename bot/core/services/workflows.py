@@ -1,10 +1,11 @@
 """/workflow: run an uploaded ComfyUI API-format workflow as one job, and 🔁 it with new seeds.
 
-A member at their queue cap is refused first, before any work. A file then goes through bot/core/requests/workflow_file.py (size, JSON, UI format refused,
-/prompt wrapper unwrapped, blocked node types refused, outputs renamed under the results folder) and the
-engine's validator (ComfyUI's errors and the whole graph's cost, summarised per node), then into the
-queue as ONE job through the same bookkeeping as /imagine (`RequestQueue.enqueue`: the row first, all
-or nothing, the per-user cap). The job's images are stored, posted and deleted together.
+A member at their queue cap is refused first, before any work. A file then goes through
+bot/core/requests/workflow_file.py (size, JSON, UI format refused, /prompt wrapper unwrapped, blocked node
+types refused, outputs renamed under the results folder) and the engine's validator (ComfyUI's errors and
+the whole graph's cost, summarised per node), then into the queue as ONE job through the same bookkeeping
+as /imagine (`RequestQueue.enqueue`: the row first, all or nothing, the per-user cap). The job's images
+are stored, posted and deleted together.
 """
 
 from __future__ import annotations
@@ -14,17 +15,17 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from bot.core.errors import RequestInvalid
 from bot.core.cards.summary import workflow_summary
+from bot.core.errors import RequestInvalid
+from bot.core.front_end import Origin, Requester, Ticket
+from bot.core.requests.imagine import DISCORD_INT_MAX
+from bot.core.requests.workflow_file import (SOURCE, check_size, checkpoints_of, node_lines, parse_workflow,
+                                             refuse_blocked, reseed, seeds_of, summarise, with_outputs)
 from bot.core.results.files import prefix_for
 from bot.core.services.queue import RequestQueue
 from bot.core.services.user_settings import UserDefaults
 from bot.core.storage.records import Generation, NewGeneration
-from bot.core.requests.imagine import DISCORD_INT_MAX
 from bot.settings import Settings
-from bot.core.front_end import Origin, Requester, Ticket
-from bot.core.requests.workflow_file import (SOURCE, checkpoints_of, check_size, node_lines, parse_workflow, refuse_blocked,
-                               reseed, seeds_of, summarise, with_outputs)
 from engine.errors import WorkflowInvalid
 from engine.queue import EngineService
 
@@ -39,7 +40,7 @@ class Workflows:
         self.engine, self.settings, self.queue, self.user_defaults = engine, settings, queue, user_defaults
 
     async def run(self, data: bytes, filename: str, who: Requester, origin: Origin | None = None, *,
-                           private: bool | None = None) -> Ticket:
+                  private: bool | None = None) -> Ticket:
         """Check, validate and queue an uploaded workflow for `who`; RequestInvalid says why not, and then nothing
         was stored, written or queued. `private` None follows `who`'s /settings."""
         filename = filename[:100]
@@ -56,8 +57,7 @@ class Workflows:
                   "prefix": prefix_for(self.settings.bot.results_folder, Path(filename).stem)}
         return await self._queue_workflow("workflow", workflow, params, request, who, origin or Origin())
 
-    async def rerun(self, parent: Generation, who: Requester, origin: Origin, *,
-                             private: bool = False) -> Ticket:
+    async def rerun(self, parent: Generation, who: Requester, origin: Origin, *, private: bool = False) -> Ticket:
         """🔁 on a workflow result: the same graph with a new random seed in every sampler (`private`: to DMs)."""
         self.queue.check_room(who, 1)
         fresh, seeds = reseed(parent.workflow, lambda: secrets.randbelow(DISCORD_INT_MAX + 1))
@@ -96,6 +96,6 @@ class Workflows:
 
 def variation_refused(parent: Generation) -> RequestInvalid:
     """Why 🔀 does not work on a workflow result."""
-    return RequestInvalid(f"#{parent.id} came from /workflow: 🔀 variations start from an /imagine result. React 🔁 "
-                          "to run the workflow again with new seeds, or start /imagine from one of its images "
-                          "with image:")
+    return RequestInvalid(f"#{parent.id} came from /workflow: 🔀 variations start from an /imagine result. "
+                          "React 🔁 to run the workflow again with new seeds, or start /imagine from one of its "
+                          "images with image:")

@@ -36,7 +36,7 @@ class PresetTable:
         raise NotImplementedError
 
     async def add_preset(self, guild_id: str, preset: Preset, who: str) -> PresetRecord:
-        """Store a new server preset (the Studio refuses a name already taken first)."""
+        """Store a new server preset (`ServerPresets.create` refuses a name already taken first)."""
         now = time.time()
         await self._transaction((
             "INSERT INTO presets (guild_id, owner_id, name, options_json, created_at, created_by, updated_by, "

@@ -2,7 +2,7 @@
 its jobs (one per image for /imagine, each with its own seed and workflow; one for a /workflow, which
 may write several images).
 
-bot/core/storage/store.py reads and writes them; the Studio, the embeds and both front ends only read them.
+bot/core/storage/store.py reads and writes them; the services, the cards and both front ends only read them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from engine.queue.jobs import ENDED
+from engine.queue import ENDED
 
 __all__ = ["ENDED", "NOT_DONE", "TERMINAL", "Generation", "GenerationKind", "GenerationState", "JobRow",
            "JobRowState", "NewGeneration", "Outcome"]

@@ -151,7 +151,7 @@ def _generation(rows: _Rows) -> Generation:
 
 
 class Store(PresetTable):
-    """Generations, their jobs and the per-scope settings over one aiosqlite connection (presets: preset_store.py)."""
+    """Generations, their jobs and the per-scope settings over one aiosqlite connection (presets: preset_table.py)."""
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
@@ -240,7 +240,7 @@ class Store(PresetTable):
 
     async def end_job(self, job_id: str, state: str, *, result: dict[str, Any] | None = None,
                       error: str | None = None, finished_at: float | None = None) -> int | None:
-        """Record a job's end (done with its RunResult, or failed/cancelled with a reason); returns its generation id."""
+        """Record a job's end (done with its RunResult, or failed/cancelled and why); returns its generation id."""
         if state not in ENDED:
             raise ValueError(f"end_job() takes done, failed or cancelled, not {state!r}")
         await self._write(
@@ -265,8 +265,8 @@ class Store(PresetTable):
         return changed > 0
 
     async def fail(self, generation_id: int, error: str, finished_at: float) -> bool:
-        """Record a request the Studio failed without its outcome (the database could not be written then):
-        its jobs still open, or done with images since removed, fail with `error`; False if it was settled."""
+        """Record a request the result collector failed without its outcome (the database could not be written
+        then): its jobs still open, or done with images since removed, fail with `error`; False if it was settled."""
         changed = await self._transaction(
             ("UPDATE generation_jobs SET state = 'failed', error = COALESCE(error, ?), result_json = NULL, "
              "image_path = NULL, image_paths_json = NULL, finished_at = COALESCE(finished_at, ?) "

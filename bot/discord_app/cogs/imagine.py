@@ -13,11 +13,12 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.core.requests.imagine import DISCORD_INT_MAX, Allowed, ImageUpload, check_upload_meta
+from bot.core.requests.names import lora_suggestions
 from bot.discord_app.cogs.interaction import (announce_and_follow, checkpoint_choices, fixed_choices, preset_choices,
-                                  read_attachment, reply, require_studio)
+                                              read_attachment, reply, require_studio)
 from bot.discord_app.cogs.tasks import CogTasks
 from bot.discord_app.post import origin_of, requester_of
-from bot.core.requests.imagine import DISCORD_INT_MAX, Allowed, ImageUpload, check_upload_meta
 from engine.errors import NoodleError
 
 if TYPE_CHECKING:
@@ -48,8 +49,6 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
         return await preset_choices(need_studio(), interaction, current)
 
     async def complete_loras(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-        from bot.core.requests.names import lora_suggestions
-
         names = await need_studio().models.names("loras")
         return [app_commands.Choice(name=value, value=value) for value in lora_suggestions(current, names)]
 
@@ -101,8 +100,7 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
             await interaction.response.defer(ephemeral=True, thinking=True)
             options: dict[str, Any] = {
                 "prompt": prompt, "preset": preset, "negative": negative, "model": model, "loras": loras,
-                "steps": steps,
-                "cfg": cfg, "sampler": sampler, "scheduler": scheduler, "seed": seed, "width": width,
+                "steps": steps, "cfg": cfg, "sampler": sampler, "scheduler": scheduler, "seed": seed, "width": width,
                 "height": height, "batch": batch, "denoise": denoise, "clip_skip": clip_skip, "private": private,
             }
             try:

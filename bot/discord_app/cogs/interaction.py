@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 import discord
 from discord import app_commands
 
+from bot.core.cards.result import message_link
+from bot.core.errors import RequestInvalid
+from bot.core.front_end import StudioEvent, Ticket
+from bot.core.results.status import relay
 from bot.discord_app.cogs.tasks import CogTasks
 from bot.discord_app.post import InteractionStatus
-from bot.core.errors import RequestInvalid
-from bot.core.results.status import relay
-from bot.core.front_end import StudioEvent, Ticket
 
 if TYPE_CHECKING:
     from bot.core.studio import Studio
@@ -103,12 +104,6 @@ def _verdict(final: StudioEvent) -> str:
     """The last status line: a link to the posted result, or why there is none."""
     generation = final.generation
     if final.kind == "done" and generation is not None and not final.error:
-        link = _jump(generation.guild_id, generation.channel_id, generation.message_id)
-        return f"✅ Done: #{generation.id} {link}".rstrip()
+        return f"✅ Done: #{generation.id} {message_link(generation)}".rstrip()
     return f"❌ {final.error or 'the job failed'}"
 
-
-def _jump(guild_id: str | None, channel_id: str | None, message_id: str | None) -> str:
-    if not (channel_id and message_id):
-        return ""
-    return f"https://discord.com/channels/{guild_id or '@me'}/{channel_id}/{message_id}"

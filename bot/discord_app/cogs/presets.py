@@ -12,11 +12,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord_app.cogs.interaction import (MAX_CHOICES, checkpoint_choices, fixed_choices, preset_choices, reply,
-                                  require_studio)
-from bot.discord_app.post import requester_of
 from bot.core.presets import Preset, preset_details, preset_line
 from bot.core.requests.imagine import Allowed
+from bot.discord_app.cogs.interaction import (MAX_CHOICES, checkpoint_choices, fixed_choices, preset_choices, reply,
+                                              require_studio)
+from bot.discord_app.post import requester_of
 from engine.errors import NoodleError
 
 if TYPE_CHECKING:

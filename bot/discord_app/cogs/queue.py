@@ -12,11 +12,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.core.front_end import Requester
+from bot.core.requests.imagine import DISCORD_INT_MAX
+from bot.core.services.queue import QueueEntry, queue_text
 from bot.discord_app.cogs.interaction import reply, require_studio
 from bot.discord_app.post import requester_of
-from bot.core.services.queue import QueueEntry, queue_text
-from bot.core.requests.imagine import DISCORD_INT_MAX
-from bot.core.front_end import Requester
 from engine.errors import NoodleError
 
 if TYPE_CHECKING:

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord.ext import commands
 
-from bot.discord_app.cogs.tasks import CogTasks
-from bot.discord_app.post import (DELETE, DETAILS, REROLL, VARIATION, VARIATION_DIGITS, ChannelStatus, resolve_channel)
 from bot.core.cards.card import truncate
+from bot.core.front_end import Origin, Requester, Ticket
 from bot.core.results.status import relay
 from bot.core.storage.records import Generation
-from bot.core.front_end import Origin, Requester, Ticket
+from bot.discord_app.cogs.tasks import CogTasks
+from bot.discord_app.post import DELETE, DETAILS, REROLL, VARIATION, VARIATION_DIGITS, ChannelStatus, resolve_channel
 from engine.errors import NoodleError
 
 if TYPE_CHECKING:
@@ -102,8 +102,9 @@ class Reactions(commands.Cog):
         self._tasks.spawn(self._follow(ChannelStatus(message), ticket, label), name=f"status-{ticket.job_id}")
 
     async def _follow(self, status: ChannelStatus, ticket: Ticket, label: str) -> None:
-        final = await relay(self.studio.results.follow(ticket.job_id), _Prefixed(status, label), every=self.status_every,
-                            deadline=time.monotonic() + FOLLOW_SECONDS, shown_at=time.monotonic(),
+        final = await relay(self.studio.results.follow(ticket.job_id), _Prefixed(status, label),
+                            every=self.status_every, deadline=time.monotonic() + FOLLOW_SECONDS,
+                            shown_at=time.monotonic(),
                             finish=lambda event: None if event.kind == "done" and not event.error else
                             f"❌ {event.error or 'the job failed'}")
         if final is not None and final.kind == "done" and not final.error:
@@ -145,7 +146,6 @@ class Reactions(commands.Cog):
                                    allowed_mentions=discord.AllowedMentions(users=True))
             except discord.HTTPException as notice_err:
                 log.info("could not tell %s either: %s", user_id, notice_err)
-
 
     async def _user(self, user_id: str) -> Any:
         """A user to DM, from the cache or the API (a restart empties the cache)."""

@@ -6,29 +6,23 @@ Layered under a chosen preset and explicit options, over the server's default pr
 `from __future__ import annotations`, as in the other cogs).
 """
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord_app.cogs.interaction import preset_choices, reply, require_studio
-from bot.discord_app.post import requester_of
 from bot.core.cards.result import history_line
 from bot.core.requests.imagine import Allowed
+from bot.core.services.user_settings import settings_text
+from bot.discord_app.cogs.interaction import preset_choices, reply, require_studio
+from bot.discord_app.post import requester_of
 from engine.errors import NoodleError
 
 if TYPE_CHECKING:
     from bot.core.studio import Studio
 
-__all__ = ["settings_cog", "settings_text"]
-
-
-def settings_text(current: dict[str, Any]) -> str:
-    """A member's defaults as one line."""
-    if not current:
-        return "no defaults of your own: /imagine uses the server's default preset and config.toml"
-    return "your defaults: " + ", ".join(f"{key}={value}" for key, value in current.items())
+__all__ = ["settings_cog"]
 
 
 def settings_cog(studio: "Optional[Studio]", allowed: Allowed) -> commands.Cog:
@@ -62,12 +56,13 @@ def settings_cog(studio: "Optional[Studio]", allowed: Allowed) -> commands.Cog:
             await interaction.response.defer(ephemeral=True, thinking=True)
             who = requester_of(interaction)
             try:
+                defaults = need_studio().user_defaults
                 if clear:
-                    await need_studio().user_defaults.change(who, dict.fromkeys(await need_studio().user_defaults.get(who)))
+                    await defaults.change(who, dict.fromkeys(await defaults.get(who)))
                 changes = {"preset": preset, "width": width, "height": height, "steps": steps, "negative": negative,
                            "private": private}
-                current = await need_studio().user_defaults.change(
-                    who, {key: value for key, value in changes.items() if value is not None})
+                current = await defaults.change(who, {key: value for key, value in changes.items()
+                                                      if value is not None})
                 text = f"✅ {settings_text(current)}"
             except NoodleError as err:
                 text = f"❌ {err}"

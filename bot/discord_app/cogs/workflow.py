@@ -3,7 +3,8 @@
 The attachment is refused by the size Discord reports before a byte of it is downloaded; the Studio
 checks the bytes again, parses, validates and queues them as one job (bot/core/services/workflows.py). As with
 /imagine, the status and any refusal are private to the member and the result is posted in the
-channel (or their DMs, for private results); the follow-up helpers are /imagine's.
+channel (or their DMs, for private results); the status follows through the helpers both cogs share
+(cogs/interaction.py).
 """
 
 from typing import TYPE_CHECKING, Optional
@@ -12,10 +13,10 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.core.requests.workflow_file import check_size
 from bot.discord_app.cogs.interaction import announce_and_follow, read_attachment, reply, require_studio
 from bot.discord_app.cogs.tasks import CogTasks
 from bot.discord_app.post import origin_of, requester_of
-from bot.core.requests.workflow_file import check_size
 from engine.errors import NoodleError
 
 if TYPE_CHECKING:

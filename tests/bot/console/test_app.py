@@ -21,7 +21,6 @@ REPO = Path(__file__).resolve().parents[3]
 async def _console(env: Env, lines: str, tmp_path: Path) -> tuple[int, str]:
     out = io.StringIO()
     env.studio.results.publisher = ConsolePublisher(out)
-    env.studio.front = "console"
     console = Console(env.studio, out, io.StringIO(), interactive=False, details_dir=tmp_path)
     code = await console.run(LineReader(io.StringIO(lines)))
     return code, out.getvalue()

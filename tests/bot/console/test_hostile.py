@@ -23,7 +23,6 @@ async def session(env: Env, lines: list[str], tmp_path: Path) -> tuple[int, list
     """Run `lines` in ONE console (so `last` carries over); its exit code and what it printed, line by line."""
     out = io.StringIO()
     env.studio.results.publisher = ConsolePublisher(out)
-    env.studio.front = "console"
     console = Console(env.studio, out, io.StringIO(), interactive=False, details_dir=tmp_path)
     code = await console.run(LineReader(io.StringIO("\n".join(lines) + "\n")))
     return code, out.getvalue().splitlines()

@@ -245,7 +245,6 @@ async def test_the_preset_group_schema_is_typed_with_config_ranges() -> None:
 async def _chat(env: Env, lines: list[str], *, manage_server: bool) -> tuple[int, str]:
     out = io.StringIO()
     env.studio.results.publisher = ConsolePublisher(out)
-    env.studio.front = "console"
     console = Console(env.studio, out, io.StringIO(), interactive=False, manage_server=manage_server)
     code = await console.run(LineReader(io.StringIO("\n".join(lines))))
     return code, out.getvalue()

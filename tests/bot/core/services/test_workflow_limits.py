@@ -119,7 +119,7 @@ async def test_an_integer_of_five_thousand_digits_is_refused_where_it_is(env: En
     bad.write_text(text)
     good.write_bytes(as_file(graph(batch_size=1)))
     out = io.StringIO()
-    env.studio.results.publisher, env.studio.front = ConsolePublisher(out), "console"
+    env.studio.results.publisher = ConsolePublisher(out)
     console = Console(env.studio, out, io.StringIO(), interactive=False, details_dir=tmp_path)
     code = await console.run(LineReader(io.StringIO(f"/workflow {bad}\n/workflow {good}\n")))
     errors = [row for row in out.getvalue().splitlines() if row.startswith("error: ")]

@@ -209,7 +209,7 @@ async def test_the_console_runs_a_workflow_file_and_reacts_to_it(env: Env, tmp_p
     path = tmp_path / "fox.json"
     path.write_bytes(as_file(graph(batch_size=1)))
     out = io.StringIO()
-    env.studio.results.publisher, env.studio.front = ConsolePublisher(out), "console"
+    env.studio.results.publisher = ConsolePublisher(out)
     console = Console(env.studio, out, io.StringIO(), interactive=False, details_dir=tmp_path)
     lines = [f"/workflow {path}", "react last 🔀", "react last 🔁", "react last 🗑️", "/workflow /no/such.json",
              "help"]

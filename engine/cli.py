@@ -1,4 +1,5 @@
-"""The engine's commands of the `noodle` CLI: run, nodes, tiny-models, tokens, bench (bot/cli.py adds the rest).
+"""The engine's commands of the `noodle` CLI: run, nodes, convert, coverage, tiny-models, tokens, bench (bot/cli.py
+adds the rest).
 
 `noodle run WF.json ... --models DIR --out DIR [--input DIR]` is a contract other tools call:
 one JSON line per workflow (ComfyUI's history shape plus `meta`), exit 0 when all ran, 2 when
@@ -57,6 +58,18 @@ def add_engine_commands(sub: argparse._SubParsersAction, defaults: Any, *,
     tokens.add_argument("--models", type=Path, default=defaults.models.dir,
                         help="models folder whose embeddings/ the prompt may name")
     tokens.set_defaults(handler=lambda a: cmd_tokens(a, defaults))
+
+    convert = sub.add_parser("convert", help="write a .safetensors copy beside each pickle model file "
+                                             "(.ckpt, .pt, .pth, .bin), read with torch's weights-only loader")
+    convert.add_argument("files", nargs="+", type=Path)
+    convert.add_argument("--force", action="store_true", help="rewrite a .safetensors file that exists")
+    convert.set_defaults(handler=cmd_convert)
+
+    coverage = sub.add_parser("coverage", help="say per workflow (API JSON, /prompt body, ComfyUI PNG, or a folder "
+                                               "of them) whether it would run here and what blocks it")
+    coverage.add_argument("paths", nargs="+", type=Path)
+    coverage.add_argument("--json", action="store_true", help="one JSON object per file, then the summary lines")
+    coverage.set_defaults(handler=lambda a: cmd_coverage(a, defaults))
 
     every = {"engine": Bench(_bench_engine), "queue": Bench(_bench_queue), **(benches or {})}
     bench = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
@@ -167,6 +180,34 @@ def cmd_tokens(args: argparse.Namespace, defaults: Any) -> int:
         return 2
     print(json.dumps(report.to_dict()))
     return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """`noodle convert FILE...`: exit 0 when every file was written, 1 when one was refused."""
+    from engine.models.convert import convert_files
+
+    return convert_files(list(args.files), force=args.force, report=lambda line: print(line, flush=True))
+
+
+def cmd_coverage(args: argparse.Namespace, defaults: Any) -> int:
+    """`noodle coverage PATH...`: one line per file and a summary; exit 0 when every file would run, 1 when one
+    would not (or is no API workflow), 2 when a path given does not exist."""
+    from engine.coverage import find_workflows, judge_file, summary
+    from engine.nodes import catalog
+
+    absent = [path for path in args.paths if not path.exists()]
+    if absent:
+        print(f"coverage: no such file or folder: {', '.join(map(str, absent))}", file=sys.stderr)
+        return 2
+    registry = catalog()
+    verdicts = []
+    for path in find_workflows(args.paths):
+        verdict = judge_file(path, registry, defaults.limits)
+        verdicts.append(verdict)
+        print(json.dumps(verdict.to_dict()) if args.json else verdict.line(), flush=True)
+    for line in summary(verdicts):
+        print(line)
+    return 0 if verdicts and all(v.runs for v in verdicts) else 1
 
 
 def cmd_tiny_models(args: argparse.Namespace) -> int:

@@ -5,8 +5,8 @@ does a RepeatLatentBatch of 4 after it, though the sampler then gets 32 latents.
 through a validated prompt in run order, from its constants, as the nodes will make them: for each LATENT and
 IMAGE value its batch and size in pixels, for each CONDITIONING its items and their token lengths; and the
 job's sampler steps and the images its output nodes write are summed. Nothing runs: LoadImage's file gives
-its size from its header, a CLIPTextEncode's text its chunk count from the shipped tokenizer (prompts.plan,
-the count its encode will have).
+its size from its header, an upscale model's its scale from its tensor shapes, a CLIPTextEncode's text its
+chunk count from the shipped tokenizer (prompts.plan, the count its encode will have).
 
 Each value is held to max_batch, max_side, max_pixels, max_conditioning_items and max_conditioning_tokens at
 the node that makes it; a sampler's text context (its items repeated to one length) to max_conditioning_tokens;
@@ -32,6 +32,7 @@ from engine import samplers
 from engine.errors import NoodleError, WorkflowInvalid
 from engine.graph import Workflow, upstream
 from engine.images_io import ALLOWED_FORMATS
+from engine.models.upscale import read_spec
 from engine.nodes.base import Node
 from engine.settings import Limits
 from engine.validate import ValidatedPrompt, validate
@@ -79,7 +80,14 @@ class Cond:
     lengths: frozenset[int]
 
 
-Shape = Pictures | Cond | None  # None: no shape (MODEL, VAE ...), not known, or already over a limit
+@dataclass(frozen=True)
+class Upscaler:
+    """The shape of an UPSCALE_MODEL value: how many times it grows each side (read from the file's header)."""
+
+    scale: int
+
+
+Shape = Pictures | Cond | Upscaler | None  # None: no shape (MODEL, VAE ...), not known, or already over a limit
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,7 @@ class _Files:
         self.models, self.limits = models, limits
         self.sizes: dict[str, tuple[int, int] | None] = {}
         self.chunks: dict[str, int] = {}
+        self.scales: dict[str, int | None] = {}
         self._embeddings: EmbeddingLibrary | None = None
 
     def image_size(self, name: str) -> tuple[int, int] | None:
@@ -147,6 +156,15 @@ class _Files:
             except NoodleError:
                 self.sizes[name] = None
         return self.sizes[name]
+
+    def upscale_factor(self, name: str) -> int | None:
+        """An upscale model's scale from its header; None when it does not load (UpscaleModelLoader says why)."""
+        if name not in self.scales:
+            try:
+                self.scales[name] = read_spec(self.models.resolve("upscale_models", name), name).scale
+            except NoodleError:
+                self.scales[name] = None
+        return self.scales[name]
 
     def text_chunks(self, text: str) -> int:
         """The 75-token chunks a prompt is encoded in, after the max_prompt_chunks cut."""
@@ -242,6 +260,39 @@ def _encode(step: _Step, files: _Files) -> tuple[Shape, ...]:
     return (image and Pictures("LATENT", image.batch, image.width // 8 * 8, image.height // 8 * 8),)
 
 
+@_rule("VAEEncodeForInpaint")
+def _encode_for_inpaint(step: _Step, files: _Files) -> tuple[Shape, ...]:
+    return _encode(step, files)  # the same crop to the 8-pixel grid; the noise mask rides on the latent
+
+
+@_rule("InpaintModelConditioning")
+def _inpaint_conditioning(step: _Step, files: _Files) -> tuple[Shape, ...]:
+    # the conds gain the masked image and mask (used by inpainting UNets only); the latent is the encoded image
+    return (step.cond("positive"), step.cond("negative"), *_encode(step, files))
+
+
+@_rule("SetLatentNoiseMask")
+def _noise_mask(step: _Step, files: _Files) -> tuple[Shape, ...]:
+    return (step.pictures("samples"),)
+
+
+@_rule("LatentCompositeMasked", "ImageCompositeMasked")
+def _composite_masked(step: _Step, files: _Files) -> tuple[Shape, ...]:
+    return (step.pictures("destination"),)  # the source is cut to the destination
+
+
+@_rule("ImagePadForOutpaint")
+def _pad_for_outpaint(step: _Step, files: _Files) -> tuple[Shape, ...]:
+    image = step.pictures("image")
+    return (image and Pictures("IMAGE", image.batch, image.width + step.const("left") + step.const("right"),
+                               image.height + step.const("top") + step.const("bottom")), None)
+
+
+@_rule("MaskToImage")
+def _mask_to_image(step: _Step, files: _Files) -> tuple[Shape, ...]:
+    return (None,)  # a MASK's size is not followed; the node makes one image per mask, at the mask's size
+
+
 @_rule("VAEDecode")
 def _decode(step: _Step, files: _Files) -> tuple[Shape, ...]:
     latent = step.pictures("samples")
@@ -271,6 +322,26 @@ def _image_scale(step: _Step, files: _Files) -> tuple[Shape, ...]:
     image = step.pictures("image")
     return (image and Pictures("IMAGE", image.batch, *_resized(image.width, image.height, step.const("width"),
                                                                step.const("height"))),)
+
+
+@_rule("ImageScaleBy")
+def _image_scale_by(step: _Step, files: _Files) -> tuple[Shape, ...]:
+    image, scale = step.pictures("image"), step.const("scale_by")
+    return (image and Pictures("IMAGE", image.batch, round(image.width * scale), round(image.height * scale)),)
+
+
+@_rule("UpscaleModelLoader")
+def _upscale_loader(step: _Step, files: _Files) -> tuple[Shape, ...]:
+    scale = files.upscale_factor(str(step.const("model_name")))
+    return (None if scale is None else Upscaler(scale),)
+
+
+@_rule("ImageUpscaleWithModel")
+def _upscale_with_model(step: _Step, files: _Files) -> tuple[Shape, ...]:
+    image, model = step.pictures("image"), step.inputs.get("upscale_model")
+    if image is None or not isinstance(model, Upscaler):
+        return (None,)
+    return (Pictures("IMAGE", image.batch, image.width * model.scale, image.height * model.scale),)
 
 
 @_rule("RepeatLatentBatch")
@@ -324,6 +395,21 @@ def _concat(step: _Step, files: _Files) -> tuple[Shape, ...]:
     if to is None or source is None:
         return (None,)
     return (Cond(to.items, to.first + source.first, frozenset(n + source.first for n in to.lengths)),)
+
+
+@_rule("ControlNetApply")
+def _controlnet_apply(step: _Step, files: _Files) -> tuple[Shape, ...]:
+    return (step.cond("conditioning"),)  # the same conds with a ControlNet on each
+
+
+@_rule("ControlNetApplyAdvanced")
+def _controlnet_apply_advanced(step: _Step, files: _Files) -> tuple[Shape, ...]:
+    return step.cond("positive"), step.cond("negative")
+
+
+@_rule("Canny")
+def _canny(step: _Step, files: _Files) -> tuple[Shape, ...]:
+    return (step.pictures("image"),)  # an edge picture of the same size
 
 
 @_rule("SaveImage", "PreviewImage")

@@ -33,7 +33,7 @@ from engine.events import (
 )
 from engine.device import memory_budget, pick_device, pick_dtype
 from engine.models.manager import ModelManager
-from engine.models.paths import ModelCatalog
+from engine.models.paths import FOLDERS, ModelCatalog
 from engine.nodes import catalog
 from engine.nodes.base import Node, Output, RunContext, RunMeta
 from engine.settings import EngineSettings, Limits, ModelsSettings
@@ -138,6 +138,11 @@ class Run:
         self.meta = RunMeta()
         # extra top-level meta for this run (the queue notes a batch here)
         self.notes: dict[str, Any] = {}
+        substituted = _substitutes(prompt, self._classes, executor.models.catalog)
+        if substituted:  # pickle names run on the .safetensors beside them: the result says which file ran
+            self.meta.models["substituted"] = substituted
+            self.notes["notes"] = [f"{folder}: {requested!r} ran on {used!r} (Noodle loads .safetensors only)"
+                                   for folder, names in substituted.items() for requested, used in names.items()]
         self._api = prompt.workflow.to_api()
         # what the model cache did for this job (summed over its own nodes, not whatever ran in between)
         self.model_activity: dict[str, float] = dict.fromkeys(_COUNTERS, 0)
@@ -263,6 +268,26 @@ class Run:
         meta.update(self.notes)
         outputs = {node_id: self._ui[node_id] for node_id in self.prompt.outputs if node_id in self._ui}
         return RunResult(self.prompt_id, outputs, meta)
+
+
+def _substitutes(prompt: ValidatedPrompt, classes: dict[str, type[Node]],
+                 catalog: ModelCatalog) -> dict[str, dict[str, str]]:
+    """Per models folder, the pickle names this run loads as the .safetensors of the same stem
+    (ModelCatalog.safetensors_for): {"checkpoints": {"v1-5-pruned-emaonly.ckpt": "v1-5-pruned-emaonly.safetensors"}}."""
+    found: dict[str, dict[str, str]] = {}
+    for node_id, cls in classes.items():
+        constants = prompt.constants.get(node_id, {})
+        for spec in cls.input_specs():
+            name = constants.get(spec.name)
+            if spec.choices_from not in FOLDERS or not isinstance(name, str):
+                continue
+            try:
+                used = catalog.safetensors_for(spec.choices_from, name)
+            except NoodleError:
+                continue  # a name that leaves its folder: the node refuses it when it runs
+            if used is not None:
+                found.setdefault(spec.choices_from, {})[name] = used
+    return found
 
 
 def _copy_models(models: dict[str, Any]) -> dict[str, Any]:

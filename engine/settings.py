@@ -75,6 +75,11 @@ class Limits(BaseModel):
     # MiB every write (SaveImage, PreviewImage, uploads) leaves free on its disk, or it is refused with a message:
     # the SQLite file beside them needs room to record the job, and a full disk fails more than one job.
     min_free_disk_mb: int = Field(512, ge=0)
+    # Input pixels of one tile an upscale model (ImageUpscaleWithModel) works on at a time: its memory on the
+    # device is this tile's activations plus the model, whatever the picture's size. 512x512 is ComfyUI's tile;
+    # a 4x ESRGAN (23 blocks, 64 features) needs about 3.8 GB at fp32 for it (measured: 14.6 KB per tile pixel),
+    # a 256x256 tile a quarter. Halved on out-of-memory down to 128x128, as ComfyUI does.
+    upscale_tile_pixels: int = Field(512 * 512, ge=128 * 128)
 
 
 class QueueSettings(BaseModel):

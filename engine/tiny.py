@@ -1,9 +1,10 @@
 """Tiny test models: real SD1.x/SDXL architectures at tiny widths, random weights, real CLIP vocabulary.
 
-`write_tiny_models(root)` fills a models folder (`checkpoints/`, `loras/`, `vae/`, `embeddings/`)
-offline in a few seconds, deterministically (fixed seeds), in the same file layouts users drop in:
-original single-file checkpoints (via `to_original`), kohya-style LoRAs, an SD VAE file and an
-A1111 textual-inversion embedding. Tests, `make run` and benchmarks use them instead of
+`write_tiny_models(root)` fills a models folder (`checkpoints/`, `loras/`, `vae/`, `embeddings/`,
+`upscale_models/`) offline in a few seconds, deterministically (fixed seeds), in the same file layouts
+users drop in: original single-file checkpoints (via `to_original`), kohya-style LoRAs, an SD VAE file,
+an A1111 textual-inversion embedding, and upscalers (RRDBNet x4 in the old ESRGAN and the Real-ESRGAN key
+layouts, a compact SRVGG x2). Tests, `make run` and benchmarks use them instead of
 multi-GB downloads. A manifest with a format version lets a changed generator rewrite the cache.
 """
 
@@ -21,13 +22,16 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from engine.models.controlnet.tiny import write_tiny_controlnets
 from engine.models.detect import Arch, Family
 from engine.models.to_original import pipeline_to_original, vae_file_dict
+from engine.models.upscale import UpscalerSpec, build_module
 
-__all__ = ["FORMAT_VERSION", "TinyComponents", "tiny_components", "tiny_lora", "write_random_checkpoint", "write_tiny_models"]
+__all__ = ["FORMAT_VERSION", "TinyComponents", "esrgan_keys", "tiny_components", "tiny_lora", "tiny_upscaler",
+           "write_random_checkpoint", "write_tiny_models"]
 
 # Bump when anything below changes what is written: the cache is then rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3
 MANIFEST = "tiny-models.json"
 LORA_RANK = 4
 
@@ -40,6 +44,14 @@ CHECKPOINTS: dict[str, tuple[Family, int]] = {
 VAE_SEED = 3
 LORA_SEEDS = {"tiny-lora-a": 10, "tiny-lora-b": 11}
 EMBEDDING_SEED = 20
+# name -> (architecture, seed). Real ones have 64 features and 23 blocks (RRDBNet) or 16 convs (compact); these
+# keep every kind of layer at 8 or 16 features and 1 block, stored in fp16 as many downloads are: 25-450 KB each.
+# The dense blocks keep ESRGAN's 32 growth channels: spandrel (ComfyUI's loader) assumes 32, so ComfyUI loads these.
+UPSCALERS: dict[str, tuple[UpscalerSpec, int]] = {
+    "tiny-esrgan-x4": (UpscalerSpec("rrdb", "esrgan", 4, 3, 3, 8, 1, growth=32, ups=2), 30),
+    "tiny-realesrgan-x4": (UpscalerSpec("rrdb", "real-esrgan", 4, 3, 3, 8, 1, growth=32, ups=2), 31),
+    "tiny-compact-x2": (UpscalerSpec("compact", "compact", 2, 3, 3, 16, 4), 32),
+}
 
 # The layers kohya's LoRA trainer targets in SD1.x: every linear/1x1 in the UNet's transformer
 # blocks, and the CLIP attention and MLP projections.
@@ -136,6 +148,44 @@ def tiny_lora(seed: int) -> dict[str, Tensor]:
     return state
 
 
+def tiny_upscaler(spec: UpscalerSpec, seed: int) -> dict[str, Tensor]:
+    """An upscaler of `spec`, random from `seed`, keyed in `spec.layout` as files are.
+
+    PyTorch's default initialisation, except that an RRDBNet's last conv is rescaled so that a random picture
+    comes out at mean 0.5 and standard deviation 0.15: by default its signal shrinks through the x2 stages to
+    a near-black picture, most of it clamped to 0, which would hide a wrong channel or tile in a test.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = build_module(spec).eval()
+        probe = torch.rand(1, spec.in_channels, 32, 32)
+    with torch.no_grad():
+        if spec.family == "rrdb":
+            out = module(probe)
+            last = module.get_submodule("conv_last")
+            last.weight.mul_(0.15 / out.std())
+            last.bias.add_(0.5 - module(probe).mean())
+        state = {key: value.half() for key, value in module.state_dict().items()}
+    return esrgan_keys(state, spec) if spec.layout == "esrgan" else state
+
+
+def esrgan_keys(state: dict[str, Tensor], spec: UpscalerSpec) -> dict[str, Tensor]:
+    """An RRDBNet state dict (Real-ESRGAN names) in the original ESRGAN layout: one `model.N` sequence of conv,
+    trunk (`model.1.sub.N`, its closing conv last), [upsample, conv, act] per x2, conv, act, conv."""
+    top = {"conv_first": 0, "conv_hr": 3 * spec.ups + 2, "conv_last": 3 * spec.ups + 4}
+    top |= {f"conv_up{n}": 3 * n for n in range(1, spec.ups + 1)}
+    renamed: dict[str, Tensor] = {}
+    for key, tensor in state.items():
+        module, _, param = key.rpartition(".")
+        if match := re.fullmatch(r"body\.(\d+)\.rdb(\d)\.conv(\d)", module):
+            renamed[f"model.1.sub.{match[1]}.RDB{match[2]}.conv{match[3]}.0.{param}"] = tensor
+        elif module == "conv_body":
+            renamed[f"model.1.sub.{spec.blocks}.{param}"] = tensor
+        else:
+            renamed[f"model.{top[module]}.{param}"] = tensor
+    return renamed
+
+
 def _save(state: dict[str, Tensor], path: Path) -> None:
     """Write atomically: parallel test runs may build the same cache at once."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +199,7 @@ def _plan(root: Path) -> dict[str, Path]:
     paths |= {name: root / "loras" / f"{name}.safetensors" for name in LORA_SEEDS}
     paths["tiny-vae"] = root / "vae" / "tiny-vae.safetensors"
     paths["tiny-embedding"] = root / "embeddings" / "tiny-embedding.safetensors"
+    paths |= {name: root / "upscale_models" / f"{name}.safetensors" for name in UPSCALERS}
     return paths
 
 
@@ -183,6 +234,10 @@ def write_tiny_models(root: Path, *, force: bool = False) -> dict[str, Path]:
         generator = torch.Generator().manual_seed(EMBEDDING_SEED)
         # Two vectors at CLIP's own token-embedding scale (normal, std 0.02): an in-distribution "word".
         _save({"emb_params": torch.randn((2, width), generator=generator) * 0.02}, paths["tiny-embedding"])
+    for name, (spec, seed) in UPSCALERS.items():
+        if name in todo:
+            _save(tiny_upscaler(spec, seed), paths[name])
+    paths |= write_tiny_controlnets(root, force=rewrite)  # controlnet/: engine/models/controlnet/tiny.py
 
     if todo:
         files = {name: path.relative_to(root).as_posix() for name, path in paths.items()}

@@ -19,15 +19,17 @@ import math
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from types import MappingProxyType
 from typing import Any
 
+from engine.data import comfyui_node
 from engine.errors import WorkflowInvalid
 from engine.graph import NO_INPUTS, CycleError, Workflow, topological_sort, walk
 from engine.nodes.base import InputSpec, Node
 from engine.settings import Limits
 
-__all__ = ["ERROR_TYPES", "ValidatedPrompt", "validate"]
+__all__ = ["ERROR_TYPES", "ValidatedPrompt", "unknown_node", "validate"]
 
 # ComfyUI's error type names, plus ours for a cycle (ComfyUI recurses until RecursionError) and for a graph
 # over this server's limits as a whole (engine/cost.py, after validation).
@@ -83,13 +85,30 @@ def _output_nodes(workflow: Workflow, registry: Mapping[str, type[Node]]) -> lis
                     f"Node ID '#{node_id}'")
         cls = registry.get(node.class_type)
         if cls is None:
+            # ComfyUI's type, message and "Node ID '#3'"; the details go on to say whose node it is
             _refuse("invalid_prompt", f"Cannot execute because node {node.class_type} does not exist.",
-                    f"Node ID '#{node_id}'")
+                    f"Node ID '#{node_id}': {unknown_node(node.class_type)}")
         if getattr(cls, "OUTPUT_NODE", False) is True:
             outputs.append(node_id)
     if not outputs:
         _refuse("prompt_no_outputs", "Prompt has no outputs", "")
     return outputs
+
+
+def unknown_node(class_type: str) -> str:
+    """Why Noodle has no node `class_type`, in words: a ComfyUI built-in Noodle does not run yet, one of ComfyUI's
+    paid API nodes, or a custom node pack's node (engine/data/comfyui_nodes.json, read from ComfyUI 0.3.64's source,
+    tells them apart)."""
+    known = comfyui_node(class_type)
+    if known is None:
+        return (f"{class_type} is not part of ComfyUI: it comes from a custom node pack, and Noodle runs only "
+                f"ComfyUI's built-in nodes, so there is nothing to install; rebuild that step with built-in "
+                f"nodes (`noodle nodes` lists those Noodle runs)")
+    if known.kind == "api":
+        return (f"{class_type} is one of ComfyUI's API nodes ({known.family}), which send the work to a paid "
+                f"online service; Noodle runs models on this machine only")
+    return (f"{class_type} is a ComfyUI built-in node ({known.family}) that Noodle does not run yet "
+            f"(`noodle nodes` lists those it runs)")
 
 
 def _refuse(kind: str, message: str, details: str, node_errors: dict[str, Any] | None = None) -> None:
@@ -324,10 +343,11 @@ class _Validation:
             return _invalid_type(spec, raw, config, f"{value} is not a finite number")
         if spec.type == "COMBO":
             options = config[0]
-            if value not in options:
+            if value not in options and not _runs_as_safetensors(spec, value, options):
                 listed = len(options) <= _MAX_LISTED_CHOICES
                 return _error("value_not_in_list", "Value not in list",
-                              f"{name}: '{value}' not in {options if listed else f'(list of length {len(options)})'}",
+                              f"{name}: '{value}' not in {options if listed else f'(list of length {len(options)})'}"
+                              f"{_pickle_hint(spec, value)}",
                               input_name=name, input_config=config if listed else None, received_value=value)
         check.constants[name] = value
         return None
@@ -346,6 +366,34 @@ class _Validation:
                 choices = []
         entry = spec.comfy_entry(choices)
         return [entry[0], dict(entry[1]) if len(entry) > 1 else {}]
+
+
+def _pickle_stem(spec: InputSpec, value: Any) -> str | None:
+    """`sub/x` for a pickle name `sub/x.ckpt` given to a models-folder input; None for anything else."""
+    if spec.choices_from is None or spec.choices_from == "input" or not isinstance(value, str):
+        return None
+    from engine.models.detect import PICKLE_SUFFIXES  # here: detect needs torch, validation otherwise does not
+
+    clean = value.replace("\\", "/")
+    suffix = PurePosixPath(clean).suffix
+    return clean[: -len(suffix)] if suffix.lower() in PICKLE_SUFFIXES else None
+
+
+def _runs_as_safetensors(spec: InputSpec, value: Any, options: Sequence[Any]) -> bool:
+    """A pickle name whose .safetensors of the same stem the folder lists: the run loads that file instead
+    (ModelCatalog.safetensors_for, which the executor notes in the run's meta)."""
+    stem = _pickle_stem(spec, value)
+    return stem is not None and f"{stem}.safetensors" in options
+
+
+def _pickle_hint(spec: InputSpec, value: Any) -> str:
+    stem = _pickle_stem(spec, value)
+    if stem is None:
+        return ""
+    file = stem.rsplit("/", 1)[-1] + ".safetensors"
+    return (f"; '{value}' is a pickle file, and Noodle loads only .safetensors: it runs such a name on {file} "
+            f"in {spec.choices_from}/ when that file is there. Convert the pickle once with `noodle convert "
+            f"<models>/{spec.choices_from}/{value}`, or download the .safetensors release")
 
 
 def _types_match(received: str, expected: str) -> bool:

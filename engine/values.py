@@ -1,7 +1,8 @@
 """The values that travel along a workflow's links: frozen dataclasses, one per ComfyUI type.
 
 MODEL -> ModelRef, CLIP -> ClipRef, VAE -> VaeRef, CONDITIONING -> Conditioning,
-LATENT -> Latent, IMAGE -> ImageBatch, MASK -> Mask. A value never changes once made: a
+LATENT -> Latent, IMAGE -> ImageBatch, MASK -> Mask, CONTROL_NET -> ControlNetRef (a cond item's
+extras["control"] holds its ControlHint chain). A value never changes once made: a
 LoraLoader returns a new ModelRef naming its patches; the model manager applies them to the
 shared modules right before they run (ComfyUI's ModelPatcher idea, done with peft adapters).
 """
@@ -101,6 +102,9 @@ class Latent:
     samples: torch.Tensor
     # Which item of a bigger batch each sample was, so per-item noise stays the same (LatentFromBatch).
     batch_index: tuple[int, ...] | None = None
+    # ComfyUI's "noise_mask": [B or 1, 1, h, w] in 0..1, any size (the sampler resizes it to the latent).
+    # A sampler then denoises only where it is 1 and keeps the latent where it is 0.
+    noise_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,35 @@ class ImageBatch:
 
 @dataclass(frozen=True)
 class Mask:
-    """MASK: [B, H, W] float 0..1."""
+    """MASK: [B, H, W] float 0..1 on the CPU, as ComfyUI passes them; 1 is the area to change (inpaint)."""
 
     values: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class ControlNetRef:
+    """CONTROL_NET: a loaded ControlNet (a diffusers ControlNetModel), which UNet it fits, and its manager key."""
+
+    module: torch.nn.Module
+    name: str
+    family: str  # "sd15" or "sdxl"
+    tiny: bool
+    # the model manager's key for the loaded weights: node caches drop this value when it is evicted
+    checkpoint_key: str = ""
+    # ComfyUI averages a shuffle ControlNet's outputs over the picture (files named *_shuffle, *_shuffle_fp16)
+    global_average_pooling: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class ControlHint:
+    """One ControlNet applied to a cond (a CondItem's extras["control"]), as ComfyUI's ControlNet object after
+    set_cond_hint: the hint image [B, C, H, W] in 0..1, strength, the start/end percent window, and the
+    ControlNet applied before it (`previous`: a stack is a chain, summed at sampling). Compared by identity,
+    as ComfyUI's ControlNetApplyAdvanced shares one object between the positive and the negative."""
+
+    control_net: ControlNetRef
+    image: torch.Tensor
+    strength: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    previous: ControlHint | None = None

@@ -1,4 +1,4 @@
-"""The model manager: loaded checkpoints and merged models in an LRU bounded by memory, VAEs, LoRA adapters.
+"""The model manager: loaded checkpoints, merged models and upscalers in an LRU bounded by memory, VAEs, LoRAs.
 
 Checkpoints are loaded once (diffusers single-file loading) and kept while they fit the
 budget, most recently used first; a new one unloads the least recently used until it fits,
@@ -7,7 +7,9 @@ live in node outputs, not here: the manager counts them in the same budget while
 holds them, and evicting one tells the node cache to let go of it. LoRAs are peft adapters
 on the loaded modules: a LoraLoader only names them, and `use_unet` / `use_text_encoders`
 switch the adapter set right before a module runs, so changing LoRAs never reloads a
-checkpoint from disk.
+checkpoint from disk. Upscale models (engine/models/upscale/) are kept the same way as checkpoints: by
+name and file state, in the same budget and LRU, and evicting one tells the node cache to let go of it.
+ControlNets (engine/models/controlnet/) too, by name and file state (a diff ControlNet also by its base model).
 """
 
 from __future__ import annotations
@@ -32,13 +34,16 @@ from safetensors.torch import load_file
 from engine.errors import UnsupportedModel
 from engine.images_io import IMAGE_SUFFIXES
 from engine.models.checkpoint import LoadedCheckpoint
+from engine.models.controlnet.load import LoadedControlNet, controlnet_layout, load_controlnet
+from engine.models.controlnet.residuals import chain_of
 from engine.models.detect import detect_checkpoint
 from engine.models.lora import LoraAdapters, summed
 from engine.models.paths import FolderLookup, ModelCatalog, file_fingerprint, safe_join
 from engine.models.single_file import load_checkpoint_pipeline, load_vae
+from engine.models.upscale import UpscaleModel, load_upscaler, upscaler_key
 from prompts.cache import PromptEncoderCache
 from prompts.embeddings import EmbeddingLibrary
-from engine.values import ClipRef, LoraPatch, ModelRef
+from engine.values import ClipRef, Conditioning, ControlNetRef, LoraPatch, ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +62,14 @@ class MergedModel:
 
 @dataclass
 class ManagerStats:
-    """Counters a job's meta reports: checkpoint cache hits, misses, evictions and load time."""
+    """Counters a job's meta reports: checkpoint cache hits, misses, evictions and load time; upscaler reuse."""
 
     hits: int = 0
     misses: int = 0
     evictions: int = 0
     load_seconds: float = 0.0
+    upscale_hits: int = 0  # an UpscaleModelLoader served from memory
+    upscale_loads: int = 0  # ... or read from disk
 
     def snapshot(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -92,6 +99,9 @@ class ModelManager:
         self._merges: dict[str, MergedModel] = {}
         self._clock = itertools.count(1)
         self._vaes: OrderedDict[str, AutoencoderKL] = OrderedDict()
+        self._upscalers: OrderedDict[str, UpscaleModel] = OrderedDict()  # by model_key, least recently used first
+        self._upscaler_used: dict[str, int] = {}
+        self._controlnets: OrderedDict[str, LoadedControlNet] = OrderedDict()  # by key, least recently used first
         self._loras: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.adapters = LoraAdapters()
         # text -> conditioning, keyed by encoder identity and LoRA stack (prompts/cache.py)
@@ -174,25 +184,37 @@ class ModelManager:
             self._unload(name)
         for key in list(self._merges):
             self._drop_merge(key)
+        for key in list(self._upscalers):
+            self._drop_upscaler(key)
+        for key in list(self._controlnets):
+            self._drop_controlnet(key)
         self._vaes.clear()
         self._loras.clear()
         _free_memory(self.device)
 
     def resident_bytes(self) -> int:
-        """What the loaded checkpoints and the live merges take: the number held under `memory_budget`."""
+        """What the loaded checkpoints, live merges and upscalers take: the number held under `memory_budget`."""
         self._forget_dead_merges()
-        return sum(c.nbytes for c in self._checkpoints.values()) + sum(m.nbytes for m in self._merges.values())
+        return (sum(c.nbytes for c in self._checkpoints.values()) + sum(m.nbytes for m in self._merges.values())
+                + sum(u.nbytes for u in self._upscalers.values()) + sum(c.nbytes for c in self._controlnets.values()))
 
     def _make_room(self, incoming: int, keep: frozenset[str] = frozenset()) -> None:
-        """Evict the least recently used checkpoints and merges, never those in `keep`, until `incoming` fits."""
+        """Evict the least recently used checkpoints, merges and upscalers, never those in `keep`, until `incoming`
+        fits."""
         while self.resident_bytes() + incoming > self.memory_budget:
-            candidates = [(c.used, name, False) for name, c in self._checkpoints.items() if c.key not in keep]
-            candidates += [(m.used, key, True) for key, m in self._merges.items() if key not in keep]
+            candidates = [(c.used, name, "checkpoint") for name, c in self._checkpoints.items() if c.key not in keep]
+            candidates += [(m.used, key, "merge") for key, m in self._merges.items() if key not in keep]
+            candidates += [(self._upscaler_used[key], key, "upscale") for key in self._upscalers if key not in keep]
+            candidates += [(c.used, key, "controlnet") for key, c in self._controlnets.items() if key not in keep]
             if not candidates:
                 return
-            _, victim, merge = min(candidates)
-            if merge:
+            _, victim, kind = min(candidates)
+            if kind == "merge":
                 self._drop_merge(victim)
+            elif kind == "upscale":
+                self._drop_upscaler(victim)
+            elif kind == "controlnet":
+                self._drop_controlnet(victim)
             else:
                 self._unload(victim)
             self.stats.evictions += 1
@@ -239,6 +261,10 @@ class ModelManager:
                 keys.add(checkpoint.key)
             if getattr(value, "checkpoint_key", ""):
                 keys.add(value.checkpoint_key)
+            if isinstance(value, Conditioning):  # conds after ControlNetApply hold their ControlNets
+                keys.update(hint.control_net.checkpoint_key for item in value.items for hint in chain_of(item))
+            if isinstance(value, UpscaleModel):
+                keys.add(value.model_key)
             merge = self._merge_of(getattr(value, "pipe", None))
             if merge is not None:
                 keys.add(merge.key)
@@ -279,6 +305,91 @@ class ModelManager:
                 self._vaes.popitem(last=False)
         self._vaes.move_to_end(key)
         return self._vaes[key]
+
+    # -- ControlNets -----------------------------------------------------------------------
+
+    def controlnet(self, name: str, base: ModelRef | None = None) -> ControlNetRef:
+        """The ControlNet `name` from `controlnet/`, loaded once per file state (and, for a diff ControlNet, per
+        base model) and kept in the model budget like a checkpoint."""
+        path = self.catalog.resolve("controlnet", name)
+        fingerprint = file_fingerprint(path)
+        key = f"controlnet:{name}:{fingerprint}"
+        pickles = self.catalog.allow_weights_only_pickle
+        if base is not None and controlnet_layout(path, name, allow_weights_only_pickle=pickles).diff:
+            if base.loras:
+                raise UnsupportedModel(f"ControlNet {name!r} is a diff ControlNet and its model carries LoRAs; "
+                                       "ComfyUI adds the LoRA'd weights to it and Noodle adds only the checkpoint's: "
+                                       "connect DiffControlNetLoader to the model before its LoRA loaders")
+            merge = self._merge_of(base.pipe)
+            key += f":{merge.key if merge is not None else base.checkpoint.key}"
+        cached = self._controlnets.get(key)
+        if cached is None:
+            current = f"controlnet:{name}:{fingerprint}"
+            for stale in [k for k, c in self._controlnets.items() if c.name == name and not k.startswith(current)]:
+                self._drop_controlnet(stale)  # the file changed on disk
+            self._make_room(path.stat().st_size)
+            cached = load_controlnet(path, name, key, self.device, self.dtype,
+                                     base.pipe.unet if base is not None else None, allow_weights_only_pickle=pickles)
+            self._make_room(cached.nbytes)
+            self._controlnets[key] = cached
+            log.info("loaded ControlNet %s (%s, %.1f MB) in %.2f s", name, cached.layout.describe(),
+                     cached.nbytes / 1e6, cached.load_seconds)
+        self._controlnets.move_to_end(key)
+        cached.used = next(self._clock)
+        shuffle = Path(name).stem.endswith(("_shuffle", "_shuffle_fp16"))  # comfy/controlnet.py load_controlnet
+        return ControlNetRef(cached.module, name, cached.layout.family, cached.layout.arch.tiny, key, shuffle)
+
+    def _drop_controlnet(self, key: str) -> None:
+        loaded = self._controlnets.pop(key)
+        for listener in self._unload_listeners:  # the node cache lets go of the outputs holding it
+            listener(key)
+        log.info("unloaded ControlNet %s", loaded.name)
+        del loaded
+        _free_memory(self.device)
+
+    # -- upscale models --------------------------------------------------------------------
+
+    def upscale_model(self, name: str) -> UpscaleModel:
+        """The upscaler `name` from `upscale_models/`, loaded once per file state and kept in the model budget."""
+        path = self.catalog.resolve("upscale_models", name)
+        fingerprint = file_fingerprint(path)
+        key = upscaler_key(name, fingerprint)
+        cached = self._upscalers.get(key)
+        if cached is not None:
+            self.stats.upscale_hits += 1
+            self.use_upscaler(cached)
+            return cached
+        for stale in [k for k, u in self._upscalers.items() if u.name == name]:  # the file changed on disk
+            self._drop_upscaler(stale)
+        self.stats.upscale_loads += 1
+        self._make_room(path.stat().st_size)
+        loaded = load_upscaler(path, name, fingerprint, self.device)
+        self._make_room(loaded.nbytes)
+        self._upscalers[key] = loaded
+        self._upscaler_used[key] = next(self._clock)
+        log.info("loaded upscale model %s (%s, %.1f MB) in %.2f s", name, loaded.spec.describe(), loaded.nbytes / 1e6,
+                 loaded.load_seconds)
+        return loaded
+
+    def use_upscaler(self, model: UpscaleModel) -> torch.nn.Module:
+        """The module of `model`, which becomes the most recently used model."""
+        if model.model_key in self._upscalers:
+            self._upscalers.move_to_end(model.model_key)
+            self._upscaler_used[model.model_key] = next(self._clock)
+        return model.module
+
+    def upscaler_names(self) -> list[str]:
+        """Upscale models in memory, least recently used first."""
+        return [u.name for u in self._upscalers.values()]
+
+    def _drop_upscaler(self, key: str) -> None:
+        loaded = self._upscalers.pop(key)
+        del self._upscaler_used[key]
+        for listener in self._unload_listeners:  # the node cache lets go of the outputs holding it
+            listener(key)
+        log.info("unloaded upscale model %s", loaded.name)
+        del loaded
+        _free_memory(self.device)
 
     # -- LoRAs -----------------------------------------------------------------------------
 

@@ -25,8 +25,9 @@ from engine.models.hashes import HashBook
 
 __all__ = ["FOLDERS", "FolderLookup", "ModelCatalog", "display_name", "file_fingerprint", "safe_join"]
 
-Folder = Literal["checkpoints", "loras", "vae", "embeddings"]
-FOLDERS: dict[str, str] = {"checkpoints": "checkpoint", "loras": "LoRA", "vae": "VAE", "embeddings": "embedding"}
+Folder = Literal["checkpoints", "loras", "vae", "embeddings", "upscale_models", "controlnet"]
+FOLDERS: dict[str, str] = {"checkpoints": "checkpoint", "loras": "LoRA", "vae": "VAE", "embeddings": "embedding",
+                           "upscale_models": "upscale model", "controlnet": "ControlNet"}
 SAFE_SUFFIX = ".safetensors"
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -77,21 +78,58 @@ class ModelCatalog:
                     names.append(path.relative_to(base).as_posix())
         return sorted(names)
 
+    def safetensors_for(self, folder: str, name: str) -> str | None:
+        """The `.safetensors` name a pickle name runs on: same folder, same stem (`v1-5-pruned-emaonly.ckpt` ->
+        `v1-5-pruned-emaonly.safetensors`), when that file is there; None otherwise or for a non-pickle name.
+
+        Shared workflows name pickles (ComfyUI's own examples load `v1-5-pruned-emaonly.ckpt`, most upscalers are
+        `.pth`), while most owners keep only the .safetensors release of the same model.
+        """
+        clean = name.replace("\\", "/")
+        suffix = PurePosixPath(clean).suffix
+        if suffix.lower() not in PICKLE_SUFFIXES:
+            return None
+        candidate = clean[: -len(suffix)] + SAFE_SUFFIX
+        try:
+            safe_join(self._folder(folder), candidate, listing=lambda: ())
+        except ModelNotFound:
+            return None
+        return candidate
+
     def resolve(self, folder: str, name: str) -> Path:
-        """The real path of `name` inside `folder`; refuses escapes and pickles, names the closest on a miss."""
+        """The real path of `name` inside `folder`; refuses escapes and pickles, names the closest on a miss.
+
+        A pickle name resolves to the .safetensors file of the same stem beside it when there is one
+        (`safetensors_for`; the executor notes it in the run's meta).
+        """
         base = self._folder(folder)
         kind = FOLDERS[folder]
         suffix = PurePosixPath(name.replace("\\", "/")).suffix.lower()
-        if suffix in PICKLE_SUFFIXES and not self.allow_weights_only_pickle:
-            raise UnsafeModelFile(
-                f"{kind} {name!r} is a pickle file ({suffix}), and pickle files can run code when loaded; only "
-                f".safetensors is loaded. Convert it to .safetensors, or the owner can set "
-                f"models.allow_weights_only_pickle = true in config.toml to load it with torch.load(weights_only=True)"
-            )
+        if suffix in PICKLE_SUFFIXES:
+            substitute = self.safetensors_for(folder, name)
+            if substitute is not None:
+                return safe_join(base, substitute, what=kind, shown=self._shown(folder))
+            if not self.allow_weights_only_pickle:
+                raise UnsafeModelFile(self._pickle_refusal(folder, name, suffix))
         path = safe_join(base, name, what=kind, shown=self._shown(folder), listing=lambda: self.list(folder))
         if suffix not in self._suffixes():
             raise UnsupportedModel(f"{kind} {name!r} is not a .safetensors file; only .safetensors is loaded")
         return path
+
+    def _pickle_refusal(self, folder: str, name: str, suffix: str) -> str:
+        kind = FOLDERS[folder]
+        clean = name.replace("\\", "/")
+        stem_file = PurePosixPath(clean[: -len(suffix)] + SAFE_SUFFIX).name
+        try:
+            safe_join(self._folder(folder), name, listing=lambda: ())
+            fix = (f"convert it once with `noodle convert {(self.root / folder / clean).as_posix()}` (it writes "
+                   f"{stem_file} beside it), or download the .safetensors release")
+        except ModelNotFound:
+            fix = f"put {stem_file} (the .safetensors release of the same model) in {self._shown(folder)}"
+        return (f"{kind} {name!r} is a pickle file ({suffix}), and pickle files can run code when loaded; only "
+                f".safetensors is loaded, and {self._shown(folder)} has no {stem_file} to run it on. To fix it, "
+                f"{fix}; or the owner can set models.allow_weights_only_pickle = true in config.toml to load "
+                f"pickles with torch.load(weights_only=True)")
 
     def short_hash(self, path: Path) -> str:
         """A1111's "Model hash" of a model file: the first 10 hex digits of its whole sha256, remembered per file

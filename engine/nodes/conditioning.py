@@ -1,4 +1,5 @@
-"""Conditioning nodes: CLIPTextEncode, CLIPTextEncodeSDXL, ConditioningCombine, ConditioningConcat.
+"""Conditioning nodes: CLIPTextEncode, CLIPTextEncodeSDXL, ConditioningCombine, ConditioningConcat and
+InpaintModelConditioning.
 
 Text goes through `prompts` (tokens, 75-token chunks, emphasis, embeddings); this module only
 knows which encoders a checkpoint family has and how ComfyUI sets their layers.
@@ -12,7 +13,8 @@ import torch
 from pydantic import Field
 
 from engine.nodes.base import MAX_RESOLUTION, Node, RunContext, Socket, Text, register
-from engine.values import ClipRef, CondItem, Conditioning
+from engine.nodes.vae import encode_pixels, masked_pixels
+from engine.values import ClipRef, CondItem, Conditioning, ImageBatch, Latent, Mask, VaeRef
 from prompts.encode import ClipEncoder, encode_prompt
 from prompts.encoded import EncodedPrompt
 from prompts.errors import PromptError
@@ -147,3 +149,33 @@ class ConditioningConcat(Node):
         joined = tuple(CondItem(torch.cat([item.embeds, source.embeds], dim=1), item.pooled, item.extras, item.report)
                        for item in self.conditioning_to.items)
         return (Conditioning(joined),)
+
+
+@register
+class InpaintModelConditioning(Node):
+    """Conditioning for inpainting models: the masked image and the mask ride on the conds; the latent is the
+    whole image, with the mask as its noise mask unless `noise_mask` is off."""
+
+    CATEGORY: ClassVar[str] = "conditioning/inpaint"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("CONDITIONING", "CONDITIONING", "LATENT")
+    RETURN_NAMES: ClassVar[tuple[str, ...]] = ("positive", "negative", "latent")
+
+    positive: Conditioning = Socket("CONDITIONING")
+    negative: Conditioning = Socket("CONDITIONING")
+    vae: VaeRef = Socket("VAE")
+    pixels: ImageBatch = Socket("IMAGE")
+    mask: Mask = Socket("MASK")
+    noise_mask: bool = Field(True, description="Add a noise mask to the latent so sampling will only happen within "
+                                               "the mask. Might improve results or completely break things "
+                                               "depending on the model.")
+
+    def run(self, ctx: RunContext) -> tuple[Conditioning, Conditioning, Latent]:
+        greyed, mask = masked_pixels(self.pixels.pixels, self.mask.values)
+        # the raw VAE latent, as ComfyUI stores it: an inpainting UNet scales it when it concatenates it. A
+        # 4-channel UNet has nothing to concatenate and never reads these two (ComfyUI's concat_keys are empty).
+        extras = {"concat_latent_image": encode_pixels(self.vae, greyed), "concat_mask": mask}
+        positive, negative = (Conditioning(tuple(CondItem(item.embeds, item.pooled, {**item.extras, **extras},
+                                                          item.report) for item in cond.items))
+                              for cond in (self.positive, self.negative))
+        latent = Latent(encode_pixels(self.vae, self.pixels.pixels), noise_mask=mask if self.noise_mask else None)
+        return positive, negative, latent

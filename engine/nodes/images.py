@@ -1,4 +1,5 @@
-"""Image nodes: LoadImage, SaveImage, PreviewImage, ImageScale, with ComfyUI's names and defaults."""
+"""Image nodes: LoadImage, SaveImage, PreviewImage, ImageScale, ImageCompositeMasked and ImagePadForOutpaint,
+with ComfyUI's names and defaults."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from PIL import Image
 from pydantic import Field
 
 from engine.disk import DiskFull, check_free_space, disk_full_message, is_disk_full
-from engine.errors import UnsafeModelFile
+from engine.errors import LimitExceeded, UnsafeModelFile
 from engine.images_io import decode_still
-from engine.nodes.latents import center_crop, size_problems
+from engine.nodes.latents import center_crop, composite, size_problems
 from engine.models.paths import FolderLookup
 from engine.nodes.base import MAX_RESOLUTION, Choice, Node, Output, RunContext, Socket, Text, register
 from engine.recipe import image_parameters
@@ -66,6 +67,77 @@ class LoadImage(Node):
         else:
             mask = 1.0 - torch.from_numpy(still.alpha)[None]  # ComfyUI's MASK is 1 where transparent
         return ImageBatch(pixels), Mask(mask)
+
+
+@register
+class ImageCompositeMasked(Node):
+    """Paste one image onto another at a pixel offset, through an optional mask."""
+
+    CATEGORY: ClassVar[str] = "image"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("IMAGE",)
+
+    destination: ImageBatch = Socket("IMAGE")
+    source: ImageBatch = Socket("IMAGE")
+    x: int = Field(0, ge=0, le=MAX_RESOLUTION, json_schema_extra={"step": 1})
+    y: int = Field(0, ge=0, le=MAX_RESOLUTION, json_schema_extra={"step": 1})
+    resize_source: bool = False
+    mask: Mask | None = Socket("MASK", optional=True)
+
+    def run(self, ctx: RunContext) -> tuple[ImageBatch]:
+        destination, source = self.destination.pixels, self.source.pixels
+        if source.shape[-1] > destination.shape[-1]:  # node_helpers.image_alpha_fix: the source's alpha goes
+            source = source[..., :destination.shape[-1]]
+        elif source.shape[-1] < destination.shape[-1]:
+            raise ValueError(f"the source image has {source.shape[-1]} channels and the destination "
+                             f"{destination.shape[-1]}; composite images with the same channels")
+        mask = None if self.mask is None else self.mask.values
+        out = composite(destination.movedim(-1, 1), source.movedim(-1, 1), self.x, self.y, mask, 1,
+                        self.resize_source)
+        return (ImageBatch(out.movedim(1, -1)),)
+
+
+@register
+class ImagePadForOutpaint(Node):
+    """Pad an image with grey for outpainting, with a mask of the new area feathered into the old."""
+
+    CATEGORY: ClassVar[str] = "image"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("IMAGE", "MASK")
+
+    image: ImageBatch = Socket("IMAGE")
+    left: int = Field(0, ge=0, le=MAX_RESOLUTION, json_schema_extra={"step": 8})
+    top: int = Field(0, ge=0, le=MAX_RESOLUTION, json_schema_extra={"step": 8})
+    right: int = Field(0, ge=0, le=MAX_RESOLUTION, json_schema_extra={"step": 8})
+    bottom: int = Field(0, ge=0, le=MAX_RESOLUTION, json_schema_extra={"step": 8})
+    feathering: int = Field(40, ge=0, le=MAX_RESOLUTION, json_schema_extra={"step": 1})
+
+    def run(self, ctx: RunContext) -> tuple[ImageBatch, Mask]:
+        pixels = self.image.pixels
+        batch, height, width, channels = pixels.shape
+        new_h, new_w = height + self.top + self.bottom, width + self.left + self.right
+        problems = size_problems(new_w, new_h, batch, ctx.limits)
+        if problems:
+            raise LimitExceeded(f"padding the {width}x{height} image gives {new_w}x{new_h}: {problems[0][1]}")
+        padded = torch.full((batch, new_h, new_w, channels), 0.5, dtype=torch.float32)
+        padded[:, self.top:self.top + height, self.left:self.left + width] = pixels
+        mask = torch.ones(new_h, new_w)
+        mask[self.top:self.top + height, self.left:self.left + width] = self._feather(height, width)
+        return ImageBatch(padded), Mask(mask[None])
+
+    def _feather(self, height: int, width: int) -> torch.Tensor:
+        """The mask over the old image: 0, rising as ((f - d) / f)^2 within f pixels of a padded side."""
+        f = self.feathering
+        if f == 0 or f * 2 >= height or f * 2 >= width:  # ComfyUI feathers only an image over twice as big
+            return torch.zeros(height, width)
+        rows = torch.arange(height, dtype=torch.float64)[:, None].expand(height, width)
+        cols = torch.arange(width, dtype=torch.float64)[None, :].expand(height, width)
+        # distance to each padded side; a side not padded counts as far away (the image's own size)
+        sides = [rows if self.top else torch.full_like(rows, height),
+                 height - rows if self.bottom else torch.full_like(rows, height),
+                 cols if self.left else torch.full_like(cols, width),
+                 width - cols if self.right else torch.full_like(cols, width)]
+        distance = torch.stack(sides).amin(0)
+        # in float64 then stored as float32, as ComfyUI's per-pixel Python floats are
+        return torch.where(distance < f, ((f - distance) / f) ** 2, 0.0).float()
 
 
 def save_path(output_dir: Path, prefix: str, width: int = 0, height: int = 0,
@@ -179,3 +251,29 @@ class ImageScale(Node):
 
     def run(self, ctx: RunContext) -> tuple[ImageBatch]:
         return (ImageBatch(resize_pixels(self.image.pixels, self.width, self.height, self.upscale_method, self.crop)),)
+
+
+@register
+class ImageScaleBy(Node):
+    """Resize images by a factor (the pixel half of a "hires fix"; LatentUpscaleBy is the latent one)."""
+
+    CATEGORY: ClassVar[str] = "image/upscaling"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("IMAGE",)
+
+    image: ImageBatch = Socket("IMAGE")
+    upscale_method: str = Choice(UPSCALE_METHODS)
+    scale_by: float = Field(1.0, ge=0.01, le=8.0, json_schema_extra={"step": 0.01})
+
+    def run(self, ctx: RunContext) -> tuple[ImageBatch]:
+        pixels = self.image.pixels
+        # each side rounded, as ComfyUI's ImageScaleBy; engine/cost.py holds the result to the limits before the run
+        height, width = pixels.shape[1:3]
+        new_w, new_h = round(width * self.scale_by), round(height * self.scale_by)
+        if new_w < 1 or new_h < 1:
+            raise LimitExceeded(f"scaling the {width}x{height} image by {self.scale_by} gives {new_w}x{new_h}; "
+                                "use a larger scale_by")
+        problems = size_problems(new_w, new_h, 1, ctx.limits)
+        if problems:
+            raise LimitExceeded(f"scaling the {width}x{height} image by {self.scale_by} gives {new_w}x{new_h}: "
+                                f"{problems[0][1]}")
+        return (ImageBatch(resize_pixels(pixels, new_w, new_h, self.upscale_method, "disabled")),)

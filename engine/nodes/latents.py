@@ -1,7 +1,14 @@
-"""Latent nodes: EmptyLatentImage, LatentUpscale, LatentUpscaleBy, with ComfyUI's names and ranges."""
+"""Latent nodes: EmptyLatentImage, LatentUpscale, LatentUpscaleBy, RepeatLatentBatch, SetLatentNoiseMask and
+LatentCompositeMasked, with ComfyUI's names and ranges.
+
+A LATENT's noise mask travels with it through these nodes, as ComfyUI's `samples.copy()` keeps it: an upscale
+keeps the mask as it was (the sampler resizes it to the latent), a repeat repeats a per-item mask.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -11,7 +18,7 @@ from pydantic import Field
 from engine.errors import LimitExceeded
 from engine.nodes.base import MAX_RESOLUTION, Choice, Node, RunContext, Socket, register
 from engine.settings import Limits
-from engine.values import Latent
+from engine.values import Latent, Mask
 
 LATENT_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 LATENT_CHANNELS = 4  # SD1.x and SDXL; the VAE scales sides by 8
@@ -155,7 +162,7 @@ class LatentUpscale(Node):
         width = width or max(1, round(w * height / h))
         height = height or max(1, round(h * width / w))
         resized = upscale_latent(self.samples.samples, width, height, self.upscale_method, self.crop)
-        return (Latent(resized, self.samples.batch_index),)
+        return (dataclasses.replace(self.samples, samples=resized),)
 
 
 @register
@@ -177,7 +184,7 @@ class LatentUpscaleBy(Node):
             raise LimitExceeded(f"scaling by {self.scale_by} gives {width * 8}x{height * 8}, above this server's "
                                 f"limit of {ctx.limits.max_side} per side (limits.max_side in config.toml)")
         resized = upscale_latent(self.samples.samples, width, height, self.upscale_method, "disabled")
-        return (Latent(resized, self.samples.batch_index),)
+        return (dataclasses.replace(self.samples, samples=resized),)
 
 
 @register
@@ -196,4 +203,85 @@ class RepeatLatentBatch(Node):
         if index is not None:  # keep each copy's noise distinct, as ComfyUI offsets the indices
             offset = max(index) - min(index) + 1
             index = tuple(index) + tuple(x + i * offset for i in range(1, self.amount) for x in index)
-        return (Latent(samples, index),)
+        mask = self.samples.noise_mask
+        if mask is not None and mask.shape[0] > 1:  # one mask for all stays one; per-item masks repeat with them
+            mask = mask.repeat(self.amount, *([1] * (mask.dim() - 1)))
+        return (Latent(samples, index, mask),)
+
+
+def repeat_to_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """comfy.utils.repeat_to_batch_size: the first `batch` items of `x` repeated as often as needed."""
+    if x.shape[0] < batch:
+        x = x.repeat(math.ceil(batch / x.shape[0]), *([1] * (x.dim() - 1)))
+    return x[:batch]
+
+
+def composite(destination: torch.Tensor, source: torch.Tensor, x: int, y: int, mask: torch.Tensor | None,
+              multiplier: int, resize_source: bool) -> torch.Tensor:
+    """`source` laid over a copy of `destination` (both [B, C, H, W]) with its corner at pixel (x, y), blended by
+    `mask`; ComfyUI's comfy_extras/nodes_mask.py composite. Latents count x and y in pixels (multiplier 8).
+
+    The source is repeated to the destination's batch and cut where it leaves the destination; the mask is
+    resized (bilinear) to the source and cut with it; no mask lays the source over whole.
+    """
+    destination = destination.clone()
+    source = source.to(destination.device, destination.dtype)
+    if resize_source:
+        source = F.interpolate(source, size=destination.shape[-2:], mode="bilinear")
+    source = repeat_to_batch(source, destination.shape[0])
+    x = max(-source.shape[-1] * multiplier, min(x, destination.shape[-1] * multiplier))
+    y = max(-source.shape[-2] * multiplier, min(y, destination.shape[-2] * multiplier))
+    left, top = x // multiplier, y // multiplier
+    right, bottom = left + source.shape[-1], top + source.shape[-2]
+    if mask is None:
+        weight = torch.ones_like(source)
+    else:
+        weight = mask.to(destination.device, destination.dtype).reshape(-1, 1, mask.shape[-2], mask.shape[-1])
+        weight = repeat_to_batch(F.interpolate(weight, size=source.shape[-2:], mode="bilinear"), source.shape[0])
+    visible_width = destination.shape[-1] - left + min(0, x)
+    visible_height = destination.shape[-2] - top + min(0, y)
+    weight = weight[:, :, :visible_height, :visible_width]
+    blended = (weight * source[..., :visible_height, :visible_width]
+               + (1.0 - weight) * destination[..., top:bottom, left:right])
+    destination[..., top:bottom, left:right] = blended
+    return destination
+
+
+@register
+class SetLatentNoiseMask(Node):
+    """Give a latent a noise mask: samplers then change it only where the mask is 1."""
+
+    CATEGORY: ClassVar[str] = "latent/inpaint"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("LATENT",)
+
+    samples: Latent = Socket("LATENT")
+    mask: Mask = Socket("MASK")
+
+    def run(self, ctx: RunContext) -> tuple[Latent]:
+        values = self.mask.values
+        mask = values.reshape(-1, 1, values.shape[-2], values.shape[-1])
+        return (dataclasses.replace(self.samples, noise_mask=mask),)
+
+
+@register
+class LatentCompositeMasked(Node):
+    """Paste one latent onto another at a pixel offset, through an optional mask."""
+
+    CATEGORY: ClassVar[str] = "latent"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("LATENT",)
+
+    destination: Latent = Socket("LATENT")
+    source: Latent = Socket("LATENT")
+    x: int = Field(0, ge=0, le=MAX_RESOLUTION, json_schema_extra={"step": 8})
+    y: int = Field(0, ge=0, le=MAX_RESOLUTION, json_schema_extra={"step": 8})
+    resize_source: bool = False
+    mask: Mask | None = Socket("MASK", optional=True)
+
+    def run(self, ctx: RunContext) -> tuple[Latent]:
+        if self.destination.samples.shape[1] != self.source.samples.shape[1]:
+            raise ValueError(f"the source latent has {self.source.samples.shape[1]} channels and the destination "
+                             f"{self.destination.samples.shape[1]}: composite latents of the same model family")
+        mask = None if self.mask is None else self.mask.values
+        out = composite(self.destination.samples, self.source.samples, self.x, self.y, mask, 8, self.resize_source)
+        # the destination's batch index and noise mask stay, as ComfyUI copies the destination's dict
+        return (dataclasses.replace(self.destination, samples=out),)

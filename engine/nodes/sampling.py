@@ -15,7 +15,9 @@ import torch
 from pydantic import Field
 
 from engine import samplers
+from engine.models.controlnet.residuals import ControlResiduals, spread_to_uncond
 from engine.nodes.base import SEED_MAX, Choice, Node, RunContext, Socket, register
+from engine.samplers.loop import lands_on_denoised, resize_noise_mask
 from engine.settings import Limits
 from engine.values import CondItem, Conditioning, Latent, ModelRef
 
@@ -42,6 +44,9 @@ def _repeat_to(embeds: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def _time_ids(item: CondItem, height: int, width: int) -> list[float]:
+    # a cond's extras may also hold InpaintModelConditioning's concat_latent_image and concat_mask: they are for
+    # inpainting UNets, and a 4-channel one has nothing to concatenate them to and never reads them (ComfyUI's
+    # concat_keys are empty there)
     extras = item.extras
     h, w = extras.get("height", height), extras.get("width", width)
     return [h, w, extras.get("crop_h", 0), extras.get("crop_w", 0),
@@ -62,6 +67,8 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
     if len(positives) != groups_wanted or len(negatives) != groups_wanted:
         raise ValueError(f"{len(positives)} positive and {len(negatives)} negative conds for {groups_wanted} "
                          "group(s) of latents: give one pair per group, with `sizes` for more than one")
+    # the legacy ControlNetApply's ControlNet reaches the negative at sampling time, as in ComfyUI
+    negatives = [spread_to_uncond(p, n) for p, n in zip(positives, negatives)]
     # cfg 1 needs no negative pass: ComfyUI skips it too, and the result is the same
     skip_negative = math.isclose(cfg, 1.0)
     groups = [list(p.items) + ([] if skip_negative else list(n.items)) for p, n in zip(positives, negatives)]
@@ -76,6 +83,7 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
                                       for item in items]).to(device, dtype),
             "time_ids": torch.tensor([_time_ids(item, *pixel_size) for item in items], device=device, dtype=dtype),
         } for items in groups]
+    control = ControlResiduals.for_groups(groups, unet, sdxl)  # None without ControlNets: the UNet call as before
 
     def eps(x: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         counts = list(sizes) if sizes is not None else [x.shape[0]]
@@ -88,6 +96,8 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
             kwargs["added_cond_kwargs"] = {key: torch.cat([a[key].repeat_interleave(b, dim=0)
                                                            for a, b in zip(added, counts)]) for key in added[0]}
         t = timestep.reshape(-1)[:1].to(device).expand(x_in.shape[0])
+        if control is not None:
+            kwargs.update(control(x_in, t, sigma, ctx_in, kwargs.get("added_cond_kwargs"), counts))
         out = unet(x_in, t, encoder_hidden_states=ctx_in, **kwargs).sample.float().to(x.device)
         guided, offset = [], 0
         for items, batch, positives_in in zip(groups, counts, n_pos):
@@ -110,7 +120,10 @@ def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.T
                 sizes: Sequence[int] | None = None) -> Latent:
     """Denoise `latent` along `sigmas`; progress and interrupts at every step.
 
-    Per-item conds and `sizes` as in `guided_eps`: the queue samples several jobs' latents at once.
+    Per-item conds and `sizes` as in `guided_eps`: the queue samples several jobs' latents at once. A latent
+    with a noise mask changes only where the mask is 1 (ComfyUI's KSamplerX0Inpaint; engine/samplers/loop.py).
+    The result keeps the input's batch index and noise mask, as ComfyUI's `latent.copy()` does, so a second
+    sampler after this one is masked too.
     """
     if len(sigmas) < 2:
         return latent  # nothing to do (denoise 0, or start past the end), as ComfyUI returns the input
@@ -127,8 +140,14 @@ def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.T
     ctx.progress(0, steps)
     with torch.inference_mode():
         # LATENT values are in the VAE's raw space; the model works on scaled latents
-        out = samplers.sample(plan, eps, latent.samples.float() * scale, noise, callback=on_step)
-    return Latent(out / scale, latent.batch_index)
+        masked = {} if latent.noise_mask is None else {"denoise_mask": latent.noise_mask}
+        out = samplers.sample(plan, eps, latent.samples.float() * scale, noise, callback=on_step, **masked) / scale
+    if latent.noise_mask is not None and lands_on_denoised(plan):
+        # where the mask is 0 the sampler ended on the original latent up to float rounding (scaling included):
+        # hand back the original itself, so an inpaint leaves the rest of the picture's latent as it was
+        kept = resize_noise_mask(latent.noise_mask, out.shape) == 0
+        out = torch.where(kept, latent.samples.float(), out)
+    return Latent(out, latent.batch_index, latent.noise_mask)
 
 
 def _sampler_problems(values: dict[str, Any], limits: Limits) -> list[tuple[str, str]]:

@@ -3,6 +3,10 @@
 ComfyUI's start noise and model input scaling (an EPS model's), the diffusers scheduler's steps with the
 step noise each sampler draws (a seeded generator or a seeded Brownian tree), and a callback per ComfyUI
 step. The math is ComfyUI 0.3.64's: k_diffusion/sampling.py and extra_samplers/uni_pc.py.
+
+A latent with a noise mask (inpainting) is sampled as comfy/samplers.py KSamplerX0Inpaint does: at every model
+call the kept area (mask 0) of the model's input is the original latent noised to the call's sigma, and the kept
+area of the denoised estimate is the original latent, so each step moves only the masked area.
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.schedulers import DPMSolverMultistepScheduler, DPMSolverSDEScheduler, LMSDiscreteScheduler
 from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 
 from engine.samplers.names import SPECS
 from engine.samplers.plan import SamplerPlan
 
-__all__ = ["EpsFn", "noise_scaling", "sample", "scale_model_input"]
+__all__ = ["EpsFn", "lands_on_denoised", "masked_eps", "noise_scaling", "resize_noise_mask", "sample",
+           "scale_model_input"]
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (x_scaled, timestep, sigma) -> eps, with CFG
 
@@ -48,15 +54,55 @@ def scale_model_input(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x / math.sqrt(sigma**2 + 1.0)
 
 
+def resize_noise_mask(mask: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """A LATENT's noise mask fitted to latents of `shape` [B, C, h, w], as comfy/utils.py reshape_mask does:
+    bilinear to the latent's size (whatever size the mask had), repeated over the channels and the batch."""
+    batch, channels, height, width = shape
+    mask = mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float()
+    mask = F.interpolate(mask, size=(height, width), mode="bilinear").repeat(1, channels, 1, 1)
+    if mask.shape[0] < batch:  # comfy.utils.repeat_to_batch_size: repeat whole, then cut
+        mask = mask.repeat(math.ceil(batch / mask.shape[0]), 1, 1, 1)
+    return mask[:batch]
+
+
+def masked_eps(eps_fn: EpsFn, latent: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor) -> EpsFn:
+    """`eps_fn` seen through KSamplerX0Inpaint: only the area where `mask` is 1 is denoised.
+
+    With x the sampler's latent at sigma (k-diffusion's, not divided by sqrt(sigma^2 + 1)), L the original latent,
+    N the run's noise and A = L + N*sigma, ComfyUI calls the model on x_in = x*m + A*(1 - m) and hands the
+    sampler D = (x_in - sigma*eps)*m + L*(1 - m) as the denoised estimate. A diffusers scheduler takes a noise
+    prediction instead and forms x - sigma*eps' from the x it holds, so the prediction returned is
+    eps' = (x - D)/sigma, written as eps*m + (1 - m)*(x*(1 + m) - A*m - L)/sigma: the model's own eps where m
+    is 1 and (x - L)/sigma where m is 0, with no rounding added in either.
+    """
+    keep = 1.0 - mask
+
+    def eps(scaled: torch.Tensor, timestep: torch.Tensor, sigma: float) -> torch.Tensor:
+        scale = math.sqrt(sigma**2 + 1.0)
+        x = scaled * scale  # every scheduler here hands the model x / sqrt(sigma^2 + 1) (VP ones hold it)
+        kept = latent + noise * sigma  # EPS.noise_scaling of the original latent at this sigma
+        predicted = eps_fn(scaled * mask + (kept / scale) * keep, timestep, sigma)
+        return predicted * mask + keep * (x * (1.0 + mask) - kept * mask - latent) / sigma
+
+    return eps
+
+
 def sample(plan: SamplerPlan, eps_fn: EpsFn, latent: torch.Tensor, noise: torch.Tensor, *,
-           callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Run the plan as KSAMPLER.sample does. callback(step_index, total_steps, x) follows each ComfyUI step."""
+           callback: Callable[[int, int, torch.Tensor], None] | None = None,
+           denoise_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the plan as KSAMPLER.sample does. callback(step_index, total_steps, x) follows each ComfyUI step.
+
+    `denoise_mask` (a LATENT's noise mask, any size) limits the change to where it is 1: see `masked_eps`.
+    """
     scheduler, sigmas = plan.scheduler, plan.sigmas
     if scheduler is None:
         return latent  # CFGGuider.sample: no sigmas, the latent comes back untouched
     if scheduler.step_index is not None:
         raise ValueError("this SamplerPlan has already run; build a new one for each run")
     spec, n, s0 = SPECS[plan.sampler_name], plan.steps, float(sigmas[0])
+    if denoise_mask is not None:
+        mask = resize_noise_mask(denoise_mask, latent.shape).to(latent.device, latent.dtype)
+        eps_fn = masked_eps(eps_fn, latent, _inpaint_noise(plan, noise), mask)
     max_denoise = math.isclose(plan.sigma_max, s0, rel_tol=1e-5) or s0 > plan.sigma_max  # Sampler.max_denoise
     x = noise_scaling(s0, noise, latent, max_denoise=max_denoise)
     to_ve = lambda x, i: x * math.sqrt(float(scheduler.sigmas[i]) ** 2 + 1) if spec.vp else x  # noqa: E731
@@ -84,3 +130,22 @@ def sample(plan: SamplerPlan, eps_fn: EpsFn, latent: torch.Tensor, noise: torch.
             if callback is not None:
                 callback(done - 1, n, to_ve(x, done))
     return to_ve(x, n)
+
+
+def lands_on_denoised(plan: SamplerPlan) -> bool:
+    """Whether the run's last step goes into sigma 0, so that it ends on the denoised estimate: with a noise
+    mask, the original latent where the mask is 0 (up to float rounding). Not when it stops above 0
+    (KSamplerAdvanced's leftover noise, UniPC's 0.001): the kept area then still carries its noise."""
+    return plan.scheduler is not None and float(plan.effective_sigmas[-1]) == 0.0
+
+
+def _inpaint_noise(plan: SamplerPlan, noise: torch.Tensor) -> torch.Tensor:
+    """The noise the kept area is noised with: the run's own, or for "ddim" (ComfyUI's euler with
+    inpaint_options random) a fresh draw from seed + 1."""
+    if plan.sampler_name != "ddim":
+        return noise
+    if plan.seed + 1 > 2**64 - 1:
+        raise ValueError(f"the ddim sampler draws its inpainting noise from seed + 1, and seed {plan.seed} is the "
+                         "largest there is (ComfyUI fails here too); use a smaller seed")
+    generator = torch.Generator("cpu").manual_seed(plan.seed + 1)
+    return torch.randn(noise.shape, generator=generator, device="cpu").to(noise.device, noise.dtype)

@@ -120,8 +120,9 @@ def test_a_long_chain_validates_without_recursion() -> None:
 ])
 def test_every_node_must_name_a_known_class_even_unlinked_ones(node: Any, message: str) -> None:
     body = refused({**TXT2IMG, "77": node})
-    assert body == {"error": {"type": "invalid_prompt", "message": message, "details": "Node ID '#77'",
-                              "extra_info": {}}, "node_errors": {}}
+    # details go on after ComfyUI's "Node ID '#77'" to say whose node it is (tests/engine/test_custom_nodes.py)
+    assert body["error"]["type"] == "invalid_prompt" and body["error"]["message"] == message
+    assert body["error"]["details"].startswith("Node ID '#77'") and body["node_errors"] == {}
 
 
 def test_a_prompt_that_is_not_an_object_is_invalid_prompt() -> None:
@@ -263,7 +264,8 @@ def test_value_not_in_a_fixed_list() -> None:
 
 def test_value_not_in_a_folder_list() -> None:
     [error] = failed_on(edited(**{"4": {"ckpt_name": "sd14.ckpt"}}), "4")
-    assert error["details"] == "ckpt_name: 'sd14.ckpt' not in ['sd15.safetensors', 'sdxl.safetensors']"
+    # ComfyUI's details, then how to fix a pickle name (tests/engine/models/test_pickle_fallback.py)
+    assert error["details"].startswith("ckpt_name: 'sd14.ckpt' not in ['sd15.safetensors', 'sdxl.safetensors']; ")
     assert error["extra_info"]["input_config"] == [FOLDERS["checkpoints"], {}]
 
 

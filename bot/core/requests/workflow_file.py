@@ -203,10 +203,8 @@ def summarise(body: dict[str, Any], filename: str) -> str:
             "did not pass validation"
         return "\n".join([f"workflow: {filename!r} {verdict}:", *node_lines(node_errors)])
     message, details = str(error.get("message") or "invalid workflow"), str(error.get("details") or "")
-    hint = ""
-    if "does not exist" in message:
-        hint = "; Noodle runs ComfyUI's core nodes only (`noodle nodes` lists them), not custom nodes"
-    elif error.get("type") == "prompt_no_outputs":
+    hint = ""  # an unknown node's details already say whose it is (engine/validate.py)
+    if error.get("type") == "prompt_no_outputs":
         hint = "; add a SaveImage or PreviewImage node for the images to come back"
     text = f"{message} ({details})" if details else message
     return f"workflow: {filename!r} cannot run: {_one_line(text, LINE_CHARS * 2)}{hint}"

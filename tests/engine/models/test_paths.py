@@ -121,7 +121,7 @@ def test_other_file_types_are_refused_as_unsupported(root: Path) -> None:
 
 def test_unknown_folder_is_a_programming_error(root: Path) -> None:
     with pytest.raises(ValueError, match="checkpoints, loras, vae, embeddings"):
-        ModelCatalog(root).resolve("upscale_models", "x.safetensors")
+        ModelCatalog(root).resolve("styles", "x.safetensors")
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])

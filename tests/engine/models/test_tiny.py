@@ -26,6 +26,11 @@ EXPECTED_FILES = {
     "tiny-lora-b": "loras/tiny-lora-b.safetensors",
     "tiny-vae": "vae/tiny-vae.safetensors",
     "tiny-embedding": "embeddings/tiny-embedding.safetensors",
+    "tiny-esrgan-x4": "upscale_models/tiny-esrgan-x4.safetensors",
+    "tiny-realesrgan-x4": "upscale_models/tiny-realesrgan-x4.safetensors",
+    "tiny-compact-x2": "upscale_models/tiny-compact-x2.safetensors",
+    "tiny-controlnet-sd15": "controlnet/tiny-controlnet-sd15.safetensors",
+    "tiny-controlnet-sdxl": "controlnet/tiny-controlnet-sdxl.safetensors",
 }
 
 
@@ -53,6 +58,8 @@ def test_writes_every_file_and_a_manifest(tiny_models: Path) -> None:
     assert catalog.list("loras") == ["tiny-lora-a.safetensors", "tiny-lora-b.safetensors"]
     assert catalog.list("vae") == ["tiny-vae.safetensors"]
     assert catalog.list("embeddings") == ["tiny-embedding.safetensors"]
+    assert catalog.list("upscale_models") == ["tiny-compact-x2.safetensors", "tiny-esrgan-x4.safetensors",
+                                              "tiny-realesrgan-x4.safetensors"]
     manifest = json.loads((tiny_models / "tiny-models.json").read_text())
     assert manifest == {"format": FORMAT_VERSION, "files": EXPECTED_FILES}
 

@@ -119,8 +119,11 @@ async def test_an_invalid_workflow_is_summarised_one_line_per_node_and_leaves_no
     assert len(lines) == 4 and all(len(line) <= 300 for line in lines)
     unknown = graph()
     unknown["30"] = {"class_type": "UltimateSDUpscale", "inputs": {}}
-    assert "node UltimateSDUpscale does not exist" in await refused(env, as_file(unknown))
-    assert "`noodle nodes` lists them" in await refused(env, as_file(unknown))
+    said = await refused(env, as_file(unknown))
+    assert "node UltimateSDUpscale does not exist" in said and "custom node pack" in said, said
+    unknown["30"] = {"class_type": "ConditioningSetArea", "inputs": {}}
+    said = await refused(env, as_file(unknown))
+    assert "ConditioningSetArea is a ComfyUI built-in node" in said and "`noodle nodes` lists" in said, said
 
 
 async def test_what_is_no_runnable_workflow_is_refused_with_what_to_do(env: Env) -> None:

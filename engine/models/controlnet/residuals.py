@@ -1,0 +1,166 @@
+"""What the ControlNets on a batch's conds add to the UNet at one model call, as comfy/controlnet.py computes it.
+
+Each cond item may carry a chain of ControlHints (extras["control"], newest first, `previous` older). At a
+model call with noise level sigma, every hint whose start/end percent window holds sigma runs its ControlNet on
+the rows of the batch that item guides: the UNet's own input (x / sqrt(sigma^2 + 1)), timestep, text context and
+SDXL size embeddings, with the hint image resized to the latent's size x8 ("nearest-exact" after a center crop,
+ComfyUI's common_upscale). Its outputs (a shuffle ControlNet's averaged over the picture) times the strength are
+summed along the chain, oldest first, and go to the UNet as down_block_additional_residuals and
+mid_block_additional_residual; rows without control get zeros, which leave them exactly as they were. A call
+where no hint is active passes nothing, so strength 0 (the apply nodes return the cond untouched) and a window
+that excludes every step give exactly the picture without ControlNet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine.errors import UnsupportedModel
+from engine.samplers.sigmas import model_sigmas
+from engine.values import CondItem, Conditioning, ControlHint
+
+__all__ = ["ControlResiduals", "chain_of", "hint_to_size", "percent_to_sigma", "spread_to_uncond"]
+
+
+def percent_to_sigma(percent: float, sigmas: torch.Tensor | None = None) -> float:
+    """ModelSamplingDiscrete.percent_to_sigma: the sigma `percent` of the way through the model's 1000 timesteps."""
+    if percent <= 0.0:
+        return 999999999.9
+    if percent >= 1.0:
+        return 0.0
+    log_sigmas = (model_sigmas() if sigmas is None else sigmas).log().float()
+    t = torch.clamp(torch.tensor((1.0 - percent) * 999.0), min=0, max=len(log_sigmas) - 1)
+    w = t.frac()
+    return float(((1 - w) * log_sigmas[t.floor().long()] + w * log_sigmas[t.ceil().long()]).exp())
+
+
+def hint_to_size(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """comfy.utils.common_upscale(image, width, height, "nearest-exact", "center") for [B, C, H, W]."""
+    old_h, old_w = image.shape[-2], image.shape[-1]
+    old_aspect, new_aspect = old_w / old_h, width / height
+    x = y = 0
+    if old_aspect > new_aspect:
+        x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+    cropped = image.narrow(-2, y, old_h - 2 * y).narrow(-1, x, old_w - 2 * x)
+    return F.interpolate(cropped, size=(height, width), mode="nearest-exact")
+
+
+def chain_of(item: CondItem) -> list[ControlHint]:
+    """The ControlHints on a cond item, oldest first (the order ComfyUI's control_merge sums them in)."""
+    chain: list[ControlHint] = []
+    link = item.extras.get("control")
+    while link is not None:
+        chain.append(link)
+        link = link.previous
+    return chain[::-1]
+
+
+def spread_to_uncond(positive: Conditioning, negative: Conditioning) -> Conditioning:
+    """The negative conds as ComfyUI samples them after ControlNetApply (the legacy node, which sets
+    control_apply_to_uncond): when no negative cond has a ControlNet of its own, positive cond x's ControlNet
+    goes to negative cond x % n (apply_empty_x_to_equal_area; a later one replaces an earlier one there)."""
+    controls = [item.extras["control"] for item in positive.items
+                if item.extras.get("control_apply_to_uncond") and item.extras.get("control") is not None]
+    if not controls or any(item.extras.get("control") is not None for item in negative.items) or not negative.items:
+        return negative
+    items = list(negative.items)
+    for x, control in enumerate(controls):
+        original = negative.items[x % len(items)]
+        items[x % len(items)] = CondItem(original.embeds, original.pooled, {**original.extras, "control": control},
+                                         original.report)
+    return Conditioning(tuple(items))
+
+
+class ControlResiduals:
+    """The ControlNet residuals for the rows of one guided batch; see the module docstring."""
+
+    def __init__(self, groups: Sequence[Sequence[CondItem]], unet: torch.nn.Module, sdxl: bool) -> None:
+        self.chains = [[chain_of(item) for item in items] for items in groups]
+        family = "sdxl" if sdxl else "sd15"
+        widths = list(unet.config.block_out_channels)
+        self.windows: dict[int, tuple[float, float]] = {}
+        for chains in self.chains:
+            for chain in chains:
+                for link in chain:
+                    net = link.control_net
+                    if net.family != family or list(net.module.config.block_out_channels) != widths:
+                        raise UnsupportedModel(
+                            f"ControlNet {net.name!r} is for {'SDXL' if net.family == 'sdxl' else 'SD1.x'}"
+                            f"{' (tiny)' if net.tiny else ''} UNets with block widths "
+                            f"{list(net.module.config.block_out_channels)}, and this model is "
+                            f"{'SDXL' if sdxl else 'SD1.x'} with {widths}; use a ControlNet made for the checkpoint")
+                    self.windows[id(link)] = (percent_to_sigma(link.start_percent), percent_to_sigma(link.end_percent))
+        self._hints: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    @classmethod
+    def for_groups(cls, groups: Sequence[Sequence[CondItem]], unet: torch.nn.Module,
+                   sdxl: bool) -> ControlResiduals | None:
+        """The residual maker for a batch's cond groups, or None when no cond carries a ControlNet."""
+        if not any(item.extras.get("control") is not None for items in groups for item in items):
+            return None
+        return cls(groups, unet, sdxl)
+
+    def _hint(self, link: ControlHint, height: int, width: int, dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+        key = (id(link), height, width)
+        if key not in self._hints:  # ComfyUI resizes once per size and keeps it for the run
+            self._hints[key] = hint_to_size(link.image.float(), width, height).to(device, dtype)
+        return self._hints[key]
+
+    def __call__(self, x_in: torch.Tensor, t: torch.Tensor, sigma: float | torch.Tensor, context: torch.Tensor,
+                 added: dict[str, torch.Tensor] | None, counts: Sequence[int]) -> dict[str, Any]:
+        """UNet keyword arguments for this call: the summed residuals, or {} when no ControlNet is active."""
+        s = float(sigma)
+        # rows per link, in an order where a link's older links come first, with each row's index in its batch
+        order: list[ControlHint] = []
+        rows: dict[int, list[tuple[int, int]]] = {}
+        offset = 0
+        for chains, batch in zip(self.chains, counts):
+            for chain in chains:
+                for link in chain:
+                    start, end = self.windows[id(link)]
+                    if s > start or s < end:  # ComfyUI: t > timestep_range[0] or t < timestep_range[1] skips it
+                        continue
+                    if id(link) not in rows:
+                        order.append(link)
+                        rows[id(link)] = []
+                    rows[id(link)] += [(offset + j, j) for j in range(batch)]
+                offset += batch
+        if not order:
+            return {}
+        height, width = x_in.shape[-2] * 8, x_in.shape[-1] * 8
+        down: list[torch.Tensor] | None = None
+        mid: torch.Tensor | None = None
+        for link in order:
+            net = link.control_net.module
+            index = torch.tensor([r for r, _ in rows[id(link)]], device=x_in.device)
+            hint = self._hint(link, height, width, net.dtype, x_in.device)
+            # ComfyUI's broadcast_image_to: row j of a batch takes hint j mod the hint's batch size
+            hint_rows = hint[torch.tensor([j % hint.shape[0] for _, j in rows[id(link)]], device=x_in.device)]
+            kwargs: dict[str, Any] = {}
+            if added is not None:
+                kwargs["added_cond_kwargs"] = {key: value[index].to(net.dtype) for key, value in added.items()}
+            # the noisy latent only: an inpainting UNet's concatenated mask and image (after it) are not the
+            # ControlNet's, which ComfyUI hands x_noisy
+            x_rows = x_in[index, : net.config.in_channels].to(net.dtype)
+            out_down, out_mid = net(x_rows, t[index], encoder_hidden_states=context[index].to(net.dtype),
+                                    controlnet_cond=hint_rows, return_dict=False, **kwargs)
+            # control_merge: a shuffle ControlNet's outputs averaged over the picture, then times the strength
+            outputs = [*out_down, out_mid]
+            if link.control_net.global_average_pooling:
+                outputs = [o.mean(dim=(2, 3), keepdim=True).repeat(1, 1, o.shape[2], o.shape[3]) for o in outputs]
+            *out_down, out_mid = [o * float(link.strength) for o in outputs]
+            if down is None or mid is None:
+                down = [torch.zeros((x_in.shape[0], *r.shape[1:]), device=x_in.device, dtype=x_in.dtype)
+                        for r in out_down]
+                mid = torch.zeros((x_in.shape[0], *out_mid.shape[1:]), device=x_in.device, dtype=x_in.dtype)
+            for total, part in zip(down, out_down):
+                total.index_add_(0, index, part.to(total.dtype))
+            mid.index_add_(0, index, out_mid.to(mid.dtype))
+        return {"down_block_additional_residuals": tuple(down or ()), "mid_block_additional_residual": mid}

@@ -82,7 +82,7 @@ class Executor:
 
     def validate(self, workflow: Any) -> ValidatedPrompt:
         """Validate against the node catalog and the models folder, and the whole graph's cost against the
-        limits (engine/cost.py); raises WorkflowInvalid."""
+        limits (engine/cost/); raises WorkflowInvalid."""
         return validate_within_limits(workflow, catalog(), self.models, self.limits)
 
     def run(

@@ -57,7 +57,7 @@ class Limits(BaseModel):
     max_input_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     # An uploaded workflow JSON (/workflow); ComfyUI's exports of ordinary graphs are a few KiB to tens of KiB.
     max_workflow_bytes: int = Field(256 * 1024, ge=1024)
-    # The whole graph's cost, computed before a workflow is queued (engine/cost.py); max_batch, max_side and
+    # The whole graph's cost, computed before a workflow is queued (engine/cost/); max_batch, max_side and
     # max_pixels above also hold for every latent and image after every node, not only where a node sets them.
     # Nodes in one workflow: a graph for one picture has tens; validating costs a little per node.
     max_workflow_nodes: int = Field(500, ge=1)

@@ -2,7 +2,9 @@
 
 `write_tiny_models(root)` fills a models folder (`checkpoints/`, `loras/`, `vae/`, `embeddings/`,
 `upscale_models/`) offline in a few seconds, deterministically (fixed seeds), in the same file layouts
-users drop in: original single-file checkpoints (via `to_original`), kohya-style LoRAs, an SD VAE file,
+users drop in: original single-file checkpoints (via `to_original`; SD1.5 and SDXL inpainting ones with a
+9-channel UNet too; an SD2 v-prediction one with OpenCLIP ViT-H keys, engine/models/sd2.py), kohya-style LoRAs
+(SD1.5, and SDXL in sd-scripts' layout), an SD VAE file,
 an A1111 textual-inversion embedding, and upscalers (RRDBNet x4 in the old ESRGAN and the Real-ESRGAN key
 layouts, a compact SRVGG x2). Tests, `make run` and benchmarks use them instead of
 multi-GB downloads. A manifest with a format version lets a changed generator rewrite the cache.
@@ -23,15 +25,16 @@ from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from engine.models.controlnet.tiny import write_tiny_controlnets
-from engine.models.detect import Arch, Family
-from engine.models.to_original import pipeline_to_original, vae_file_dict
+from engine.models.detect import INPAINT_CHANNELS, Arch, Family
+from engine.models.sd2 import tiny_sd2_checkpoint
+from engine.models.to_original import pipeline_to_original, unet_to_original, vae_file_dict
 from engine.models.upscale import UpscalerSpec, build_module
 
-__all__ = ["FORMAT_VERSION", "TinyComponents", "esrgan_keys", "tiny_components", "tiny_lora", "tiny_upscaler",
-           "write_random_checkpoint", "write_tiny_models"]
+__all__ = ["FORMAT_VERSION", "TinyComponents", "esrgan_keys", "tiny_components", "tiny_lora", "tiny_sdxl_lora",
+           "tiny_upscaler", "write_random_checkpoint", "write_tiny_models"]
 
 # Bump when anything below changes what is written: the cache is then rebuilt.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 5
 MANIFEST = "tiny-models.json"
 LORA_RANK = 4
 
@@ -41,8 +44,16 @@ CHECKPOINTS: dict[str, tuple[Family, int]] = {
     "tiny-sd15-b": ("sd15", 1),
     "tiny-sdxl": ("sdxl", 2),
 }
+# 9-channel inpainting UNets (latent + mask + masked-image latent), otherwise the tiny SD1.5 / SDXL
+INPAINT_CHECKPOINTS: dict[str, tuple[Family, int]] = {
+    "tiny-sd15-inpainting": ("sd15", 4),
+    "tiny-sdxl-inpainting": ("sdxl", 5),
+}
+# SD2.x in the original layout (OpenCLIP ViT-H text encoder keys): a 768-v style v-prediction file
+SD2_CHECKPOINTS: dict[str, int] = {"tiny-sd2-v": 6}
 VAE_SEED = 3
 LORA_SEEDS = {"tiny-lora-a": 10, "tiny-lora-b": 11}
+SDXL_LORA_SEEDS = {"tiny-lora-sdxl": 12}
 EMBEDDING_SEED = 20
 # name -> (architecture, seed). Real ones have 64 features and 23 blocks (RRDBNet) or 16 convs (compact); these
 # keep every kind of layer at 8 or 16 features and 1 block, stored in fp16 as many downloads are: 25-450 KB each.
@@ -72,7 +83,8 @@ class TinyComponents:
     text_encoder_2: CLIPTextModelWithProjection | None = None
 
 
-def tiny_components(family: Family, seed: int, *, tiny: bool = True, device: str = "cpu") -> TinyComponents:
+def tiny_components(family: Family, seed: int, *, tiny: bool = True, device: str = "cpu",
+                    in_channels: int = 4) -> TinyComponents:
     """Randomly initialised UNet, VAE and text encoder(s) of a family, from `torch.manual_seed(seed)`.
 
     Tiny widths by default; `tiny=False` builds the real, full-size architecture (for benchmarks and
@@ -84,7 +96,8 @@ def tiny_components(family: Family, seed: int, *, tiny: bool = True, device: str
     # fork_rng: seed a private copy of the global generator, leaving the caller's state as it was.
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"),
+                                                in_channels=in_channels)  # 9: an inpainting UNet
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
         te = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
         te2 = None
@@ -148,6 +161,29 @@ def tiny_lora(seed: int) -> dict[str, Tensor]:
     return state
 
 
+def tiny_sdxl_lora(seed: int) -> dict[str, Tensor]:
+    """A kohya-style SDXL LoRA (rank 4, alpha 4) for the tiny SDXL: sd-scripts names SDXL's UNet layers in the
+    original layout (`lora_unet_input_blocks_4_1_...`, `lora_unet_middle_block_1_...`) and its two text encoders
+    `lora_te1_` (CLIP-L) and `lora_te2_` (OpenCLIP bigG, from the transformers model root)."""
+    components = tiny_components(*CHECKPOINTS["tiny-sdxl"])  # only its layer names and shapes are used
+    generator = torch.Generator().manual_seed(seed)
+    # a layer's original name, found through the same weight tensor in the single-file layout
+    original = {tensor.data_ptr(): key for key, tensor in unet_to_original(components.unet).items()}
+    state: dict[str, Tensor] = {}
+    targets: list[tuple[str, nn.Module]] = []
+    for name, module in components.unet.named_modules():
+        if _UNET_TARGET.match(name):
+            key = original[module.weight.data_ptr()].removeprefix("model.diffusion_model.").removesuffix(".weight")
+            targets.append(("lora_unet_" + key.replace(".", "_"), module))
+    for prefix, encoder in (("lora_te1_", components.text_encoder), ("lora_te2_", components.text_encoder_2)):
+        targets += [(prefix + "text_model_" + name.removeprefix("text_model.").replace(".", "_"), module)
+                    for name, module in encoder.named_modules() if _TE_TARGET.match(name.removeprefix("text_model."))]
+    for key, module in targets:
+        state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = _lora_pair(module, generator)
+        state[f"{key}.alpha"] = torch.tensor(float(LORA_RANK))
+    return state
+
+
 def tiny_upscaler(spec: UpscalerSpec, seed: int) -> dict[str, Tensor]:
     """An upscaler of `spec`, random from `seed`, keyed in `spec.layout` as files are.
 
@@ -196,7 +232,10 @@ def _save(state: dict[str, Tensor], path: Path) -> None:
 
 def _plan(root: Path) -> dict[str, Path]:
     paths = {name: root / "checkpoints" / f"{name}.safetensors" for name in CHECKPOINTS}
+    paths |= {name: root / "checkpoints" / f"{name}.safetensors" for name in INPAINT_CHECKPOINTS}
+    paths |= {name: root / "checkpoints" / f"{name}.safetensors" for name in SD2_CHECKPOINTS}
     paths |= {name: root / "loras" / f"{name}.safetensors" for name in LORA_SEEDS}
+    paths |= {name: root / "loras" / f"{name}.safetensors" for name in SDXL_LORA_SEEDS}
     paths["tiny-vae"] = root / "vae" / "tiny-vae.safetensors"
     paths["tiny-embedding"] = root / "embeddings" / "tiny-embedding.safetensors"
     paths |= {name: root / "upscale_models" / f"{name}.safetensors" for name in UPSCALERS}
@@ -223,9 +262,19 @@ def write_tiny_models(root: Path, *, force: bool = False) -> dict[str, Path]:
     for name, (family, seed) in CHECKPOINTS.items():
         if name in todo:
             _save(pipeline_to_original(tiny_components(family, seed), family), paths[name])
+    for name, (family, seed) in INPAINT_CHECKPOINTS.items():
+        if name in todo:
+            _save(pipeline_to_original(tiny_components(family, seed, in_channels=INPAINT_CHANNELS), family),
+                  paths[name])
+    for name, seed in SD2_CHECKPOINTS.items():
+        if name in todo:
+            _save(tiny_sd2_checkpoint(seed, v_prediction=True), paths[name])
     for name, seed in LORA_SEEDS.items():
         if name in todo:
             _save(tiny_lora(seed), paths[name])
+    for name, seed in SDXL_LORA_SEEDS.items():
+        if name in todo:
+            _save(tiny_sdxl_lora(seed), paths[name])
     if "tiny-vae" in todo:
         _save(vae_file_dict(tiny_components("sd15", VAE_SEED).vae), paths["tiny-vae"])
     if "tiny-embedding" in todo:

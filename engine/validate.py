@@ -32,7 +32,7 @@ from engine.settings import Limits
 __all__ = ["ERROR_TYPES", "ValidatedPrompt", "unknown_node", "validate"]
 
 # ComfyUI's error type names, plus ours for a cycle (ComfyUI recurses until RecursionError) and for a graph
-# over this server's limits as a whole (engine/cost.py, after validation).
+# over this server's limits as a whole (engine/cost/, after validation).
 ERROR_TYPES = frozenset({
     "invalid_prompt", "prompt_no_outputs", "prompt_outputs_failed_validation", "exception_during_validation",
     "required_input_missing", "bad_linked_input", "return_type_mismatch", "exception_during_inner_validation",

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from engine.models.detect import Arch
     from engine.models.checkpoint import LoadedCheckpoint
+    from engine.samplers.model_sampling import ModelSampling
     from prompts.report import TokenReport
 
 
@@ -32,20 +33,30 @@ class LoraPatch:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A diffusion model (UNet) as a node sees it: which pipeline holds it, which LoRAs apply."""
+    """A diffusion model (UNet) as a node sees it: which pipeline holds it, which LoRAs apply, how it samples."""
 
     checkpoint: LoadedCheckpoint
     pipe: DiffusionPipeline
     loras: tuple[LoraPatch, ...] = ()
     # How the model was made, for metadata: the checkpoint name or e.g. "merge(a, b, 0.5)".
     label: str = ""
+    # ModelSamplingDiscrete's override (prediction type, zsnr); None: the checkpoint's own (arch.sampling)
+    sampling: ModelSampling | None = None
 
     @property
     def arch(self) -> Arch:
         return self.checkpoint.arch
 
+    @property
+    def model_sampling(self) -> ModelSampling:
+        """The prediction type and sigma table the sampler uses: the override, else the checkpoint's."""
+        return self.sampling if self.sampling is not None else self.checkpoint.arch.sampling
+
     def with_lora(self, patch: LoraPatch) -> ModelRef:
-        return ModelRef(self.checkpoint, self.pipe, (*self.loras, patch), self.label)
+        return ModelRef(self.checkpoint, self.pipe, (*self.loras, patch), self.label, self.sampling)
+
+    def with_sampling(self, sampling: ModelSampling) -> ModelRef:
+        return ModelRef(self.checkpoint, self.pipe, self.loras, self.label, sampling)
 
 
 @dataclass(frozen=True)

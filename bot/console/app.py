@@ -33,8 +33,10 @@ __all__ = ["DEMO", "Console", "ConsolePublisher", "LineReader", "chat_settings",
 
 HELP = """commands:
   /imagine prompt: a red fox seed: 42 steps: 8      options: negative model loras steps cfg sampler scheduler
-                                                    seed width height batch image (a file path) denoise clip_skip
-                                                    private (Discord: the result goes to your DMs)
+                                                    seed width height batch image (a file path; its transparent
+                                                    area is inpainted) denoise clip_skip private (Discord: the
+                                                    result goes to your DMs) control_image (a file path)
+                                                    controlnet control_strength (0..2) control_canny (true/false)
   /preset create|update name: anime model: M steps: 28 ...   options: name model loras vae style negative
                                                     steps cfg sampler scheduler width height clip_skip
   /preset delete|show name: anime, /preset default [name: anime], /preset list
@@ -44,7 +46,8 @@ HELP = """commands:
   /settings [clear] preset: anime steps: 20 ...      your own defaults: preset width height steps negative private
   /tokens a red fox, (snow:1.2)                     the token report of a prompt (75-token chunks)
   /history                                          your last generations
-  /models                                           checkpoints (architecture, size, hash), LoRAs, embeddings
+  /models                                           checkpoints (architecture, size, hash), LoRAs, embeddings,
+                                                    ControlNets, upscale models
   /queue [cancel: 12]                               your queued and running requests (place, ETA); cancel one
   COMMAND &                                         run a command in the background (then /queue shows it)
   react JOB 🔁|🔀|🗑️|ℹ️ [N]                          JOB is a job id or `last`; N picks an image of a batch
@@ -221,8 +224,9 @@ class Console:
 
     async def _imagine(self, rest: str) -> None:
         options: dict[str, Any] = parse_options(rest, (*IMAGINE_OPTIONS, "preset"))
-        if "image" in options:
-            options["image"] = await _read_image(options["image"], self.studio.allowed)
+        for option in ("image", "control_image"):
+            if option in options:
+                options[option] = await _read_image(options[option], self.studio.allowed, option)
         ticket = await self.studio.generations.imagine(options, self.who, layered_for=self.member)
         await self._wait(ticket)
 
@@ -301,15 +305,15 @@ class _Silent:
         return None
 
 
-async def _read_image(path_text: str, allowed: Allowed) -> ImageUpload:
+async def _read_image(path_text: str, allowed: Allowed, option: str = "image") -> ImageUpload:
     path = Path(path_text.strip()).expanduser()
     try:  # at most the limit + 1 bytes: a device like /dev/zero never ends
         data = await asyncio.to_thread(read_capped, path, allowed.max_attachment_bytes)
         if len(data) > allowed.max_attachment_bytes:  # refused as the Studio would, with the file's whole size
-            check_upload_meta(path.name, None, max(len(data), path.stat().st_size), allowed)
+            check_upload_meta(path.name, None, max(len(data), path.stat().st_size), allowed, option)
     except OSError as err:
-        raise RequestInvalid(f"image: cannot read {path} ({err.strerror}); give the path of a PNG, JPEG or WebP "
-                             "file") from None
+        raise RequestInvalid(f"{option}: cannot read {path} ({err.strerror}); give the path of a PNG, JPEG or "
+                             "WebP file") from None
     return ImageUpload(filename=path.name, content_type=None, data=data)
 
 

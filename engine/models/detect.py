@@ -2,10 +2,13 @@
 
 The model manager calls `detect_checkpoint` before loading: it reads the header (a few KB of JSON
 with every key and shape), never the weights, and answers with an `Arch` naming the family
-(SD1.x or SDXL), the config folder under `engine/models/configs/` that diffusers' single-file
-loader needs offline, and whether it is one of Noodle's tiny test models. Anything else (a
-truncated file, a pickle renamed to .safetensors, SD2, a refiner, Flux, a LoRA in the wrong
-folder) is refused here with a message that says what the file seems to be.
+(SD1.x, SD2.x or SDXL), the config folder under `engine/models/configs/` that diffusers' single-file
+loader needs offline, whether it is one of Noodle's tiny test models, and the UNet's input channels (4, or 9 for
+an inpainting model: latent + mask + masked-image latent, as sd-v1-5-inpainting and SDXL inpainting 0.1).
+Anything else (a truncated file, a pickle renamed to .safetensors, a refiner, Flux, a LoRA in the wrong
+folder) is refused here with a message that says what the file seems to be. The Arch also names the
+checkpoint's own model sampling (SD2 768-v and `v_pred` SDXL files are v-prediction): for an SD2 file that
+takes one small weight's values, the only read beyond the header.
 """
 
 from __future__ import annotations
@@ -14,33 +17,40 @@ import json
 import pickle
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from engine.errors import UnsafeModelFile, UnsupportedModel
 
+if TYPE_CHECKING:
+    from engine.samplers.model_sampling import ModelSampling
+
 __all__ = [
     "CONFIG_ROOT",
+    "INPAINT_CHANNELS",
     "PICKLE_SUFFIXES",
     "SUPPORTED",
     "Arch",
     "detect_checkpoint",
     "detect_from_header",
     "read_header_shapes",
+    "predicts_v",
     "read_pickle_weights",
     "read_shapes",
+    "v_prediction_probe",
 ]
 
-Family = Literal["sd15", "sdxl"]
+Family = Literal["sd15", "sdxl", "sd2"]
 Shapes = Mapping[str, Sequence[int]]
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SUPPORTED = "Noodle loads SD1.x and SDXL single-file .safetensors checkpoints"
+SUPPORTED = "Noodle loads SD1.x and SDXL single-file .safetensors checkpoints (and SD2.x: 512 eps, 768 v-prediction)"
 # A real header is a few hundred KB even for SDXL; a larger claim means the file is not safetensors
 # (random bytes read as a length), and reading it would only waste memory.
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -50,6 +60,9 @@ VAE_IN = "first_stage_model.encoder.conv_in.weight"
 SD1_CLIP = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 SDXL_CLIP_L = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
 SDXL_CLIP_G = "conditioner.embedders.1.model.token_embedding.weight"
+SD2_CLIP = "cond_stage_model.model.token_embedding.weight"  # OpenCLIP ViT-H, 1024 wide
+# 4 latent channels + ComfyUI's concat_keys ("mask", "masked_image"): 1 + 4
+INPAINT_CHANNELS = 9
 
 
 @dataclass(frozen=True)
@@ -59,16 +72,40 @@ class Arch:
     family: Family
     config_dir: Path
     tiny: bool
+    # 9 for an inpainting UNet; its config is the folder's with in_channels overridden (no folder of its own)
+    in_channels: int = 4
+    # the checkpoint's own model sampling, as ComfyUI decides it from the weights (ModelSamplingDiscrete
+    # overrides it): "eps" or "v_prediction" (SD2 768-v, SDXL files with a `v_pred` key), zsnr (`ztsnr` key)
+    prediction: str = "eps"
+    zsnr: bool = False
+
+    @property
+    def label(self) -> str:
+        """For people: "SD1.x", "SD2.x" or "SDXL", with " v-prediction" (and " zsnr") when the file says so."""
+        family = {"sd15": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}[self.family]
+        return family + (" v-prediction" if self.prediction == "v_prediction" else "") + (" zsnr" if self.zsnr else "")
+
+    @property
+    def sampling(self) -> ModelSampling:
+        """The ModelSampling a MODEL of this checkpoint has without a ModelSamplingDiscrete node."""
+        from engine.samplers.model_sampling import ModelSampling  # noqa: PLC0415 (the samplers load diffusers)
+
+        return ModelSampling(self.prediction, self.zsnr)
 
     @property
     def name(self) -> str:
-        """The config folder's name: "sd15", "sdxl", "tiny-sd15" or "tiny-sdxl"."""
-        return self.config_dir.name
+        """The config folder's name: "sd15", "sd2", "sdxl" or "tiny-" one of them (+ "-inpainting" for 9 channels)."""
+        return self.config_dir.name + ("-inpainting" if self.inpainting else "")
+
+    @property
+    def inpainting(self) -> bool:
+        """Whether the UNet takes ComfyUI's inpainting concat (mask + masked-image latent) beside the latent."""
+        return self.in_channels == INPAINT_CHANNELS
 
     @classmethod
-    def of(cls, family: Family, tiny: bool) -> Arch:
+    def of(cls, family: Family, tiny: bool, *, in_channels: int = 4) -> Arch:
         """The Arch for a family and size, pointing at Noodle's config folder for it."""
-        return cls(family, CONFIG_ROOT / (f"tiny-{family}" if tiny else family), tiny)
+        return cls(family, CONFIG_ROOT / (f"tiny-{family}" if tiny else family), tiny, in_channels)
 
 
 def _refuse(name: str, problem: str) -> UnsupportedModel:
@@ -178,6 +215,8 @@ def _widths(arch: Arch) -> dict[str, int]:
     }
     if arch.family == "sd15":
         widths[SD1_CLIP] = _config(arch, "text_encoder")["hidden_size"]
+    elif arch.family == "sd2":
+        widths[SD2_CLIP] = _config(arch, "text_encoder")["hidden_size"]
     else:
         widths[SDXL_CLIP_L] = _config(arch, "text_encoder")["hidden_size"]
         widths[SDXL_CLIP_G] = _config(arch, "text_encoder_2")["hidden_size"]
@@ -204,21 +243,30 @@ def detect_from_header(shapes: Shapes, name: str = "<header>") -> Arch:
     keys = list(shapes)
     if UNET_IN not in shapes:
         raise _refuse(name, _what_else(keys))
-    if "cond_stage_model.model.token_embedding.weight" in shapes:
-        raise _refuse(name, "looks like an SD2.x model (OpenCLIP ViT-H text encoder), which Noodle does not run")
     if SDXL_CLIP_G not in shapes and any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        if shapes.get("conditioner.embedders.0.model.token_embedding.weight", (0, 0))[-1] == 1024:
+            raise _refuse(name, "looks like an SD2.x model saved in the sgm layout (conditioner.embedders.0.model.*), "
+                                "which Noodle does not load; save it in the original layout (cond_stage_model.*)")
         raise _refuse(name, "looks like an SDXL refiner, which Noodle does not run")
-    if len(shapes[UNET_IN]) != 4 or shapes[UNET_IN][1] != 4:
+    if len(shapes[UNET_IN]) != 4 or shapes[UNET_IN][1] not in (4, INPAINT_CHANNELS):
         channels = shapes[UNET_IN][1] if len(shapes[UNET_IN]) > 1 else "?"
-        raise _refuse(name, f"has a UNet with {channels} input channels (inpainting or instruct model); only 4 are run")
+        what = " (an InstructPix2Pix-style model?)" if channels == 8 else ""
+        raise _refuse(name, f"has a UNet with {channels} input channels{what}; Noodle runs 4 (plain) and "
+                            f"{INPAINT_CHANNELS} (inpainting)")
 
     family: Family
     if SD1_CLIP in shapes:
         family = "sd15"
+    elif SD2_CLIP in shapes:
+        if any(k.startswith("model.diffusion_model.label_emb.") for k in keys):  # ComfyUI's SD21UnclipL/H
+            raise _refuse(name, "looks like an SD2.1 unCLIP model (its UNet takes an image embedding), which Noodle "
+                                "does not run")
+        family = "sd2"
     elif SDXL_CLIP_L in shapes and SDXL_CLIP_G in shapes:
         family = "sdxl"
     else:
-        raise _refuse(name, "has a UNet but no text encoder Noodle knows (CLIP-L for SD1.x, CLIP-L + bigG for SDXL)")
+        raise _refuse(name, "has a UNet but no text encoder Noodle knows (CLIP-L for SD1.x, OpenCLIP ViT-H for SD2.x, "
+                            "CLIP-L + bigG for SDXL)")
     if VAE_IN not in shapes:
         raise _refuse(name, "has no VAE weights (first_stage_model.*); Noodle needs checkpoints with their VAE")
 
@@ -227,7 +275,12 @@ def detect_from_header(shapes: Shapes, name: str = "<header>") -> Arch:
     found = {key: shapes[key][0] if key in (UNET_IN, VAE_IN) else shapes[key][-1] for key in probes}
     for tiny in (False, True):
         if found == _widths(Arch.of(family, tiny)):
-            return Arch.of(family, tiny)
+            arch = Arch.of(family, tiny, in_channels=shapes[UNET_IN][1])
+            # supported_models.py SDXL.model_type: a `v_pred` key marks v-prediction, `ztsnr` zero terminal SNR
+            # as well; an SD2 file's type is in a weight's values (`detect_checkpoint`), SD1.x is always eps
+            if family == "sdxl" and "v_pred" in shapes:
+                arch = replace(arch, prediction="v_prediction", zsnr="ztsnr" in shapes)
+            return arch
     real, small = _widths(Arch.of(family, False)), _widths(Arch.of(family, True))
     raise _refuse(
         name,
@@ -236,6 +289,41 @@ def detect_from_header(shapes: Shapes, name: str = "<header>") -> Arch:
     )
 
 
+def v_prediction_probe(shapes: Shapes) -> str | None:
+    """The weight ComfyUI reads to tell an SD2 v-prediction UNet: the first transformer's norm1 bias in the last
+    output block that has one (output_blocks.11 in SD2; Noodle's tiny UNet has fewer blocks)."""
+    prefix, suffix = "model.diffusion_model.output_blocks.", ".1.transformer_blocks.0.norm1.bias"
+    found = [int(key[len(prefix):-len(suffix)]) for key in shapes
+             if key.startswith(prefix) and key.endswith(suffix) and key[len(prefix):-len(suffix)].isdigit()]
+    return f"{prefix}{max(found)}{suffix}" if found else None
+
+
+def predicts_v(probe: Tensor) -> bool:
+    """supported_models.py SD20.model_type: v-prediction when the probe bias's standard deviation is above 0.09.
+    ComfyUI's own comment doubts the heuristic; it is what ComfyUI 0.3.64 does (it never reads the yaml shipped beside
+    768-v files), so a file Noodle calls v-prediction is one ComfyUI samples as v-prediction, and both can be forced
+    with ModelSamplingDiscrete."""
+    return float(torch.std(probe.float(), unbiased=False)) > 0.09
+
+
+def _sd2_prediction(path: Path, shapes: Shapes, allow_weights_only_pickle: bool) -> str:
+    key = v_prediction_probe(shapes)
+    if key is None:
+        return "eps"
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        probe = read_pickle_weights(path)[key] if allow_weights_only_pickle else None
+    else:
+        with safe_open(str(path), framework="pt") as handle:  # one small tensor, not the weights
+            probe = handle.get_tensor(key)
+    return "v_prediction" if probe is not None and predicts_v(probe) else "eps"
+
+
 def detect_checkpoint(path: Path, *, allow_weights_only_pickle: bool = False) -> Arch:
-    """The Arch of a single-file checkpoint, from its header (or, when allowed, a weights-only pickle)."""
-    return detect_from_header(read_shapes(path, allow_weights_only_pickle=allow_weights_only_pickle), path.name)
+    """The Arch of a single-file checkpoint, from its header (or, when allowed, a weights-only pickle).
+
+    An SD2 file's prediction type (eps or v) is read from one weight's values, as ComfyUI decides it."""
+    shapes = read_shapes(path, allow_weights_only_pickle=allow_weights_only_pickle)
+    arch = detect_from_header(shapes, path.name)
+    if arch.family == "sd2" and arch.in_channels == 4:  # SD20.model_type: SD2 inpainting models are eps
+        arch = replace(arch, prediction=_sd2_prediction(path, shapes, allow_weights_only_pickle))
+    return arch

@@ -9,9 +9,11 @@ active set and scales are switched right before a module runs.
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,8 +55,9 @@ class LoraAdapters:
         for key in wanted:
             if key not in state.loaded:
                 lora = self._convert(pipe, key, files[key])
-                type(pipe).load_lora_into_unet(dict(lora.state_dict), lora.network_alphas, unet=unet,
-                                               adapter_name=key, _pipeline=pipe)
+                with _shapes_checked("UNet"):
+                    type(pipe).load_lora_into_unet(dict(lora.state_dict), lora.network_alphas, unet=unet,
+                                                   adapter_name=key, _pipeline=pipe)
                 self._check_loaded(unet, key, "UNet")
                 state.loaded.add(key)
                 state.active = (("<stale>", 0.0),)
@@ -72,9 +75,10 @@ class LoraAdapters:
                 if key not in state.loaded:
                     lora = self._convert(pipe, key, files[key])
                     # a LoRA without keys for this encoder loads nothing; it still counts as loaded
-                    type(pipe).load_lora_into_text_encoder(dict(lora.state_dict), lora.network_alphas,
-                                                           text_encoder=encoder, prefix=attr, adapter_name=key,
-                                                           _pipeline=pipe)
+                    with _shapes_checked("text encoder"):
+                        type(pipe).load_lora_into_text_encoder(dict(lora.state_dict), lora.network_alphas,
+                                                               text_encoder=encoder, prefix=attr, adapter_name=key,
+                                                               _pipeline=pipe)
                     state.loaded.add(key)
                     state.active = (("<stale>", 0.0),)
                     self.loads += 1
@@ -113,6 +117,24 @@ class LoraAdapters:
                 layer.set_scale(name, wanted[name])  # scaling = strength * alpha / rank
         state.active = target
         self.switches += 1
+
+
+@contextmanager
+def _shapes_checked(what: str) -> Iterator[None]:
+    """A LoRA whose layer names exist in the module but with other shapes (an SDXL LoRA on SD1.x: both have
+    down_blocks.1.attentions.0, with cross-attention keys 2048 and 768 wide) fails in torch's load_state_dict; say
+    so in the user's terms.
+    diffusers removes the half-loaded adapter before it raises, so the module is as it was."""
+    try:
+        yield
+    except RuntimeError as err:
+        # "size mismatch for mid_block.attentions.0.proj_in.lora_A.<adapter>.weight: copying a param ..."
+        layers = sorted({match[1] for match in re.finditer(r"size mismatch for (\S+?)\.lora_[AB]\.", str(err))})
+        if not layers:
+            raise
+        raise UnsupportedModel(f"the LoRA's layers have other shapes than the {what}'s ({len(layers)} layers, e.g. "
+                               f"{layers[0]}): it was made for another model family (an SDXL LoRA on an SD1.x "
+                               "checkpoint, or the other way round)") from err
 
 
 def _tuner_layers(module: torch.nn.Module) -> list[BaseTunerLayer]:

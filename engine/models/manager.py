@@ -7,9 +7,10 @@ live in node outputs, not here: the manager counts them in the same budget while
 holds them, and evicting one tells the node cache to let go of it. LoRAs are peft adapters
 on the loaded modules: a LoraLoader only names them, and `use_unet` / `use_text_encoders`
 switch the adapter set right before a module runs, so changing LoRAs never reloads a
-checkpoint from disk. Upscale models (engine/models/upscale/) are kept the same way as checkpoints: by
-name and file state, in the same budget and LRU, and evicting one tells the node cache to let go of it.
-ControlNets (engine/models/controlnet/) too, by name and file state (a diff ControlNet also by its base model).
+checkpoint from disk. Upscale models (engine/models/upscale/) and ControlNets (engine/models/controlnet/) are
+kept each in a resident cache (engine/models/resident.py) by name and file state (a diff ControlNet also by its
+base model), in the same budget and LRU as checkpoints, and evicting one tells the node cache to let go of it.
+Standalone VAEs have a resident cache of their own, outside the budget: the four most recently used.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
@@ -39,6 +40,7 @@ from engine.models.controlnet.residuals import chain_of
 from engine.models.detect import detect_checkpoint
 from engine.models.lora import LoraAdapters, summed
 from engine.models.paths import FolderLookup, ModelCatalog, file_fingerprint, safe_join
+from engine.models.resident import ResidentCache
 from engine.models.single_file import load_checkpoint_pipeline, load_vae
 from engine.models.upscale import UpscaleModel, load_upscaler, upscaler_key
 from prompts.cache import PromptEncoderCache
@@ -46,6 +48,14 @@ from prompts.embeddings import EmbeddingLibrary
 from engine.values import ClipRef, Conditioning, ControlNetRef, LoraPatch, ModelRef
 
 log = logging.getLogger(__name__)
+
+
+class _Weighed(Protocol):
+    @property
+    def nbytes(self) -> int: ...
+
+
+T = TypeVar("T", bound=_Weighed)
 
 
 @dataclass
@@ -98,10 +108,10 @@ class ModelManager:
         self._checkpoints: OrderedDict[str, LoadedCheckpoint] = OrderedDict()
         self._merges: dict[str, MergedModel] = {}
         self._clock = itertools.count(1)
-        self._vaes: OrderedDict[str, AutoencoderKL] = OrderedDict()
-        self._upscalers: OrderedDict[str, UpscaleModel] = OrderedDict()  # by model_key, least recently used first
-        self._upscaler_used: dict[str, int] = {}
-        self._controlnets: OrderedDict[str, LoadedControlNet] = OrderedDict()  # by key, least recently used first
+        self._vaes: ResidentCache[AutoencoderKL] = ResidentCache("VAE", self._clock, max_entries=4)
+        self._upscalers: ResidentCache[UpscaleModel] = ResidentCache("upscale model", self._clock)  # by model_key
+        self._controlnets: ResidentCache[LoadedControlNet] = ResidentCache("ControlNet", self._clock)
+        self._budgeted: tuple[ResidentCache[Any], ...] = (self._upscalers, self._controlnets)  # in memory_budget
         self._loras: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.adapters = LoraAdapters()
         # text -> conditioning, keyed by encoder identity and LoRA stack (prompts/cache.py)
@@ -184,39 +194,34 @@ class ModelManager:
             self._unload(name)
         for key in list(self._merges):
             self._drop_merge(key)
-        for key in list(self._upscalers):
-            self._drop_upscaler(key)
-        for key in list(self._controlnets):
-            self._drop_controlnet(key)
+        for cache in self._budgeted:
+            for key in cache:
+                self._drop(cache, key)
         self._vaes.clear()
         self._loras.clear()
         _free_memory(self.device)
 
     def resident_bytes(self) -> int:
-        """What the loaded checkpoints, live merges and upscalers take: the number held under `memory_budget`."""
+        """What the loaded checkpoints, live merges, upscalers and ControlNets take: the number held under
+        `memory_budget` (standalone VAEs are not counted)."""
         self._forget_dead_merges()
         return (sum(c.nbytes for c in self._checkpoints.values()) + sum(m.nbytes for m in self._merges.values())
-                + sum(u.nbytes for u in self._upscalers.values()) + sum(c.nbytes for c in self._controlnets.values()))
+                + sum(cache.nbytes() for cache in self._budgeted))
 
     def _make_room(self, incoming: int, keep: frozenset[str] = frozenset()) -> None:
-        """Evict the least recently used checkpoints, merges and upscalers, never those in `keep`, until `incoming`
-        fits."""
+        """Evict the least recently used checkpoints, merges, upscalers and ControlNets, never those in `keep`, until
+        `incoming` fits."""
         while self.resident_bytes() + incoming > self.memory_budget:
-            candidates = [(c.used, name, "checkpoint") for name, c in self._checkpoints.items() if c.key not in keep]
-            candidates += [(m.used, key, "merge") for key, m in self._merges.items() if key not in keep]
-            candidates += [(self._upscaler_used[key], key, "upscale") for key in self._upscalers if key not in keep]
-            candidates += [(c.used, key, "controlnet") for key, c in self._controlnets.items() if key not in keep]
+            # (last use, key, how it leaves): one clock for every kind, so the oldest use goes first
+            candidates: list[tuple[int, str, Callable[[str], None]]] = [
+                (c.used, name, self._unload) for name, c in self._checkpoints.items() if c.key not in keep]
+            candidates += [(m.used, key, self._drop_merge) for key, m in self._merges.items() if key not in keep]
+            for cache in self._budgeted:
+                candidates += [(used, key, partial(self._drop, cache)) for used, key in cache.last_used(keep)]
             if not candidates:
                 return
-            _, victim, kind = min(candidates)
-            if kind == "merge":
-                self._drop_merge(victim)
-            elif kind == "upscale":
-                self._drop_upscaler(victim)
-            elif kind == "controlnet":
-                self._drop_controlnet(victim)
-            else:
-                self._unload(victim)
+            _, victim, drop = min(candidates, key=lambda candidate: candidate[:2])
+            drop(victim)
             self.stats.evictions += 1
 
     def _unload(self, name: str) -> None:
@@ -298,13 +303,13 @@ class ModelManager:
     def vae(self, name: str) -> AutoencoderKL:
         """A standalone VAE file from `vae/`, cached by name and file state."""
         path = self.catalog.resolve("vae", name)
-        key = f"{name}:{file_fingerprint(path)}"
-        if key not in self._vaes:
-            self._vaes[key] = load_vae(path, self.device, self.dtype)
-            while len(self._vaes) > 4:
-                self._vaes.popitem(last=False)
-        self._vaes.move_to_end(key)
-        return self._vaes[key]
+        fingerprint = file_fingerprint(path)
+        key = f"{name}:{fingerprint}"
+        cached = self._vaes.get(key)
+        if cached is None:
+            cached = load_vae(path, self.device, self.dtype)
+            self._vaes.add(key, cached, name, fingerprint, _module_bytes(cached))
+        return cached
 
     # -- ControlNets -----------------------------------------------------------------------
 
@@ -324,28 +329,13 @@ class ModelManager:
             key += f":{merge.key if merge is not None else base.checkpoint.key}"
         cached = self._controlnets.get(key)
         if cached is None:
-            current = f"controlnet:{name}:{fingerprint}"
-            for stale in [k for k, c in self._controlnets.items() if c.name == name and not k.startswith(current)]:
-                self._drop_controlnet(stale)  # the file changed on disk
-            self._make_room(path.stat().st_size)
-            cached = load_controlnet(path, name, key, self.device, self.dtype,
-                                     base.pipe.unet if base is not None else None, allow_weights_only_pickle=pickles)
-            self._make_room(cached.nbytes)
-            self._controlnets[key] = cached
+            unet = base.pipe.unet if base is not None else None
+            cached = self._load_resident(self._controlnets, key, name, fingerprint, path, lambda: load_controlnet(
+                path, name, key, self.device, self.dtype, unet, allow_weights_only_pickle=pickles))
             log.info("loaded ControlNet %s (%s, %.1f MB) in %.2f s", name, cached.layout.describe(),
                      cached.nbytes / 1e6, cached.load_seconds)
-        self._controlnets.move_to_end(key)
-        cached.used = next(self._clock)
         shuffle = Path(name).stem.endswith(("_shuffle", "_shuffle_fp16"))  # comfy/controlnet.py load_controlnet
         return ControlNetRef(cached.module, name, cached.layout.family, cached.layout.arch.tiny, key, shuffle)
-
-    def _drop_controlnet(self, key: str) -> None:
-        loaded = self._controlnets.pop(key)
-        for listener in self._unload_listeners:  # the node cache lets go of the outputs holding it
-            listener(key)
-        log.info("unloaded ControlNet %s", loaded.name)
-        del loaded
-        _free_memory(self.device)
 
     # -- upscale models --------------------------------------------------------------------
 
@@ -357,38 +347,42 @@ class ModelManager:
         cached = self._upscalers.get(key)
         if cached is not None:
             self.stats.upscale_hits += 1
-            self.use_upscaler(cached)
             return cached
-        for stale in [k for k, u in self._upscalers.items() if u.name == name]:  # the file changed on disk
-            self._drop_upscaler(stale)
         self.stats.upscale_loads += 1
-        self._make_room(path.stat().st_size)
-        loaded = load_upscaler(path, name, fingerprint, self.device)
-        self._make_room(loaded.nbytes)
-        self._upscalers[key] = loaded
-        self._upscaler_used[key] = next(self._clock)
+        loaded = self._load_resident(self._upscalers, key, name, fingerprint, path,
+                                     lambda: load_upscaler(path, name, fingerprint, self.device))
         log.info("loaded upscale model %s (%s, %.1f MB) in %.2f s", name, loaded.spec.describe(), loaded.nbytes / 1e6,
                  loaded.load_seconds)
         return loaded
 
     def use_upscaler(self, model: UpscaleModel) -> torch.nn.Module:
         """The module of `model`, which becomes the most recently used model."""
-        if model.model_key in self._upscalers:
-            self._upscalers.move_to_end(model.model_key)
-            self._upscaler_used[model.model_key] = next(self._clock)
+        self._upscalers.touch(model.model_key)
         return model.module
 
     def upscaler_names(self) -> list[str]:
         """Upscale models in memory, least recently used first."""
-        return [u.name for u in self._upscalers.values()]
+        return self._upscalers.names()
 
-    def _drop_upscaler(self, key: str) -> None:
-        loaded = self._upscalers.pop(key)
-        del self._upscaler_used[key]
+    # -- ControlNets and upscale models alike ----------------------------------------------
+
+    def _load_resident(self, cache: ResidentCache[T], key: str, name: str, fingerprint: str, path: Path,
+                       load: Callable[[], T]) -> T:
+        """Load a model of `cache`'s kind in the budget: its file's older states dropped, room made first."""
+        for stale in cache.stale(name, fingerprint):  # the file changed on disk
+            self._drop(cache, stale)
+        # the file's size as the estimate first, as for a checkpoint, then what it takes once loaded
+        self._make_room(path.stat().st_size)
+        loaded = load()
+        self._make_room(loaded.nbytes)
+        return cache.add(key, loaded, name, fingerprint, loaded.nbytes)
+
+    def _drop(self, cache: ResidentCache[Any], key: str) -> None:
+        dropped = cache.pop(key)
         for listener in self._unload_listeners:  # the node cache lets go of the outputs holding it
             listener(key)
-        log.info("unloaded upscale model %s", loaded.name)
-        del loaded
+        log.info("unloaded %s %s", cache.kind, dropped.name)
+        del dropped
         _free_memory(self.device)
 
     # -- LoRAs -----------------------------------------------------------------------------

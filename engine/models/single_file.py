@@ -1,4 +1,5 @@
-"""Load single-file SD1.x / SDXL checkpoints and standalone VAEs through diffusers, offline and strictly.
+"""Load single-file SD1.x / SDXL checkpoints (plain or 9-channel inpainting) and standalone VAEs through diffusers,
+offline and strictly.
 
 diffusers' `from_single_file` does the key conversion; Noodle adds what it lacks for a server:
 - offline: `config=` points at Noodle's config folder and the tokenizers are built from
@@ -10,7 +11,7 @@ diffusers' `from_single_file` does the key conversion; Noodle adds what it lacks
   weight would load with garbage in it;
 - errors: whatever diffusers raises becomes UnsupportedModel naming the file.
 
-The config folders (`engine/models/configs/{sd15,sdxl,tiny-sd15,tiny-sdxl}`) hold the real
+The config folders (`engine/models/configs/{sd15,sd2,sdxl}` and their `tiny-*`) hold the real
 diffusers configs without weights or tokenizers; SD1.5's model_index.json lists no safety checker
 or feature extractor, since Noodle runs none and ships no such folder.
 """
@@ -35,7 +36,8 @@ from engine.errors import NoodleError, UnsupportedModel
 from engine.models.detect import SUPPORTED, Arch, Family, read_shapes
 from engine.models.to_original import text_encoders_to_original, unet_to_original, vae_file_dict, vae_to_original
 
-__all__ = ["clip_tokenizer", "expected_shapes", "load_checkpoint_pipeline", "load_vae", "missing_weights"]
+__all__ = ["clip_tokenizer", "expected_shapes", "load_checkpoint_pipeline", "load_vae", "missing_weights",
+           "unet_config"]
 
 SDPipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
 _SHOWN = 5  # how many offending keys a message lists
@@ -56,12 +58,31 @@ class _EmptyPipeline:
 
     def __init__(self, arch: Arch) -> None:
         with init_empty_weights():
-            self.unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(arch.config_dir / "unet"))
+            self.unet = UNet2DConditionModel.from_config(unet_config(arch))
             self.vae = AutoencoderKL.from_config(AutoencoderKL.load_config(arch.config_dir / "vae"))
             self.text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(arch.config_dir / "text_encoder"))
             if arch.family == "sdxl":
                 config_2 = CLIPTextConfig.from_pretrained(arch.config_dir / "text_encoder_2")
                 self.text_encoder_2 = CLIPTextModelWithProjection(config_2)
+
+
+def unet_config(arch: Arch) -> dict[str, Any]:
+    """The diffusers UNet config of `arch`: its folder's, with an inpainting UNet's 9 input channels."""
+    config = dict(UNet2DConditionModel.load_config(arch.config_dir / "unet"))
+    config["in_channels"] = arch.in_channels
+    return config
+
+
+def _inpainting_unet(path: Path, arch: Arch, dtype: torch.dtype) -> UNet2DConditionModel:
+    """The 9-channel UNet of an inpainting single file, converted by diffusers from the plain config folder.
+
+    The pipeline loader passes its extra arguments to every component, and in_channels would reach the VAE
+    too: the UNet is loaded alone (a second read of the file) and handed to the pipeline.
+    """
+    return UNet2DConditionModel.from_single_file(
+        str(path), config=str(arch.config_dir), subfolder="unet", local_files_only=True, torch_dtype=dtype,
+        in_channels=arch.in_channels,
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -137,13 +158,17 @@ def load_checkpoint_pipeline(path: Path, arch: Arch, device: torch.device | str,
         "tokenizer": clip_tokenizer(),
     }
     pipeline_class: type[SDPipeline]
-    if arch.family == "sd15":
+    if arch.family in ("sd15", "sd2"):
         pipeline_class = StableDiffusionPipeline
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        if arch.family == "sd2":  # ComfyUI's SD2 tokenizer pads with "!" (id 0), not the end token
+            kwargs["tokenizer"] = clip_tokenizer(pad_token="!")
     else:
         pipeline_class = StableDiffusionXLPipeline
         kwargs.update(tokenizer_2=clip_tokenizer(pad_token="!"), add_watermarker=False)
     try:
+        if arch.in_channels != 4:
+            kwargs["unet"] = _inpainting_unet(path, arch, dtype)
         pipe = pipeline_class.from_single_file(str(path), **kwargs)
     except NoodleError:
         raise

@@ -29,7 +29,7 @@ __all__ = [
     "vae_to_original",
 ]
 
-Family = Literal["sd15", "sdxl"]
+Family = Literal["sd15", "sd2", "sdxl"]
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -38,6 +38,7 @@ CLIP_L_PREFIX = {
     "sdxl": "conditioner.embedders.0.transformer.text_model.",
 }
 OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+OPEN_CLIP_H_PREFIX = "cond_stage_model.model."  # SD2.x's one text encoder
 
 # Whole-key renames at the top of the UNet (diffusers' DIFFUSERS_TO_LDM_MAPPING["unet"]).
 _UNET_TOP = {
@@ -224,15 +225,10 @@ def _clip_l_to_original(te: nn.Module, prefix: str) -> dict[str, Tensor]:
     return out
 
 
-def _open_clip_to_original(te2: nn.Module) -> dict[str, Tensor]:
-    """SDXL's second encoder (a CLIPTextModelWithProjection) in OpenCLIP's own names.
-
-    OpenCLIP keeps q, k and v in one `in_proj_weight` (nn.MultiheadAttention) and applies the
-    projection as `x @ text_projection`, so the projection is stored transposed.
-    """
-    state = {key.removeprefix("text_model."): tensor for key, tensor in _state(te2, "OpenCLIP text encoder").items()}
+def _open_clip_blocks(state: dict[str, Tensor], layers: int) -> dict[str, Tensor]:
+    """Pop an OpenCLIP text tower's blocks, embeddings and final norm from `state` (transformers' names, no
+    `text_model.` prefix) under OpenCLIP's names: q, k and v in one `in_proj_weight` (nn.MultiheadAttention)."""
     out: dict[str, Tensor] = {}
-    layers = te2.config.num_hidden_layers
     for layer in range(layers):
         src, dst = f"encoder.layers.{layer}.", f"transformer.resblocks.{layer}."
         for kind in ("weight", "bias"):
@@ -247,14 +243,39 @@ def _open_clip_to_original(te2: nn.Module) -> dict[str, Tensor]:
     out["positional_embedding"] = state.pop("embeddings.position_embedding.weight")
     out["ln_final.weight"] = state.pop("final_layer_norm.weight")
     out["ln_final.bias"] = state.pop("final_layer_norm.bias")
+    state.pop("embeddings.position_ids", None)  # a buffer, not a weight, in older transformers
+    return out
+
+
+def _open_clip_to_original(te2: nn.Module) -> dict[str, Tensor]:
+    """SDXL's second encoder (a CLIPTextModelWithProjection) in OpenCLIP's own names; the projection is applied as
+    `x @ text_projection`, so it is stored transposed."""
+    state = {key.removeprefix("text_model."): tensor for key, tensor in _state(te2, "OpenCLIP text encoder").items()}
+    out = _open_clip_blocks(state, te2.config.num_hidden_layers)
     out["text_projection"] = state.pop("text_projection.weight").T
     if state:
         raise ValueError(f"OpenCLIP text encoder: no original-layout name for {sorted(state)[:5]}")
     return {OPEN_CLIP_PREFIX + key: tensor for key, tensor in out.items()}
 
 
+def open_clip_h_to_original(te: nn.Module, *, with_projection: Tensor | None = None) -> dict[str, Tensor]:
+    """An SD2 text encoder (transformers CLIPTextModel) under OpenCLIP's names, `cond_stage_model.model.*`; a
+    projection, if given, is stored as it is (`x @ text_projection`)."""
+    state = {key.removeprefix("text_model."): tensor for key, tensor in _state(te, "SD2 text encoder").items()}
+    out = _open_clip_blocks(state, te.config.num_hidden_layers)
+    if state:
+        raise ValueError(f"SD2 text encoder: no original-layout name for {sorted(state)[:5]}")
+    if with_projection is not None:
+        out["text_projection"] = with_projection
+    return {OPEN_CLIP_H_PREFIX + key: tensor for key, tensor in out.items()}
+
+
 def text_encoders_to_original(family: Family, te: nn.Module, te2: nn.Module | None = None) -> dict[str, Tensor]:
-    """CLIP-L (and for SDXL the OpenCLIP bigG encoder) under their single-file names."""
+    """CLIP-L (SD1.x), OpenCLIP ViT-H (SD2) or both CLIP-L and OpenCLIP bigG (SDXL) under their single-file names."""
+    if family == "sd2":
+        if te2 is not None:
+            raise ValueError("SD2.x has one text encoder; got a second one")
+        return open_clip_h_to_original(te)
     if family == "sd15":
         if te2 is not None:
             raise ValueError("SD1.x has one text encoder; got a second one")

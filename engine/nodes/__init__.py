@@ -8,6 +8,6 @@ from engine.nodes.base import Node
 def catalog() -> dict[str, type[Node]]:
     """Every registered node class by ComfyUI class_type."""
     from engine.nodes import (conditioning, controlnet, images, latents, loaders, masks, merging,  # noqa: F401
-                              sampling, upscale, vae)
+                              model_sampling, sampling, upscale, vae)
 
     return Node.registry

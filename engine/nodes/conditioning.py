@@ -38,6 +38,15 @@ def clip_encoders(clip: ClipRef, ctx: RunContext) -> list[ClipEncoder]:
             ClipEncoder(pipe.tokenizer_2, models[1], layer=layer, final_norm=False, pooled=True, pad_token=0,
                         cache_tag=tag),
         ]
+    if clip.arch.family == "sd2":
+        # ComfyUI's SD2ClipModel: OpenCLIP's penultimate block through the final layer norm, padded with "!" (0).
+        # diffusers loads 23 of the file's 24 blocks (SD2 never uses the last), so ComfyUI's layer -k is our -(k-1)
+        stop = -2 if clip.stop_at_layer is None else clip.stop_at_layer
+        if stop == -1:
+            raise ValueError("CLIPSetLastLayer -1 on an SD2 checkpoint asks for OpenCLIP's last block, which SD2 "
+                             "never uses and Noodle does not load; use -2 (SD2's default) or lower")
+        return [ClipEncoder(pipe.tokenizer, models[0], layer=stop + 1, final_norm=True, pooled=False, pad_token=0,
+                            cache_tag=tag)]
     layer = -1 if clip.stop_at_layer is None else clip.stop_at_layer
     # SD1.x: an earlier layer still goes through the final layer norm (ComfyUI layer_norm_hidden_state)
     return [ClipEncoder(pipe.tokenizer, models[0], layer=layer, final_norm=True, pooled=False, pad_token=EOS,

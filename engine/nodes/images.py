@@ -266,7 +266,7 @@ class ImageScaleBy(Node):
 
     def run(self, ctx: RunContext) -> tuple[ImageBatch]:
         pixels = self.image.pixels
-        # each side rounded, as ComfyUI's ImageScaleBy; engine/cost.py holds the result to the limits before the run
+        # each side rounded, as ComfyUI's ImageScaleBy; engine/cost/ holds the result to the limits before the run
         height, width = pixels.shape[1:3]
         new_w, new_h = round(width * self.scale_by), round(height * self.scale_by)
         if new_w < 1 or new_h < 1:

@@ -89,15 +89,19 @@ class EmptyLatentImage(Node):
 
 
 def center_crop(x: torch.Tensor, width: int, height: int, h_axis: int) -> torch.Tensor:
-    """The middle of `x` at the aspect ratio width:height (ComfyUI's crop="center"); sides at h_axis, h_axis+1."""
+    """The middle of `x` at the aspect ratio width:height (ComfyUI's crop="center"); sides at h_axis, h_axis+1.
+
+    ComfyUI's common_upscale rounds the margin cut from each side, then keeps what is left between them:
+    the same arithmetic here, so a crop is the same cells as ComfyUI's for every size.
+    """
     old_h, old_w = x.shape[h_axis], x.shape[h_axis + 1]
     old_aspect, new_aspect = old_w / old_h, width / height
     if old_aspect > new_aspect:
-        keep = round(old_h * new_aspect)
-        return x.narrow(h_axis + 1, (old_w - keep) // 2, keep)
+        margin = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+        return x.narrow(h_axis + 1, margin, old_w - margin * 2)
     if old_aspect < new_aspect:
-        keep = round(old_w / new_aspect)
-        return x.narrow(h_axis, (old_h - keep) // 2, keep)
+        margin = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+        return x.narrow(h_axis, margin, old_h - margin * 2)
     return x
 
 

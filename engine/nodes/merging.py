@@ -68,7 +68,8 @@ class ModelMergeSimple(Node):
         label = f"merge({self.model1.label}, {self.model2.label}, {self.ratio})"
         pipe = with_components(self.model1.pipe, unet=unet)
         ctx.models.adopt_merge(pipe, [unet], self.model1.checkpoint, label)
-        return (ModelRef(self.model1.checkpoint, pipe, (), label),)
+        # the merge keeps model1's model sampling (ComfyUI clones model1, override and all)
+        return (ModelRef(self.model1.checkpoint, pipe, (), label, sampling=self.model1.sampling),)
 
 
 @register

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from engine import samplers
 from engine.models.controlnet.residuals import ControlResiduals, spread_to_uncond
+from engine.models.detect import INPAINT_CHANNELS
 from engine.nodes.base import SEED_MAX, Choice, Node, RunContext, Socket, register
 from engine.samplers.loop import lands_on_denoised, resize_noise_mask
 from engine.settings import Limits
@@ -53,13 +56,87 @@ def _time_ids(item: CondItem, height: int, width: int) -> list[float]:
             extras.get("target_height", h), extras.get("target_width", w)]
 
 
+@dataclass(frozen=True)
+class InpaintSource:
+    """What an inpainting UNet's extra channels fall back to where the conds carry no `concat_latent_image` /
+    `concat_mask` (InpaintModelConditioning's): the sampler's latent in the model's scaled space and its noise
+    mask, as ComfyUI hands `latent_image` and `denoise_mask` to concat_cond; `scale` is the VAE's scaling factor,
+    which brings a cond's raw `concat_latent_image` into that space (ComfyUI's process_latent_in)."""
+
+    latent: torch.Tensor
+    noise_mask: torch.Tensor | None
+    scale: float
+
+
+# comfy/model_base.py set_inpaint's blank_inpaint_image_like: a black picture's latent, per channel (SD1.x and
+# SDXL alike), for an inpainting model sampled without any mask
+_BLANK_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
+
+
+def _to_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """comfy/utils.py resize_to_batch_size: pick rows spread evenly over the batch (not a repeat of the whole)."""
+    have = tensor.shape[0]
+    if have == batch:
+        return tensor
+    if batch <= 1:
+        return tensor[:batch]
+    if batch < have:
+        rows = [min(round(i * (have - 1) / (batch - 1)), have - 1) for i in range(batch)]
+    else:
+        rows = [min(math.floor((i + 0.5) * have / batch), have - 1) for i in range(batch)]
+    return tensor[rows]
+
+
+def _fit(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """comfy.utils.common_upscale(..., "bilinear", "center"), as concat_cond resizes both parts to the latent: cut
+    round((side - side * ratio) / 2) from both ends of the side that is too long, then resize."""
+    old_h, old_w = tensor.shape[-2:]
+    if (old_h, old_w) == (height, width):
+        return tensor
+    old_aspect, new_aspect = old_w / old_h, width / height
+    x = round((old_w - old_w * (new_aspect / old_aspect)) / 2) if old_aspect > new_aspect else 0
+    y = round((old_h - old_h * (old_aspect / new_aspect)) / 2) if old_aspect < new_aspect else 0
+    cropped = tensor.narrow(-2, y, old_h - 2 * y).narrow(-1, x, old_w - 2 * x)
+    return F.interpolate(cropped, size=(height, width), mode="bilinear")
+
+
+def inpaint_concat(item: CondItem, latent: torch.Tensor, noise_mask: torch.Tensor | None,
+                   scale: float) -> torch.Tensor:
+    """An inpainting UNet's extra input for one cond over latents [b, 4, h, w] (scaled): [b, 5, h, w], the mask
+    then the masked image's latent, as comfy/model_base.py concat_cond with concat_keys ("mask", "masked_image").
+
+    The mask is the cond's `concat_mask`, else the latent's noise mask; it is resized to the latent, rounded and
+    fitted to the batch. The masked image is the cond's `concat_latent_image` (scaled here), else the latent
+    itself. Without any mask the mask is all ones and the image a black picture's latent, whatever else is given.
+    """
+    batch, _, height, width = latent.shape
+    mask = item.extras.get("concat_mask")
+    if mask is None and noise_mask is not None:
+        mask = resize_noise_mask(noise_mask, latent.shape)  # the sampler's denoise_mask (reshape_mask)
+    if mask is None:
+        blank = torch.tensor(_BLANK_LATENT, dtype=torch.float32).view(1, 4, 1, 1).expand(batch, 4, height, width)
+        return torch.cat([torch.ones(batch, 1, height, width), blank], dim=1)
+    mask = mask.float()
+    if mask.ndim == latent.ndim:
+        mask = mask[:, :1]
+    mask = _to_batch(_fit(mask.reshape(-1, 1, *mask.shape[-2:]), height, width).round(), batch)
+    image = item.extras.get("concat_latent_image")
+    image = latent.float() if image is None else image.float() * scale
+    image = _to_batch(_fit(image, height, width), batch)
+    return torch.cat([mask.to(image.device), image], dim=1)
+
+
 def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditioning],
                negative: Conditioning | Sequence[Conditioning], cfg: float, sdxl: bool, pixel_size: tuple[int, int],
-               sizes: Sequence[int] | None = None) -> EpsFn:
+               sizes: Sequence[int] | None = None, inpaint: InpaintSource | None = None,
+               sampling: samplers.ModelSampling = samplers.DEFAULT_SAMPLING) -> EpsFn:
     """The guided noise prediction for a batch of latents at one sigma.
 
     One Conditioning pair guides the whole batch, as a KSampler does. With per-item sequences (the
     queue's batches of several jobs) pair g guides the next `sizes[g]` latents, all in one UNet call.
+    An inpainting (9-channel) UNet gets each cond's `inpaint_concat` after the latent's 4 channels.
+    `sampling` (the MODEL's ModelSampling) turns each cond's output into the noise prediction that gives
+    ComfyUI's denoised estimate (v-prediction, LCM, x0), before CFG combines them as ComfyUI combines denoised ones.
     """
     positives = [positive] if isinstance(positive, Conditioning) else list(positive)
     negatives = [negative] if isinstance(negative, Conditioning) else list(negative)
@@ -84,12 +161,15 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
             "time_ids": torch.tensor([_time_ids(item, *pixel_size) for item in items], device=device, dtype=dtype),
         } for items in groups]
     control = ControlResiduals.for_groups(groups, unet, sdxl)  # None without ControlNets: the UNet call as before
+    inpainting = getattr(getattr(unet, "config", None), "in_channels", 4) == INPAINT_CHANNELS
+    concats: dict[tuple[int, ...], torch.Tensor] = {}  # the concat is the same at every step: built once
 
     def eps(x: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         counts = list(sizes) if sizes is not None else [x.shape[0]]
         chunks = x.split(counts)
         # per group: every cond item over the group's latents, item-major, then all groups in one batch
-        x_in = torch.cat([chunk.to(device, dtype).repeat(len(items), 1, 1, 1) for chunk, items in zip(chunks, groups)])
+        x_in = torch.cat([sampling.model_input(chunk, float(sigma)).to(device, dtype).repeat(len(items), 1, 1, 1)
+                          for chunk, items in zip(chunks, groups)])
         ctx_in = torch.cat([context.repeat_interleave(b, dim=0) for context, b in zip(contexts, counts)])
         kwargs: dict[str, Any] = {}
         if added is not None:
@@ -98,10 +178,15 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
         t = timestep.reshape(-1)[:1].to(device).expand(x_in.shape[0])
         if control is not None:
             kwargs.update(control(x_in, t, sigma, ctx_in, kwargs.get("added_cond_kwargs"), counts))
+        if inpainting:  # after the ControlNet, which sees only the latent's 4 channels, as in ComfyUI
+            if tuple(x.shape) not in concats:
+                concats[tuple(x.shape)] = _group_concats(groups, counts, x, inpaint).to(device, dtype)
+            x_in = torch.cat([x_in, concats[tuple(x.shape)]], dim=1)
         out = unet(x_in, t, encoder_hidden_states=ctx_in, **kwargs).sample.float().to(x.device)
         guided, offset = [], 0
-        for items, batch, positives_in in zip(groups, counts, n_pos):
+        for items, batch, positives_in, chunk in zip(groups, counts, n_pos, chunks):
             preds = out[offset:offset + len(items) * batch].reshape(len(items), batch, *out.shape[1:])
+            preds = sampling.to_eps(preds, chunk.float(), float(sigma))  # the eps prediction itself: unchanged
             offset += len(items) * batch
             cond = preds[:positives_in].mean(0)
             if len(items) == positives_in:
@@ -112,6 +197,26 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
         return torch.cat(guided)
 
     return eps
+
+
+def _group_concats(groups: Sequence[Sequence[CondItem]], counts: Sequence[int], x: torch.Tensor,
+                   inpaint: InpaintSource | None) -> torch.Tensor:
+    """Every cond item's inpaint concat over its group's latents, in the UNet batch's order (item-major per group)."""
+    if inpaint is None:  # a caller that knows no latent: only the no-mask case can be built
+        if any("concat_mask" in item.extras for items in groups for item in items):
+            raise ValueError("an inpainting UNet with a concat_mask needs the sampler's latent (InpaintSource)")
+        latent, mask = torch.zeros(x.shape), None
+    else:
+        latent, mask = inpaint.latent.float().cpu(), inpaint.noise_mask
+    if mask is not None:
+        mask = resize_noise_mask(mask.cpu(), latent.shape)  # over the whole batch first, as ComfyUI's denoise_mask
+    parts, offset = [], 0
+    for items, batch in zip(groups, counts):
+        rows = slice(offset, offset + batch)
+        offset += batch
+        parts += [inpaint_concat(item, latent[rows], None if mask is None else mask[rows],
+                                 1.0 if inpaint is None else inpaint.scale) for item in items]
+    return torch.cat(parts)
 
 
 def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.Tensor, sigmas: torch.Tensor,
@@ -130,8 +235,10 @@ def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.T
     unet = ctx.models.use_unet(model)
     scale = float(model.pipe.vae.config.scaling_factor)
     h, w = latent.samples.shape[2] * 8, latent.samples.shape[3] * 8
-    eps = guided_eps(unet, positive, negative, cfg, model.arch.family == "sdxl", (h, w), sizes)
-    plan = samplers.build_scheduler(sampler_name, scheduler, sigmas, seed)
+    inpaint = InpaintSource(latent.samples.float() * scale, latent.noise_mask, scale)
+    eps = guided_eps(unet, positive, negative, cfg, model.arch.family == "sdxl", (h, w), sizes, inpaint,
+                     sampling=model.model_sampling)
+    plan = samplers.build_scheduler(sampler_name, scheduler, sigmas, seed, model.model_sampling)
     steps = len(sigmas) - 1
 
     def on_step(index: int, total: int, x: torch.Tensor) -> None:
@@ -191,7 +298,7 @@ class KSampler(Node):
         ctx.meta.seeds[ctx.node_id] = self.seed
         latent = self.latent_image
         noise = prepare_noise(latent.samples, self.seed, latent.batch_index)
-        sigmas = samplers.ksampler_sigmas(self.scheduler, self.steps, self.denoise, samplers.model_sigmas(),
+        sigmas = samplers.ksampler_sigmas(self.scheduler, self.steps, self.denoise, self.model.model_sampling,
                                            sampler_name=self.sampler_name)
         return (run_sampler(ctx, self.model, latent, noise, sigmas, self.sampler_name, self.scheduler, self.seed,
                             self.cfg, self.positive, self.negative),)
@@ -230,7 +337,7 @@ class KSamplerAdvanced(Node):
         else:
             noise = prepare_noise(latent.samples, self.noise_seed, latent.batch_index)
         sigmas = samplers.advanced_sigmas(self.scheduler, self.steps, self.start_at_step, self.end_at_step,
-                                          self.return_with_leftover_noise != "enable", samplers.model_sigmas(),
+                                          self.return_with_leftover_noise != "enable", self.model.model_sampling,
                                           sampler_name=self.sampler_name)
         return (run_sampler(ctx, self.model, latent, noise, sigmas, self.sampler_name, self.scheduler,
                             self.noise_seed, self.cfg, self.positive, self.negative),)

@@ -4,7 +4,7 @@ The loader reads an ESRGAN/RRDBNet or compact SRVGG file from `models/upscale_mo
 manager (kept in memory with the checkpoints, in the same budget); the upscale runs it tile by tile as
 ComfyUI's does (engine/models/upscale/tiling.py), the tile bounded by [limits] upscale_tile_pixels, and clamps
 the result to 0..1. The output size is held to max_side and max_pixels before the job is queued
-(engine/cost.py reads the scale from the file's header) and again here, before any tile runs.
+(engine/cost/ reads the scale from the file's header) and again here, before any tile runs.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class ImageUpscaleWithModel(Node):
         out_w, out_h = width * spec.scale, height * spec.scale
         limits = ctx.limits
         if max(out_w, out_h) > limits.max_side or out_w * out_h > limits.max_pixels:
-            # engine/cost.py refuses this before the job is queued; a model swapped on disk since is caught here
+            # engine/cost/ refuses this before the job is queued; a model swapped on disk since is caught here
             raise LimitExceeded(f"upscaling {width}x{height} with {model.name!r} (x{spec.scale}) gives "
                                 f"{out_w}x{out_h}, above this server's limits of {limits.max_side} a side and "
                                 f"{limits.max_pixels:,} pixels (limits.max_side, limits.max_pixels in config.toml); "

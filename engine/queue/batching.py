@@ -157,8 +157,8 @@ def _sample_together(runs: list[Run], sampler: str) -> list[Exception | None]:
     # each job's own seed's noise, exactly what its solo KSampler would draw
     noise = torch.cat([sampling.prepare_noise(latent.samples, values["seed"], latent.batch_index)
                        for latent, values in zip(latents, inputs)])
-    sigmas = samplers.ksampler_sigmas(first["scheduler"], first["steps"], first["denoise"], samplers.model_sigmas(),
-                                      sampler_name=first["sampler_name"])
+    sigmas = samplers.ksampler_sigmas(first["scheduler"], first["steps"], first["denoise"],
+                                      first["model"].model_sampling, sampler_name=first["sampler_name"])
 
     def report(node: str, value: int, total: int) -> None:
         for run in runs:

@@ -26,6 +26,7 @@ from typing import Any
 
 from engine.errors import JobCancelled, JobFailed
 from engine.executor import Executor
+from engine.models.controlnet.load import controlnet_layout
 from engine.models.detect import Arch, detect_checkpoint
 from engine.models.paths import file_fingerprint
 from engine.queue.batching import batch_key, sampler_steps
@@ -169,6 +170,17 @@ class EngineService:
         key = (checkpoint, file_fingerprint(path))
         if key not in self._arch:
             self._arch[key] = detect_checkpoint(path, allow_weights_only_pickle=models.catalog.allow_weights_only_pickle)
+        return self._arch[key]
+
+    def controlnet_architecture(self, name: str) -> Arch:
+        """The family a ControlNet file is for, from its header (a pickle is read whole, where the owner allows it),
+        remembered per file version; a file that is no ControlNet raises the loader's own refusal."""
+        models = self._executor.models
+        path = models.resolve("controlnet", name)
+        key = (f"controlnet/{name}", file_fingerprint(path))
+        if key not in self._arch:
+            self._arch[key] = controlnet_layout(
+                path, name, allow_weights_only_pickle=models.catalog.allow_weights_only_pickle).arch
         return self._arch[key]
 
     def validate(self, workflow: dict[str, Any]) -> ValidatedPrompt:

@@ -19,8 +19,9 @@ from diffusers.schedulers import (DPMSolverSDEScheduler, EulerAncestralDiscreteS
                                   UniPCMultistepScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from engine.samplers.model_sampling import DEFAULT_SAMPLING, ModelSampling
 from engine.samplers.names import SCHEDULER_NAMES, SamplerSpec, UnfaithfulSampler, require_known, spec_for
-from engine.samplers.sigmas import ksampler_sigmas, model_sigmas, timestep_for_sigma
+from engine.samplers.sigmas import ksampler_sigmas, model_sigmas
 
 __all__ = ["SamplerPlan", "build_scheduler", "check_pair", "supported_schedulers"]
 
@@ -112,16 +113,17 @@ def _call_sigmas(scheduler: SchedulerMixin) -> list[float]:
     return [float(s) for s in out]
 
 
-def _plan(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor, seed: int) -> SamplerPlan:
+def _plan(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor, seed: int,
+          sampling: ModelSampling = DEFAULT_SAMPLING) -> SamplerPlan:
     """build_scheduler, refusing without the list of alternatives."""
-    spec, ms = spec_for(sampler_name), model_sigmas()
+    spec = spec_for(sampler_name)
     require_known(scheduler_name, SCHEDULER_NAMES, "scheduler")
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
     if not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any()):
         raise ValueError(f"sigmas must be finite and >= 0, got {sigmas.tolist()}")
     n = len(sigmas) - 1
     plan = dict(sampler_name=sampler_name, scheduler_name=scheduler_name, sigmas=sigmas, steps=max(n, 0), seed=seed,
-                sigma_max=float(ms.float()[-1]))
+                sigma_max=sampling.sigma_max)
     if n < 1:
         return SamplerPlan(**plan, scheduler=None, calls=(), generator=None, mechanism="none")
     target = sigmas.clone()
@@ -138,16 +140,21 @@ def _plan(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor, seed: in
     # a 2nd-order scheduler makes one call for its step into 0, which a run ending above 0 never takes
     n_calls = 2 * n - (len(_boundaries(scheduler)) == n + 1) if spec.two_calls else n
     call_sigmas = _call_sigmas(scheduler)[:n_calls]
-    calls = tuple(zip(timestep_for_sigma(torch.tensor(call_sigmas), ms).int().tolist(), call_sigmas))
+    calls = tuple(zip(sampling.timestep(torch.tensor(call_sigmas)).int().tolist(), call_sigmas))
     generator = torch.Generator("cpu").manual_seed(seed) if spec.noise == "generator" else None
     return SamplerPlan(**plan, scheduler=scheduler, calls=calls, generator=generator, mechanism=mechanism)
 
 
-def build_scheduler(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor, seed: int) -> SamplerPlan:
-    """A diffusers scheduler (SD1.5 betas) stepping through `sigmas`; UnfaithfulSampler if it cannot."""
+def build_scheduler(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor, seed: int,
+                    sampling: ModelSampling = DEFAULT_SAMPLING) -> SamplerPlan:
+    """A diffusers scheduler (SD1.5 betas) stepping through `sigmas`; UnfaithfulSampler if it cannot.
+
+    `sampling` is the MODEL's (ModelSamplingDiscrete): its sigma table decides ComfyUI's initial noise scale
+    (a zsnr model's sigma_max is about 4518) and the UNet timestep of each call (an LCM model's 50 timesteps).
+    """
     spec_for(sampler_name)
     try:
-        return _plan(sampler_name, scheduler_name, sigmas, seed)
+        return _plan(sampler_name, scheduler_name, sigmas, seed, sampling)
     except UnfaithfulSampler as err:
         raise UnfaithfulSampler(_refusal(sampler_name, scheduler_name, str(err), max(len(sigmas) - 1, 1))) from None
 

@@ -12,9 +12,10 @@ import numpy as np
 import scipy.stats
 import torch
 
+from engine.samplers.model_sampling import ModelSampling, discrete_sigmas
 from engine.samplers.names import SCHEDULER_NAMES, require_known
 
-__all__ = ["MAX_SCHEDULE_STEPS", "advanced_sigmas", "comfy_sigmas", "ksampler_sigmas", "model_sigmas",
+__all__ = ["MAX_SCHEDULE_STEPS", "SigmaTable", "advanced_sigmas", "comfy_sigmas", "ksampler_sigmas", "model_sigmas",
            "schedule_problem", "timestep_for_sigma"]
 
 # KSampler's steps maximum, and so the longest schedule computed for a denoise below 1 (`schedule_problem`).
@@ -25,9 +26,18 @@ _DISCARD_PENULTIMATE = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_
 
 def model_sigmas(beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000) -> torch.Tensor:
     """SD's training sigmas in float64, as ModelSamplingDiscrete has them before its float32 copies (bit-exact)."""
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    return discrete_sigmas(beta_start, beta_end, num_train_timesteps)
+
+
+# A schedule is computed from a model's sigma table: SD's training sigmas as a tensor, or a MODEL's ModelSampling
+# (zsnr changes the table, an LCM model has 50 entries a timestep apart of 20).
+SigmaTable = torch.Tensor | ModelSampling
+
+
+def _table(model_sigmas: SigmaTable) -> tuple[torch.Tensor, int]:
+    if isinstance(model_sigmas, ModelSampling):
+        return model_sigmas.table, model_sigmas.skip_steps
+    return model_sigmas, 1
 
 
 def timestep_for_sigma(sigma: float | torch.Tensor, model_sigmas: torch.Tensor) -> torch.Tensor:
@@ -37,17 +47,21 @@ def timestep_for_sigma(sigma: float | torch.Tensor, model_sigmas: torch.Tensor) 
     return dists.abs().argmin(dim=0).view(sigma.shape).float()
 
 
-def comfy_sigmas(scheduler: str, steps: int, model_sigmas: torch.Tensor) -> torch.Tensor:
+def comfy_sigmas(scheduler: str, steps: int, model_sigmas: SigmaTable) -> torch.Tensor:
     """ComfyUI's float32 sigmas for a scheduler, ending in 0: steps+1 (ddim_uniform: maybe more, beta: fewer)."""
     require_known(scheduler, SCHEDULER_NAMES, "scheduler")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    model_sigmas, skip = _table(model_sigmas)
     ms, n = model_sigmas.float(), len(model_sigmas)
     sigma_min, sigma_max = float(ms[0]), float(ms[-1])
     if scheduler in ("normal", "sgm_uniform"):  # evenly spaced timesteps; sgm leaves out the last one
-        start, end = float(timestep_for_sigma(ms[-1], ms)), float(timestep_for_sigma(ms[0], ms))
+        # ModelSampling.timestep of sigma_max and sigma_min: table index * skip + skip - 1 (an LCM model's 999, 19)
+        start, end = (float(timestep_for_sigma(s, ms)) * skip + skip - 1 for s in (ms[-1], ms[0]))
         ts = torch.linspace(start, end, steps + 1)[:-1] if scheduler == "sgm_uniform" else torch.linspace(
             start, end, steps)
+        if skip > 1:  # ModelSamplingDiscreteDistilled.sigma: back to table indices
+            ts = ((ts - (skip - 1)) / skip).clamp(0, n - 1)
         log_sigmas, w = model_sigmas.log().float(), ts.frac()  # ModelSamplingDiscrete.sigma: log-linear
         head = ((1 - w) * log_sigmas[ts.floor().long()] + w * log_sigmas[ts.ceil().long()]).exp()
     elif scheduler == "simple":
@@ -80,7 +94,7 @@ def comfy_sigmas(scheduler: str, steps: int, model_sigmas: torch.Tensor) -> torc
     return torch.cat([head.float(), torch.zeros(1)])
 
 
-def _sampler_sigmas(sampler_name: str, scheduler: str, steps: int, ms: torch.Tensor) -> torch.Tensor:
+def _sampler_sigmas(sampler_name: str, scheduler: str, steps: int, ms: SigmaTable) -> torch.Tensor:
     """KSampler.calculate_sigmas: dpm_2(_ancestral) and uni_pc(_bh2) compute steps+1 and drop the penultimate."""
     if sampler_name not in _DISCARD_PENULTIMATE:
         return comfy_sigmas(scheduler, steps, ms)
@@ -102,7 +116,7 @@ def schedule_problem(steps: int, denoise: float) -> str | None:
             f"{math.ceil(steps / MAX_SCHEDULE_STEPS * 1e4) / 1e4:g}, or fewer steps")
 
 
-def ksampler_sigmas(scheduler: str, steps: int, denoise: float, model_sigmas: torch.Tensor, *,
+def ksampler_sigmas(scheduler: str, steps: int, denoise: float, model_sigmas: SigmaTable, *,
                     sampler_name: str) -> torch.Tensor:
     """KSampler's sigmas: with denoise < 1 the tail of a longer schedule; empty (latent as is) if denoise <= 0."""
     if denoise > 0.9999:
@@ -116,7 +130,7 @@ def ksampler_sigmas(scheduler: str, steps: int, denoise: float, model_sigmas: to
 
 
 def advanced_sigmas(scheduler: str, steps: int, start_at_step: int, end_at_step: int, force_full_denoise: bool,
-                    model_sigmas: torch.Tensor, *, sampler_name: str) -> torch.Tensor:
+                    model_sigmas: SigmaTable, *, sampler_name: str) -> torch.Tensor:
     """KSamplerAdvanced's sigmas (force_full_denoise: leftover noise "disable"); empty: the latent comes back."""
     sigmas = _sampler_sigmas(sampler_name, scheduler, steps, model_sigmas)
     if end_at_step < len(sigmas) - 1:

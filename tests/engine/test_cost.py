@@ -1,4 +1,4 @@
-"""The whole graph's cost (engine/cost.py) on the real executor and tiny models: each attack of issue 12 is
+"""The whole graph's cost (engine/cost/) on the real executor and tiny models: each attack of issue 12 is
 refused before anything runs, naming the node and the limit; ordinary template graphs pass with their cost
 computed exactly, and what they write when run matches it."""
 
@@ -250,7 +250,7 @@ def test_every_node_that_makes_a_latent_image_or_conditioning_has_a_rule() -> No
     for name, cls in catalog().items():
         takes_images = any(spec.type == "IMAGE" for spec in cls.input_specs())
         if shaped & set(cls.RETURN_TYPES) or (cls.OUTPUT_NODE and takes_images):
-            assert name in RULES, f"{name} makes or writes images, latents or conditioning: engine/cost.py needs a rule"
+            assert name in RULES, f"{name} makes or writes images, latents or conditioning: engine/cost/ needs a rule"
 
 
 def test_validating_many_samplers_builds_each_sampler_pair_once(executor: Executor,

@@ -111,3 +111,24 @@ def test_merge_ratio_one_is_model_one(executor: Executor) -> None:
     merged = render(executor, graph, "10")
     graph["8"]["inputs"]["model"] = ["1", 0]
     assert np.array_equal(merged, render(executor, graph, "10"))
+
+
+def test_a_merge_keeps_model_ones_model_sampling(executor: Executor) -> None:
+    """ComfyUI's ModelMergeSimple clones model1, ModelSamplingDiscrete override and all."""
+    graph = merge_graph(1.0, "sampling-kept")
+    graph["11"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "v_prediction",
+                                                                    "zsnr": False}}
+    graph["3"]["inputs"]["model1"] = ["11", 0]
+    graph["6"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a fox", "clip": ["1", 1]}}
+    graph["7"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    graph["8"] = {"class_type": "KSampler", "inputs": {"model": ["3", 0], "seed": 1, "steps": 3, "cfg": 5.0,
+                                                      "sampler_name": "euler", "scheduler": "normal",
+                                                      "positive": ["6", 0], "negative": ["6", 0],
+                                                      "latent_image": ["7", 0], "denoise": 1.0}}
+    graph["9"] = {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}}
+    graph["10"] = {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "merge-vpred"}}
+    merged = render(executor, graph, "10")
+    graph["8"]["inputs"]["model"] = ["11", 0]  # the v-prediction model itself, unmerged
+    assert np.array_equal(merged, render(executor, graph, "10"))
+    graph["8"]["inputs"]["model"] = ["1", 0]  # and eps differs, so the override is what made them equal
+    assert not np.array_equal(merged, render(executor, graph, "10"))

@@ -26,6 +26,8 @@ _LABELS = {
     "CheckpointLoaderSimple": "checkpoint", "LoraLoader": "LoRA", "LoraLoaderModelOnly": "LoRA",
     "CLIPSetLastLayer": "clip skip", "VAELoader": "VAE", "EmptyLatentImage": "empty latent",
     "LoadImage": "image", "VAEEncode": "image encode", "RepeatLatentBatch": "batch",
+    "SetLatentNoiseMask": "inpaint mask", "ControlNetLoader": "ControlNet", "Canny": "canny edges",
+    "ControlNetApplyAdvanced": "ControlNet apply",
 }
 
 
@@ -54,6 +56,11 @@ def _loras(params: dict[str, Any]) -> str:
     return ", ".join(entries) or "none"
 
 
+def _controlnet(params: dict[str, Any]) -> str:
+    hint = "canny edges of the control image" if params.get("control_canny") else "control image as given"
+    return f"{display_name(str(params['controlnet']))} · strength {params.get('control_strength', 1.0):g} · {hint}"
+
+
 def _seed(generation: Generation) -> str:
     # one job per image, each with its own seed: any of them alone gives that image again
     seeds = generation.image_seeds or [job.seed for job in generation.jobs] or [generation.seed]
@@ -80,7 +87,8 @@ def result_card(generation: Generation) -> Card:
     count = max(1, len(generation.images) or len(generation.jobs))
     size = f"{params.get('width')}×{params.get('height')}" + (f" ×{count}" if count > 1 else "")
     if params.get("init_image"):
-        size += f" · img2img, denoise {params.get('denoise'):g}"
+        kind = "inpaint (the image's transparent area)" if params.get("inpaint") else "img2img"
+        size += f" · {kind}, denoise {params.get('denoise'):g}"
     fields = [
         ("Negative", truncate(params.get("negative") or "–", FIELD_CHARS)),
         ("Seed", _seed(generation)),
@@ -93,6 +101,8 @@ def result_card(generation: Generation) -> Card:
         ("Time", f"queue {seconds_text(generation.queue_wait_s)} · "
                  f"generation {seconds_text(generation.generation_s)}"),
     ]
+    if params.get("controlnet"):
+        fields.insert(5, ("ControlNet", _controlnet(params)))
     if params.get("clip_skip"):
         fields.insert(5, ("Clip skip", str(-int(params["clip_skip"]))))
     if generation.request.get("preset"):

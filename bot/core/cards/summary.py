@@ -1,4 +1,5 @@
-"""What a queued ticket says in one line: `tiny-sd15 · 64×64 ×2 · seeds 42-43` for /imagine,
+"""What a queued ticket says in one line: `tiny-sd15 · 64×64 ×2 · seeds 42-43` for /imagine (with `· inpaint`,
+`· ControlNet NAME 1` where they apply),
 `portrait.json · tiny-sd15 · seed 42` for /workflow."""
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ def summary_of(params: WorkflowParams, count: int = 1) -> str:
     """`tiny-sd15 · 64×64 ×2 · seeds 42-43`: what a queued ticket says."""
     model = display_name(params.checkpoint)
     batch = f" ×{count}" if count > 1 else ""
-    kind = " · img2img" if params.init_image else ""
+    kind = (" · inpaint" if params.inpaint else " · img2img") if params.init_image else ""
+    if params.controlnet:
+        kind += f" · ControlNet {display_name(params.controlnet)} {params.control_strength:g}"
     seeds = f"seeds {params.seed}-{params.seed + count - 1}" if count > 1 else f"seed {params.seed}"
     return f"{model} · {params.width}×{params.height}{batch}{kind} · {seeds}"
 

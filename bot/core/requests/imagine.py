@@ -30,9 +30,15 @@ from prompts.emphasis import parse_weighted
 from prompts.errors import PromptError
 from prompts.loras import extract_lora_tags
 
-__all__ = ["Allowed", "GenerationRequest", "ImageUpload", "RequestContext", "check_upload_meta", "parse_request"]
+__all__ = ["CONTROL_STRENGTH_MAX", "Allowed", "GenerationRequest", "ImageUpload", "RequestContext",
+           "check_upload_meta", "parse_request"]
 
+SD2_V_SIZE = 768  # SD2.x v-prediction checkpoints (2.0/2.1 768-v) are trained at 768x768
 DISCORD_INT_MAX = 2**53 - 1  # Discord's integer options are doubles: larger seeds cannot be typed there
+# ComfyUI's ControlNetApplyAdvanced takes 0..10, but past about 2 an SD1.x or SDXL ControlNet's residuals swamp
+# the UNet's own features and the picture burns into the hint's lines; published workflows use 0.3-1.5. A slider
+# that a member can push to 10 mostly offers broken pictures, so /imagine offers 0..2 (a /workflow keeps 0..10).
+CONTROL_STRENGTH_MAX = 2.0
 # what engine/images_io.py decodes; anything else is refused before a byte is downloaded
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 
@@ -75,17 +81,20 @@ class RequestContext:
     loras: Sequence[str]
     vaes: Sequence[str] = ()
     defaults: BotSettings = field(default_factory=BotSettings)
+    controlnets: Sequence[str] = ()
 
 
-def check_upload_meta(filename: str, content_type: str | None, size: int, allowed: Allowed) -> None:
-    """Refuse an attachment by what Discord says about it, before downloading a byte of it."""
+def check_upload_meta(filename: str, content_type: str | None, size: int, allowed: Allowed,
+                      option: str = "image") -> None:
+    """Refuse an attachment (of option `option`) by what Discord says about it, before downloading a byte of it."""
     if content_type is not None and content_type.split(";")[0].strip().lower() not in IMAGE_TYPES:
-        raise RequestInvalid(f"image: {filename!r} is {content_type}, not an image Noodle decodes; attach a PNG, "
-                             "JPEG or WebP file")
+        raise RequestInvalid(f"{option}: {filename!r} is {content_type}, not an image Noodle decodes; attach a "
+                             "PNG, JPEG or WebP file")
     if content_type is None and not filename.lower().endswith(IMAGE_SUFFIXES):
-        raise RequestInvalid(f"image: {filename!r} does not look like an image; attach a PNG, JPEG or WebP file")
+        raise RequestInvalid(f"{option}: {filename!r} does not look like an image; attach a PNG, JPEG or WebP "
+                             "file")
     if size > allowed.max_attachment_bytes:
-        raise RequestInvalid(f"image: {filename!r} is {size / 1e6:.1f} MB; the limit is "
+        raise RequestInvalid(f"{option}: {filename!r} is {size / 1e6:.1f} MB; the limit is "
                              f"{allowed.max_attachment_bytes / 1e6:.1f} MB: scale it down or save it as JPEG")
 
 
@@ -121,8 +130,12 @@ class GenerationRequest(BaseModel):
     width: int | None = None
     height: int | None = None
     batch: int = 1
-    image: ImageUpload | None = None
+    image: ImageUpload | None = None  # img2img; its transparent area, if any, is inpainted
     denoise: float | None = None
+    control_image: ImageUpload | None = None  # the ControlNet's hint (a photo, an edge or pose map)
+    controlnet: str | None = None  # a file of models/controlnet
+    control_strength: float | None = None  # 1.0 when left out, as ComfyUI
+    control_canny: bool | None = None  # None: edge-detect when the ControlNet's name says canny (see to_params)
     clip_skip: int | None = None
     vae: str | None = None
     style: str | None = None  # a style of prompts/styles.toml (applied first: bot/core/requests/prompt.py)
@@ -145,6 +158,8 @@ class GenerationRequest(BaseModel):
             resolve_name("LoRA", spec.name, context.loras, "models/loras")
         if self.vae:
             resolve_name("VAE", self.vae, context.vaes, "models/vae")
+        if self.controlnet:
+            resolve_name("ControlNet", self.controlnet, context.controlnets, "models/controlnet")
         return self
 
     def _problems(self, allowed: Allowed) -> list[str]:
@@ -179,31 +194,57 @@ class GenerationRequest(BaseModel):
         if self.image is None and self.denoise is not None:
             problems.append("denoise applies to an attached image (img2img); attach one with image: or leave "
                             "denoise out")
-        if self.image is not None:
-            try:
-                check_upload_meta(self.image.filename, self.image.content_type, len(self.image.data), allowed)
-            except RequestInvalid as err:
-                problems.append(str(err))
+        for option, upload in (("image", self.image), ("control_image", self.control_image)):
+            if upload is not None:
+                try:
+                    check_upload_meta(upload.filename, upload.content_type, len(upload.data), allowed, option)
+                except RequestInvalid as err:
+                    problems.append(str(err))
+        problems += self._control_problems()
+        return problems
+
+    def _control_problems(self) -> list[str]:
+        """A ControlNet needs both its file and its image; its other options need the ControlNet."""
+        problems = []
+        if self.control_image is not None and not self.controlnet:
+            problems.append("control_image needs a ControlNet to guide with it: pick one with controlnet: (/models "
+                            "lists models/controlnet), or attach the image as image: for img2img")
+        if self.controlnet and self.control_image is None:
+            problems.append(f"controlnet {self.controlnet!r} needs a control image: attach one with control_image: "
+                            "(a photo, or an edge, depth or pose map made for that ControlNet)")
+        if self.control_strength is not None and not 0 <= self.control_strength <= CONTROL_STRENGTH_MAX:
+            problems.append(f"control_strength {_num(self.control_strength)} is outside 0..{CONTROL_STRENGTH_MAX:g}; "
+                            "1 is ComfyUI's default, 0.5 guides loosely")
+        if not self.controlnet:
+            for name in ("control_strength", "control_canny"):
+                if getattr(self, name) is not None:
+                    problems.append(f"{name} applies to a ControlNet; add controlnet: and control_image:, or "
+                                    f"leave {name} out")
         return problems
 
     def stored(self) -> dict[str, Any]:
         """The options as given, JSON-ready, for the history (an image by its description, not its bytes)."""
-        data = self.model_dump(exclude={"image"}, exclude_none=True)
-        if self.image is not None:
-            data["image"] = self.image.describe()
+        data = self.model_dump(exclude={"image", "control_image"}, exclude_none=True)
+        for name, upload in (("image", self.image), ("control_image", self.control_image)):
+            if upload is not None:
+                data[name] = upload.describe()
         return data
 
     def to_params(self, context: RequestContext, *, checkpoint: str, arch: Arch, seed: int,
                   init_image: str | None = None, image_size: tuple[int, int] | None = None,
+                  inpaint: bool = False, control_image: str | None = None, controlnet_arch: Arch | None = None,
                   filename_prefix: str = "noodle") -> WorkflowParams:
         """The WorkflowParams for this request on `checkpoint` (resolved) of architecture `arch`.
 
         Defaults: the context's [bot] values; the size by architecture (SDXL 1024, SD1.x 512,
         the tiny test models 64). The prompt expands in bot/core/requests/prompt.py (style, wildcards with
-        `seed`, `<lora:..>` tags after `loras`).
+        `seed`, `<lora:..>` tags after `loras`). `inpaint`: the init image has transparent pixels, which are
+        inpainted. `control_image` is the saved control image; `controlnet_arch` the ControlNet's family read
+        from its header (None: unknown, the engine refuses a mismatch when it runs).
         """
         defaults, allowed = context.defaults, context.allowed
-        native = 64 if arch.tiny else defaults.size_sdxl if arch.family == "sdxl" else defaults.size_sd15
+        native = 64 if arch.tiny else defaults.size_sdxl if arch.family == "sdxl" else \
+            SD2_V_SIZE if arch.family == "sd2" and arch.prediction == "v_prediction" else defaults.size_sd15
         if image_size is not None:  # VAEEncode crops to a multiple of 8, as ComfyUI does
             width, height = (image_size[0] // 8) * 8, (image_size[1] // 8) * 8
         else:
@@ -235,6 +276,19 @@ class GenerationRequest(BaseModel):
                 parse_weighted(extract_lora_tags(text)[0])
             except PromptError as err:
                 raise RequestInvalid(f"{name}: {err}") from None
+        controlnet = resolve_name("ControlNet", self.controlnet, context.controlnets, "models/controlnet") \
+            if self.controlnet else None
+        if (controlnet is None) != (control_image is None):
+            raise TypeError("to_params needs control_image exactly when the request has a controlnet")
+        if controlnet and controlnet_arch is not None and controlnet_arch.family != arch.family:
+            raise RequestInvalid(f"ControlNet {controlnet!r} is for {_family(controlnet_arch)} checkpoints and "
+                                 f"{checkpoint.removesuffix('.safetensors')} is {_family(arch)}; pick a ControlNet "
+                                 f"made for {_family(arch)} (/models lists each one's family) or another model")
+        # Canny when the member picked a canny ControlNet and did not say: they attach a photo and expect its edges
+        # (as most published canny workflows preprocess); a depth, pose or scribble ControlNet takes the map as
+        # made, and control_canny: false passes an edge map they made themselves untouched. The card says which.
+        canny = self.control_canny if self.control_canny is not None else bool(controlnet and
+                                                                              "canny" in controlnet.lower())
         return WorkflowParams(
             checkpoint=checkpoint, prompt=expanded.prompt, negative=expanded.negative, seed=seed, steps=steps,
             cfg=self.cfg if self.cfg is not None else defaults.default_cfg, sampler_name=sampler,
@@ -242,7 +296,14 @@ class GenerationRequest(BaseModel):
             clip_skip=-self.clip_skip if self.clip_skip and self.clip_skip > 1 else None, init_image=init_image,
             denoise=denoise, filename_prefix=filename_prefix,
             vae=resolve_name("VAE", self.vae, context.vaes, "models/vae") if self.vae else None,
+            inpaint=bool(init_image and inpaint), control_image=control_image, controlnet=controlnet,
+            control_strength=self.control_strength if self.control_strength is not None else 1.0,
+            control_canny=canny,
         )
+
+
+def _family(arch: Arch) -> str:
+    return "SDXL" if arch.family == "sdxl" else "SD1.x"
 
 
 def _num(value: float) -> str:
@@ -252,7 +313,7 @@ def _num(value: float) -> str:
 _PYDANTIC_WORDS = {
     "int_parsing": "is not a whole number", "int_from_float": "is not a whole number",
     "float_parsing": "is not a number", "extra_forbidden": "is not an option of /imagine",
-    "missing": "is required", "string_type": "must be text",
+    "missing": "is required", "string_type": "must be text", "bool_parsing": "is not true or false",
 }
 
 

@@ -19,7 +19,8 @@ __all__ = ["IMAGINE_OPTIONS", "LoraSpec", "parse_loras", "parse_options"]
 # The /imagine options in Discord's order; the console accepts the same names.
 IMAGINE_OPTIONS: tuple[str, ...] = (
     "prompt", "negative", "model", "loras", "steps", "cfg", "sampler", "scheduler", "seed", "width", "height",
-    "batch", "image", "denoise", "clip_skip", "private",
+    "batch", "image", "denoise", "control_image", "controlnet", "control_strength", "control_canny", "clip_skip",
+    "private",
 )
 LORA_WEIGHT_LIMIT = 100.0  # LoraLoader's strength range in ComfyUI: -100..100
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")

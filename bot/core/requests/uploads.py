@@ -28,29 +28,34 @@ class PreparedImage:
     width: int  # upright (EXIF orientation applied), as LoadImage will produce it
     height: int
     data: bytes
+    # some pixel is not fully opaque: LoadImage's MASK (1 - alpha) has something to inpaint. An RGBA file whose
+    # alpha is 255 everywhere (many editors save one) is plain img2img.
+    transparent: bool = False
 
 
-def prepare_image(data: bytes, label: str, folder: str, allowed: Allowed) -> PreparedImage:
+def prepare_image(data: bytes, label: str, folder: str, allowed: Allowed, option: str = "image") -> PreparedImage:
     """Decode `data` as LoadImage will (engine/images_io.py) and check it; name it by its content.
 
     Decoding it all here, not only the header, means a damaged file, an animation or a foreign format is
     refused to the member's face, and the size on the card is the upright size LoadImage samples from.
+    `option` names the option it came in (image, control_image) in refusals.
     """
     if len(data) > allowed.max_attachment_bytes:
-        raise RequestInvalid(f"image: {label!r} is {len(data) / 1e6:.1f} MB; the limit is "
+        raise RequestInvalid(f"{option}: {label!r} is {len(data) / 1e6:.1f} MB; the limit is "
                              f"{allowed.max_attachment_bytes / 1e6:.1f} MB: scale it down or save it as JPEG")
     try:
-        still = decode_still(data, f"image: {label!r}", max_bytes=allowed.max_attachment_bytes,
+        still = decode_still(data, f"{option}: {label!r}", max_bytes=allowed.max_attachment_bytes,
                              max_side=allowed.max_side, max_pixels=allowed.max_pixels)
     except (UnusableImage, LimitExceeded) as err:
         raise RequestInvalid(str(err)) from None
     width, height = still.width, still.height
     if min(width, height) < allowed.min_side:
-        raise RequestInvalid(f"image: {label!r} is {width}x{height}; both sides must be at least "
+        raise RequestInvalid(f"{option}: {label!r} is {width}x{height}; both sides must be at least "
                              f"{allowed.min_side} pixels: use a larger image")
     # the original bytes, not a re-encoding: LoadImage decodes them with the same function, EXIF and all
     digest = hashlib.sha256(data).hexdigest()[:20]
-    return PreparedImage(f"{folder}/{digest}{suffix_for(still.format)}", width, height, data)
+    transparent = still.alpha is not None and float(still.alpha.min()) < 1.0
+    return PreparedImage(f"{folder}/{digest}{suffix_for(still.format)}", width, height, data, transparent)
 
 
 def read_capped(path: Path, limit: int) -> bytes:

@@ -251,7 +251,7 @@ def _problem(item: dict[str, Any]) -> str:
         return f"{name}: {lowered} (got {info.get('received_value')!r})"
     if kind == "custom_validation_failed":
         return details.replace(" - ", ": ", 1)
-    if kind == LIMIT_EXCEEDED:  # the cost of the whole graph, said in full by engine/cost.py
+    if kind == LIMIT_EXCEEDED:  # the cost of the whole graph, said in full by engine/cost/
         return details
     if kind in ("exception_during_validation", "exception_during_inner_validation"):
         return details or lowered

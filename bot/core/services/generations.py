@@ -21,6 +21,7 @@ from bot.core.cards.summary import summary_of
 from bot.core.errors import NotAllowed, RequestInvalid
 from bot.core.front_end import Details, Origin, Requester, Ticket
 from bot.core.requests.imagine import DISCORD_INT_MAX, GenerationRequest, RequestContext, parse_request
+from bot.core.requests.names import resolve_name
 from bot.core.requests.uploads import PreparedImage, prepare_image, save_prepared
 from bot.core.requests.workflow_file import is_workflow
 from bot.core.results.files import prefix_for, read_parameters, remove_files
@@ -73,10 +74,18 @@ class Generations:
         context = context or await self.models.context()
         checkpoint = self.models.pick_checkpoint(request.model, list(context.checkpoints))
         arch = await self.models.architecture(checkpoint)
-        prepared = None
+        controlnet_arch = None
+        if request.controlnet:  # the name resolves (the request checked it); its family from the header
+            controlnet_arch = await self.models.controlnet_arch(
+                resolve_name("ControlNet", request.controlnet, context.controlnets, "models/controlnet"))
+        prepared = control = None
         if request.image is not None:
             prepared = await asyncio.to_thread(prepare_image, request.image.data, request.image.filename,
                                                self.settings.bot.uploads_folder, context.allowed)
+        if request.control_image is not None:
+            control = await asyncio.to_thread(prepare_image, request.control_image.data,
+                                              request.control_image.filename, self.settings.bot.uploads_folder,
+                                              context.allowed, "control_image")
         seed = request.seed if request.seed is not None else _random_seed(request.batch)
         if seed + request.batch - 1 > SEED_MAX:
             raise RequestInvalid(f"seed {seed} leaves no room for {request.batch} images (one seed each, up to "
@@ -84,9 +93,11 @@ class Generations:
         params = request.to_params(
             context, checkpoint=checkpoint, arch=arch, seed=seed, init_image=prepared.name if prepared else None,
             image_size=(prepared.width, prepared.height) if prepared else None,
-            filename_prefix=prefix_for(self.settings.bot.results_folder, request.prompt))
+            inpaint=prepared is not None and prepared.transparent, control_image=control.name if control else None,
+            controlnet_arch=controlnet_arch, filename_prefix=prefix_for(self.settings.bot.results_folder,
+                                                                        request.prompt))
         return await self._queue("imagine", params, request.batch, request.stored(), who, origin or Origin(),
-                                 prepared=prepared)
+                                 prepared=tuple(image for image in (prepared, control) if image is not None))
 
     async def reroll(self, generation_id: int, who: Requester, origin: Origin | None = None) -> Ticket:
         """The same graphs with new seeds: the engine's cache serves everything above the sampler."""
@@ -99,6 +110,7 @@ class Generations:
         if params.init_image and not (self.engine.input_dir / params.init_image).is_file():
             raise RequestInvalid(f"the image #{parent.id} started from is gone from the input folder; "
                                  "attach it again with /imagine image:")
+        self._check_control_image(params, parent)
         request = {**parent.request, "reroll_of": parent.id, **({"private": True} if private else {})}
         return await self._queue("reroll", params, count, request, who, origin or _origin_of(parent), parent=parent)
 
@@ -115,17 +127,24 @@ class Generations:
             raise RequestInvalid(f"image {image} of #{parent.id} is no longer on disk; reroll it or run /imagine")
         prepared = await asyncio.to_thread(prepare_image, data, f"#{parent.id} image {image}",
                                            self.settings.bot.uploads_folder, self.models.allowed)
+        # the ControlNet stays (its image too); a result's PNG is opaque, so an inpaint's variation is img2img
         params = replace(_params_of(parent), seed=_random_seed(1), init_image=prepared.name,
-                         denoise=self.settings.bot.variation_denoise, batch_size=1,
+                         denoise=self.settings.bot.variation_denoise, batch_size=1, inpaint=prepared.transparent,
                          width=prepared.width // 8 * 8, height=prepared.height // 8 * 8)
+        self._check_control_image(params, parent)
         request = {**parent.request, "variation_of": parent.id, "variation_of_image": image}
         if await self._keeps_private(parent, who):
             request["private"] = True
         return await self._queue("variation", params, 1, request, who, origin or _origin_of(parent),
-                                 prepared=prepared, parent=parent)
+                                 prepared=(prepared,), parent=parent)
+
+    def _check_control_image(self, params: WorkflowParams, parent: Generation) -> None:
+        if params.control_image and not (self.engine.input_dir / params.control_image).is_file():
+            raise RequestInvalid(f"the control image of #{parent.id} is gone from the input folder; attach it "
+                                 "again with /imagine control_image:")
 
     async def _queue(self, kind: str, params: WorkflowParams, count: int, request: dict[str, Any], who: Requester,
-                     origin: Origin, *, prepared: PreparedImage | None = None,
+                     origin: Origin, *, prepared: tuple[PreparedImage, ...] = (),
                      parent: Generation | None = None) -> Ticket:
         self.queue.check_room(who, count)
         # A name of its own per image: SaveImage is cached like any node (as in ComfyUI), so the same graph
@@ -134,8 +153,14 @@ class Generations:
             params, seed=params.seed + n, batch_size=1,
             filename_prefix=f"{params.filename_prefix}-{secrets.token_hex(4)}"))) for n in range(count)]
         input_dir = self.engine.input_dir
-        created = await asyncio.to_thread(save_prepared, prepared, input_dir,
-                                          self.settings.limits.min_free_disk_mb) if prepared else False
+        created: list[str] = []  # the files this call wrote, removed again if the queueing is refused
+        try:
+            for image in prepared:
+                if await asyncio.to_thread(save_prepared, image, input_dir, self.settings.limits.min_free_disk_mb):
+                    created.append(str(input_dir / image.name))
+        except BaseException:
+            await asyncio.to_thread(remove_files, created)
+            raise
         new = NewGeneration(kind=kind, front=self.queue.front, requester_id=who.user_id, request=request,
                             params=dump_params(replace(params, batch_size=1)), model_name=params.checkpoint,
                             images=images, guild_id=origin.guild_id or who.guild_id, channel_id=origin.channel_id,
@@ -143,8 +168,7 @@ class Generations:
         try:
             return await self.queue.enqueue(new, who, origin, summary_of(params, count))
         except BaseException:
-            if created and prepared is not None:
-                await asyncio.to_thread(remove_files, [str(input_dir / prepared.name)])
+            await asyncio.to_thread(remove_files, created)
             raise
 
     # -- results -------------------------------------------------------------------------------

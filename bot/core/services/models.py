@@ -1,8 +1,8 @@
 """What can be asked for: the models folder's files, each checkpoint's architecture, /models and /tokens, and the
 `RequestContext` a command is checked and built against (read once per command).
 
-Everything here asks the engine service (`choices`, `architecture`, `short_hash`); listing and hashing
-touch the disk, so they run off the event loop.
+Everything here asks the engine service (`choices`, `architecture`, `model_path`, `short_hash`); listing, hashing
+and reading a ControlNet's header touch the disk, so they run off the event loop.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ class ModelChoices:
 
     async def context(self) -> RequestContext:
         """The limits, the models folder as it is now and the [bot] defaults: one listing for one command."""
-        checkpoints, loras, vaes = await asyncio.to_thread(
-            lambda: (self.engine.choices("checkpoints"), self.engine.choices("loras"), self.engine.choices("vae")))
-        return RequestContext(self.allowed, checkpoints, loras, vaes, self.settings.bot)
+        checkpoints, loras, vaes, controlnets = await asyncio.to_thread(
+            lambda: (self.engine.choices("checkpoints"), self.engine.choices("loras"), self.engine.choices("vae"),
+                     self.engine.choices("controlnet")))
+        return RequestContext(self.allowed, checkpoints, loras, vaes, self.settings.bot, controlnets)
 
     async def names(self, folder: str, matching: str = "") -> list[str]:
         """Files of `folder` whose names contain `matching`, prefix matches first (autocomplete)."""
@@ -53,8 +54,17 @@ class ModelChoices:
         """The checkpoint's family from its header (the engine remembers it per file version)."""
         return await asyncio.to_thread(self.engine.architecture, checkpoint)
 
+    async def controlnet_arch(self, name: str) -> Arch | None:
+        """The family a ControlNet file is for, from its safetensors header alone (a few KB); None for a pickle
+        name (its header is the whole file: the engine reads it, where the owner allows that, and refuses a
+        mismatch when it runs). A file that is no ControlNet is refused here with the engine's own words."""
+        if not name.lower().endswith(".safetensors"):
+            return None
+        return await asyncio.to_thread(self.engine.controlnet_architecture, name)
+
     async def text(self) -> str:
-        """/models: checkpoints (architecture, size, short hash), LoRAs and embeddings of the models folder."""
+        """/models: checkpoints (architecture, size, short hash), LoRAs, embeddings, ControlNets (family) and upscale
+        models of the models folder."""
         lines = ["Checkpoints:"]
         for name in await asyncio.to_thread(self.engine.choices, "checkpoints"):
             try:
@@ -65,11 +75,24 @@ class ModelChoices:
                 lambda n=name: (self.engine.model_path("checkpoints", n).stat().st_size,
                                 self.engine.short_hash("checkpoints", n)))
             lines.append(f"  {name} · {arch} · {size / 1e6:,.1f} MB · {digest}")
+        if len(lines) == 1:
+            lines.append("  none: put SD1.5 or SDXL .safetensors files in models/checkpoints")
         for title, folder in (("LoRAs", "loras"), ("Embeddings", "embeddings")):
             names = await asyncio.to_thread(self.engine.choices, folder)
             lines.append(f"{title}: {', '.join(names) or f'none (put .safetensors files in models/{folder})'}")
-        if len(lines) == 1 + 2:
-            lines.insert(1, "  none: put SD1.5 or SDXL .safetensors files in models/checkpoints")
+        controlnets = []
+        for name in await asyncio.to_thread(self.engine.choices, "controlnet"):
+            try:
+                arch = await self.controlnet_arch(name)
+                family = "" if arch is None else f" ({arch.label})"
+            except NoodleError as err:  # listed anyway, with why /imagine cannot use it
+                family = f" (not loadable: {err})"
+            controlnets.append(name + family)
+        lines.append("ControlNets (/imagine controlnet:): "
+                     + (", ".join(controlnets) or "none (put .safetensors files in models/controlnet)"))
+        upscalers = await asyncio.to_thread(self.engine.choices, "upscale_models")
+        lines.append("Upscale models (for /workflow): "
+                     + (", ".join(upscalers) or "none (put .safetensors files in models/upscale_models)"))
         return "\n".join(lines)
 
     async def tokens(self, text: str) -> str:

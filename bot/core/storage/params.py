@@ -18,7 +18,7 @@ from engine.templates import WorkflowParams
 
 __all__ = ["PARAMS_VERSION", "StoredParamsInvalid", "dump_params", "load_params"]
 
-PARAMS_VERSION = 1
+PARAMS_VERSION = 2
 _ADAPTER = TypeAdapter(WorkflowParams)
 _FIELDS = {f.name for f in fields(WorkflowParams)}
 
@@ -33,8 +33,17 @@ def _from_v0(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 added inpainting and a ControlNet: a v1 row had neither. `inpaint` is filled False even when its
+    init image has transparency, so an old result rerolls as the plain img2img it was."""
+    for name, value in (("inpaint", False), ("control_image", None), ("controlnet", None),
+                        ("control_strength", 1.0), ("control_canny", False)):
+        data.setdefault(name, value)
+    return data
+
+
 # version -> the step that turns a row of that version into one of the next
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _from_v0}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _from_v0, 1: _from_v1}
 
 
 def dump_params(params: WorkflowParams) -> dict[str, Any]:

@@ -24,8 +24,8 @@ from bot.discord_app.post import InteractionStatus
 if TYPE_CHECKING:
     from bot.core.studio import Studio
 
-__all__ = ["MAX_CHOICES", "announce_and_follow", "checkpoint_choices", "fixed_choices", "preset_choices",
-           "read_attachment", "reply", "require_studio"]
+__all__ = ["MAX_CHOICES", "announce_and_follow", "checkpoint_choices", "file_choices", "fixed_choices",
+           "preset_choices", "read_attachment", "reply", "require_studio"]
 
 log = logging.getLogger(__name__)
 # Discord shows at most 25 suggestions, each at most 100 characters
@@ -50,7 +50,12 @@ def fixed_choices(names: tuple[str, ...]) -> list[app_commands.Choice[str]]:
 
 async def checkpoint_choices(studio: Studio, current: str) -> list[app_commands.Choice[str]]:
     """Checkpoints of the models folder matching what was typed (listed off the event loop)."""
-    names = await studio.models.names("checkpoints", current)
+    return await file_choices(studio, "checkpoints", current)
+
+
+async def file_choices(studio: Studio, folder: str, current: str) -> list[app_commands.Choice[str]]:
+    """Files of a models folder (`checkpoints`, `controlnet`) matching what was typed (listed off the event loop)."""
+    names = await studio.models.names(folder, current)
     fitting = [name for name in names if len(name) <= MAX_CHOICE_CHARS]
     return [app_commands.Choice(name=name, value=name) for name in fitting[:MAX_CHOICES]]
 

@@ -89,8 +89,8 @@ def settings_cog(studio: "Optional[Studio]", allowed: Allowed) -> commands.Cog:
             found = await need_studio().generations.history(requester_of(interaction), count)
             await reply(interaction, "\n".join(history_line(g) for g in found) or "No generations yet; try /imagine")
 
-        @app_commands.command(name="models", description="Checkpoints (architecture, size, hash), LoRAs and "
-                                                         "embeddings available here")
+        @app_commands.command(name="models", description="Checkpoints (architecture, size, hash), LoRAs, "
+                                                         "embeddings, ControlNets and upscalers available here")
         async def models(self, interaction: discord.Interaction) -> None:
             """The models folder, privately (the first listing hashes each checkpoint once)."""
             await interaction.response.defer(ephemeral=True, thinking=True)

@@ -4,7 +4,7 @@
 the keys to our modules' names (`to_canonical`), reads the hyperparameters off the shapes, then builds the
 module on the meta device and compares every key and shape, so a file that only looks like a known layout is
 refused here, naming what does not fit, rather than half-loaded. The model manager and the cost check
-(engine/cost.py, via `read_spec`) both call it on a safetensors header.
+(engine/cost/, via `read_spec`) both call it on a safetensors header.
 """
 
 from __future__ import annotations

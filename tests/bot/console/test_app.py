@@ -93,3 +93,42 @@ def test_make_run_without_a_token_or_stdin_runs_the_demo_and_exits_0(tmp_path: P
     assert "using the tiny test models" in done.stderr and "running the demo" in done.stdout
     assert "Seed: 42" in done.stdout and "🔁 Reroll of #1" in done.stdout
     assert (tmp_path / "noodle.sqlite3").is_file() and list((tmp_path / "output").rglob("*.png"))
+
+
+async def test_imagine_takes_a_control_image_path_and_a_controlnet_and_models_lists_them(env: Env,
+                                                                                         tmp_path: Path) -> None:
+    from PIL import Image
+
+    hint = tmp_path / "pose map.png"  # a space in the path: the value runs to the next option name
+    Image.new("RGB", (64, 64), (0, 0, 0)).save(hint)
+    code, out = await _console(env, "\n".join([
+        f"/imagine prompt: a dancer control_image: {hint} controlnet: tiny-controlnet-sd15 control_strength: 0.7 "
+        "control_canny: true steps: 2 width: 64 height: 64",
+        "react last 🔁",
+        "/models",
+    ]), tmp_path)
+    assert code == 0, out
+    assert out.count("ControlNet: tiny-controlnet-sd15 · strength 0.7 · canny edges of the control image") == 2
+    assert "· ControlNet tiny-controlnet-sd15 0.7 ·" in out  # the queued line
+    assert "ControlNets (/imagine controlnet:): tiny-controlnet-sd15.safetensors (SD1.x)" in out
+    assert "Upscale models (for /workflow): " in out
+
+
+async def test_bad_control_options_are_refused_by_name(env: Env, tmp_path: Path) -> None:
+    from PIL import Image
+
+    hint = tmp_path / "hint.png"
+    Image.new("RGB", (64, 64)).save(hint)
+    code, out = await _console(env, "\n".join([
+        f"/imagine prompt: a fox control_image: {tmp_path}/missing.png controlnet: tiny-controlnet-sd15",
+        f"/imagine prompt: a fox control_image: {hint} controlnet: tiny-controlnet-sd51",
+        f"/imagine prompt: a fox control_image: {hint} controlnet: tiny-controlnet-sd15 control_strength: 3",
+        f"/imagine prompt: a fox control_image: {hint} controlnet: tiny-controlnet-sd15 control_canny: maybe",
+        "/imagine prompt: a fox controlnet: tiny-controlnet-sd15",
+    ]), tmp_path)
+    assert code == 1 and "queued job" not in out
+    assert f"error: control_image: cannot read {tmp_path}/missing.png (not a regular file)" in out
+    assert "error: ControlNet 'tiny-controlnet-sd51' is not in models/controlnet; closest: 'tiny-controlnet-sd15" in out
+    assert "error: control_strength 3 is outside 0..2" in out
+    assert "error: control_canny 'maybe' is not true or false" in out
+    assert "error: controlnet 'tiny-controlnet-sd15' needs a control image" in out

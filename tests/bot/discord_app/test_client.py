@@ -23,12 +23,14 @@ async def test_imagine_has_every_option_typed_with_config_ranges_and_choices() -
     options = _options(imagine)
     assert list(options) == ["prompt", "preset", "negative", "model", "loras", "steps", "cfg", "sampler", "scheduler",
                              "seed",
-                             "width", "height", "batch", "image", "denoise", "clip_skip", "private"]
+                             "width", "height", "batch", "image", "denoise", "control_image", "controlnet",
+                             "control_strength", "control_canny", "clip_skip", "private"]
     assert [name for name, o in options.items() if o["required"]] == ["prompt"]
     kinds = {name: o["type"] for name, o in options.items()}
     assert kinds == {"prompt": 3, "preset": 3, "negative": 3, "model": 3, "loras": 3, "steps": 4, "cfg": 10,
                      "sampler": 3,
                      "scheduler": 3, "seed": 4, "width": 4, "height": 4, "batch": 4, "image": 11, "denoise": 10,
+                     "control_image": 11, "controlnet": 3, "control_strength": 10, "control_canny": 5,
                      "clip_skip": 4, "private": 5}
     assert (options["prompt"]["min_length"], options["prompt"]["max_length"]) == (1, 4000)
     assert (options["steps"]["min_value"], options["steps"]["max_value"]) == (1, 150)
@@ -40,6 +42,8 @@ async def test_imagine_has_every_option_typed_with_config_ranges_and_choices() -
     assert [c["value"] for c in options["sampler"]["choices"]] == list(SUPPORTED_SAMPLERS)
     assert [c["value"] for c in options["scheduler"]["choices"]] == list(SCHEDULER_NAMES)
     assert options["model"]["autocomplete"] and options["loras"]["autocomplete"]
+    assert options["controlnet"]["autocomplete"]
+    assert (options["control_strength"]["min_value"], options["control_strength"]["max_value"]) == (0.0, 2.0)
     assert options["preset"]["autocomplete"]
     assert all(len(o["description"]) <= 100 for o in options.values())
 

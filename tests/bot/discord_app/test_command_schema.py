@@ -236,7 +236,8 @@ def _breakages() -> Iterator[tuple[str, str, Any]]:
         c["options"][1]["description"] = ""
 
     def too_many_options(c: dict[str, Any]) -> None:
-        c["options"] += [{"type": 5, "name": f"flag{i}", "description": "a flag"} for i in range(9)]
+        c["options"] += [{"type": 5, "name": f"flag{i}", "description": "a flag"}
+                         for i in range(MAX_OPTIONS + 1 - len(c["options"]))]
 
     def required_late(c: dict[str, Any]) -> None:
         c["options"][-1]["required"] = True
@@ -284,3 +285,14 @@ async def test_a_broken_payload_is_refused(payloads: list[dict[str, Any]], broke
     breaker(imagine)
     problems = all_problems([imagine])
     assert any(expected in problem for problem in problems), f"{broken}: {problems}"
+
+
+async def test_imagine_takes_a_control_image_a_controlnet_and_a_bounded_strength(
+        payloads: list[dict[str, Any]]) -> None:
+    imagine = _command(payloads, "imagine")
+    assert len(_options(imagine)) == 21 <= MAX_OPTIONS and combined_length(imagine) <= MAX_COMBINED
+    assert _option(imagine, "control_image")["type"] == 11  # an attachment
+    assert _option(imagine, "controlnet")["autocomplete"] is True
+    strength = _option(imagine, "control_strength")
+    assert (strength["type"], strength["min_value"], strength["max_value"]) == (10, 0.0, 2.0)
+    assert _option(imagine, "control_canny")["type"] == 5  # a boolean

@@ -134,10 +134,11 @@ def _sd15_header() -> dict[str, tuple[int, ...]]:
     return dict(expected_shapes(Arch.of("sd15", tiny=False)))
 
 
-def test_sd2_layout_is_refused_by_name() -> None:
+def test_an_sd2_text_encoder_on_an_sd1_unet_is_refused_by_its_widths() -> None:
+    # SD2.x itself is detected (tests/engine/models/test_sd2.py); OpenCLIP-H keys beside a 768-context UNet are not
     shapes = {k: v for k, v in _sd15_header().items() if not k.startswith("cond_stage_model.")}
-    shapes["cond_stage_model.model.token_embedding.weight"] = (49408, 1024)
-    with pytest.raises(UnsupportedModel, match="SD2.x"):
+    shapes["cond_stage_model.model.token_embedding.weight"] = (49408, 1280)
+    with pytest.raises(UnsupportedModel, match="sd2 keys but widths"):
         detect_from_header(shapes, "v2-1_768.safetensors")
 
 
@@ -148,11 +149,12 @@ def test_sdxl_refiner_is_refused_by_name() -> None:
         detect_from_header(shapes, "refiner.safetensors")
 
 
-def test_inpainting_unet_is_refused() -> None:
+def test_an_instruct_unet_is_refused() -> None:
+    # 9 channels (inpainting) load: tests/engine/models/test_inpaint_checkpoint.py
     shapes = _sd15_header()
-    shapes["model.diffusion_model.input_blocks.0.0.weight"] = (320, 9, 3, 3)
-    with pytest.raises(UnsupportedModel, match="9 input channels"):
-        detect_from_header(shapes, "inpaint.safetensors")
+    shapes["model.diffusion_model.input_blocks.0.0.weight"] = (320, 8, 3, 3)
+    with pytest.raises(UnsupportedModel, match="8 input channels"):
+        detect_from_header(shapes, "instruct-pix2pix.safetensors")
 
 
 def test_a_checkpoint_without_vae_is_refused() -> None:

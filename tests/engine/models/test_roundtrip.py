@@ -229,3 +229,19 @@ def test_full_size_open_clip_converts_back_with_diffusers() -> None:
         te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(arch.config_dir / "text_encoder_2"))
     back = convert_open_clip_checkpoint(te2, meta, prefix="conditioner.embedders.1.model.")
     assert _shapes(back) == _shapes(te2.state_dict())
+
+
+def test_an_sd2_pipeline_saves_to_the_original_layout_and_loads_back_whole(tiny_models: Path, tmp_path: Path) -> None:
+    """CheckpointSave of an SD2 model: UNet, VAE and the OpenCLIP ViT-H encoder under their single-file names."""
+    source = tiny_models / "checkpoints" / "tiny-sd2-v.safetensors"
+    arch = detect_checkpoint(source)
+    pipe = load_checkpoint_pipeline(source, arch, CPU, torch.float32)
+    saved = tmp_path / "sd2-again.safetensors"
+    save_file(pipeline_to_original(pipe, "sd2"), str(saved))
+    again = detect_checkpoint(saved)
+    assert (again.family, again.tiny) == ("sd2", True)
+    reloaded = load_checkpoint_pipeline(saved, again, CPU, torch.float32)
+    for part in ("unet", "vae", "text_encoder"):
+        before, after = getattr(pipe, part).state_dict(), getattr(reloaded, part).state_dict()
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[key], after[key]) for key in before), part

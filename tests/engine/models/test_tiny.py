@@ -10,20 +10,28 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
+from engine.errors import NodeExecutionError
+from engine.executor import Executor
 from engine.models.detect import detect_checkpoint
 from engine.models.paths import ModelCatalog
 from engine.models.single_file import load_checkpoint_pipeline, load_vae
 from engine.tiny import FORMAT_VERSION, write_tiny_models
+from tests.engine.conftest import txt2img
 
 CPU = torch.device("cpu")
 EXPECTED_FILES = {
     "tiny-sd15": "checkpoints/tiny-sd15.safetensors",
     "tiny-sd15-b": "checkpoints/tiny-sd15-b.safetensors",
     "tiny-sdxl": "checkpoints/tiny-sdxl.safetensors",
+    "tiny-sd15-inpainting": "checkpoints/tiny-sd15-inpainting.safetensors",
+    "tiny-sdxl-inpainting": "checkpoints/tiny-sdxl-inpainting.safetensors",
+    "tiny-sd2-v": "checkpoints/tiny-sd2-v.safetensors",
     "tiny-lora-a": "loras/tiny-lora-a.safetensors",
     "tiny-lora-b": "loras/tiny-lora-b.safetensors",
+    "tiny-lora-sdxl": "loras/tiny-lora-sdxl.safetensors",
     "tiny-vae": "vae/tiny-vae.safetensors",
     "tiny-embedding": "embeddings/tiny-embedding.safetensors",
     "tiny-esrgan-x4": "upscale_models/tiny-esrgan-x4.safetensors",
@@ -54,8 +62,9 @@ def sd15_pipe(tiny_models: Path) -> StableDiffusionPipeline:
 
 def test_writes_every_file_and_a_manifest(tiny_models: Path) -> None:
     catalog = ModelCatalog(tiny_models)
-    assert catalog.list("checkpoints") == ["tiny-sd15-b.safetensors", "tiny-sd15.safetensors", "tiny-sdxl.safetensors"]
-    assert catalog.list("loras") == ["tiny-lora-a.safetensors", "tiny-lora-b.safetensors"]
+    assert {"tiny-sd15-b.safetensors", "tiny-sd15.safetensors", "tiny-sdxl.safetensors",
+            "tiny-sd15-inpainting.safetensors", "tiny-sdxl-inpainting.safetensors"} <= set(catalog.list("checkpoints"))
+    assert catalog.list("loras") == ["tiny-lora-a.safetensors", "tiny-lora-b.safetensors", "tiny-lora-sdxl.safetensors"]
     assert catalog.list("vae") == ["tiny-vae.safetensors"]
     assert catalog.list("embeddings") == ["tiny-embedding.safetensors"]
     assert catalog.list("upscale_models") == ["tiny-compact-x2.safetensors", "tiny-esrgan-x4.safetensors",
@@ -176,3 +185,29 @@ def test_tiny_vae_loads_and_differs_from_the_checkpoint_vae(
     assert vae.config.block_out_channels == sd15_pipe.vae.config.block_out_channels
     theirs = sd15_pipe.vae.state_dict()
     assert any(not torch.equal(tensor, theirs[key]) for key, tensor in vae.state_dict().items())
+
+
+def test_the_sdxl_lora_uses_kohya_sdxl_names_and_changes_tiny_sdxls_picture(tiny_models: Path,
+                                                                             executor: Executor) -> None:
+    state = load_file(str(tiny_models / "loras" / "tiny-lora-sdxl.safetensors"))
+    prefixes = {re.match(r"lora_(unet_[a-z]+_blocks?|te\d)", key)[0] for key in state}  # type: ignore[index]
+    # sd-scripts names SDXL's UNet in the original layout and its encoders te1 (CLIP-L) and te2 (bigG)
+    assert prefixes == {"lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks",
+                        "lora_te1", "lora_te2"}
+    assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in state
+
+    def picture(strength: float | None) -> np.ndarray:
+        loras = () if strength is None else (("tiny-lora-sdxl.safetensors", strength, strength),)
+        [image] = executor.run(txt2img(checkpoint="tiny-sdxl.safetensors", loras=loras)).outputs["9"]["images"]
+        return np.asarray(Image.open(executor.settings.output_dir / image["subfolder"] / image["filename"]))
+
+    plain = picture(None)
+    assert np.array_equal(picture(0.0), plain)  # strength 0 is the bare model, pixel for pixel
+    assert np.abs(picture(1.0).astype(int) - plain).mean() > 1
+
+    # on an SD1.x checkpoint the same layer names have other widths: refused in words, the UNet left as it was
+    sd15 = txt2img(loras=(("tiny-lora-sdxl.safetensors", 1.0, 1.0),))
+    with pytest.raises(NodeExecutionError, match="LoRA 'tiny-lora-sdxl.safetensors' does not fit checkpoint "
+                                                 "'tiny-sd15.safetensors'.*made for another model family"):
+        executor.run(sd15)
+    assert executor.run(txt2img()).outputs["9"]

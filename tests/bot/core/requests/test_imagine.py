@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -76,6 +78,8 @@ def test_default_size_follows_the_checkpoint_architecture() -> None:
     request = parse_request({"prompt": "fox"}, CONTEXT)
     assert (_params(request, Arch.of("sdxl", tiny=False)).width, _params(request, Arch.of("sd15", False)).width,
             _params(request, Arch.of("sd15", True)).height) == (1024, 512, 64)
+    sd2 = Arch.of("sd2", tiny=False)
+    assert (_params(request, sd2).width, _params(request, replace(sd2, prediction="v_prediction")).width) == (512, 768)
     with pytest.raises(RequestInvalid, match=r"cannot make this size: 4096x4096"):
         big = Allowed(**{**ALLOWED.__dict__, "max_side": 4096})
         request.to_params(RequestContext(big, [], [], defaults=BotSettings(size_sdxl=4096)),
@@ -104,3 +108,81 @@ def test_any_numbers_are_accepted_within_limits_or_refused_with_a_message(steps:
                                                                 "below this server's minimum"))
     else:
         assert 1 <= request.steps <= 150 and 64 <= request.width <= 2048 and request.width % 8 == 0
+
+
+CN_CONTEXT = RequestContext(ALLOWED, CONTEXT.checkpoints, CONTEXT.loras,
+                            controlnets=["control_v11p_sd15_canny.safetensors", "control_sd15_openpose.safetensors",
+                                         "controlnet-sdxl-depth.safetensors"])
+HINT = ImageUpload(filename="hint.png", content_type="image/png", data=b"\x89PNG")
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    ({"control_image": HINT}, "control_image needs a ControlNet to guide with it: pick one with controlnet:"),
+    ({"controlnet": "control_sd15_openpose"}, "controlnet 'control_sd15_openpose' needs a control image"),
+    ({"control_image": HINT, "controlnet": "control_sd15_openpose", "control_strength": 2.01},
+     "control_strength 2.01 is outside 0..2; 1 is ComfyUI's default"),
+    ({"control_image": HINT, "controlnet": "control_sd15_openpose", "control_strength": -0.5},
+     "control_strength -0.5 is outside 0..2"),
+    ({"control_strength": 0.5}, "control_strength applies to a ControlNet; add controlnet: and control_image:"),
+    ({"control_canny": True}, "control_canny applies to a ControlNet"),
+    ({"control_image": ImageUpload(filename="a.gif", content_type="image/gif", data=b"GIF89a"),
+      "controlnet": "control_sd15_openpose"}, "control_image: 'a.gif' is image/gif, not an image Noodle decodes"),
+    ({"control_image": ImageUpload(filename="big.png", content_type="image/png", data=bytes(11 * 1024 * 1024)),
+      "controlnet": "control_sd15_openpose"}, "control_image: 'big.png' is 11.5 MB; the limit is 10.5 MB"),
+    ({"control_image": HINT, "controlnet": "control_sd15_openpose", "control_strength": "lots"},
+     "control_strength 'lots' is not a number"),
+])
+def test_a_bad_controlnet_combination_is_refused_with_what_to_do(options: dict, words: str) -> None:
+    with pytest.raises(RequestInvalid) as caught:
+        parse_request({"prompt": "fox", **options}, CN_CONTEXT)
+    assert words in str(caught.value)
+
+
+def test_an_unknown_controlnet_names_the_closest_files() -> None:
+    with pytest.raises(ModelNotFound, match="ControlNet 'control_sd15_canny' is not in models/controlnet; closest: "
+                                            "'control_v11p_sd15_canny.safetensors'"):
+        parse_request({"prompt": "fox", "controlnet": "control_sd15_canny", "control_image": HINT}, CN_CONTEXT)
+
+
+def _control_params(options: dict, arch: Arch = Arch.of("sd15", False),  # type: ignore[no-untyped-def]
+                    controlnet_arch: Arch | None = None):
+    request = parse_request({"prompt": "fox", "control_image": HINT, **options}, CN_CONTEXT)
+    return request.to_params(CN_CONTEXT, checkpoint="sd15.safetensors", arch=arch, seed=7,
+                             control_image="uploads/hint.png", controlnet_arch=controlnet_arch)
+
+
+def test_a_canny_controlnet_edge_detects_by_default_and_others_take_the_image_as_given() -> None:
+    canny = _control_params({"controlnet": "control_v11p_sd15_canny"})
+    assert (canny.controlnet, canny.control_canny, canny.control_strength) == (
+        "control_v11p_sd15_canny.safetensors", True, 1.0)
+    graph = build_workflow(canny)
+    assert graph["21"]["class_type"] == "Canny" and graph["23"]["inputs"]["image"] == ["21", 0]
+    assert graph["20"]["inputs"]["image"] == "uploads/hint.png"
+    assert not _control_params({"controlnet": "control_v11p_sd15_canny", "control_canny": False}).control_canny
+    pose = _control_params({"controlnet": "control_sd15_openpose", "control_strength": 0.6})
+    assert not pose.control_canny and "21" not in build_workflow(pose)
+    assert build_workflow(pose)["23"]["inputs"]["image"] == ["20", 0]
+    assert _control_params({"controlnet": "control_sd15_openpose", "control_canny": True}).control_canny
+
+
+def test_a_controlnet_for_another_family_is_refused_when_its_header_says_so() -> None:
+    with pytest.raises(RequestInvalid, match=r"ControlNet 'controlnet-sdxl-depth.safetensors' is for SDXL "
+                                             r"checkpoints and sd15 is SD1.x; pick a ControlNet made for SD1.x"):
+        _control_params({"controlnet": "controlnet-sdxl-depth"}, controlnet_arch=Arch.of("sdxl", False))
+    # no family known (controlnet_arch None, as for a pickle name): left to the engine's refusal when it runs
+    assert _control_params({"controlnet": "controlnet-sdxl-depth"}).controlnet == "controlnet-sdxl-depth.safetensors"
+
+
+def test_a_request_without_a_controlnet_or_transparency_makes_the_plain_graph() -> None:
+    params = parse_request({"prompt": "fox"}, CONTEXT).to_params(CONTEXT, checkpoint="x.safetensors",
+                                                                 arch=Arch.of("sd15", False), seed=1, inpaint=True)
+    assert not params.inpaint and params.controlnet is None  # no image: nothing to inpaint
+    graph = build_workflow(params)
+    assert not {"15", "20", "21", "22", "23"} & set(graph)
+    assert graph["3"]["inputs"]["positive"] == ["6", 0]
+
+
+def test_stored_options_describe_the_control_image_never_its_bytes() -> None:
+    request = parse_request({"prompt": "fox", "control_image": HINT, "controlnet": "control_sd15_openpose"},
+                            CN_CONTEXT)
+    assert request.stored()["control_image"] == {"filename": "hint.png", "content_type": "image/png", "bytes": 4}

@@ -110,3 +110,38 @@ async def test_a_variation_decodes_its_source_like_an_upload(env: Env) -> None:
         result.write_bytes(original)
     variation = await env.finish(await env.studio.generations.variation(first.id, ALICE))
     assert variation.kind == "done" and card_size(env).startswith("64×64 · img2img")
+
+
+def _encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("image", "transparent"), [
+    (Image.new("RGB", (64, 64), (10, 20, 30)), False),
+    (Image.new("RGBA", (64, 64), (10, 20, 30, 255)), False),  # an alpha channel, opaque everywhere: img2img
+    (Image.new("LA", (64, 64), (100, 254)), True),  # barely see-through still counts: LoadImage's MASK is not 0
+    (Image.new("RGBA", (64, 64), (10, 20, 30, 0)), True),
+])
+def test_prepare_image_says_whether_any_pixel_is_transparent(image: Image.Image, transparent: bool) -> None:
+    from bot.core.requests.imagine import Allowed
+    from bot.core.requests.uploads import prepare_image
+    from bot.settings import Settings
+
+    prepared = prepare_image(_encoded(image), "a.png", "uploads", Allowed.from_settings(Settings()))
+    assert prepared.transparent is transparent and prepared.name.startswith("uploads/")
+
+
+def test_prepare_image_names_the_option_in_its_refusals() -> None:
+    from bot.core.requests.imagine import Allowed
+    from bot.core.requests.uploads import prepare_image
+    from bot.settings import Settings
+
+    allowed = Allowed.from_settings(Settings())
+    with pytest.raises(RequestInvalid, match=r"^control_image: 'hint.png' is 32x32; both sides must be at least 64"):
+        prepare_image(_encoded(Image.new("RGB", (32, 32))), "hint.png", "uploads", allowed, "control_image")
+    with pytest.raises(RequestInvalid, match=r"^control_image: 'hint.png'"):
+        prepare_image(b"not an image at all", "hint.png", "uploads", allowed, "control_image")

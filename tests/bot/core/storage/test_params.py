@@ -45,3 +45,22 @@ def test_a_value_of_the_wrong_type_is_refused_with_its_field() -> None:
         load_params({**dump_params(PARAMS), "steps": "many"})
     with pytest.raises(StoredParamsInvalid, match="checkpoint"):
         load_params({k: v for k, v in dump_params(PARAMS).items() if k != "checkpoint"})
+
+
+def test_a_version_1_row_migrates_with_no_controlnet_and_no_inpaint() -> None:
+    """Version 2 added the ControlNet and inpaint fields; a v1 row had neither and rerolls as it ran then, even
+    when its init image has transparency (v1 made plain img2img of it)."""
+    new = ("inpaint", "control_image", "controlnet", "control_strength", "control_canny")
+    v1 = {k: v for k, v in json.loads(json.dumps(dump_params(PARAMS))).items() if k not in new}
+    assert load_params({**v1, "version": 1}) == PARAMS
+    loaded = load_params({**v1, "version": 1})
+    assert (loaded.inpaint, loaded.controlnet, loaded.control_image, loaded.control_strength,
+            loaded.control_canny) == (False, None, None, 1.0, False)
+
+
+def test_the_controlnet_and_inpaint_fields_survive_json() -> None:
+    params = WorkflowParams(checkpoint="tiny-sd15.safetensors", prompt="a fox", init_image="uploads/ab.png",
+                            inpaint=True, control_image="uploads/cd.png", controlnet="tiny-controlnet-sd15.safetensors",
+                            control_strength=0.65, control_canny=True)
+    stored = json.loads(json.dumps(dump_params(params)))
+    assert stored["version"] == 2 and load_params(stored) == params

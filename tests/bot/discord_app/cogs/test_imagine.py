@@ -122,8 +122,59 @@ async def test_sdxl_checkpoints_are_built_by_their_architecture(env: Env) -> Non
 async def test_autocomplete_offers_the_models_folder(env: Env) -> None:
     cog = imagine_cog(env.studio, Allowed.from_settings(env.settings))
     model = cog.imagine._params["model"].autocomplete
-    choices = await model(FakeInteraction(), "sdx")
-    assert [c.value for c in choices] == ["tiny-sdxl.safetensors"]
+    values = [c.value for c in await model(FakeInteraction(), "sdx")]
+    # the tiny models hold more than one SDXL file (tiny-sdxl-inpainting too): each offered one matches
+    assert "tiny-sdxl.safetensors" in values and all("sdx" in value for value in values)
     loras = cog.imagine._params["loras"].autocomplete
     assert [c.value for c in await loras(FakeInteraction(), "tiny-lora-a:0.7, tiny-lora-b")] == \
         ["tiny-lora-a:0.7, tiny-lora-b:1.0"]
+
+
+def _png_bytes(mode: str, color: Any, size: tuple[int, int] = (64, 64)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def test_a_control_image_with_a_controlnet_guides_the_picture_and_the_card_says_so(env: Env) -> None:
+    hint = FakeAttachment(_png_bytes("RGB", (255, 255, 255)), filename="edges.png")
+    cog = await _imagine(env, FakeInteraction(), prompt="a house", control_image=hint,
+                         controlnet="tiny-controlnet-sd15", control_strength=1.5, control_canny=False, steps=2,
+                         width=64, height=64)
+    await _done(cog)
+    [message] = _posted(env)
+    assert field(message.embed, "ControlNet") == "tiny-controlnet-sd15 · strength 1.5 · control image as given"
+    generation = await env.store.by_message(message.id)
+    assert generation.workflow["22"]["inputs"]["control_net_name"] == "tiny-controlnet-sd15.safetensors"
+    assert hint.reads == 1
+
+
+async def test_a_transparent_attachment_is_inpainted_and_the_card_says_inpaint(env: Env) -> None:
+    hole = FakeAttachment(_png_bytes("RGBA", (30, 120, 200, 0)), filename="hole.png")
+    cog = await _imagine(env, FakeInteraction(), prompt="a blue wall", image=hole, steps=2)
+    await _done(cog)
+    [message] = _posted(env)
+    assert "64×64 · inpaint (the image's transparent area), denoise 0.75" in field(message.embed, "Size")
+    generation = await env.store.by_message(message.id)
+    assert generation.workflow["15"]["class_type"] == "SetLatentNoiseMask"
+
+
+async def test_a_bad_control_image_is_refused_before_download(env: Env) -> None:
+    interaction = FakeInteraction()
+    big = FakeAttachment(b"x", filename="huge.png", size=50 * 1024 * 1024)
+    await _imagine(env, interaction, prompt="a fox", control_image=big, controlnet="tiny-controlnet-sd15")
+    assert interaction.edits[-1].startswith("❌ control_image: 'huge.png' is 52.4 MB; the limit is")
+    assert big.reads == 0
+    text = FakeAttachment(b"hello", filename="notes.txt", content_type="text/plain")
+    await _imagine(env, interaction, prompt="a fox", control_image=text, controlnet="tiny-controlnet-sd15")
+    assert "control_image: 'notes.txt' is text/plain, not an image" in interaction.edits[-1]
+    await _imagine(env, interaction, prompt="a fox", controlnet="tiny-controlnet-sd1")
+    assert "needs a control image" in interaction.edits[-1]
+    assert not env.channel.sent and not await env.store.recent()
+
+
+async def test_autocomplete_offers_the_controlnets(env: Env) -> None:
+    cog = imagine_cog(env.studio, Allowed.from_settings(env.settings))
+    controlnet = cog.imagine._params["controlnet"].autocomplete
+    assert [c.value for c in await controlnet(FakeInteraction(), "sdxl")] == ["tiny-controlnet-sdxl.safetensors"]
+    assert len(await controlnet(FakeInteraction(), "")) == 2

@@ -1,0 +1,132 @@
+"""How a model's output becomes the denoised estimate, and the sigma table it was trained on: ComfyUI's model sampling.
+
+A MODEL value carries a `ModelSampling` (the checkpoint's own, or ModelSamplingDiscrete's override). It answers
+what ComfyUI 0.3.64's comfy/model_sampling.py and comfy_extras/nodes_model_advanced.py answer for discrete SD
+models: the sigma table (SD's betas; `zsnr` rescaled to zero terminal SNR; `lcm` the 50 sigmas of an LCM
+distilled model), the UNet timestep for a sigma, and the prediction type's `calculate_denoised`.
+
+The diffusers schedulers step on a noise prediction (they form the denoised estimate as x - sigma * eps), so
+`to_eps` hands them the eps that gives ComfyUI's denoised estimate: eps' = (x - D) / sigma, with D computed as
+ComfyUI computes it from the model output and the model input.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DEFAULT_SAMPLING", "PREDICTIONS", "ModelSampling", "discrete_sigmas", "rescale_zero_terminal_snr"]
+
+# ModelSamplingDiscrete's `sampling` choices, in ComfyUI's order.
+PREDICTIONS: tuple[str, ...] = ("eps", "v_prediction", "lcm", "x0", "img_to_img")
+# ModelSamplingDiscreteDistilled: an LCM model was distilled onto 50 of the 1000 training timesteps.
+_LCM_TIMESTEPS = 50
+_LCM_SIGMA_DATA, _LCM_TIMESTEP_SCALING = 0.5, 10.0
+
+
+def discrete_sigmas(beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
+                    *, zsnr: bool = False) -> torch.Tensor:
+    """SD's training sigmas in float64, as ModelSamplingDiscrete has them before its float32 copies (bit-exact)."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    return rescale_zero_terminal_snr(sigmas) if zsnr else sigmas
+
+
+def rescale_zero_terminal_snr(sigmas: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's rescale_zero_terminal_snr_sigmas (arXiv 2305.08891): sqrt(alphas_cumprod) shifted to end at 0 and
+    rescaled to keep its first value; the last alphas_cumprod is then set to ComfyUI's 4.8973451890853435e-08
+    rather than 0, so the largest sigma is finite (about 4518)."""
+    alphas_bar_sqrt = (1 / (sigmas * sigmas + 1)).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
+    alphas_bar = alphas_bar_sqrt**2
+    alphas_bar[-1] = 4.8973451890853435e-08
+    return ((1 - alphas_bar) / alphas_bar) ** 0.5
+
+
+@functools.cache
+def _table(lcm: bool, zsnr: bool) -> torch.Tensor:
+    sigmas = discrete_sigmas(zsnr=zsnr)
+    if not lcm:
+        return sigmas  # float64: the functions reading it take ComfyUI's float32 copies (sigmas, log_sigmas)
+    # ModelSamplingDiscreteDistilled.sigmas: every 20th float32 sigma from index 19 up; its log_sigmas are the
+    # logs of these float32 values, so the table stays float32
+    skip = len(sigmas) // _LCM_TIMESTEPS
+    return sigmas.float()[skip - 1::skip].clone()
+
+
+@dataclass(frozen=True)
+class ModelSampling:
+    """A discrete SD model's sampling: its prediction type (ComfyUI's `sampling`) and zero terminal SNR."""
+
+    prediction: str = "eps"
+    zsnr: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown model sampling {self.prediction!r}; ComfyUI's are {', '.join(PREDICTIONS)}")
+
+    @property
+    def label(self) -> str:
+        """For metadata and messages: "v_prediction", "eps+zsnr"."""
+        return self.prediction + ("+zsnr" if self.zsnr else "")
+
+    @property
+    def skip_steps(self) -> int:
+        """Training timesteps per table entry: 20 for an LCM model's 50 sigmas, else 1."""
+        return 1000 // _LCM_TIMESTEPS if self.prediction == "lcm" else 1
+
+    @property
+    def table(self) -> torch.Tensor:
+        """The model's sigmas, smallest first (float64 for the 1000 training sigmas, float32 for LCM's 50)."""
+        return _table(self.prediction == "lcm", self.zsnr)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.table.float()[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.table.float()[-1])
+
+    def timestep(self, sigma: float | torch.Tensor) -> torch.Tensor:
+        """ModelSampling.timestep: the table entry nearest in log-sigma, as a training timestep (float)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        dists = sigma.log().reshape(-1) - self.table.log().float()[:, None]
+        index = dists.abs().argmin(dim=0).view(sigma.shape)
+        return (index * self.skip_steps + (self.skip_steps - 1)).float()
+
+    def model_input(self, scaled: torch.Tensor, sigma: float) -> torch.Tensor:
+        """What the UNet sees, given x / sqrt(sigma^2 + 1) (EPS.calculate_input, which every type but
+        img_to_img keeps; IMG_TO_IMG feeds x itself)."""
+        return scaled * math.sqrt(sigma**2 + 1.0) if self.prediction == "img_to_img" else scaled
+
+    def to_eps(self, output: torch.Tensor, scaled: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The noise prediction whose x - sigma * eps is ComfyUI's calculate_denoised of `output`.
+
+        `scaled` is the sampler's x / sqrt(sigma^2 + 1) (broadcast against `output`), `sigma` the call's sigma.
+        """
+        if self.prediction == "eps":
+            return output  # EPS.calculate_denoised is x - output * sigma: the output is the eps, unchanged
+        root = math.sqrt(sigma**2 + 1.0)
+        if self.prediction == "v_prediction":
+            # V_PREDICTION (sigma_data 1): D = x / (sigma^2 + 1) - v * sigma / sqrt(sigma^2 + 1); with
+            # x = scaled * sqrt(sigma^2 + 1), (x - D) / sigma simplifies to (sigma * scaled + v) / sqrt(sigma^2 + 1)
+            return (scaled * sigma + output) / root
+        x = scaled * root
+        if self.prediction == "lcm":
+            # LCM.calculate_denoised: the consistency boundary condition on the EPS x0, at the distilled timestep
+            t = float(self.timestep(sigma)) * _LCM_TIMESTEP_SCALING
+            c_skip = _LCM_SIGMA_DATA**2 / (t**2 + _LCM_SIGMA_DATA**2)
+            c_out = t / (t**2 + _LCM_SIGMA_DATA**2) ** 0.5
+            denoised = c_out * (x - output * sigma) + c_skip * x
+        else:  # x0, img_to_img: the output is the denoised estimate
+            denoised = output
+        return (x - denoised) / sigma
+
+
+DEFAULT_SAMPLING = ModelSampling()

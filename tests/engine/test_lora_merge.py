@@ -76,6 +76,20 @@ def merge_graph(ratio: float, prefix: str) -> dict:
     }
 
 
+def sampled_merge_graph(ratio: float, prefix: str) -> dict:
+    """merge_graph with a sampler on the merged model (node 3) and its image saved by node 10."""
+    graph = merge_graph(ratio, prefix)
+    graph["6"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a fox", "clip": ["1", 1]}}
+    graph["7"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    graph["8"] = {"class_type": "KSampler", "inputs": {"model": ["3", 0], "seed": 1, "steps": 3, "cfg": 5.0,
+                                                      "sampler_name": "euler", "scheduler": "normal",
+                                                      "positive": ["6", 0], "negative": ["6", 0],
+                                                      "latent_image": ["7", 0], "denoise": 1.0}}
+    graph["9"] = {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}}
+    graph["10"] = {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": f"{prefix}-image"}}
+    return graph
+
+
 def test_model_merge_is_a_weighted_sum_and_checkpoint_save_loads_back(executor: Executor) -> None:
     manager = executor.models
     a = unet_weights(manager, base_model(manager, "tiny-sd15.safetensors"))
@@ -99,15 +113,7 @@ def test_model_merge_is_a_weighted_sum_and_checkpoint_save_loads_back(executor: 
 
 
 def test_merge_ratio_one_is_model_one(executor: Executor) -> None:
-    graph = merge_graph(1.0, "ratio-one")
-    graph["6"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a fox", "clip": ["1", 1]}}
-    graph["7"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
-    graph["8"] = {"class_type": "KSampler", "inputs": {"model": ["3", 0], "seed": 1, "steps": 3, "cfg": 5.0,
-                                                      "sampler_name": "euler", "scheduler": "normal",
-                                                      "positive": ["6", 0], "negative": ["6", 0],
-                                                      "latent_image": ["7", 0], "denoise": 1.0}}
-    graph["9"] = {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}}
-    graph["10"] = {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "merge1"}}
+    graph = sampled_merge_graph(1.0, "ratio-one")
     merged = render(executor, graph, "10")
     graph["8"]["inputs"]["model"] = ["1", 0]
     assert np.array_equal(merged, render(executor, graph, "10"))
@@ -115,18 +121,10 @@ def test_merge_ratio_one_is_model_one(executor: Executor) -> None:
 
 def test_a_merge_keeps_model_ones_model_sampling(executor: Executor) -> None:
     """ComfyUI's ModelMergeSimple clones model1, ModelSamplingDiscrete override and all."""
-    graph = merge_graph(1.0, "sampling-kept")
+    graph = sampled_merge_graph(1.0, "sampling-kept")
     graph["11"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "v_prediction",
                                                                     "zsnr": False}}
     graph["3"]["inputs"]["model1"] = ["11", 0]
-    graph["6"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a fox", "clip": ["1", 1]}}
-    graph["7"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
-    graph["8"] = {"class_type": "KSampler", "inputs": {"model": ["3", 0], "seed": 1, "steps": 3, "cfg": 5.0,
-                                                      "sampler_name": "euler", "scheduler": "normal",
-                                                      "positive": ["6", 0], "negative": ["6", 0],
-                                                      "latent_image": ["7", 0], "denoise": 1.0}}
-    graph["9"] = {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}}
-    graph["10"] = {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "merge-vpred"}}
     merged = render(executor, graph, "10")
     graph["8"]["inputs"]["model"] = ["11", 0]  # the v-prediction model itself, unmerged
     assert np.array_equal(merged, render(executor, graph, "10"))

@@ -129,7 +129,7 @@ def inpaint_concat(item: CondItem, latent: torch.Tensor, noise_mask: torch.Tenso
 def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditioning],
                negative: Conditioning | Sequence[Conditioning], cfg: float, sdxl: bool, pixel_size: tuple[int, int],
                sizes: Sequence[int] | None = None, inpaint: InpaintSource | None = None,
-               sampling: samplers.ModelSampling = samplers.DEFAULT_SAMPLING) -> EpsFn:
+               sampling: samplers.ModelSampling = samplers.DEFAULT_SAMPLING, family: str | None = None) -> EpsFn:
     """The guided noise prediction for a batch of latents at one sigma.
 
     One Conditioning pair guides the whole batch, as a KSampler does. With per-item sequences (the
@@ -137,6 +137,8 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
     An inpainting (9-channel) UNet gets each cond's `inpaint_concat` after the latent's 4 channels.
     `sampling` (the MODEL's ModelSampling) turns each cond's output into the noise prediction that gives
     ComfyUI's denoised estimate (v-prediction, LCM, x0), before CFG combines them as ComfyUI combines denoised ones.
+    `family` (the MODEL's Arch.family; without it "sdxl" or "sd15" from `sdxl`) is what a ControlNet must fit,
+    and its start/end percents are read on `sampling`'s sigmas.
     """
     positives = [positive] if isinstance(positive, Conditioning) else list(positive)
     negatives = [negative] if isinstance(negative, Conditioning) else list(negative)
@@ -160,7 +162,8 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
                                       for item in items]).to(device, dtype),
             "time_ids": torch.tensor([_time_ids(item, *pixel_size) for item in items], device=device, dtype=dtype),
         } for items in groups]
-    control = ControlResiduals.for_groups(groups, unet, sdxl)  # None without ControlNets: the UNet call as before
+    # None without ControlNets: the UNet call as before
+    control = ControlResiduals.for_groups(groups, unet, family or ("sdxl" if sdxl else "sd15"), sampling)
     inpainting = getattr(getattr(unet, "config", None), "in_channels", 4) == INPAINT_CHANNELS
     concats: dict[tuple[int, ...], torch.Tensor] = {}  # the concat is the same at every step: built once
 
@@ -237,7 +240,7 @@ def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.T
     h, w = latent.samples.shape[2] * 8, latent.samples.shape[3] * 8
     inpaint = InpaintSource(latent.samples.float() * scale, latent.noise_mask, scale)
     eps = guided_eps(unet, positive, negative, cfg, model.arch.family == "sdxl", (h, w), sizes, inpaint,
-                     sampling=model.model_sampling)
+                     sampling=model.model_sampling, family=model.arch.family)
     plan = samplers.build_scheduler(sampler_name, scheduler, sigmas, seed, model.model_sampling)
     steps = len(sigmas) - 1
 

@@ -1,14 +1,16 @@
 """What the ControlNets on a batch's conds add to the UNet at one model call, as comfy/controlnet.py computes it.
 
 Each cond item may carry a chain of ControlHints (extras["control"], newest first, `previous` older). At a
-model call with noise level sigma, every hint whose start/end percent window holds sigma runs its ControlNet on
+model call with noise level sigma, every hint whose start/end percent window holds sigma (the percents read on
+the model's own sigma table, as its ModelSamplingDiscrete.percent_to_sigma) runs its ControlNet on
 the rows of the batch that item guides: the UNet's own input (x / sqrt(sigma^2 + 1)), timestep, text context and
 SDXL size embeddings, with the hint image resized to the latent's size x8 ("nearest-exact" after a center crop,
 ComfyUI's common_upscale). Its outputs (a shuffle ControlNet's averaged over the picture) times the strength are
 summed along the chain, oldest first, and go to the UNet as down_block_additional_residuals and
 mid_block_additional_residual; rows without control get zeros, which leave them exactly as they were. A call
 where no hint is active passes nothing, so strength 0 (the apply nodes return the cond untouched) and a window
-that excludes every step give exactly the picture without ControlNet.
+that excludes every step give exactly the picture without ControlNet. A ControlNet of another family than the
+model's (SD1.x on SD2.x, SDXL on SD1.x, ...) is refused before the first step.
 """
 
 from __future__ import annotations
@@ -20,20 +22,26 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import UnsupportedModel
-from engine.samplers.sigmas import model_sigmas
+from engine.samplers.model_sampling import DEFAULT_SAMPLING, ModelSampling
 from engine.values import CondItem, Conditioning, ControlHint
 
 __all__ = ["ControlResiduals", "chain_of", "hint_to_size", "percent_to_sigma", "spread_to_uncond"]
 
+_FAMILY_LABELS = {"sd15": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}  # Arch.family -> the name in messages
 
-def percent_to_sigma(percent: float, sigmas: torch.Tensor | None = None) -> float:
-    """ModelSamplingDiscrete.percent_to_sigma: the sigma `percent` of the way through the model's 1000 timesteps."""
+
+def percent_to_sigma(percent: float, sampling: ModelSampling = DEFAULT_SAMPLING) -> float:
+    """ModelSamplingDiscrete.percent_to_sigma on the model's own sampling: the sigma `percent` of the way through
+    its 1000 training timesteps, interpolated in log-sigma between the table entries around timestep
+    (1 - percent) * 999 (an LCM table, one entry per 20 timesteps, as ModelSamplingDiscreteDistilled.sigma)."""
     if percent <= 0.0:
         return 999999999.9
     if percent >= 1.0:
         return 0.0
-    log_sigmas = (model_sigmas() if sigmas is None else sigmas).log().float()
-    t = torch.clamp(torch.tensor((1.0 - percent) * 999.0), min=0, max=len(log_sigmas) - 1)
+    log_sigmas = sampling.table.log().float()  # ComfyUI's float32 log_sigmas buffer
+    skip = sampling.skip_steps
+    timestep = torch.tensor((1.0 - percent) * 999.0)
+    t = torch.clamp((timestep - (skip - 1)) / skip, min=0, max=len(log_sigmas) - 1)
     w = t.frac()
     return float(((1 - w) * log_sigmas[t.floor().long()] + w * log_sigmas[t.ceil().long()]).exp())
 
@@ -80,9 +88,11 @@ def spread_to_uncond(positive: Conditioning, negative: Conditioning) -> Conditio
 class ControlResiduals:
     """The ControlNet residuals for the rows of one guided batch; see the module docstring."""
 
-    def __init__(self, groups: Sequence[Sequence[CondItem]], unet: torch.nn.Module, sdxl: bool) -> None:
+    def __init__(self, groups: Sequence[Sequence[CondItem]], unet: torch.nn.Module, family: str,
+                 sampling: ModelSampling = DEFAULT_SAMPLING) -> None:
+        """`family` is the model's architecture family (Arch.family: "sd15", "sd2" or "sdxl"), which every
+        ControlNet must share; `sampling` its ModelSampling, whose sigmas the start/end windows are read on."""
         self.chains = [[chain_of(item) for item in items] for items in groups]
-        family = "sdxl" if sdxl else "sd15"
         widths = list(unet.config.block_out_channels)
         self.windows: dict[int, tuple[float, float]] = {}
         for chains in self.chains:
@@ -91,20 +101,22 @@ class ControlResiduals:
                     net = link.control_net
                     if net.family != family or list(net.module.config.block_out_channels) != widths:
                         raise UnsupportedModel(
-                            f"ControlNet {net.name!r} is for {'SDXL' if net.family == 'sdxl' else 'SD1.x'}"
+                            f"ControlNet {net.name!r} is for {_FAMILY_LABELS.get(net.family, net.family)}"
                             f"{' (tiny)' if net.tiny else ''} UNets with block widths "
                             f"{list(net.module.config.block_out_channels)}, and this model is "
-                            f"{'SDXL' if sdxl else 'SD1.x'} with {widths}; use a ControlNet made for the checkpoint")
-                    self.windows[id(link)] = (percent_to_sigma(link.start_percent), percent_to_sigma(link.end_percent))
+                            f"{_FAMILY_LABELS.get(family, family)} with {widths}; use a ControlNet made for the "
+                            "checkpoint")
+                    self.windows[id(link)] = (percent_to_sigma(link.start_percent, sampling),
+                                              percent_to_sigma(link.end_percent, sampling))
         self._hints: dict[tuple[int, int, int], torch.Tensor] = {}
 
     @classmethod
-    def for_groups(cls, groups: Sequence[Sequence[CondItem]], unet: torch.nn.Module,
-                   sdxl: bool) -> ControlResiduals | None:
+    def for_groups(cls, groups: Sequence[Sequence[CondItem]], unet: torch.nn.Module, family: str,
+                   sampling: ModelSampling = DEFAULT_SAMPLING) -> ControlResiduals | None:
         """The residual maker for a batch's cond groups, or None when no cond carries a ControlNet."""
         if not any(item.extras.get("control") is not None for items in groups for item in items):
             return None
-        return cls(groups, unet, sdxl)
+        return cls(groups, unet, family, sampling)
 
     def _hint(self, link: ControlHint, height: int, width: int, dtype: torch.dtype,
               device: torch.device) -> torch.Tensor:

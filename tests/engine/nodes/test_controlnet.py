@@ -2,7 +2,8 @@
 draws; strength 0 and a window that excludes every step give exactly the plain picture; stacking and windows
 change it; the legacy ControlNetApply reaches the negative as in ComfyUI; one guided model call against the
 residual injection written out here; Canny against a hand-made edge picture; the cache when only the strength
-changes; and the refusals."""
+changes; windows read on the model's own sigmas (zsnr, lcm) against ComfyUI's percent_to_sigma written
+out here; and the refusals (an SD1.5 ControlNet on SDXL and on SD2)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ from engine.executor import Executor
 from engine.models.controlnet.residuals import ControlResiduals, hint_to_size, percent_to_sigma, spread_to_uncond
 from engine.nodes import catalog
 from engine.nodes.sampling import guided_eps
-from engine.samplers import model_sigmas, timestep_for_sigma
+from engine.samplers import ksampler_sigmas, model_sigmas, timestep_for_sigma
+from engine.samplers.model_sampling import ModelSampling
 from engine.settings import Limits
 from engine.values import CondItem, Conditioning, ControlHint, ControlNetRef
 from tests.engine.nodes.test_inpaint import values_of
+from tests.engine.nodes.test_model_sampling import comfy_rescale_zero_terminal_snr_sigmas, sd_sigmas
 
-SD15, SDXL = "tiny-sd15.safetensors", "tiny-sdxl.safetensors"
+SD15, SDXL, SD2 = "tiny-sd15.safetensors", "tiny-sdxl.safetensors", "tiny-sd2-v.safetensors"
 CONTROLNETS = {SD15: "tiny-controlnet-sd15.safetensors", SDXL: "tiny-controlnet-sdxl.safetensors"}
 
 
@@ -59,7 +62,7 @@ def graph(image: str, checkpoint: str = SD15, controls: list[dict[str, Any]] | N
     for k, control in enumerate(controls or ()):
         loader, apply = f"3{k}", f"4{k}"
         workflow[loader] = {"class_type": "ControlNetLoader",
-                            "inputs": {"control_net_name": control.get("name", CONTROLNETS[checkpoint])}}
+                            "inputs": {"control_net_name": control.get("name") or CONTROLNETS[checkpoint]}}
         if legacy:
             workflow[apply] = {"class_type": "ControlNetApply", "inputs": {
                 "conditioning": positive, "control_net": [loader, 0], "image": ["20", 0],
@@ -166,6 +169,12 @@ def test_an_sd15_controlnet_on_an_sdxl_model_is_refused_by_name(executor: Execut
         executor.run(graph(shapes_png, SDXL, [{"name": CONTROLNETS[SD15]}]))
 
 
+def test_an_sd15_controlnet_on_an_sd2_model_is_refused_by_name(executor: Executor, shapes_png: str) -> None:
+    # the tiny SD2 UNet has the tiny SD1.5 one's block widths and context width: only the family tells them apart
+    with pytest.raises(NodeExecutionError, match=r"tiny-controlnet-sd15.*SD1\.x.*this model is SD2\.x"):
+        executor.run(graph(shapes_png, SD2, [{"name": CONTROLNETS[SD15]}]))
+
+
 # -- one model call against the math ------------------------------------------------------------------------
 
 
@@ -213,12 +222,95 @@ def test_one_guided_call_adds_the_scaled_summed_residuals_to_the_unet(executor: 
     assert (got - plain).abs().max() > 1e-3
 
 
+def comfy_percent_to_sigma(percent: float, prediction: str = "eps", zsnr: bool = False) -> float:
+    """ComfyUI 0.3.64's model_sampling.percent_to_sigma after ModelSamplingDiscrete(prediction, zsnr), written
+    out: timestep (1 - percent) * 999 on the model's float32 log-sigmas, interpolated; "lcm" is
+    ModelSamplingDiscreteDistilled, whose 50 sigmas sit at timesteps 19, 39, .., 999, so timestep t is table
+    index (t - 19) / 20 (ModelSamplingDiscreteDistilled.sigma)."""
+    if percent <= 0.0:
+        return 999999999.9
+    if percent >= 1.0:
+        return 0.0
+    sigmas = sd_sigmas()
+    if zsnr:
+        sigmas = comfy_rescale_zero_terminal_snr_sigmas(sigmas)
+    timestep = torch.tensor((1.0 - percent) * 999.0)
+    if prediction == "lcm":
+        log_sigmas = sigmas.float()[19::20].log().float()
+        t = torch.clamp(((timestep.float() - 19) / 20).float(), min=0, max=len(log_sigmas) - 1)
+    else:
+        log_sigmas = sigmas.log().float()
+        t = torch.clamp(timestep.float(), min=0, max=len(log_sigmas) - 1)
+    w = t.frac()
+    return float(((1 - w) * log_sigmas[t.floor().long()] + w * log_sigmas[t.ceil().long()]).exp())
+
+
 def test_percent_to_sigma_is_model_sampling_discretes() -> None:
     sigmas = model_sigmas().float()
     assert percent_to_sigma(0.0) == 999999999.9 and percent_to_sigma(1.0) == 0.0
     # 50%: timestep 499.5, halfway in log-sigma between training sigmas 499 and 500
     assert percent_to_sigma(0.5) == pytest.approx(math.exp((math.log(sigmas[499]) + math.log(sigmas[500])) / 2),
                                                   rel=1e-6)
+    for prediction, zsnr in [("eps", False), ("v_prediction", True), ("lcm", False), ("lcm", True)]:
+        sampling = ModelSampling(prediction, zsnr)
+        for percent in (0.0, 0.001, 0.05, 0.1, 0.25, 0.5, 0.654, 0.9, 0.985, 0.999, 1.0):
+            assert percent_to_sigma(percent, sampling) == comfy_percent_to_sigma(percent, prediction, zsnr), (
+                prediction, zsnr, percent)
+
+
+# zsnr: ComfyUI's sigma at 10% is 18.2 (the default table's 8.3), so only the first of 8 normal steps
+# (4518.8, 11.6, ...) is in; lcm: every percent past 98.1% is the table's smallest sigma, the last step's 0.134,
+# which the default table puts above (0.098 at 99%), leaving no step
+WINDOWS = [(ModelSampling("eps", zsnr=True), {"end_percent": 0.1}, [0]),
+           (ModelSampling("lcm"), {"start_percent": 0.99}, [7])]
+
+
+@pytest.mark.parametrize(("sampling", "window", "steps_in"), WINDOWS)
+def test_a_window_is_read_on_the_models_own_sigmas(executor: Executor, sampling: ModelSampling,
+                                                   window: dict[str, float], steps_in: list[int]) -> None:
+    schedule = [float(s) for s in ksampler_sigmas("normal", 8, 1.0, sampling, sampler_name="euler")][:-1]
+    start_percent, end_percent = window.get("start_percent", 0.0), window.get("end_percent", 1.0)
+
+    def comfy_steps(prediction: str, zsnr: bool) -> list[int]:  # get_control: t > range[0] or t < range[1] skips
+        start = comfy_percent_to_sigma(start_percent, prediction, zsnr)
+        end = comfy_percent_to_sigma(end_percent, prediction, zsnr)
+        return [i for i, s in enumerate(schedule) if not (s > start or s < end)]
+
+    assert comfy_steps(sampling.prediction, sampling.zsnr) == steps_in
+    assert comfy_steps("eps", False) != steps_in  # the default table would draw another window
+    unet = executor.models.checkpoint(SD15).pipe.unet
+    net = executor.models.controlnet(CONTROLNETS[SD15])
+    generator = torch.Generator().manual_seed(6)
+    x, embeds = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 77, 32, generator=generator)
+    hint = ControlHint(net, torch.rand(1, 3, 64, 64, generator=generator), 1.0, start_percent, end_percent)
+    maker = ControlResiduals.for_groups([[CondItem(embeds, extras={"control": hint})]], unet, "sd15", sampling)
+    assert maker is not None
+    with torch.inference_mode():
+        ran = [i for i, s in enumerate(schedule)
+               if maker(x, sampling.timestep(s).reshape(1), s, embeds, None, [1])]
+    assert ran == steps_in
+
+
+def test_a_ksampler_reads_the_window_on_its_models_sampling(executor: Executor, shapes_png: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # ModelSamplingDiscrete lcm before the KSampler: ControlNetApplyAdvanced's 99% start holds the last step only
+    workflow = graph(shapes_png, controls=[{"start_percent": 0.99}])
+    workflow["50"] = {"class_type": "ModelSamplingDiscrete",
+                      "inputs": {"model": ["4", 0], "sampling": "lcm", "zsnr": False}}
+    workflow["3"]["inputs"]["model"] = ["50", 0]
+    calls: list[tuple[float, bool]] = []
+    original = ControlResiduals.__call__
+
+    def recording(self: ControlResiduals, *args: Any) -> dict[str, Any]:
+        out = original(self, *args)
+        calls.append((float(args[2]), bool(out)))
+        return out
+
+    monkeypatch.setattr(ControlResiduals, "__call__", recording)
+    executor.run(workflow)
+    schedule = [float(s) for s in ksampler_sigmas("normal", 4, 1.0, ModelSampling("lcm"), sampler_name="euler")]
+    assert [sigma for sigma, _ in calls] == pytest.approx(schedule[:-1])
+    assert [ran for _, ran in calls] == [False, False, False, True]
 
 
 # -- Canny ----------------------------------------------------------------------------------------------------
@@ -277,7 +369,7 @@ def test_a_shuffle_controlnets_residuals_are_averaged_over_the_picture(executor:
 
     def residuals(net: ControlNetRef) -> dict[str, Any]:
         item = CondItem(embeds, extras={"control": ControlHint(net, image, 0.5)})
-        maker = ControlResiduals.for_groups([[item]], unet, False)
+        maker = ControlResiduals.for_groups([[item]], unet, "sd15")
         assert maker is not None
         with torch.inference_mode():
             return maker(x, torch.tensor([500.0]), 3.0, embeds, None, [1])

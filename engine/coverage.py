@@ -28,7 +28,7 @@ from engine.nodes.base import Node
 from engine.pngmeta import read_png_texts
 from engine.samplers.names import SAMPLER_NAMES, SCHEDULER_NAMES, SUPPORTED_SAMPLERS
 from engine.settings import Limits
-from engine.validate import validate
+from engine.validate import UI_ONLY_NODES, validate
 
 __all__ = ["Verdict", "find_workflows", "judge_file", "judge_workflow", "read_workflow", "summary"]
 
@@ -36,7 +36,6 @@ Kind = Literal["api", "ui", "unreadable"]
 WORKFLOW_SUFFIXES = (".json", ".png")
 UI_HINT = "in ComfyUI export it with Workflow > Export (API) (Save (API Format) in older versions)"
 # Nodes of ComfyUI's frontend that exist only in the UI graph, never in the API prompt it exports.
-_FRONTEND_ONLY = frozenset({"Reroute", "Note", "MarkdownNote", "PrimitiveNode"})
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class Verdict:
     path: Path
     kind: Kind
     reason: str = ""  # why a file is not an API workflow (ui, unreadable)
-    missing: Mapping[str, str] = field(default_factory=dict)  # class_type -> builtin | api | custom
+    missing: Mapping[str, str] = field(default_factory=dict)  # class_type -> builtin | api | custom | ui-only
     samplers: tuple[str, ...] = ()  # "sampler dpmpp_3m_sde", "scheduler align_your_steps"
     model_kinds: tuple[str, ...] = ()  # model folders the missing nodes load from that Noodle lacks
     problems: tuple[str, ...] = ()  # validation errors once every node type is known
@@ -66,7 +65,8 @@ class Verdict:
         """What keeps it from running, one phrase per kind of problem."""
         parts = []
         for origin, label in (("builtin", "ComfyUI built-in nodes Noodle lacks"),
-                              ("custom", "custom nodes (not part of ComfyUI)"), ("api", "ComfyUI API nodes")):
+                              ("custom", "custom nodes (not part of ComfyUI)"), ("api", "ComfyUI API nodes"),
+                              ("ui-only", "UI-only entries (export the workflow with Workflow > Export (API))")):
             names = sorted(name for name, o in self.missing.items() if o == origin)
             if names:
                 parts.append(f"{label}: {', '.join(names)}")
@@ -137,10 +137,12 @@ def _ui_node_types(graph: Any) -> list[str]:
         return []
     return [str(node["type"]) for node in graph["nodes"]
             if isinstance(node, dict) and "type" in node and node.get("mode", 0) not in (2, 4)
-            and node["type"] not in _FRONTEND_ONLY]
+            and node["type"] not in UI_ONLY_NODES]
 
 
 def _origin(class_type: str) -> str:
+    if class_type in UI_ONLY_NODES:  # the ComfyUI editor's own entries: an API export never holds them
+        return "ui-only"
     known = comfyui_node(class_type)
     return "custom" if known is None else known.kind
 

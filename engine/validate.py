@@ -29,7 +29,7 @@ from engine.graph import NO_INPUTS, CycleError, Workflow, topological_sort, walk
 from engine.nodes.base import InputSpec, Node
 from engine.settings import Limits
 
-__all__ = ["ERROR_TYPES", "ValidatedPrompt", "unknown_node", "validate"]
+__all__ = ["ERROR_TYPES", "UI_ONLY_NODES", "ValidatedPrompt", "unknown_node", "validate"]
 
 # ComfyUI's error type names, plus ours for a cycle (ComfyUI recurses until RecursionError) and for a graph
 # over this server's limits as a whole (engine/cost/, after validation).
@@ -40,6 +40,9 @@ ERROR_TYPES = frozenset({
     "custom_validation_failed", "dependency_cycle", "limit_exceeded",
 })
 
+# Entries of ComfyUI's frontend graph that its API export leaves out (Reroute and PrimitiveNode are resolved into
+# the links and constants they stand for): a prompt holding one was not exported as the API format.
+UI_ONLY_NODES = frozenset({"Note", "MarkdownNote", "PrimitiveNode", "Reroute"})
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
 # ComfyUI leaves input_config out of value_not_in_list past this many options (scanned model lists).
 _MAX_LISTED_CHOICES = 20
@@ -96,9 +99,15 @@ def _output_nodes(workflow: Workflow, registry: Mapping[str, type[Node]]) -> lis
 
 
 def unknown_node(class_type: str) -> str:
-    """Why Noodle has no node `class_type`, in words: a ComfyUI built-in Noodle does not run yet, one of ComfyUI's
+    """Why Noodle has no node `class_type`, in words: a UI-only entry of ComfyUI's editor (the workflow was not
+    exported as the API format), a ComfyUI built-in Noodle does not run yet, one of ComfyUI's
     paid API nodes, or a custom node pack's node (engine/data/comfyui_nodes.json, read from ComfyUI 0.3.64's source,
     tells them apart)."""
+    if class_type in UI_ONLY_NODES:
+        return (f"{class_type} is a UI-only entry of ComfyUI's editor (notes, reroutes and primitive widgets live "
+                f"only in the editor's graph and do not appear in an API export), so this is not an API-format "
+                f"prompt: in ComfyUI export the workflow with Workflow > Export (API) (Save (API Format) in older "
+                f"versions) and submit that file")
     known = comfyui_node(class_type)
     if known is None:
         return (f"{class_type} is not part of ComfyUI: it comes from a custom node pack, and Noodle runs only "

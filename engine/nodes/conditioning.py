@@ -1,5 +1,9 @@
-"""Conditioning nodes: CLIPTextEncode, CLIPTextEncodeSDXL, ConditioningCombine, ConditioningConcat and
-InpaintModelConditioning.
+"""Conditioning nodes: CLIPTextEncode, CLIPTextEncodeSDXL, ConditioningCombine, ConditioningConcat,
+ConditioningAverage, ConditioningZeroOut, ConditioningSetTimestepRange and InpaintModelConditioning.
+
+A timestep range rides on each cond's extras as ComfyUI's "start_percent" / "end_percent"; the sampler
+(engine/nodes/sampling.py guided_eps) reads them on the model's own sigmas and leaves a cond out of the
+steps outside it.
 
 Text goes through `prompts` (tokens, 75-token chunks, emphasis, embeddings); this module only
 knows which encoders a checkpoint family has and how ComfyUI sets their layers.
@@ -7,6 +11,7 @@ knows which encoders a checkpoint family has and how ComfyUI sets their layers.
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import torch
@@ -20,6 +25,8 @@ from prompts.encoded import EncodedPrompt
 from prompts.errors import PromptError
 
 EOS = 49407
+
+log = logging.getLogger(__name__)
 
 
 def clip_encoders(clip: ClipRef, ctx: RunContext) -> list[ClipEncoder]:
@@ -158,6 +165,79 @@ class ConditioningConcat(Node):
         joined = tuple(CondItem(torch.cat([item.embeds, source.embeds], dim=1), item.pooled, item.extras, item.report)
                        for item in self.conditioning_to.items)
         return (Conditioning(joined),)
+
+
+@register
+class ConditioningAverage(Node):
+    """Blend each cond of `conditioning_to` with the first cond of `conditioning_from`, embeddings and pooled
+    output alike: to * strength + from * (1 - strength), `from` cut or zero-padded to each cond's length."""
+
+    CATEGORY: ClassVar[str] = "conditioning"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("CONDITIONING",)
+
+    conditioning_to: Conditioning = Socket("CONDITIONING")
+    conditioning_from: Conditioning = Socket("CONDITIONING")
+    conditioning_to_strength: float = Field(1.0, ge=0.0, le=1.0, json_schema_extra={"step": 0.01})
+
+    def run(self, ctx: RunContext) -> tuple[Conditioning]:
+        if not self.conditioning_from.items:
+            raise ValueError(f"node {ctx.node_id}: ConditioningAverage's conditioning_from holds no cond to blend in")
+        if len(self.conditioning_from.items) > 1:  # as ComfyUI warns
+            log.warning("ConditioningAverage conditioning_from contains more than 1 cond, only the first one will "
+                        "actually be applied to conditioning_to.")
+        source = self.conditioning_from.items[0]
+        strength = self.conditioning_to_strength
+        out = []
+        for item in self.conditioning_to.items:
+            length, width = item.embeds.shape[1], item.embeds.shape[2]
+            if source.embeds.shape[2] != width:
+                raise ValueError(f"node {ctx.node_id}: ConditioningAverage cannot blend conds of {width} and "
+                                 f"{source.embeds.shape[2]} features per token; both must come from the same kind "
+                                 "of text encoder (one checkpoint family)")
+            blend = source.embeds[:, :length]
+            if blend.shape[1] < length:  # a shorter `from` is padded with zeros to the cond's length
+                blend = torch.cat([blend, torch.zeros((1, length - blend.shape[1], width))], dim=1)
+            embeds = item.embeds * strength + blend * (1.0 - strength)
+            pooled = item.pooled
+            if source.pooled is not None:  # a cond without its own pooled output blends `from`'s with itself
+                pooled_to = item.pooled if item.pooled is not None else source.pooled
+                pooled = pooled_to * strength + source.pooled * (1.0 - strength)
+            out.append(CondItem(embeds, pooled, dict(item.extras), item.report))
+        return (Conditioning(tuple(out)),)
+
+
+@register
+class ConditioningZeroOut(Node):
+    """Every cond with its embeddings and pooled output set to zeros (the rest of the cond kept)."""
+
+    CATEGORY: ClassVar[str] = "advanced/conditioning"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("CONDITIONING",)
+
+    conditioning: Conditioning = Socket("CONDITIONING")
+
+    def run(self, ctx: RunContext) -> tuple[Conditioning]:
+        return (Conditioning(tuple(
+            CondItem(torch.zeros_like(item.embeds), None if item.pooled is None else torch.zeros_like(item.pooled),
+                     dict(item.extras), item.report) for item in self.conditioning.items)),)
+
+
+@register
+class ConditioningSetTimestepRange(Node):
+    """Let the conds take part only between `start` and `end` of the sampling (fractions of the model's
+    timesteps, read as sigmas on the model's own schedule at sampling time)."""
+
+    CATEGORY: ClassVar[str] = "advanced/conditioning"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("CONDITIONING",)
+
+    conditioning: Conditioning = Socket("CONDITIONING")
+    start: float = Field(0.0, ge=0.0, le=1.0, json_schema_extra={"step": 0.001})
+    end: float = Field(1.0, ge=0.0, le=1.0, json_schema_extra={"step": 0.001})
+
+    def run(self, ctx: RunContext) -> tuple[Conditioning]:
+        # ComfyUI's conditioning_set_values: a later range replaces an earlier one
+        return (Conditioning(tuple(
+            CondItem(item.embeds, item.pooled, {**item.extras, "start_percent": self.start, "end_percent": self.end},
+                     item.report) for item in self.conditioning.items)),)
 
 
 @register

@@ -138,7 +138,9 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
     `sampling` (the MODEL's ModelSampling) turns each cond's output into the noise prediction that gives
     ComfyUI's denoised estimate (v-prediction, LCM, x0), before CFG combines them as ComfyUI combines denoised ones.
     `family` (the MODEL's Arch.family; without it "sdxl" or "sd15" from `sdxl`) is what a ControlNet must fit,
-    and its start/end percents are read on `sampling`'s sigmas.
+    and its start/end percents are read on `sampling`'s sigmas. So are a cond's ConditioningSetTimestepRange
+    ("start_percent" / "end_percent" in its extras): outside its range a cond (and its ControlNet) is left out of
+    the UNet batch, and a side with no active cond predicts a denoised estimate of 0, as ComfyUI's calc_cond_batch.
     """
     positives = [positive] if isinstance(positive, Conditioning) else list(positive)
     negatives = [negative] if isinstance(negative, Conditioning) else list(negative)
@@ -162,44 +164,107 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
                                       for item in items]).to(device, dtype),
             "time_ids": torch.tensor([_time_ids(item, *pixel_size) for item in items], device=device, dtype=dtype),
         } for items in groups]
-    # None without ControlNets: the UNet call as before
-    control = ControlResiduals.for_groups(groups, unet, family or ("sdxl" if sdxl else "sd15"), sampling)
+    fits = family or ("sdxl" if sdxl else "sd15")
+    # None without ControlNets: the UNet call as before; one per set of active conds (timestep ranges)
+    controls = {None: ControlResiduals.for_groups(groups, unet, fits, sampling)}
     inpainting = getattr(getattr(unet, "config", None), "in_channels", 4) == INPAINT_CHANNELS
-    concats: dict[tuple[int, ...], torch.Tensor] = {}  # the concat is the same at every step: built once
+    concats: dict[tuple[Any, ...], torch.Tensor] = {}  # the concat is the same at every step: built once
+    windows = _timestep_windows(groups, sampling)
 
     def eps(x: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         counts = list(sizes) if sizes is not None else [x.shape[0]]
         chunks = x.split(counts)
-        # per group: every cond item over the group's latents, item-major, then all groups in one batch
-        x_in = torch.cat([sampling.model_input(chunk, float(sigma)).to(device, dtype).repeat(len(items), 1, 1, 1)
-                          for chunk, items in zip(chunks, groups)])
-        ctx_in = torch.cat([context.repeat_interleave(b, dim=0) for context, b in zip(contexts, counts)])
-        kwargs: dict[str, Any] = {}
-        if added is not None:
-            kwargs["added_cond_kwargs"] = {key: torch.cat([a[key].repeat_interleave(b, dim=0)
-                                                           for a, b in zip(added, counts)]) for key in added[0]}
-        t = timestep.reshape(-1)[:1].to(device).expand(x_in.shape[0])
-        if control is not None:
-            kwargs.update(control(x_in, t, sigma, ctx_in, kwargs.get("added_cond_kwargs"), counts))
-        if inpainting:  # after the ControlNet, which sees only the latent's 4 channels, as in ComfyUI
-            if tuple(x.shape) not in concats:
-                concats[tuple(x.shape)] = _group_concats(groups, counts, x, inpaint).to(device, dtype)
-            x_in = torch.cat([x_in, concats[tuple(x.shape)]], dim=1)
-        out = unet(x_in, t, encoder_hidden_states=ctx_in, **kwargs).sample.float().to(x.device)
+        # the conds whose timestep range holds this sigma (None: all of them, the usual case)
+        active = _active_items(windows, float(sigma))
+        if active is None:
+            run_groups, run_contexts, run_added, positives = groups, contexts, added, n_pos
+        else:
+            run_groups = [[items[i] for i in keep] for items, keep in zip(groups, active)]
+            run_contexts = [context[keep] for context, keep in zip(contexts, active)]
+            run_added = None if added is None else [{key: value[keep] for key, value in a.items()}
+                                                    for a, keep in zip(added, active)]
+            positives = [sum(i < n for i in keep) for keep, n in zip(active, n_pos)]
+        out = None
+        if any(run_groups):  # ComfyUI calls the model only for the conds that take part
+            out = _unet_call(x, timestep, sigma, chunks, counts, run_groups, run_contexts, run_added, active)
         guided, offset = [], 0
-        for items, batch, positives_in, chunk in zip(groups, counts, n_pos, chunks):
-            preds = out[offset:offset + len(items) * batch].reshape(len(items), batch, *out.shape[1:])
-            preds = sampling.to_eps(preds, chunk.float(), float(sigma))  # the eps prediction itself: unchanged
+        for items, batch, positives_in, chunk in zip(run_groups, counts, positives, chunks):
+            preds = None
+            if items and out is not None:
+                preds = out[offset:offset + len(items) * batch].reshape(len(items), batch, *out.shape[1:])
+                preds = sampling.to_eps(preds, chunk.float(), float(sigma))  # the eps prediction itself: unchanged
             offset += len(items) * batch
-            cond = preds[:positives_in].mean(0)
-            if len(items) == positives_in:
+            # no positive (or negative) cond active: ComfyUI's prediction for that side is a denoised estimate
+            # of 0 (calc_cond_batch divides an empty sum by its 1e-37 count)
+            cond = preds[:positives_in].mean(0) if positives_in else _no_cond_eps(chunk, float(sigma))
+            if skip_negative:
                 guided.append(cond)
                 continue
-            uncond = preds[positives_in:].mean(0)
+            negatives_in = len(items) - positives_in
+            uncond = preds[positives_in:].mean(0) if negatives_in else _no_cond_eps(chunk, float(sigma))
             guided.append(uncond + (cond - uncond) * cfg)
         return torch.cat(guided)
 
+    def _unet_call(x: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor, chunks: Sequence[torch.Tensor],
+                   counts: list[int], run_groups: Sequence[Sequence[CondItem]], run_contexts: list[torch.Tensor],
+                   run_added: list[dict[str, torch.Tensor]] | None, active: list[list[int]] | None) -> torch.Tensor:
+        # per group: every cond item over the group's latents, item-major, then all groups in one batch
+        x_in = torch.cat([sampling.model_input(chunk, float(sigma)).to(device, dtype).repeat(len(items), 1, 1, 1)
+                          for chunk, items in zip(chunks, run_groups)])
+        ctx_in = torch.cat([context.repeat_interleave(b, dim=0) for context, b in zip(run_contexts, counts)])
+        kwargs: dict[str, Any] = {}
+        if run_added is not None:
+            kwargs["added_cond_kwargs"] = {key: torch.cat([a[key].repeat_interleave(b, dim=0)
+                                                           for a, b in zip(run_added, counts)])
+                                           for key in run_added[0]}
+        t = timestep.reshape(-1)[:1].to(device).expand(x_in.shape[0])
+        pattern = None if active is None else tuple(map(tuple, active))
+        if pattern not in controls:
+            controls[pattern] = ControlResiduals.for_groups(run_groups, unet, fits, sampling)
+        control = controls[pattern]
+        if control is not None:
+            kwargs.update(control(x_in, t, sigma, ctx_in, kwargs.get("added_cond_kwargs"), counts))
+        if inpainting:  # after the ControlNet, which sees only the latent's 4 channels, as in ComfyUI
+            key = (tuple(x.shape), pattern)
+            if key not in concats:
+                concats[key] = _group_concats(run_groups, counts, x, inpaint).to(device, dtype)
+            x_in = torch.cat([x_in, concats[key]], dim=1)
+        return unet(x_in, t, encoder_hidden_states=ctx_in, **kwargs).sample.float().to(x.device)
+
     return eps
+
+
+def _timestep_windows(groups: Sequence[Sequence[CondItem]],
+                      sampling: samplers.ModelSampling) -> list[list[tuple[float | None, float | None]]] | None:
+    """Per cond item, its ConditioningSetTimestepRange as (start sigma, end sigma) on the model's own sampling, as
+    ComfyUI's calculate_start_end_timesteps converts "start_percent" / "end_percent"; None where no cond has one."""
+    if not any("start_percent" in item.extras or "end_percent" in item.extras for items in groups for item in items):
+        return None
+
+    def sigma_of(item: CondItem, key: str) -> float | None:
+        return None if key not in item.extras else samplers.percent_to_sigma(float(item.extras[key]), sampling)
+
+    return [[(sigma_of(item, "start_percent"), sigma_of(item, "end_percent")) for item in items] for items in groups]
+
+
+def _active_items(windows: list[list[tuple[float | None, float | None]]] | None,
+                  sigma: float) -> list[list[int]] | None:
+    """Per group, the indices of the cond items active at `sigma` (ComfyUI's get_area_and_mult skips a cond when
+    sigma > its start sigma or sigma < its end sigma); None when every item is active."""
+    if windows is None:
+        return None
+    active = [[i for i, (start, end) in enumerate(items)
+               if not ((start is not None and sigma > start) or (end is not None and sigma < end))]
+              for items in windows]
+    if all(len(keep) == len(items) for keep, items in zip(active, windows)):
+        return None
+    return active
+
+
+def _no_cond_eps(scaled: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The noise prediction whose denoised estimate x - sigma * eps is 0, for latents `scaled` = x / sqrt(sigma^2 + 1)
+    (what ComfyUI predicts for a side none of whose conds is active)."""
+    return scaled.float() * (math.sqrt(sigma**2 + 1.0) / sigma)
 
 
 def _group_concats(groups: Sequence[Sequence[CondItem]], counts: Sequence[int], x: torch.Tensor,

@@ -9,7 +9,7 @@ prediction type and sigma table (ModelSamplingDiscrete: eps, v_prediction, lcm, 
 """
 
 from engine.samplers.loop import EpsFn, noise_scaling, sample, scale_model_input
-from engine.samplers.model_sampling import DEFAULT_SAMPLING, PREDICTIONS, ModelSampling
+from engine.samplers.model_sampling import DEFAULT_SAMPLING, PREDICTIONS, ModelSampling, percent_to_sigma
 from engine.samplers.names import (DETERMINISTIC_SAMPLERS, SAMPLER_NAMES, SCHEDULER_NAMES, SUPPORTED_SAMPLERS,
                                    UnfaithfulSampler)
 from engine.samplers.plan import SamplerPlan, build_scheduler, check_pair, supported_schedulers
@@ -19,5 +19,5 @@ from engine.samplers.sigmas import (MAX_SCHEDULE_STEPS, advanced_sigmas, comfy_s
 __all__ = ["DEFAULT_SAMPLING", "DETERMINISTIC_SAMPLERS", "MAX_SCHEDULE_STEPS", "PREDICTIONS", "SAMPLER_NAMES",
            "SCHEDULER_NAMES", "SUPPORTED_SAMPLERS", "EpsFn", "ModelSampling", "SamplerPlan", "UnfaithfulSampler",
            "advanced_sigmas", "build_scheduler", "check_pair", "comfy_sigmas", "ksampler_sigmas", "model_sigmas",
-           "noise_scaling", "sample", "scale_model_input", "schedule_problem", "supported_schedulers",
-           "timestep_for_sigma"]
+           "noise_scaling", "percent_to_sigma", "sample", "scale_model_input", "schedule_problem",
+           "supported_schedulers", "timestep_for_sigma"]

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DEFAULT_SAMPLING", "PREDICTIONS", "ModelSampling", "discrete_sigmas", "rescale_zero_terminal_snr"]
+__all__ = ["DEFAULT_SAMPLING", "PREDICTIONS", "ModelSampling", "discrete_sigmas", "percent_to_sigma",
+           "rescale_zero_terminal_snr"]
 
 # ModelSamplingDiscrete's `sampling` choices, in ComfyUI's order.
 PREDICTIONS: tuple[str, ...] = ("eps", "v_prediction", "lcm", "x0", "img_to_img")
@@ -130,3 +131,21 @@ class ModelSampling:
 
 
 DEFAULT_SAMPLING = ModelSampling()
+
+
+def percent_to_sigma(percent: float, sampling: ModelSampling = DEFAULT_SAMPLING) -> float:
+    """ModelSamplingDiscrete.percent_to_sigma on the model's own sampling: the sigma `percent` of the way through
+    its 1000 training timesteps, interpolated in log-sigma between the table entries around timestep
+    (1 - percent) * 999 (an LCM table, one entry per 20 timesteps, as ModelSamplingDiscreteDistilled.sigma).
+    ControlNet windows and ConditioningSetTimestepRange's start/end are read through it, as ComfyUI's samplers.py
+    reads both; 0 gives 999999999.9 and 1 gives 0, so [0, 1] holds every sigma."""
+    if percent <= 0.0:
+        return 999999999.9
+    if percent >= 1.0:
+        return 0.0
+    log_sigmas = sampling.table.log().float()  # ComfyUI's float32 log_sigmas buffer
+    skip = sampling.skip_steps
+    timestep = torch.tensor((1.0 - percent) * 999.0)
+    t = torch.clamp((timestep - (skip - 1)) / skip, min=0, max=len(log_sigmas) - 1)
+    w = t.frac()
+    return float(((1 - w) * log_sigmas[t.floor().long()] + w * log_sigmas[t.ceil().long()]).exp())

@@ -70,6 +70,14 @@ def test_what_blocks_a_workflow_is_named_by_kind(tmp_path: Path) -> None:
     assert verdict.to_dict()["missing_nodes"] == {BUILTIN_MISSING: "builtin", "UltimateSDUpscale": "custom"}
 
 
+def test_a_ui_only_entry_in_an_api_workflow_is_named_with_how_to_export(tmp_path: Path) -> None:
+    workflow = copy.deepcopy(txt2img())
+    workflow["30"] = {"class_type": "Reroute", "inputs": {"": ["8", 0]}}
+    verdict = judge(_write(tmp_path / "rerouted.json", workflow))
+    assert not verdict.runs and dict(verdict.missing) == {"Reroute": "ui-only"}
+    assert "UI-only entries (export the workflow with Workflow > Export (API)): Reroute" in verdict.line()
+
+
 def test_a_name_that_is_no_comfyui_sampler_is_said_so(tmp_path: Path) -> None:
     workflow = txt2img()
     workflow["3"]["inputs"].update(sampler_name="euler_fancy", scheduler="wobbly")

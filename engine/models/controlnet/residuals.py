@@ -22,28 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import UnsupportedModel
-from engine.samplers.model_sampling import DEFAULT_SAMPLING, ModelSampling
+from engine.samplers.model_sampling import DEFAULT_SAMPLING, ModelSampling, percent_to_sigma
 from engine.values import CondItem, Conditioning, ControlHint
 
 __all__ = ["ControlResiduals", "chain_of", "hint_to_size", "percent_to_sigma", "spread_to_uncond"]
 
 _FAMILY_LABELS = {"sd15": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}  # Arch.family -> the name in messages
-
-
-def percent_to_sigma(percent: float, sampling: ModelSampling = DEFAULT_SAMPLING) -> float:
-    """ModelSamplingDiscrete.percent_to_sigma on the model's own sampling: the sigma `percent` of the way through
-    its 1000 training timesteps, interpolated in log-sigma between the table entries around timestep
-    (1 - percent) * 999 (an LCM table, one entry per 20 timesteps, as ModelSamplingDiscreteDistilled.sigma)."""
-    if percent <= 0.0:
-        return 999999999.9
-    if percent >= 1.0:
-        return 0.0
-    log_sigmas = sampling.table.log().float()  # ComfyUI's float32 log_sigmas buffer
-    skip = sampling.skip_steps
-    timestep = torch.tensor((1.0 - percent) * 999.0)
-    t = torch.clamp((timestep - (skip - 1)) / skip, min=0, max=len(log_sigmas) - 1)
-    w = t.frac()
-    return float(((1 - w) * log_sigmas[t.floor().long()] + w * log_sigmas[t.ceil().long()]).exp())
 
 
 def hint_to_size(image: torch.Tensor, width: int, height: int) -> torch.Tensor:

@@ -46,6 +46,8 @@ def add_engine_commands(sub: argparse._SubParsersAction, defaults: Any, *,
 
     nodes = sub.add_parser("nodes", help="print the node catalog as ComfyUI's /object_info JSON")
     nodes.add_argument("--models", type=Path, default=defaults.models.dir)
+    nodes.add_argument("--input", type=Path, default=defaults.engine.input_dir,
+                       help="folder whose images LoadImage lists")
     nodes.set_defaults(handler=lambda a: cmd_nodes(a, defaults))
 
     tiny = sub.add_parser("tiny-models", help="write the tiny random test models (offline, seconds)")
@@ -150,19 +152,19 @@ def cmd_run(args: argparse.Namespace, defaults: Any) -> int:
 
 
 def cmd_nodes(args: argparse.Namespace, defaults: Any) -> int:
+    """`noodle nodes`: every registered node as ComfyUI's `/object_info` JSON, sorted by class_type; COMBO inputs
+    list the files in --models and --input as the model manager offers them to validation."""
+    import torch
+
+    from engine.models.manager import ModelManager
     from engine.models.paths import ModelCatalog
     from engine.nodes import catalog
+    from engine.object_info import object_info
 
-    models = ModelCatalog(args.models, allow_weights_only_pickle=defaults.models.allow_weights_only_pickle)
-    input_dir = Path(defaults.engine.input_dir)
-
-    def choices(folder: str) -> list[str]:
-        if folder == "input":
-            return sorted(p.name for p in input_dir.glob("*") if p.is_file()) if input_dir.is_dir() else []
-        return models.list(folder) if Path(args.models).is_dir() else []
-
-    info = {name: cls.object_info(choices) for name, cls in sorted(catalog().items())}
-    print(json.dumps(info, indent=2))
+    manager = ModelManager(
+        ModelCatalog(args.models, allow_weights_only_pickle=defaults.models.allow_weights_only_pickle),
+        device=torch.device("cpu"), dtype=torch.float32, memory_budget=0, input_dir=Path(args.input))
+    print(json.dumps(object_info(catalog(), manager.choices), indent=2))
     return 0
 
 

@@ -2,9 +2,10 @@
 
 MODEL -> ModelRef, CLIP -> ClipRef, VAE -> VaeRef, CONDITIONING -> Conditioning,
 LATENT -> Latent, IMAGE -> ImageBatch, MASK -> Mask, CONTROL_NET -> ControlNetRef (a cond item's
-extras["control"] holds its ControlHint chain). A value never changes once made: a
-LoraLoader returns a new ModelRef naming its patches; the model manager applies them to the
-shared modules right before they run (ComfyUI's ModelPatcher idea, done with peft adapters).
+extras["control"] holds its ControlHint chain), SIGMAS -> Sigmas, SAMPLER -> Sampler, NOISE -> Noise,
+GUIDER -> Guider. A value never changes once made: a LoraLoader returns a new ModelRef naming its patches;
+the model manager applies them to the shared modules right before they run (ComfyUI's ModelPatcher idea,
+done with peft adapters).
 """
 
 from __future__ import annotations
@@ -116,6 +117,41 @@ class Latent:
     # ComfyUI's "noise_mask": [B or 1, 1, h, w] in 0..1, any size (the sampler resizes it to the latent).
     # A sampler then denoises only where it is 1 and keeps the latent where it is 0.
     noise_mask: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Sigmas:
+    """SIGMAS: a noise schedule, a 1-D float32 tensor on the CPU, highest first as a sampler runs it (usually ending
+    in 0; a split keeps a part). Fewer than 2 sigmas: nothing to sample, the latent comes back as it was."""
+
+    values: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """SAMPLER: a ComfyUI sampler Noodle runs (a name in engine/samplers/names.py SUPPORTED_SAMPLERS)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Noise:
+    """NOISE: RandomNoise's seeded initial noise (`random`), or DisableNoise's none; `seed` also seeds a sampler's
+    step noise, 0 for DisableNoise as in ComfyUI."""
+
+    seed: int
+    random: bool
+
+
+@dataclass(frozen=True)
+class Guider:
+    """GUIDER: a model and the conds that guide it, combined as `uncond + (cond - uncond) * cfg` (CFGGuider); a
+    BasicGuider has no negative and cfg 1, the positive alone."""
+
+    model: ModelRef
+    positive: Conditioning
+    negative: Conditioning | None
+    cfg: float
 
 
 @dataclass(frozen=True)

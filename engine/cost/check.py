@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import engine.cost.op_rules  # noqa: F401  (registers the small nodes' rules in RULES)
 from engine.cost.files import Files, ModelFiles
 from engine.cost.rules import RULES
 from engine.cost.shapes import LIMIT_EXCEEDED, Cond, Pictures, Shape, Step

@@ -12,8 +12,7 @@ from collections.abc import Callable
 
 from engine import samplers
 from engine.cost.files import Files
-from engine.cost.shapes import Cond, Pictures, Shape, Step, Upscaler
-from engine.errors import NoodleError
+from engine.cost.shapes import Cond, GuiderConds, Pictures, Shape, SigmaCount, Step, Upscaler
 from prompts.chunks import CHUNK_TOKENS
 
 __all__ = ["RULES", "Rule"]
@@ -22,6 +21,8 @@ ENCODED_CHUNK = CHUNK_TOKENS + 2  # a 75-token chunk is encoded with its start a
 SAMPLERS = ("KSampler", "KSamplerAdvanced")
 
 Rule = Callable[[Step, Files], tuple[Shape, ...]]
+
+
 RULES: dict[str, Rule] = {}  # class_type -> how it makes its outputs' shapes; a test holds it to the catalog
 
 
@@ -144,20 +145,99 @@ def _repeat(step: Step, files: Files) -> tuple[Shape, ...]:
 @_rule(*SAMPLERS)
 def _sampler(step: Step, files: Files) -> tuple[Shape, ...]:
     step.steps = _sampler_steps(step)
+    _sampler_context(step)
+    return (step.pictures("latent_image"),)
+
+
+def _guided_lengths(step: Step) -> frozenset[int]:
+    """The item lengths of the conds a sampler's model calls take: cfg 1 skips the negative pass, and with it the
+    negative's lengths."""
     positive, negative = step.cond("positive"), step.cond("negative")
-    # ComfyUI repeats items of different lengths to their least common multiple (our guided_eps does too);
-    # cfg 1 skips the negative pass, and with it the negative's lengths
     lengths = set(positive.lengths if positive else ())
     if negative is not None and not math.isclose(step.const("cfg"), 1.0):
         lengths |= negative.lengths
+    return frozenset(lengths)
+
+
+def _sampler_context(step: Step, lengths: frozenset[int] | None = None, input_name: str = "positive") -> None:
+    """A sampler's text context: its conds' item lengths (`_guided_lengths` unless given) repeated to their least
+    common multiple, as ComfyUI does (our guided_eps too), held to the limit."""
+    lengths = _guided_lengths(step) if lengths is None else lengths
     step.context = math.lcm(*lengths) if lengths else 0
     if step.context > step.limits.max_conditioning_tokens:
         shown = ", ".join(f"{n:,}" for n in sorted(lengths)[:8]) + (", …" if len(lengths) > 8 else "")
         step.refuse("max_conditioning_tokens", step.context,
                     f"repeats its conditionings' items of {shown} tokens to their least common multiple, "
                     f"{step.context:,}, as ComfyUI does", "give the prompts equal numbers of 75-token chunks, or "
-                    "shorten them", "positive")
-    return (step.pictures("latent_image"),)
+                    "shorten them", input_name)
+
+
+def _sigma_count(step: Step, name: str = "sigmas") -> SigmaCount | None:
+    value = step.inputs.get(name)
+    return value if isinstance(value, SigmaCount) else None
+
+
+@_rule("BasicScheduler")
+def _basic_scheduler(step: Step, files: Files) -> tuple[Shape, ...]:
+    from engine.nodes.custom_sampling import basic_sigmas
+    steps = step.const("steps")
+    try:
+        sigmas = basic_sigmas(step.const("scheduler"), steps, step.const("denoise"), samplers.DEFAULT_SAMPLING)
+    except ValueError:  # validation refused this schedule already; count what was asked
+        return (SigmaCount(int(steps) + 1),)
+    return (SigmaCount(len(sigmas)),)
+
+
+@_rule("KarrasScheduler", "ExponentialScheduler", "PolyexponentialScheduler")
+def _sigma_schedule(step: Step, files: Files) -> tuple[Shape, ...]:
+    return (SigmaCount(int(step.const("steps")) + 1),)
+
+
+@_rule("SDTurboScheduler")
+def _sd_turbo(step: Step, files: Files) -> tuple[Shape, ...]:
+    available = max(int(10 * step.const("denoise")), 0)  # the timesteps left after 10 - int(10 * denoise)
+    return (SigmaCount(min(int(step.const("steps")), available) + 1),)
+
+
+@_rule("SplitSigmas")
+def _split_sigmas(step: Step, files: Files) -> tuple[Shape, ...]:
+    sigmas, at = _sigma_count(step), int(step.const("step"))
+    if sigmas is None:
+        return (None, None)
+    high, low = SigmaCount(min(at + 1, sigmas.length)), SigmaCount(max(sigmas.length - at, 0))
+    return (high, low)
+
+
+@_rule("FlipSigmas")
+def _flip_sigmas(step: Step, files: Files) -> tuple[Shape, ...]:
+    return (_sigma_count(step),)
+
+
+@_rule("BasicGuider")
+def _basic_guider(step: Step, files: Files) -> tuple[Shape, ...]:
+    positive = step.cond("conditioning")
+    return (GuiderConds(positive.lengths if positive else frozenset()),)
+
+
+@_rule("CFGGuider")
+def _cfg_guider(step: Step, files: Files) -> tuple[Shape, ...]:
+    return (GuiderConds(_guided_lengths(step)),)
+
+
+@_rule("SamplerCustom", "SamplerCustomAdvanced")
+def _sampler_custom(step: Step, files: Files) -> tuple[Shape, ...]:
+    sigmas = _sigma_count(step)
+    step.steps = max(sigmas.length - 1, 0) if sigmas is not None else 0
+    if step.steps > step.limits.max_steps:
+        step.refuse("max_steps", step.steps, f"samples {step.steps:,} steps (its sigmas' length less one)",
+                    "use a shorter schedule", "sigmas")
+    if step.cls.__name__ == "SamplerCustomAdvanced":
+        guider = step.inputs.get("guider")
+        _sampler_context(step, guider.lengths if isinstance(guider, GuiderConds) else frozenset(), "guider")
+    else:
+        _sampler_context(step)
+    latent = step.pictures("latent_image")
+    return (latent, latent)
 
 
 @_rule("CLIPTextEncode")
@@ -221,123 +301,6 @@ def _save(step: Step, files: Files) -> tuple[Shape, ...]:
     images = step.pictures("images")
     step.writes = images.batch if images is not None else 0
     return ()
-
-
-# -- small image and latent nodes (engine/nodes/image_ops.py, latent_ops.py) ----------------------
-
-
-@_rule("EmptyImage")
-def _empty_image(step: Step, files: Files) -> tuple[Shape, ...]:
-    return (Pictures("IMAGE", step.const("batch_size"), step.const("width"), step.const("height")),)
-
-
-@_rule("ImageScaleToTotalPixels")
-def _scale_to_total(step: Step, files: Files) -> tuple[Shape, ...]:
-    from engine.nodes.image_ops import total_pixels_size
-
-    image = step.pictures("image")
-    if image is None or not image.width or not image.height:
-        return (None,)
-    return (Pictures("IMAGE", image.batch, *total_pixels_size(image.width, image.height, step.const("megapixels"))),)
-
-
-@_rule("ImageBlur", "ImageSharpen", "ImageInvert")
-def _same_image(step: Step, files: Files) -> tuple[Shape, ...]:
-    return (step.pictures("image"),)
-
-
-@_rule("ImageBlend")
-def _image_blend(step: Step, files: Files) -> tuple[Shape, ...]:
-    first, second = step.pictures("image1"), step.pictures("image2")
-    if first is None or second is None:
-        return (first,)
-    return (Pictures("IMAGE", max(first.batch, second.batch), first.width, first.height),)  # batches broadcast
-
-
-@_rule("ImageCrop")
-def _image_crop(step: Step, files: Files) -> tuple[Shape, ...]:
-    from engine.nodes.image_ops import crop_box
-
-    image = step.pictures("image")
-    if image is None:
-        return (None,)
-    _, _, width, height = crop_box(image.width, image.height, step.const("x"), step.const("y"), step.const("width"),
-                                   step.const("height"))
-    return (Pictures("IMAGE", image.batch, width, height),)
-
-
-@_rule("ImageBatch")
-def _image_batch(step: Step, files: Files) -> tuple[Shape, ...]:
-    first, second = step.pictures("image1"), step.pictures("image2")
-    if first is None or second is None:
-        return (None,)
-    return (Pictures("IMAGE", first.batch + second.batch, first.width, first.height),)  # image2 takes image1's size
-
-
-@_rule("LatentComposite")
-def _latent_composite(step: Step, files: Files) -> tuple[Shape, ...]:
-    return (step.pictures("samples_to"),)
-
-
-@_rule("LatentAdd", "LatentSubtract", "LatentBlend")
-def _latent_pair(step: Step, files: Files) -> tuple[Shape, ...]:
-    first, second = step.pictures("samples1"), step.pictures("samples2")
-    if first is None or second is None or step.cls.__name__ != "LatentBlend":
-        return (first,)
-    return (Pictures("LATENT", max(first.batch, second.batch), first.width, first.height),)  # batches broadcast
-
-
-@_rule("LatentMultiply", "LatentFlip")
-def _same_latent(step: Step, files: Files) -> tuple[Shape, ...]:
-    return (step.pictures("samples"),)
-
-
-@_rule("LatentRotate")
-def _latent_rotate(step: Step, files: Files) -> tuple[Shape, ...]:
-    latent = step.pictures("samples")
-    if latent is None or step.const("rotation") not in ("90 degrees", "270 degrees"):
-        return (latent,)
-    return (Pictures("LATENT", latent.batch, latent.height, latent.width),)
-
-
-@_rule("LatentFromBatch")
-def _latent_from_batch(step: Step, files: Files) -> tuple[Shape, ...]:
-    latent = step.pictures("samples")
-    if latent is None:
-        return (None,)
-    start = max(0, min(latent.batch - 1, step.const("batch_index")))
-    return (Pictures("LATENT", min(latent.batch - start, step.const("length")), latent.width, latent.height),)
-
-
-@_rule("LatentCrop")
-def _latent_crop(step: Step, files: Files) -> tuple[Shape, ...]:
-    from engine.nodes.latent_ops import crop_corner
-
-    latent = step.pictures("samples")
-    if latent is None:
-        return (None,)
-    cells_w, cells_h = latent.width // 8, latent.height // 8
-    left, top = crop_corner(step.const("x"), step.const("y"), cells_w, cells_h)
-    width, height = min(step.const("width") // 8, cells_w - left), min(step.const("height") // 8, cells_h - top)
-    return (Pictures("LATENT", latent.batch, width * 8, height * 8),)
-
-
-@_rule("LoadLatent")
-def _load_latent(step: Step, files: Files) -> tuple[Shape, ...]:
-    from engine.nodes.latent_ops import latent_file_shape
-
-    try:
-        shape = latent_file_shape(files.models.resolve("input", str(step.const("latent"))))
-    except (NoodleError, OSError):
-        return (None,)  # LoadLatent says why when it runs, and holds the file to the limits there too
-    if shape is None or len(shape) != 4:
-        return (None,)
-    return (Pictures("LATENT", shape[0], shape[3] * 8, shape[2] * 8),)
-
-
-@_rule("SaveLatent")
-def _save_latent(step: Step, files: Files) -> tuple[Shape, ...]:
-    return ()  # one .latent file; `writes` counts images
 
 
 # -- helpers ---------------------------------------------------------------------------------------

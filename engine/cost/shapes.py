@@ -11,7 +11,7 @@ from typing import Any
 from engine.nodes.base import Node
 from engine.settings import Limits
 
-__all__ = ["LIMIT_EXCEEDED", "Cond", "Pictures", "Shape", "Step", "Upscaler"]
+__all__ = ["LIMIT_EXCEEDED", "Cond", "GuiderConds", "Pictures", "Shape", "SigmaCount", "Step", "Upscaler"]
 
 LIMIT_EXCEEDED = "limit_exceeded"  # our error type, beside ComfyUI's (engine.validate.ERROR_TYPES)
 
@@ -42,7 +42,21 @@ class Upscaler:
     scale: int
 
 
-Shape = Pictures | Cond | Upscaler | None  # None: no shape (MODEL, VAE ...), not known, or already over a limit
+@dataclass(frozen=True)
+class SigmaCount:
+    """The shape of a SIGMAS value: how many sigmas it holds (a sampler along it runs one step fewer)."""
+
+    length: int
+
+
+@dataclass(frozen=True)
+class GuiderConds:
+    """The shape of a GUIDER value: the item lengths of the conds its model calls take (cfg 1: the positive's)."""
+
+    lengths: frozenset[int]
+
+
+Shape = Pictures | Cond | Upscaler | SigmaCount | GuiderConds | None  # None: no shape (MODEL, VAE ...), not known, or already over a limit
 
 
 @dataclass

@@ -13,7 +13,7 @@ file that loads with random parts elsewhere.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal, Protocol
 
 import torch
@@ -21,9 +21,12 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import Tensor, nn
 
 __all__ = [
+    "OPEN_CLIP_H_PREFIX",
     "PipelineLike",
+    "open_clip_h_to_original",
     "pipeline_to_original",
     "text_encoders_to_original",
+    "unet_original_namer",
     "unet_to_original",
     "vae_file_dict",
     "vae_to_original",
@@ -154,6 +157,18 @@ def _unet_rules(unet: UNet2DConditionModel) -> list[tuple[str, str, dict[str, st
                 rules.append((f"up_blocks.{level}.upsamplers.0.conv.", f"output_blocks.{index}.{slot}.conv.", {}))
             index += 1
     return rules
+
+
+def unet_original_namer(unet: UNet2DConditionModel) -> Callable[[str], str]:
+    """A function from one of `unet`'s diffusers weight names to its original-layout name (without the
+    `model.diffusion_model.` prefix), for code that weighs a weight by its block (the block merges)."""
+    rules = _unet_rules(unet)
+
+    def original(key: str) -> str:
+        [renamed] = _rename({key: key}, rules, "UNet")  # type: ignore[dict-item]
+        return renamed
+
+    return original
 
 
 def unet_to_original(unet: UNet2DConditionModel) -> dict[str, Tensor]:

@@ -176,32 +176,6 @@ class Node(BaseModel):
         """The inputs in declaration order, from the pydantic fields."""
         return _specs_of(cls)
 
-    @classmethod
-    def object_info(cls, choices_for: Callable[[str], Sequence[str]]) -> dict[str, Any]:
-        """This node as one entry of ComfyUI's `/object_info`."""
-        required: dict[str, Any] = {}
-        optional: dict[str, Any] = {}
-        for spec in cls.input_specs():
-            listed = choices_for(spec.choices_from) if spec.choices_from else None
-            (required if spec.required else optional)[spec.name] = spec.comfy_entry(listed)
-        inputs: dict[str, Any] = {"required": required}
-        if optional:
-            inputs["optional"] = optional
-        names = cls.RETURN_NAMES or cls.RETURN_TYPES
-        return {
-            "input": inputs,
-            "input_order": {"required": list(required), **({"optional": list(optional)} if optional else {})},
-            "output": list(cls.RETURN_TYPES),
-            "output_is_list": [False] * len(cls.RETURN_TYPES),
-            "output_name": list(names),
-            "name": cls.__name__,
-            "display_name": cls.__name__,
-            "description": cls.DESCRIPTION or (cls.__doc__ or "").strip().splitlines()[0],
-            "python_module": cls.__module__,
-            "category": cls.CATEGORY,
-            "output_node": cls.OUTPUT_NODE,
-        }
-
 
 NodeT = TypeVar("NodeT", bound=type[Node])
 

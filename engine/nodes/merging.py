@@ -1,4 +1,4 @@
-"""Merging nodes: ModelMergeSimple, CLIPMergeSimple and CheckpointSave.
+"""Merging nodes: ModelMergeSimple/Add/Subtract, CLIPMergeSimple/Add/Subtract and CheckpointSave.
 
 A merge builds new modules from the weights of its inputs with their LoRAs folded in, and a
 pipeline that shares every other component; the loaded checkpoints stay untouched. The new
@@ -8,7 +8,7 @@ modules count in the model manager's memory budget (`ModelManager.adopt_merge`) 
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
@@ -22,14 +22,32 @@ from engine.nodes.images import save_path
 from engine.values import ClipRef, ModelRef, VaeRef
 
 
-def blend(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], ratio: float,
-          what: str, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """`ratio * first + (1 - ratio) * second`, key by key; both must have the same architecture."""
+Weigh = Callable[[str], tuple[float, float]]  # key -> (first's factor, second's factor)
+
+
+def combine(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], weigh: Weigh,
+            what: str, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """`a * first + b * second` key by key, `(a, b) = weigh(key)`; both must have the same architecture.
+
+    This is ComfyUI's `add_patches(second, strength_patch=b, strength_model=a)` on a clone of first.
+    """
     if first.keys() != second.keys() or any(first[k].shape != second[k].shape for k in first):
         raise ValueError(f"cannot merge two {what}s of different architectures (e.g. SD1.5 with SDXL, or a "
                          "tiny model with a full-size one); merge models of one family")
-    return {k: (v if k.endswith(skip) else v * ratio + second[k].to(v.dtype) * (1.0 - ratio))
-            for k, v in first.items()}
+    out = {}
+    for key, value in first.items():
+        if key.endswith(skip):
+            out[key] = value
+            continue
+        a, b = weigh(key)
+        out[key] = value * a + second[key].to(value.dtype) * b
+    return out
+
+
+def blend(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], ratio: float,
+          what: str, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """`ratio * first + (1 - ratio) * second`, key by key; both must have the same architecture."""
+    return combine(first, second, lambda _: (ratio, 1.0 - ratio), what, skip)
 
 
 def rebuilt(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -48,6 +66,38 @@ def with_components(pipe: DiffusionPipeline, **replace: Any) -> DiffusionPipelin
     return type(pipe)(**components)
 
 
+def merge_models(ctx: RunContext, model1: ModelRef, model2: ModelRef, weigh: Weigh, label: str) -> ModelRef:
+    """A new model whose UNet is `combine` of the two UNets (LoRAs folded in), counted by the manager.
+
+    It keeps model1's model sampling: ComfyUI clones model1, override and all.
+    """
+    with torch.inference_mode():
+        first = {k: v.clone() for k, v in folded_state_dict(ctx.models.use_unet(model1)).items()}
+        merged = combine(first, folded_state_dict(ctx.models.use_unet(model2)), weigh, "model")
+    unet = rebuilt(model1.pipe.unet, merged)
+    pipe = with_components(model1.pipe, unet=unet)
+    ctx.models.adopt_merge(pipe, [unet], model1.checkpoint, label)
+    return ModelRef(model1.checkpoint, pipe, (), label, sampling=model1.sampling)
+
+
+def merge_clips(ctx: RunContext, clip1: ClipRef, clip2: ClipRef, weigh: Weigh, label: str) -> ClipRef:
+    """New text encoder(s), `combine` of the two CLIPs' (LoRAs folded in), counted by the manager."""
+    encoders1 = ctx.models.use_text_encoders(clip1)
+    states1 = [{k: v.clone() for k, v in folded_state_dict(m).items()} for m in encoders1]
+    encoders2 = ctx.models.use_text_encoders(clip2)
+    if len(encoders1) != len(encoders2):
+        raise ValueError("cannot merge text encoders of SD1.x and SDXL; merge models of one family")
+    replace = {}
+    for attr, module, first, other in zip(("text_encoder", "text_encoder_2"), encoders1, states1, encoders2):
+        # ComfyUI leaves position ids and logit scale alone
+        merged = combine(first, folded_state_dict(other), weigh, "text encoder",
+                         skip=(".position_ids", ".logit_scale"))
+        replace[attr] = rebuilt(module, merged)
+    pipe = with_components(clip1.pipe, **replace)
+    ctx.models.adopt_merge(pipe, list(replace.values()), clip1.checkpoint, label)
+    return ClipRef(clip1.checkpoint, pipe, (), clip1.stop_at_layer)
+
+
 @register
 class ModelMergeSimple(Node):
     """Blend two diffusion models: ratio is model1's share."""
@@ -60,16 +110,9 @@ class ModelMergeSimple(Node):
     ratio: float = Field(1.0, ge=0.0, le=1.0, json_schema_extra={"step": 0.01})
 
     def run(self, ctx: RunContext) -> tuple[ModelRef]:
-        with torch.inference_mode():
-            first = {k: v.clone() for k, v in folded_state_dict(ctx.models.use_unet(self.model1)).items()}
-            second = folded_state_dict(ctx.models.use_unet(self.model2))
-            merged = blend(first, second, self.ratio, "model")
-        unet = rebuilt(self.model1.pipe.unet, merged)
-        label = f"merge({self.model1.label}, {self.model2.label}, {self.ratio})"
-        pipe = with_components(self.model1.pipe, unet=unet)
-        ctx.models.adopt_merge(pipe, [unet], self.model1.checkpoint, label)
-        # the merge keeps model1's model sampling (ComfyUI clones model1, override and all)
-        return (ModelRef(self.model1.checkpoint, pipe, (), label, sampling=self.model1.sampling),)
+        ratio = self.ratio
+        label = f"merge({self.model1.label}, {self.model2.label}, {ratio})"
+        return (merge_models(ctx, self.model1, self.model2, lambda _: (ratio, 1.0 - ratio), label),)
 
 
 @register
@@ -84,21 +127,73 @@ class CLIPMergeSimple(Node):
     ratio: float = Field(1.0, ge=0.0, le=1.0, json_schema_extra={"step": 0.01})
 
     def run(self, ctx: RunContext) -> tuple[ClipRef]:
-        encoders1 = ctx.models.use_text_encoders(self.clip1)
-        states1 = [{k: v.clone() for k, v in folded_state_dict(m).items()} for m in encoders1]
-        encoders2 = ctx.models.use_text_encoders(self.clip2)
-        if len(encoders1) != len(encoders2):
-            raise ValueError("cannot merge text encoders of SD1.x and SDXL; merge models of one family")
-        replace = {}
-        for attr, module, first, other in zip(("text_encoder", "text_encoder_2"), encoders1, states1, encoders2):
-            # ComfyUI leaves position ids and logit scale alone
-            merged = blend(first, folded_state_dict(other), self.ratio, "text encoder",
-                           skip=(".position_ids", ".logit_scale"))
-            replace[attr] = rebuilt(module, merged)
-        pipe = with_components(self.clip1.pipe, **replace)
-        label = f"clip merge({self.clip1.checkpoint.name}, {self.clip2.checkpoint.name}, {self.ratio})"
-        ctx.models.adopt_merge(pipe, list(replace.values()), self.clip1.checkpoint, label)
-        return (ClipRef(self.clip1.checkpoint, pipe, (), self.clip1.stop_at_layer),)
+        ratio = self.ratio
+        label = f"clip merge({self.clip1.checkpoint.name}, {self.clip2.checkpoint.name}, {ratio})"
+        return (merge_clips(ctx, self.clip1, self.clip2, lambda _: (ratio, 1.0 - ratio), label),)
+
+
+@register
+class ModelMergeAdd(Node):
+    """model1 + model2, weight by weight."""
+
+    CATEGORY: ClassVar[str] = "advanced/model_merging"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("MODEL",)
+
+    model1: ModelRef = Socket("MODEL")
+    model2: ModelRef = Socket("MODEL")
+
+    def run(self, ctx: RunContext) -> tuple[ModelRef]:
+        label = f"add({self.model1.label}, {self.model2.label})"
+        return (merge_models(ctx, self.model1, self.model2, lambda _: (1.0, 1.0), label),)
+
+
+@register
+class ModelMergeSubtract(Node):
+    """multiplier * (model1 - model2), weight by weight (ComfyUI scales model1 by the multiplier too)."""
+
+    CATEGORY: ClassVar[str] = "advanced/model_merging"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("MODEL",)
+
+    model1: ModelRef = Socket("MODEL")
+    model2: ModelRef = Socket("MODEL")
+    multiplier: float = Field(1.0, ge=-10.0, le=10.0, json_schema_extra={"step": 0.01})
+
+    def run(self, ctx: RunContext) -> tuple[ModelRef]:
+        m = self.multiplier
+        label = f"subtract({self.model1.label}, {self.model2.label}, {m})"
+        return (merge_models(ctx, self.model1, self.model2, lambda _: (m, -m), label),)
+
+
+@register
+class CLIPMergeAdd(Node):
+    """clip1 + clip2, weight by weight (position ids and logit scale stay clip1's)."""
+
+    CATEGORY: ClassVar[str] = "advanced/model_merging"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("CLIP",)
+
+    clip1: ClipRef = Socket("CLIP")
+    clip2: ClipRef = Socket("CLIP")
+
+    def run(self, ctx: RunContext) -> tuple[ClipRef]:
+        label = f"clip add({self.clip1.checkpoint.name}, {self.clip2.checkpoint.name})"
+        return (merge_clips(ctx, self.clip1, self.clip2, lambda _: (1.0, 1.0), label),)
+
+
+@register
+class CLIPMergeSubtract(Node):
+    """multiplier * (clip1 - clip2), weight by weight (position ids and logit scale stay clip1's)."""
+
+    CATEGORY: ClassVar[str] = "advanced/model_merging"
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ("CLIP",)
+
+    clip1: ClipRef = Socket("CLIP")
+    clip2: ClipRef = Socket("CLIP")
+    multiplier: float = Field(1.0, ge=-10.0, le=10.0, json_schema_extra={"step": 0.01})
+
+    def run(self, ctx: RunContext) -> tuple[ClipRef]:
+        m = self.multiplier
+        label = f"clip subtract({self.clip1.checkpoint.name}, {self.clip2.checkpoint.name}, {m})"
+        return (merge_clips(ctx, self.clip1, self.clip2, lambda _: (m, -m), label),)
 
 
 @register

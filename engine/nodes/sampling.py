@@ -290,13 +290,14 @@ def _group_concats(groups: Sequence[Sequence[CondItem]], counts: Sequence[int], 
 def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.Tensor, sigmas: torch.Tensor,
                 sampler_name: str, scheduler: str, seed: int, cfg: float,
                 positive: Conditioning | Sequence[Conditioning], negative: Conditioning | Sequence[Conditioning],
-                sizes: Sequence[int] | None = None) -> Latent:
+                sizes: Sequence[int] | None = None, watch: Callable[[EpsFn], EpsFn] | None = None) -> Latent:
     """Denoise `latent` along `sigmas`; progress and interrupts at every step.
 
     Per-item conds and `sizes` as in `guided_eps`: the queue samples several jobs' latents at once. A latent
     with a noise mask changes only where the mask is 1 (ComfyUI's KSamplerX0Inpaint; engine/samplers/loop.py).
     The result keeps the input's batch index and noise mask, as ComfyUI's `latent.copy()` does, so a second
-    sampler after this one is masked too.
+    sampler after this one is masked too. `watch` wraps the guided noise prediction (SamplerCustom reads each
+    call's denoised estimate through it).
     """
     if len(sigmas) < 2:
         return latent  # nothing to do (denoise 0, or start past the end), as ComfyUI returns the input
@@ -306,6 +307,8 @@ def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.T
     inpaint = InpaintSource(latent.samples.float() * scale, latent.noise_mask, scale)
     eps = guided_eps(unet, positive, negative, cfg, model.arch.family == "sdxl", (h, w), sizes, inpaint,
                      sampling=model.model_sampling, family=model.arch.family)
+    if watch is not None:
+        eps = watch(eps)
     plan = samplers.build_scheduler(sampler_name, scheduler, sigmas, seed, model.model_sampling)
     steps = len(sigmas) - 1
 

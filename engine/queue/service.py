@@ -20,7 +20,7 @@ import asyncio
 import logging
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +130,7 @@ class EngineService:
         self._handles: dict[str, JobHandle] = {}
         self._finished: deque[str] = deque()
         self._subscribers: weakref.WeakSet[_Stream] = weakref.WeakSet()
-        self._arch: dict[tuple[str, str], Arch] = {}  # (file name, fingerprint) -> family
+        self._arch: dict[tuple[str, str], Arch] = {}  # ("folder/name", fingerprint) -> family
 
     @property
     def executor(self) -> Executor:
@@ -165,22 +165,22 @@ class EngineService:
 
     def architecture(self, checkpoint: str) -> Arch:
         """The family of a checkpoint from its safetensors header (never its weights), remembered per file version."""
-        models = self._executor.models
-        path = models.resolve("checkpoints", checkpoint)
-        key = (checkpoint, file_fingerprint(path))
-        if key not in self._arch:
-            self._arch[key] = detect_checkpoint(path, allow_weights_only_pickle=models.catalog.allow_weights_only_pickle)
-        return self._arch[key]
+        return self._remembered_arch("checkpoints", checkpoint, lambda path, pickles: detect_checkpoint(
+            path, allow_weights_only_pickle=pickles))
 
     def controlnet_architecture(self, name: str) -> Arch:
         """The family a ControlNet file is for, from its header (a pickle is read whole, where the owner allows it),
         remembered per file version; a file that is no ControlNet raises the loader's own refusal."""
+        return self._remembered_arch("controlnet", name, lambda path, pickles: controlnet_layout(
+            path, name, allow_weights_only_pickle=pickles).arch)
+
+    def _remembered_arch(self, folder: str, name: str, read: Callable[[Path, bool], Arch]) -> Arch:
+        """`read(path, pickles allowed)` once per file version of `folder`/`name`."""
         models = self._executor.models
-        path = models.resolve("controlnet", name)
-        key = (f"controlnet/{name}", file_fingerprint(path))
+        path = models.resolve(folder, name)
+        key = (f"{folder}/{name}", file_fingerprint(path))
         if key not in self._arch:
-            self._arch[key] = controlnet_layout(
-                path, name, allow_weights_only_pickle=models.catalog.allow_weights_only_pickle).arch
+            self._arch[key] = read(path, models.catalog.allow_weights_only_pickle)
         return self._arch[key]
 
     def validate(self, workflow: dict[str, Any]) -> ValidatedPrompt:

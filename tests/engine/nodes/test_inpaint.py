@@ -92,15 +92,20 @@ def test_no_mask_and_a_full_mask_sample_alike() -> None:
 # -- graphs on tiny SD1.5 ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def holed_png(executor: Executor) -> str:
-    """A 128x128 RGBA picture with a transparent 32x32 square in the middle."""
+def write_holed_png(executor: Executor, name: str) -> str:
+    """A 128x128 RGBA picture with a transparent 32x32 square in the middle (LoadImage's MASK is 1 there), saved
+    as `name` in the input folder; the name."""
     rows, cols = np.mgrid[0:SIDE, 0:SIDE]
     rgb = np.stack([cols * 2 % 256, rows * 2 % 256, (rows + cols) % 256], -1).astype(np.uint8)
     alpha = np.full((SIDE, SIDE), 255, np.uint8)
     alpha[HOLE] = 0
-    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(executor.settings.input_dir / "holed.png")
-    return "holed.png"
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(executor.settings.input_dir / name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def holed_png(executor: Executor) -> str:
+    return write_holed_png(executor, "holed.png")
 
 
 def graph(image: str, latent: dict[str, Any], sampler: dict[str, Any] | None = None,

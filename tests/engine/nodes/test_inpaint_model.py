@@ -17,21 +17,14 @@ from PIL import Image
 from engine.executor import Executor
 from engine.nodes.sampling import InpaintSource, guided_eps, inpaint_concat
 from engine.values import CondItem, Conditioning
+from tests.engine.nodes.test_inpaint import SIDE, write_holed_png
 
-SIDE = 128  # 16x16 latents
-HOLE = (slice(48, 80), slice(48, 80))
 SD15, SDXL = "tiny-sd15-inpainting.safetensors", "tiny-sdxl-inpainting.safetensors"
 
 
 @pytest.fixture(scope="module")
 def holed_png(executor: Executor) -> str:
-    """A 128x128 RGBA picture with a transparent 32x32 square in the middle (LoadImage's MASK is 1 there)."""
-    rows, cols = np.mgrid[0:SIDE, 0:SIDE]
-    rgb = np.stack([cols * 2 % 256, rows * 2 % 256, (rows + cols) % 256], -1).astype(np.uint8)
-    alpha = np.full((SIDE, SIDE), 255, np.uint8)
-    alpha[HOLE] = 0
-    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(executor.settings.input_dir / "inpaint-model.png")
-    return "inpaint-model.png"
+    return write_holed_png(executor, "inpaint-model.png")
 
 
 def vae_encode_for_inpaint(ckpt: str, image: str, seed: int = 7) -> dict[str, Any]:

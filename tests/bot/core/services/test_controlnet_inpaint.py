@@ -12,8 +12,8 @@ from bot.core.cards.result import result_card
 from bot.core.errors import RequestInvalid
 from bot.core.front_end import Requester
 from bot.core.requests.imagine import ImageUpload
-from engine.errors import NoodleError
 from tests.bot.conftest import Env
+from tests.bot.core.services.test_generations import _refused as refused_request
 
 CONTROLNET = "tiny-controlnet-sd15.safetensors"
 
@@ -100,23 +100,9 @@ async def test_an_upload_whose_alpha_is_opaque_everywhere_stays_img2img(env: Env
     assert _fields(final.generation)["Size"].startswith("64×64 · img2img")
 
 
-def _snapshot(env: Env) -> tuple[list[str], list[str]]:
-    files = sorted(p.name for p in env.settings.engine.input_dir.rglob("*") if p.is_file())
-    return files, [info.job_id for info in env.engine.jobs()]
-
-
 async def _refused(env: Env, options: dict) -> str:
-    """Submit options that must be refused; assert that nothing changed and return the message."""
-    before, rows = _snapshot(env), await env.store.recent()
-    try:
-        request = await env.studio.generations.parse({"prompt": "a fox", "steps": 4, **options})
-        await env.studio.generations.submit(request, Requester("42"))
-    except NoodleError as err:
-        message = str(err)
-    else:
-        raise AssertionError(f"{options} was accepted")
-    assert _snapshot(env) == before and await env.store.recent() == rows
-    return message
+    """Options that must be refused (at 4 steps), checked to change nothing; the message."""
+    return await refused_request(env, {"steps": 4, **options})
 
 
 async def test_bad_control_input_gets_a_clear_message_and_changes_nothing(env: Env) -> None:

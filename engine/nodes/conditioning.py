@@ -2,7 +2,7 @@
 ConditioningAverage, ConditioningZeroOut, ConditioningSetTimestepRange and InpaintModelConditioning.
 
 A timestep range rides on each cond's extras as ComfyUI's "start_percent" / "end_percent"; the sampler
-(engine/nodes/sampling.py guided_eps) reads them on the model's own sigmas and leaves a cond out of the
+(engine/nodes/guidance.py guided_eps) reads them on the model's own sigmas and leaves a cond out of the
 steps outside it.
 
 Text goes through `prompts` (tokens, 75-token chunks, emphasis, embeddings); this module only

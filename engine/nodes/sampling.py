@@ -1,30 +1,23 @@
 """Sampler nodes: KSampler and KSamplerAdvanced, with ComfyUI's names, defaults and ranges.
 
 The sigma schedule is ComfyUI's (engine/samplers/sigmas.py), the step math is a diffusers scheduler,
-and the model call is ComfyUI's: positive and negative conds in one UNet batch, then
-classifier-free guidance `uncond + (cond - uncond) * cfg`.
+and the model call is ComfyUI's guided prediction (engine/nodes/guidance.py).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from engine import samplers
-from engine.models.controlnet.residuals import ControlResiduals, spread_to_uncond
-from engine.models.detect import INPAINT_CHANNELS
 from engine.nodes.base import SEED_MAX, Choice, Node, RunContext, Socket, register
+from engine.nodes.guidance import EpsFn, InpaintSource, guided_eps
 from engine.samplers.loop import lands_on_denoised, resize_noise_mask
 from engine.settings import Limits
-from engine.values import CondItem, Conditioning, Latent, ModelRef
-
-EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from engine.values import Conditioning, Latent, ModelRef
 
 
 def prepare_noise(latent: torch.Tensor, seed: int, batch_index: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -38,253 +31,6 @@ def prepare_noise(latent: torch.Tensor, seed: int, batch_index: tuple[int, ...] 
     draws = [torch.randn((1, *latent.shape[1:]), dtype=torch.float32, generator=generator, device="cpu")
              for _ in range(max(batch_index) + 1)]
     return torch.cat([draws[i] for i in batch_index])
-
-
-def _repeat_to(embeds: torch.Tensor, length: int) -> torch.Tensor:
-    # ComfyUI batches conds of different lengths by repeating each to a common multiple: attention
-    # over k copies of the same keys gives the same result as over one copy
-    return embeds.repeat(1, length // embeds.shape[1], 1)
-
-
-def _time_ids(item: CondItem, height: int, width: int) -> list[float]:
-    # a cond's extras may also hold InpaintModelConditioning's concat_latent_image and concat_mask: they are for
-    # inpainting UNets, and a 4-channel one has nothing to concatenate them to and never reads them (ComfyUI's
-    # concat_keys are empty there)
-    extras = item.extras
-    h, w = extras.get("height", height), extras.get("width", width)
-    return [h, w, extras.get("crop_h", 0), extras.get("crop_w", 0),
-            extras.get("target_height", h), extras.get("target_width", w)]
-
-
-@dataclass(frozen=True)
-class InpaintSource:
-    """What an inpainting UNet's extra channels fall back to where the conds carry no `concat_latent_image` /
-    `concat_mask` (InpaintModelConditioning's): the sampler's latent in the model's scaled space and its noise
-    mask, as ComfyUI hands `latent_image` and `denoise_mask` to concat_cond; `scale` is the VAE's scaling factor,
-    which brings a cond's raw `concat_latent_image` into that space (ComfyUI's process_latent_in)."""
-
-    latent: torch.Tensor
-    noise_mask: torch.Tensor | None
-    scale: float
-
-
-# comfy/model_base.py set_inpaint's blank_inpaint_image_like: a black picture's latent, per channel (SD1.x and
-# SDXL alike), for an inpainting model sampled without any mask
-_BLANK_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
-
-
-def _to_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
-    """comfy/utils.py resize_to_batch_size: pick rows spread evenly over the batch (not a repeat of the whole)."""
-    have = tensor.shape[0]
-    if have == batch:
-        return tensor
-    if batch <= 1:
-        return tensor[:batch]
-    if batch < have:
-        rows = [min(round(i * (have - 1) / (batch - 1)), have - 1) for i in range(batch)]
-    else:
-        rows = [min(math.floor((i + 0.5) * have / batch), have - 1) for i in range(batch)]
-    return tensor[rows]
-
-
-def _fit(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """comfy.utils.common_upscale(..., "bilinear", "center"), as concat_cond resizes both parts to the latent: cut
-    round((side - side * ratio) / 2) from both ends of the side that is too long, then resize."""
-    old_h, old_w = tensor.shape[-2:]
-    if (old_h, old_w) == (height, width):
-        return tensor
-    old_aspect, new_aspect = old_w / old_h, width / height
-    x = round((old_w - old_w * (new_aspect / old_aspect)) / 2) if old_aspect > new_aspect else 0
-    y = round((old_h - old_h * (old_aspect / new_aspect)) / 2) if old_aspect < new_aspect else 0
-    cropped = tensor.narrow(-2, y, old_h - 2 * y).narrow(-1, x, old_w - 2 * x)
-    return F.interpolate(cropped, size=(height, width), mode="bilinear")
-
-
-def inpaint_concat(item: CondItem, latent: torch.Tensor, noise_mask: torch.Tensor | None,
-                   scale: float) -> torch.Tensor:
-    """An inpainting UNet's extra input for one cond over latents [b, 4, h, w] (scaled): [b, 5, h, w], the mask
-    then the masked image's latent, as comfy/model_base.py concat_cond with concat_keys ("mask", "masked_image").
-
-    The mask is the cond's `concat_mask`, else the latent's noise mask; it is resized to the latent, rounded and
-    fitted to the batch. The masked image is the cond's `concat_latent_image` (scaled here), else the latent
-    itself. Without any mask the mask is all ones and the image a black picture's latent, whatever else is given.
-    """
-    batch, _, height, width = latent.shape
-    mask = item.extras.get("concat_mask")
-    if mask is None and noise_mask is not None:
-        mask = resize_noise_mask(noise_mask, latent.shape)  # the sampler's denoise_mask (reshape_mask)
-    if mask is None:
-        blank = torch.tensor(_BLANK_LATENT, dtype=torch.float32).view(1, 4, 1, 1).expand(batch, 4, height, width)
-        return torch.cat([torch.ones(batch, 1, height, width), blank], dim=1)
-    mask = mask.float()
-    if mask.ndim == latent.ndim:
-        mask = mask[:, :1]
-    mask = _to_batch(_fit(mask.reshape(-1, 1, *mask.shape[-2:]), height, width).round(), batch)
-    image = item.extras.get("concat_latent_image")
-    image = latent.float() if image is None else image.float() * scale
-    image = _to_batch(_fit(image, height, width), batch)
-    return torch.cat([mask.to(image.device), image], dim=1)
-
-
-def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditioning],
-               negative: Conditioning | Sequence[Conditioning], cfg: float, sdxl: bool, pixel_size: tuple[int, int],
-               sizes: Sequence[int] | None = None, inpaint: InpaintSource | None = None,
-               sampling: samplers.ModelSampling = samplers.DEFAULT_SAMPLING, family: str | None = None) -> EpsFn:
-    """The guided noise prediction for a batch of latents at one sigma.
-
-    One Conditioning pair guides the whole batch, as a KSampler does. With per-item sequences (the
-    queue's batches of several jobs) pair g guides the next `sizes[g]` latents, all in one UNet call.
-    An inpainting (9-channel) UNet gets each cond's `inpaint_concat` after the latent's 4 channels.
-    `sampling` (the MODEL's ModelSampling) turns each cond's output into the noise prediction that gives
-    ComfyUI's denoised estimate (v-prediction, LCM, x0), before CFG combines them as ComfyUI combines denoised ones.
-    `family` (the MODEL's Arch.family; without it "sdxl" or "sd15" from `sdxl`) is what a ControlNet must fit,
-    and its start/end percents are read on `sampling`'s sigmas. So are a cond's ConditioningSetTimestepRange
-    ("start_percent" / "end_percent" in its extras): outside its range a cond (and its ControlNet) is left out of
-    the UNet batch, and a side with no active cond predicts a denoised estimate of 0, as ComfyUI's calc_cond_batch.
-    """
-    positives = [positive] if isinstance(positive, Conditioning) else list(positive)
-    negatives = [negative] if isinstance(negative, Conditioning) else list(negative)
-    groups_wanted = 1 if sizes is None else len(sizes)
-    if len(positives) != groups_wanted or len(negatives) != groups_wanted:
-        raise ValueError(f"{len(positives)} positive and {len(negatives)} negative conds for {groups_wanted} "
-                         "group(s) of latents: give one pair per group, with `sizes` for more than one")
-    # the legacy ControlNetApply's ControlNet reaches the negative at sampling time, as in ComfyUI
-    negatives = [spread_to_uncond(p, n) for p, n in zip(positives, negatives)]
-    # cfg 1 needs no negative pass: ComfyUI skips it too, and the result is the same
-    skip_negative = math.isclose(cfg, 1.0)
-    groups = [list(p.items) + ([] if skip_negative else list(n.items)) for p, n in zip(positives, negatives)]
-    n_pos = [len(p.items) for p in positives]
-    length = math.lcm(*(item.embeds.shape[1] for items in groups for item in items))
-    device, dtype = unet.device, unet.dtype
-    contexts = [torch.cat([_repeat_to(item.embeds, length) for item in items]).to(device, dtype) for items in groups]
-    added: list[dict[str, torch.Tensor]] | None = None
-    if sdxl:
-        added = [{
-            "text_embeds": torch.cat([item.pooled if item.pooled is not None else torch.zeros(1, 1280)
-                                      for item in items]).to(device, dtype),
-            "time_ids": torch.tensor([_time_ids(item, *pixel_size) for item in items], device=device, dtype=dtype),
-        } for items in groups]
-    fits = family or ("sdxl" if sdxl else "sd15")
-    # None without ControlNets: the UNet call as before; one per set of active conds (timestep ranges)
-    controls = {None: ControlResiduals.for_groups(groups, unet, fits, sampling)}
-    inpainting = getattr(getattr(unet, "config", None), "in_channels", 4) == INPAINT_CHANNELS
-    concats: dict[tuple[Any, ...], torch.Tensor] = {}  # the concat is the same at every step: built once
-    windows = _timestep_windows(groups, sampling)
-
-    def eps(x: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        counts = list(sizes) if sizes is not None else [x.shape[0]]
-        chunks = x.split(counts)
-        # the conds whose timestep range holds this sigma (None: all of them, the usual case)
-        active = _active_items(windows, float(sigma))
-        if active is None:
-            run_groups, run_contexts, run_added, positives = groups, contexts, added, n_pos
-        else:
-            run_groups = [[items[i] for i in keep] for items, keep in zip(groups, active)]
-            run_contexts = [context[keep] for context, keep in zip(contexts, active)]
-            run_added = None if added is None else [{key: value[keep] for key, value in a.items()}
-                                                    for a, keep in zip(added, active)]
-            positives = [sum(i < n for i in keep) for keep, n in zip(active, n_pos)]
-        out = None
-        if any(run_groups):  # ComfyUI calls the model only for the conds that take part
-            out = _unet_call(x, timestep, sigma, chunks, counts, run_groups, run_contexts, run_added, active)
-        guided, offset = [], 0
-        for items, batch, positives_in, chunk in zip(run_groups, counts, positives, chunks):
-            preds = None
-            if items and out is not None:
-                preds = out[offset:offset + len(items) * batch].reshape(len(items), batch, *out.shape[1:])
-                preds = sampling.to_eps(preds, chunk.float(), float(sigma))  # the eps prediction itself: unchanged
-            offset += len(items) * batch
-            # no positive (or negative) cond active: ComfyUI's prediction for that side is a denoised estimate
-            # of 0 (calc_cond_batch divides an empty sum by its 1e-37 count)
-            cond = preds[:positives_in].mean(0) if positives_in else _no_cond_eps(chunk, float(sigma))
-            if skip_negative:
-                guided.append(cond)
-                continue
-            negatives_in = len(items) - positives_in
-            uncond = preds[positives_in:].mean(0) if negatives_in else _no_cond_eps(chunk, float(sigma))
-            guided.append(uncond + (cond - uncond) * cfg)
-        return torch.cat(guided)
-
-    def _unet_call(x: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor, chunks: Sequence[torch.Tensor],
-                   counts: list[int], run_groups: Sequence[Sequence[CondItem]], run_contexts: list[torch.Tensor],
-                   run_added: list[dict[str, torch.Tensor]] | None, active: list[list[int]] | None) -> torch.Tensor:
-        # per group: every cond item over the group's latents, item-major, then all groups in one batch
-        x_in = torch.cat([sampling.model_input(chunk, float(sigma)).to(device, dtype).repeat(len(items), 1, 1, 1)
-                          for chunk, items in zip(chunks, run_groups)])
-        ctx_in = torch.cat([context.repeat_interleave(b, dim=0) for context, b in zip(run_contexts, counts)])
-        kwargs: dict[str, Any] = {}
-        if run_added is not None:
-            kwargs["added_cond_kwargs"] = {key: torch.cat([a[key].repeat_interleave(b, dim=0)
-                                                           for a, b in zip(run_added, counts)])
-                                           for key in run_added[0]}
-        t = timestep.reshape(-1)[:1].to(device).expand(x_in.shape[0])
-        pattern = None if active is None else tuple(map(tuple, active))
-        if pattern not in controls:
-            controls[pattern] = ControlResiduals.for_groups(run_groups, unet, fits, sampling)
-        control = controls[pattern]
-        if control is not None:
-            kwargs.update(control(x_in, t, sigma, ctx_in, kwargs.get("added_cond_kwargs"), counts))
-        if inpainting:  # after the ControlNet, which sees only the latent's 4 channels, as in ComfyUI
-            key = (tuple(x.shape), pattern)
-            if key not in concats:
-                concats[key] = _group_concats(run_groups, counts, x, inpaint).to(device, dtype)
-            x_in = torch.cat([x_in, concats[key]], dim=1)
-        return unet(x_in, t, encoder_hidden_states=ctx_in, **kwargs).sample.float().to(x.device)
-
-    return eps
-
-
-def _timestep_windows(groups: Sequence[Sequence[CondItem]],
-                      sampling: samplers.ModelSampling) -> list[list[tuple[float | None, float | None]]] | None:
-    """Per cond item, its ConditioningSetTimestepRange as (start sigma, end sigma) on the model's own sampling, as
-    ComfyUI's calculate_start_end_timesteps converts "start_percent" / "end_percent"; None where no cond has one."""
-    if not any("start_percent" in item.extras or "end_percent" in item.extras for items in groups for item in items):
-        return None
-
-    def sigma_of(item: CondItem, key: str) -> float | None:
-        return None if key not in item.extras else samplers.percent_to_sigma(float(item.extras[key]), sampling)
-
-    return [[(sigma_of(item, "start_percent"), sigma_of(item, "end_percent")) for item in items] for items in groups]
-
-
-def _active_items(windows: list[list[tuple[float | None, float | None]]] | None,
-                  sigma: float) -> list[list[int]] | None:
-    """Per group, the indices of the cond items active at `sigma` (ComfyUI's get_area_and_mult skips a cond when
-    sigma > its start sigma or sigma < its end sigma); None when every item is active."""
-    if windows is None:
-        return None
-    active = [[i for i, (start, end) in enumerate(items)
-               if not ((start is not None and sigma > start) or (end is not None and sigma < end))]
-              for items in windows]
-    if all(len(keep) == len(items) for keep, items in zip(active, windows)):
-        return None
-    return active
-
-
-def _no_cond_eps(scaled: torch.Tensor, sigma: float) -> torch.Tensor:
-    """The noise prediction whose denoised estimate x - sigma * eps is 0, for latents `scaled` = x / sqrt(sigma^2 + 1)
-    (what ComfyUI predicts for a side none of whose conds is active)."""
-    return scaled.float() * (math.sqrt(sigma**2 + 1.0) / sigma)
-
-
-def _group_concats(groups: Sequence[Sequence[CondItem]], counts: Sequence[int], x: torch.Tensor,
-                   inpaint: InpaintSource | None) -> torch.Tensor:
-    """Every cond item's inpaint concat over its group's latents, in the UNet batch's order (item-major per group)."""
-    if inpaint is None:  # a caller that knows no latent: only the no-mask case can be built
-        if any("concat_mask" in item.extras for items in groups for item in items):
-            raise ValueError("an inpainting UNet with a concat_mask needs the sampler's latent (InpaintSource)")
-        latent, mask = torch.zeros(x.shape), None
-    else:
-        latent, mask = inpaint.latent.float().cpu(), inpaint.noise_mask
-    if mask is not None:
-        mask = resize_noise_mask(mask.cpu(), latent.shape)  # over the whole batch first, as ComfyUI's denoise_mask
-    parts, offset = [], 0
-    for items, batch in zip(groups, counts):
-        rows = slice(offset, offset + batch)
-        offset += batch
-        parts += [inpaint_concat(item, latent[rows], None if mask is None else mask[rows],
-                                 1.0 if inpaint is None else inpaint.scale) for item in items]
-    return torch.cat(parts)
 
 
 def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.Tensor, sigmas: torch.Tensor,

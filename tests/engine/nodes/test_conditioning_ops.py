@@ -17,7 +17,7 @@ from diffusers import UNet2DConditionModel
 
 from engine.executor import Executor
 from engine.nodes import catalog
-from engine.nodes.sampling import guided_eps
+from engine.nodes.guidance import guided_eps
 from engine.samplers import DEFAULT_SAMPLING, ksampler_sigmas
 from engine.samplers.model_sampling import ModelSampling
 from engine.values import CondItem, Conditioning

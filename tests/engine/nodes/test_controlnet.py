@@ -20,7 +20,7 @@ from engine.errors import NodeExecutionError, WorkflowInvalid
 from engine.executor import Executor
 from engine.models.controlnet.residuals import ControlResiduals, hint_to_size, percent_to_sigma, spread_to_uncond
 from engine.nodes import catalog
-from engine.nodes.sampling import guided_eps
+from engine.nodes.guidance import guided_eps
 from engine.samplers import ksampler_sigmas, model_sigmas, timestep_for_sigma
 from engine.samplers.model_sampling import ModelSampling
 from engine.settings import Limits

@@ -15,7 +15,7 @@ from PIL import Image
 from engine import samplers
 from engine.errors import WorkflowInvalid
 from engine.executor import Executor
-from engine.nodes.sampling import guided_eps
+from engine.nodes.guidance import guided_eps
 from engine.queue.batching import batch_key
 from engine.samplers.model_sampling import ModelSampling
 from engine.values import CondItem, Conditioning

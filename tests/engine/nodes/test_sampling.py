@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.nodes.sampling import guided_eps, prepare_noise
+from engine.nodes.guidance import guided_eps
+from engine.nodes.sampling import prepare_noise
 from engine.values import CondItem, Conditioning
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.executor import Executor
-from engine.nodes.sampling import guided_eps
+from engine.nodes.guidance import guided_eps
 from engine.pngmeta import parse_parameters, read_png_texts
 from engine.queue import JobCancelled, Owner
 from engine.queue.batching import batch_key, sampler_steps

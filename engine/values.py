@@ -10,6 +10,7 @@ done with peft adapters).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,8 @@ class ModelRef:
     label: str = ""
     # ModelSamplingDiscrete's override (prediction type, zsnr); None: the checkpoint's own (arch.sampling)
     sampling: ModelSampling | None = None
+    # What model patch nodes (RescaleCFG, FreeU, PAG, ...) added: applied while this MODEL samples, never a reload
+    patches: ModelPatches = field(default_factory=lambda: ModelPatches())
 
     @property
     def arch(self) -> Arch:
@@ -54,10 +57,34 @@ class ModelRef:
         return self.sampling if self.sampling is not None else self.checkpoint.arch.sampling
 
     def with_lora(self, patch: LoraPatch) -> ModelRef:
-        return ModelRef(self.checkpoint, self.pipe, (*self.loras, patch), self.label, self.sampling)
+        return ModelRef(self.checkpoint, self.pipe, (*self.loras, patch), self.label, self.sampling, self.patches)
 
     def with_sampling(self, sampling: ModelSampling) -> ModelRef:
-        return ModelRef(self.checkpoint, self.pipe, self.loras, self.label, sampling)
+        return ModelRef(self.checkpoint, self.pipe, self.loras, self.label, sampling, self.patches)
+
+    def with_patches(self, patches: ModelPatches) -> ModelRef:
+        return ModelRef(self.checkpoint, self.pipe, self.loras, self.label, self.sampling, patches)
+
+
+@dataclass(frozen=True)
+class ModelPatches:
+    """ComfyUI's model_options on a MODEL, as patch nodes add them (each node returns a new MODEL; the shared UNet
+    is only hooked while this MODEL samples). The callables are the patch nodes' own objects; their contracts are
+    documented where they are used (engine/nodes/guidance.py for the CFG hooks, the UNet hooks where applied).
+
+    cfg_function: RescaleCFG's sampler_cfg_function (one; a later node replaces it, as ComfyUI's).
+    post_cfg: SelfAttentionGuidance's / PerturbedAttentionGuidance's post_cfg_function chain, in order.
+    unet: UNet patches (FreeU's output-block patch, a hypernetwork's attention patch), in order.
+    denoise_mask: DifferentialDiffusion's denoise_mask_function (one).
+    """
+
+    cfg_function: Any = None
+    post_cfg: tuple[Any, ...] = ()
+    unet: tuple[Any, ...] = ()
+    denoise_mask: Any = None
+
+    def replace(self, **changes: Any) -> ModelPatches:
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -129,9 +156,16 @@ class Sigmas:
 
 @dataclass(frozen=True)
 class Sampler:
-    """SAMPLER: a ComfyUI sampler Noodle runs (a name in engine/samplers/names.py SUPPORTED_SAMPLERS)."""
+    """SAMPLER: a ComfyUI sampler Noodle runs (a name in engine/samplers/names.py SUPPORTED_SAMPLERS), with the
+    options a Sampler* node set (SamplerEulerAncestral's eta and s_noise, ...) as sorted (name, value) pairs;
+    none: ComfyUI's defaults, as KSamplerSelect gives."""
 
     name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def option_dict(self) -> dict[str, Any]:
+        return dict(self.options)
 
 
 @dataclass(frozen=True)

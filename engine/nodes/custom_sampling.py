@@ -239,15 +239,20 @@ def _denoised_watch(latent: Latent, scale: float, two_calls: bool, steps: int,
             if calls[0] == wanted:
                 s = float(sigma)
                 denoised = scaled.float() * math.sqrt(s * s + 1.0) - s * out.float()
-                if latent.noise_mask is not None:
-                    mask = resize_noise_mask(latent.noise_mask, denoised.shape).to(denoised.device)
-                    original = latent.samples.float().to(denoised.device) * scale
-                    denoised = denoised * mask + original * (1 - mask)
-                seen["x0"] = (denoised / scale).cpu()
+                seen["x0"] = (_kept_outside_mask(denoised, latent, scale) / scale).cpu()
             calls[0] += 1
             return out
         return eps
     return watch
+
+
+def _kept_outside_mask(denoised: torch.Tensor, latent: Latent, scale: float) -> torch.Tensor:
+    """A step's denoised estimate as KSamplerX0Inpaint hands it out: the original latent where the mask is 0."""
+    if latent.noise_mask is None:
+        return denoised
+    mask = resize_noise_mask(latent.noise_mask, denoised.shape).to(denoised.device)
+    original = latent.samples.float().to(denoised.device) * scale
+    return denoised * mask + original * (1 - mask)
 
 
 @register
@@ -289,11 +294,18 @@ def sample_custom(ctx: RunContext, model: ModelRef, noise_source: Noise, positiv
                          "(limits.max_steps in config.toml): use a shorter schedule")
     seen: dict[str, torch.Tensor] = {}
     scale = float(model.pipe.vae.config.scaling_factor)
-    watch = _denoised_watch(latent, scale, SPECS[name].two_calls, steps, seen) if name in SPECS else None
+    options = sampler.option_dict
+    own_steps = samplers.uses_kdiffusion(name, options)
+    watch = None if own_steps else _denoised_watch(latent, scale, SPECS[name].two_calls, steps, seen)
+
+    def preview(step: int, denoised: torch.Tensor) -> None:  # k-diffusion's callback "denoised" of each step
+        if step == steps - 1:
+            seen["x0"] = (_kept_outside_mask(denoised, latent, scale) / scale).cpu()
+
     try:
         # the scheduler name only labels the plan: the sigmas are the ones given
         out = run_sampler(ctx, model, latent, noise, sigmas, name, "normal", noise_source.seed, cfg, positive,
-                          negative, watch=watch)
+                          negative, watch=watch, options=options, preview=preview if own_steps else None)
     except samplers.UnfaithfulSampler as err:
         # build_scheduler's refusal names the label scheduler: keep only its reason
         text = str(err)

@@ -6,7 +6,7 @@ and the model call is ComfyUI's guided prediction (engine/nodes/guidance.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -36,14 +36,17 @@ def prepare_noise(latent: torch.Tensor, seed: int, batch_index: tuple[int, ...] 
 def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.Tensor, sigmas: torch.Tensor,
                 sampler_name: str, scheduler: str, seed: int, cfg: float,
                 positive: Conditioning | Sequence[Conditioning], negative: Conditioning | Sequence[Conditioning],
-                sizes: Sequence[int] | None = None, watch: Callable[[EpsFn], EpsFn] | None = None) -> Latent:
+                sizes: Sequence[int] | None = None, watch: Callable[[EpsFn], EpsFn] | None = None,
+                options: Mapping[str, Any] | None = None,
+                preview: Callable[[int, torch.Tensor], None] | None = None) -> Latent:
     """Denoise `latent` along `sigmas`; progress and interrupts at every step.
 
     Per-item conds and `sizes` as in `guided_eps`: the queue samples several jobs' latents at once. A latent
     with a noise mask changes only where the mask is 1 (ComfyUI's KSamplerX0Inpaint; engine/samplers/loop.py).
     The result keeps the input's batch index and noise mask, as ComfyUI's `latent.copy()` does, so a second
     sampler after this one is masked too. `watch` wraps the guided noise prediction (SamplerCustom reads each
-    call's denoised estimate through it).
+    call's denoised estimate through it). `options` are a Sampler* node's (eta, s_noise, ...); `preview(step,
+    denoised)` gets each step's denoised estimate where Noodle's own k-diffusion steps run (engine/samplers).
     """
     if len(sigmas) < 2:
         return latent  # nothing to do (denoise 0, or start past the end), as ComfyUI returns the input
@@ -55,7 +58,7 @@ def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.T
                      sampling=model.model_sampling, family=model.arch.family)
     if watch is not None:
         eps = watch(eps)
-    plan = samplers.build_scheduler(sampler_name, scheduler, sigmas, seed, model.model_sampling)
+    plan = samplers.build_scheduler(sampler_name, scheduler, sigmas, seed, model.model_sampling, options)
     steps = len(sigmas) - 1
 
     def on_step(index: int, total: int, x: torch.Tensor) -> None:
@@ -65,7 +68,8 @@ def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.T
     with torch.inference_mode():
         # LATENT values are in the VAE's raw space; the model works on scaled latents
         masked = {} if latent.noise_mask is None else {"denoise_mask": latent.noise_mask}
-        out = samplers.sample(plan, eps, latent.samples.float() * scale, noise, callback=on_step, **masked) / scale
+        out = samplers.sample(plan, eps, latent.samples.float() * scale, noise, callback=on_step, device=unet.device,
+                              preview=preview, **masked) / scale
     if latent.noise_mask is not None and lands_on_denoised(plan):
         # where the mask is 0 the sampler ended on the original latent up to float rounding (scaling included):
         # hand back the original itself, so an inpaint leaves the rest of the picture's latent as it was

@@ -11,7 +11,7 @@ prediction type and sigma table (ModelSamplingDiscrete: eps, v_prediction, lcm, 
 from engine.samplers.loop import EpsFn, noise_scaling, sample, scale_model_input
 from engine.samplers.model_sampling import DEFAULT_SAMPLING, PREDICTIONS, ModelSampling, percent_to_sigma
 from engine.samplers.names import (DETERMINISTIC_SAMPLERS, SAMPLER_NAMES, SCHEDULER_NAMES, SUPPORTED_SAMPLERS,
-                                   UnfaithfulSampler)
+                                   UnfaithfulSampler, is_deterministic, uses_kdiffusion)
 from engine.samplers.plan import SamplerPlan, build_scheduler, check_pair, supported_schedulers
 from engine.samplers.sigmas import (MAX_SCHEDULE_STEPS, advanced_sigmas, comfy_sigmas, ksampler_sigmas, model_sigmas,
                                     schedule_problem, timestep_for_sigma)
@@ -20,4 +20,4 @@ __all__ = ["DEFAULT_SAMPLING", "DETERMINISTIC_SAMPLERS", "MAX_SCHEDULE_STEPS", "
            "SCHEDULER_NAMES", "SUPPORTED_SAMPLERS", "EpsFn", "ModelSampling", "SamplerPlan", "UnfaithfulSampler",
            "advanced_sigmas", "build_scheduler", "check_pair", "comfy_sigmas", "ksampler_sigmas", "model_sigmas",
            "noise_scaling", "percent_to_sigma", "sample", "scale_model_input", "schedule_problem",
-           "supported_schedulers", "timestep_for_sigma"]
+           "supported_schedulers", "timestep_for_sigma", "is_deterministic", "uses_kdiffusion"]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from diffusers.schedulers import DPMSolverMultistepScheduler, DPMSolverSDEScheduler, LMSDiscreteScheduler
 from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 
+from engine.samplers.kdiffusion import Run
 from engine.samplers.names import SPECS
 from engine.samplers.plan import SamplerPlan
 
@@ -27,6 +28,9 @@ __all__ = ["EpsFn", "lands_on_denoised", "masked_eps", "noise_scaling", "resize_
            "scale_model_input"]
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (x_scaled, timestep, sigma) -> eps, with CFG
+# An EpsFn may also carry `with_uncond(x_scaled, timestep, sigma) -> (eps, uncond eps)`: the guided prediction and
+# the negative side's alone, always computed (cfg 1 included), for the cfg_pp samplers (ComfyUI's post_cfg_function
+# with disable_cfg1_optimization). Without it the guided prediction stands for both.
 
 
 def _brownian_noise(x: torch.Tensor, plan: SamplerPlan) -> Callable[[Any, Any], torch.Tensor]:
@@ -77,34 +81,55 @@ def masked_eps(eps_fn: EpsFn, latent: torch.Tensor, noise: torch.Tensor, mask: t
     """
     keep = 1.0 - mask
 
-    def eps(scaled: torch.Tensor, timestep: torch.Tensor, sigma: float) -> torch.Tensor:
+    def blend(scaled: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
         scale = math.sqrt(sigma**2 + 1.0)
-        x = scaled * scale  # every scheduler here hands the model x / sqrt(sigma^2 + 1) (VP ones hold it)
         kept = latent + noise * sigma  # EPS.noise_scaling of the original latent at this sigma
-        predicted = eps_fn(scaled * mask + (kept / scale) * keep, timestep, sigma)
+        return scaled * mask + (kept / scale) * keep, kept
+
+    def masked(predicted: torch.Tensor, scaled: torch.Tensor, kept: torch.Tensor, sigma: float) -> torch.Tensor:
+        x = scaled * math.sqrt(sigma**2 + 1.0)  # every scheduler hands the model x / sqrt(sigma^2 + 1)
         return predicted * mask + keep * (x * (1.0 + mask) - kept * mask - latent) / sigma
 
+    def eps(scaled: torch.Tensor, timestep: torch.Tensor, sigma: float) -> torch.Tensor:
+        x_in, kept = blend(scaled, sigma)
+        return masked(eps_fn(x_in, timestep, sigma), scaled, kept, sigma)
+
+    both = getattr(eps_fn, "with_uncond", None)
+    if both is not None:
+        def with_uncond(scaled: torch.Tensor, timestep: torch.Tensor, sigma: float) -> tuple[torch.Tensor, ...]:
+            # the uncond estimate is ComfyUI's post-CFG one: of the blended input, not masked afterwards
+            x_in, kept = blend(scaled, sigma)
+            guided, uncond = both(x_in, timestep, sigma)
+            x = scaled * math.sqrt(sigma**2 + 1.0)
+            return masked(guided, scaled, kept, sigma), uncond + (x - x_in * math.sqrt(sigma**2 + 1.0)) / sigma
+        eps.with_uncond = with_uncond  # type: ignore[attr-defined]
     return eps
 
 
 def sample(plan: SamplerPlan, eps_fn: EpsFn, latent: torch.Tensor, noise: torch.Tensor, *,
            callback: Callable[[int, int, torch.Tensor], None] | None = None,
-           denoise_mask: torch.Tensor | None = None) -> torch.Tensor:
+           denoise_mask: torch.Tensor | None = None, device: torch.device | None = None,
+           preview: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Run the plan as KSAMPLER.sample does. callback(step_index, total_steps, x) follows each ComfyUI step.
 
     `denoise_mask` (a LATENT's noise mask, any size) limits the change to where it is 1: see `masked_eps`.
+    `device` is the model's (where ComfyUI draws the k-diffusion samplers' step noise); `preview(step_index,
+    denoised)` gets each step's denoised estimate from Noodle's own k-diffusion steps.
     """
     scheduler, sigmas = plan.scheduler, plan.sigmas
-    if scheduler is None:
+    if not plan.runs:
         return latent  # CFGGuider.sample: no sigmas, the latent comes back untouched
-    if scheduler.step_index is not None:
+    if scheduler is not None and scheduler.step_index is not None:
         raise ValueError("this SamplerPlan has already run; build a new one for each run")
-    spec, n, s0 = SPECS[plan.sampler_name], plan.steps, float(sigmas[0])
+    n, s0 = plan.steps, float(sigmas[0])
     if denoise_mask is not None:
         mask = resize_noise_mask(denoise_mask, latent.shape).to(latent.device, latent.dtype)
         eps_fn = masked_eps(eps_fn, latent, _inpaint_noise(plan, noise), mask)
     max_denoise = math.isclose(plan.sigma_max, s0, rel_tol=1e-5) or s0 > plan.sigma_max  # Sampler.max_denoise
     x = noise_scaling(s0, noise, latent, max_denoise=max_denoise)
+    if plan.kdiff is not None:
+        return _sample_kdiff(plan, eps_fn, x, callback, device or torch.device("cpu"), preview)
+    spec = SPECS[plan.sampler_name]
     to_ve = lambda x, i: x * math.sqrt(float(scheduler.sigmas[i]) ** 2 + 1) if spec.vp else x  # noqa: E731
     if spec.vp:
         x = scale_model_input(x, s0)
@@ -132,11 +157,41 @@ def sample(plan: SamplerPlan, eps_fn: EpsFn, latent: torch.Tensor, noise: torch.
     return to_ve(x, n)
 
 
+def _sample_kdiff(plan: SamplerPlan, eps_fn: EpsFn, x: torch.Tensor,
+                  callback: Callable[[int, int, torch.Tensor], None] | None, device: torch.device,
+                  preview: Callable[[int, torch.Tensor], None] | None) -> torch.Tensor:
+    """Run Noodle's own k-diffusion step function: k-diffusion's model(x, sigma) is the denoised estimate
+    x - sigma * eps of the guided prediction at x / sqrt(sigma^2 + 1) (an EPS model's calculate_input)."""
+    assert plan.kdiff is not None
+    both = getattr(eps_fn, "with_uncond", None) if plan.kdiff.wants_uncond else None
+
+    def report(i: int, x_now: torch.Tensor, denoised: torch.Tensor) -> None:
+        if preview is not None:
+            preview(i, denoised)
+        if callback is not None:
+            callback(i, plan.steps, x_now)
+
+    run = Run(plan.seed, device, plan.sampling, report)
+
+    def model(x_now: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        s = float(sigma)
+        scaled = x_now / math.sqrt(s * s + 1.0)
+        timestep = plan.sampling.timestep(s)
+        if plan.kdiff.wants_uncond:
+            eps, uncond = both(scaled, timestep, s) if both is not None else (eps_fn(scaled, timestep, s),) * 2
+            run.uncond_denoised = x_now - s * uncond.to(x_now.dtype)
+        else:
+            eps = eps_fn(scaled, timestep, s)
+        return x_now - s * eps.to(x_now.dtype)
+
+    return plan.kdiff.fn(model, x, plan.sigmas.to(x.device), run, **plan.options)
+
+
 def lands_on_denoised(plan: SamplerPlan) -> bool:
     """Whether the run's last step goes into sigma 0, so that it ends on the denoised estimate: with a noise
     mask, the original latent where the mask is 0 (up to float rounding). Not when it stops above 0
     (KSamplerAdvanced's leftover noise, UniPC's 0.001): the kept area then still carries its noise."""
-    return plan.scheduler is not None and float(plan.effective_sigmas[-1]) == 0.0
+    return plan.runs and float(plan.effective_sigmas[-1]) == 0.0
 
 
 def _inpaint_noise(plan: SamplerPlan, noise: torch.Tensor) -> torch.Tensor:

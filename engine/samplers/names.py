@@ -2,7 +2,9 @@
 
 `SPECS` maps a ComfyUI sampler name to the diffusers scheduler class that reproduces it and the flags its
 loop needs (two model calls a step, VP scaling, step noise); the names without a spec are refused with
-`UnfaithfulSampler`. The math is ComfyUI 0.3.64's: comfy/samplers.py and k_diffusion/sampling.py.
+`UnfaithfulSampler`. The samplers diffusers has no scheduler for are written in engine/samplers/kdiffusion/
+(`KDIFFUSION`), and so are the ones a Sampler* node gives options to; `uses_kdiffusion` says which path runs.
+The math is ComfyUI 0.3.64's: comfy/samplers.py and k_diffusion/sampling.py.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from diffusers.schedulers import (DPMSolverMultistepScheduler, DPMSolverSDESched
                                   UniPCMultistepScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from engine.samplers.kdiffusion import KDIFFUSION
+
 __all__ = ["DETERMINISTIC_SAMPLERS", "SAMPLER_NAMES", "SCHEDULER_NAMES", "SPECS", "SUPPORTED_SAMPLERS",
-           "SamplerSpec", "UnfaithfulSampler", "require_known", "spec_for"]
+           "SamplerSpec", "UnfaithfulSampler", "is_deterministic", "require_known", "spec_for", "uses_kdiffusion"]
 
 # comfy/samplers.py KSAMPLER_NAMES + ["ddim", "uni_pc", "uni_pc_bh2"], in ComfyUI's order.
 SAMPLER_NAMES: tuple[str, ...] = (
@@ -66,9 +70,27 @@ SPECS: Mapping[str, SamplerSpec] = MappingProxyType({
     "uni_pc": SamplerSpec(UniPCMultistepScheduler, {"solver_type": "bh1"}, vp=True),
     "uni_pc_bh2": SamplerSpec(UniPCMultistepScheduler, {"solver_type": "bh2"}, vp=True),
 })
-SUPPORTED_SAMPLERS: tuple[str, ...] = tuple(name for name in SAMPLER_NAMES if name in SPECS)
-# No step noise: each latent of a batch gets exactly its solo result, so the queue may batch jobs that use these.
-DETERMINISTIC_SAMPLERS = frozenset(name for name, spec in SPECS.items() if not spec.noise)
+SUPPORTED_SAMPLERS: tuple[str, ...] = tuple(name for name in SAMPLER_NAMES if name in SPECS or name in KDIFFUSION)
+
+
+def uses_kdiffusion(name: str, options: Mapping[str, Any] | None = None) -> bool:
+    """Whether `name` (with a Sampler* node's `options`) runs on Noodle's own k-diffusion steps: those diffusers
+    has no scheduler for, and a diffusers-backed one given options other than ComfyUI's defaults."""
+    if name not in KDIFFUSION:
+        return False
+    return name not in SPECS or KDIFFUSION[name].options(options) != dict(KDIFFUSION[name].defaults)
+
+
+def is_deterministic(name: str, options: Mapping[str, Any] | None = None) -> bool:
+    """No step noise: each latent of a batch gets exactly its solo result (the queue may batch such jobs)."""
+    if uses_kdiffusion(name, options):
+        entry = KDIFFUSION[name]
+        return not entry.is_stochastic(entry.options(options))
+    return name in SPECS and not SPECS[name].noise
+
+
+# Under KSampler's names (no options), the samplers the queue may batch.
+DETERMINISTIC_SAMPLERS = frozenset(name for name in SUPPORTED_SAMPLERS if is_deterministic(name))
 
 
 def require_known(name: str, names: tuple[str, ...], kind: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -19,8 +19,10 @@ from diffusers.schedulers import (DPMSolverSDEScheduler, EulerAncestralDiscreteS
                                   UniPCMultistepScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from engine.samplers.kdiffusion import KDIFFUSION, KDiffSampler
 from engine.samplers.model_sampling import DEFAULT_SAMPLING, ModelSampling
-from engine.samplers.names import SCHEDULER_NAMES, SamplerSpec, UnfaithfulSampler, require_known, spec_for
+from engine.samplers.names import (SAMPLER_NAMES, SCHEDULER_NAMES, SamplerSpec, UnfaithfulSampler, require_known,
+                                   spec_for, uses_kdiffusion)
 from engine.samplers.sigmas import ksampler_sigmas, model_sigmas
 
 __all__ = ["SamplerPlan", "build_scheduler", "check_pair", "supported_schedulers"]
@@ -45,12 +47,21 @@ class SamplerPlan:
     generator: torch.Generator | None  # step noise of the ancestral samplers, seeded with the job seed
     seed: int
     sigma_max: float  # the model's largest training sigma: decides ComfyUI's initial noise scale
-    mechanism: str  # how diffusers got the sigmas: "sigmas=", "sigma array" or "sigma hook"
+    mechanism: str  # how diffusers got the sigmas: "sigmas=", "sigma array", "sigma hook"; or "k-diffusion"
+    # Noodle's own k-diffusion step function (engine/samplers/kdiffusion/) and its options, instead of `scheduler`
+    kdiff: KDiffSampler | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    sampling: ModelSampling = DEFAULT_SAMPLING
 
     @property
     def effective_sigmas(self) -> torch.Tensor:
         """The sigmas the diffusers scheduler's steps go between."""
         return self.sigmas if self.scheduler is None else _boundaries(self.scheduler)[: self.steps + 1]
+
+    @property
+    def runs(self) -> bool:
+        """Whether there is anything to sample (at least one step, on diffusers or on Noodle's own steps)."""
+        return self.scheduler is not None or (self.kdiff is not None and self.steps >= 1)
 
 
 @functools.cache
@@ -146,17 +157,38 @@ def _plan(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor, seed: in
 
 
 def build_scheduler(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor, seed: int,
-                    sampling: ModelSampling = DEFAULT_SAMPLING) -> SamplerPlan:
-    """A diffusers scheduler (SD1.5 betas) stepping through `sigmas`; UnfaithfulSampler if it cannot.
+                    sampling: ModelSampling = DEFAULT_SAMPLING,
+                    options: Mapping[str, Any] | None = None) -> SamplerPlan:
+    """A diffusers scheduler (SD1.5 betas) stepping through `sigmas`; UnfaithfulSampler if it cannot. A sampler
+    diffusers lacks, or one given a Sampler* node's `options`, gets Noodle's own k-diffusion steps instead.
 
     `sampling` is the MODEL's (ModelSamplingDiscrete): its sigma table decides ComfyUI's initial noise scale
     (a zsnr model's sigma_max is about 4518) and the UNet timestep of each call (an LCM model's 50 timesteps).
     """
+    require_known(sampler_name, SAMPLER_NAMES, "sampler")
+    if uses_kdiffusion(sampler_name, options):
+        return _kdiff_plan(sampler_name, scheduler_name, sigmas, seed, sampling, options)
+    if options and sampler_name not in KDIFFUSION:
+        raise UnfaithfulSampler(f"sampler {sampler_name!r} takes no options in Noodle; got {dict(options)}")
     spec_for(sampler_name)
     try:
         return _plan(sampler_name, scheduler_name, sigmas, seed, sampling)
     except UnfaithfulSampler as err:
         raise UnfaithfulSampler(_refusal(sampler_name, scheduler_name, str(err), max(len(sigmas) - 1, 1))) from None
+
+
+def _kdiff_plan(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor, seed: int, sampling: ModelSampling,
+                options: Mapping[str, Any] | None) -> SamplerPlan:
+    """A plan run by Noodle's own step function: any finite sigma list, as ComfyUI's KSAMPLER takes."""
+    require_known(scheduler_name, SCHEDULER_NAMES, "scheduler")
+    entry = KDIFFUSION[sampler_name]
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
+    if not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any()):
+        raise ValueError(f"sigmas must be finite and >= 0, got {sigmas.tolist()}")
+    return SamplerPlan(sampler_name=sampler_name, scheduler_name=scheduler_name, sigmas=sigmas,
+                       steps=max(len(sigmas) - 1, 0), scheduler=None, calls=(), generator=None, seed=seed,
+                       sigma_max=sampling.sigma_max, mechanism="k-diffusion", kdiff=entry,
+                       options=entry.options(options), sampling=sampling)
 
 
 def _refusal(sampler_name: str, scheduler_name: str, reason: str, steps: int) -> str:
@@ -167,6 +199,10 @@ def _refusal(sampler_name: str, scheduler_name: str, reason: str, steps: int) ->
 
 def supported_schedulers(sampler_name: str, steps: int = 20) -> list[str]:
     """The ComfyUI schedulers this sampler runs faithfully at `steps` (full denoise), in ComfyUI's order."""
+    if uses_kdiffusion(sampler_name):  # Noodle's own steps take any sigmas
+        require_known(sampler_name, SAMPLER_NAMES, "sampler")
+        return [name for name in SCHEDULER_NAMES
+                if _sigma_problem(sampler_name, name, steps, 1.0) is None]
     spec = spec_for(sampler_name)
     return [name for name in SCHEDULER_NAMES if _choice_problem(spec, sampler_name, name, steps, 1.0) is None]
 
@@ -182,11 +218,26 @@ def check_pair(sampler_name: str, scheduler_name: str, steps: int, denoise: floa
     builds its scheduler with `build_scheduler`, which checks the exact sigmas again, so nothing unfaithful
     runs unseen.
     """
-    spec = spec_for(sampler_name)
+    require_known(sampler_name, SAMPLER_NAMES, "sampler")
     require_known(scheduler_name, SCHEDULER_NAMES, "scheduler")
+    if uses_kdiffusion(sampler_name):
+        problem = _sigma_problem(sampler_name, scheduler_name, steps, denoise)
+        if problem is not None:
+            raise UnfaithfulSampler(_refusal(sampler_name, scheduler_name, problem, steps))
+        return
+    spec = spec_for(sampler_name)
     problem = _choice_problem(spec, sampler_name, scheduler_name, steps, denoise)
     if problem is not None:
         raise UnfaithfulSampler(_refusal(sampler_name, scheduler_name, problem, steps))
+
+
+def _sigma_problem(sampler_name: str, scheduler_name: str, steps: int, denoise: float) -> str | None:
+    """Why ComfyUI's sigmas for this choice cannot be computed (e.g. too long a schedule), or None."""
+    try:
+        ksampler_sigmas(scheduler_name, steps, denoise, model_sigmas(), sampler_name=sampler_name)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def _count_problem(spec: SamplerSpec, steps: int) -> str | None:

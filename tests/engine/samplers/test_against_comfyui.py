@@ -73,6 +73,18 @@ def comfy_reference(sampler: str, sigmas: torch.Tensor, latent: torch.Tensor, no
             x = x + (x2 - denoised(x2, mid)) / mid * (down - s)
             if sampler == "dpm_2_ancestral":
                 x = x + torch.randn(x.shape, generator=generator) * up
+        elif sampler == "dpmpp_2s_ancestral":
+            down, up = ancestral_step(s, s_next)
+            if down == 0:
+                x = x + d * (down - s)
+            else:
+                t, t_next = -s.log(), -down.log()
+                h = t_next - t
+                mid = (-(t + h / 2)).exp()
+                x_2 = (mid / s) * x - (-h / 2).expm1() * d_x
+                x = (down / s) * x - (-h).expm1() * denoised(x_2, mid)
+            if s_next > 0:
+                x = x + torch.randn(x.shape, generator=generator) * up
         elif sampler == "lms":
             ds = (ds + [d])[-4:]
             if s_next == 0:
@@ -114,7 +126,12 @@ def comfy_reference(sampler: str, sigmas: torch.Tensor, latent: torch.Tensor, no
     return x
 
 
-@pytest.mark.parametrize("sampler", [n for n in S.SUPPORTED_SAMPLERS if not n.startswith("uni_pc")])
+# the samplers comfy_reference rewrites; the other k-diffusion families have their own test_kdiffusion_*.py
+REFERENCED = ("euler", "ddim", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lms",
+              "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde")
+
+
+@pytest.mark.parametrize("sampler", REFERENCED)
 @pytest.mark.parametrize("scheduler", ["normal", "karras", "beta"])
 def test_sample_matches_comfy_k_diffusion(sampler: str, scheduler: str) -> None:
     image, noise = latents(11)

@@ -8,12 +8,16 @@ from engine/data/comfyui_nodes.json), the sampler and scheduler names Noodle doe
 (engine/samplers/names.py), and the model folders those missing nodes load from that Noodle has none of
 (controlnet, upscale_models, clip_vision ...). A workflow with none of those is validated as the executor would
 (engine/validate.py), with every model and image name it gives taken as present: coverage judges the graph, not
-what this machine's models folder holds.
+what this machine's models folder holds; a prompt missing inputs that have defaults is named as an export older
+than ComfyUI's current nodes (ComfyUI refuses it too). Workflows for other model families (Flux, SD3, Stable
+Cascade, video ...: by their nodes, or a checkpoint named for one) are told apart, and the summary gives the share
+of SD1.x / SD2.x / SDXL workflows of built-in nodes that would run.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,12 +34,24 @@ from engine.samplers.names import SAMPLER_NAMES, SCHEDULER_NAMES, SUPPORTED_SAMP
 from engine.settings import Limits
 from engine.validate import UI_ONLY_NODES, validate
 
-__all__ = ["Verdict", "find_workflows", "judge_file", "judge_workflow", "read_workflow", "summary"]
+__all__ = ["Verdict", "find_workflows", "judge_file", "judge_workflow", "other_family_nodes", "read_workflow",
+           "summary"]
 
 Kind = Literal["api", "ui", "unreadable"]
 WORKFLOW_SUFFIXES = (".json", ".png")
 UI_HINT = "in ComfyUI export it with Workflow > Export (API) (Save (API Format) in older versions)"
-# Nodes of ComfyUI's frontend that exist only in the UI graph, never in the API prompt it exports.
+# ComfyUI's modules whose nodes serve only model families other than SD1.x / SD2.x / SDXL (DiT image models,
+# video, audio, 3D), the nodes of mixed modules that do, and the model folders only those families load from.
+_OTHER_FAMILY_SOURCES = frozenset(f"comfy_extras/nodes_{name}.py" for name in (
+    "ace", "audio", "audio_encoder", "camera_trajectory", "chroma_radiance", "cosmos", "edit_model", "flux",
+    "hidream", "hunyuan", "hunyuan3d", "load_3d", "lt", "lumina2", "mochi", "model_patch", "pixart", "qwen", "sd3",
+    "slg", "stable3d", "stable_cascade", "video_model", "wan"))
+_OTHER_FAMILY_NODES = frozenset({"ModelSamplingSD3", "ModelSamplingFlux", "ModelSamplingAuraFlow",
+                                 "ModelSamplingStableCascade", "T5TokenizerOptions", "SkipLayerGuidanceSD3"})
+_OTHER_FAMILY_FOLDERS = frozenset({"diffusion_models", "text_encoders"})  # UNETLoader, CLIPLoader and kin
+# Checkpoint names of those families: AuraFlow and Hunyuan-DiT examples load through SD's own nodes
+_OTHER_FAMILY_NAMES = re.compile(r"aura_?flow|hunyuan|flux|sd3|stable_cascade|stable_video|\bsvd|ltx|mochi|cosmos|"
+                                 r"lumina|hidream|chroma|qwen|omnigen|wan2|kolors|pixart|zero123|stable_audio", re.I)
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,12 @@ class Verdict:
     model_kinds: tuple[str, ...] = ()  # model folders the missing nodes load from that Noodle lacks
     problems: tuple[str, ...] = ()  # validation errors once every node type is known
     notes: tuple[str, ...] = ()  # what does not block the run but is worth knowing (pickle names)
+    other_family: tuple[str, ...] = ()  # the nodes, or checkpoint names, of another model family than SD
+
+    @property
+    def sd_family(self) -> bool:
+        """An API workflow for SD1.x / SD2.x / SDXL: no node of another model family (Flux, SD3, video ...)."""
+        return self.kind == "api" and not self.other_family
 
     @property
     def runs(self) -> bool:
@@ -91,7 +113,8 @@ class Verdict:
         """The same as JSON (`noodle coverage --json`)."""
         return {"path": str(self.path), "kind": self.kind, "runs": self.runs, "reason": self.reason,
                 "missing_nodes": dict(self.missing), "samplers": list(self.samplers),
-                "model_kinds": list(self.model_kinds), "problems": list(self.problems), "notes": list(self.notes)}
+                "model_kinds": list(self.model_kinds), "problems": list(self.problems), "notes": list(self.notes),
+                "other_family": list(self.other_family)}
 
 
 def read_workflow(path: Path) -> tuple[Kind, Any, str]:
@@ -147,6 +170,18 @@ def _origin(class_type: str) -> str:
     return "custom" if known is None else known.kind
 
 
+def other_family_nodes(class_types: Iterable[str]) -> tuple[str, ...]:
+    """The stock ComfyUI nodes among `class_types` that only model families other than SD1.x / SD2.x / SDXL use
+    (EmptySD3LatentImage, FluxGuidance, UNETLoader ...), sorted."""
+    found = set()
+    for class_type in class_types:
+        known = comfyui_node(class_type)
+        if known is not None and (known.source in _OTHER_FAMILY_SOURCES or class_type in _OTHER_FAMILY_NODES
+                                  or _OTHER_FAMILY_FOLDERS & set(known.folders)):
+            found.add(class_type)
+    return tuple(sorted(found))
+
+
 def _constants(workflow: Mapping[str, Any]) -> list[str]:
     return [value for node in workflow.values() if isinstance(node.get("inputs"), dict)
             for value in node["inputs"].values() if isinstance(value, str)]
@@ -183,12 +218,41 @@ def judge_workflow(path: Path, workflow: Mapping[str, Any], registry: Mapping[st
         try:
             checked = validate(dict(workflow), registry, lambda folder: names, limits)
         except WorkflowInvalid as err:
-            problems = [line for line in str(err).splitlines() if line.strip()]
+            problems = [line for line in str(err).splitlines() if line.strip()] + _stale_export(err.body, registry)
         else:
             if checked.partial_errors:  # ComfyUI runs the outputs that pass: so would Noodle
                 notes.append(f"outputs that fail validation are skipped (nodes {', '.join(checked.partial_errors)})")
     return Verdict(path, "api", missing=missing, samplers=tuple(dict.fromkeys(samplers)),
-                   model_kinds=tuple(sorted(kinds)), problems=tuple(problems), notes=tuple(dict.fromkeys(notes)))
+                   model_kinds=tuple(sorted(kinds)), problems=tuple(problems), notes=tuple(dict.fromkeys(notes)),
+                   other_family=_other_family(workflow))
+
+
+def _other_family(workflow: Mapping[str, Any]) -> tuple[str, ...]:
+    """What makes a workflow one for another model family than SD: its nodes, then its checkpoint names."""
+    checkpoints = {node["inputs"].get("ckpt_name") for node in workflow.values()
+                   if isinstance(node.get("inputs"), dict)}
+    named = sorted(f"checkpoint {name}" for name in checkpoints
+                   if isinstance(name, str) and _OTHER_FAMILY_NAMES.search(name))
+    return other_family_nodes(str(node.get("class_type")) for node in workflow.values()) + tuple(named)
+
+
+def _stale_export(body: Mapping[str, Any], registry: Mapping[str, type[Node]]) -> list[str]:
+    """Why a prompt misses widget inputs that have defaults: it was exported before ComfyUI added them, and ComfyUI
+    refuses it too (its editor fills such inputs in when it loads the file's UI graph)."""
+    added = []
+    for entry in body.get("node_errors", {}).values():
+        cls = registry.get(str(entry.get("class_type")))
+        if cls is None:
+            continue
+        specs = {spec.name: spec for spec in cls.input_specs()}
+        for error in entry.get("errors", ()):
+            spec = specs.get(str(error.get("extra_info", {}).get("input_name")))
+            if error.get("type") == "required_input_missing" and spec is not None and spec.default is not None:
+                added.append(f"{cls.__name__}'s {spec.name} (default {spec.default!r})")
+    if not added:
+        return []
+    return [f"probably exported before ComfyUI added {', '.join(dict.fromkeys(added))}: ComfyUI refuses this "
+            "prompt too; open the file in ComfyUI's editor, which fills in the defaults, and export it again"]
 
 
 def judge_file(path: Path, registry: Mapping[str, type[Node]], limits: Limits) -> Verdict:
@@ -248,4 +312,8 @@ def summary(verdicts: list[Verdict], *, top: int = 10) -> list[str]:
     if samplers:
         lines.append("samplers/schedulers not supported (workflows): "
                      + ", ".join(f"{name} ({count})" for name, count in samplers.most_common(top)))
+    sd = [v for v in builtin if v.sd_family]
+    if len(sd) != len(builtin):  # Flux, SD3, video ... workflows of built-in nodes aside: what Noodle is for
+        lines.append(f"for SD1.x / SD2.x / SDXL: {share(sum(v.runs for v in sd), len(sd))} of the workflows using "
+                     "only built-in nodes would run here")
     return lines

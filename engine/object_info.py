@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from engine.data import comfyui_node
 from engine.nodes.base import InputSpec, Node
 
 __all__ = ["DISPLAY_NAMES", "HIDDEN_INPUTS", "WIDGET_KEYS", "input_entry", "node_info", "object_info"]
@@ -35,6 +36,12 @@ DISPLAY_NAMES: dict[str, str] = {
     "ImageCrop": "Image Crop", "ImageBlend": "Image Blend", "ImageBlur": "Image Blur",
     "ImageSharpen": "Image Sharpen", "ImageScaleToTotalPixels": "Scale Image to Total Pixels",
     "CheckpointSave": "Save Checkpoint",
+    "ConditioningSetArea": "Conditioning (Set Area)",
+    "ConditioningSetAreaPercentage": "Conditioning (Set Area with Percentage)",
+    "ConditioningSetMask": "Conditioning (Set Mask)", "DifferentialDiffusion": "Differential Diffusion",
+    "SelfAttentionGuidance": "Self-Attention Guidance", "UpscaleModelLoader": "Load Upscale Model",
+    "ImageUpscaleWithModel": "Upscale Image (using Model)",
+    "SamplerEulerAncestralCFGPP": "SamplerEulerAncestralCFG++",
 }
 
 # The hidden inputs ComfyUI declares on these nodes; the engine fills the same values itself.
@@ -104,14 +111,19 @@ def node_info(name: str, cls: type[Node], choices_for: Callable[[str], Sequence[
         "name": name,
         "display_name": DISPLAY_NAMES.get(name, name),
         "description": cls.DESCRIPTION or (doc.splitlines()[0] if doc else ""),
-        # ComfyUI writes "nodes" for its built-in nodes; ours stand in for those.
-        "python_module": "nodes",
+        # ComfyUI's own module for the built-in node ours stands in for ("nodes", "comfy_extras.nodes_mask")
+        "python_module": _python_module(name),
         "category": cls.CATEGORY or "sd",
         "output_node": bool(cls.OUTPUT_NODE),
         "deprecated": False,
         "experimental": False,
         "api_node": False,
     }
+
+
+def _python_module(name: str) -> str:
+    stock = comfyui_node(name)
+    return stock.python_module if stock is not None else "nodes"
 
 
 def object_info(registry: Mapping[str, type[Node]],

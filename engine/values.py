@@ -70,18 +70,25 @@ class ModelRef:
 class ModelPatches:
     """ComfyUI's model_options on a MODEL, as patch nodes add them (each node returns a new MODEL; the shared UNet
     is only hooked while this MODEL samples). The callables are the patch nodes' own objects; their contracts are
-    documented where they are used (engine/nodes/guidance.py for the CFG hooks, the UNet hooks where applied).
+    documented where they are used (engine/nodes/cfg_hooks.py for the CFG hooks, the UNet hooks where applied).
 
     cfg_function: RescaleCFG's sampler_cfg_function (one; a later node replaces it, as ComfyUI's).
     post_cfg: SelfAttentionGuidance's / PerturbedAttentionGuidance's post_cfg_function chain, in order.
-    unet: UNet patches (FreeU's output-block patch, a hypernetwork's attention patch), in order.
-    denoise_mask: DifferentialDiffusion's denoise_mask_function (one).
+    unet: UNet patches (FreeU's output-block patch, a hypernetwork's attention patch), in order; hooked into the
+        shared UNet for one run by engine/models/unet_hooks.py, which says what each `kind` is called with.
+    denoise_mask: DifferentialDiffusion's denoise_mask_function (one): fn(sigma, mask, sigmas, sampling) -> the
+        mask a model call uses (engine/samplers/loop.py masked_eps).
+    attn1_replace: ComfyUI's attn1 patches_replace, (block key, function) pairs (engine/nodes/attention_replace.py);
+        a later pair for a key replaces the earlier one, as ComfyUI's dict (SelfAttentionGuidance's capture).
+    disable_cfg1_optimization: cfg 1 still runs the uncond pass (SelfAttentionGuidance sets it, as in ComfyUI).
     """
 
     cfg_function: Any = None
     post_cfg: tuple[Any, ...] = ()
     unet: tuple[Any, ...] = ()
     denoise_mask: Any = None
+    attn1_replace: tuple[tuple[tuple[Any, ...], Any], ...] = ()
+    disable_cfg1_optimization: bool = False
 
     def replace(self, **changes: Any) -> ModelPatches:
         return dataclasses.replace(self, **changes)
@@ -119,7 +126,10 @@ class VaeRef:
 
 @dataclass(frozen=True)
 class CondItem:
-    """One text encoding: token embeddings [1, 77*k, D], SDXL's pooled vector and size conditioning."""
+    """One text encoding: token embeddings [1, 77*k, D], SDXL's pooled vector and size conditioning.
+
+    `extras` holds ComfyUI's cond dict keys: SDXL sizes, "start_percent"/"end_percent", "control", the inpaint
+    concat, and the area keys "area", "strength", "mask", "mask_strength", "set_area_to_bounds"."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
@@ -180,12 +190,24 @@ class Noise:
 @dataclass(frozen=True)
 class Guider:
     """GUIDER: a model and the conds that guide it, combined as `uncond + (cond - uncond) * cfg` (CFGGuider); a
-    BasicGuider has no negative and cfg 1, the positive alone."""
+    BasicGuider has no negative and cfg 1, the positive alone. A DualCFGGuider's is `dual`: positive is its cond1,
+    cfg its cfg_conds."""
 
     model: ModelRef
     positive: Conditioning
     negative: Conditioning | None
     cfg: float
+    dual: DualCFG | None = None
+
+
+@dataclass(frozen=True)
+class DualCFG:
+    """DualCFGGuider's second cond (`middle`, its cond2) and scale, and its style: "nested" (True) or "regular"
+    (engine/nodes/dual_cfg.py has the math)."""
+
+    middle: Conditioning
+    cfg_cond2_negative: float
+    nested: bool
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import engine.cost.area_rules  # noqa: F401  (registers the area conditioning nodes' rules in RULES)
+import engine.cost.guidance_rules  # noqa: F401  (DualCFGGuider's rule)
 import engine.cost.op_rules  # noqa: F401  (registers the small nodes' rules in RULES)
+import engine.cost.sigma_rules  # noqa: F401  (the SIGMAS nodes' and SaveImageWebsocket's rules)
 from engine.cost.files import Files, ModelFiles
 from engine.cost.rules import RULES
 from engine.cost.shapes import LIMIT_EXCEEDED, Cond, Pictures, Shape, Step

@@ -33,6 +33,13 @@ class ComfyNode:
     source: str  # the ComfyUI file that defines it
 
     @property
+    def python_module(self) -> str:
+        """What ComfyUI's /object_info names as the node's python_module: "nodes" for nodes.py, else the
+        comfy_extras module's dotted name ("comfy_extras.nodes_custom_sampler")."""
+        stem = self.source.removesuffix(".py").replace("/", ".")
+        return "nodes" if stem == "nodes" else stem
+
+    @property
     def family(self) -> str:
         """How a person names what the node belongs to: its category, else its source file."""
         return self.category or self.source

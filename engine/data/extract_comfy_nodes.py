@@ -5,8 +5,9 @@ Run it on a ComfyUI git directory (a bare clone works: files are read with `git 
     python engine/data/extract_comfy_nodes.py /path/to/ComfyUI/.git [--out engine/data/comfyui_nodes.json]
 
 Nothing is imported from ComfyUI: the files are parsed with `ast`. Built-in means what `nodes.py` registers
-itself (`NODE_CLASS_MAPPINGS`) plus the files `init_builtin_extra_nodes` loads from `comfy_extras/`;
-`comfy_api_nodes/` (paid cloud services) is listed apart as "api". Per node it keeps the ComfyUI category and
+itself (`NODE_CLASS_MAPPINGS`) plus the files `init_builtin_extra_nodes` loads from `comfy_extras/` and the
+one node file the repository ships in `custom_nodes/` (SaveImageWebsocket); `comfy_api_nodes/` (paid cloud
+services) is listed apart as "api". Per node it keeps the ComfyUI category and
 the model folders its inputs list (`folder_paths.get_filename_list("controlnet")`), which `noodle coverage`
 reports as model kinds. Standard library only, so it runs anywhere.
 """
@@ -144,6 +145,11 @@ def extract(git_dir: Path) -> dict[str, object]:
     for name in _loaded_files(nodes_py.tree, "init_builtin_extra_nodes"):
         module = _Module(f"comfy_extras/{name}", git_show(git_dir, f"comfy_extras/{name}"))
         builtin.update({**module.mapped_nodes(), **module.schema_nodes()})
+    # SaveImageWebsocket: ComfyUI's repository ships it in custom_nodes/, so every install loads it at start
+    bundled = "custom_nodes/websocket_image_save.py"
+    if subprocess.run(["git", "--git-dir", str(git_dir), "cat-file", "-e", f"HEAD:{bundled}"],
+                      capture_output=True).returncode == 0:
+        builtin.update(_Module(bundled, git_show(git_dir, bundled)).mapped_nodes())
     api: dict[str, dict[str, object]] = {}
     for name in _loaded_files(nodes_py.tree, "init_builtin_api_nodes"):
         module = _Module(f"comfy_api_nodes/{name}", git_show(git_dir, f"comfy_api_nodes/{name}"))

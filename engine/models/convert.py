@@ -5,7 +5,8 @@ pickles, and a pickle name runs on the .safetensors of the same stem (ModelCatal
 who has only the pickle converts it here, by explicit command: the file is read with
 `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers, and the tensors are
 written with safetensors. Works for checkpoints, LoRAs, VAEs, ControlNets and upscalers alike: nothing here
-depends on what the weights are.
+depends on what the weights are, except for an A1111 hypernetwork (integer widths holding two state dicts), whose
+layers are flattened and whose options go into the file's metadata (engine/models/hypernetwork.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 
 from engine.errors import NoodleError, UnsafeModelFile
 from engine.models.detect import PICKLE_SUFFIXES
+from engine.models.hypernetwork import flatten_a1111
 
 __all__ = ["ConvertError", "Converted", "convert_file", "convert_files", "unwrap_state_dict"]
 
@@ -118,17 +120,23 @@ def convert_file(source: Path, *, force: bool = False) -> Converted:
         raise ConvertError(f"{source}: could not be read as a PyTorch file ({reason})") from err
     except Exception as err:  # a damaged file: torch.load raises whatever its parser trips on (struct.error ...)
         raise ConvertError(f"{source}: could not be read as a PyTorch file ({type(err).__name__}: {err})") from err
-    weights = unwrap_state_dict(data)
-    if not isinstance(weights, dict):
-        raise ConvertError(f"{source}: holds a {type(weights).__name__}, not a dict of weights")
-    tensors, dropped = _flat_tensors(weights)
+    metadata = {"format": "pt", "converted_from": source.name}
+    hypernetwork = flatten_a1111(data)  # widths -> (key, value) state dicts: flat keys, options as metadata
+    if hypernetwork is not None:
+        tensors, dropped = _flat_tensors(hypernetwork[0])
+        metadata |= hypernetwork[1]
+    else:
+        weights = unwrap_state_dict(data)
+        if not isinstance(weights, dict):
+            raise ConvertError(f"{source}: holds a {type(weights).__name__}, not a dict of weights")
+        tensors, dropped = _flat_tensors(weights)
     if not tensors:
         raise ConvertError(f"{source}: holds no tensors, so there is nothing to convert")
     # written under a temporary name, then renamed: a failed or interrupted write leaves no half file that
     # the models folder would list
     partial = target.with_name(f".{target.name}.part")
     try:
-        save_file(tensors, str(partial), metadata={"format": "pt", "converted_from": source.name})
+        save_file(tensors, str(partial), metadata=metadata)
         os.replace(partial, target)
     except BaseException:
         partial.unlink(missing_ok=True)

@@ -25,9 +25,10 @@ from engine.models.hashes import HashBook
 
 __all__ = ["FOLDERS", "FolderLookup", "ModelCatalog", "display_name", "file_fingerprint", "safe_join"]
 
-Folder = Literal["checkpoints", "loras", "vae", "embeddings", "upscale_models", "controlnet"]
+Folder = Literal["checkpoints", "loras", "vae", "embeddings", "upscale_models", "controlnet", "hypernetworks"]
 FOLDERS: dict[str, str] = {"checkpoints": "checkpoint", "loras": "LoRA", "vae": "VAE", "embeddings": "embedding",
-                           "upscale_models": "upscale model", "controlnet": "ControlNet"}
+                           "upscale_models": "upscale model", "controlnet": "ControlNet",
+                           "hypernetworks": "hypernetwork"}
 SAFE_SUFFIX = ".safetensors"
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 

@@ -3,7 +3,8 @@ ConditioningAverage, ConditioningZeroOut, ConditioningSetTimestepRange and Inpai
 
 A timestep range rides on each cond's extras as ComfyUI's "start_percent" / "end_percent"; the sampler
 (engine/nodes/guidance.py guided_eps) reads them on the model's own sigmas and leaves a cond out of the
-steps outside it.
+steps outside it. The area nodes (ConditioningSetArea, ...Percentage, ...Strength, ConditioningSetMask) are in
+area_conditioning.py.
 
 Text goes through `prompts` (tokens, 75-token chunks, emphasis, embeddings); this module only
 knows which encoders a checkpoint family has and how ComfyUI sets their layers.
@@ -29,6 +30,14 @@ EOS = 49407
 log = logging.getLogger(__name__)
 
 
+def _layer_of(stop: int, model: torch.nn.Module, final_norm: bool) -> tuple[int, bool]:
+    """ComfyUI's set_clip_options: a stop layer past the encoder's depth (SD1.x's 12 layers and SDXL's clip_l at
+    -13..-24) means its "last" output, the last layer through the final norm; else that hidden layer as set."""
+    if abs(stop) > model.config.num_hidden_layers:
+        return -1, True
+    return stop, final_norm
+
+
 def clip_encoders(clip: ClipRef, ctx: RunContext) -> list[ClipEncoder]:
     """The ClipEncoders of a checkpoint with its LoRAs active and ComfyUI's layer choice."""
     models = ctx.models.use_text_encoders(clip)
@@ -38,25 +47,27 @@ def clip_encoders(clip: ClipRef, ctx: RunContext) -> list[ClipEncoder]:
     if clip.arch.family == "sdxl":
         # ComfyUI's SDXL encoders: both at the penultimate layer, no final layer norm; clip_g pads
         # with 0 and gives the pooled vector
-        layer = -2 if clip.stop_at_layer is None else clip.stop_at_layer
+        stop = -2 if clip.stop_at_layer is None else clip.stop_at_layer
+        (layer_l, norm_l), (layer_g, norm_g) = _layer_of(stop, models[0], False), _layer_of(stop, models[1], False)
         return [
-            ClipEncoder(pipe.tokenizer, models[0], layer=layer, final_norm=False, pooled=False, pad_token=EOS,
+            ClipEncoder(pipe.tokenizer, models[0], layer=layer_l, final_norm=norm_l, pooled=False, pad_token=EOS,
                         cache_tag=tag),
-            ClipEncoder(pipe.tokenizer_2, models[1], layer=layer, final_norm=False, pooled=True, pad_token=0,
+            ClipEncoder(pipe.tokenizer_2, models[1], layer=layer_g, final_norm=norm_g, pooled=True, pad_token=0,
                         cache_tag=tag),
         ]
     if clip.arch.family == "sd2":
         # ComfyUI's SD2ClipModel: OpenCLIP's penultimate block through the final layer norm, padded with "!" (0).
         # diffusers loads 23 of the file's 24 blocks (SD2 never uses the last), so ComfyUI's layer -k is our -(k-1)
         stop = -2 if clip.stop_at_layer is None else clip.stop_at_layer
-        if stop == -1:
+        # ComfyUI's "last" for a stop past the file's depth is that unloaded block too
+        if stop == -1 or abs(stop) > models[0].config.num_hidden_layers + 1:
             raise ValueError("CLIPSetLastLayer -1 on an SD2 checkpoint asks for OpenCLIP's last block, which SD2 "
                              "never uses and Noodle does not load; use -2 (SD2's default) or lower")
         return [ClipEncoder(pipe.tokenizer, models[0], layer=stop + 1, final_norm=True, pooled=False, pad_token=0,
                             cache_tag=tag)]
-    layer = -1 if clip.stop_at_layer is None else clip.stop_at_layer
+    layer, norm = _layer_of(-1 if clip.stop_at_layer is None else clip.stop_at_layer, models[0], True)
     # SD1.x: an earlier layer still goes through the final layer norm (ComfyUI layer_norm_hidden_state)
-    return [ClipEncoder(pipe.tokenizer, models[0], layer=layer, final_norm=True, pooled=False, pad_token=EOS,
+    return [ClipEncoder(pipe.tokenizer, models[0], layer=layer, final_norm=norm, pooled=False, pad_token=EOS,
                         cache_tag=tag)]
 
 

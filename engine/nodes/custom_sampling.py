@@ -23,7 +23,7 @@ from engine.samplers.loop import resize_noise_mask
 from engine.samplers.model_sampling import ModelSampling
 from engine.samplers.names import SPECS
 from engine.settings import Limits
-from engine.values import Conditioning, Guider, Latent, ModelRef, Noise, Sampler, Sigmas
+from engine.values import Conditioning, DualCFG, Guider, Latent, ModelRef, Noise, Sampler, Sigmas
 
 __all__ = ["basic_sigmas", "sample_custom", "sd_turbo_sigmas"]
 
@@ -280,8 +280,8 @@ class SamplerCustom(Node):
 
 def sample_custom(ctx: RunContext, model: ModelRef, noise_source: Noise, positive: Conditioning,
                   negative: Conditioning, cfg: float, sampler: Sampler, sigmas_in: Sigmas,
-                  latent: Latent) -> tuple[Latent, Latent]:
-    """SamplerCustom's and SamplerCustomAdvanced's run: (output, denoised_output)."""
+                  latent: Latent, dual: DualCFG | None = None) -> tuple[Latent, Latent]:
+    """SamplerCustom's and SamplerCustomAdvanced's run: (output, denoised_output); `dual` a DualCFGGuider's."""
     ctx.meta.seeds[ctx.node_id] = noise_source.seed
     sigmas, name = sigmas_in.values.float().cpu().flatten().clone(), sampler.name  # the input value stays as is
     if noise_source.random:
@@ -305,7 +305,7 @@ def sample_custom(ctx: RunContext, model: ModelRef, noise_source: Noise, positiv
     try:
         # the scheduler name only labels the plan: the sigmas are the ones given
         out = run_sampler(ctx, model, latent, noise, sigmas, name, "normal", noise_source.seed, cfg, positive,
-                          negative, watch=watch, options=options, preview=preview if own_steps else None)
+                          negative, watch=watch, options=options, preview=preview if own_steps else None, dual=dual)
     except samplers.UnfaithfulSampler as err:
         # build_scheduler's refusal names the label scheduler: keep only its reason
         text = str(err)
@@ -388,7 +388,8 @@ class SamplerCustomAdvanced(Node):
 
     def run(self, ctx: RunContext) -> tuple[Latent, Latent]:
         guider = self.guider
-        # cfg 1 never reads the negative (guided_eps skips its pass, as ComfyUI): the positive stands in for it
-        negative = guider.negative if guider.negative is not None else guider.positive
+        # BasicGuider's missing negative: no conds, a denoised estimate of 0 wherever a hook or a cfg_pp sampler
+        # reads it, as ComfyUI's None cond list (at cfg 1 its pass is skipped anyway)
+        negative = guider.negative if guider.negative is not None else Conditioning(())
         return sample_custom(ctx, guider.model, self.noise, guider.positive, negative, guider.cfg, self.sampler,
-                             self.sigmas, self.latent_image)
+                             self.sigmas, self.latent_image, guider.dual)

@@ -1,7 +1,9 @@
 """The guided noise prediction every sampler step calls, as ComfyUI's `calc_cond_batch` and `cfg_function`:
-positive and negative conds in one UNet batch (each within its timestep window), ControlNet residuals per cond,
+positive and negative conds in one UNet batch per shape they see (each within its timestep window; an area cond
+sees its crop and counts with its weight, engine/nodes/area_conditioning.py), ControlNet residuals per cond,
 an inpainting UNet's [mask, masked latent] concat, the model's own prediction type turned into eps, then
-classifier-free guidance `uncond + (cond - uncond) * cfg`.
+classifier-free guidance `uncond + (cond - uncond) * cfg`, or the MODEL's CFG hooks (RescaleCFG, SAG, PAG:
+engine/nodes/cfg_hooks.py) and a DualCFGGuider's combine (engine/nodes/dual_cfg.py).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import engine.nodes.area_conditioning as areas
 from engine import samplers
-from engine.models.controlnet.residuals import ControlResiduals, spread_to_uncond
+from engine.models.controlnet.residuals import ControlResiduals
 from engine.models.detect import INPAINT_CHANNELS
+import engine.nodes.cfg_hooks as cfg_hooks
+from engine.nodes.attention_replace import Attn1Slot
 from engine.samplers.loop import resize_noise_mask
-from engine.values import CondItem, Conditioning
+from engine.values import CondItem, Conditioning, DualCFG, ModelPatches
 
 __all__ = ["EpsFn", "InpaintSource", "guided_eps", "inpaint_concat"]
 
@@ -114,7 +119,9 @@ def inpaint_concat(item: CondItem, latent: torch.Tensor, noise_mask: torch.Tenso
 def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditioning],
                negative: Conditioning | Sequence[Conditioning], cfg: float, sdxl: bool, pixel_size: tuple[int, int],
                sizes: Sequence[int] | None = None, inpaint: InpaintSource | None = None,
-               sampling: samplers.ModelSampling = samplers.DEFAULT_SAMPLING, family: str | None = None) -> EpsFn:
+               sampling: samplers.ModelSampling = samplers.DEFAULT_SAMPLING, family: str | None = None,
+               patches: ModelPatches | None = None, dual: DualCFG | None = None,
+               disable_cfg1_optimization: bool = False, attention: Attn1Slot | None = None) -> EpsFn:
     """The guided noise prediction for a batch of latents at one sigma.
 
     One Conditioning pair guides the whole batch, as a KSampler does. With per-item sequences (the
@@ -126,17 +133,40 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
     and its start/end percents are read on `sampling`'s sigmas. So are a cond's ConditioningSetTimestepRange
     ("start_percent" / "end_percent" in its extras): outside its range a cond (and its ControlNet) is left out of
     the UNet batch, and a side with no active cond predicts a denoised estimate of 0, as ComfyUI's calc_cond_batch.
+    Area conds (ConditioningSetArea, ...Percentage, ...Strength, ConditioningSetMask) are resolved on the latent
+    of `pixel_size`, get their twins on the other side, run on their crops and are averaged with their weights
+    (engine/nodes/area_conditioning.py).
+
+    `patches` (the MODEL's) with CFG hooks (RescaleCFG, SelfAttentionGuidance, PerturbedAttentionGuidance) combine
+    the sides in denoised space as ComfyUI's cfg_function (engine/nodes/cfg_hooks.py); `dual` makes it a
+    DualCFGGuider's prediction (engine/nodes/dual_cfg.py). The returned function also has `with_uncond(x, timestep,
+    sigma) -> (eps, uncond eps)`, which always runs the uncond pass (ComfyUI's disable_cfg1_optimization, as
+    `disable_cfg1_optimization` does for every call), and `sides` (cfg_hooks.SidesFn). `attention` is the run's
+    attn1 replacements when a caller shares one between predictions (a DualCFGGuider's).
     """
+    if dual is not None:
+        from engine.nodes.dual_cfg import dual_eps
+
+        def build(pos: Conditioning, neg: Conditioning, keep_negative: bool, slot: Attn1Slot | None) -> EpsFn:
+            return guided_eps(unet, pos, neg, 1.0, sdxl, pixel_size, sizes, inpaint, sampling, family,
+                              disable_cfg1_optimization=keep_negative, attention=slot)
+
+        return dual_eps(build, positive, negative, cfg, dual, patches or ModelPatches(), disable_cfg1_optimization)
     positives = [positive] if isinstance(positive, Conditioning) else list(positive)
     negatives = [negative] if isinstance(negative, Conditioning) else list(negative)
     groups_wanted = 1 if sizes is None else len(sizes)
     if len(positives) != groups_wanted or len(negatives) != groups_wanted:
         raise ValueError(f"{len(positives)} positive and {len(negatives)} negative conds for {groups_wanted} "
                          "group(s) of latents: give one pair per group, with `sizes` for more than one")
-    # the legacy ControlNetApply's ControlNet reaches the negative at sampling time, as in ComfyUI
-    negatives = [spread_to_uncond(p, n) for p, n in zip(positives, negatives)]
-    # cfg 1 needs no negative pass: ComfyUI skips it too, and the result is the same
-    skip_negative = math.isclose(cfg, 1.0)
+    # ComfyUI's process_conds: an area cond gets a twin on the other side (cfg 1 too), then the legacy
+    # ControlNetApply's ControlNet reaches the negative's conds without an area, at sampling time
+    cells = (pixel_size[0] // 8, pixel_size[1] // 8)  # the latent being sampled, which areas are resolved on
+    pairs = [areas.with_opposite_areas(p, n, *cells) for p, n in zip(positives, negatives)]
+    positives = [p for p, _ in pairs]
+    negatives = [areas.spread_outside_areas(p, n) for p, n in pairs]
+    # cfg 1 needs no negative pass: ComfyUI skips it too, and the result is the same (unless a hook reads it)
+    keep_negative = disable_cfg1_optimization or (patches is not None and patches.disable_cfg1_optimization)
+    skip_negative = math.isclose(cfg, 1.0) and not keep_negative
     groups = [list(p.items) + ([] if skip_negative else list(n.items)) for p, n in zip(positives, negatives)]
     n_pos = [len(p.items) for p in positives]
     length = math.lcm(*(item.embeds.shape[1] for items in groups for item in items))
@@ -155,68 +185,146 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
     inpainting = getattr(getattr(unet, "config", None), "in_channels", 4) == INPAINT_CHANNELS
     concats: dict[tuple[Any, ...], torch.Tensor] = {}  # the concat is the same at every step: built once
     windows = _timestep_windows(groups, sampling)
+    everything = [list(range(len(items))) for items in groups]
+    regions_for: dict[tuple[int, ...], list[list[areas.Region | None]]] = {}  # per group sizes: the same each step
 
-    def eps(x: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    hooked = cfg_hooks.is_hooked(patches)
+    if attention is None and hooked:
+        attention = Attn1Slot(dict(patches.attn1_replace))  # type: ignore[union-attr]
+
+    def sides(x: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor,
+              only: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per group, the (cond, uncond) noise predictions (uncond None when skipped); `only` 0 or 1: that side's
+        conds alone (a hook's extra pass)."""
         counts = list(sizes) if sizes is not None else [x.shape[0]]
         chunks = x.split(counts)
+        regions = _regions(x, counts)
         # the conds whose timestep range holds this sigma (None: all of them, the usual case)
         active = _active_items(windows, float(sigma))
-        if active is None:
-            run_groups, run_contexts, run_added, positives = groups, contexts, added, n_pos
-        else:
-            run_groups = [[items[i] for i in keep] for items, keep in zip(groups, active)]
-            run_contexts = [context[keep] for context, keep in zip(contexts, active)]
-            run_added = None if added is None else [{key: value[keep] for key, value in a.items()}
-                                                    for a, keep in zip(added, active)]
-            positives = [sum(i < n for i in keep) for keep, n in zip(active, n_pos)]
-        out = None
-        if any(run_groups):  # ComfyUI calls the model only for the conds that take part
-            out = _unet_call(x, timestep, sigma, chunks, counts, run_groups, run_contexts, run_added, active)
-        guided, offset = [], 0
-        for items, batch, positives_in, chunk in zip(run_groups, counts, positives, chunks):
-            preds = None
-            if items and out is not None:
-                preds = out[offset:offset + len(items) * batch].reshape(len(items), batch, *out.shape[1:])
-                preds = sampling.to_eps(preds, chunk.float(), float(sigma))  # the eps prediction itself: unchanged
-            offset += len(items) * batch
-            # no positive (or negative) cond active: ComfyUI's prediction for that side is a denoised estimate
-            # of 0 (calc_cond_batch divides an empty sum by its 1e-37 count)
-            cond = preds[:positives_in].mean(0) if positives_in else _no_cond_eps(chunk, float(sigma))
+        keep = everything if active is None else active
+        if only is not None:
+            keep = [[i for i in k if int(i >= n) == only] for k, n in zip(keep, n_pos)]
+        run_regions = [[rs[i] for i in k] for rs, k in zip(regions, keep)]
+        positives = [sum(i < n for i in k) for k, n in zip(keep, n_pos)]
+        # ComfyUI calls the model only for the conds that take part, in one batch per shape of latent they see
+        # (an area cond sees its crop of it)
+        preds: list[dict[int, torch.Tensor]] = [{} for _ in groups]
+        for picks in _by_shape(keep, regions, (x.shape[-2], x.shape[-1])):
+            out, offset = _unet_call(x, timestep, sigma, chunks, counts, picks, regions), 0
+            for group, (indices, batch, chunk) in enumerate(zip(picks, counts, chunks)):
+                for i in indices:
+                    # the eps prediction itself comes back unchanged
+                    seen = areas.crop(chunk.float(), regions[group][i])
+                    preds[group][i] = sampling.to_eps(out[offset:offset + batch], seen, float(sigma))
+                    offset += batch
+        guided = []
+        for k, group_preds, group_regions, positives_in, chunk in zip(keep, preds, run_regions, positives, chunks):
+            ordered = [group_preds[i] for i in k]
+            cond = _side(ordered[:positives_in], group_regions[:positives_in], chunk, float(sigma))
             if skip_negative:
-                guided.append(cond)
+                guided.append((cond, None))
                 continue
-            negatives_in = len(items) - positives_in
-            uncond = preds[positives_in:].mean(0) if negatives_in else _no_cond_eps(chunk, float(sigma))
-            guided.append(uncond + (cond - uncond) * cfg)
-        return torch.cat(guided)
+            uncond = _side(ordered[positives_in:], group_regions[positives_in:], chunk, float(sigma))
+            guided.append((cond, uncond))
+        return guided
+
+    hooks = cfg_hooks.CfgHooks(patches, cfg, sides, attention) if hooked else None  # type: ignore[arg-type]
+
+    def eps(x: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        pairs = sides(x, timestep, sigma)
+        if hooks is not None:
+            return hooks(x, timestep, sigma, pairs)[0]
+        return torch.cat([cond if uncond is None else uncond + (cond - uncond) * cfg for cond, uncond in pairs])
+
+    forced: list[EpsFn] = []  # at cfg 1: the same prediction with the uncond pass, built on first use
+
+    def with_uncond(x: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if skip_negative:
+            if not forced:
+                forced.append(guided_eps(unet, positive, negative, cfg, sdxl, pixel_size, sizes, inpaint, sampling,
+                                         family, patches=patches, disable_cfg1_optimization=True))
+            return forced[0].with_uncond(x, timestep, sigma)  # type: ignore[attr-defined]
+        pairs = sides(x, timestep, sigma)
+        if hooks is not None:
+            return hooks(x, timestep, sigma, pairs)
+        uncond = torch.cat([u for _, u in pairs])  # type: ignore[misc]
+        return torch.cat([u + (c - u) * cfg for c, u in pairs]), uncond  # type: ignore[operator]
+
+    def _regions(x: torch.Tensor, counts: list[int]) -> list[list[areas.Region | None]]:
+        """Per group, each cond item's Region on the latent (None: a plain cond), for these group sizes."""
+        if tuple(counts) not in regions_for:
+            found = [[areas.region(item, *cells, batch) for item in items] for items, batch in zip(groups, counts)]
+            if any(r is not None for rs in found for r in rs) and (x.shape[-2], x.shape[-1]) != cells:
+                raise ValueError(f"latents of {x.shape[-2]}x{x.shape[-1]} cells, but guided_eps was given "
+                                 f"{pixel_size} pixels: area conds are resolved on the latent being sampled")
+            regions_for[tuple(counts)] = found
+        return regions_for[tuple(counts)]
 
     def _unet_call(x: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor, chunks: Sequence[torch.Tensor],
-                   counts: list[int], run_groups: Sequence[Sequence[CondItem]], run_contexts: list[torch.Tensor],
-                   run_added: list[dict[str, torch.Tensor]] | None, active: list[list[int]] | None) -> torch.Tensor:
-        # per group: every cond item over the group's latents, item-major, then all groups in one batch
-        x_in = torch.cat([sampling.model_input(chunk, float(sigma)).to(device, dtype).repeat(len(items), 1, 1, 1)
-                          for chunk, items in zip(chunks, run_groups)])
-        ctx_in = torch.cat([context.repeat_interleave(b, dim=0) for context, b in zip(run_contexts, counts)])
+                   counts: list[int], picks: list[list[int]],
+                   regions: list[list[areas.Region | None]]) -> torch.Tensor:
+        # per group: each picked cond item over its crop of the group's latents, item-major, then all groups in one
+        # batch (every pick sees the same shape)
+        run_groups = [[groups[g][i] for i in indices] for g, indices in enumerate(picks)]
+        run_regions = [[regions[g][i] for i in indices] for g, indices in enumerate(picks)]
+        x_in = torch.cat([areas.crop(sampling.model_input(chunk, float(sigma)).to(device, dtype), r)
+                          for chunk, rs in zip(chunks, run_regions) for r in rs])
+        ctx_in = torch.cat([context[indices].repeat_interleave(b, dim=0)
+                            for context, indices, b in zip(contexts, picks, counts)])
         kwargs: dict[str, Any] = {}
-        if run_added is not None:
-            kwargs["added_cond_kwargs"] = {key: torch.cat([a[key].repeat_interleave(b, dim=0)
-                                                           for a, b in zip(run_added, counts)])
-                                           for key in run_added[0]}
+        if added is not None:
+            kwargs["added_cond_kwargs"] = {key: torch.cat([a[key][indices].repeat_interleave(b, dim=0)
+                                                           for a, indices, b in zip(added, picks, counts)])
+                                           for key in added[0]}
         t = timestep.reshape(-1)[:1].to(device).expand(x_in.shape[0])
-        pattern = None if active is None else tuple(map(tuple, active))
+        pattern = None if picks == everything else tuple(map(tuple, picks))
         if pattern not in controls:
             controls[pattern] = ControlResiduals.for_groups(run_groups, unet, fits, sampling)
         control = controls[pattern]
-        if control is not None:
+        if control is not None:  # on the crop an area cond sees, its hint resized to that crop, as in ComfyUI
             kwargs.update(control(x_in, t, sigma, ctx_in, kwargs.get("added_cond_kwargs"), counts))
         if inpainting:  # after the ControlNet, which sees only the latent's 4 channels, as in ComfyUI
             key = (tuple(x.shape), pattern)
             if key not in concats:
-                concats[key] = _group_concats(run_groups, counts, x, inpaint).to(device, dtype)
+                concats[key] = _group_concats(run_groups, counts, x, inpaint, run_regions).to(device, dtype)
             x_in = torch.cat([x_in, concats[key]], dim=1)
-        return unet(x_in, t, encoder_hidden_states=ctx_in, **kwargs).sample.float().to(x.device)
+        def call() -> torch.Tensor:
+            return unet(x_in, t, encoder_hidden_states=ctx_in, **kwargs).sample
 
+        if attention is None:
+            return call().float().to(x.device)
+        # the run's attn1 replacements (SAG's capture, PAG's pass) on the middle block, for this call only
+        items = [(g, i) for g, indices in enumerate(picks) for i in indices]
+        out = attention.run(unet, call, [int(i >= n_pos[g]) for g, i in items], [counts[g] for g, _ in items],
+                            [g for g, _ in items])
+        return out.float().to(x.device)
+
+    eps.with_uncond = with_uncond  # type: ignore[attr-defined]
+    eps.sides = sides  # type: ignore[attr-defined]
     return eps
+
+
+def _by_shape(keep: Sequence[Sequence[int]], regions: Sequence[Sequence[areas.Region | None]],
+              whole: tuple[int, int]) -> list[list[list[int]]]:
+    """One step's UNet calls: for each shape of latent the active conds see (the whole, or an area's crop), per
+    group the indices of its items of that shape, in order. ComfyUI batches only conds of one shape too."""
+    calls: dict[tuple[int, int], list[list[int]]] = {}
+    for group, indices in enumerate(keep):
+        for i in indices:
+            r = regions[group][i]
+            shape = whole if r is None or r.box is None else (r.box[0], r.box[1])
+            calls.setdefault(shape, [[] for _ in keep])[group].append(i)
+    return list(calls.values())
+
+
+def _side(preds: Sequence[torch.Tensor], regions: Sequence[areas.Region | None], chunk: torch.Tensor,
+          sigma: float) -> torch.Tensor:
+    """One side's noise prediction (calc_cond_batch's out_cond / out_count): its active conds' predictions weighed
+    by their regions (plain conds: the mean). Where none counts, ComfyUI's prediction is a denoised estimate of 0
+    (an empty sum over its 1e-37 count)."""
+    if not preds:
+        return _no_cond_eps(chunk, sigma)
+    return areas.weighted_mean(preds, regions, lambda: _no_cond_eps(chunk, sigma))
 
 
 def _timestep_windows(groups: Sequence[Sequence[CondItem]],
@@ -253,8 +361,10 @@ def _no_cond_eps(scaled: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def _group_concats(groups: Sequence[Sequence[CondItem]], counts: Sequence[int], x: torch.Tensor,
-                   inpaint: InpaintSource | None) -> torch.Tensor:
-    """Every cond item's inpaint concat over its group's latents, in the UNet batch's order (item-major per group)."""
+                   inpaint: InpaintSource | None,
+                   regions: Sequence[Sequence[areas.Region | None]] | None = None) -> torch.Tensor:
+    """Every cond item's inpaint concat over its group's latents, in the UNet batch's order (item-major per group),
+    cut to the item's area as ComfyUI's CONDNoiseShape.process_cond."""
     if inpaint is None:  # a caller that knows no latent: only the no-mask case can be built
         if any("concat_mask" in item.extras for items in groups for item in items):
             raise ValueError("an inpainting UNet with a concat_mask needs the sampler's latent (InpaintSource)")
@@ -264,9 +374,10 @@ def _group_concats(groups: Sequence[Sequence[CondItem]], counts: Sequence[int], 
     if mask is not None:
         mask = resize_noise_mask(mask.cpu(), latent.shape)  # over the whole batch first, as ComfyUI's denoise_mask
     parts, offset = [], 0
-    for items, batch in zip(groups, counts):
+    for group, (items, batch) in enumerate(zip(groups, counts)):
         rows = slice(offset, offset + batch)
         offset += batch
-        parts += [inpaint_concat(item, latent[rows], None if mask is None else mask[rows],
-                                 1.0 if inpaint is None else inpaint.scale) for item in items]
+        parts += [areas.crop(inpaint_concat(item, latent[rows], None if mask is None else mask[rows],
+                                            1.0 if inpaint is None else inpaint.scale),
+                             None if regions is None else regions[group][k]) for k, item in enumerate(items)]
     return torch.cat(parts)

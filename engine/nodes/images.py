@@ -215,6 +215,20 @@ class PreviewImage(Node):
         return save_images(ctx, self.images.pixels, f"ComfyUI_temp_{ctx.prompt_id[:5]}", "temp", ctx.temp_dir)
 
 
+@register
+class SaveImageWebsocket(Node):
+    """Hand images to the caller: ComfyUI streams them over its websocket; Noodle saves them as PreviewImage does."""
+
+    CATEGORY: ClassVar[str] = "api/image"
+    OUTPUT_NODE: ClassVar[bool] = True
+
+    images: ImageBatch = Socket("IMAGE")
+
+    def run(self, ctx: RunContext) -> Output:
+        # the result carries the pictures as PreviewImage's do, so a workflow ending here still gives its picture
+        return save_images(ctx, self.images.pixels, f"ComfyUI_temp_{ctx.prompt_id[:5]}", "temp", ctx.temp_dir)
+
+
 def resize_pixels(pixels: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
     """Resize IMAGE [B, H, W, C]; 0 for one side keeps the aspect ratio; `center` crops to the new aspect."""
     _, old_h, old_w, _ = pixels.shape

@@ -6,6 +6,7 @@ and the model call is ComfyUI's guided prediction (engine/nodes/guidance.py).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -13,11 +14,12 @@ import torch
 from pydantic import Field
 
 from engine import samplers
+from engine.models.unet_hooks import unet_patched
 from engine.nodes.base import SEED_MAX, Choice, Node, RunContext, Socket, register
 from engine.nodes.guidance import EpsFn, InpaintSource, guided_eps
 from engine.samplers.loop import lands_on_denoised, resize_noise_mask
 from engine.settings import Limits
-from engine.values import Conditioning, Latent, ModelRef
+from engine.values import Conditioning, DualCFG, Latent, ModelRef
 
 
 def prepare_noise(latent: torch.Tensor, seed: int, batch_index: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -38,7 +40,7 @@ def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.T
                 positive: Conditioning | Sequence[Conditioning], negative: Conditioning | Sequence[Conditioning],
                 sizes: Sequence[int] | None = None, watch: Callable[[EpsFn], EpsFn] | None = None,
                 options: Mapping[str, Any] | None = None,
-                preview: Callable[[int, torch.Tensor], None] | None = None) -> Latent:
+                preview: Callable[[int, torch.Tensor], None] | None = None, dual: DualCFG | None = None) -> Latent:
     """Denoise `latent` along `sigmas`; progress and interrupts at every step.
 
     Per-item conds and `sizes` as in `guided_eps`: the queue samples several jobs' latents at once. A latent
@@ -47,6 +49,7 @@ def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.T
     sampler after this one is masked too. `watch` wraps the guided noise prediction (SamplerCustom reads each
     call's denoised estimate through it). `options` are a Sampler* node's (eta, s_noise, ...); `preview(step,
     denoised)` gets each step's denoised estimate where Noodle's own k-diffusion steps run (engine/samplers).
+    The MODEL's CFG hooks (RescaleCFG, SAG, PAG) apply; `dual` is a DualCFGGuider's (cfg is then its cfg_conds).
     """
     if len(sigmas) < 2:
         return latent  # nothing to do (denoise 0, or start past the end), as ComfyUI returns the input
@@ -55,7 +58,7 @@ def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.T
     h, w = latent.samples.shape[2] * 8, latent.samples.shape[3] * 8
     inpaint = InpaintSource(latent.samples.float() * scale, latent.noise_mask, scale)
     eps = guided_eps(unet, positive, negative, cfg, model.arch.family == "sdxl", (h, w), sizes, inpaint,
-                     sampling=model.model_sampling, family=model.arch.family)
+                     sampling=model.model_sampling, family=model.arch.family, patches=model.patches, dual=dual)
     if watch is not None:
         eps = watch(eps)
     plan = samplers.build_scheduler(sampler_name, scheduler, sigmas, seed, model.model_sampling, options)
@@ -65,12 +68,17 @@ def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.T
         ctx.progress(index + 1, total)
 
     ctx.progress(0, steps)
-    with torch.inference_mode():
+    mask_patch = model.patches.denoise_mask  # DifferentialDiffusion's, read on this MODEL's sampling
+    # FreeU / hypernetwork hooks on the shared UNet for this run only: removed on the way out, errors included
+    with torch.inference_mode(), unet_patched(unet, model.patches.unet):
         # LATENT values are in the VAE's raw space; the model works on scaled latents
         masked = {} if latent.noise_mask is None else {"denoise_mask": latent.noise_mask}
+        if masked and mask_patch is not None:
+            masked["denoise_mask_function"] = functools.partial(mask_patch, sampling=model.model_sampling)
         out = samplers.sample(plan, eps, latent.samples.float() * scale, noise, callback=on_step, device=unet.device,
                               preview=preview, **masked) / scale
-    if latent.noise_mask is not None and lands_on_denoised(plan):
+    # (a per-step mask function may denoise the mask-0 area too: ComfyUI's result stands as it is then)
+    if latent.noise_mask is not None and mask_patch is None and lands_on_denoised(plan):
         # where the mask is 0 the sampler ended on the original latent up to float rounding (scaling included):
         # hand back the original itself, so an inpaint leaves the rest of the picture's latent as it was
         kept = resize_noise_mask(latent.noise_mask, out.shape) == 0

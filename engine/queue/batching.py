@@ -22,9 +22,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from engine import samplers
+from engine.cost import check_cost
 from engine.events import Progress
 from engine.executor import Executor, Listener, Run, RunResult
-from engine.nodes import sampling
+from engine.nodes import catalog, sampling
 from engine.nodes.base import Output
 from engine.validate import ValidatedPrompt
 from engine.values import Latent
@@ -87,17 +88,10 @@ def batch_key(prompt: ValidatedPrompt) -> str | None:
     return hashlib.sha256(json.dumps(shape).encode()).hexdigest()
 
 
-def sampler_steps(prompt: ValidatedPrompt) -> int:
-    """The sampler steps a job runs, for queue ETAs."""
-    total = 0
-    for node_id, class_type in _class_types(prompt).items():
-        values = prompt.constants.get(node_id, {})
-        if class_type == "KSampler":
-            total += int(values.get("steps", 0))
-        elif class_type == "KSamplerAdvanced":
-            end = min(int(values.get("end_at_step", 10_000)), int(values.get("steps", 0)))
-            total += max(0, end - int(values.get("start_at_step", 0)))
-    return total
+def sampler_steps(prompt: ValidatedPrompt, executor: Executor) -> int:
+    """The sampler steps a job runs, for queue ETAs: the cost check's count, which follows every sampler node
+    (KSampler's schedule, SamplerCustom's SIGMAS through schedulers, splits and flips)."""
+    return check_cost(prompt, executor.limits, executor.models, catalog()).steps
 
 
 def run_batch(executor: Executor, members: Sequence[BatchMember]) -> list[RunResult | Exception]:

@@ -273,7 +273,7 @@ class EngineService:
 
     def _prepare(self, workflow: dict[str, Any]) -> tuple[ValidatedPrompt, str | None, int]:
         prompt = self._executor.validate(workflow)
-        return prompt, batch_key(prompt), sampler_steps(prompt)
+        return prompt, batch_key(prompt), sampler_steps(prompt, self._executor)
 
     def _post(self, event: JobEvent) -> None:
         """From any thread: deliver on the loop, in order."""

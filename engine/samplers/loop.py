@@ -69,8 +69,12 @@ def resize_noise_mask(mask: torch.Tensor, shape: torch.Size | tuple[int, ...]) -
     return mask[:batch]
 
 
-def masked_eps(eps_fn: EpsFn, latent: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor) -> EpsFn:
+def masked_eps(eps_fn: EpsFn, latent: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
+               mask_function: Callable[[float, torch.Tensor], torch.Tensor] | None = None) -> EpsFn:
     """`eps_fn` seen through KSamplerX0Inpaint: only the area where `mask` is 1 is denoised.
+
+    `mask_function(sigma, mask)` is a MODEL's denoise_mask_function (DifferentialDiffusion's): the mask each
+    call uses, computed from the whole mask at that call's sigma, as KSamplerX0Inpaint calls it.
 
     With x the sampler's latent at sigma (k-diffusion's, not divided by sqrt(sigma^2 + 1)), L the original latent,
     N the run's noise and A = L + N*sigma, ComfyUI calls the model on x_in = x*m + A*(1 - m) and hands the
@@ -79,14 +83,18 @@ def masked_eps(eps_fn: EpsFn, latent: torch.Tensor, noise: torch.Tensor, mask: t
     eps' = (x - D)/sigma, written as eps*m + (1 - m)*(x*(1 + m) - A*m - L)/sigma: the model's own eps where m
     is 1 and (x - L)/sigma where m is 0, with no rounding added in either.
     """
-    keep = 1.0 - mask
+    def mask_at(sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        m = mask if mask_function is None else mask_function(sigma, mask)
+        return m, 1.0 - m
 
     def blend(scaled: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        mask, keep = mask_at(sigma)
         scale = math.sqrt(sigma**2 + 1.0)
         kept = latent + noise * sigma  # EPS.noise_scaling of the original latent at this sigma
         return scaled * mask + (kept / scale) * keep, kept
 
     def masked(predicted: torch.Tensor, scaled: torch.Tensor, kept: torch.Tensor, sigma: float) -> torch.Tensor:
+        mask, keep = mask_at(sigma)
         x = scaled * math.sqrt(sigma**2 + 1.0)  # every scheduler hands the model x / sqrt(sigma^2 + 1)
         return predicted * mask + keep * (x * (1.0 + mask) - kept * mask - latent) / sigma
 
@@ -109,12 +117,16 @@ def masked_eps(eps_fn: EpsFn, latent: torch.Tensor, noise: torch.Tensor, mask: t
 def sample(plan: SamplerPlan, eps_fn: EpsFn, latent: torch.Tensor, noise: torch.Tensor, *,
            callback: Callable[[int, int, torch.Tensor], None] | None = None,
            denoise_mask: torch.Tensor | None = None, device: torch.device | None = None,
-           preview: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+           preview: Callable[[int, torch.Tensor], None] | None = None,
+           denoise_mask_function: Callable[[float, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+           ) -> torch.Tensor:
     """Run the plan as KSAMPLER.sample does. callback(step_index, total_steps, x) follows each ComfyUI step.
 
     `denoise_mask` (a LATENT's noise mask, any size) limits the change to where it is 1: see `masked_eps`.
     `device` is the model's (where ComfyUI draws the k-diffusion samplers' step noise); `preview(step_index,
     denoised)` gets each step's denoised estimate from Noodle's own k-diffusion steps.
+    `denoise_mask_function(sigma, mask, sigmas)` (DifferentialDiffusion's) turns the mask per model call; it is
+    handed the run's sigmas, as KSamplerX0Inpaint's extra_options["sigmas"].
     """
     scheduler, sigmas = plan.scheduler, plan.sigmas
     if not plan.runs:
@@ -124,7 +136,9 @@ def sample(plan: SamplerPlan, eps_fn: EpsFn, latent: torch.Tensor, noise: torch.
     n, s0 = plan.steps, float(sigmas[0])
     if denoise_mask is not None:
         mask = resize_noise_mask(denoise_mask, latent.shape).to(latent.device, latent.dtype)
-        eps_fn = masked_eps(eps_fn, latent, _inpaint_noise(plan, noise), mask)
+        per_call = None if denoise_mask_function is None else (
+            lambda sigma, whole: denoise_mask_function(sigma, whole, plan.sigmas))
+        eps_fn = masked_eps(eps_fn, latent, _inpaint_noise(plan, noise), mask, per_call)
     max_denoise = math.isclose(plan.sigma_max, s0, rel_tol=1e-5) or s0 > plan.sigma_max  # Sampler.max_denoise
     x = noise_scaling(s0, noise, latent, max_denoise=max_denoise)
     if plan.kdiff is not None:

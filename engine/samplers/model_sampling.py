@@ -3,7 +3,9 @@
 A MODEL value carries a `ModelSampling` (the checkpoint's own, or ModelSamplingDiscrete's override). It answers
 what ComfyUI 0.3.64's comfy/model_sampling.py and comfy_extras/nodes_model_advanced.py answer for discrete SD
 models: the sigma table (SD's betas; `zsnr` rescaled to zero terminal SNR; `lcm` the 50 sigmas of an LCM
-distilled model), the UNet timestep for a sigma, and the prediction type's `calculate_denoised`.
+distilled model), the UNet timestep for a sigma, and the prediction type's `calculate_denoised`. `ContinuousEDM`
+answers the same for ModelSamplingContinuousEDM: a continuous sigma range (1000 log-spaced sigmas stand in for the
+table, as ComfyUI's buffer does for its schedulers), the timestep 0.25 * log(sigma), and EDM's sigma_data.
 
 The diffusers schedulers step on a noise prediction (they form the denoised estimate as x - sigma * eps), so
 `to_eps` hands them the eps that gives ComfyUI's denoised estimate: eps' = (x - D) / sigma, with D computed as
@@ -18,14 +20,23 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DEFAULT_SAMPLING", "PREDICTIONS", "ModelSampling", "discrete_sigmas", "percent_to_sigma",
-           "rescale_zero_terminal_snr"]
+__all__ = ["DEFAULT_SAMPLING", "EDM_PREDICTIONS", "PREDICTIONS", "ContinuousEDM", "ModelSampling", "discrete_sigmas",
+           "percent_to_sigma", "rescale_zero_terminal_snr"]
 
 # ModelSamplingDiscrete's `sampling` choices, in ComfyUI's order.
 PREDICTIONS: tuple[str, ...] = ("eps", "v_prediction", "lcm", "x0", "img_to_img")
 # ModelSamplingDiscreteDistilled: an LCM model was distilled onto 50 of the 1000 training timesteps.
 _LCM_TIMESTEPS = 50
 _LCM_SIGMA_DATA, _LCM_TIMESTEP_SCALING = 0.5, 10.0
+# ModelSamplingContinuousEDM's `sampling` choices, in ComfyUI 0.3.64's order, and why Noodle refuses some of them.
+EDM_PREDICTIONS: tuple[str, ...] = ("v_prediction", "edm", "edm_playground_v2.5", "eps", "cosmos_rflow")
+EDM_REFUSED: dict[str, str] = {
+    "edm_playground_v2.5": "it also swaps in Playground v2.5's latent format (a per-channel mean and std around "
+                           "the sampler), which Noodle's samplers do not apply",
+    "cosmos_rflow": "Cosmos' rectified-flow model sampling (its own input scaling, noise scaling and "
+                    "x * (1 - s) - out * s denoising, with s = sigma / (sigma + 1)) is not one Noodle's samplers "
+                    "run: they step on SD's x + sigma * noise",
+}
 
 
 def discrete_sigmas(beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
@@ -94,6 +105,15 @@ class ModelSampling:
     def sigma_max(self) -> float:
         return float(self.table.float()[-1])
 
+    @property
+    def continuous(self) -> bool:
+        """Whether timesteps are a function of sigma (ContinuousEDM) rather than table indices."""
+        return False
+
+    def percent_to_sigma(self, percent: float) -> float:
+        """The model's percent_to_sigma (module function `percent_to_sigma`)."""
+        return _discrete_percent_to_sigma(percent, self)
+
     def timestep(self, sigma: float | torch.Tensor) -> torch.Tensor:
         """ModelSampling.timestep: the table entry nearest in log-sigma, as a training timestep (float)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32)
@@ -130,10 +150,106 @@ class ModelSampling:
         return (x - denoised) / sigma
 
 
+@functools.lru_cache(maxsize=16)
+def _edm_table(sigma_min: float, sigma_max: float) -> torch.Tensor:
+    # ModelSamplingContinuousEDM.set_parameters: 1000 float32 sigmas, log-spaced ("for compatibility with some
+    # schedulers"), the same numbers as ComfyUI's buffer
+    return torch.linspace(math.log(sigma_min), math.log(sigma_max), 1000).exp()
+
+
+@dataclass(frozen=True)
+class ContinuousEDM(ModelSampling):
+    """ModelSamplingContinuousEDM: a continuous sigma range [sigma_low, sigma_high], the UNet timestep
+    0.25 * log(sigma), and the prediction type's denoised estimate with EDM's sigma_data (0.5 for "edm", else 1).
+
+    Every reader of a ModelSampling works on it: `.table` is ComfyUI's 1000 log-spaced sigmas (the "simple",
+    "beta", "ddim_uniform" schedulers read them), `sigma_min` / `sigma_max` its ends (float32, as ComfyUI's
+    buffer), `timestep` / `sigma_at` the continuous maps the "normal" and "sgm_uniform" schedulers step through.
+    The inputs are the node's sigma_min / sigma_max (the names `sigma_min` / `sigma_max` are the table's ends).
+    """
+
+    prediction: str = "v_prediction"
+    sigma_low: float = 0.002
+    sigma_high: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.prediction not in EDM_PREDICTIONS:
+            raise ValueError(f"unknown continuous EDM sampling {self.prediction!r}; ComfyUI's are "
+                             f"{', '.join(EDM_PREDICTIONS)}")
+        if self.prediction in EDM_REFUSED:
+            raise ValueError(f"ModelSamplingContinuousEDM sampling {self.prediction!r} is not supported: "
+                             f"{EDM_REFUSED[self.prediction]}; use one of "
+                             f"{', '.join(p for p in EDM_PREDICTIONS if p not in EDM_REFUSED)}")
+        if not (0.0 < self.sigma_low < self.sigma_high and math.isfinite(self.sigma_high)):
+            raise ValueError(f"ModelSamplingContinuousEDM needs 0 < sigma_min < sigma_max (its sigmas are "
+                             f"log-spaced between them), got sigma_min {self.sigma_low:g} and sigma_max "
+                             f"{self.sigma_high:g}")
+
+    @property
+    def sigma_data(self) -> float:
+        return 0.5 if self.prediction == "edm" else 1.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.prediction} (continuous EDM {self.sigma_low:g}..{self.sigma_high:g})"
+
+    @property
+    def skip_steps(self) -> int:
+        return 1
+
+    @property
+    def table(self) -> torch.Tensor:
+        return _edm_table(self.sigma_low, self.sigma_high)
+
+    @property
+    def continuous(self) -> bool:
+        return True
+
+    def timestep(self, sigma: float | torch.Tensor) -> torch.Tensor:
+        """ModelSamplingContinuousEDM.timestep: 0.25 * log(sigma), a float (negative below sigma 1)."""
+        return 0.25 * torch.as_tensor(sigma, dtype=torch.float32).log()
+
+    def sigma_at(self, timestep: float | torch.Tensor) -> torch.Tensor:
+        """ModelSamplingContinuousEDM.sigma: exp(timestep / 0.25)."""
+        return (torch.as_tensor(timestep, dtype=torch.float32) / 0.25).exp()
+
+    def percent_to_sigma(self, percent: float) -> float:
+        """ModelSamplingContinuousEDM.percent_to_sigma: log-linear between the table's ends."""
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        low = math.log(self.sigma_min)
+        return math.exp((math.log(self.sigma_max) - low) * (1.0 - percent) + low)
+
+    def model_input(self, scaled: torch.Tensor, sigma: float) -> torch.Tensor:
+        """EPS.calculate_input with this sigma_data: x / sqrt(sigma^2 + sigma_data^2), from x / sqrt(sigma^2 + 1)."""
+        if self.sigma_data == 1.0:
+            return scaled
+        return scaled * (math.sqrt(sigma**2 + 1.0) / math.sqrt(sigma**2 + self.sigma_data**2))
+
+    def to_eps(self, output: torch.Tensor, scaled: torch.Tensor, sigma: float) -> torch.Tensor:
+        if self.prediction == "eps":
+            return output
+        if self.prediction == "v_prediction":  # sigma_data 1: ModelSampling's own v-prediction conversion
+            return super().to_eps(output, scaled, sigma)
+        # EDM.calculate_denoised: x * sd^2 / (sigma^2 + sd^2) + out * sigma * sd / sqrt(sigma^2 + sd^2)
+        data = self.sigma_data
+        x = scaled * math.sqrt(sigma**2 + 1.0)
+        denoised = x * (data**2 / (sigma**2 + data**2)) + output * (sigma * data / math.sqrt(sigma**2 + data**2))
+        return (x - denoised) / sigma
+
+
 DEFAULT_SAMPLING = ModelSampling()
 
 
 def percent_to_sigma(percent: float, sampling: ModelSampling = DEFAULT_SAMPLING) -> float:
+    """The sigma `percent` of the way through the model's sampling (its own percent_to_sigma); see
+    `_discrete_percent_to_sigma` for a discrete model, ContinuousEDM.percent_to_sigma for a continuous one."""
+    return sampling.percent_to_sigma(percent)
+
+
+def _discrete_percent_to_sigma(percent: float, sampling: ModelSampling) -> float:
     """ModelSamplingDiscrete.percent_to_sigma on the model's own sampling: the sigma `percent` of the way through
     its 1000 training timesteps, interpolated in log-sigma between the table entries around timestep
     (1 - percent) * 999 (an LCM table, one entry per 20 timesteps, as ModelSamplingDiscreteDistilled.sigma).

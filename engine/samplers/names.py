@@ -82,10 +82,11 @@ def uses_kdiffusion(name: str, options: Mapping[str, Any] | None = None) -> bool
 
 
 def is_deterministic(name: str, options: Mapping[str, Any] | None = None) -> bool:
-    """No step noise: each latent of a batch gets exactly its solo result (the queue may batch such jobs)."""
+    """No step noise and no coupling between latents: each latent of a batch gets exactly its solo result (the
+    queue may batch such jobs). dpm_adaptive draws no noise but picks its step sizes from the whole batch."""
     if uses_kdiffusion(name, options):
         entry = KDIFFUSION[name]
-        return not entry.is_stochastic(entry.options(options))
+        return not entry.is_stochastic(entry.options(options)) and not entry.couples_batch
     return name in SPECS and not SPECS[name].noise
 
 

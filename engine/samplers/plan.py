@@ -43,7 +43,7 @@ class SamplerPlan:
     sigmas: torch.Tensor  # ComfyUI's sigmas; fewer than 2: nothing to sample
     steps: int  # ComfyUI's total_steps, len(sigmas) - 1
     scheduler: SchedulerMixin | None
-    calls: tuple[tuple[int, float], ...]  # (UNet timestep, sigma) of each model call, in order
+    calls: tuple[tuple[float, float], ...]  # (UNet timestep, sigma) of each model call, in order
     generator: torch.Generator | None  # step noise of the ancestral samplers, seeded with the job seed
     seed: int
     sigma_max: float  # the model's largest training sigma: decides ComfyUI's initial noise scale
@@ -151,7 +151,8 @@ def _plan(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor, seed: in
     # a 2nd-order scheduler makes one call for its step into 0, which a run ending above 0 never takes
     n_calls = 2 * n - (len(_boundaries(scheduler)) == n + 1) if spec.two_calls else n
     call_sigmas = _call_sigmas(scheduler)[:n_calls]
-    calls = tuple(zip(sampling.timestep(torch.tensor(call_sigmas)).int().tolist(), call_sigmas))
+    # floats: a discrete model's are whole training timesteps, a continuous one's 0.25 * log(sigma)
+    calls = tuple(zip(sampling.timestep(torch.tensor(call_sigmas)).tolist(), call_sigmas))
     generator = torch.Generator("cpu").manual_seed(seed) if spec.noise == "generator" else None
     return SamplerPlan(**plan, scheduler=scheduler, calls=calls, generator=generator, mechanism=mechanism)
 

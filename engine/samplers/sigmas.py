@@ -52,6 +52,8 @@ def comfy_sigmas(scheduler: str, steps: int, model_sigmas: SigmaTable) -> torch.
     require_known(scheduler, SCHEDULER_NAMES, "scheduler")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    if scheduler in ("normal", "sgm_uniform") and getattr(model_sigmas, "continuous", False):
+        return _continuous_normal(model_sigmas, steps, sgm=scheduler == "sgm_uniform")
     model_sigmas, skip = _table(model_sigmas)
     ms, n = model_sigmas.float(), len(model_sigmas)
     sigma_min, sigma_max = float(ms[0]), float(ms[-1])
@@ -92,6 +94,17 @@ def comfy_sigmas(scheduler: str, steps: int, model_sigmas: SigmaTable) -> torch.
         w = torch.arange(steps, dtype=torch.float32) / (steps - 1)
         head = (w * math.atan(sigma_min) + (1 - w) * math.atan(sigma_max)).tan()
     return torch.cat([head.float(), torch.zeros(1)])
+
+
+def _continuous_normal(sampling: ModelSampling, steps: int, *, sgm: bool) -> torch.Tensor:
+    """normal_scheduler on a continuous model (ContinuousEDM): timesteps evenly spaced between those of its
+    sigma_max and sigma_min, each turned back into a sigma by the model's own map, then 0."""
+    start, end = sampling.timestep(sampling.sigma_max), sampling.timestep(sampling.sigma_min)
+    ts = torch.linspace(start, end, steps + 1)[:-1] if sgm else torch.linspace(start, end, steps)
+    if not sgm and math.isclose(float(sampling.sigma_at(end)), 0, abs_tol=0.00001):  # never for sigma_min > 1e-5
+        ts = torch.linspace(start, end, steps + 1)
+        return torch.tensor([float(sampling.sigma_at(t)) for t in ts], dtype=torch.float32)
+    return torch.tensor([float(sampling.sigma_at(t)) for t in ts] + [0.0], dtype=torch.float32)
 
 
 def _sampler_sigmas(sampler_name: str, scheduler: str, steps: int, ms: SigmaTable) -> torch.Tensor:

@@ -49,7 +49,7 @@ def test_run_prints_one_line_per_workflow_and_reuses_the_cache(tiny_models: Path
 @pytest.mark.slow
 def test_run_exit_codes_invalid_2_failed_1(tiny_models: Path, tmp_path: Path) -> None:
     invalid = tmp_path / "invalid.json"
-    invalid.write_text(json.dumps(with_changes(txt2img(), "3", sampler_name="dpm_adaptive")))
+    invalid.write_text(json.dumps(with_changes(txt2img(), "3", sampler_name="euler_dy")))
     done = noodle("run", str(invalid), "--models", str(tiny_models), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert done.returncode == 2
     body = json.loads(done.stdout)

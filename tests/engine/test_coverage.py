@@ -38,7 +38,7 @@ def judge(path: Path):  # type: ignore[no-untyped-def]
 
 def blocked_workflow() -> dict[str, Any]:
     workflow = copy.deepcopy(txt2img())
-    workflow["3"]["inputs"]["sampler_name"] = "dpm_adaptive"  # ComfyUI's, with no faithful diffusers twin
+    workflow["3"]["inputs"]["sampler_name"] = "euler_dy"  # a custom sampler pack's name in a stock KSampler
     workflow["20"] = {"class_type": BUILTIN_MISSING, "inputs": {"gligen_name": "gligen_sd14_textbox.pth"}}
     workflow["21"] = {"class_type": "UltimateSDUpscale", "inputs": {"image": ["8", 0], "sampler_name": "anything"}}
     return workflow
@@ -61,11 +61,11 @@ def test_what_blocks_a_workflow_is_named_by_kind(tmp_path: Path) -> None:
     verdict = judge(_write(tmp_path / "blocked.json", blocked_workflow()))
     assert not verdict.runs
     assert dict(verdict.missing) == {BUILTIN_MISSING: "builtin", "UltimateSDUpscale": "custom"}
-    assert verdict.samplers == ("sampler dpm_adaptive",)  # a custom node's own sampler input is not judged
+    assert verdict.samplers == ("sampler euler_dy (not ComfyUI's)",)  # a custom node's own sampler input is not judged
     assert verdict.model_kinds == ("gligen",)
     assert verdict.line() == (
         f"blocked    {tmp_path / 'blocked.json'}: ComfyUI built-in nodes Noodle lacks: {BUILTIN_MISSING}; "
-        "custom nodes (not part of ComfyUI): UltimateSDUpscale; not supported: sampler dpm_adaptive; "
+        "custom nodes (not part of ComfyUI): UltimateSDUpscale; not supported: sampler euler_dy (not ComfyUI's); "
         "model kinds Noodle has no folder for: gligen")
     assert verdict.to_dict()["missing_nodes"] == {BUILTIN_MISSING: "builtin", "UltimateSDUpscale": "custom"}
 
@@ -172,7 +172,7 @@ def test_the_summary_gives_the_share_that_runs(tmp_path: Path) -> None:
                        "workflows, those may run)"
     assert lines[3] == f"built-in nodes most missed (workflows): {BUILTIN_MISSING} (2)"
     assert lines[4] == "custom and API nodes seen (workflows): UltimateSDUpscale (1)"
-    assert lines[5] == "samplers/schedulers not supported (workflows): sampler dpm_adaptive (1)"
+    assert lines[5] == "samplers/schedulers not supported (workflows): sampler euler_dy (not ComfyUI's) (1)"
 
 
 def _coverage(*argv: str) -> tuple[int, Any]:

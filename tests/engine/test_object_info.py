@@ -142,3 +142,9 @@ def test_noodle_nodes_lists_empty_combos_when_the_folders_are_missing(
     printed = json.loads(capsys.readouterr().out)
     assert printed["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"] == [[], {}]
     assert printed["LoadImage"]["input"]["required"]["image"] == [[], {"image_upload": True}]
+
+
+def test_python_module_is_comfyuis_own_for_each_node(info: dict) -> None:
+    assert info["KSampler"]["python_module"] == "nodes"
+    assert info["SamplerCustom"]["python_module"] == "comfy_extras.nodes_custom_sampler"
+    assert info["ImageBlur"]["python_module"] == "comfy_extras.nodes_post_processing"

@@ -42,8 +42,9 @@ def test_an_unfaithful_sampler_pair_is_refused_with_what_works(executor: Executo
     assert "uni_pc" in error["details"]
 
 
-def test_comfyui_samplers_noodle_cannot_do_are_not_in_the_list(executor: Executor) -> None:
-    error = node_error(executor, with_changes(txt2img(), "3", sampler_name="dpmpp_3m_sde"), "3")
+def test_a_sampler_comfyui_lacks_is_not_in_the_list(executor: Executor) -> None:
+    # every one of ComfyUI's 42 samplers runs; a custom sampler pack's name is refused as ComfyUI refuses it
+    error = node_error(executor, with_changes(txt2img(), "3", sampler_name="euler_dy"), "3")
     assert error["type"] == "value_not_in_list"
 
 

@@ -20,6 +20,7 @@ from bot.core.errors import RequestInvalid
 from bot.core.requests.uploads import read_capped
 from bot.core.storage.records import Generation
 from engine.cost import LIMIT_EXCEEDED
+from engine.nodes import catalog
 from engine.nodes.base import SEED_MAX
 
 __all__ = ["SEED_INPUTS", "SOURCE", "check_size", "checkpoints_of", "is_workflow", "node_lines", "parse_workflow",
@@ -148,11 +149,12 @@ def with_outputs(workflow: dict[str, Any], prefix: str) -> dict[str, Any]:
     SaveImage is cached like any node (as in ComfyUI), so the same graph twice would hand back the first
     run's files, which a 🗑️ on that first result then removes: each run names its own. A PreviewImage
     becomes a SaveImage for the same reason (its temp name cannot be changed, so it cannot be made
-    fresh), and because its images are posted and kept like any other result.
+    fresh), and because its images are posted and kept like any other result; so does a SaveImageWebsocket
+    (an API client's way to get the pictures back over its socket: here they come back as posted files).
     """
     ready = copy.deepcopy(workflow)
     for node_id, node in _nodes(ready):
-        if node.get("class_type") == "PreviewImage":
+        if node.get("class_type") in ("PreviewImage", "SaveImageWebsocket"):
             node["class_type"] = "SaveImage"
         inputs = node.get("inputs")
         if node.get("class_type") == "SaveImage" and isinstance(inputs, dict):
@@ -214,7 +216,7 @@ def node_lines(node_errors: dict[str, Any]) -> list[str]:
     """One line per node of ComfyUI's `node_errors`, at most SHOWN_NODES of them."""
     lines = []
     for node_id, info in list(node_errors.items())[:SHOWN_NODES]:
-        problems = "; ".join(_problem(item) for item in info.get("errors", [])) or "invalid"
+        problems = "; ".join(_problem(item, info.get("class_type")) for item in info.get("errors", [])) or "invalid"
         lines.append(_one_line(f"node {node_id} ({info.get('class_type')}): {problems}", LINE_CHARS))
     if len(node_errors) > SHOWN_NODES:
         lines.append(f"… and {len(node_errors) - SHOWN_NODES} more node(s)")
@@ -226,7 +228,7 @@ def _one_line(text: str, limit: int) -> str:
     return truncate(" ".join(text.split()), limit)
 
 
-def _problem(item: dict[str, Any]) -> str:
+def _problem(item: dict[str, Any], class_type: Any = None) -> str:
     """One ComfyUI error item in a few words, led by the input it is about."""
     kind, info = item.get("type"), item.get("extra_info") or {}
     message, details = str(item.get("message", "")), str(item.get("details", ""))
@@ -237,7 +239,7 @@ def _problem(item: dict[str, Any]) -> str:
         return f"image: {info.get('received_value')!r} is not in Noodle's input folder (an uploaded workflow cannot " \
                "bring images; use /imagine image: for image-to-image)"
     if kind == "value_not_in_list":
-        return f"{name}: value not in list: {info.get('received_value')!r} ({_allowed(info, details)})"
+        return f"{name}: value not in list: {info.get('received_value')!r} ({_allowed(info, details, class_type)})"
     if kind == "required_input_missing":
         return f"{name}: required input is missing"
     if kind in ("value_smaller_than_min", "value_bigger_than_max"):
@@ -258,10 +260,19 @@ def _problem(item: dict[str, Any]) -> str:
     return f"{lowered}: {details}" if details else lowered
 
 
-def _allowed(info: dict[str, Any], details: str) -> str:
+def _fixed_choices(class_type: Any, name: Any) -> list[str] | None:
+    """A node input's fixed choice list (KSampler's 42 samplers), not a folder listing; None for anything else."""
+    cls = catalog().get(str(class_type))
+    spec = next((spec for spec in cls.input_specs() if spec.name == name), None) if cls is not None else None
+    return list(spec.choices) if spec is not None and spec.choices and not spec.choices_from else None
+
+
+def _allowed(info: dict[str, Any], details: str, class_type: Any = None) -> str:
     """The choices of a COMBO, the closest first when there are many."""
     config = info.get("input_config")
     options = config[0] if isinstance(config, list) and config and isinstance(config[0], list) else None
+    if options is None:  # past 20 choices ComfyUI leaves the list out of the body: a fixed one is ours to say
+        options = _fixed_choices(class_type, info.get("input_name"))
     if options is None:  # ComfyUI leaves long lists (a big models folder) out of the body
         return "not one of its choices; /models lists the model files" if "list of length" in details else details
     if not options:

@@ -63,8 +63,8 @@ class ModelChoices:
         return await asyncio.to_thread(self.engine.controlnet_architecture, name)
 
     async def text(self) -> str:
-        """/models: checkpoints (architecture, size, short hash), LoRAs, embeddings, ControlNets (family) and upscale
-        models of the models folder."""
+        """/models: checkpoints (architecture, size, short hash), LoRAs, embeddings, ControlNets (family), upscale
+        models and hypernetworks of the models folder."""
         lines = ["Checkpoints:"]
         for name in await asyncio.to_thread(self.engine.choices, "checkpoints"):
             try:
@@ -93,6 +93,9 @@ class ModelChoices:
         upscalers = await asyncio.to_thread(self.engine.choices, "upscale_models")
         lines.append("Upscale models (for /workflow): "
                      + (", ".join(upscalers) or "none (put .safetensors files in models/upscale_models)"))
+        hypernetworks = await asyncio.to_thread(self.engine.choices, "hypernetworks")
+        lines.append("Hypernetworks (for /workflow): "
+                     + (", ".join(hypernetworks) or "none (put .safetensors files in models/hypernetworks)"))
         return "\n".join(lines)
 
     async def tokens(self, text: str) -> str:

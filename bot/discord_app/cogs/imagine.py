@@ -16,6 +16,7 @@ from discord.ext import commands
 from bot.core.requests.imagine import CONTROL_STRENGTH_MAX, DISCORD_INT_MAX, Allowed, ImageUpload, check_upload_meta
 from bot.core.requests.names import lora_suggestions
 from bot.discord_app.cogs.interaction import (announce_and_follow, checkpoint_choices, file_choices, fixed_choices,
+                                              matching_choices,
                                               preset_choices, read_attachment, reply, require_studio)
 from bot.discord_app.cogs.tasks import CogTasks
 from bot.discord_app.post import origin_of, requester_of
@@ -52,6 +53,9 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
     async def complete_controlnet(interaction: discord.Interaction,
                                   current: str) -> list[app_commands.Choice[str]]:
         return await file_choices(need_studio(), "controlnet", current)
+
+    async def complete_sampler(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return matching_choices(allowed.samplers, current)
 
     async def complete_loras(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         names = await need_studio().models.names("loras")
@@ -92,9 +96,9 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
             clip_skip="Skip the last CLIP layers (2 for most anime models)",
             private="Send the result to your DMs instead of this channel (/settings keeps it for you)",
         )
-        @app_commands.choices(sampler=fixed_choices(allowed.samplers), scheduler=fixed_choices(allowed.schedulers))
+        @app_commands.choices(scheduler=fixed_choices(allowed.schedulers))
         @app_commands.autocomplete(model=complete_model, loras=complete_loras, preset=complete_preset,
-                                   controlnet=complete_controlnet)
+                                   controlnet=complete_controlnet, sampler=complete_sampler)
         async def imagine(self, interaction: discord.Interaction, prompt: Prompt, preset: Optional[str] = None,
                           negative: Optional[Negative] = None, model: Optional[str] = None,
                           loras: Optional[str] = None, steps: Optional[Steps] = None, cfg: Optional[Cfg] = None,

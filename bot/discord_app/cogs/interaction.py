@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from bot.core.studio import Studio
 
 __all__ = ["MAX_CHOICES", "announce_and_follow", "checkpoint_choices", "file_choices", "fixed_choices",
+           "matching_choices",
            "preset_choices", "read_attachment", "reply", "require_studio"]
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,15 @@ def require_studio(studio: Studio | None) -> Studio:
 def fixed_choices(names: tuple[str, ...]) -> list[app_commands.Choice[str]]:
     """A fixed choice list for an option (samplers, schedulers, styles), as many as Discord shows."""
     return [app_commands.Choice(name=name, value=name) for name in names[:MAX_CHOICES]]
+
+
+def matching_choices(names: tuple[str, ...], current: str) -> list[app_commands.Choice[str]]:
+    """An autocomplete's answer from a fixed list too long for Discord's 25 choices (ComfyUI's 42 samplers):
+    the names holding what was typed, those starting with it first."""
+    typed = current.strip().lower()
+    found = sorted((name for name in names if typed in name.lower()),
+                   key=lambda name: not name.lower().startswith(typed))
+    return [app_commands.Choice(name=name, value=name) for name in found[:MAX_CHOICES]]
 
 
 async def checkpoint_choices(studio: Studio, current: str) -> list[app_commands.Choice[str]]:

@@ -14,7 +14,8 @@ from discord.ext import commands
 
 from bot.core.presets import Preset, preset_details, preset_line
 from bot.core.requests.imagine import Allowed
-from bot.discord_app.cogs.interaction import (MAX_CHOICES, checkpoint_choices, fixed_choices, preset_choices, reply,
+from bot.discord_app.cogs.interaction import (MAX_CHOICES, checkpoint_choices, fixed_choices, matching_choices,
+                                              preset_choices, reply,
                                               require_studio)
 from bot.discord_app.post import requester_of
 from engine.errors import NoodleError
@@ -55,6 +56,9 @@ def presets_cog(studio: "Optional[Studio]", allowed: Allowed, styles: "tuple[str
     async def complete_model(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         return await checkpoint_choices(need_studio(), current)
 
+    async def complete_sampler(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return matching_choices(allowed.samplers, current)
+
     async def complete_vae(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         names = await need_studio().models.names("vae")
         return [app_commands.Choice(name=n, value=n) for n in names if current.lower() in n.lower()][:MAX_CHOICES]
@@ -72,8 +76,7 @@ def presets_cog(studio: "Optional[Studio]", allowed: Allowed, styles: "tuple[str
         return Preset(**{key: value for key, value in options.items() if value is not None})
 
     describe = app_commands.describe(**DESCRIBE)
-    choose = app_commands.choices(sampler=fixed_choices(allowed.samplers),
-                                  scheduler=fixed_choices(allowed.schedulers), style=fixed_choices(styles))
+    choose = app_commands.choices(scheduler=fixed_choices(allowed.schedulers), style=fixed_choices(styles))
 
     class Presets(commands.Cog):
         """A server's shared presets for /imagine."""
@@ -84,7 +87,7 @@ def presets_cog(studio: "Optional[Studio]", allowed: Allowed, styles: "tuple[str
         @preset.command(name="create", description="Save a preset for everyone here (needs Manage Server)")
         @describe
         @choose
-        @app_commands.autocomplete(model=complete_model, vae=complete_vae)
+        @app_commands.autocomplete(model=complete_model, vae=complete_vae, sampler=complete_sampler)
         async def create(self, interaction: discord.Interaction, name: Name, model: Optional[str] = None,
                          loras: Optional[str] = None, vae: Optional[str] = None, style: Optional[str] = None,
                          negative: Optional[Negative] = None, steps: Optional[Steps] = None,
@@ -103,7 +106,8 @@ def presets_cog(studio: "Optional[Studio]", allowed: Allowed, styles: "tuple[str
         @preset.command(name="update", description="Change options of a preset (needs Manage Server)")
         @describe
         @choose
-        @app_commands.autocomplete(name=complete_name, model=complete_model, vae=complete_vae)
+        @app_commands.autocomplete(name=complete_name, model=complete_model, vae=complete_vae,
+                                   sampler=complete_sampler)
         async def update(self, interaction: discord.Interaction, name: Name, model: Optional[str] = None,
                          loras: Optional[str] = None, vae: Optional[str] = None, style: Optional[str] = None,
                          negative: Optional[Negative] = None, steps: Optional[Steps] = None,

@@ -112,6 +112,9 @@ class KDiffSampler:
     defaults: Mapping[str, Any]
     stochastic: bool  # draws step noise (ancestral, SDE): a batch would not give each latent its solo result
     wants_uncond: bool = False  # cfg_pp: reads run.uncond_denoised, and cfg 1 still runs the uncond pass
+    # its steps depend on the whole batch (dpm_adaptive's error norm picks one step size for all latents): no step
+    # noise, yet a latent batched with others does not get its solo result
+    couples_batch: bool = False
 
     def options(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The defaults overlaid with `given`; an option this sampler does not take is refused by name."""
@@ -133,12 +136,13 @@ _REGISTRY: dict[str, KDiffSampler] = {}
 KDIFFUSION: Mapping[str, KDiffSampler] = MappingProxyType(_REGISTRY)
 
 
-def register(name: str, *, stochastic: bool, wants_uncond: bool = False,
+def register(name: str, *, stochastic: bool, wants_uncond: bool = False, couples_batch: bool = False,
              **defaults: Any) -> Callable[[SamplerFn], SamplerFn]:
     """Register `fn` as ComfyUI's sampler `name` with its keyword defaults (the options a Sampler* node sets)."""
     def add(fn: SamplerFn) -> SamplerFn:
         if name in _REGISTRY:
             raise ValueError(f"sampler {name!r} is registered twice")
-        _REGISTRY[name] = KDiffSampler(name, fn, MappingProxyType(dict(defaults)), stochastic, wants_uncond)
+        _REGISTRY[name] = KDiffSampler(name, fn, MappingProxyType(dict(defaults)), stochastic, wants_uncond,
+                                       couples_batch)
         return fn
     return add

@@ -39,7 +39,8 @@ async def test_imagine_has_every_option_typed_with_config_ranges_and_choices() -
     assert (options["batch"]["min_value"], options["batch"]["max_value"]) == (1, 4)
     assert (options["denoise"]["min_value"], options["denoise"]["max_value"]) == (0.01, 1.0)
     assert options["seed"]["max_value"] == 2**53 - 1  # Discord's integers are doubles
-    assert [c["value"] for c in options["sampler"]["choices"]] == list(SUPPORTED_SAMPLERS)
+    # ComfyUI's 42 samplers are more than Discord's 25 fixed choices: the sampler is suggested as it is typed
+    assert options["sampler"]["autocomplete"] and "choices" not in options["sampler"]
     assert [c["value"] for c in options["scheduler"]["choices"]] == list(SCHEDULER_NAMES)
     assert options["model"]["autocomplete"] and options["loras"]["autocomplete"]
     assert options["controlnet"]["autocomplete"]
@@ -114,3 +115,15 @@ def test_bench_bot_sits_beside_the_engine_benches() -> None:
     args = parser.parse_args(["bench", "bot", "--commands", "7"])
     assert (args.what, args.commands) == ("bot", 7)
     assert parser.parse_args(["bench", "engine"]).what == "engine"
+
+
+def test_sampler_suggestions_reach_every_comfyui_sampler() -> None:
+    from bot.discord_app.cogs.interaction import matching_choices
+
+    assert [c.value for c in matching_choices(SUPPORTED_SAMPLERS, "uni")] == ["uni_pc", "uni_pc_bh2"]
+    sde = [c.value for c in matching_choices(SUPPORTED_SAMPLERS, "SDE")]
+    assert "dpmpp_3m_sde_gpu" in sde and "er_sde" in sde and sde.index("dpmpp_sde") < sde.index("er_sde")
+    assert matching_choices(SUPPORTED_SAMPLERS, "er")[0].value == "er_sde"  # a name starting so comes first
+    assert len(matching_choices(SUPPORTED_SAMPLERS, "")) == 25
+    every = {c.value for typed in SUPPORTED_SAMPLERS for c in matching_choices(SUPPORTED_SAMPLERS, typed)[:1]}
+    assert every == set(SUPPORTED_SAMPLERS)  # typing a name suggests it first

@@ -34,12 +34,12 @@ async def main(args: argparse.Namespace) -> int:
 
     original, hang = samplers.sample, threading.Event()
 
-    def sample(plan: Any, eps_fn: Any, latent: Any, noise: Any, *, callback: Any = None) -> Any:
+    def sample(plan: Any, eps_fn: Any, latent: Any, noise: Any, *, callback: Any = None, **options: Any) -> Any:
         def held(index: int, total: int, x: Any) -> None:
             callback(index, total, x)
             hang.wait(300)  # until SIGKILL; the parent's timeout is far shorter
 
-        return original(plan, eps_fn, latent, noise, callback=held)
+        return original(plan, eps_fn, latent, noise, callback=held, **options)
 
     samplers.sample = sample
     executor = create_executor(ModelsSettings(dir=args.models), EngineSettings(output_dir=args.out, device="cpu"),

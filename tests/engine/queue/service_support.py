@@ -35,9 +35,9 @@ class Gate:
         self.released = threading.Event()
         original = samplers.sample
 
-        def sample(plan: Any, eps_fn: Any, latent: Any, noise: Any, *, callback: Any = None) -> Any:
+        def sample(plan: Any, eps_fn: Any, latent: Any, noise: Any, *, callback: Any = None, **options: Any) -> Any:
             if plan.seed != self.seed:
-                return original(plan, eps_fn, latent, noise, callback=callback)
+                return original(plan, eps_fn, latent, noise, callback=callback, **options)
 
             def held(index: int, total: int, x: Any) -> None:
                 if callback is not None:
@@ -47,7 +47,7 @@ class Gate:
                     if not self.released.wait(TIMEOUT):
                         raise RuntimeError("the test never opened the gate")
 
-            return original(plan, eps_fn, latent, noise, callback=held)
+            return original(plan, eps_fn, latent, noise, callback=held, **options)
 
         monkeypatch.setattr(samplers, "sample", sample)
 

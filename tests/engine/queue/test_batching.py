@@ -44,7 +44,7 @@ def test_samplers_with_step_noise_and_other_graphs_run_alone(executor: Executor)
                                                         "denoise": 0.5}}
     hires["8"]["inputs"]["samples"] = ["20", 0]
     assert key(executor, hires) is None
-    assert sampler_steps(executor.validate(hires)) == 8
+    assert sampler_steps(executor.validate(hires), executor) == 8
 
 
 def test_per_item_conds_guide_their_own_latents() -> None:

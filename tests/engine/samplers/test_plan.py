@@ -76,11 +76,12 @@ def test_unsupported_and_unknown_names() -> None:
     assert S.SAMPLER_NAMES[-3:] == ("ddim", "uni_pc", "uni_pc_bh2")
     assert set(S.SUPPORTED_SAMPLERS) >= {"euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms",
                                          "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "ddim", "uni_pc"}
-    assert S.SUPPORTED_SAMPLERS == tuple(n for n in S.SAMPLER_NAMES if n in S.SUPPORTED_SAMPLERS)  # ComfyUI order
-    with pytest.raises(S.UnfaithfulSampler, match="'dpm_fast' has no faithful.*use one of: euler, euler_ancestral"):
-        S.check_pair("dpm_fast", "normal", 20)
-    with pytest.raises(S.UnfaithfulSampler, match="dpmpp_3m_sde"):
-        S.build_scheduler("dpmpp_3m_sde", "karras", S.comfy_sigmas("karras", 4, MS), 0)
+    assert S.SUPPORTED_SAMPLERS == S.SAMPLER_NAMES  # every ComfyUI sampler, in ComfyUI's order
+    # the ones diffusers has no scheduler for run on Noodle's own k-diffusion steps, with any scheduler
+    assert S.uses_kdiffusion("dpm_fast") and S.supported_schedulers("dpm_fast", 20) == list(S.SCHEDULER_NAMES)
+    assert S.build_scheduler("dpmpp_3m_sde", "karras", S.comfy_sigmas("karras", 4, MS), 0).mechanism == "k-diffusion"
+    with pytest.raises(ValueError, match="sampler 'dpm_fast' takes no option 'eta'"):
+        S.build_scheduler("dpm_fast", "karras", S.comfy_sigmas("karras", 4, MS), 0, options={"eta": 0.5})
     with pytest.raises(ValueError, match="unknown sampler 'eulr'") as info:
         S.check_pair("eulr", "normal", 20)
     assert not isinstance(info.value, S.UnfaithfulSampler)

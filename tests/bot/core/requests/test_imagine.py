@@ -39,7 +39,7 @@ def test_the_limits_come_from_config() -> None:
     ({"prompt": "fox", "batch": 5}, "batch 5 is outside 1..4"),
     ({"prompt": "fox", "width": 513}, "width 513 is not a multiple of 8 (SD latents are 1/8 of the image); use 512 or 520"),
     ({"prompt": "fox", "height": 32}, "height 32 is below this server's minimum of 64 (bot.min_side in config.toml)"),
-    ({"prompt": "fox", "sampler": "dpm_fast"}, "sampler 'dpm_fast' is not available; choose one of euler"),
+    ({"prompt": "fox", "sampler": "eulr"}, "sampler 'eulr' is not available; choose one of euler"),
     ({"prompt": "fox", "denoise": 0.5}, "denoise applies to an attached image"),
     ({"prompt": "fox", "clip_skip": 13}, "clip_skip 13 is outside 1..12"),
     ({"prompt": "fox", "steps": "many"}, "steps 'many' is not a whole number"),

@@ -221,7 +221,9 @@ def _specs_of(cls: type[Node]) -> list[InputSpec]:
                 low = item.ge
             elif isinstance(item, annotated_types.Le):
                 high = item.le
-        specs.append(InputSpec(name, kind, True, default, low, high, extra.get("step"),  # type: ignore[arg-type]
+        # {"optional": True}: ComfyUI declares the input under "optional" (an older export may leave it out)
+        specs.append(InputSpec(name, kind, not extra.get("optional"), default, low, high,  # type: ignore[arg-type]
+                               extra.get("step"),  # type: ignore[arg-type]
                                multiline=bool(extra.get("multiline")), description=info.description or ""))
     _SPEC_CACHE[cls] = specs
     return specs

@@ -150,6 +150,9 @@ class PolyexponentialScheduler(Node):
 
 def sd_turbo_sigmas(steps: int, denoise: float, sampling: ModelSampling) -> torch.Tensor:
     """SDTurboScheduler: the model's sigmas at timesteps 999, 899, ... 99, from 10 - int(10 * denoise) on, then 0."""
+    if sampling.continuous:  # ComfyUI's sigma(999) there is exp(999 / 0.25): an infinite schedule
+        raise ValueError("SDTurboScheduler reads a discrete model's timesteps 999, 899, ...; this MODEL samples on a "
+                         "continuous EDM range (ModelSamplingContinuousEDM): use BasicScheduler or KarrasScheduler")
     start = 10 - int(10 * denoise)
     timesteps = (torch.arange(1, 11) * 100 - 1).flip(0)[start:start + steps].float()
     table = sampling.table

@@ -56,7 +56,8 @@ class DifferentialDiffusion(Node):
     RETURN_TYPES: ClassVar[tuple[str, ...]] = ("MODEL",)
 
     model: ModelRef = Socket("MODEL")
-    strength: float = Field(1.0, ge=0.0, le=1.0, json_schema_extra={"step": 0.01})
+    # optional in ComfyUI 0.3.64: workflows exported before it existed leave it out
+    strength: float = Field(1.0, ge=0.0, le=1.0, json_schema_extra={"step": 0.01, "optional": True})
 
     def run(self, ctx: RunContext) -> tuple[ModelRef]:
         patches = self.model.patches.replace(denoise_mask=DifferentialMask(self.strength))

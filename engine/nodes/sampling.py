@@ -61,7 +61,8 @@ def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.T
                      sampling=model.model_sampling, family=model.arch.family, patches=model.patches, dual=dual)
     if watch is not None:
         eps = watch(eps)
-    plan = samplers.build_scheduler(sampler_name, scheduler, sigmas, seed, model.model_sampling, options)
+    plan = samplers.build_scheduler(sampler_name, scheduler, sigmas, seed, model.model_sampling, options,
+                                    device=unet.device)
     steps = len(sigmas) - 1
 
     def on_step(index: int, total: int, x: torch.Tensor) -> None:

@@ -21,8 +21,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from engine.samplers.kdiffusion import KDIFFUSION, KDiffSampler
 from engine.samplers.model_sampling import DEFAULT_SAMPLING, ModelSampling
-from engine.samplers.names import (SAMPLER_NAMES, SCHEDULER_NAMES, SamplerSpec, UnfaithfulSampler, require_known,
-                                   spec_for, uses_kdiffusion)
+from engine.samplers.names import (SAMPLER_NAMES, SCHEDULER_NAMES, SPECS, SamplerSpec, UnfaithfulSampler,
+                                   require_known, spec_for, uses_kdiffusion)
 from engine.samplers.sigmas import ksampler_sigmas, model_sigmas
 
 __all__ = ["SamplerPlan", "build_scheduler", "check_pair", "supported_schedulers"]
@@ -159,15 +159,18 @@ def _plan(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor, seed: in
 
 def build_scheduler(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor, seed: int,
                     sampling: ModelSampling = DEFAULT_SAMPLING,
-                    options: Mapping[str, Any] | None = None) -> SamplerPlan:
+                    options: Mapping[str, Any] | None = None, device: torch.device | None = None) -> SamplerPlan:
     """A diffusers scheduler (SD1.5 betas) stepping through `sigmas`; UnfaithfulSampler if it cannot. A sampler
     diffusers lacks, or one given a Sampler* node's `options`, gets Noodle's own k-diffusion steps instead.
+    `device` is the model's. ComfyUI's ancestral samplers draw their step noise from a generator seeded on it, and a
+    CUDA generator's numbers are not a CPU one's; diffusers' schedulers draw on the CPU (and refuse a CUDA
+    generator for CPU latents), so off the CPU those samplers run on Noodle's own steps, which draw where ComfyUI does.
 
     `sampling` is the MODEL's (ModelSamplingDiscrete): its sigma table decides ComfyUI's initial noise scale
     (a zsnr model's sigma_max is about 4518) and the UNet timestep of each call (an LCM model's 50 timesteps).
     """
     require_known(sampler_name, SAMPLER_NAMES, "sampler")
-    if uses_kdiffusion(sampler_name, options):
+    if uses_kdiffusion(sampler_name, options) or _draws_on(device, sampler_name):
         return _kdiff_plan(sampler_name, scheduler_name, sigmas, seed, sampling, options)
     if options and sampler_name not in KDIFFUSION:
         raise UnfaithfulSampler(f"sampler {sampler_name!r} takes no options in Noodle; got {dict(options)}")
@@ -176,6 +179,13 @@ def build_scheduler(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor
         return _plan(sampler_name, scheduler_name, sigmas, seed, sampling)
     except UnfaithfulSampler as err:
         raise UnfaithfulSampler(_refusal(sampler_name, scheduler_name, str(err), max(len(sigmas) - 1, 1))) from None
+
+
+def _draws_on(device: torch.device | None, sampler_name: str) -> bool:
+    """Whether this sampler's step noise must come from a generator on `device` (not the CPU) to be ComfyUI's."""
+    off_cpu = device is not None and torch.device(device).type != "cpu"
+    spec = SPECS.get(sampler_name)
+    return off_cpu and spec is not None and spec.noise == "generator" and sampler_name in KDIFFUSION
 
 
 def _kdiff_plan(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor, seed: int, sampling: ModelSampling,

@@ -86,6 +86,9 @@ def test_sd_turbo_takes_every_hundredth_training_sigma() -> None:
     # denoise 0.5 starts at 10 - int(5) = 5: timesteps 499, 399
     assert torch.allclose(sd_turbo_sigmas(2, 0.5, DEFAULT_SAMPLING)[:2], table[[499, 399]].float(), rtol=1e-6)
     assert len(sd_turbo_sigmas(10, 0.3, DEFAULT_SAMPLING)) == 4  # only 3 timesteps are left
+    from engine.samplers.model_sampling import ContinuousEDM
+    with pytest.raises(ValueError, match="continuous EDM range.*use BasicScheduler"):
+        sd_turbo_sigmas(1, 1.0, ContinuousEDM())  # ComfyUI's sigma(999) there is infinite
 
 
 def test_split_and_flip_sigmas_are_comfyuis() -> None:

@@ -132,3 +132,10 @@ def test_a_differential_diffusion_workflow_runs_and_changes_the_masked_picture(e
     bare["32"] = {"class_type": "DifferentialDiffusion", "inputs": {"model": ["4", 0], "strength": 1.0}}
     bare["3"]["inputs"]["model"] = ["32", 0]
     assert np.array_equal(pixels(executor, bare), pixels(executor, plain))
+
+
+def test_strength_is_optional_as_in_comfyui(executor: Executor) -> None:
+    # exports made before ComfyUI added `strength` leave it out: it defaults to 1, ComfyUI's default
+    old = with_differential(txt2img(seed=1504), 1.0)
+    del old["32"]["inputs"]["strength"]
+    assert np.array_equal(pixels(executor, old), pixels(executor, with_differential(txt2img(seed=1504), 1.0)))

@@ -211,7 +211,12 @@ def test_every_patch_composes_in_one_workflow_and_leaves_the_unet_as_it_was(hype
     graph["42"] = {"class_type": "DifferentialDiffusion", "inputs": {"model": ["41", 0], "strength": 1.0}}
     graph["43"] = {"class_type": "SolidMask", "inputs": {"value": 0.7, "width": 64, "height": 64}}
     graph["44"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["43", 0]}}
-    graph["3"]["inputs"].update(model=["42", 0], latent_image=["44", 0])
+    graph["45"] = {"class_type": "RescaleCFG", "inputs": {"model": ["42", 0], "multiplier": 0.7}}
+    graph["46"] = {"class_type": "PerturbedAttentionGuidance", "inputs": {"model": ["45", 0], "scale": 3.0}}
+    graph["3"]["inputs"].update(model=["46", 0], latent_image=["44", 0])
+    run = hyper_executor.run(graph)
+    # seven patches on the loaded checkpoint: nothing is read from disk again
+    assert run.meta["models"]["misses"] == 0 and run.meta["models"]["loaded"] == ["tiny-sd15.safetensors"]
     composed = pixels(hyper_executor, graph)
     without_freeu = copy.deepcopy(graph)
     without_freeu["41"]["inputs"]["model"] = ["20", 0]

@@ -219,3 +219,21 @@ def test_sample_matches_comfy_unipc(sampler: str, scheduler: str) -> None:
         ours = run(sampler, scheduler, sigmas, latent, noise)
         theirs = comfy_unipc_reference("bh1" if sampler == "uni_pc" else "bh2", sigmas, latent, noise)
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpm_2_ancestral"])
+@pytest.mark.parametrize("scheduler", ["normal", "karras"])
+def test_ancestral_samplers_off_the_cpu_run_on_noodles_steps_with_comfys_math(sampler: str, scheduler: str) -> None:
+    # on a GPU ComfyUI draws their step noise from a generator on the device, which diffusers cannot: those plans
+    # run on Noodle's own steps (checked here on the CPU, where the same steps draw the same numbers)
+    sigmas = S.ksampler_sigmas(scheduler, 7, 1.0, MS, sampler_name=sampler)
+    assert S.build_scheduler(sampler, scheduler, sigmas, 99, device=torch.device("cuda")).mechanism == "k-diffusion"
+    assert S.build_scheduler(sampler, scheduler, sigmas, 99, device=torch.device("cpu")).mechanism != "k-diffusion"
+    from engine.samplers.plan import _kdiff_plan
+
+    image, noise = latents(11)
+    for sigmas, latent in [(sigmas, torch.zeros_like(image)),
+                           (S.ksampler_sigmas(scheduler, 8, 0.6, MS, sampler_name=sampler), image)]:
+        plan = _kdiff_plan(sampler, scheduler, sigmas, 99, S.DEFAULT_SAMPLING, None)
+        ours = S.sample(plan, gaussian_eps, latent, noise)
+        torch.testing.assert_close(ours, comfy_reference(sampler, sigmas, latent, noise, seed=99), rtol=1e-4, atol=1e-4)

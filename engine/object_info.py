@@ -27,6 +27,7 @@ DISPLAY_NAMES: dict[str, str] = {
     "ControlNetApply": "Apply ControlNet (OLD)", "ControlNetApplyAdvanced": "Apply ControlNet",
     "VAEEncodeForInpaint": "VAE Encode (for Inpainting)", "SetLatentNoiseMask": "Set Latent Noise Mask",
     "VAEDecode": "VAE Decode", "VAEEncode": "VAE Encode", "LatentRotate": "Rotate Latent",
+    "VAEDecodeTiled": "VAE Decode (Tiled)", "VAEEncodeTiled": "VAE Encode (Tiled)",
     "LatentFlip": "Flip Latent", "LatentCrop": "Crop Latent", "EmptyLatentImage": "Empty Latent Image",
     "LatentUpscale": "Upscale Latent", "LatentUpscaleBy": "Upscale Latent By", "LatentComposite": "Latent Composite",
     "LatentBlend": "Latent Blend", "LatentFromBatch": "Latent From Batch", "RepeatLatentBatch": "Repeat Latent Batch",
@@ -42,6 +43,7 @@ DISPLAY_NAMES: dict[str, str] = {
     "SelfAttentionGuidance": "Self-Attention Guidance", "UpscaleModelLoader": "Load Upscale Model",
     "ImageUpscaleWithModel": "Upscale Image (using Model)",
     "SamplerEulerAncestralCFGPP": "SamplerEulerAncestralCFG++",
+    "CLIPVisionLoader": "Load CLIP Vision", "CLIPVisionEncode": "CLIP Vision Encode",
 }
 
 # The hidden inputs ComfyUI declares on these nodes; the engine fills the same values itself.

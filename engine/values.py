@@ -3,7 +3,9 @@
 MODEL -> ModelRef, CLIP -> ClipRef, VAE -> VaeRef, CONDITIONING -> Conditioning,
 LATENT -> Latent, IMAGE -> ImageBatch, MASK -> Mask, CONTROL_NET -> ControlNetRef (a cond item's
 extras["control"] holds its ControlHint chain), SIGMAS -> Sigmas, SAMPLER -> Sampler, NOISE -> Noise,
-GUIDER -> Guider. A value never changes once made: a LoraLoader returns a new ModelRef naming its patches;
+GUIDER -> Guider, CLIP_VISION -> ClipVisionRef, CLIP_VISION_OUTPUT -> ClipVisionOutput,
+GLIGEN -> GligenRef (a cond item's extras["gligen"] holds its text boxes). A value never changes once made:
+a LoraLoader returns a new ModelRef naming its patches;
 the model manager applies them to the shared modules right before they run (ComfyUI's ModelPatcher idea,
 done with peft adapters).
 """
@@ -251,3 +253,35 @@ class ControlHint:
     start_percent: float = 0.0
     end_percent: float = 1.0
     previous: ControlHint | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class GligenRef:
+    """GLIGEN: a loaded GLIGEN model (engine/models/gligen.py Gligen: its gated self-attention layers and position
+    net) and its file name; a cond's extras["gligen"] is ComfyUI's ("position", GligenRef, [(pooled, h, w, y, x)])."""
+
+    module: torch.nn.Module
+    name: str
+
+
+@dataclass(frozen=True, eq=False)
+class ClipVisionRef:
+    """CLIP_VISION: a CLIP image encoder (a transformers CLIPVisionModelWithProjection) with the input size and the
+    pixel mean/std its preprocessing uses (engine/models/clip_vision.py)."""
+
+    module: torch.nn.Module
+    name: str
+    image_size: int = 224
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True, eq=False)
+class ClipVisionOutput:
+    """CLIP_VISION_OUTPUT: CLIPVisionEncode's outputs with ComfyUI's names, float32 on the CPU: image_embeds
+    [B, projection_dim] (what unCLIPConditioning reads), last_hidden_state and penultimate_hidden_states
+    [B, tokens, width]."""
+
+    image_embeds: torch.Tensor
+    last_hidden_state: torch.Tensor
+    penultimate_hidden_states: torch.Tensor

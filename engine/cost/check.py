@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import engine.cost.area_rules  # noqa: F401  (registers the area conditioning nodes' rules in RULES)
+import engine.cost.clip_vision_rules  # noqa: F401  (unCLIPConditioning's rule)
+import engine.cost.gligen_rules  # noqa: F401  (GLIGENTextBoxApply's rule)
 import engine.cost.guidance_rules  # noqa: F401  (DualCFGGuider's rule)
 import engine.cost.op_rules  # noqa: F401  (registers the small nodes' rules in RULES)
 import engine.cost.sigma_rules  # noqa: F401  (the SIGMAS nodes' and SaveImageWebsocket's rules)

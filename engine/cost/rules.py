@@ -46,7 +46,7 @@ def _load_image(step: Step, files: Files) -> tuple[Shape, ...]:
     return (None if size is None else Pictures("IMAGE", 1, *size), None)  # one still frame; the MASK follows it
 
 
-@_rule("VAEEncode")
+@_rule("VAEEncode", "VAEEncodeTiled")
 def _encode(step: Step, files: Files) -> tuple[Shape, ...]:
     image = step.pictures("pixels")  # cropped to a multiple of 8, as ComfyUI's vae_encode_crop_pixels
     return (image and Pictures("LATENT", image.batch, image.width // 8 * 8, image.height // 8 * 8),)
@@ -57,9 +57,10 @@ def _encode_for_inpaint(step: Step, files: Files) -> tuple[Shape, ...]:
     return _encode(step, files)  # the same crop to the 8-pixel grid; the noise mask rides on the latent
 
 
-@_rule("InpaintModelConditioning")
+@_rule("InpaintModelConditioning", "InstructPixToPixConditioning")
 def _inpaint_conditioning(step: Step, files: Files) -> tuple[Shape, ...]:
-    # the conds gain the masked image and mask (used by inpainting UNets only); the latent is the encoded image
+    # the conds gain the masked image and mask (used by inpainting UNets only), or the picture to edit (used by
+    # InstructPix2Pix and inpainting UNets); the latent is the encoded image's size (InstructPix2Pix: empty)
     return (step.cond("positive"), step.cond("negative"), *_encode(step, files))
 
 
@@ -85,7 +86,7 @@ def _mask_to_image(step: Step, files: Files) -> tuple[Shape, ...]:
     return (None,)  # a MASK's size is not followed; the node makes one image per mask, at the mask's size
 
 
-@_rule("VAEDecode")
+@_rule("VAEDecode", "VAEDecodeTiled")
 def _decode(step: Step, files: Files) -> tuple[Shape, ...]:
     latent = step.pictures("samples")
     return (latent and Pictures("IMAGE", latent.batch, latent.width, latent.height),)

@@ -3,12 +3,14 @@
 The model manager calls `detect_checkpoint` before loading: it reads the header (a few KB of JSON
 with every key and shape), never the weights, and answers with an `Arch` naming the family
 (SD1.x, SD2.x or SDXL), the config folder under `engine/models/configs/` that diffusers' single-file
-loader needs offline, whether it is one of Noodle's tiny test models, and the UNet's input channels (4, or 9 for
-an inpainting model: latent + mask + masked-image latent, as sd-v1-5-inpainting and SDXL inpainting 0.1).
+loader needs offline, whether it is one of Noodle's tiny test models, and the UNet's input channels (4; 9 for
+an inpainting model: latent + mask + masked-image latent, as sd-v1-5-inpainting and SDXL inpainting 0.1; 8 for an
+InstructPix2Pix-style edit model: latent + the source image's latent, as instruct-pix2pix and CosXL Edit).
 Anything else (a truncated file, a pickle renamed to .safetensors, a refiner, Flux, a LoRA in the wrong
 folder) is refused here with a message that says what the file seems to be. The Arch also names the
 checkpoint's own model sampling (SD2 768-v and `v_pred` SDXL files are v-prediction): for an SD2 file that
-takes one small weight's values, the only read beyond the header.
+takes one small weight's values, and an SDXL file with `edm_vpred.*` keys (CosXL, CosXL Edit: v-prediction on a
+continuous EDM range) its two sigmas: the only reads beyond the header.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONFIG_ROOT",
     "INPAINT_CHANNELS",
+    "IP2P_CHANNELS",
     "PICKLE_SUFFIXES",
     "SUPPORTED",
     "Arch",
@@ -63,6 +66,10 @@ SDXL_CLIP_G = "conditioner.embedders.1.model.token_embedding.weight"
 SD2_CLIP = "cond_stage_model.model.token_embedding.weight"  # OpenCLIP ViT-H, 1024 wide
 # 4 latent channels + ComfyUI's concat_keys ("mask", "masked_image"): 1 + 4
 INPAINT_CHANNELS = 9
+# 4 latent channels + ComfyUI's IP2P concat (the edit's source image latent): SD15/SDXL_instructpix2pix
+IP2P_CHANNELS = 8
+# supported_models.py SDXL.model_type: these keys make a file V_PREDICTION_EDM (CosXL), its sigmas their values
+EDM_VPRED_MAX, EDM_VPRED_MIN = "edm_vpred.sigma_max", "edm_vpred.sigma_min"
 
 
 @dataclass(frozen=True)
@@ -72,35 +79,49 @@ class Arch:
     family: Family
     config_dir: Path
     tiny: bool
-    # 9 for an inpainting UNet; its config is the folder's with in_channels overridden (no folder of its own)
+    # 9 for an inpainting UNet, 8 for an InstructPix2Pix one; its config is the folder's with in_channels
+    # overridden (no folder of its own)
     in_channels: int = 4
     # the checkpoint's own model sampling, as ComfyUI decides it from the weights (ModelSamplingDiscrete
     # overrides it): "eps" or "v_prediction" (SD2 768-v, SDXL files with a `v_pred` key), zsnr (`ztsnr` key)
     prediction: str = "eps"
     zsnr: bool = False
+    # (sigma_min, sigma_max) of an SDXL file with `edm_vpred.*` keys: v-prediction on that continuous EDM range
+    # (ComfyUI's V_PREDICTION_EDM, as ModelSamplingContinuousEDM sets it)
+    edm_sigmas: tuple[float, float] | None = None
 
     @property
     def label(self) -> str:
         """For people: "SD1.x", "SD2.x" or "SDXL", with " v-prediction" (and " zsnr") when the file says so."""
         family = {"sd15": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}[self.family]
-        return family + (" v-prediction" if self.prediction == "v_prediction" else "") + (" zsnr" if self.zsnr else "")
+        return (family + (" v-prediction" if self.prediction == "v_prediction" else "")
+                + (" EDM" if self.edm_sigmas is not None else "") + (" zsnr" if self.zsnr else ""))
 
     @property
     def sampling(self) -> ModelSampling:
         """The ModelSampling a MODEL of this checkpoint has without a ModelSamplingDiscrete node."""
-        from engine.samplers.model_sampling import ModelSampling  # noqa: PLC0415 (the samplers load diffusers)
+        from engine.samplers.model_sampling import ContinuousEDM, ModelSampling  # noqa: PLC0415 (loads diffusers)
 
+        if self.edm_sigmas is not None:
+            low, high = self.edm_sigmas
+            return ContinuousEDM(self.prediction, sigma_low=low, sigma_high=high)
         return ModelSampling(self.prediction, self.zsnr)
 
     @property
     def name(self) -> str:
-        """The config folder's name: "sd15", "sd2", "sdxl" or "tiny-" one of them (+ "-inpainting" for 9 channels)."""
-        return self.config_dir.name + ("-inpainting" if self.inpainting else "")
+        """The config folder's name: "sd15", "sd2", "sdxl" or "tiny-" one of them (+ "-inpainting" for 9 channels,
+        "-ip2p" for 8)."""
+        return self.config_dir.name + ("-inpainting" if self.inpainting else "-ip2p" if self.instruct else "")
 
     @property
     def inpainting(self) -> bool:
         """Whether the UNet takes ComfyUI's inpainting concat (mask + masked-image latent) beside the latent."""
         return self.in_channels == INPAINT_CHANNELS
+
+    @property
+    def instruct(self) -> bool:
+        """Whether the UNet takes ComfyUI's IP2P concat (the source image's latent) beside the latent."""
+        return self.in_channels == IP2P_CHANNELS
 
     @classmethod
     def of(cls, family: Family, tiny: bool, *, in_channels: int = 4) -> Arch:
@@ -248,11 +269,10 @@ def detect_from_header(shapes: Shapes, name: str = "<header>") -> Arch:
             raise _refuse(name, "looks like an SD2.x model saved in the sgm layout (conditioner.embedders.0.model.*), "
                                 "which Noodle does not load; save it in the original layout (cond_stage_model.*)")
         raise _refuse(name, "looks like an SDXL refiner, which Noodle does not run")
-    if len(shapes[UNET_IN]) != 4 or shapes[UNET_IN][1] not in (4, INPAINT_CHANNELS):
+    if len(shapes[UNET_IN]) != 4 or shapes[UNET_IN][1] not in (4, IP2P_CHANNELS, INPAINT_CHANNELS):
         channels = shapes[UNET_IN][1] if len(shapes[UNET_IN]) > 1 else "?"
-        what = " (an InstructPix2Pix-style model?)" if channels == 8 else ""
-        raise _refuse(name, f"has a UNet with {channels} input channels{what}; Noodle runs 4 (plain) and "
-                            f"{INPAINT_CHANNELS} (inpainting)")
+        raise _refuse(name, f"has a UNet with {channels} input channels; Noodle runs 4 (plain), {IP2P_CHANNELS} "
+                            f"(InstructPix2Pix-style edit) and {INPAINT_CHANNELS} (inpainting)")
 
     family: Family
     if SD1_CLIP in shapes:
@@ -261,6 +281,9 @@ def detect_from_header(shapes: Shapes, name: str = "<header>") -> Arch:
         if any(k.startswith("model.diffusion_model.label_emb.") for k in keys):  # ComfyUI's SD21UnclipL/H
             raise _refuse(name, "looks like an SD2.1 unCLIP model (its UNet takes an image embedding), which Noodle "
                                 "does not run")
+        if shapes[UNET_IN][1] == IP2P_CHANNELS:  # ComfyUI has SD1.5 and SDXL InstructPix2Pix models only
+            raise _refuse(name, f"looks like an SD2.x model with an InstructPix2Pix-style UNet ({IP2P_CHANNELS} "
+                                "input channels), which neither ComfyUI nor Noodle runs")
         family = "sd2"
     elif SDXL_CLIP_L in shapes and SDXL_CLIP_G in shapes:
         family = "sdxl"
@@ -276,9 +299,13 @@ def detect_from_header(shapes: Shapes, name: str = "<header>") -> Arch:
     for tiny in (False, True):
         if found == _widths(Arch.of(family, tiny)):
             arch = Arch.of(family, tiny, in_channels=shapes[UNET_IN][1])
-            # supported_models.py SDXL.model_type: a `v_pred` key marks v-prediction, `ztsnr` zero terminal SNR
-            # as well; an SD2 file's type is in a weight's values (`detect_checkpoint`), SD1.x is always eps
-            if family == "sdxl" and "v_pred" in shapes:
+            # supported_models.py SDXL.model_type: `edm_vpred.sigma_max` marks v-prediction on a continuous EDM
+            # range (its sigmas are read by `detect_checkpoint`; ModelSamplingContinuousEDM's defaults until then), a
+            # `v_pred` key v-prediction, `ztsnr` zero terminal SNR as well; an SD2 file's type is in a weight's
+            # values (`detect_checkpoint`), SD1.x is always eps
+            if family == "sdxl" and EDM_VPRED_MAX in shapes:
+                arch = replace(arch, prediction="v_prediction", edm_sigmas=(0.002, 120.0))
+            elif family == "sdxl" and "v_pred" in shapes:
                 arch = replace(arch, prediction="v_prediction", zsnr="ztsnr" in shapes)
             return arch
     real, small = _widths(Arch.of(family, False)), _widths(Arch.of(family, True))
@@ -318,12 +345,32 @@ def _sd2_prediction(path: Path, shapes: Shapes, allow_weights_only_pickle: bool)
     return "v_prediction" if probe is not None and predicts_v(probe) else "eps"
 
 
+def _edm_sigmas(path: Path, shapes: Shapes, allow_weights_only_pickle: bool) -> tuple[float, float]:
+    """supported_models.py SDXL.model_type for a V_PREDICTION_EDM file: sigma_max from `edm_vpred.sigma_max`,
+    sigma_min from `edm_vpred.sigma_min` when the file has it, else ModelSamplingContinuousEDM's 0.002."""
+    keys = [key for key in (EDM_VPRED_MIN, EDM_VPRED_MAX) if key in shapes]
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        weights = read_pickle_weights(path) if allow_weights_only_pickle else {}
+        values = {key: float(weights[key].float().reshape(-1)[0]) for key in keys if key in weights}
+    else:
+        with safe_open(str(path), framework="pt") as handle:  # two scalars, not the weights
+            values = {key: float(handle.get_tensor(key).float().reshape(-1)[0]) for key in keys}
+    low, high = values.get(EDM_VPRED_MIN, 0.002), values.get(EDM_VPRED_MAX, 120.0)
+    if not (0.0 < low < high and high < float("inf")):
+        raise _refuse(path.name, f"declares a continuous EDM range (edm_vpred.*) of sigma_min {low:g} and sigma_max "
+                                 f"{high:g}; a model needs 0 < sigma_min < sigma_max")
+    return low, high
+
+
 def detect_checkpoint(path: Path, *, allow_weights_only_pickle: bool = False) -> Arch:
     """The Arch of a single-file checkpoint, from its header (or, when allowed, a weights-only pickle).
 
-    An SD2 file's prediction type (eps or v) is read from one weight's values, as ComfyUI decides it."""
+    An SD2 file's prediction type (eps or v) is read from one weight's values, an SDXL EDM file's sigmas from its
+    `edm_vpred.*` scalars, as ComfyUI decides them."""
     shapes = read_shapes(path, allow_weights_only_pickle=allow_weights_only_pickle)
     arch = detect_from_header(shapes, path.name)
     if arch.family == "sd2" and arch.in_channels == 4:  # SD20.model_type: SD2 inpainting models are eps
         arch = replace(arch, prediction=_sd2_prediction(path, shapes, allow_weights_only_pickle))
+    if arch.edm_sigmas is not None:
+        arch = replace(arch, edm_sigmas=_edm_sigmas(path, shapes, allow_weights_only_pickle))
     return arch

@@ -25,10 +25,12 @@ from engine.models.hashes import HashBook
 
 __all__ = ["FOLDERS", "FolderLookup", "ModelCatalog", "display_name", "file_fingerprint", "safe_join"]
 
-Folder = Literal["checkpoints", "loras", "vae", "embeddings", "upscale_models", "controlnet", "hypernetworks"]
+Folder = Literal["checkpoints", "loras", "vae", "embeddings", "upscale_models", "controlnet", "hypernetworks",
+                 "gligen", "clip_vision"]
 FOLDERS: dict[str, str] = {"checkpoints": "checkpoint", "loras": "LoRA", "vae": "VAE", "embeddings": "embedding",
                            "upscale_models": "upscale model", "controlnet": "ControlNet",
-                           "hypernetworks": "hypernetwork"}
+                           "hypernetworks": "hypernetwork", "gligen": "GLIGEN model",
+                           "clip_vision": "CLIP vision model"}
 SAFE_SUFFIX = ".safetensors"
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 

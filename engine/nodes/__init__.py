@@ -15,6 +15,10 @@ def catalog() -> dict[str, type[Node]]:
     from engine.nodes import sigma_nodes  # noqa: F401
     from engine.nodes import merging_blocks  # noqa: F401
     from engine.nodes import differential_diffusion, hypernetwork, unet_patches  # noqa: F401
+    from engine.nodes import gligen  # noqa: F401
+    from engine.nodes import clip_vision  # noqa: F401
+    from engine.nodes import instruct_pix2pix  # noqa: F401
+    from engine.nodes import vae_tiled  # noqa: F401
     from engine.nodes import (conditioning, controlnet, images, latents, loaders, masks, merging,  # noqa: F401
                               model_sampling, sampling, upscale, vae)
 

@@ -28,6 +28,7 @@ import torch
 from pydantic import Field
 
 import engine.nodes.area_conditioning as areas
+from engine.nodes.gligen import spread_to_negative
 from engine.nodes.attention_replace import Attn1Slot
 from engine.nodes.base import Choice, Node, RunContext, Socket, register
 from engine.nodes.cfg_hooks import HookModel, Side, cfg_function, sigma_per_latent
@@ -49,6 +50,7 @@ def dual_eps(build: Build, positive: Conditioning | Sequence[Conditioning],
                          "run its jobs one at a time")
     # ComfyUI's process_conds: the legacy ControlNetApply's ControlNet reaches the negative too
     negative = areas.spread_outside_areas(positive, negative)
+    negative = spread_to_negative(positive, negative)  # and the positive's GLIGEN boxes (apply_empty_x_to_equal_area)
     slot = Attn1Slot(dict(patches.attn1_replace))  # one for the run: SAG's map goes from the passes to its hook
     cfg2, nested = dual.cfg_cond2_negative, dual.nested
     keep_all = disable_cfg1_optimization or patches.disable_cfg1_optimization

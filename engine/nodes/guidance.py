@@ -1,7 +1,9 @@
 """The guided noise prediction every sampler step calls, as ComfyUI's `calc_cond_batch` and `cfg_function`:
 positive and negative conds in one UNet batch per shape they see (each within its timestep window; an area cond
-sees its crop and counts with its weight, engine/nodes/area_conditioning.py), ControlNet residuals per cond,
-an inpainting UNet's [mask, masked latent] concat, the model's own prediction type turned into eps, then
+sees its crop and counts with its weight, engine/nodes/area_conditioning.py), ControlNet residuals per cond, a
+cond's GLIGEN text boxes through gated layers hooked in for the call (engine/models/gligen.py),
+an inpainting UNet's [mask, masked latent] concat or an InstructPix2Pix one's source image
+(engine/nodes/unet_concat.py), the model's own prediction type turned into eps, then
 classifier-free guidance `uncond + (cond - uncond) * cfg`, or the MODEL's CFG hooks (RescaleCFG, SAG, PAG:
 engine/nodes/cfg_hooks.py) and a DualCFGGuider's combine (engine/nodes/dual_cfg.py).
 """
@@ -10,22 +12,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import engine.nodes.area_conditioning as areas
 from engine import samplers
 from engine.models.controlnet.residuals import ControlResiduals
-from engine.models.detect import INPAINT_CHANNELS
+from engine.models.detect import INPAINT_CHANNELS, IP2P_CHANNELS
+from engine.models.gligen import gligen_fused
 import engine.nodes.cfg_hooks as cfg_hooks
 from engine.nodes.attention_replace import Attn1Slot
-from engine.samplers.loop import resize_noise_mask
+from engine.nodes.gligen import spread_to_negative
+from engine.nodes.unet_concat import InpaintSource, group_concats, ip2p_scale
 from engine.values import CondItem, Conditioning, DualCFG, ModelPatches
 
-__all__ = ["EpsFn", "InpaintSource", "guided_eps", "inpaint_concat"]
+__all__ = ["EpsFn", "InpaintSource", "guided_eps"]
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -37,83 +39,25 @@ def _repeat_to(embeds: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def _time_ids(item: CondItem, height: int, width: int) -> list[float]:
-    # a cond's extras may also hold InpaintModelConditioning's concat_latent_image and concat_mask: they are for
-    # inpainting UNets, and a 4-channel one has nothing to concatenate them to and never reads them (ComfyUI's
-    # concat_keys are empty there)
+    # a cond's extras may also hold InpaintModelConditioning's concat_latent_image and concat_mask (or
+    # InstructPixToPixConditioning's image): they are for inpainting (InstructPix2Pix) UNets, and a 4-channel one
+    # has nothing to concatenate them to and never reads them (ComfyUI's concat_keys are empty there)
     extras = item.extras
     h, w = extras.get("height", height), extras.get("width", width)
     return [h, w, extras.get("crop_h", 0), extras.get("crop_w", 0),
             extras.get("target_height", h), extras.get("target_width", w)]
 
 
-@dataclass(frozen=True)
-class InpaintSource:
-    """What an inpainting UNet's extra channels fall back to where the conds carry no `concat_latent_image` /
-    `concat_mask` (InpaintModelConditioning's): the sampler's latent in the model's scaled space and its noise
-    mask, as ComfyUI hands `latent_image` and `denoise_mask` to concat_cond; `scale` is the VAE's scaling factor,
-    which brings a cond's raw `concat_latent_image` into that space (ComfyUI's process_latent_in)."""
+def _pooled(item: CondItem, seed: int, unet: torch.nn.Module) -> torch.Tensor:
+    # SDXL's pooled text embedding, or an unCLIPConditioning's image embeds in its place (a revision, with `seed`
+    # the sampler's: engine/nodes/clip_vision.py); its width is what the UNet's add embedding takes beside time_ids
+    from engine.nodes.clip_vision import sdxl_pooled
 
-    latent: torch.Tensor
-    noise_mask: torch.Tensor | None
-    scale: float
-
-
-# comfy/model_base.py set_inpaint's blank_inpaint_image_like: a black picture's latent, per channel (SD1.x and
-# SDXL alike), for an inpainting model sampled without any mask
-_BLANK_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
-
-
-def _to_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
-    """comfy/utils.py resize_to_batch_size: pick rows spread evenly over the batch (not a repeat of the whole)."""
-    have = tensor.shape[0]
-    if have == batch:
-        return tensor
-    if batch <= 1:
-        return tensor[:batch]
-    if batch < have:
-        rows = [min(round(i * (have - 1) / (batch - 1)), have - 1) for i in range(batch)]
-    else:
-        rows = [min(math.floor((i + 0.5) * have / batch), have - 1) for i in range(batch)]
-    return tensor[rows]
-
-
-def _fit(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """comfy.utils.common_upscale(..., "bilinear", "center"), as concat_cond resizes both parts to the latent: cut
-    round((side - side * ratio) / 2) from both ends of the side that is too long, then resize."""
-    old_h, old_w = tensor.shape[-2:]
-    if (old_h, old_w) == (height, width):
-        return tensor
-    old_aspect, new_aspect = old_w / old_h, width / height
-    x = round((old_w - old_w * (new_aspect / old_aspect)) / 2) if old_aspect > new_aspect else 0
-    y = round((old_h - old_h * (old_aspect / new_aspect)) / 2) if old_aspect < new_aspect else 0
-    cropped = tensor.narrow(-2, y, old_h - 2 * y).narrow(-1, x, old_w - 2 * x)
-    return F.interpolate(cropped, size=(height, width), mode="bilinear")
-
-
-def inpaint_concat(item: CondItem, latent: torch.Tensor, noise_mask: torch.Tensor | None,
-                   scale: float) -> torch.Tensor:
-    """An inpainting UNet's extra input for one cond over latents [b, 4, h, w] (scaled): [b, 5, h, w], the mask
-    then the masked image's latent, as comfy/model_base.py concat_cond with concat_keys ("mask", "masked_image").
-
-    The mask is the cond's `concat_mask`, else the latent's noise mask; it is resized to the latent, rounded and
-    fitted to the batch. The masked image is the cond's `concat_latent_image` (scaled here), else the latent
-    itself. Without any mask the mask is all ones and the image a black picture's latent, whatever else is given.
-    """
-    batch, _, height, width = latent.shape
-    mask = item.extras.get("concat_mask")
-    if mask is None and noise_mask is not None:
-        mask = resize_noise_mask(noise_mask, latent.shape)  # the sampler's denoise_mask (reshape_mask)
-    if mask is None:
-        blank = torch.tensor(_BLANK_LATENT, dtype=torch.float32).view(1, 4, 1, 1).expand(batch, 4, height, width)
-        return torch.cat([torch.ones(batch, 1, height, width), blank], dim=1)
-    mask = mask.float()
-    if mask.ndim == latent.ndim:
-        mask = mask[:, :1]
-    mask = _to_batch(_fit(mask.reshape(-1, 1, *mask.shape[-2:]), height, width).round(), batch)
-    image = item.extras.get("concat_latent_image")
-    image = latent.float() if image is None else image.float() * scale
-    image = _to_batch(_fit(image, height, width), batch)
-    return torch.cat([mask.to(image.device), image], dim=1)
+    config = getattr(unet, "config", None)
+    width = (config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+             if getattr(config, "projection_class_embeddings_input_dim", None) else 1280)
+    pooled = sdxl_pooled(item, seed, width)
+    return pooled if pooled is not None else torch.zeros(1, width)
 
 
 def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditioning],
@@ -121,12 +65,14 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
                sizes: Sequence[int] | None = None, inpaint: InpaintSource | None = None,
                sampling: samplers.ModelSampling = samplers.DEFAULT_SAMPLING, family: str | None = None,
                patches: ModelPatches | None = None, dual: DualCFG | None = None,
-               disable_cfg1_optimization: bool = False, attention: Attn1Slot | None = None) -> EpsFn:
+               disable_cfg1_optimization: bool = False, attention: Attn1Slot | None = None,
+               seed: int | Sequence[int] = 0) -> EpsFn:
     """The guided noise prediction for a batch of latents at one sigma.
 
     One Conditioning pair guides the whole batch, as a KSampler does. With per-item sequences (the
     queue's batches of several jobs) pair g guides the next `sizes[g]` latents, all in one UNet call.
-    An inpainting (9-channel) UNet gets each cond's `inpaint_concat` after the latent's 4 channels.
+    An inpainting (9-channel) UNet gets each cond's `inpaint_concat` after the latent's 4 channels, an
+    InstructPix2Pix (8-channel) one its `ip2p_concat`.
     `sampling` (the MODEL's ModelSampling) turns each cond's output into the noise prediction that gives
     ComfyUI's denoised estimate (v-prediction, LCM, x0), before CFG combines them as ComfyUI combines denoised ones.
     `family` (the MODEL's Arch.family; without it "sdxl" or "sd15" from `sdxl`) is what a ControlNet must fit,
@@ -142,14 +88,16 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
     DualCFGGuider's prediction (engine/nodes/dual_cfg.py). The returned function also has `with_uncond(x, timestep,
     sigma) -> (eps, uncond eps)`, which always runs the uncond pass (ComfyUI's disable_cfg1_optimization, as
     `disable_cfg1_optimization` does for every call), and `sides` (cfg_hooks.SidesFn). `attention` is the run's
-    attn1 replacements when a caller shares one between predictions (a DualCFGGuider's).
+    attn1 replacements when a caller shares one between predictions (a DualCFGGuider's). `seed` is the sampler's
+    noise seed, which seeds an SDXL revision's (unCLIPConditioning's) noise augmentation as in ComfyUI (one per
+    group with `sizes`: each job's own).
     """
     if dual is not None:
         from engine.nodes.dual_cfg import dual_eps
 
         def build(pos: Conditioning, neg: Conditioning, keep_negative: bool, slot: Attn1Slot | None) -> EpsFn:
             return guided_eps(unet, pos, neg, 1.0, sdxl, pixel_size, sizes, inpaint, sampling, family,
-                              disable_cfg1_optimization=keep_negative, attention=slot)
+                              disable_cfg1_optimization=keep_negative, attention=slot, seed=seed)
 
         return dual_eps(build, positive, negative, cfg, dual, patches or ModelPatches(), disable_cfg1_optimization)
     positives = [positive] if isinstance(positive, Conditioning) else list(positive)
@@ -164,6 +112,8 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
     pairs = [areas.with_opposite_areas(p, n, *cells) for p, n in zip(positives, negatives)]
     positives = [p for p, _ in pairs]
     negatives = [areas.spread_outside_areas(p, n) for p, n in pairs]
+    # then the positive's GLIGEN boxes reach the negative's conds without an area (engine/nodes/gligen.py)
+    negatives = [spread_to_negative(p, n) for p, n in zip(positives, negatives)]
     # cfg 1 needs no negative pass: ComfyUI skips it too, and the result is the same (unless a hook reads it)
     keep_negative = disable_cfg1_optimization or (patches is not None and patches.disable_cfg1_optimization)
     skip_negative = math.isclose(cfg, 1.0) and not keep_negative
@@ -174,15 +124,18 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
     contexts = [torch.cat([_repeat_to(item.embeds, length) for item in items]).to(device, dtype) for items in groups]
     added: list[dict[str, torch.Tensor]] | None = None
     if sdxl:
+        seeds = [seed] * len(groups) if isinstance(seed, int) else list(seed)
         added = [{
-            "text_embeds": torch.cat([item.pooled if item.pooled is not None else torch.zeros(1, 1280)
-                                      for item in items]).to(device, dtype),
+            "text_embeds": torch.cat([_pooled(item, group_seed, unet) for item in items]).to(device, dtype),
             "time_ids": torch.tensor([_time_ids(item, *pixel_size) for item in items], device=device, dtype=dtype),
-        } for items in groups]
+        } for items, group_seed in zip(groups, seeds)]
     fits = family or ("sdxl" if sdxl else "sd15")
     # None without ControlNets: the UNet call as before; one per set of active conds (timestep ranges)
     controls = {None: ControlResiduals.for_groups(groups, unet, fits, sampling)}
-    inpainting = getattr(getattr(unet, "config", None), "in_channels", 4) == INPAINT_CHANNELS
+    in_channels = getattr(getattr(unet, "config", None), "in_channels", 4)
+    concatenates = in_channels in (INPAINT_CHANNELS, IP2P_CHANNELS)
+    # for an InstructPix2Pix UNet: the factor its source latent is concatenated with
+    edit_scale = ip2p_scale(sdxl, sampling) if in_channels == IP2P_CHANNELS else None
     concats: dict[tuple[Any, ...], torch.Tensor] = {}  # the concat is the same at every step: built once
     windows = _timestep_windows(groups, sampling)
     everything = [list(range(len(items))) for items in groups]
@@ -242,7 +195,7 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
         if skip_negative:
             if not forced:
                 forced.append(guided_eps(unet, positive, negative, cfg, sdxl, pixel_size, sizes, inpaint, sampling,
-                                         family, patches=patches, disable_cfg1_optimization=True))
+                                         family, patches=patches, disable_cfg1_optimization=True, seed=seed))
             return forced[0].with_uncond(x, timestep, sigma)  # type: ignore[attr-defined]
         pairs = sides(x, timestep, sigma)
         if hooks is not None:
@@ -283,13 +236,17 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
         control = controls[pattern]
         if control is not None:  # on the crop an area cond sees, its hint resized to that crop, as in ComfyUI
             kwargs.update(control(x_in, t, sigma, ctx_in, kwargs.get("added_cond_kwargs"), counts))
-        if inpainting:  # after the ControlNet, which sees only the latent's 4 channels, as in ComfyUI
+        if concatenates:  # after the ControlNet, which sees only the latent's 4 channels, as in ComfyUI
             key = (tuple(x.shape), pattern)
             if key not in concats:
-                concats[key] = _group_concats(run_groups, counts, x, inpaint, run_regions).to(device, dtype)
+                concats[key] = group_concats(run_groups, counts, x, inpaint, run_regions,
+                                              edit_scale).to(device, dtype)
             x_in = torch.cat([x_in, concats[key]], dim=1)
         def call() -> torch.Tensor:
-            return unet(x_in, t, encoder_hidden_states=ctx_in, **kwargs).sample
+            # each cond's GLIGEN gated layers on its rows, hooked for this call only (engine/models/gligen.py)
+            with gligen_fused(unet, [(g_item.extras.get("gligen"), b) for g_items, b in zip(run_groups, counts)
+                                     for g_item in g_items], x_in.shape):
+                return unet(x_in, t, encoder_hidden_states=ctx_in, **kwargs).sample
 
         if attention is None:
             return call().float().to(x.device)
@@ -358,26 +315,3 @@ def _no_cond_eps(scaled: torch.Tensor, sigma: float) -> torch.Tensor:
     """The noise prediction whose denoised estimate x - sigma * eps is 0, for latents `scaled` = x / sqrt(sigma^2 + 1)
     (what ComfyUI predicts for a side none of whose conds is active)."""
     return scaled.float() * (math.sqrt(sigma**2 + 1.0) / sigma)
-
-
-def _group_concats(groups: Sequence[Sequence[CondItem]], counts: Sequence[int], x: torch.Tensor,
-                   inpaint: InpaintSource | None,
-                   regions: Sequence[Sequence[areas.Region | None]] | None = None) -> torch.Tensor:
-    """Every cond item's inpaint concat over its group's latents, in the UNet batch's order (item-major per group),
-    cut to the item's area as ComfyUI's CONDNoiseShape.process_cond."""
-    if inpaint is None:  # a caller that knows no latent: only the no-mask case can be built
-        if any("concat_mask" in item.extras for items in groups for item in items):
-            raise ValueError("an inpainting UNet with a concat_mask needs the sampler's latent (InpaintSource)")
-        latent, mask = torch.zeros(x.shape), None
-    else:
-        latent, mask = inpaint.latent.float().cpu(), inpaint.noise_mask
-    if mask is not None:
-        mask = resize_noise_mask(mask.cpu(), latent.shape)  # over the whole batch first, as ComfyUI's denoise_mask
-    parts, offset = [], 0
-    for group, (items, batch) in enumerate(zip(groups, counts)):
-        rows = slice(offset, offset + batch)
-        offset += batch
-        parts += [areas.crop(inpaint_concat(item, latent[rows], None if mask is None else mask[rows],
-                                            1.0 if inpaint is None else inpaint.scale),
-                             None if regions is None else regions[group][k]) for k, item in enumerate(items)]
-    return torch.cat(parts)

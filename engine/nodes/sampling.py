@@ -58,7 +58,8 @@ def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.T
     h, w = latent.samples.shape[2] * 8, latent.samples.shape[3] * 8
     inpaint = InpaintSource(latent.samples.float() * scale, latent.noise_mask, scale)
     eps = guided_eps(unet, positive, negative, cfg, model.arch.family == "sdxl", (h, w), sizes, inpaint,
-                     sampling=model.model_sampling, family=model.arch.family, patches=model.patches, dual=dual)
+                     sampling=model.model_sampling, family=model.arch.family, patches=model.patches, dual=dual,
+                     seed=seed)
     if watch is not None:
         eps = watch(eps)
     plan = samplers.build_scheduler(sampler_name, scheduler, sigmas, seed, model.model_sampling, options,

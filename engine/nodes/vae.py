@@ -17,12 +17,25 @@ from engine.values import ImageBatch, Latent, Mask, VaeRef
 log = logging.getLogger(__name__)
 
 
-def _vae_ready(vae: VaeRef) -> torch.nn.Module:
+def vae_ready(vae: VaeRef) -> torch.nn.Module:
+    """The VAE's module, moved to float32 first where its config says it overflows in half precision."""
     # SDXL's VAE overflows in fp16 (its config says force_upcast): run it in fp32, as diffusers does
     module = vae.vae
     if module.dtype == torch.float16 and getattr(module.config, "force_upcast", False):
         module.to(torch.float32)
     return module
+
+
+def decode_latents(module: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Latents [1, 4, h, w] (any device) -> the decoder's output [1, 3, 8h, 8w] in -1..1, float32 on the CPU."""
+    decoded = module.decode(latents.to(module.device, module.dtype)).sample
+    if module.dtype != torch.float32 and not bool(decoded.isfinite().all()):
+        # Many SD1.x VAEs overflow in half precision now and then, giving a black image. As
+        # A1111's automatic VAE precision does, keep this VAE in fp32 from now on and decode again.
+        log.warning("the VAE gave NaN or inf in %s; it runs in float32 from now on", module.dtype)
+        module.to(torch.float32)
+        decoded = module.decode(latents.to(module.device, module.dtype)).sample
+    return decoded.float().cpu()
 
 
 @register
@@ -36,19 +49,12 @@ class VAEDecode(Node):
     vae: VaeRef = Socket("VAE")
 
     def run(self, ctx: RunContext) -> tuple[ImageBatch]:
-        module = _vae_ready(self.vae)
+        module = vae_ready(self.vae)
         images = []
         with torch.inference_mode():
             # one item at a time: a batch of large images would need the decoder's activations times the batch
             for index, item in enumerate(self.samples.samples):
-                decoded = module.decode(item[None].to(module.device, module.dtype)).sample
-                if module.dtype != torch.float32 and not bool(decoded.isfinite().all()):
-                    # Many SD1.x VAEs overflow in half precision now and then, giving a black image. As
-                    # A1111's automatic VAE precision does, keep this VAE in fp32 from now on and decode again.
-                    log.warning("the VAE gave NaN or inf in %s; it runs in float32 from now on", module.dtype)
-                    module.to(torch.float32)
-                    decoded = module.decode(item[None].to(module.device, module.dtype)).sample
-                images.append(((decoded.float().cpu() + 1.0) / 2.0).clamp(0, 1).movedim(1, -1))
+                images.append(((decode_latents(module, item[None]) + 1.0) / 2.0).clamp(0, 1).movedim(1, -1))
                 ctx.progress(index + 1, len(self.samples.samples))
         return (ImageBatch(torch.cat(images)),)
 
@@ -77,7 +83,7 @@ def crop_to_grid(x: torch.Tensor, h_axis: int) -> torch.Tensor:
 
 def encode_pixels(vae: VaeRef, pixels: torch.Tensor) -> torch.Tensor:
     """IMAGE [B, H, W, C] -> latents [B, 4, H/8, W/8], cropped to the 8-pixel grid first, one item at a time."""
-    module = _vae_ready(vae)
+    module = vae_ready(vae)
     pixels = crop_to_grid(pixels[..., :3], h_axis=1)
     latents = []
     with torch.inference_mode():

@@ -19,7 +19,7 @@ from engine.pngmeta import save_png
 from engine.settings import EngineSettings, Limits, ModelsSettings
 from tests.engine.conftest import txt2img
 
-BUILTIN_MISSING = "GLIGENLoader"  # a ComfyUI built-in (loaders, models/gligen) that Noodle does not run
+BUILTIN_MISSING = "StyleModelLoader"  # a ComfyUI built-in (loaders, models/style_models) that Noodle does not run
 
 
 def _write(path: Path, data: Any) -> Path:
@@ -39,7 +39,7 @@ def judge(path: Path):  # type: ignore[no-untyped-def]
 def blocked_workflow() -> dict[str, Any]:
     workflow = copy.deepcopy(txt2img())
     workflow["3"]["inputs"]["sampler_name"] = "euler_dy"  # a custom sampler pack's name in a stock KSampler
-    workflow["20"] = {"class_type": BUILTIN_MISSING, "inputs": {"gligen_name": "gligen_sd14_textbox.pth"}}
+    workflow["20"] = {"class_type": BUILTIN_MISSING, "inputs": {"style_model_name": "coadapter-style-sd15v1.pth"}}
     workflow["21"] = {"class_type": "UltimateSDUpscale", "inputs": {"image": ["8", 0], "sampler_name": "anything"}}
     return workflow
 
@@ -62,11 +62,11 @@ def test_what_blocks_a_workflow_is_named_by_kind(tmp_path: Path) -> None:
     assert not verdict.runs
     assert dict(verdict.missing) == {BUILTIN_MISSING: "builtin", "UltimateSDUpscale": "custom"}
     assert verdict.samplers == ("sampler euler_dy (not ComfyUI's)",)  # a custom node's own sampler input is not judged
-    assert verdict.model_kinds == ("gligen",)
+    assert verdict.model_kinds == ("style_models",)
     assert verdict.line() == (
         f"blocked    {tmp_path / 'blocked.json'}: ComfyUI built-in nodes Noodle lacks: {BUILTIN_MISSING}; "
         "custom nodes (not part of ComfyUI): UltimateSDUpscale; not supported: sampler euler_dy (not ComfyUI's); "
-        "model kinds Noodle has no folder for: gligen")
+        "model kinds Noodle has no folder for: style_models")
     assert verdict.to_dict()["missing_nodes"] == {BUILTIN_MISSING: "builtin", "UltimateSDUpscale": "custom"}
 
 

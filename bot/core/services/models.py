@@ -64,7 +64,7 @@ class ModelChoices:
 
     async def text(self) -> str:
         """/models: checkpoints (architecture, size, short hash), LoRAs, embeddings, ControlNets (family), upscale
-        models and hypernetworks of the models folder."""
+        models, hypernetworks, GLIGEN and CLIP vision models of the models folder."""
         lines = ["Checkpoints:"]
         for name in await asyncio.to_thread(self.engine.choices, "checkpoints"):
             try:
@@ -90,12 +90,11 @@ class ModelChoices:
             controlnets.append(name + family)
         lines.append("ControlNets (/imagine controlnet:): "
                      + (", ".join(controlnets) or "none (put .safetensors files in models/controlnet)"))
-        upscalers = await asyncio.to_thread(self.engine.choices, "upscale_models")
-        lines.append("Upscale models (for /workflow): "
-                     + (", ".join(upscalers) or "none (put .safetensors files in models/upscale_models)"))
-        hypernetworks = await asyncio.to_thread(self.engine.choices, "hypernetworks")
-        lines.append("Hypernetworks (for /workflow): "
-                     + (", ".join(hypernetworks) or "none (put .safetensors files in models/hypernetworks)"))
+        for title, folder in (("Upscale models", "upscale_models"), ("Hypernetworks", "hypernetworks"),
+                              ("GLIGEN models", "gligen"), ("CLIP vision models", "clip_vision")):
+            names = await asyncio.to_thread(self.engine.choices, folder)
+            lines.append(f"{title} (for /workflow): "
+                         + (", ".join(names) or f"none (put .safetensors files in models/{folder})"))
         return "\n".join(lines)
 
     async def tokens(self, text: str) -> str:

@@ -149,12 +149,16 @@ def test_sdxl_refiner_is_refused_by_name() -> None:
         detect_from_header(shapes, "refiner.safetensors")
 
 
-def test_an_instruct_unet_is_refused() -> None:
-    # 9 channels (inpainting) load: tests/engine/models/test_inpaint_checkpoint.py
+def test_an_instruct_unet_loads_and_other_channel_counts_are_refused() -> None:
+    # 9 channels (inpainting) load: tests/engine/models/test_inpaint_checkpoint.py; 8 (InstructPix2Pix) too, run in
+    # tests/engine/nodes/test_instruct_pix2pix.py
     shapes = _sd15_header()
     shapes["model.diffusion_model.input_blocks.0.0.weight"] = (320, 8, 3, 3)
-    with pytest.raises(UnsupportedModel, match="8 input channels"):
-        detect_from_header(shapes, "instruct-pix2pix.safetensors")
+    arch = detect_from_header(shapes, "instruct-pix2pix.safetensors")
+    assert (arch.in_channels, arch.instruct, arch.inpainting, arch.name) == (8, True, False, "sd15-ip2p")
+    shapes["model.diffusion_model.input_blocks.0.0.weight"] = (320, 7, 3, 3)
+    with pytest.raises(UnsupportedModel, match="7 input channels; Noodle runs 4 .plain., 8 .InstructPix2Pix"):
+        detect_from_header(shapes, "odd.safetensors")
 
 
 def test_a_checkpoint_without_vae_is_refused() -> None:

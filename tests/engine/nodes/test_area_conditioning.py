@@ -20,12 +20,13 @@ from engine.executor import Executor
 from engine.nodes import catalog
 from engine.models.controlnet.residuals import spread_to_uncond
 from engine.nodes.area_conditioning import region, resolved_area, spread_outside_areas
-from engine.nodes.guidance import InpaintSource, guided_eps, inpaint_concat
+from engine.nodes.guidance import guided_eps
+from engine.nodes.unet_concat import InpaintSource, inpaint_concat
 from engine.samplers.loop import resize_noise_mask
 from engine.settings import Limits
 from engine.values import CondItem, Conditioning, Mask
 from tests.engine.nodes.test_controlnet import comfy_percent_to_sigma
-from tests.engine.nodes.test_controlnet import shapes_png  # noqa: F401 (a fixture)
+from tests.engine.nodes.test_controlnet import shapes_png  # noqa: F401,F811 (a fixture)
 from tests.engine.nodes.test_controlnet import graph as controlnet_graph
 from tests.engine.nodes.test_inpaint import values_of
 from tests.engine.test_cost import cost_of, refusal

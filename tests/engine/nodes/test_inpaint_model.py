@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from engine.executor import Executor
-from engine.nodes.guidance import InpaintSource, guided_eps, inpaint_concat
+from engine.nodes.guidance import guided_eps
+from engine.nodes.unet_concat import InpaintSource, inpaint_concat
 from engine.values import CondItem, Conditioning
 from tests.engine.nodes.test_inpaint import SIDE, write_holed_png
 

@@ -141,6 +141,8 @@ async def test_models_lists_controlnets_with_their_family_and_the_upscalers(env:
     assert upscalers and f"Upscale models (for /workflow): {', '.join(upscalers)}" in text
     # the tiny models folder has no hypernetworks: the line says where they go
     assert "Hypernetworks (for /workflow): none (put .safetensors files in models/hypernetworks)" in text
+    assert "GLIGEN models (for /workflow): none (put .safetensors files in models/gligen)" in text
+    assert "CLIP vision models (for /workflow): none (put .safetensors files in models/clip_vision)" in text
 
 
 async def test_a_reroll_whose_control_image_is_gone_says_to_attach_it_again(env: Env) -> None:

@@ -122,9 +122,9 @@ async def test_an_invalid_workflow_is_summarised_one_line_per_node_and_leaves_no
     unknown["30"] = {"class_type": "UltimateSDUpscale", "inputs": {}}
     said = await refused(env, as_file(unknown))
     assert "node UltimateSDUpscale does not exist" in said and "custom node pack" in said, said
-    unknown["30"] = {"class_type": "GLIGENTextBoxApply", "inputs": {}}
+    unknown["30"] = {"class_type": "StyleModelLoader", "inputs": {}}
     said = await refused(env, as_file(unknown))
-    assert "GLIGENTextBoxApply is a ComfyUI built-in node" in said and "`noodle nodes` lists" in said, said
+    assert "StyleModelLoader is a ComfyUI built-in node" in said and "`noodle nodes` lists" in said, said
 
 
 async def test_what_is_no_runnable_workflow_is_refused_with_what_to_do(env: Env) -> None:

@@ -27,11 +27,15 @@ Weigh = Callable[[str], tuple[float, float]]  # key -> (first's factor, second's
 
 def combine(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], weigh: Weigh,
             what: str, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """`a * first + b * second` key by key, `(a, b) = weigh(key)`; both must have the same architecture.
+    """`a * first + b * second`, key by key, `(a, b) = weigh(key)`; both must have the same architecture.
 
-    This is ComfyUI's `add_patches(second, strength_patch=b, strength_model=a)` on a clone of first.
+    This is ComfyUI's `add_patches(second, strength_patch=b, strength_model=a)` on a clone of first, and so is what
+    happens to a weight whose shapes differ only in input channels (an inpainting or edit UNet's first convolution
+    against a plain one's): ComfyUI scales it by a and leaves the other's out ("WEIGHT NOT MERGED"), so the merged
+    model keeps first's channels.
     """
-    if first.keys() != second.keys() or any(first[k].shape != second[k].shape for k in first):
+    mismatched = [k for k in first.keys() & second.keys() if first[k].shape != second[k].shape]
+    if first.keys() != second.keys() or not all(_channels_only(first[k], second[k]) for k in mismatched):
         raise ValueError(f"cannot merge two {what}s of different architectures (e.g. SD1.5 with SDXL, or a "
                          "tiny model with a full-size one); merge models of one family")
     out = {}
@@ -40,8 +44,14 @@ def combine(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], wei
             out[key] = value
             continue
         a, b = weigh(key)
-        out[key] = value * a + second[key].to(value.dtype) * b
+        other = second[key]
+        out[key] = value * a + other.to(value.dtype) * b if other.shape == value.shape else value * a
     return out
+
+
+def _channels_only(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Whether two convolution weights differ only in their input channels (9- or 8-channel UNets' conv_in)."""
+    return first.ndim == second.ndim == 4 and first.shape[0] == second.shape[0] and first.shape[2:] == second.shape[2:]
 
 
 def blend(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], ratio: float,

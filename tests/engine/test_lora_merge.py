@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from engine.executor import Executor
@@ -130,3 +131,27 @@ def test_a_merge_keeps_model_ones_model_sampling(executor: Executor) -> None:
     assert np.array_equal(merged, render(executor, graph, "10"))
     graph["8"]["inputs"]["model"] = ["1", 0]  # and eps differs, so the override is what made them equal
     assert not np.array_equal(merged, render(executor, graph, "10"))
+
+
+def test_an_inpainting_model_merges_with_a_plain_one_as_comfyui_does() -> None:
+    # ComfyUI's model_merging_inpaint example: inpainting + (other - base). Its 9-channel first convolution is scaled
+    # by model1's factor and the 4-channel one is left out ("WEIGHT NOT MERGED"); every other weight merges
+    from engine.nodes.merging import combine
+
+    inpaint = {"conv_in.weight": torch.ones(8, 9, 3, 3), "mid.weight": torch.full((8, 8), 2.0)}
+    plain = {"conv_in.weight": torch.full((8, 4, 3, 3), 5.0), "mid.weight": torch.full((8, 8), 3.0)}
+    merged = combine(inpaint, plain, lambda key: (0.5, 0.25), "model")
+    assert torch.equal(merged["conv_in.weight"], torch.full((8, 9, 3, 3), 0.5))
+    assert torch.equal(merged["mid.weight"], torch.full((8, 8), 2.0 * 0.5 + 3.0 * 0.25))
+    wider = {**plain, "mid.weight": torch.zeros(8, 16)}  # another architecture, not just another conv_in
+    with pytest.raises(ValueError, match="different architectures"):
+        combine(inpaint, wider, lambda key: (0.5, 0.5), "model")
+
+
+def test_the_inpaint_merge_workflow_runs_on_the_tiny_models(executor: Executor) -> None:
+    graph = merge_graph(0.5, "inpaint-merge")
+    graph["1"]["inputs"]["ckpt_name"] = "tiny-sd15-inpainting.safetensors"
+    result = executor.run(graph)
+    [saved] = result.outputs["5"]["checkpoints"]
+    arch = detect_checkpoint(executor.settings.output_dir / saved["subfolder"] / saved["filename"])
+    assert arch.family == "sd15" and arch.in_channels == 9  # model1's channels, as ComfyUI keeps them

@@ -277,9 +277,9 @@ class Console:
     async def _follow(self, ticket: Ticket, *, progress: bool) -> None:
         line = _TerminalLine(self.err) if progress else None
         sink = line if line is not None else _Silent()
-        loop = asyncio.get_running_loop()
+        clock = self.studio.clock  # the one clock the Discord front end's followers read too
         final = await relay(self.studio.results.follow(ticket.job_id), sink, every=0.2,
-                            deadline=loop.time() + FOLLOW_SECONDS, clock=loop.time)
+                            deadline=clock() + FOLLOW_SECONDS, clock=clock)
         if line is not None:
             line.end()
         if final is not None and final.generation is not None and final.generation.state == "cancelled":

@@ -18,10 +18,14 @@ The services, and what each needs:
 - `results` (results/collector.py): stores what the engine reports, posts results, follows requests.
 
 Nothing here knows Discord or terminals: a front end passes a `Publisher` (bot/core/front_end.py) and
-calls the services.
+calls the services. `clock` is the one clock the front ends follow jobs by (status throttles, the token deadline):
+monotonic, so a skewed or jumping wall clock changes nothing, and given so a test can drive it.
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 from bot.core.front_end import Publisher
 from bot.core.requests.imagine import Allowed
@@ -44,8 +48,8 @@ class Studio:
     """The transport-free services both front ends call, built around one engine service and one store."""
 
     def __init__(self, engine: EngineService, store: Store, settings: Settings, *, front: str,
-                 publisher: Publisher | None = None) -> None:
-        self.settings, self.front = settings, front
+                 publisher: Publisher | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings, self.front, self.clock = settings, front, clock
         self.allowed = Allowed.from_settings(settings)
         self.models = ModelChoices(engine, settings, self.allowed)
         self.user_defaults = UserDefaults(store, self.models)

@@ -72,6 +72,7 @@ class JobInfo:
     error: str | None
     result: dict | None
     attempts: int
+    cancel_requested: bool = False  # a running job asked to stop at its next sampler step
 
 
 @dataclass(eq=False)
@@ -100,4 +101,4 @@ class JobRecord:
 
     def info(self, position: int | None = None, eta_s: float | None = None) -> JobInfo:
         return JobInfo(self.job_id, self.owner, self.state, position, eta_s, dict(self.extra), self.created_at,
-                       self.error, self.result, self.attempts)
+                       self.error, self.result, self.attempts, self.cancel_requested)

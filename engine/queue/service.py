@@ -26,6 +26,7 @@ from typing import Any
 
 from engine.errors import JobCancelled, JobFailed
 from engine.executor import Executor
+from engine.idle import idle_wait
 from engine.models.controlnet.load import controlnet_layout
 from engine.models.detect import Arch, detect_checkpoint
 from engine.models.paths import file_fingerprint
@@ -52,7 +53,7 @@ class _Stream:
         return self
 
     async def __anext__(self) -> JobEvent:
-        event = await self._queue.get()
+        event = await idle_wait(self._queue.get())  # the worker's next event: engine/idle.py
         if event is None:
             self._queue.put_nowait(None)  # stays ended
             raise StopAsyncIteration
@@ -90,7 +91,7 @@ class JobHandle:
 
     async def result(self, timeout: float | None = None) -> dict[str, Any]:
         """RunResult.to_dict() once done; raises JobFailed, JobCancelled, or TimeoutError after `timeout` s."""
-        await asyncio.wait_for(self._finished.wait(), timeout)
+        await asyncio.wait_for(idle_wait(self._finished.wait()), timeout)
         final = self._final
         assert final is not None
         if final.kind == "done":

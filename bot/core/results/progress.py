@@ -14,6 +14,7 @@ from typing import Any
 
 from bot.core.front_end import StudioEvent
 from bot.core.storage.records import ENDED
+from engine.idle import idle_wait
 from engine.queue import EngineService
 
 __all__ = ["merged_events"]
@@ -43,7 +44,7 @@ async def merged_events(engine: EngineService, job_ids: Sequence[str]) -> AsyncI
     try:
         while open_streams:
             try:
-                event = await asyncio.wait_for(queue.get(), timeout=SILENCE_SECONDS)
+                event = await asyncio.wait_for(idle_wait(queue.get()), timeout=SILENCE_SECONDS)
             except TimeoutError:
                 raise TimeoutError(f"no news of job {primary} from the engine for {SILENCE_SECONDS // 3600} hours") \
                     from None

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from bot.core.cards.result import status_text
 from bot.core.front_end import StudioEvent
 
-__all__ = ["StatusSink", "relay", "render"]
+__all__ = ["StatusSink", "accepted_text", "relay", "render"]
 
 
 class StatusSink(Protocol):
@@ -35,14 +34,23 @@ def render(event: StudioEvent) -> str:
                        total=event.max, job_id=event.job_id, images=event.images, images_done=event.images_done)
 
 
+def accepted_text(position: int | None) -> str:
+    """The first status line, sent as the request is accepted: its place in the queue, or that it is starting
+    (no place: the worker took it at once)."""
+    if not position:
+        return "🎨 Starting"
+    return "⏳ Queued (next)" if position == 1 else f"⏳ Queued (#{position} in the queue)"
+
+
 async def relay(events: AsyncIterator[StudioEvent], sink: StatusSink, *, every: float, deadline: float,
-                clock: Callable[[], float] = time.monotonic, shown_at: float = -math.inf,
+                clock: Callable[[], float], shown_at: float = -math.inf,
                 finish: Callable[[StudioEvent], str | None] | None = None) -> StudioEvent | None:
     """Show `events` on `sink` until the job is done or failed, and return that last event.
 
     `shown_at` is when the sink last changed (a "queued" reply just sent counts); `finish(event)` gives
     the line for the verdict, shown once the throttle window allows (None: nothing). Returns None when
-    the events end without a verdict or when `deadline` (a `clock()` time) passes.
+    the events end without a verdict or when `deadline` (a `clock()` time) passes. `clock` is the caller's
+    (the Studio's): no default bound here, so one injected clock times every wait.
     """
     iterator = aiter(events)
     pending: str | None = None

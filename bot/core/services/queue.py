@@ -35,11 +35,13 @@ class QueueEntry:
     running: bool
     position: int | None  # the place of its first queued image (1 runs next); None while it runs
     eta_s: float | None  # seconds until its last image is done, at the recent step rate; None before any rate
+    cancelling: bool = False  # cancelled while running: it stops at its next sampler step
 
     def line(self) -> str:
         """`#12 imagine · "a red fox…" · 2 images · queued, position 3, about 40 s`."""
         images = f" · {self.images} images" if self.images > 1 else ""
-        where = "running" if self.running else f"queued, position {self.position}" if self.position else "queued"
+        where = ("cancelling (stops at its next step)" if self.cancelling else "running" if self.running
+                 else f"queued, position {self.position}" if self.position else "queued")
         eta = f", about {_duration(self.eta_s)} left" if self.eta_s is not None else ""
         return f"#{self.generation_id} {self.kind} · \"{self.prompt}\"{images} · {where}{eta}"
 
@@ -103,7 +105,9 @@ class RequestQueue:
             entries.append(QueueEntry(
                 generation_id, generation.kind if generation else "request", truncate(prompt, 60), len(infos),
                 any(info.state == JobState.RUNNING for info in infos), min(positions, default=None),
-                None if any(eta is None for eta in etas) else max(etas)))  # type: ignore[type-var]
+                None if any(eta is None for eta in etas) else max(etas),  # type: ignore[type-var]
+                # every image still listed was asked to stop: the request is on its way out, not running on
+                cancelling=all(info.cancel_requested for info in infos)))
         entries.sort(key=lambda e: (not e.running, e.position or 0, e.generation_id))
         return entries
 

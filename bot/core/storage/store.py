@@ -169,10 +169,13 @@ class Store(PresetTable):
         db = await aiosqlite.connect(path, isolation_level="IMMEDIATE")
         try:
             db.row_factory = aiosqlite.Row
-            # the engine's worker writes the same file: wait for its lock instead of failing at once
-            await db.execute("PRAGMA busy_timeout = 10000")
-            await db.execute("PRAGMA journal_mode = WAL")
-            await db.execute("PRAGMA foreign_keys = ON")
+            # busy_timeout: the engine's worker writes the same file, so wait for its lock instead of failing at
+            # once. Every cursor here is closed as soon as it is read (`async with`): an open one (WAL's answer
+            # row, kept alive by whoever holds its future) leaves a statement in progress, and the migration's
+            # COMMIT fails with "cannot commit transaction - SQL statements in progress".
+            for pragma in ("PRAGMA busy_timeout = 10000", "PRAGMA journal_mode = WAL", "PRAGMA foreign_keys = ON"):
+                async with db.execute(pragma):
+                    pass
             await migrate(db, path)
         except aiosqlite.DatabaseError as err:
             await db.close()
@@ -196,19 +199,20 @@ class Store(PresetTable):
     async def add(self, new: NewGeneration, *, created_at: float | None = None) -> Generation:
         """Record an accepted request and its images' jobs (state `submitting`) in one transaction."""
         async with self._atomic():
-            cursor = await self._db.execute(
-                "INSERT INTO generations (kind, parent_id, front, state, requester_id, guild_id, channel_id, "
-                "request_json, params_json, model_name, created_at) "
-                "VALUES (?, ?, ?, 'submitting', ?, ?, ?, ?, ?, ?, ?)",
-                (new.kind, new.parent_id, new.front, new.requester_id, new.guild_id, new.channel_id,
-                 json.dumps(new.request), json.dumps(new.params), new.model_name,
-                 time.time() if created_at is None else created_at))
-            generation_id = int(cursor.lastrowid or 0)
-            await self._db.executemany(
-                "INSERT INTO generation_jobs (generation_id, idx, seed, workflow_json, state) "
-                "VALUES (?, ?, ?, ?, 'submitting')",
-                [(generation_id, idx, _seed_to_row(seed), json.dumps(workflow))
-                 for idx, (seed, workflow) in enumerate(new.images, 1)])
+            async with self._db.execute(
+                    "INSERT INTO generations (kind, parent_id, front, state, requester_id, guild_id, channel_id, "
+                    "request_json, params_json, model_name, created_at) "
+                    "VALUES (?, ?, ?, 'submitting', ?, ?, ?, ?, ?, ?, ?)",
+                    (new.kind, new.parent_id, new.front, new.requester_id, new.guild_id, new.channel_id,
+                     json.dumps(new.request), json.dumps(new.params), new.model_name,
+                     time.time() if created_at is None else created_at)) as cursor:
+                generation_id = int(cursor.lastrowid or 0)
+            async with self._db.executemany(
+                    "INSERT INTO generation_jobs (generation_id, idx, seed, workflow_json, state) "
+                    "VALUES (?, ?, ?, ?, 'submitting')",
+                    [(generation_id, idx, _seed_to_row(seed), json.dumps(workflow))
+                     for idx, (seed, workflow) in enumerate(new.images, 1)]):
+                pass
         generation = await self.get(generation_id)
         assert generation is not None
         return generation
@@ -382,8 +386,8 @@ class Store(PresetTable):
         changed = 0
         async with self._atomic():
             for sql, args in statements:
-                cursor = await self._db.execute(sql, args)
-                changed = cursor.rowcount
+                async with self._db.execute(sql, args) as cursor:
+                    changed = cursor.rowcount
         return changed
 
     @asynccontextmanager
@@ -420,5 +424,6 @@ async def migrate(db: aiosqlite.Connection, path: Path, migrations: Sequence[str
                          "it was written by a newer Noodle; upgrade Noodle or use another [bot] database file")
     for target, script in enumerate(migrations[version:], start=version + 1):
         # executescript commits first; BEGIN..COMMIT makes the migration and its version bump one step
-        await db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {target};\nCOMMIT;")
+        async with db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {target};\nCOMMIT;"):
+            pass
     return len(migrations)

@@ -111,6 +111,7 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
                           private: Optional[bool] = None) -> None:
             """Queue the images and follow them in a private status message; the result is posted in the channel
             (or, for private results, in the requester's DMs)."""
+            arrived = need_studio().clock()  # the token's 15 minutes count from here (interaction.py)
             # Acknowledge first: everything after this may take longer than Discord's 3 seconds.
             # Ephemeral: the status and any refusal are for the requester alone; the result is posted apart.
             await interaction.response.defer(ephemeral=True, thinking=True)
@@ -132,7 +133,7 @@ def imagine_cog(studio: "Optional[Studio]", allowed: Allowed, *, status_every: f
             except NoodleError as err:
                 await reply(interaction, f"❌ {err}")
                 return
-            await announce_and_follow(self._tasks, studio, interaction, ticket, status_every)
+            await announce_and_follow(self._tasks, studio, interaction, ticket, status_every, arrived)
 
     return Imagine()
 

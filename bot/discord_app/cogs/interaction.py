@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import TYPE_CHECKING
 
 import discord
@@ -17,7 +16,7 @@ from discord import app_commands
 from bot.core.cards.result import message_link
 from bot.core.errors import RequestInvalid
 from bot.core.front_end import StudioEvent, Ticket
-from bot.core.results.status import relay
+from bot.core.results.status import accepted_text, relay
 from bot.discord_app.cogs.tasks import CogTasks
 from bot.discord_app.post import InteractionStatus
 
@@ -96,23 +95,19 @@ async def read_attachment(attachment: discord.Attachment, option: str) -> bytes:
 
 
 async def announce_and_follow(tasks: CogTasks, studio: Studio, interaction: discord.Interaction, ticket: Ticket,
-                              every: float) -> None:
-    """Say the job is queued, then keep that private message up to date until the verdict (/imagine, /workflow)."""
-    await reply(interaction, _queued_text(ticket))
-    tasks.spawn(_follow(studio, interaction, ticket, time.monotonic(), every), name=f"status-{ticket.job_id}")
+                              every: float, arrived: float) -> None:
+    """Say the job is queued (or starting), then keep that private message up to date until the verdict (/imagine,
+    /workflow). `arrived` is the Studio's clock when the command reached the bot: the token's deadline counts
+    from it, never from the interaction's snowflake time, which a skewed wall clock would put anywhere."""
+    await reply(interaction, f"{accepted_text(ticket.position)}: {ticket.summary} · job {ticket.job_id}")
+    tasks.spawn(_follow(studio, interaction, ticket, studio.clock(), every, arrived), name=f"status-{ticket.job_id}")
 
 
 async def _follow(studio: Studio, interaction: discord.Interaction, ticket: Ticket, replied_at: float,
-                  every: float) -> None:
+                  every: float, arrived: float) -> None:
     # the token lives 15 minutes from the command; edits through it stop a little before
-    deadline = replied_at + TOKEN_SECONDS - (time.time() - interaction.created_at.timestamp())
-    await relay(studio.results.follow(ticket.job_id), InteractionStatus(interaction), every=every, deadline=deadline,
-                shown_at=replied_at, finish=_verdict)
-
-
-def _queued_text(ticket: Ticket) -> str:
-    where = "next" if ticket.position == 1 else f"#{ticket.position} in the queue" if ticket.position else "queued"
-    return f"⏳ Queued ({where}): {ticket.summary} · job {ticket.job_id}"
+    await relay(studio.results.follow(ticket.job_id), InteractionStatus(interaction), every=every,
+                deadline=arrived + TOKEN_SECONDS, clock=studio.clock, shown_at=replied_at, finish=_verdict)
 
 
 def _verdict(final: StudioEvent) -> str:

@@ -50,11 +50,11 @@ class CancelButton(discord.ui.Button):  # type: ignore[type-arg]
 
 
 class QueueView(discord.ui.View):
-    """A Cancel button per listed request (the first 25)."""
+    """A Cancel button per listed request still to cancel (the first 25; one already cancelling has none)."""
 
     def __init__(self, studio: "Studio", entries: list[QueueEntry]) -> None:
         super().__init__(timeout=VIEW_SECONDS)
-        for entry in entries[:MAX_BUTTONS]:
+        for entry in [entry for entry in entries if not entry.cancelling][:MAX_BUTTONS]:
             self.add_item(CancelButton(studio, entry))
 
 
@@ -71,7 +71,7 @@ async def queue_answer(studio: "Studio", who: Requester) -> tuple[str, Optional[
     """The list as text, and its buttons (None when there is nothing to cancel)."""
     entries = await studio.queue.entries(who)
     text = queue_text(entries, "Cancel one with its button, or /queue cancel: NUMBER.")
-    return text, (QueueView(studio, entries) if entries else None)
+    return text, (QueueView(studio, entries) if any(not entry.cancelling for entry in entries) else None)
 
 
 def queue_cog(studio: "Optional[Studio]") -> commands.Cog:

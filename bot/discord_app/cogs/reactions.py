@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -20,7 +19,7 @@ from discord.ext import commands
 
 from bot.core.cards.card import truncate
 from bot.core.front_end import Origin, Requester, Ticket
-from bot.core.results.status import relay
+from bot.core.results.status import accepted_text, relay
 from bot.core.storage.records import Generation
 from bot.discord_app.cogs.tasks import CogTasks
 from bot.discord_app.post import DELETE, DETAILS, REROLL, VARIATION, VARIATION_DIGITS, ChannelStatus, resolve_channel
@@ -94,7 +93,7 @@ class Reactions(commands.Cog):
         label = f"{emoji} your {what}" if private else f"{emoji} <@{who.user_id}>'s {what}"
         try:
             where = await self._user(who.user_id) if private else channel
-            message = await where.send(f"{label}: ⏳ queued · job {ticket.job_id}",
+            message = await where.send(f"{label}: {accepted_text(ticket.position)} · job {ticket.job_id}",
                                        allowed_mentions=discord.AllowedMentions.none())
         except discord.HTTPException as err:
             log.info("no status line for job %s: %s", ticket.job_id, err)
@@ -103,8 +102,8 @@ class Reactions(commands.Cog):
 
     async def _follow(self, status: ChannelStatus, ticket: Ticket, label: str) -> None:
         final = await relay(self.studio.results.follow(ticket.job_id), _Prefixed(status, label),
-                            every=self.status_every, deadline=time.monotonic() + FOLLOW_SECONDS,
-                            shown_at=time.monotonic(),
+                            every=self.status_every, deadline=self.studio.clock() + FOLLOW_SECONDS,
+                            clock=self.studio.clock, shown_at=self.studio.clock(),
                             finish=lambda event: None if event.kind == "done" and not event.error else
                             f"❌ {event.error or 'the job failed'}")
         if final is not None and final.kind == "done" and not final.error:

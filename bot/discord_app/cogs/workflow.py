@@ -44,17 +44,18 @@ class Workflow(commands.Cog):
     async def workflow(self, interaction: discord.Interaction, file: discord.Attachment,
                        private: Optional[bool] = None) -> None:
         """Queue the workflow and follow it in a private status message; the result is posted like /imagine's."""
+        studio = require_studio(self.studio)
+        arrived = studio.clock()  # the token's 15 minutes count from here (interaction.py)
         # Acknowledge first: the download, the checks and the queue may take longer than Discord's 3 seconds.
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
-            studio = require_studio(self.studio)
             data = await _download(file, studio.settings.limits.max_workflow_bytes)
             ticket = await studio.workflows.run(data, file.filename, requester_of(interaction), origin_of(interaction),
                                                private=private)
         except NoodleError as err:
             await reply(interaction, f"❌ {err}")
             return
-        await announce_and_follow(self._tasks, studio, interaction, ticket, self.status_every)
+        await announce_and_follow(self._tasks, studio, interaction, ticket, self.status_every, arrived)
 
 
 async def _download(attachment: discord.Attachment, limit: int) -> bytes:

@@ -317,3 +317,27 @@ async def test_a_finished_job_is_still_known_after_a_restart(queue_env: QueueEnv
     assert info is not None and info.state == JobState.DONE
     assert info.result["outputs"] == result["outputs"] and info.extra == {"generation_id": 7}
     assert await again.info("no-such-job") is None
+
+
+async def test_stream_and_result_waits_go_through_the_idle_seam_and_behave_the_same(queue_env: QueueEnv) -> None:
+    from collections.abc import Awaitable
+    from typing import Any
+
+    from engine.idle import idle_waits_through
+
+    service = await queue_env.start()
+    declared: list[Awaitable[Any]] = []
+
+    async def external_wait(awaitable: Awaitable[Any]) -> Any:  # what SimCord's env.external_wait would be
+        declared.append(awaitable)
+        return await awaitable
+
+    with idle_waits_through(external_wait):
+        handle = await service.submit(txt2img(seed=3), ANN)
+        events = await collect(handle.events())
+        result = await handle.result(timeout=TIMEOUT)
+    assert events[-1].kind == "done" and events[-1].result == result and "outputs" in result
+    assert len(declared) >= len(events) + 1  # each event taken off the stream, and the result's wait
+    count = len(declared)
+    await collect(handle.events())
+    assert len(declared) == count  # outside the block nothing is wrapped

@@ -96,6 +96,24 @@ async def test_a_running_request_stops_at_its_next_step(env: Env, busy: Any) -> 
     assert (await env.studio.generations.get(bobs.generation_id)).state == "cancelled"
 
 
+async def test_a_cancelled_running_request_is_redrawn_as_cancelling_without_a_button(env: Env, busy: Any) -> None:
+    # the engine stops a running job at its next sampler step: until then /queue must not call it running
+    gate, bobs = busy
+    [listed] = await env.studio.queue.entries(BOB)
+    press = FakeInteraction(user_id=43)
+    press.response = ComponentResponse()  # type: ignore[assignment]
+    await CancelButton(env.studio, listed).callback(press)  # type: ignore[arg-type]
+    [redraw] = press.response.edits
+    assert redraw["content"].startswith(f"🛑 Cancelled #{bobs.generation_id}")
+    assert "cancelling" in redraw["content"] and "running" not in redraw["content"]
+    assert redraw["view"] is None  # nothing left to cancel
+    [entry] = await env.studio.queue.entries(BOB)  # a later /queue says the same
+    assert entry.cancelling and "cancelling" in entry.line()
+    gate.open()
+    await asyncio.wait_for(env.finish(bobs), WAIT)
+    assert await env.studio.queue.entries(BOB) == []
+
+
 async def test_only_the_requester_or_a_moderator_may_cancel(env: Env, busy: Any) -> None:
     ticket = await queued(env, ALICE)
     with pytest.raises(NotAllowed, match="someone else's"):

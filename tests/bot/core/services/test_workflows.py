@@ -245,7 +245,8 @@ async def test_the_discord_command_checks_the_size_before_downloading_then_posts
     upload = FakeAttachment(as_file(many), filename="many.json", content_type="application/json; charset=utf-8")
     interaction = FakeInteraction()
     await cog.workflow.callback(cog, interaction, file=upload)
-    assert interaction.edits[0].startswith("⏳ Queued") and "many.json · tiny-sd15 · seed 5" in interaction.edits[0]
+    assert interaction.edits[0].startswith(("⏳ Queued", "🎨 Starting"))  # queued, or taken by the worker at once
+    assert "many.json · tiny-sd15 · seed 5" in interaction.edits[0]
     await asyncio.wait_for(asyncio.gather(*cog._tasks), WAIT)
     [message] = env.channel.results()
     generation = await env.store.by_message(message.id)

@@ -114,3 +114,30 @@ async def test_a_job_whose_events_came_first_is_not_moved_back_to_queued(tmp_pat
         assert (await store.by_job("fast")).jobs[0].state == "done"
     finally:
         await store.close()
+
+
+async def test_a_store_opens_while_something_keeps_every_statement_result_alive(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # whatever holds aiosqlite's futures (an event-loop harness, a debugger) keeps their sqlite3 cursors alive:
+    # a cursor the store left open (WAL's answer row) kept its statement in progress and the first migration's
+    # COMMIT failed with "cannot commit transaction - SQL statements in progress"
+    import aiosqlite
+
+    held: list[object] = []
+    run_on_thread = aiosqlite.Connection._execute
+
+    async def keeping(self: aiosqlite.Connection, fn: object, *args: object, **kwargs: object) -> object:
+        result = await run_on_thread(self, fn, *args, **kwargs)
+        held.append(result)
+        return result
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", keeping)
+    store = await Store.open(tmp_path / "held.sqlite3")
+    try:
+        assert await store.schema_version() == len(MIGRATIONS)
+        added = await store.add(_new())
+        await store.mark_queued(added.id)
+        assert (await store.get(added.id)).state == "queued"
+    finally:
+        await store.close()
+    assert any(isinstance(result, sqlite3.Cursor) for result in held)

@@ -44,7 +44,7 @@ async def test_acknowledges_first_then_shows_the_queue_then_posts_the_result_in_
                          steps=4, width=64, height=64, loras="tiny-lora-b:0.5:0.25", sampler="euler",
                          scheduler="karras")
     assert interaction.response.calls == [("defer", {"ephemeral": True, "thinking": True})]
-    assert interaction.edits[0].startswith("⏳ Queued") and "seed 42" in interaction.edits[0]
+    assert interaction.edits[0].startswith(("⏳ Queued", "🎨 Starting")) and "seed 42" in interaction.edits[0]
     await _done(cog)
     [message] = _posted(env)
     assert message.content == "<@42>"

@@ -201,8 +201,7 @@ class ResultCollector:
                         generation = await self._fail_unstored(generation, err, reason=outcome.error)
                 if generation is not None and self.publisher is not None and generation.front == self.front:
                     if self._must_post(generation):
-                        message_id = await asyncio.wait_for(self.publisher.publish(generation), self.publish_timeout)
-                        await self.store.mark_posted(generation.id, message_id, time.time())
+                        await self._post(generation)
                         generation = await self.store.get(generation_id) or generation
                     elif generation.state in NOT_DONE and not watched \
                             and not self._followers.get(generation_id) and generation_id not in self._settled:
@@ -213,6 +212,26 @@ class ResultCollector:
         if self._locks.get(generation_id) is lock and not lock.locked():
             del self._locks[generation_id]
         self._announce(generation_id, generation, problem)
+
+    async def _post(self, generation: Generation) -> None:
+        """Post a result and record its message, as one step a stop cannot cut in two: a message Discord took but
+        the store never recorded would be posted again by the next start's reconcile (seen as a duplicate result
+        after a restart). A stop waits for the post in hand (up to the publish timeout), then goes on stopping."""
+        assert self.publisher is not None
+        publisher = self.publisher
+
+        async def post_and_record() -> None:
+            message_id = await asyncio.wait_for(publisher.publish(generation), self.publish_timeout)
+            await self.store.mark_posted(generation.id, message_id, time.time())
+
+        posting = asyncio.ensure_future(post_and_record())
+        try:
+            await asyncio.shield(posting)
+        except asyncio.CancelledError:
+            await asyncio.wait([posting], timeout=self.publish_timeout + 5.0)
+            if posting.done() and not posting.cancelled() and posting.exception() is not None:
+                log.warning("#%s: posting during a stop failed: %s", generation.id, posting.exception())
+            raise
 
     def _announce(self, generation_id: int, generation: Generation | None, problem: str | None) -> None:
         """Hand a settled generation to whoever waits for it (and to followers arriving late)."""

@@ -99,6 +99,34 @@ async def test_a_result_that_could_not_be_posted_is_posted_after_a_restart(env: 
     assert [m.id for m in channel.results()] == [int(late.generation.message_id)]
 
 
+async def test_a_stop_during_a_post_records_the_message_so_a_restart_posts_it_once(env: Env) -> None:
+    # a stop (restart) that lands after Discord took the message but before the store recorded it used to leave the
+    # row unposted, so the next start's reconcile posted the result a second time
+    channel, send = env.channel, env.channel.send
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_send(*args: Any, **kwargs: Any) -> Any:
+        message = await send(*args, **kwargs)  # Discord has it
+        entered.set()
+        await release.wait()  # ... and answers late
+        return message
+
+    channel.send = slow_send
+    ticket = await env.studio.generations.submit(await env.studio.generations.parse(
+        {"prompt": "one post only", "seed": 9, "steps": 4, "width": 64, "height": 64}),
+        Requester("42", "777"), Origin("555", "777"))
+    await asyncio.wait_for(entered.wait(), WAIT)
+    stopping = asyncio.create_task(env.stop())  # cancels the settle mid-post
+    await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.wait_for(stopping, WAIT)
+    channel.send = send
+    await env.start()
+    late = await _verdict(env, ticket.job_id)
+    assert late.kind == "done" and late.generation.message_id is not None
+    assert [m.id for m in channel.results()] == [int(late.generation.message_id)]  # posted once, and recorded
+
+
 async def test_a_failed_job_nobody_follows_is_reported_in_its_channel(
         monkeypatch: pytest.MonkeyPatch, env: Env) -> None:
     gate = Gate(monkeypatch)  # holds the job in its sampler, so the cancel finds it running

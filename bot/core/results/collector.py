@@ -43,14 +43,20 @@ __all__ = ["ResultCollector", "Settled"]
 
 log = logging.getLogger(__name__)
 Settled = tuple[Generation, str | None]  # the stored generation, and why it could not be posted (if so)
+# A result Discord would not take (a 5xx past discord.py's own retries, a channel hidden for a while) is posted
+# again after these waits, the last repeated, for as long as the bot runs: it is never lost, nor left to a restart.
+REPOST_DELAYS: tuple[float, ...] = (30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 class ResultCollector:
     """Keeps the store in step with the engine, posts each settled request once, follows requests."""
 
     def __init__(self, engine: EngineService, store: Store, *, front: str, publisher: Publisher | None,
-                 publish_timeout: float, retention: Retention | None = None) -> None:
+                 publish_timeout: float, retention: Retention | None = None,
+                 repost_delays: tuple[float, ...] = REPOST_DELAYS) -> None:
         self.engine = engine
+        self.repost_delays = repost_delays
+        self._reposts: dict[int, int] = {}  # generation id -> failed posts so far
         self.retention = retention
         self.store = store
         self.front = front
@@ -209,9 +215,31 @@ class ResultCollector:
             except (NoodleError, OSError, TimeoutError, aiosqlite.Error) as err:
                 log.exception("#%s ended but its result could not be stored or posted", generation_id)
                 problem = f"the result could not be posted: {err}"
+                if generation is not None and self._must_post(generation):
+                    self._repost_later(generation_id)
         if self._locks.get(generation_id) is lock and not lock.locked():
             del self._locks[generation_id]
         self._announce(generation_id, generation, problem)
+
+    def _repost_later(self, generation_id: int) -> None:
+        """Try posting `generation_id` again after the next of `repost_delays` (one retry pending at a time)."""
+        if generation_id in self._reposts and self._reposts[generation_id] < 0:
+            return  # a retry is already waiting
+        failures = abs(self._reposts.get(generation_id, 0)) + 1
+        delay = self.repost_delays[min(failures, len(self.repost_delays)) - 1]
+        self._reposts[generation_id] = -failures  # negative: waiting
+
+        async def again() -> None:
+            await asyncio.sleep(delay)
+            self._reposts[generation_id] = failures
+            log.info("posting #%s again (try %d)", generation_id, failures + 1)
+            await self.settle(generation_id)
+            if generation_id in self._reposts and self._reposts[generation_id] > 0:
+                generation = await self.store.get(generation_id)
+                if generation is None or not self._must_post(generation):
+                    del self._reposts[generation_id]  # posted (or gone): nothing more to retry
+
+        self._spawn(again())
 
     async def _post(self, generation: Generation) -> None:
         """Post a result and record its message, as one step a stop cannot cut in two: a message Discord took but

@@ -99,6 +99,24 @@ async def test_a_result_that_could_not_be_posted_is_posted_after_a_restart(env: 
     assert [m.id for m in channel.results()] == [int(late.generation.message_id)]
 
 
+async def test_a_result_discord_would_not_take_is_posted_again_while_the_bot_runs(env: Env) -> None:
+    env.studio.results.repost_delays = (0.2, 0.4)  # config's 30 s .. 10 min, shortened
+    channel = env.client.channels.pop(555)  # hidden for a while (a 5xx past discord.py's own retries alike)
+    sends = ChannelSends(channel)
+    final = await env.run({"prompt": "a letter that waits", "seed": 10})
+    assert final.kind == "done" and "could not be posted" in final.error
+    await asyncio.sleep(0.5)  # a retry or two find the channel still gone
+    assert (await env.store.get(final.generation.id)).posted_at is None and channel.results() == []
+    env.client.channels[555] = channel
+    await sends.until(lambda: bool(channel.results()), "the result posted on a later try, without a restart")
+    stored = await env.store.get(final.generation.id)
+    async with asyncio.timeout(WAIT):
+        while stored.message_id is None:
+            await asyncio.sleep(0.05)
+            stored = await env.store.get(final.generation.id)
+    assert [m.id for m in channel.results()] == [int(stored.message_id)]
+
+
 async def test_a_stop_during_a_post_records_the_message_so_a_restart_posts_it_once(env: Env) -> None:
     # a stop (restart) that lands after Discord took the message but before the store recorded it used to leave the
     # row unposted, so the next start's reconcile posted the result a second time

@@ -10,7 +10,6 @@ model's own schedule as KSampler computes it (engine/samplers/sigmas.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -18,10 +17,8 @@ from pydantic import Field
 
 from engine import samplers
 from engine.nodes.base import SEED_MAX, Choice, Node, RunContext, Socket, register
-from engine.nodes.sampling import EpsFn, prepare_noise, run_sampler
-from engine.samplers.loop import resize_noise_mask
+from engine.nodes.sampling import prepare_noise, run_sampler
 from engine.samplers.model_sampling import ModelSampling
-from engine.samplers.names import SPECS
 from engine.settings import Limits
 from engine.values import Conditioning, DualCFG, Guider, Latent, ModelRef, Noise, Sampler, Sigmas
 
@@ -228,36 +225,6 @@ class KSamplerSelect(Node):
         return (Sampler(self.sampler_name),)
 
 
-def _denoised_watch(latent: Latent, scale: float, two_calls: bool, steps: int,
-                    seen: dict[str, torch.Tensor]) -> Callable[[EpsFn], EpsFn]:
-    """Keep the denoised estimate of the last step's first model call, as ComfyUI's preview callback keeps "x0"
-    (k-diffusion calls back with the first call's denoised of each step); where the latent has a noise mask the
-    estimate is the original latent where the mask is 0, as KSamplerX0Inpaint hands it out."""
-    wanted = (steps - 1) * (2 if two_calls else 1)
-    calls = [0]
-
-    def watch(eps_fn: EpsFn) -> EpsFn:
-        def eps(scaled: torch.Tensor, timestep: torch.Tensor, sigma: Any) -> torch.Tensor:
-            out = eps_fn(scaled, timestep, sigma)
-            if calls[0] == wanted:
-                s = float(sigma)
-                denoised = scaled.float() * math.sqrt(s * s + 1.0) - s * out.float()
-                seen["x0"] = (_kept_outside_mask(denoised, latent, scale) / scale).cpu()
-            calls[0] += 1
-            return out
-        return eps
-    return watch
-
-
-def _kept_outside_mask(denoised: torch.Tensor, latent: Latent, scale: float) -> torch.Tensor:
-    """A step's denoised estimate as KSamplerX0Inpaint hands it out: the original latent where the mask is 0."""
-    if latent.noise_mask is None:
-        return denoised
-    mask = resize_noise_mask(latent.noise_mask, denoised.shape).to(denoised.device)
-    original = latent.samples.float().to(denoised.device) * scale
-    return denoised * mask + original * (1 - mask)
-
-
 @register
 class SamplerCustom(Node):
     """Denoise a latent along any SIGMAS list with a SAMPLER; also hands out the last step's denoised estimate."""
@@ -297,18 +264,17 @@ def sample_custom(ctx: RunContext, model: ModelRef, noise_source: Noise, positiv
                          "(limits.max_steps in config.toml): use a shorter schedule")
     seen: dict[str, torch.Tensor] = {}
     scale = float(model.pipe.vae.config.scaling_factor)
-    options = sampler.option_dict
-    own_steps = samplers.uses_kdiffusion(name, options)
-    watch = None if own_steps else _denoised_watch(latent, scale, SPECS[name].two_calls, steps, seen)
 
-    def preview(step: int, denoised: torch.Tensor) -> None:  # k-diffusion's callback "denoised" of each step
+    def preview(step: int, denoised: torch.Tensor) -> None:
+        # ComfyUI's preview callback "x0": the last step's first call's estimate, already KSamplerX0Inpaint's blend
+        # with the original latent where a noise mask is 0
         if step == steps - 1:
-            seen["x0"] = (_kept_outside_mask(denoised, latent, scale) / scale).cpu()
+            seen["x0"] = (denoised / scale).cpu()
 
     try:
         # the scheduler name only labels the plan: the sigmas are the ones given
         out = run_sampler(ctx, model, latent, noise, sigmas, name, "normal", noise_source.seed, cfg, positive,
-                          negative, watch=watch, options=options, preview=preview if own_steps else None, dual=dual)
+                          negative, options=sampler.option_dict, preview=preview, dual=dual)
     except samplers.UnfaithfulSampler as err:
         # build_scheduler's refusal names the label scheduler: keep only its reason
         text = str(err)

@@ -16,7 +16,7 @@ from pydantic import Field
 from engine import samplers
 from engine.models.unet_hooks import unet_patched
 from engine.nodes.base import SEED_MAX, Choice, Node, RunContext, Socket, register
-from engine.nodes.guidance import EpsFn, InpaintSource, guided_eps
+from engine.nodes.guidance import InpaintSource, guided_eps
 from engine.samplers.loop import lands_on_denoised, resize_noise_mask
 from engine.settings import Limits
 from engine.values import Conditioning, DualCFG, Latent, ModelRef
@@ -38,17 +38,16 @@ def prepare_noise(latent: torch.Tensor, seed: int, batch_index: tuple[int, ...] 
 def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.Tensor, sigmas: torch.Tensor,
                 sampler_name: str, scheduler: str, seed: int, cfg: float,
                 positive: Conditioning | Sequence[Conditioning], negative: Conditioning | Sequence[Conditioning],
-                sizes: Sequence[int] | None = None, watch: Callable[[EpsFn], EpsFn] | None = None,
-                options: Mapping[str, Any] | None = None,
+                sizes: Sequence[int] | None = None, options: Mapping[str, Any] | None = None,
                 preview: Callable[[int, torch.Tensor], None] | None = None, dual: DualCFG | None = None) -> Latent:
     """Denoise `latent` along `sigmas`; progress and interrupts at every step.
 
     Per-item conds and `sizes` as in `guided_eps`: the queue samples several jobs' latents at once. A latent
     with a noise mask changes only where the mask is 1 (ComfyUI's KSamplerX0Inpaint; engine/samplers/loop.py).
     The result keeps the input's batch index and noise mask, as ComfyUI's `latent.copy()` does, so a second
-    sampler after this one is masked too. `watch` wraps the guided noise prediction (SamplerCustom reads each
-    call's denoised estimate through it). `options` are a Sampler* node's (eta, s_noise, ...); `preview(step,
-    denoised)` gets each step's denoised estimate where Noodle's own k-diffusion steps run (engine/samplers).
+    sampler after this one is masked too. `options` are a Sampler* node's (eta, s_noise, ...); `preview(step,
+    denoised)` gets each step's denoised estimate, as k-diffusion's callback hands it out (SamplerCustom's
+    denoised_output).
     The MODEL's CFG hooks (RescaleCFG, SAG, PAG) apply; `dual` is a DualCFGGuider's (cfg is then its cfg_conds).
     """
     if len(sigmas) < 2:
@@ -60,8 +59,6 @@ def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.T
     eps = guided_eps(unet, positive, negative, cfg, model.arch.family == "sdxl", (h, w), sizes, inpaint,
                      sampling=model.model_sampling, family=model.arch.family, patches=model.patches, dual=dual,
                      seed=seed)
-    if watch is not None:
-        eps = watch(eps)
     plan = samplers.build_scheduler(sampler_name, scheduler, sigmas, seed, model.model_sampling, options,
                                     device=unet.device)
     steps = len(sigmas) - 1

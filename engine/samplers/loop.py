@@ -124,7 +124,8 @@ def sample(plan: SamplerPlan, eps_fn: EpsFn, latent: torch.Tensor, noise: torch.
 
     `denoise_mask` (a LATENT's noise mask, any size) limits the change to where it is 1: see `masked_eps`.
     `device` is the model's (where ComfyUI draws the k-diffusion samplers' step noise); `preview(step_index,
-    denoised)` gets each step's denoised estimate from Noodle's own k-diffusion steps.
+    denoised)` gets each step's denoised estimate, as k-diffusion's callback hands it out (with a noise mask, the
+    original latent where the mask is 0: KSamplerX0Inpaint's blend), on either path.
     `denoise_mask_function(sigma, mask, sigmas)` (DifferentialDiffusion's) turns the mask per model call; it is
     handed the run's sigmas, as KSamplerX0Inpaint's extra_options["sigmas"].
     """
@@ -153,8 +154,12 @@ def sample(plan: SamplerPlan, eps_fn: EpsFn, latent: torch.Tensor, noise: torch.
     done = 0
     for k, (timestep, sigma) in enumerate(plan.calls):
         t = scheduler.timesteps[k]
+        starts_step = getattr(scheduler, "state_in_first_order", True)  # read before step() moves it on
         # VE schedulers divide by sqrt(sigma^2 + 1) here; VP ones already hold that quotient
-        eps = eps_fn(scheduler.scale_model_input(x, t), torch.tensor(float(timestep)), sigma)
+        scaled = scheduler.scale_model_input(x, t)
+        eps = eps_fn(scaled, torch.tensor(float(timestep)), sigma)
+        if preview is not None and starts_step:  # k-diffusion calls back with each step's first call's estimate
+            preview(done, scaled.float() * math.sqrt(sigma**2 + 1.0) - sigma * eps.float())
         if isinstance(scheduler, LMSDiscreteScheduler) and done == n - 1 and sigmas[n] == 0:
             x = x - sigma * eps  # sample_lms: the step into sigma 0 returns the denoised estimate
         else:

@@ -129,9 +129,7 @@ def _plan(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor, seed: in
     """build_scheduler, refusing without the list of alternatives."""
     spec = spec_for(sampler_name)
     require_known(scheduler_name, SCHEDULER_NAMES, "scheduler")
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
-    if not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any()):
-        raise ValueError(f"sigmas must be finite and >= 0, got {sigmas.tolist()}")
+    sigmas = _checked_sigmas(sigmas)
     n = len(sigmas) - 1
     plan = dict(sampler_name=sampler_name, scheduler_name=scheduler_name, sigmas=sigmas, steps=max(n, 0), seed=seed,
                 sigma_max=sampling.sigma_max)
@@ -181,6 +179,14 @@ def build_scheduler(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor
         raise UnfaithfulSampler(_refusal(sampler_name, scheduler_name, str(err), max(len(sigmas) - 1, 1))) from None
 
 
+def _checked_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """A sigma list as float32, refused unless every sigma is finite and >= 0 (both paths step through it)."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
+    if not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any()):
+        raise ValueError(f"sigmas must be finite and >= 0, got {sigmas.tolist()}")
+    return sigmas
+
+
 def _draws_on(device: torch.device | None, sampler_name: str) -> bool:
     """Whether this sampler's step noise must come from a generator on `device` (not the CPU) to be ComfyUI's."""
     off_cpu = device is not None and torch.device(device).type != "cpu"
@@ -193,9 +199,7 @@ def _kdiff_plan(sampler_name: str, scheduler_name: str, sigmas: torch.Tensor, se
     """A plan run by Noodle's own step function: any finite sigma list, as ComfyUI's KSAMPLER takes."""
     require_known(scheduler_name, SCHEDULER_NAMES, "scheduler")
     entry = KDIFFUSION[sampler_name]
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
-    if not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any()):
-        raise ValueError(f"sigmas must be finite and >= 0, got {sigmas.tolist()}")
+    sigmas = _checked_sigmas(sigmas)
     return SamplerPlan(sampler_name=sampler_name, scheduler_name=scheduler_name, sigmas=sigmas,
                        steps=max(len(sigmas) - 1, 0), scheduler=None, calls=(), generator=None, seed=seed,
                        sigma_max=sampling.sigma_max, mechanism="k-diffusion", kdiff=entry,

@@ -89,3 +89,20 @@ def test_plan_runs_once_and_empty_sigmas_return_the_latent() -> None:
     empty = S.build_scheduler("heun", "normal", S.ksampler_sigmas("normal", 4, 0.0, MS, sampler_name="heun"), 0)
     assert empty.steps == 0 and empty.calls == ()
     assert S.sample(empty, gaussian_eps, latent, noise) is latent
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "ipndm", "dpmpp_3m_sde"])
+def test_preview_is_comfys_x0_with_a_fractional_noise_mask(sampler: str) -> None:
+    # KSamplerX0Inpaint hands the callback denoised * mask + original * (1 - mask), once: with a single data point
+    # the model's estimate is x0 everywhere, so each step's preview must be exactly that blend on either path
+    x0, noise = latents(4)
+    original = torch.full_like(x0, -0.7)
+    mask = torch.linspace(0, 1, 64).reshape(1, 1, 8, 8).expand(2, 1, 8, 8)
+    sigmas = S.ksampler_sigmas("karras", 5, 1.0, MS, sampler_name=sampler)
+    seen: list[torch.Tensor] = []
+    S.sample(S.build_scheduler(sampler, "karras", sigmas, 3), point_eps(x0), original, noise, denoise_mask=mask,
+             preview=lambda step, denoised: seen.append(denoised))
+    assert len(seen) == 5
+    m = mask.expand_as(x0)
+    for denoised in seen:
+        torch.testing.assert_close(denoised, x0 * m + original * (1 - m), atol=1e-4, rtol=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -39,6 +40,18 @@ class BotSettings(BaseModel):
     max_clip_skip: int = Field(12, ge=1, le=24)
     img2img_denoise: float = Field(0.75, gt=0.0, le=1.0)
     variation_denoise: float = Field(0.6, gt=0.0, le=1.0)
+    # U1-U4: enlarge by this factor (held per image to [limits] max_side and max_pixels), then a second pass at a
+    # low denoise ("hires fix"). upscale_model: "" the upscaler of models/upscale_models whose scale is closest to
+    # the factor (the latent path when there is none), "latent" always the latent path, or a file's name.
+    upscale_factor: float = Field(2.0, gt=1.0, le=8.0)
+    upscale_model: str = ""
+    upscale_denoise: float = Field(0.35, gt=0.0, le=1.0)  # after an upscale model
+    upscale_latent_denoise: float = Field(0.55, gt=0.0, le=1.0)  # after a latent upscale (ComfyUI's example: 0.5)
+    vary_subtle_denoise: float = Field(0.35, gt=0.0, le=1.0)
+    vary_strong_denoise: float = Field(0.7, gt=0.0, le=1.0)  # also V1-V4
+    # Zoom out and pan: "" an inpainting checkpoint of the parent's family when models/checkpoints has one, "none"
+    # masked sampling on the parent's own model, or a checkpoint's name.
+    outpaint_model: str = ""
     # Discord allows about one edit a second per message before rate limits bite; 2 s leaves room.
     status_edit_seconds: float = Field(2.0, ge=0.5)
     max_attachment_bytes: int = Field(10 * 1024 * 1024, ge=1024)
@@ -51,6 +64,9 @@ class BotSettings(BaseModel):
     # Node types /workflow refuses (on Discord and in `noodle chat`): CheckpointSave writes a multi-GB
     # checkpoint file on this machine every time it runs.
     workflow_blocked_nodes: tuple[str, ...] = ("CheckpointSave",)
+    # A batch of 2-4 is shown as one grid image; its PNGs (each with its recipe) are "attach"ed beside it, or sent
+    # on ℹ️ ("details") so the message shows the grid alone.
+    grid_files: Literal["attach", "details"] = "attach"
 
 
 class RetentionSettings(BaseModel):

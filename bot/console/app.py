@@ -1,8 +1,8 @@
 """`noodle chat`: the local console front end over the same Studio as the Discord bot.
 
-Reads `/imagine prompt: a red fox seed: 42 steps: 8` and `react JOB 🔁` lines (JOB: a printed job
-id or `last`), writes the PNGs, and prints the same card the Discord embed shows. When stdin is
-not a terminal it is a script: one command after another, exit at EOF (status 1 if any failed);
+Reads `/imagine prompt: a red fox seed: 42 steps: 8`, `react JOB 🔁` and `press JOB U2` lines (JOB: a printed
+job id or `last`; press: bot/console/press.py), writes the PNGs, and prints the same card the Discord embed
+shows. When stdin is not a terminal it is a script: one command after another, exit at EOF (status 1 if any failed);
 on a terminal it prompts and draws a progress line.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bot.console.commands import CONSOLE_SERVER, preset_command, queue_command, settings_command
+from bot.console.press import PRESS_HELP, press_line
 from bot.core.cards.result import card_text, failure_text, history_line, result_card
 from bot.core.errors import RequestInvalid
 from bot.core.front_end import Requester, Ticket
@@ -52,6 +53,7 @@ HELP = """commands:
   COMMAND &                                         run a command in the background (then /queue shows it)
   react JOB 🔁|🔀|🗑️|ℹ️ [N]                          JOB is a job id or `last`; N picks an image of a batch
       (or: reroll, variation, delete, details)
+""" + PRESS_HELP + """
   help, quit"""
 ACTIONS = {"🔁": "reroll", "reroll": "reroll", "🔀": "variation", "variation": "variation", "🗑️": "delete",
            "🗑": "delete", "delete": "delete", "ℹ️": "details", "ℹ": "details", "details": "details",
@@ -210,6 +212,13 @@ class Console:
                       file=self.out, flush=True)
             elif text.startswith("react"):
                 await self._react(text.split()[1:])
+            elif text == "press" or text.startswith("press "):
+                done = await press_line(self.studio, self.who, text.removeprefix("press"), last=self.last,
+                                        details_dir=self.details_dir)
+                if isinstance(done, str):
+                    print(done, file=self.out, flush=True)
+                else:
+                    await self._wait(done)
             else:
                 raise RequestInvalid(f"unknown command {text.split()[0]!r}; try /imagine prompt: ..., react last 🔁, "
                                      "or help")

@@ -15,6 +15,8 @@ The services, and what each needs:
 - `queue` (services/queue.py): requests into the engine's queue, /queue; the engine, the store;
 - `workflows` (services/workflows.py): /workflow and its reroll; the engine, `queue`, `user_defaults`;
 - `generations` (services/generations.py): /imagine, 🔁, 🔀, 🗑️, ℹ️, /history; all of the above;
+- `actions` (services/actions.py): the buttons under a result that make a new image (U1-U4 upscale, V1-V4 and
+  vary subtle/strong, reroll, zoom out, pan, the remix form and its submission); `generations`;
 - `results` (results/collector.py): stores what the engine reports, posts results, follows requests.
 
 Nothing here knows Discord or terminals: a front end passes a `Publisher` (bot/core/front_end.py) and
@@ -31,6 +33,7 @@ from bot.core.front_end import Publisher
 from bot.core.requests.imagine import Allowed
 from bot.core.results.collector import ResultCollector
 from bot.core.results.retention import Retention
+from bot.core.services.actions import ResultActions
 from bot.core.services.generations import Generations
 from bot.core.services.models import ModelChoices
 from bot.core.services.queue import RequestQueue
@@ -58,6 +61,7 @@ class Studio:
         self.workflows = Workflows(engine, settings, self.queue, self.user_defaults)
         self.generations = Generations(engine, store, settings, models=self.models, presets=self.presets,
                                        user_defaults=self.user_defaults, queue=self.queue, workflows=self.workflows)
+        self.actions = ResultActions(self.generations, settings)
         retention = Retention(store, settings.bot, settings.retention, input_dir=engine.input_dir,
                               output_dir=engine.output_dir)
         self.results = ResultCollector(engine, store, front=front, publisher=publisher,

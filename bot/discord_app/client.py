@@ -99,10 +99,12 @@ class ConnectedPublisher:
 class NoodleBot(commands.Bot):
     """Noodle on Discord: slash commands in, channel messages with PNGs out."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, executor: Any = None) -> None:
         quiet_discord_logs()  # before discord.Client.__init__, which logs the voice warnings
         super().__init__(command_prefix=commands.when_mentioned, intents=intents(), help_command=None)
         self.settings = settings
+        # an executor already holding the models (tests share one across bots); None: `start_core` makes one
+        self._executor = executor
         self.store: Any = None
         self.engine: Any = None
         self.studio: Any = None
@@ -119,10 +121,10 @@ class NoodleBot(commands.Bot):
 
         settings = self.settings
         self.store = await Store.open(settings.bot.database)
-        executor = create_executor(settings.models, settings.engine, settings.limits)
+        executor = self._executor or create_executor(settings.models, settings.engine, settings.limits)
         self.engine = EngineService(executor, settings.bot.database, settings.queue)
         await self.engine.start()
-        publisher = ConnectedPublisher(DiscordPublisher(self), self.connected)
+        publisher = ConnectedPublisher(DiscordPublisher(self, grid_files=settings.bot.grid_files), self.connected)
         self.studio = Studio(self.engine, self.store, settings, front="discord", publisher=publisher)
         every = settings.bot.status_edit_seconds
         await self.add_cog(imagine_cog(self.studio, Allowed.from_settings(settings), status_every=every))

@@ -3,15 +3,20 @@
 Results go out as new channel messages with the PNG bytes exactly as SaveImage wrote them (so
 their `prompt` and `parameters` chunks stay intact) and never through the interaction token,
 which dies 15 minutes after the command; the bot adds the reactions that drive 🔁 🔀 🗑️ ℹ️.
+A batch of 2-4 shows as one grid; what a message would carry past Discord's limits goes as previews,
+the full PNGs on ℹ️ (bot/discord_app/limits.py). A 5xx or 429 while posting is retried with backoff,
+then left to the result collector's reposts; one nonce for every try keeps a result from posting twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import discord
 
@@ -22,10 +27,12 @@ from bot.core.front_end import Origin, Requester
 from bot.core.requests.workflow_file import is_workflow
 from bot.core.storage.records import Generation
 from bot.discord_app.embeds import to_embed
+from bot.discord_app.limits import GridFiles, Outgoing, filesize_limit, fit_embed, plan_message
 from engine.errors import NoodleError
 
-__all__ = ["REACTIONS", "VARIATION_DIGITS", "ChannelStatus", "DiscordPublisher", "InteractionStatus",
-           "PublishError", "origin_of", "reactions_for", "requester_of", "resolve_channel"]
+__all__ = ["REACTIONS", "RETRY_DELAYS", "VARIATION_DIGITS", "ChannelStatus", "DiscordPublisher", "InteractionStatus",
+           "PublishError", "origin_of", "reactions_for", "requester_of", "resolve_channel", "result_nonce",
+           "retry_wait"]
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +41,58 @@ REACTIONS = (REROLL, VARIATION, DELETE, DETAILS)
 # On a batch, 1️⃣..4️⃣ ask for a variation of that image (🔀 takes the first)
 VARIATION_DIGITS = ("1️⃣", "2️⃣", "3️⃣", "4️⃣")
 NEEDED = "Send Messages, Attach Files, Embed Links and Add Reactions"
-MAX_FILES = 10  # Discord's limit of attachments on one message; a /workflow may write more images
+# A 5xx or 429 past discord.py's own retries is tried again after these waits; then the collector's REPOST_DELAYS
+RETRY_DELAYS: tuple[float, ...] = (1.0, 2.0, 4.0)
+MAX_RETRY_AFTER = 60.0  # a 429 asking for longer is left to the collector's reposts
+T = TypeVar("T")
 
 
 class PublishError(NoodleError):
     """A result that Discord would not take (missing permission, deleted channel)."""
+
+
+def result_nonce(generation: Generation) -> str:
+    """The nonce every try of posting one result sends (25 characters at most, as Discord allows)."""
+    return f"nd{generation.id}-{int(generation.created_at)}"[:25]
+
+
+def retry_wait(err: Exception, tries: int, delays: tuple[float, ...]) -> float | None:
+    """Seconds to wait before trying again after `err` on try `tries` (0-based), or None: not to retry.
+
+    5xx and 429 are retried, each after the next of `delays`; a 429 waits its `retry_after` instead when Discord
+    gives one (discord.RateLimited has it; a plain 429 HTTPException may carry a Retry-After header), unless it
+    is over MAX_RETRY_AFTER. Other 4xx (Forbidden, NotFound, a bad request) never are: the same request fails
+    the same way.
+    """
+    if tries >= len(delays):
+        return None
+    if isinstance(err, discord.RateLimited):
+        after: float | None = err.retry_after
+    elif isinstance(err, discord.HTTPException) and err.status == 429:
+        after = _retry_after_header(err)
+    elif isinstance(err, discord.HTTPException) and err.status >= 500:
+        return delays[tries]
+    else:
+        return None
+    if after is None:
+        return delays[tries]
+    return after if 0 <= after <= MAX_RETRY_AFTER else None
+
+
+def _retry_after_header(err: discord.HTTPException) -> float | None:
+    headers = getattr(err.response, "headers", None) or {}
+    try:
+        return float(headers.get("Retry-After", ""))
+    except (TypeError, ValueError):
+        return None
+
+
+def _why(err: Exception) -> str:
+    if isinstance(err, discord.RateLimited):
+        return f"429: too many requests, retry in {err.retry_after:.1f} s"
+    if isinstance(err, discord.HTTPException):
+        return f"{err.status}: {err.text or getattr(err.response, 'reason', '') or 'no reason given'}"
+    return str(err)
 
 
 def reactions_for(generation: Generation) -> tuple[str, ...]:
@@ -77,47 +131,38 @@ async def resolve_channel(client: Any, channel_id: int) -> Any:
 
 class DiscordPublisher:
     """Posts finished generations to their channel; the result collector calls it once per result, restarts
-    included."""
+    included.
 
-    def __init__(self, client: Any) -> None:
+    `grid_files` is [bot] grid_files; `sleep` waits between retries (tests pass one that records and returns).
+    """
+
+    def __init__(self, client: Any, *, grid_files: GridFiles = "attach",
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                 retry_delays: tuple[float, ...] = RETRY_DELAYS) -> None:
         self.client = client
+        self.grid_files: GridFiles = grid_files
+        self.sleep = sleep
+        self.retry_delays = retry_delays
 
     async def publish(self, generation: Generation) -> str | None:
-        """Send the PNGs and the card as a new message, add the reactions, return the message id.
+        """Send the grid or PNGs and the card as a new message, add the reactions, return the message id.
 
         A private result (/settings private, /imagine private:) goes to the requester's DMs instead of the
-        channel; reactions work there too.
+        channel; reactions work there too. What is attached fits the destination's limits (bot/discord_app/
+        limits.py); the card says what went to ℹ️ instead.
         """
         private = generation.private
         if generation.channel_id is None and not private:
             raise GenerationNotFound(f"#{generation.id} has no channel to post to")
-        shown = generation.images[:MAX_FILES]
-        blobs = await asyncio.to_thread(lambda: [(Path(p).name, Path(p).read_bytes()) for p in shown])
-        files = [discord.File(io.BytesIO(data), filename=name) for name, data in blobs]
+        destination = await self._retrying(lambda: self._destination(generation))
+        blobs = await asyncio.to_thread(lambda: [(Path(p).name, Path(p).read_bytes()) for p in generation.images])
+        outgoing = await asyncio.to_thread(plan_message, blobs, limit=filesize_limit(destination), private=private,
+                                           grid_files=self.grid_files, grid_name=f"noodle-{generation.id}-grid.png")
         embed = to_embed(result_card(generation))
-        if len(generation.images) > len(shown):
-            embed.add_field(name="Not attached", value=f"{len(generation.images) - len(shown)} more image(s): Discord "
-                            f"takes {MAX_FILES} files a message", inline=False)
-        try:
-            if private:
-                user = await self._user(generation.requester_id)
-                message = await user.send(embed=embed, files=files)
-            else:
-                channel = await resolve_channel(self.client, int(generation.channel_id or 0))
-                mention = discord.AllowedMentions(users=[discord.Object(int(generation.requester_id))]) \
-                    if generation.requester_id.isdigit() else discord.AllowedMentions.none()
-                content = f"<@{generation.requester_id}>" if generation.requester_id.isdigit() else None
-                message = await channel.send(content=content, embed=embed, files=files, allowed_mentions=mention)
-        except discord.Forbidden as err:
-            if private:
-                raise PublishError("Noodle may not send you direct messages, and your results are private: allow "
-                                   "DMs from server members, or turn private results off with /settings private: "
-                                   "False") from err
-            raise PublishError(f"Noodle may not post in channel {generation.channel_id}: it needs {NEEDED} "
-                               "there") from err
-        except discord.HTTPException as err:
-            raise PublishError(f"Discord refused the result ({err.status}: {err.text}); the PNGs are kept and "
-                               "ℹ️ still works once posted") from err
+        for name, value in outgoing.notes:
+            embed.add_field(name=name, value=value, inline=False)
+        embed = fit_embed(embed)
+        message = await self._retrying(lambda: self._send(destination, generation, embed, outgoing))
         for emoji in reactions_for(generation):
             try:
                 await message.add_reaction(emoji)
@@ -125,6 +170,64 @@ class DiscordPublisher:
                 log.warning("could not add %s to message %s: %s", emoji, message.id, err)
                 break
         return str(message.id)
+
+    async def _destination(self, generation: Generation) -> Any:
+        """The requester (a private result) or the channel the result goes to."""
+        if generation.private:
+            try:
+                return await self._user(generation.requester_id)
+            except discord.NotFound as err:
+                raise PublishError(f"Discord has no user {generation.requester_id} to send #{generation.id} "
+                                   "to") from err
+        return await resolve_channel(self.client, int(generation.channel_id or 0))
+
+    async def _send(self, destination: Any, generation: Generation, embed: discord.Embed, outgoing: Outgoing) -> Any:
+        """One try at sending the result message (the two `send` calls)."""
+        # fresh File objects each try: discord.py closes them after a send, failed or not
+        files = [discord.File(io.BytesIO(data), filename=name) for name, data in outgoing.files]
+        nonce = result_nonce(generation)
+        try:
+            if generation.private:
+                return await destination.send(embed=embed, files=files, nonce=nonce)
+            mention = discord.AllowedMentions(users=[discord.Object(int(generation.requester_id))]) \
+                if generation.requester_id.isdigit() else discord.AllowedMentions.none()
+            content = f"<@{generation.requester_id}>" if generation.requester_id.isdigit() else None
+            return await destination.send(content=content, embed=embed, files=files, allowed_mentions=mention,
+                                          nonce=nonce)
+        except discord.Forbidden as err:
+            if generation.private:
+                raise PublishError("Noodle may not send you direct messages, and your results are private: allow "
+                                   "DMs from server members, or turn private results off with /settings private: "
+                                   "False") from err
+            raise PublishError(f"Noodle may not post in channel {generation.channel_id}: it needs {NEEDED} "
+                               "there") from err
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt()`, again after each of `retry_delays` while Discord answers 5xx or 429 (a 429 waits its
+        `retry_after`); any other refusal, or the last try's, is a PublishError for the collector, whose
+        REPOST_DELAYS post the result once the channel answers again.
+
+        Why a retry cannot post twice: every try of one result sends the same `nonce` with discord.py's
+        `enforce_nonce`, so if a try that answered 5xx did create the message, Discord hands back that message
+        instead of making a second (for a few minutes; the collector's first repost comes after 30 s). A 429 was
+        refused before anything was made. A dropped connection or a timeout is not retried here at all: it goes
+        to the collector as it is, and its repost carries the same nonce.
+        """
+        for tries in itertools.count():
+            try:
+                return await attempt()
+            except (discord.HTTPException, discord.RateLimited) as err:
+                status = getattr(err, "status", 429)
+                wait = retry_wait(err, tries, self.retry_delays)
+                if wait is None:
+                    if status == 429 or status >= 500:
+                        raise PublishError(f"Discord did not take the result ({_why(err)}) after {tries + 1} "
+                                           "tries; Noodle posts it again when the channel answers") from err
+                    raise PublishError(f"Discord refused the result ({_why(err)}); the PNGs are kept and ℹ️ still "
+                                       "works once posted") from err
+                log.warning("Discord answered %s; trying again in %.1f s", _why(err), wait)
+                await self.sleep(wait)
+        raise AssertionError("unreachable")
 
     async def publish_failure(self, generation: Generation) -> None:
         """Tell the requester that a job nobody was watching failed: in the channel, or by DM if private."""

@@ -15,6 +15,18 @@ from typing import Any
 import discord
 
 _ids = itertools.count(900_000_000_000_000_001)
+DEFAULT_FILESIZE_LIMIT = discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES  # 10 MiB: unboosted guilds and DMs
+
+
+def http_error(status: int, message: str = "", *, retry_after: float | None = None) -> discord.HTTPException:
+    """The exception discord.py raises for a Discord answer of `status` (Forbidden, NotFound, DiscordServerError,
+    else HTTPException); a 429's `retry_after` rides in the Retry-After header, as Discord sends it."""
+    headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+    response = SimpleNamespace(status=status, reason=message or "Error", headers=headers)
+    body = {"code": 0, "message": message}
+    kind = {403: discord.Forbidden, 404: discord.NotFound}.get(status) or \
+        (discord.DiscordServerError if status >= 500 else discord.HTTPException)
+    return kind(response, body)
 
 
 @dataclass
@@ -29,14 +41,20 @@ class FakeMessage:
     """A sent message: its content, embed and files as sent; edits, reactions and deletion recorded."""
 
     def __init__(self, channel: FakeChannel, content: str | None, embed: discord.Embed | None,
-                 files: list[SentFile]) -> None:
+                 files: list[SentFile], nonce: str | int | None = None) -> None:
         self.id = next(_ids)
         self.channel = channel
         self.content, self.embed, self.files = content, embed, files
+        self.nonce = nonce
         self.reactions: list[str] = []
         self.removed_reactions: list[tuple[str, int]] = []
         self.edits: list[str] = []
         self.deleted = False
+
+    @property
+    def attachments(self) -> list[SentFile]:
+        """The files as discord.Message.attachments lists them (each has its `filename`)."""
+        return self.files
 
     async def add_reaction(self, emoji: Any) -> None:
         self.reactions.append(str(emoji))
@@ -53,19 +71,55 @@ class FakeMessage:
 
 
 class FakeChannel:
-    """A text channel that records what was sent; `manage` lists user ids with Manage Messages here."""
+    """A text channel that records what was sent; `manage` lists user ids with Manage Messages here.
 
-    def __init__(self, channel_id: int = 555, *, manage: set[int] | None = None) -> None:
+    It refuses what Discord refuses (over 10 files, over its guild's `filesize_limit` in all, an embed over 6000
+    characters), honours a repeated nonce as `enforce_nonce` does (the first message comes back, no second),
+    and raises the errors given to `fail_next` at the next sends. `guild=None` makes it a DM channel.
+    """
+
+    def __init__(self, channel_id: int = 555, *, manage: set[int] | None = None,
+                 filesize_limit: int = DEFAULT_FILESIZE_LIMIT, guild: bool = True) -> None:
         self.id = channel_id
         self.sent: list[FakeMessage] = []
         self.manage = manage or set()
+        self.guild = SimpleNamespace(id=777, filesize_limit=filesize_limit) if guild else None
+        self.sends = 0  # tries, failed ones included
+        self._failures: list[tuple[BaseException, bool]] = []
+
+    def fail_next(self, *errors: BaseException, after_sending: bool = False) -> None:
+        """Make the next sends raise these errors, in order; `after_sending`: the message is made first (a 5xx
+        that Discord answered after creating it)."""
+        self._failures.extend((error, after_sending) for error in errors)
 
     async def send(self, content: str | None = None, *, embed: discord.Embed | None = None,
-                   files: list[discord.File] | None = None, **_: Any) -> FakeMessage:
+                   files: list[discord.File] | None = None, nonce: str | int | None = None,
+                   **_: Any) -> FakeMessage:
+        self.sends += 1
+        failure = self._failures.pop(0) if self._failures else None
+        if failure is not None and not failure[1]:
+            raise failure[0]
         sent = [SentFile(f.filename, f.fp.read()) for f in files or []]
-        message = FakeMessage(self, content, embed, sent)
-        self.sent.append(message)
+        limit = self.guild.filesize_limit if self.guild is not None else DEFAULT_FILESIZE_LIMIT
+        if len(sent) > 10:
+            raise http_error(400, "Invalid Form Body: files: Must be 10 or fewer in length.")
+        if sum(len(f.data) for f in sent) > limit:
+            raise http_error(413, "Request entity too large")
+        if embed is not None and len(embed) > 6000:
+            raise http_error(400, "Invalid Form Body: embeds.0: Embed size exceeds maximum size of 6000")
+        earlier = next((m for m in self.sent if nonce is not None and m.nonce == nonce), None)
+        message = earlier or FakeMessage(self, content, embed, sent, nonce)
+        if earlier is None:
+            self.sent.append(message)
+        if failure is not None:
+            raise failure[0]
         return message
+
+    async def fetch_message(self, message_id: int) -> FakeMessage:
+        for message in self.sent:
+            if message.id == int(message_id):
+                return message
+        raise http_error(404, "Unknown Message")
 
     def get_partial_message(self, message_id: int) -> FakeMessage:
         for message in self.sent:
@@ -89,14 +143,16 @@ class FakeUser:
         self.display_name = f"user{user_id}"
         self.closed = closed
         self.dms: list[tuple[str, list[SentFile]]] = []
-        self.dm_channel = FakeChannel(channel_id=10_000 + user_id)  # the DM channel: messages with ids
+        self.dm_channel = FakeChannel(channel_id=10_000 + user_id, guild=False)  # the DM channel: messages with ids
 
     async def send(self, content: str | None = None, *, embed: discord.Embed | None = None,
-                   files: list[discord.File] | None = None, **_: Any) -> FakeMessage:
+                   files: list[discord.File] | None = None, **kwargs: Any) -> FakeMessage:
         if self.closed:
             raise discord.Forbidden(SimpleNamespace(status=403, reason="Forbidden"), "Cannot send messages to this user")
-        message = await self.dm_channel.send(content, embed=embed, files=files)
-        self.dms.append((content or "", message.files))
+        before = len(self.dm_channel.sent)
+        message = await self.dm_channel.send(content, embed=embed, files=files, **kwargs)
+        if len(self.dm_channel.sent) > before:
+            self.dms.append((content or "", message.files))
         return message
 
 

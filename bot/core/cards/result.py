@@ -27,7 +27,9 @@ _LABELS = {
     "CLIPSetLastLayer": "clip skip", "VAELoader": "VAE", "EmptyLatentImage": "empty latent",
     "LoadImage": "image", "VAEEncode": "image encode", "RepeatLatentBatch": "batch",
     "SetLatentNoiseMask": "inpaint mask", "ControlNetLoader": "ControlNet", "Canny": "canny edges",
-    "ControlNetApplyAdvanced": "ControlNet apply",
+    "ControlNetApplyAdvanced": "ControlNet apply", "UpscaleModelLoader": "upscale model",
+    "ImageUpscaleWithModel": "model upscale", "ImageScale": "resize", "LatentUpscale": "latent upscale",
+    "ImagePadForOutpaint": "outpaint pad", "VAEEncodeForInpaint": "inpaint encode",
 }
 
 
@@ -70,12 +72,43 @@ def _seed(generation: Generation) -> str:
 
 
 def _title(generation: Generation) -> str:
+    request, parent = generation.request, generation.parent_id
     if generation.kind == "reroll":
-        return f"🔁 Reroll of #{generation.parent_id}"
+        return f"🔁 Reroll of #{parent}"
     if generation.kind == "variation":
-        index = generation.request.get("variation_of_image", 1)
-        return f"🔀 Variation of #{generation.parent_id}, image {index}"
+        index = request.get("variation_of_image", 1)
+        strength = f" ({request['vary']})" if request.get("vary") else ""
+        return f"🔀 Variation{strength} of #{parent}, image {index}"
+    if generation.kind == "upscale":
+        return f"🔍 Upscale of #{parent}, image {request.get('upscale_of_image', 1)}"
+    if generation.kind == "outpaint":
+        what = f"Zoom out {request['zoom']}×" if request.get("zoom") else f"Pan {request.get('pan', '')}".rstrip()
+        return f"🔭 {what} of #{parent}, image {request.get('outpaint_of_image', 1)}"
+    if generation.kind == "remix":
+        return f"✏️ Remix of #{parent}"
     return "🖼️ /imagine"
+
+
+def _action(generation: Generation) -> tuple[str, str] | None:
+    """Which path an upscale, an outpaint or a vary ran, in words (also on a reroll of one: the same graph)."""
+    params, request = generation.params, generation.request
+    if params.get("init_image") and params.get("outpaint"):
+        what = f"Zoomed out {request['zoom']}×" if request.get("zoom") else \
+            f"Panned {request['pan']}" if request.get("pan") else "Outpainted"
+        left, top, right, bottom = params["outpaint"]
+        how = f"inpainting model {display_name(str(params['inpaint_checkpoint']))}" \
+            if params.get("inpaint_checkpoint") else f"masked sampling on {display_name(generation.model_name)}"
+        return "Outpaint", f"{what}: the canvas grown by {left}/{top}/{right}/{bottom} px (left/top/right/bottom), " \
+                           f"filled by {how}"
+    if params.get("init_image") and params.get("upscale_by", 1.0) != 1.0:
+        factor = f"{params['upscale_by']:g}×"
+        path = f"with {display_name(str(params['upscale_model']))}" if params.get("upscale_model") else \
+            "in latent space"
+        return "Upscale", f"Upscaled {factor} {path}, then hires fix at denoise {params.get('denoise', 1.0):g}"
+    if generation.kind == "variation" and request.get("vary"):
+        return "Vary", f"Vary ({request['vary']}): img2img of image {request.get('variation_of_image', 1)} of " \
+                       f"#{generation.parent_id} at denoise {params.get('denoise', 1.0):g}"
+    return None
 
 
 def result_card(generation: Generation) -> Card:
@@ -86,7 +119,8 @@ def result_card(generation: Generation) -> Card:
     model = display_name(generation.model_name)
     count = max(1, len(generation.images) or len(generation.jobs))
     size = f"{params.get('width')}×{params.get('height')}" + (f" ×{count}" if count > 1 else "")
-    if params.get("init_image"):
+    action = _action(generation)
+    if params.get("init_image") and (action is None or action[0] == "Vary"):
         kind = "inpaint (the image's transparent area)" if params.get("inpaint") else "img2img"
         size += f" · {kind}, denoise {params.get('denoise'):g}"
     fields = [
@@ -101,6 +135,8 @@ def result_card(generation: Generation) -> Card:
         ("Time", f"queue {seconds_text(generation.queue_wait_s)} · "
                  f"generation {seconds_text(generation.generation_s)}"),
     ]
+    if action is not None:
+        fields.insert(5, action)
     if params.get("controlnet"):
         fields.insert(5, ("ControlNet", _controlnet(params)))
     if params.get("clip_skip"):

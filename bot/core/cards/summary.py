@@ -15,6 +15,10 @@ def summary_of(params: WorkflowParams, count: int = 1) -> str:
     model = display_name(params.checkpoint)
     batch = f" ×{count}" if count > 1 else ""
     kind = (" · inpaint" if params.inpaint else " · img2img") if params.init_image else ""
+    if params.is_upscale:
+        kind = f" · upscale {params.upscale_by:g}×, hires fix {params.denoise:g}"
+    elif params.is_outpaint:
+        kind = " · outpaint"
     if params.controlnet:
         kind += f" · ControlNet {display_name(params.controlnet)} {params.control_strength:g}"
     seeds = f"seeds {params.seed}-{params.seed + count - 1}" if count > 1 else f"seed {params.seed}"

@@ -4,7 +4,9 @@
 A request becomes one workflow per image (bot/core/requests/ -> engine/templates.py), each with its
 own seed, queued with the requester as owner through `RequestQueue` (recorded first, all or nothing).
 Rerolls and variations read the parent's stored params back as typed, versioned `WorkflowParams`
-(bot/core/storage/params.py) and go through the same queueing as /imagine.
+(bot/core/storage/params.py) and go through the same queueing as /imagine, by `derive`: the one path every
+action on a result takes (the upscale, vary, zoom, pan and remix of bot/core/services/actions.py too), so the
+presser owns the new job, a private parent stays private and the result goes where the parent went.
 """
 
 from __future__ import annotations
@@ -40,7 +42,11 @@ from engine.nodes.base import SEED_MAX
 from engine.queue import EngineService
 from engine.templates import WorkflowParams, build_workflow
 
-__all__ = ["Generations"]
+__all__ = ["ACTION_KEYS", "Generations", "origin_of", "plain_params", "random_seed", "stored_params"]
+
+# what an action records in a request about its parent: not inherited by what is made from the result
+ACTION_KEYS = frozenset({"reroll_of", "variation_of", "variation_of_image", "vary", "upscale_of", "upscale_of_image",
+                         "outpaint_of", "outpaint_of_image", "zoom", "pan", "remix_of", "private"})
 
 
 class Generations:
@@ -101,42 +107,63 @@ class Generations:
 
     async def reroll(self, generation_id: int, who: Requester, origin: Origin | None = None) -> Ticket:
         """The same graphs with new seeds: the engine's cache serves everything above the sampler."""
-        parent = await self._usable(generation_id, who)
-        private = await self._keeps_private(parent, who)
+        parent = await self.usable(generation_id, who)
         if is_workflow(parent):
-            return await self.workflows.rerun(parent, who, origin or _origin_of(parent), private=private)
+            private = await self._keeps_private(parent, who)
+            return await self.workflows.rerun(parent, who, origin or origin_of(parent), private=private)
         count = max(1, len(parent.jobs))
-        params = replace(_params_of(parent), seed=_random_seed(count))
+        params = replace(stored_params(parent), seed=_random_seed(count))
         if params.init_image and not (self.engine.input_dir / params.init_image).is_file():
             raise RequestInvalid(f"the image #{parent.id} started from is gone from the input folder; "
                                  "attach it again with /imagine image:")
-        self._check_control_image(params, parent)
-        request = {**parent.request, "reroll_of": parent.id, **({"private": True} if private else {})}
-        return await self._queue("reroll", params, count, request, who, origin or _origin_of(parent), parent=parent)
+        return await self.derive("reroll", parent, who, params, {"reroll_of": parent.id}, origin, count=count)
 
-    async def variation(self, generation_id: int, who: Requester, image: int = 1,
-                        origin: Origin | None = None) -> Ticket:
-        """img2img of image `image` (1-based) of a result at the configured variation denoise."""
-        parent = await self._usable(generation_id, who)
+    async def variation(self, generation_id: int, who: Requester, image: int = 1, origin: Origin | None = None, *,
+                        denoise: float | None = None, strength: str | None = None) -> Ticket:
+        """img2img of image `image` (1-based) of a result at `denoise` (default: the configured variation
+        denoise); `strength` (subtle, strong) is recorded for the card when the denoise came from Vary."""
+        parent = await self.usable(generation_id, who)
         if is_workflow(parent):
             raise variation_refused(parent)
+        prepared = await self.source_image(parent, image)
+        # the ControlNet stays (its image too); a result's PNG is opaque, so an inpaint's variation is img2img
+        params = replace(plain_params(stored_params(parent)), seed=_random_seed(1), init_image=prepared.name,
+                         denoise=denoise if denoise is not None else self.settings.bot.variation_denoise,
+                         batch_size=1, inpaint=prepared.transparent, width=prepared.width // 8 * 8,
+                         height=prepared.height // 8 * 8)
+        request: dict[str, Any] = {"variation_of": parent.id, "variation_of_image": image}
+        if strength:
+            request["vary"] = strength
+        return await self.derive("variation", parent, who, params, request, origin, prepared=(prepared,))
+
+    # -- the one path every action on a result takes (🔁, 🔀, and bot/core/services/actions.py) --------------
+
+    async def source_image(self, parent: Generation, image: int) -> PreparedImage:
+        """Image `image` (1-based) of `parent`'s PNGs, checked and named as an upload (saved when queued)."""
         if not 1 <= image <= len(parent.images):
             raise RequestInvalid(f"#{parent.id} has {len(parent.images)} image(s); pick 1 to {len(parent.images)}")
         data = await asyncio.to_thread(_read_bytes, parent.images[image - 1])
         if data is None:
             raise RequestInvalid(f"image {image} of #{parent.id} is no longer on disk; reroll it or run /imagine")
-        prepared = await asyncio.to_thread(prepare_image, data, f"#{parent.id} image {image}",
-                                           self.settings.bot.uploads_folder, self.models.allowed)
-        # the ControlNet stays (its image too); a result's PNG is opaque, so an inpaint's variation is img2img
-        params = replace(_params_of(parent), seed=_random_seed(1), init_image=prepared.name,
-                         denoise=self.settings.bot.variation_denoise, batch_size=1, inpaint=prepared.transparent,
-                         width=prepared.width // 8 * 8, height=prepared.height // 8 * 8)
+        # our own PNG, not an attachment: held to what LoadImage takes, not to Discord's upload size (an upscaled
+        # 2048x2048 PNG passes 10 MiB)
+        allowed = replace(self.models.allowed, max_attachment_bytes=self.settings.limits.max_input_image_bytes)
+        return await asyncio.to_thread(prepare_image, data, f"#{parent.id} image {image}",
+                                       self.settings.bot.uploads_folder, allowed)
+
+    async def derive(self, kind: str, parent: Generation, who: Requester, params: WorkflowParams,
+                     request: dict[str, Any], origin: Origin | None = None, *, count: int = 1,
+                     prepared: tuple[PreparedImage, ...] = ()) -> Ticket:
+        """Queue `params` as a new generation of `kind` made from `parent`, owned by `who` (their queue cap counts),
+        private when the parent was or `who` keeps results private, posted where the parent was unless `origin`
+        says otherwise; `request` is what the action adds to the parent's recorded options."""
         self._check_control_image(params, parent)
-        request = {**parent.request, "variation_of": parent.id, "variation_of_image": image}
+        inherited = {key: value for key, value in parent.request.items() if key not in ACTION_KEYS}
+        recorded = {**inherited, **request}
         if await self._keeps_private(parent, who):
-            request["private"] = True
-        return await self._queue("variation", params, 1, request, who, origin or _origin_of(parent),
-                                 prepared=(prepared,), parent=parent)
+            recorded["private"] = True
+        return await self._queue(kind, params, count, recorded, who, origin or origin_of(parent),
+                                 prepared=prepared, parent=parent)
 
     def _check_control_image(self, params: WorkflowParams, parent: Generation) -> None:
         if params.control_image and not (self.engine.input_dir / params.control_image).is_file():
@@ -175,7 +202,7 @@ class Generations:
 
     async def delete(self, generation_id: int, who: Requester) -> Generation:
         """Remove a result's files and retire it (the requester, or a Manage Messages member of its server)."""
-        generation = await self._usable(generation_id, who)
+        generation = await self.usable(generation_id, who)
         if not may_moderate(generation, who):
             raise NotAllowed(f"only the requester of #{generation.id} or members with Manage Messages can delete it; "
                              "react with 🔁 or 🔀 to make your own version instead")
@@ -197,7 +224,7 @@ class Generations:
 
     async def details(self, generation_id: int, who: Requester) -> Details:
         """Everything that reproduces a result: its card, A1111's parameters text, the workflow JSON."""
-        generation = await self._usable(generation_id, who)
+        generation = await self.usable(generation_id, who)
         parameters = await asyncio.to_thread(read_parameters, generation.images)
         return details_of(generation, parameters)
 
@@ -217,7 +244,7 @@ class Generations:
         """The generation one of whose images is job `job_id`."""
         return await self.store.by_job(job_id)
 
-    async def _usable(self, generation_id: int, who: Requester) -> Generation:
+    async def usable(self, generation_id: int, who: Requester) -> Generation:
         """A finished result `who` may reach; another server's, a DM one or someone's private one reads as missing."""
         generation = await reachable(self.store, generation_id, who)
         if generation is None:
@@ -229,9 +256,20 @@ class Generations:
         return generation
 
     async def _keeps_private(self, parent: Generation, who: Requester) -> bool:
-        """A reroll or variation is private when its parent was (it stays in DMs) or when the member who reacted
-        keeps /settings private: True (their version of a public result goes to their DMs)."""
+        """Anything made from a result (reroll, variation, upscale, outpaint, remix) is private when its parent was (it
+        stays in DMs) or when the member who acted keeps /settings private: True (their version goes to their DMs)."""
         return parent.private or bool((await self.user_defaults.get(who)).get("private"))
+
+
+def plain_params(params: WorkflowParams) -> WorkflowParams:
+    """`params` without an upscale's or outpaint's parts: what an img2img of its result starts from."""
+    return replace(params, upscale_by=1.0, upscale_model=None, prescale=None, outpaint=None,
+                   inpaint_checkpoint=None)
+
+
+def random_seed(count: int = 1) -> int:
+    """A random seed for `count` images (seed, seed+1, ...)."""
+    return _random_seed(count)
 
 
 def _random_seed(count: int) -> int:
@@ -239,7 +277,8 @@ def _random_seed(count: int) -> int:
     return secrets.randbelow(DISCORD_INT_MAX - count + 2)
 
 
-def _params_of(generation: Generation) -> WorkflowParams:
+def stored_params(generation: Generation) -> WorkflowParams:
+    """A result's params read back (any stored version); RequestInvalid when they no longer fit."""
     try:
         return load_params(generation.params)
     except StoredParamsInvalid as err:
@@ -247,7 +286,8 @@ def _params_of(generation: Generation) -> WorkflowParams:
                              "/imagine again with its prompt") from None
 
 
-def _origin_of(generation: Generation) -> Origin:
+def origin_of(generation: Generation) -> Origin:
+    """Where a result was posted: what an action on it defaults to."""
     return Origin(channel_id=generation.channel_id, guild_id=generation.guild_id)
 
 

@@ -18,7 +18,7 @@ from engine.templates import WorkflowParams
 
 __all__ = ["PARAMS_VERSION", "StoredParamsInvalid", "dump_params", "load_params"]
 
-PARAMS_VERSION = 2
+PARAMS_VERSION = 3
 _ADAPTER = TypeAdapter(WorkflowParams)
 _FIELDS = {f.name for f in fields(WorkflowParams)}
 
@@ -42,8 +42,17 @@ def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _from_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 added the actions under a result (upscale, zoom out, pan): a v2 row was none of them."""
+    for name, value in (("upscale_by", 1.0), ("upscale_model", None), ("upscale_method", "nearest-exact"),
+                        ("prescale", None), ("outpaint", None), ("outpaint_feathering", 40),
+                        ("inpaint_checkpoint", None)):
+        data.setdefault(name, value)
+    return data
+
+
 # version -> the step that turns a row of that version into one of the next
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _from_v0, 1: _from_v1}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _from_v0, 1: _from_v1, 2: _from_v2}
 
 
 def dump_params(params: WorkflowParams) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from engine.queue import ENDED
 __all__ = ["ENDED", "NOT_DONE", "TERMINAL", "Generation", "GenerationKind", "GenerationState", "JobRow",
            "JobRowState", "NewGeneration", "Outcome"]
 
-GenerationKind = Literal["imagine", "reroll", "variation", "workflow"]
+# upscale: U1-U4; outpaint: zoom out and pan; remix: ✏️ (the parent's request with an edited prompt and numbers)
+GenerationKind = Literal["imagine", "reroll", "variation", "workflow", "upscale", "outpaint", "remix"]
 # `submitting`: stored, its jobs not yet in the engine's queue; the rest as the engine's JobState
 JobRowState = Literal["submitting", "queued", "running", "done", "failed", "cancelled"]
 GenerationState = Literal["submitting", "queued", "running", "done", "failed", "cancelled", "deleted"]

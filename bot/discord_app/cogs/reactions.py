@@ -10,18 +10,17 @@ What a member may do to someone else's result is the Studio's to say (bot/core/s
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 from typing import TYPE_CHECKING, Any
 
 import discord
 from discord.ext import commands
 
-from bot.core.cards.card import truncate
 from bot.core.front_end import Origin, Requester, Ticket
 from bot.core.results.status import accepted_text, relay
 from bot.core.storage.records import Generation
 from bot.discord_app.cogs.tasks import CogTasks
+from bot.discord_app.limits import DM_FILESIZE_LIMIT, details_messages
 from bot.discord_app.post import DELETE, DETAILS, REROLL, VARIATION, VARIATION_DIGITS, ChannelStatus, resolve_channel
 from engine.errors import NoodleError
 
@@ -122,21 +121,24 @@ class Reactions(commands.Cog):
                 log.info("result message %s of #%s was not deleted: %s", generation.message_id, generation.id, err)
 
     async def _details(self, generation: Generation, who: Requester, channel: Any) -> None:
+        """The details and workflow JSON by DM, with the full PNGs the result message does not carry (a grid's
+        PNGs kept for ℹ️, previews sent for PNGs too big for the server), in as many DMs as Discord's limit needs."""
         details = await self.studio.generations.details(generation.id, who)
-        text = details.text if len(details.text) <= 2000 else truncate(details.text, 1990)
-        files = [discord.File(io.BytesIO(details.workflow_json.encode()), filename=details.filename)]
-        if len(details.text) > 2000:  # the full text as a file too: prompts may be 4000 characters
-            files.append(discord.File(io.BytesIO(details.text.encode()), filename=f"noodle-{generation.id}.txt"))
-        await self._dm(who.user_id, channel, text, files)
+        attached = await _attachment_names(channel, generation.message_id)
+        for text, files in await details_messages(generation, details, DM_FILESIZE_LIMIT, attached=attached):
+            if not await self._dm(who.user_id, channel, text, files):
+                return  # DMs closed: told once
 
     async def _tell(self, user_id: str, channel: Any, text: str) -> None:
         """A private answer to someone who reacted: a DM, or a short-lived notice if DMs are closed."""
         await self._dm(user_id, channel, text, [])
 
-    async def _dm(self, user_id: str, channel: Any, text: str, files: list[discord.File]) -> None:
+    async def _dm(self, user_id: str, channel: Any, text: str, files: list[discord.File]) -> bool:
+        """Send a DM; False (and a short public notice) when it could not be sent."""
         try:
             user = await self._user(user_id)
-            await user.send(content=text, files=files)
+            await user.send(content=text or None, files=files)
+            return True
         except discord.HTTPException as err:
             log.info("could not DM %s: %s", user_id, err)
             try:
@@ -145,6 +147,7 @@ class Reactions(commands.Cog):
                                    allowed_mentions=discord.AllowedMentions(users=True))
             except discord.HTTPException as notice_err:
                 log.info("could not tell %s either: %s", user_id, notice_err)
+            return False
 
     async def _user(self, user_id: str) -> Any:
         """A user to DM, from the cache or the API (a restart empties the cache)."""
@@ -159,6 +162,18 @@ class _Prefixed:
 
     async def update(self, text: str) -> None:
         await self.status.update(f"{self.label}: {text}")
+
+
+async def _attachment_names(channel: Any, message_id: str | None) -> list[str]:
+    """The file names on a posted result, to leave out of ℹ️; none when it cannot be read (then ℹ️ sends all)."""
+    if not message_id:
+        return []
+    try:
+        message = await asyncio.wait_for(channel.fetch_message(int(message_id)), 15)
+    except (discord.HTTPException, TimeoutError) as err:
+        log.info("result message %s not read back: %s", message_id, err)
+        return []
+    return [attachment.filename for attachment in message.attachments]
 
 
 def _requester(payload: discord.RawReactionActionEvent, channel: Any) -> Requester:

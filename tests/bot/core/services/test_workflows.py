@@ -87,7 +87,8 @@ async def test_a_workflow_runs_as_one_job_and_every_image_is_stored_and_posted(e
     assert generation.params["seeds"] == {"3": 5} and generation.seed == 5
 
     [message] = env.channel.results()
-    assert [f.data for f in message.files] == [open(p, "rb").read() for p in generation.images]
+    assert message.files[0].filename == f"noodle-{generation.id}-grid.png"  # 2-4 images: a grid, then each PNG
+    assert [f.data for f in message.files[1:]] == [open(p, "rb").read() for p in generation.images]
     assert message.reactions == ["🔁", "🗑️", "ℹ️"]  # no 🔀: variations start from /imagine results
     embed = message.embed
     fields = {f.name: f.value for f in embed.fields}
@@ -194,7 +195,7 @@ async def test_private_results_go_to_the_requesters_dms(env: Env) -> None:
     final = await run(env, as_file(graph(batch_size=1)))
     assert final.generation.request["private"] is True and env.channel.results() == []
     [message] = env.client.get_user(42).dm_channel.results()
-    assert len(message.files) == 2 and message.reactions == ["🔁", "🗑️", "ℹ️"]
+    assert len(message.files) == 3 and message.reactions == ["🔁", "🗑️", "ℹ️"]  # the grid of the two, and each
 
 
 def test_reseed_changes_constant_seeds_and_leaves_linked_ones() -> None:

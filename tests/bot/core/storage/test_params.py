@@ -63,4 +63,4 @@ def test_the_controlnet_and_inpaint_fields_survive_json() -> None:
                             inpaint=True, control_image="uploads/cd.png", controlnet="tiny-controlnet-sd15.safetensors",
                             control_strength=0.65, control_canny=True)
     stored = json.loads(json.dumps(dump_params(params)))
-    assert stored["version"] == 2 and load_params(stored) == params
+    assert stored["version"] == PARAMS_VERSION and load_params(stored) == params

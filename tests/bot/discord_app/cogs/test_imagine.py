@@ -71,10 +71,10 @@ async def test_a_batch_posts_every_image_with_its_seed_and_a_digit_per_image(env
                          batch=3)
     await _done(cog)
     [message] = _posted(env)
-    assert len(message.files) == 3
+    assert len(message.files) == 4 and message.files[0].filename.endswith("-grid.png")  # the grid, then the PNGs
     assert field(message.embed, "Seed") == "#1 100 · #2 101 · #3 102"
     assert message.reactions[4:] == ["1️⃣", "2️⃣", "3️⃣"]
-    for sent, seed in zip(message.files, (100, 101, 102)):
+    for sent, seed in zip(message.files[1:], (100, 101, 102), strict=True):
         assert f"Seed: {seed}," in Image.open(io.BytesIO(sent.data)).text["parameters"]
 
 

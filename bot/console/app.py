@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from bot.console.commands import CONSOLE_SERVER, preset_command, queue_command, settings_command
 from bot.console.press import PRESS_HELP, press_line
+from bot.core.actions import press_words
 from bot.core.cards.result import card_text, failure_text, history_line, result_card
 from bot.core.errors import RequestInvalid
 from bot.core.front_end import Requester, Ticket
@@ -76,6 +77,7 @@ class ConsolePublisher:
     async def publish(self, generation: Generation) -> str | None:
         """Print the card and the PNG paths; the console has no message id."""
         lines = [card_text(result_card(generation))] + [f"wrote {path}" for path in generation.images]
+        lines.append(f"press: {press_words(generation)}")  # the buttons a Discord result has, as `press` takes them
         self._print("\n".join(lines))
         return None
 

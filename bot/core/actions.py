@@ -17,7 +17,7 @@ from bot.core.errors import RequestInvalid
 from bot.core.storage.records import Generation
 
 __all__ = ["ACTION_NAMES", "Action", "ButtonSpec", "CUSTOM_ID", "PAN_DIRECTIONS", "ZOOM_FACTORS", "buttons_for",
-           "custom_id", "edits_result", "parse_action", "parse_custom_id"]
+           "custom_id", "edits_result", "parse_action", "parse_custom_id", "press_words"]
 
 ActionName = Literal["upscale", "variation", "reroll", "remix", "vary", "zoom", "pan", "delete", "details"]
 ACTION_NAMES: tuple[str, ...] = ("upscale", "variation", "reroll", "remix", "vary", "zoom", "pan", "delete",
@@ -124,8 +124,11 @@ EMOJI_WORDS = {"🔁": "reroll", "✏️": "remix", "✏": "remix", "🗑️": "
 
 
 def edits_result(generation: Generation) -> bool:
-    """An upscaled, zoomed or panned image: it offers the edit set rather than U/V."""
-    return generation.kind in EDITED_KINDS
+    """An upscaled, zoomed or panned image (a reroll or remix of one too, which runs the same graph): it offers the
+    edit set rather than U/V."""
+    params = generation.params
+    return generation.kind in EDITED_KINDS or float(params.get("upscale_by") or 1.0) != 1.0 \
+        or bool(params.get("outpaint"))
 
 
 def buttons_for(generation: Generation) -> tuple[tuple[ButtonSpec, ...], ...]:
@@ -155,3 +158,16 @@ def buttons_for(generation: Generation) -> tuple[tuple[ButtonSpec, ...], ...]:
         (*(ButtonSpec(Action("variation", n), f"V{n}") for n in range(1, count + 1)), remix),
         tail,
     )
+
+
+def press_words(generation: Generation) -> str:
+    """The console's spelling of `buttons_for`: what `press JOB ...` takes on this result, in the buttons' order."""
+    words = []
+    for row in buttons_for(generation):
+        for spec in row:
+            action = spec.action
+            if action.name in ("upscale", "variation"):
+                words.append(action.code)
+            else:
+                words.append(f"{action.name} {action.arg}" if action.arg else action.name)
+    return " · ".join(words)

@@ -61,9 +61,10 @@ ACTIONS = {"🔁": "reroll", "reroll": "reroll", "🔀": "variation", "variation
            "1️⃣": "variation:1", "2️⃣": "variation:2", "3️⃣": "variation:3", "4️⃣": "variation:4"}
 log = logging.getLogger(__name__)
 TINY_DIR = Path(".cache/models")
-# what `make run` shows when nothing is piped in: one image, then a reroll served from the cache
+# what `make run` shows when nothing is piped in: one image, a reroll served from the cache, then the U1 button:
+# an upscale (model or latent, then a hires-fix pass)
 DEMO = ("/imagine prompt: a red fox in the snow, (highly detailed:1.2) negative: blurry seed: 42 steps: 8",
-        "react last 🔁")
+        "react last 🔁", "press last U1")
 FOLLOW_SECONDS = 24 * 3600  # a console waits as long as the job takes; the bound only keeps every wait finite
 
 

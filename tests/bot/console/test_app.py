@@ -91,7 +91,7 @@ def test_make_run_without_a_token_or_stdin_runs_the_demo_and_exits_0(tmp_path: P
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "using the tiny test models" in done.stderr and "running the demo" in done.stdout
-    assert "Seed: 42" in done.stdout and "🔁 Reroll of #1" in done.stdout
+    assert "Seed: 42" in done.stdout and "🔁 Reroll of #1" in done.stdout and "🔍 Upscale of #2" in done.stdout
     assert (tmp_path / "noodle.sqlite3").is_file() and list((tmp_path / "output").rglob("*.png"))
 
 

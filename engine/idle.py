@@ -1,5 +1,6 @@
 """One seam for the long idle waits: an engine stream or a follower waiting on an empty `asyncio.Queue` (or the
-job's end) for what only the worker thread or another task will send.
+job's end) for what only the worker thread or another task will send, and waits for time to pass (`idle_sleep`:
+the publisher's backoff, the collector's reposts).
 
 Every such wait goes through `idle_wait`, so a harness that runs the bot on a simulated event loop (SimCord
 declares them with `env.external_wait`) can wrap the waits in one place instead of patching each call site:
@@ -13,15 +14,22 @@ Without a wrapper `idle_wait(x)` is `await x`: behaviour is unchanged. The bot i
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-__all__ = ["IdleWrapper", "idle_wait", "idle_waits_through"]
+__all__ = ["IdleWrapper", "idle_sleep", "idle_wait", "idle_waits_through"]
 
 T = TypeVar("T")
 IdleWrapper = Callable[[Awaitable[Any]], Awaitable[Any]]
 _wrappers: list[IdleWrapper] = []  # the innermost `idle_waits_through` wins
+
+
+async def idle_sleep(seconds: float) -> None:
+    """A wait for time to pass (a retry's backoff, a repost's delay): an idle wait too, so a simulated loop's clock
+    (SimCord's `advance_time`) is what ends it."""
+    await idle_wait(asyncio.sleep(seconds))
 
 
 async def idle_wait(awaitable: Awaitable[T]) -> T:

@@ -1,10 +1,13 @@
-"""`noodle bench bot`: how fast /imagine is acknowledged while the engine is busy, without Discord.
+"""`noodle bench bot`: how fast /imagine and the result buttons are acknowledged while the engine is busy, without
+Discord.
 
 Discord drops a command that is not acknowledged within 3 seconds. Here the real /imagine handler
 (the cog, the Studio, SQLite, the engine's queue on the tiny models) takes 50 commands arriving at
 once from 50 people while the worker is running a long job, through thin stand-ins for Discord's
 interactions. Measured per command: arrival -> `defer()` (the acknowledgement) and arrival -> queued
-(the status edit saying where it is in the queue). The last line is JSON for scripts.
+(the status edit saying where it is in the queue). Then, the worker still busy, as many people press U1 under one
+finished result at once through the real button handler (bot/discord_app/cogs/buttons.py): press -> `defer()`.
+The last line is JSON for scripts.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ async def measure(models_dir: Path, commands: int, busy_steps: int = BUSY_STEPS)
     from bot.core.requests.imagine import Allowed
     from bot.core.storage.store import Store
     from bot.core.studio import Studio
+    from bot.discord_app.cogs.buttons import ResultButtons
     from bot.discord_app.cogs.imagine import imagine_cog
     from bot.settings import BotSettings, Settings
     from engine.executor import create_executor
@@ -85,7 +89,9 @@ async def measure(models_dir: Path, commands: int, busy_steps: int = BUSY_STEPS)
     await studio.start()
     cog = imagine_cog(studio, Allowed.from_settings(settings), status_every=settings.bot.status_edit_seconds)
     handler = cog.imagine.callback  # type: ignore[attr-defined]
+    buttons = ResultButtons(studio, status_every=settings.bot.status_edit_seconds)
     try:
+        finished = await _finished_result(studio)  # what the buttons are pressed on
         busy_request = await studio.generations.parse({"prompt": "keep the worker busy", "steps": busy_steps,
                                                        "width": 64, "height": 64})
         busy = await studio.generations.submit(busy_request, _requester(0))
@@ -99,15 +105,20 @@ async def measure(models_dir: Path, commands: int, busy_steps: int = BUSY_STEPS)
             tasks.append(asyncio.create_task(handler(cog, interaction, prompt=f"a red fox number {n}", steps=4,
                                                      width=64, height=64, seed=n)))
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
-        still_busy = engine.handle(busy.job_id) is not None and any(
-            info.job_id == busy.job_id for info in engine.jobs())
         acks = [(i.record["ack"] - i.record["arrived"]) * 1000 for i in interactions]
         queued = [(i.record["queued"] - i.record["arrived"]) * 1000 for i in interactions if "queued" in i.record]
         refused = [i.edits[-1] for i in interactions if "queued" not in i.record and i.edits]
+        for info in engine.jobs():  # the commands' jobs leave the queue; the busy one keeps running
+            if info.job_id != busy.job_id:
+                await engine.cancel(info.job_id)
+        presses = await _press_burst(studio, buttons, finished, commands)
+        still_busy = engine.handle(busy.job_id) is not None and any(
+            info.job_id == busy.job_id for info in engine.jobs())
     finally:
         for info in engine.jobs():
             await engine.cancel(info.job_id)
         await cog.cog_unload()
+        await buttons.cog_unload()
         await studio.stop()
         await engine.stop()
         await store.close()
@@ -122,7 +133,36 @@ async def measure(models_dir: Path, commands: int, busy_steps: int = BUSY_STEPS)
         "refused": len(refused),
         "first_refusal": refused[0] if refused else None,
         "engine_busy_throughout": still_busy,
+        "presses": len(presses["acks"]),
+        "press_ack_p50_ms": round(percentile(presses["acks"], 0.50), 2),
+        "press_ack_p99_ms": round(percentile(presses["acks"], 0.99), 2),
+        "press_ack_max_ms": round(max(presses["acks"]), 2),
+        "press_queued": presses["queued"],
     }
+
+
+async def _finished_result(studio: Any) -> int:
+    """A posted-and-done /imagine result to press buttons on: its generation id."""
+    request = await studio.generations.parse({"prompt": "a result to press", "steps": 2, "width": 64, "height": 64})
+    ticket = await studio.generations.submit(request, _requester(0))
+    async for event in studio.results.follow(ticket.job_id):
+        if event.kind in ("done", "failed"):
+            break
+    return int(ticket.generation_id)
+
+
+async def _press_burst(studio: Any, buttons: Any, generation_id: int, count: int) -> dict[str, Any]:
+    """`count` people press U1 on one result at once, while the worker is busy: press -> defer, per press."""
+    from bot.core.actions import Action
+
+    interactions = [_Interaction(5000 + n) for n in range(count)]
+    tasks = []
+    for interaction in interactions:  # one task per press, as discord.py dispatches component interactions
+        interaction.record["arrived"] = time.perf_counter()
+        tasks.append(asyncio.create_task(buttons.press(interaction, generation_id, Action("upscale", 1))))
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+    acks = [(i.record["ack"] - i.record["arrived"]) * 1000 for i in interactions]
+    return {"acks": acks, "queued": sum("queued" in i.record for i in interactions)}
 
 
 def _requester(user_id: int) -> Any:
@@ -143,5 +183,8 @@ def bench_bot(models_dir: Path, commands: int = 50) -> int:
     if result["queued"]:
         print(f"  arrival -> queued   p50 {result['queued_p50_ms']:8.2f} ms   p99 {result['queued_p99_ms']:8.2f} ms "
               f"({result['queued']} queued, {result['refused']} refused)")
+    print(f"U1 button presses, {result['presses']} people at once on one result, the engine still busy")
+    print(f"  press -> defer      p50 {result['press_ack_p50_ms']:8.2f} ms   p99 {result['press_ack_p99_ms']:8.2f} ms "
+          f"({result['press_queued']} upscales queued)")
     print(json.dumps(result, ensure_ascii=False))
     return 0

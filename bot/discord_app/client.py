@@ -24,6 +24,8 @@ from discord.utils import MISSING
 from bot.core.requests.imagine import Allowed
 from bot.core.storage.records import Generation
 from bot.discord_app.cogs.imagine import imagine_cog
+from bot.discord_app.buttons import ResultButton
+from bot.discord_app.cogs.buttons import ResultButtons
 from bot.discord_app.cogs.presets import presets_cog
 from bot.discord_app.cogs.queue import queue_cog
 from bot.discord_app.cogs.reactions import Reactions
@@ -110,6 +112,7 @@ class NoodleBot(commands.Bot):
         self.studio: Any = None
         self.connected = asyncio.Event()  # the gateway is up: results may be posted
         self._repost: asyncio.Task[None] | None = None
+        self._core_stopped = False
         self.tree.error(self._on_app_command_error)
 
     async def start_core(self) -> None:
@@ -133,6 +136,8 @@ class NoodleBot(commands.Bot):
         await self.add_cog(queue_cog(self.studio))
         await self.add_cog(Workflow(self.studio, status_every=every))
         await self.add_cog(Reactions(self, self.studio, status_every=every))
+        await self.add_cog(ResultButtons(self.studio, status_every=every))
+        self.add_dynamic_items(ResultButton)  # every result's buttons, whenever they were posted
         await self.studio.start()
 
     async def setup_hook(self) -> None:
@@ -194,8 +199,14 @@ class NoodleBot(commands.Bot):
         await self.http.close()
         self.http.connector = MISSING
 
-    async def close(self) -> None:
-        """Stop the cogs' status tasks, the Studio, the engine and the database, then disconnect."""
+    async def stop_core(self) -> None:
+        """Stop the cogs' status tasks, the Studio, the engine (its worker thread) and the database; once.
+
+        `close` runs it before disconnecting; a harness that drops the bot without closing its connection (SimCord's
+        restart_bot) runs it itself, or the engine's worker would live on beside the next one on the same queue."""
+        if self._core_stopped:
+            return
+        self._core_stopped = True
         if self._repost is not None:
             self._repost.cancel()
         for name in list(self.cogs):
@@ -206,6 +217,10 @@ class NoodleBot(commands.Bot):
             await self.engine.stop()
         if self.store is not None:
             await self.store.close()
+
+    async def close(self) -> None:
+        """Stop the core (`stop_core`), then disconnect."""
+        await self.stop_core()
         await super().close()
 
     async def on_ready(self) -> None:

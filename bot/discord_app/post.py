@@ -26,9 +26,11 @@ from bot.core.errors import GenerationNotFound
 from bot.core.front_end import Origin, Requester
 from bot.core.requests.workflow_file import is_workflow
 from bot.core.storage.records import Generation
+from bot.discord_app.buttons import result_view
 from bot.discord_app.embeds import to_embed
 from bot.discord_app.limits import GridFiles, Outgoing, filesize_limit, fit_embed, plan_message
 from engine.errors import NoodleError
+from engine.idle import idle_sleep
 
 __all__ = ["REACTIONS", "RETRY_DELAYS", "VARIATION_DIGITS", "ChannelStatus", "DiscordPublisher", "InteractionStatus",
            "PublishError", "origin_of", "reactions_for", "requester_of", "resolve_channel", "result_nonce",
@@ -137,7 +139,7 @@ class DiscordPublisher:
     """
 
     def __init__(self, client: Any, *, grid_files: GridFiles = "attach",
-                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                 sleep: Callable[[float], Awaitable[Any]] = idle_sleep,
                  retry_delays: tuple[float, ...] = RETRY_DELAYS) -> None:
         self.client = client
         self.grid_files: GridFiles = grid_files
@@ -188,12 +190,12 @@ class DiscordPublisher:
         nonce = result_nonce(generation)
         try:
             if generation.private:
-                return await destination.send(embed=embed, files=files, nonce=nonce)
+                return await destination.send(embed=embed, files=files, nonce=nonce, view=result_view(generation))
             mention = discord.AllowedMentions(users=[discord.Object(int(generation.requester_id))]) \
                 if generation.requester_id.isdigit() else discord.AllowedMentions.none()
             content = f"<@{generation.requester_id}>" if generation.requester_id.isdigit() else None
             return await destination.send(content=content, embed=embed, files=files, allowed_mentions=mention,
-                                          nonce=nonce)
+                                          nonce=nonce, view=result_view(generation))
         except discord.Forbidden as err:
             if generation.private:
                 raise PublishError("Noodle may not send you direct messages, and your results are private: allow "

@@ -37,6 +37,7 @@ from bot.core.storage.store import PENDING, WRITE_FAILED, Store
 from engine.disk import is_disk_full
 from engine.errors import NoodleError
 from engine.executor import written_paths
+from engine.idle import idle_sleep, idle_wait
 from engine.queue import EngineService, JobEvent, JobState
 
 __all__ = ["ResultCollector", "Settled"]
@@ -107,7 +108,8 @@ class ResultCollector:
         future = self._waiting.setdefault(generation_id, asyncio.get_running_loop().create_future())
         if generation.all_ended and generation.state in PENDING:
             self._spawn(self.settle(generation_id))  # a follower that got here before the pump did
-        return await asyncio.wait_for(asyncio.shield(future), timeout=self.publish_timeout)
+        # the pump settles it when the engine's last job ends: an idle wait (engine/idle.py)
+        return await idle_wait(asyncio.wait_for(asyncio.shield(future), timeout=self.publish_timeout))
 
     async def follow(self, job_id: str) -> AsyncIterator[StudioEvent]:
         """A request's position, start and progress (over all its images), then `done` (stored, posted) or `failed`."""
@@ -191,7 +193,8 @@ class ResultCollector:
         lock = self._locks.setdefault(generation_id, asyncio.Lock())
         problem: str | None = None
         generation: Generation | None = None
-        async with lock:
+        await idle_wait(lock.acquire())  # another settle of the same request may be posting it: an idle wait
+        try:
             # someone follows it now (a front end showing its status): they report a failure, not us. Read before
             # the awaits below, while a follower may see the settled row and stop following.
             watched = bool(self._followers.get(generation_id))
@@ -206,7 +209,11 @@ class ResultCollector:
                     except WRITE_FAILED as err:
                         generation = await self._fail_unstored(generation, err, reason=outcome.error)
                 if generation is not None and self.publisher is not None and generation.front == self.front:
-                    if self._must_post(generation):
+                    if self._must_post(generation) and self._reposts.get(generation_id, 0) < 0:
+                        # a settle that waited behind a post Discord just refused: the scheduled repost tries
+                        # again after its delay, not this one at once
+                        problem = "Discord did not take the result yet; Noodle posts it when the channel answers"
+                    elif self._must_post(generation):
                         await self._post(generation)
                         generation = await self.store.get(generation_id) or generation
                     elif generation.state in NOT_DONE and not watched \
@@ -217,6 +224,8 @@ class ResultCollector:
                 problem = f"the result could not be posted: {err}"
                 if generation is not None and self._must_post(generation):
                     self._repost_later(generation_id)
+        finally:
+            lock.release()
         if self._locks.get(generation_id) is lock and not lock.locked():
             del self._locks[generation_id]
         self._announce(generation_id, generation, problem)
@@ -230,7 +239,7 @@ class ResultCollector:
         self._reposts[generation_id] = -failures  # negative: waiting
 
         async def again() -> None:
-            await asyncio.sleep(delay)
+            await idle_sleep(delay)
             self._reposts[generation_id] = failures
             log.info("posting #%s again (try %d)", generation_id, failures + 1)
             await self.settle(generation_id)
@@ -249,12 +258,13 @@ class ResultCollector:
         publisher = self.publisher
 
         async def post_and_record() -> None:
-            message_id = await asyncio.wait_for(publisher.publish(generation), self.publish_timeout)
+            # Discord's answer (and the publisher's backoff before a retry): an idle wait, engine/idle.py
+            message_id = await idle_wait(asyncio.wait_for(publisher.publish(generation), self.publish_timeout))
             await self.store.mark_posted(generation.id, message_id, time.time())
 
         posting = asyncio.ensure_future(post_and_record())
         try:
-            await asyncio.shield(posting)
+            await idle_wait(asyncio.shield(posting))  # the post above, in its own task so a stop cannot cut it
         except asyncio.CancelledError:
             await asyncio.wait([posting], timeout=self.publish_timeout + 5.0)
             if posting.done() and not posting.cancelled() and posting.exception() is not None:

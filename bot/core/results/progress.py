@@ -44,7 +44,8 @@ async def merged_events(engine: EngineService, job_ids: Sequence[str]) -> AsyncI
     try:
         while open_streams:
             try:
-                event = await asyncio.wait_for(idle_wait(queue.get()), timeout=SILENCE_SECONDS)
+                async with asyncio.timeout(SILENCE_SECONDS):  # in this task: an idle wait declared where it waits
+                    event = await idle_wait(queue.get())
             except TimeoutError:
                 raise TimeoutError(f"no news of job {primary} from the engine for {SILENCE_SECONDS // 3600} hours") \
                     from None

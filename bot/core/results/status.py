@@ -16,6 +16,7 @@ from typing import Protocol
 
 from bot.core.cards.result import status_text
 from bot.core.front_end import StudioEvent
+from engine.idle import idle_wait
 
 __all__ = ["StatusSink", "accepted_text", "relay", "render"]
 
@@ -61,7 +62,8 @@ async def relay(events: AsyncIterator[StudioEvent], sink: StatusSink, *, every: 
             if now >= deadline:
                 return None
             wait = deadline - now if pending is None else min(deadline - now, max(0.0, shown_at + every - now))
-            done, _ = await asyncio.wait({next_event}, timeout=wait)
+            # the next event comes from the engine's thread: an idle wait (engine/idle.py), bounded by the throttle
+            done, _ = await idle_wait(asyncio.wait({next_event}, timeout=wait))
             if not done:
                 if pending is not None and clock() >= shown_at + every:
                     await sink.update(pending)  # the throttle window opened: show the latest held-back line

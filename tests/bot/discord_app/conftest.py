@@ -9,6 +9,8 @@ followers' idle waits are declared to SimCord through the one seam for them (eng
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,13 +43,40 @@ class World:
         return self.env.bot  # type: ignore[return-value]
 
     async def restart(self) -> None:
-        """A new process: a fresh NoodleBot on the same database, the virtual Discord unchanged."""
+        """A new process: the old bot's engine and database stop (as when its process ends), then a fresh NoodleBot
+        starts on the same database, the virtual Discord unchanged."""
+        await self.bot.stop_core()
         await self.env.restart_bot(NoodleBot(self.settings, executor=self.executor))
 
     def bot_messages(self, channel: Any = None) -> list[Any]:
         """The messages Noodle posted in `channel` (default #art), oldest first."""
         where = channel or self.channel
         return [m for m in where.history() if m.author.id == self.bot.user.id]
+
+
+def settle_with_the_engine(env: simcord.Env) -> None:
+    """Make every settle (after each actor's action, `env.settle()`, a restart) also wait until the engine's queue
+    is empty, no request is left unsettled in the store, and what the last events started has settled too.
+
+    The engine runs jobs on its own worker thread, which SimCord cannot see: every bot-side wait on it is declared
+    (engine/idle.py), so SimCord would call the bot settled while an image is still being made. A test that holds a
+    job on purpose (the Gate) sets `env.wait_for_engine = False` first.
+    """
+    original = env._settle_internal
+
+    async def settle(**options: Any) -> None:
+        await original(**options)
+        for _ in range(int(SETTLE_S / 0.02)):
+            bot = env.bot
+            engine = getattr(bot, "engine", None)
+            if not getattr(env, "wait_for_engine", True) or engine is None or getattr(bot, "_core_stopped", True) \
+                    or not (engine.jobs() or await bot.store.pending()):  # type: ignore[attr-defined]
+                break
+            await asyncio.to_thread(threading.Event().wait, 0.02)  # a real moment for the worker thread, off the loop
+            await original(**options)
+        await original(**options)  # what the last job's end started (storing, posting) settles as well
+
+    env._settle_internal = settle  # type: ignore[method-assign]
 
 
 @pytest.fixture
@@ -58,11 +87,14 @@ async def discord_env(settings: Settings, bot_executor: Executor) -> AsyncIterat
     async def declared(awaitable: Any) -> Any:
         return await env.external_wait(awaitable, reason="Noodle idle: the engine's queue or a job's end")
 
+    settle_with_the_engine(env)
     with idle_waits_through(declared):
         await env.start()
         try:
             yield env
         finally:
+            # SimCord detaches a bot without closing it: its engine worker thread and database would outlive the test
+            await env.bot.stop_core()  # type: ignore[attr-defined]
             await env.shutdown()
     env.raise_errors()
 

@@ -66,31 +66,6 @@ async def test_acknowledges_first_then_shows_the_queue_then_posts_the_result_in_
     assert all(gap >= 0.5 * 0.99 for gap in gaps)  # status_every: edits never closer together
 
 
-async def test_a_batch_posts_every_image_with_its_seed_and_a_digit_per_image(env: Env) -> None:
-    cog = await _imagine(env, FakeInteraction(), prompt="three pears", seed=100, steps=4, width=64, height=64,
-                         batch=3)
-    await _done(cog)
-    [message] = _posted(env)
-    assert len(message.files) == 4 and message.files[0].filename.endswith("-grid.png")  # the grid, then the PNGs
-    assert field(message.embed, "Seed") == "#1 100 · #2 101 · #3 102"
-    assert message.reactions[4:] == ["1️⃣", "2️⃣", "3️⃣"]
-    for sent, seed in zip(message.files[1:], (100, 101, 102), strict=True):
-        assert f"Seed: {seed}," in Image.open(io.BytesIO(sent.data)).text["parameters"]
-
-
-async def test_an_attached_image_makes_img2img_at_its_size(env: Env) -> None:
-    buffer = io.BytesIO()
-    Image.new("RGB", (72, 64), (30, 120, 200)).save(buffer, format="PNG")
-    attachment = FakeAttachment(buffer.getvalue())
-    cog = await _imagine(env, FakeInteraction(), prompt="a blue wall", image=attachment, denoise=0.5, steps=4)
-    await _done(cog)
-    [message] = _posted(env)
-    assert "72×64 · img2img, denoise 0.5" in field(message.embed, "Size")
-    generation = await env.store.by_message(message.id)
-    assert generation.workflow["12"]["class_type"] == "LoadImage"
-    assert Image.open(generation.images[0]).size == (72, 64)
-
-
 async def test_a_refusal_is_private_and_nothing_is_downloaded_or_queued(env: Env) -> None:
     interaction = FakeInteraction()
     big = FakeAttachment(b"x", filename="huge.png", size=50 * 1024 * 1024)

@@ -8,6 +8,8 @@ the event loop.
 from __future__ import annotations
 
 import hashlib
+import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +80,17 @@ def save_prepared(image: PreparedImage, input_dir: Path, keep_free_mb: int = 0) 
         return False
     check_free_space(input_dir, keep_free_mb, len(image.data))  # DiskFull: refused before a byte is written
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_suffix(path.suffix + ".part")
+    # a name of its own per call: two members upscaling the same image at once write the same content-named file
+    temp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.part")
     temp.write_bytes(image.data)
-    temp.replace(path)  # atomic: LoadImage never sees half a file
+    try:
+        os.link(temp, path)  # atomic, and exclusive: LoadImage never sees half a file, one call creates it
+    except FileExistsError:
+        return False  # the other call made the same bytes first: theirs to undo
+    except OSError:  # a filesystem without hard links: an atomic replace (the same bytes either way)
+        created = not path.exists()
+        temp.replace(path)
+        return created
+    finally:
+        temp.unlink(missing_ok=True)
     return True

@@ -145,3 +145,22 @@ def test_prepare_image_names_the_option_in_its_refusals() -> None:
         prepare_image(_encoded(Image.new("RGB", (32, 32))), "hint.png", "uploads", allowed, "control_image")
     with pytest.raises(RequestInvalid, match=r"^control_image: 'hint.png'"):
         prepare_image(b"not an image at all", "hint.png", "uploads", allowed, "control_image")
+
+
+def test_the_same_image_saved_by_many_at_once_is_one_file_created_once(tmp_path: Path) -> None:
+    """Fifty members pressing U1 under one result save the same content-named source at the same moment: each save
+    writes its own temporary file, exactly one creates the image (so only its refusal would remove it), none fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bot.core.requests.imagine import Allowed
+    from bot.core.requests.uploads import prepare_image, save_prepared
+    from bot.settings import Settings
+
+    prepared = prepare_image(_encoded(Image.new("RGB", (64, 72), (200, 40, 40))), "u1.png", "noodle-uploads",
+                             Allowed.from_settings(Settings()))
+    with ThreadPoolExecutor(8) as pool:
+        created = list(pool.map(lambda _: save_prepared(prepared, tmp_path), range(50)))
+    assert created.count(True) == 1
+    saved = tmp_path / prepared.name
+    assert saved.read_bytes() == prepared.data
+    assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]  # no temporary file left behind

@@ -36,7 +36,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE generations (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
-        kind TEXT NOT NULL,                 -- imagine | reroll | variation | workflow | upscale | outpaint | remix
+        kind TEXT NOT NULL,                 -- imagine | reroll | variation
         parent_id INTEGER REFERENCES generations(id),
         front TEXT NOT NULL,                -- discord | console: who posts the result
         state TEXT NOT NULL,                -- submitting | queued | running | done | failed | cancelled | deleted

@@ -30,7 +30,7 @@ from prompts.emphasis import parse_weighted
 from prompts.errors import PromptError
 from prompts.loras import extract_lora_tags
 
-__all__ = ["CONTROL_STRENGTH_MAX", "Allowed", "GenerationRequest", "ImageUpload", "RequestContext",
+__all__ = ["CONTROL_STRENGTH_MAX", "Allowed", "GenerationRequest", "ImageUpload", "RequestContext", "check_sampler",
            "check_upload_meta", "parse_request"]
 
 SD2_V_SIZE = 768  # SD2.x v-prediction checkpoints (2.0/2.1 768-v) are trained at 768x768
@@ -259,10 +259,7 @@ class GenerationRequest(BaseModel):
         scheduler = self.scheduler or defaults.default_scheduler
         steps = self.steps or defaults.default_steps
         denoise = (self.denoise or defaults.img2img_denoise) if init_image else 1.0
-        try:
-            check_pair(sampler, scheduler, steps, denoise)
-        except UnfaithfulSampler as err:
-            raise RequestInvalid(f"sampler {sampler} with scheduler {scheduler}: {err}") from None
+        check_sampler(sampler, scheduler, steps, denoise)
         chosen = tuple(LoraChoice(resolve_name("LoRA", spec.name, context.loras, "models/loras"),
                                   spec.strength_model, spec.strength_clip) for spec in parse_loras(self.loras))
         negative = self.negative if self.negative is not None else defaults.default_negative
@@ -315,6 +312,14 @@ _PYDANTIC_WORDS = {
     "float_parsing": "is not a number", "extra_forbidden": "is not an option of /imagine",
     "missing": "is required", "string_type": "must be text", "bool_parsing": "is not true or false",
 }
+
+
+def check_sampler(sampler: str, scheduler: str, steps: int, denoise: float) -> None:
+    """RequestInvalid when `sampler` with `scheduler` cannot run these steps faithfully (engine/samplers)."""
+    try:
+        check_pair(sampler, scheduler, steps, denoise)
+    except UnfaithfulSampler as err:
+        raise RequestInvalid(f"sampler {sampler} with scheduler {scheduler}: {err}") from None
 
 
 def parse_request(options: dict[str, Any], context: RequestContext) -> GenerationRequest:

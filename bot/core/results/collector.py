@@ -209,13 +209,14 @@ class ResultCollector:
                     except WRITE_FAILED as err:
                         generation = await self._fail_unstored(generation, err, reason=outcome.error)
                 if generation is not None and self.publisher is not None and generation.front == self.front:
-                    if self._must_post(generation) and self._reposts.get(generation_id, 0) < 0:
-                        # a settle that waited behind a post Discord just refused: the scheduled repost tries
-                        # again after its delay, not this one at once
-                        problem = "Discord did not take the result yet; Noodle posts it when the channel answers"
-                    elif self._must_post(generation):
-                        await self._post(generation)
-                        generation = await self.store.get(generation_id) or generation
+                    if self._must_post(generation):
+                        if self._reposts.get(generation_id, 0) < 0:
+                            # a settle that waited behind a post Discord just refused: the scheduled repost tries
+                            # again after its delay, not this one at once
+                            problem = "Discord did not take the result yet; Noodle posts it when the channel answers"
+                        else:
+                            await self._post(generation)
+                            generation = await self.store.get(generation_id) or generation
                     elif generation.state in NOT_DONE and not watched \
                             and not self._followers.get(generation_id) and generation_id not in self._settled:
                         await self.publisher.publish_failure(generation)

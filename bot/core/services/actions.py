@@ -21,7 +21,7 @@ from typing import Any
 from bot.core.actions import Action
 from bot.core.errors import RequestInvalid
 from bot.core.front_end import Origin, Requester, Ticket
-from bot.core.requests.imagine import parse_request
+from bot.core.requests.imagine import check_sampler, parse_request
 from bot.core.requests.names import resolve_name
 from bot.core.requests.workflow_file import is_workflow
 from bot.core.results.files import prefix_for
@@ -31,7 +31,6 @@ from bot.settings import Settings
 from engine.errors import NoodleError
 from engine.models.upscale import read_spec
 from engine.nodes.base import SEED_MAX
-from engine.samplers import UnfaithfulSampler, check_pair
 from engine.templates import WorkflowParams, outpaint_plan, upscale_plan
 
 __all__ = ["REMIX_FIELDS", "RemixForm", "ResultActions"]
@@ -208,11 +207,7 @@ class ResultActions:
 
     async def remix_form(self, generation_id: int, who: Requester) -> RemixForm:
         """The parent's prompt, negative, steps, cfg and seed as text, for the remix form's defaults."""
-        parent, params = await self._parent(generation_id, who, "remix")
-        negative = parent.request.get("negative")
-        return RemixForm(prompt=str(parent.request.get("prompt") or params.prompt),
-                         negative=str(negative if negative is not None else params.negative),
-                         steps=str(params.steps), cfg=f"{params.cfg:g}", seed=str(parent.seed))
+        return _form(*await self._parent(generation_id, who, "remix"))
 
     async def remix(self, generation_id: int, who: Requester, edits: Mapping[str, str],
                     origin: Origin | None = None) -> Ticket:
@@ -222,7 +217,7 @@ class ResultActions:
         if unknown:
             raise RequestInvalid(f"remix changes {', '.join(REMIX_FIELDS)}; not {', '.join(unknown)}")
         parent, params = await self._parent(generation_id, who, "remix")
-        form = await self.remix_form(generation_id, who)
+        form = _form(parent, params)
         text = {name: str(edits.get(name, getattr(form, name))).strip() for name in REMIX_FIELDS}
         allowed = self.models.allowed
         steps = _number("steps", text["steps"] or form.steps, int, 1, allowed.max_steps)
@@ -242,10 +237,7 @@ class ResultActions:
         new = replace(params, prompt=fresh.prompt, negative=fresh.negative, steps=steps, cfg=cfg, seed=seed,
                       loras=fresh.loras, batch_size=1,
                       filename_prefix=prefix_for(self.settings.bot.results_folder, request.prompt))
-        if new.init_image and not (self.generations.engine.input_dir / new.init_image).is_file():
-            raise RequestInvalid(f"the image #{parent.id} started from is gone from the input folder; attach it "
-                                 "again with /imagine image:")
-        _check_sampler(new)
+        _check_sampler(new)  # the init image is checked by `derive`, as a reroll's is
         return await self.generations.derive("remix", parent, who, new,
                                              {"remix_of": parent.id, "prompt": text["prompt"],
                                               "negative": text["negative"], "steps": steps, "cfg": cfg,
@@ -264,6 +256,14 @@ class ResultActions:
         return parent, stored_params(parent)
 
 
+def _form(parent: Generation, params: WorkflowParams) -> RemixForm:
+    """The parent's prompt and negative as its member typed them, and its steps, cfg and seed, as text."""
+    negative = parent.request.get("negative")
+    return RemixForm(prompt=str(parent.request.get("prompt") or params.prompt),
+                     negative=str(negative if negative is not None else params.negative),
+                     steps=str(params.steps), cfg=f"{params.cfg:g}", seed=str(parent.seed))
+
+
 def _plain(params: WorkflowParams) -> WorkflowParams:
     """The parent's params as the start of an upscale or outpaint: one image, no inpaint mask, no ControlNet (its
     hint is the parent's size and framing, not the new canvas's)."""
@@ -272,10 +272,7 @@ def _plain(params: WorkflowParams) -> WorkflowParams:
 
 
 def _check_sampler(params: WorkflowParams) -> None:
-    try:
-        check_pair(params.sampler_name, params.scheduler, params.steps, params.denoise)
-    except UnfaithfulSampler as err:
-        raise RequestInvalid(f"sampler {params.sampler_name} with scheduler {params.scheduler}: {err}") from None
+    check_sampler(params.sampler_name, params.scheduler, params.steps, params.denoise)
 
 
 def _factor(text: str) -> float:

@@ -92,7 +92,7 @@ class Generations:
             control = await asyncio.to_thread(prepare_image, request.control_image.data,
                                               request.control_image.filename, self.settings.bot.uploads_folder,
                                               context.allowed, "control_image")
-        seed = request.seed if request.seed is not None else _random_seed(request.batch)
+        seed = request.seed if request.seed is not None else random_seed(request.batch)
         if seed + request.batch - 1 > SEED_MAX:
             raise RequestInvalid(f"seed {seed} leaves no room for {request.batch} images (one seed each, up to "
                                  f"{SEED_MAX}); use a smaller seed")
@@ -112,10 +112,7 @@ class Generations:
             private = await self._keeps_private(parent, who)
             return await self.workflows.rerun(parent, who, origin or origin_of(parent), private=private)
         count = max(1, len(parent.jobs))
-        params = replace(stored_params(parent), seed=_random_seed(count))
-        if params.init_image and not (self.engine.input_dir / params.init_image).is_file():
-            raise RequestInvalid(f"the image #{parent.id} started from is gone from the input folder; "
-                                 "attach it again with /imagine image:")
+        params = replace(stored_params(parent), seed=random_seed(count))
         return await self.derive("reroll", parent, who, params, {"reroll_of": parent.id}, origin, count=count)
 
     async def variation(self, generation_id: int, who: Requester, image: int = 1, origin: Origin | None = None, *,
@@ -127,7 +124,7 @@ class Generations:
             raise variation_refused(parent)
         prepared = await self.source_image(parent, image)
         # the ControlNet stays (its image too); a result's PNG is opaque, so an inpaint's variation is img2img
-        params = replace(plain_params(stored_params(parent)), seed=_random_seed(1), init_image=prepared.name,
+        params = replace(plain_params(stored_params(parent)), seed=random_seed(1), init_image=prepared.name,
                          denoise=denoise if denoise is not None else self.settings.bot.variation_denoise,
                          batch_size=1, inpaint=prepared.transparent, width=prepared.width // 8 * 8,
                          height=prepared.height // 8 * 8)
@@ -157,7 +154,7 @@ class Generations:
         """Queue `params` as a new generation of `kind` made from `parent`, owned by `who` (their queue cap counts),
         private when the parent was or `who` keeps results private, posted where the parent was unless `origin`
         says otherwise; `request` is what the action adds to the parent's recorded options."""
-        self._check_control_image(params, parent)
+        self._check_sources(params, parent, prepared)
         inherited = {key: value for key, value in parent.request.items() if key not in ACTION_KEYS}
         recorded = {**inherited, **request}
         if await self._keeps_private(parent, who):
@@ -165,8 +162,15 @@ class Generations:
         return await self._queue(kind, params, count, recorded, who, origin or origin_of(parent),
                                  prepared=prepared, parent=parent)
 
-    def _check_control_image(self, params: WorkflowParams, parent: Generation) -> None:
-        if params.control_image and not (self.engine.input_dir / params.control_image).is_file():
+    def _check_sources(self, params: WorkflowParams, parent: Generation,
+                       prepared: tuple[PreparedImage, ...]) -> None:
+        """The parent's input files the new graph loads are still there (the ones this action prepares are saved
+        when it is queued)."""
+        input_dir, fresh = self.engine.input_dir, {image.name for image in prepared}
+        if params.init_image and params.init_image not in fresh and not (input_dir / params.init_image).is_file():
+            raise RequestInvalid(f"the image #{parent.id} started from is gone from the input folder; "
+                                 "attach it again with /imagine image:")
+        if params.control_image and not (input_dir / params.control_image).is_file():
             raise RequestInvalid(f"the control image of #{parent.id} is gone from the input folder; attach it "
                                  "again with /imagine control_image:")
 
@@ -268,12 +272,8 @@ def plain_params(params: WorkflowParams) -> WorkflowParams:
 
 
 def random_seed(count: int = 1) -> int:
-    """A random seed for `count` images (seed, seed+1, ...)."""
-    return _random_seed(count)
-
-
-def _random_seed(count: int) -> int:
-    """A seed people can type back into Discord (integer options stop at 2**53), leaving room for a batch."""
+    """A random seed for `count` images (seed, seed+1, ...) that people can type back into Discord (integer
+    options stop at 2**53), leaving room for the batch."""
     return secrets.randbelow(DISCORD_INT_MAX - count + 2)
 
 

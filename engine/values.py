@@ -145,6 +145,11 @@ class Conditioning:
 
     items: tuple[CondItem, ...]
 
+    def with_values(self, **values: Any) -> Conditioning:
+        """node_helpers.conditioning_set_values: every cond with these keys set (a later node replaces them)."""
+        return Conditioning(tuple(CondItem(item.embeds, item.pooled, {**item.extras, **values}, item.report)
+                                  for item in self.items))
+
 
 @dataclass(frozen=True)
 class Latent:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +51,6 @@ _MIN_BOUNDS = 8  # "mask bounds": an area at least this many cells a side
 Box = tuple[int, int, int, int]  # (height, width, y, x) in latent cells, ComfyUI's area order
 
 
-def _with(conditioning: Conditioning, **values: Any) -> Conditioning:
-    """node_helpers.conditioning_set_values: every cond with these keys set (a later node replaces them)."""
-    return Conditioning(tuple(CondItem(item.embeds, item.pooled, {**item.extras, **values}, item.report)
-                              for item in conditioning.items))
-
-
 @register
 class ConditioningSetArea(Node):
     """Let the conds guide only a rectangle of the picture (in pixels, on the latent's 8-pixel grid)."""
@@ -73,7 +67,7 @@ class ConditioningSetArea(Node):
 
     def run(self, ctx: RunContext) -> tuple[Conditioning]:
         area = (self.height // 8, self.width // 8, self.y // 8, self.x // 8)
-        return (_with(self.conditioning, area=area, strength=self.strength, set_area_to_bounds=False),)
+        return (self.conditioning.with_values(area=area, strength=self.strength, set_area_to_bounds=False),)
 
 
 @register
@@ -92,7 +86,7 @@ class ConditioningSetAreaPercentage(Node):
 
     def run(self, ctx: RunContext) -> tuple[Conditioning]:
         area = ("percentage", self.height, self.width, self.y, self.x)
-        return (_with(self.conditioning, area=area, strength=self.strength, set_area_to_bounds=False),)
+        return (self.conditioning.with_values(area=area, strength=self.strength, set_area_to_bounds=False),)
 
 
 @register
@@ -106,7 +100,7 @@ class ConditioningSetAreaStrength(Node):
     strength: float = Field(1.0, ge=0.0, le=10.0, json_schema_extra={"step": 0.01})
 
     def run(self, ctx: RunContext) -> tuple[Conditioning]:
-        return (_with(self.conditioning, strength=self.strength),)
+        return (self.conditioning.with_values(strength=self.strength),)
 
 
 @register
@@ -125,7 +119,7 @@ class ConditioningSetMask(Node):
         mask = self.mask.values.float()
         if mask.ndim < 3:
             mask = mask.unsqueeze(0)
-        return (_with(self.conditioning, mask=mask, set_area_to_bounds=self.set_cond_area != "default",
+        return (self.conditioning.with_values(mask=mask, set_area_to_bounds=self.set_cond_area != "default",
                       mask_strength=self.strength),)
 
 

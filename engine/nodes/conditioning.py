@@ -246,9 +246,7 @@ class ConditioningSetTimestepRange(Node):
 
     def run(self, ctx: RunContext) -> tuple[Conditioning]:
         # ComfyUI's conditioning_set_values: a later range replaces an earlier one
-        return (Conditioning(tuple(
-            CondItem(item.embeds, item.pooled, {**item.extras, "start_percent": self.start, "end_percent": self.end},
-                     item.report) for item in self.conditioning.items)),)
+        return (self.conditioning.with_values(start_percent=self.start, end_percent=self.end),)
 
 
 @register
@@ -274,8 +272,6 @@ class InpaintModelConditioning(Node):
         # the raw VAE latent, as ComfyUI stores it: an inpainting UNet scales it when it concatenates it. A
         # 4-channel UNet has nothing to concatenate and never reads these two (ComfyUI's concat_keys are empty).
         extras = {"concat_latent_image": encode_pixels(self.vae, greyed), "concat_mask": mask}
-        positive, negative = (Conditioning(tuple(CondItem(item.embeds, item.pooled, {**item.extras, **extras},
-                                                          item.report) for item in cond.items))
-                              for cond in (self.positive, self.negative))
+        positive, negative = self.positive.with_values(**extras), self.negative.with_values(**extras)
         latent = Latent(encode_pixels(self.vae, self.pixels.pixels), noise_mask=mask if self.noise_mask else None)
         return positive, negative, latent

@@ -17,7 +17,7 @@ import torch
 
 from engine.nodes.base import Node, RunContext, Socket, register
 from engine.nodes.vae import encode_pixels
-from engine.values import CondItem, Conditioning, ImageBatch, Latent, VaeRef
+from engine.values import Conditioning, ImageBatch, Latent, VaeRef
 
 __all__ = ["InstructPixToPixConditioning"]
 
@@ -40,8 +40,5 @@ class InstructPixToPixConditioning(Node):
         # encode_pixels crops the picture to the 8-pixel grid around its middle, as the node does before encoding;
         # the raw VAE latent is stored, as ComfyUI's, and the UNet's concat scales it where the model wants it
         source = encode_pixels(self.vae, self.pixels.pixels)
-        positive, negative = (Conditioning(tuple(CondItem(item.embeds, item.pooled,
-                                                          {**item.extras, "concat_latent_image": source}, item.report)
-                                                 for item in cond.items))
-                              for cond in (self.positive, self.negative))
+        positive, negative = (cond.with_values(concat_latent_image=source) for cond in (self.positive, self.negative))
         return positive, negative, Latent(torch.zeros_like(source))

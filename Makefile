@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q $(CONSTRAINT_FLAG) -e ".[test]"
+	$(PIP) install -q $(CONSTRAINT_FLAG) -e ".[test,ray]"
 	touch $(STAMP)
 
 # Resolve pyproject.toml afresh in a throwaway venv and write the versions it got to constraints.txt
@@ -34,7 +34,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install -q --upgrade pip
 	$(LOCK_VENV)/bin/pip install -q "$(TORCH)"
-	$(LOCK_VENV)/bin/pip install -q -e ".[test]"
+	$(LOCK_VENV)/bin/pip install -q -e ".[test,ray]"
 	{ echo "# Exact versions Noodle is tested with: written by 'make lock' on $$(date -u +%F), used by 'make install'."; \
 	  echo "# torch is chosen by the Makefile's TORCH (the CPU build here, a CUDA build on a GPU box), not here."; \
 	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-|cuda-|noodle-bot)[-=_ ]' ; } > constraints.txt

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from engine.settings import EngineSettings, Limits, ModelsSettings, QueueSettings
+from engine.settings import EngineSettings, Limits, ModelsSettings, QueueSettings, RaySettings
 
 
 class BotSettings(BaseModel):
@@ -97,9 +97,24 @@ class Settings(BaseSettings):
     engine: EngineSettings = EngineSettings()
     limits: Limits = Limits()
     queue: QueueSettings = QueueSettings()
+    ray: RaySettings = RaySettings()
     bot: BotSettings = BotSettings()
     retention: RetentionSettings = RetentionSettings()
     discord_token: SecretStr | None = None
+
+    def cluster(self) -> Any:
+        """The engine's Ray workers (engine.cluster.dispatcher.ClusterConfig) when [engine] workers = "ray", else
+        None: the engine runs in this process."""
+        if self.engine.workers != "ray":
+            return None
+        from engine.cluster.dispatcher import ClusterConfig  # here: only a Ray set-up needs it
+
+        return ClusterConfig(self.ray, self.models, self.engine)
+
+    def engine_here(self) -> EngineSettings:
+        """The [engine] settings of this process's executor. With Ray workers it only validates workflows and lists
+        files, so it stays on the CPU: a CUDA context here would cost the first card several hundred MB."""
+        return self.engine.model_copy(update={"device": "cpu"}) if self.engine.workers == "ray" else self.engine
 
     @classmethod
     def settings_customise_sources(

@@ -73,7 +73,17 @@ def add_engine_commands(sub: argparse._SubParsersAction, defaults: Any, *,
     coverage.add_argument("--json", action="store_true", help="one JSON object per file, then the summary lines")
     coverage.set_defaults(handler=lambda a: cmd_coverage(a, defaults))
 
-    every = {"engine": Bench(_bench_engine), "queue": Bench(_bench_queue), **(benches or {})}
+    worker = sub.add_parser("worker", help="add this machine's devices to a running Noodle cluster on Ray "
+                                           "([engine] workers = \"ray\" on the bot's machine)")
+    worker.add_argument("--address", required=True,
+                        help="the Ray head's GCS address, host:6379 (what `ray start --head` printed)")
+    worker.add_argument("--name", default=None, help="the workers' name in /queue (default: this host's name)")
+    worker.add_argument("--workers", type=int, default=0,
+                        help="engine workers here (default: one per GPU, one CPU worker where there is none)")
+    worker.set_defaults(handler=lambda a: _worker(a, defaults))
+
+    every = {"engine": Bench(_bench_engine), "queue": Bench(_bench_queue), "cluster": Bench(_bench_cluster),
+             **(benches or {})}
     bench = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     bench.add_argument("what", choices=list(every))
     bench.add_argument("--models", type=Path, default=Path(".cache/models"))
@@ -225,6 +235,18 @@ def _bench_queue(args: argparse.Namespace) -> int:
     from engine.queue.bench import bench_queue
 
     return bench_queue(args.models, repeats=args.repeats)
+
+
+def _worker(args: argparse.Namespace, defaults: Any) -> int:
+    from engine.cluster.join import run_worker
+
+    return run_worker(args.address, defaults, name=args.name, count=args.workers)
+
+
+def _bench_cluster(args: argparse.Namespace) -> int:
+    from engine.cluster.bench import bench_cluster
+
+    return bench_cluster(args.models)
 
 
 def _bench_engine(args: argparse.Namespace) -> int:

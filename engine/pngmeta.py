@@ -8,6 +8,8 @@ other tools read our files; `prompt` holds the API workflow, so ComfyUI loads th
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -73,8 +75,9 @@ def parse_parameters(text: str) -> tuple[str, str, dict[str, str]]:
     return prompt, negative, fields
 
 
-def save_png(image: Image.Image, path: Path, texts: Mapping[str, str]) -> None:
-    """Write `image` with each text as a PNG text chunk (iTXt where it is not latin-1); all of it or nothing."""
+def save_png(image: Image.Image, path: Path, texts: Mapping[str, str], *, exclusive: bool = False) -> None:
+    """Write `image` with each text as a PNG text chunk (iTXt where it is not latin-1); all of it or nothing.
+    `exclusive`: FileExistsError rather than replace a file of that name (another writer took it meanwhile)."""
     info = PngImagePlugin.PngInfo()
     for key, value in texts.items():
         try:
@@ -85,13 +88,16 @@ def save_png(image: Image.Image, path: Path, texts: Mapping[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # written under a temporary name, then renamed: a disk that fills mid-write leaves no half PNG that the
     # output folder, a result message or the next counter would take for an image
-    partial = path.with_name(path.name + ".part")
+    # (a name of this writer's own: engine workers on Ray may share one output folder)
+    partial = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
     try:
         image.save(partial, format="PNG", pnginfo=info, compress_level=4)
-        partial.replace(path)
-    except BaseException:
+        if exclusive:
+            os.link(partial, path)  # fails if the name exists, where a rename would replace it
+        else:
+            partial.replace(path)
+    finally:
         partial.unlink(missing_ok=True)
-        raise
 
 
 def read_png_texts(path: Path) -> dict[str, str]:

@@ -41,6 +41,9 @@ class EngineSettings(BaseModel):
     # activations on CUDA, half the usable RAM, container limits included, elsewhere).
     model_memory_bytes: int = Field(0, ge=0)
     prompt_weighting: Literal["comfy", "a1111"] = "comfy"
+    # "local": one worker thread in this process runs every job on this machine's device; "ray": engine workers
+    # on a Ray cluster, one per device ([ray] below, engine/cluster/), the queue staying in this process
+    workers: Literal["local", "ray"] = "local"
 
 
 class Limits(BaseModel):
@@ -96,3 +99,27 @@ class QueueSettings(BaseModel):
     # Seconds one job may run (from its start, not its wait in the queue); past it, it is stopped at its
     # next sampler step or node and fails with a message. 0: no limit. Fractions allowed.
     job_time_limit_seconds: float = Field(600.0, ge=0)
+
+
+class RaySettings(BaseModel):
+    """The `[ray]` table: engine workers on a Ray cluster, used when `[engine] workers = "ray"` (engine/cluster/)."""
+
+    # "local": Noodle starts a Ray cluster on this machine with `workers` workers; "auto": the cluster that
+    # `ray start --head` runs on this machine; "ray://host:10001": a remote cluster's client port
+    address: str = "local"
+    # Workers Noodle starts: 0 is one per GPU of the cluster (one CPU worker where it has none). Machines that
+    # run `noodle worker --address ...` add their own on top.
+    workers: int = Field(0, ge=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)  # on a cluster with GPUs; 0 runs CPU workers there too
+    # "bytes": a worker sends its result files back and gets the input images it needs sent; "shared":
+    # [engine] output_dir and input_dir are one folder every worker sees at the same path
+    files: Literal["bytes", "shared"] = "bytes"
+    # Times a queued job may be passed over (a later job starts first because a free worker holds its models);
+    # then it takes the next free worker and loads what it needs. 0: the fair order, routed among free workers.
+    routing_patience: int = Field(4, ge=0)
+    # "models": to the worker holding a job's models; "round_robin": in turn, whatever they hold (for the bench)
+    routing: Literal["models", "round_robin"] = "models"
+    # Ray's namespace: `noodle worker` registers its worker under it, the bot looks for them there
+    namespace: str = "noodle"
+    join_poll_seconds: float = Field(5.0, gt=0)  # how often the bot looks for workers `noodle worker` started

@@ -50,7 +50,8 @@ HELP = """commands:
   /history                                          your last generations
   /models                                           checkpoints (architecture, size, hash), LoRAs, embeddings,
                                                     ControlNets, upscale models
-  /queue [cancel: 12]                               your queued and running requests (place, ETA); cancel one
+  /queue [cancel: 12]                               your queued and running requests (place, ETA); cancel one;
+                                                    the engine's workers, what each holds and runs
   COMMAND &                                         run a command in the background (then /queue shows it)
   react JOB 🔁|🔀|🗑️|ℹ️ [N]                          JOB is a job id or `last`; N picks an image of a batch
       (or: reroll, variation, delete, details)
@@ -340,8 +341,8 @@ async def run_chat(settings: Settings, *, stdin: TextIO, out: TextIO, err: TextI
     engine: Any = None
     studio: Any = None
     try:
-        executor = create_executor(settings.models, settings.engine, settings.limits)
-        engine = EngineService(executor, settings.bot.database, settings.queue)
+        executor = create_executor(settings.models, settings.engine_here(), settings.limits)
+        engine = EngineService(executor, settings.bot.database, settings.queue, settings.cluster())
         await engine.start()
         studio = Studio(engine, store, settings, front="console",
                         publisher=ConsolePublisher(out, err if interactive else None))

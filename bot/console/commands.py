@@ -67,7 +67,8 @@ async def settings_command(studio: Any, who: Requester, rest: str) -> str:
 
 
 async def queue_command(studio: Any, who: Requester, rest: str) -> str:
-    """`/queue [cancel: 12]`: cancel that request first if asked, then list the caller's queue."""
+    """`/queue [cancel: 12]`: cancel that request first if asked, then list the caller's queue and the engine's
+    workers (what each holds and runs)."""
     text = rest.replace("#", "").strip()
     head = ""
     if text:
@@ -78,4 +79,4 @@ async def queue_command(studio: Any, who: Requester, rest: str) -> str:
                                  f"not {rest.strip()[:60]!r}")
         stopped = await studio.queue.cancel(who, int(number))
         head = f"cancelled #{number} ({stopped} image(s) stopped)\n"
-    return head + queue_text(await studio.queue.entries(who))
+    return f"{head}{queue_text(await studio.queue.entries(who))}\n\n{await studio.workers.text(who)}"

@@ -13,6 +13,8 @@ The services, and what each needs:
 - `presets` (services/server_presets.py): server presets and /imagine's layering; the store, `models`,
   `user_defaults`;
 - `queue` (services/queue.py): requests into the engine's queue, /queue; the engine, the store;
+- `workers` (services/workers.py): /queue's engine section, the workers and what each holds and runs; the engine,
+  the store;
 - `workflows` (services/workflows.py): /workflow and its reroll; the engine, `queue`, `user_defaults`;
 - `generations` (services/generations.py): /imagine, 🔁, 🔀, 🗑️, ℹ️, /history; all of the above;
 - `actions` (services/actions.py): the buttons under a result that make a new image (U1-U4 upscale, V1-V4 and
@@ -39,6 +41,7 @@ from bot.core.services.models import ModelChoices
 from bot.core.services.queue import RequestQueue
 from bot.core.services.server_presets import ServerPresets
 from bot.core.services.user_settings import UserDefaults
+from bot.core.services.workers import EngineWorkers
 from bot.core.services.workflows import Workflows
 from bot.core.storage.store import Store
 from bot.settings import Settings
@@ -58,6 +61,7 @@ class Studio:
         self.user_defaults = UserDefaults(store, self.models)
         self.presets = ServerPresets(store, self.models, self.user_defaults)
         self.queue = RequestQueue(engine, store, front=front, per_user_max=settings.queue.per_user_max)
+        self.workers = EngineWorkers(engine, store)
         self.workflows = Workflows(engine, settings, self.queue, self.user_defaults)
         self.generations = Generations(engine, store, settings, models=self.models, presets=self.presets,
                                        user_defaults=self.user_defaults, queue=self.queue, workflows=self.workflows)

@@ -124,8 +124,8 @@ class NoodleBot(commands.Bot):
 
         settings = self.settings
         self.store = await Store.open(settings.bot.database)
-        executor = self._executor or create_executor(settings.models, settings.engine, settings.limits)
-        self.engine = EngineService(executor, settings.bot.database, settings.queue)
+        executor = self._executor or create_executor(settings.models, settings.engine_here(), settings.limits)
+        self.engine = EngineService(executor, settings.bot.database, settings.queue, settings.cluster())
         await self.engine.start()
         publisher = ConnectedPublisher(DiscordPublisher(self, grid_files=settings.bot.grid_files), self.connected)
         self.studio = Studio(self.engine, self.store, settings, front="discord", publisher=publisher)

@@ -172,8 +172,13 @@ def save_images(ctx: RunContext, pixels: torch.Tensor, prefix: str, kind: str, f
     written: list[Path] = []
     try:
         for image in images:
-            name = f"{stem}_{counter:05}_.png"
-            save_png(image, folder / name, texts)
+            while True:  # another writer of the folder (an engine worker on Ray) may take a counter meanwhile
+                name = f"{stem}_{counter:05}_.png"
+                try:
+                    save_png(image, folder / name, texts, exclusive=True)
+                    break
+                except FileExistsError:
+                    counter += 1
             written.append(folder / name)
             subfolder = folder.relative_to(folder_root.resolve()).as_posix()
             results.append({"filename": name, "subfolder": "" if subfolder == "." else subfolder, "type": kind})

@@ -8,7 +8,9 @@ modules, in the order a job passes them:
 - job_store.py: `JobStore`, every job and each change of its state in SQLite, so a restart resumes;
 - state_table.py: `JobTable`, every job's state under one lock, shared with the worker thread;
 - fairness.py: `FairQueue`, the round-robin order across users, batches, positions and ETAs;
-- worker.py: `Worker`, the thread that takes batches off the table and runs them on the executor;
+- worker.py: `run_jobs` (a batch on an executor) and `settle`, and `Worker`, the thread that runs them in this
+  process ([engine] workers = "ray" runs them on Ray workers instead: engine/cluster/);
+- messages.py: what the owner of a job the queue stopped or could not run is told;
 - batching.py: which queued jobs can share one sampler call, and running them as one batch;
 - bench.py: `noodle bench queue`, what batching and caching buy, measured.
 """

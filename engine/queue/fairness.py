@@ -93,19 +93,23 @@ class FairQueue:
         """Job id -> place in the order, 1 being next."""
         return {entry.job_id: index for index, entry in enumerate(self.order(), start=1)}
 
-    def etas(self, seconds_per_step: float | None, running_steps_left: int = 0) -> dict[str, float | None]:
-        """Job id -> seconds until it is done: the steps ahead of it and its own, at the recent step rate."""
+    def etas(self, seconds_per_step: float | None, running_steps_left: int = 0, *, lanes: int = 1
+             ) -> dict[str, float | None]:
+        """Job id -> seconds until it is done: the steps ahead of it (shared by `lanes` workers) and its own, at
+        the recent step rate, after `running_steps_left` of the running job that ends first."""
         order = self.order()
         if seconds_per_step is None:
             return {entry.job_id: None for entry in order}
-        ahead, etas = running_steps_left, {}
+        lanes = max(1, lanes)
+        ahead, etas = 0, {}
         for entry in order:
+            etas[entry.job_id] = (running_steps_left + ahead / lanes + entry.steps) * seconds_per_step
             ahead += entry.steps
-            etas[entry.job_id] = ahead * seconds_per_step
         return etas
 
-    def take(self, limit: int = 1) -> tuple[list[Entry], dict[str, int]]:
-        """The next job and the queued jobs that can share its batch (at most `limit` in all), removed.
+    def take(self, limit: int = 1, *, start: str | None = None) -> tuple[list[Entry], dict[str, int]]:
+        """The next job (or the queued job `start`, which a worker already holding its models takes out of turn:
+        engine/cluster/routing.py) and the queued jobs that can share its batch (at most `limit` in all), removed.
 
         A job joins when its key equals the first one's and it may overtake what is left behind (see the
         module docstring). Also returns the changed lines.
@@ -113,11 +117,12 @@ class FairQueue:
         order = self.order()
         if not order:
             return [], {}
-        head = order[0]
+        at = 0 if start is None else next(i for i, entry in enumerate(order) if entry.job_id == start)
+        head = order[at]
         batch = [head]
         if head.key is not None:
-            left_behind: list[Entry] = []
-            for entry in order[1:]:
+            left_behind: list[Entry] = order[:at]
+            for entry in order[at + 1:]:
                 if len(batch) >= limit:
                     break
                 if entry.key == head.key and self._may_overtake(entry, left_behind, batch):

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from engine.validate import ValidatedPrompt
 
-__all__ = ["ACTIVE", "ENDED", "EventKind", "JobEvent", "JobInfo", "JobRecord", "JobState", "Owner"]
+__all__ = ["ACTIVE", "ENDED", "EventKind", "JobEvent", "JobInfo", "JobRecord", "JobState", "Owner", "WorkerInfo"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,23 @@ class JobInfo:
     result: dict | None
     attempts: int
     cancel_requested: bool = False  # a running job asked to stop at its next sampler step
+    worker: str | None = None  # the engine worker running it (or that ran it last), [engine] workers = "ray"
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """An engine worker as /queue and the admin view show it."""
+
+    name: str
+    host: str
+    device: str  # "cuda:0 (NVIDIA H200)", "cpu"
+    state: str  # idle, running, starting, refused (its models differ: `note`), dead
+    holds: tuple[str, ...]  # checkpoints in memory, least recently used first
+    running: tuple[str, ...]  # job ids
+    jobs_done: int
+    loads: int  # checkpoint loads so far
+    note: str = ""
+    joined: bool = False  # started by `noodle worker` on its own machine, not by the bot
 
 
 @dataclass(eq=False)
@@ -98,7 +115,8 @@ class JobRecord:
     solo: bool = False  # ran out of memory in a batch: run it alone
     cancel_by: Owner | None = field(default=None)
     cancel_requested: bool = False
+    worker: str | None = None  # the engine worker it runs on ([engine] workers = "ray")
 
     def info(self, position: int | None = None, eta_s: float | None = None) -> JobInfo:
         return JobInfo(self.job_id, self.owner, self.state, position, eta_s, dict(self.extra), self.created_at,
-                       self.error, self.result, self.attempts, self.cancel_requested)
+                       self.error, self.result, self.attempts, self.cancel_requested, self.worker)

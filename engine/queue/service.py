@@ -22,7 +22,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import JobCancelled, JobFailed
 from engine.executor import Executor
@@ -32,11 +32,14 @@ from engine.models.detect import Arch, detect_checkpoint
 from engine.models.paths import file_fingerprint
 from engine.queue.batching import batch_key, sampler_steps
 from engine.queue.job_store import JobStore
-from engine.queue.jobs import JobEvent, JobInfo, JobState, Owner
+from engine.queue.jobs import JobEvent, JobInfo, JobState, Owner, WorkerInfo
 from engine.queue.state_table import KEEP_FINISHED, JobTable
 from engine.queue.worker import Worker
 from engine.settings import QueueSettings
 from engine.validate import ValidatedPrompt
+
+if TYPE_CHECKING:
+    from engine.cluster.dispatcher import ClusterConfig, ClusterRunner
 
 __all__ = ["EngineService", "JobHandle"]
 
@@ -121,13 +124,19 @@ class JobHandle:
 
 
 class EngineService:
-    """The queue a front end submits workflows to; one per process, around one executor."""
+    """The queue a front end submits workflows to; one per process, around one executor.
 
-    def __init__(self, executor: Executor, db_path: Path, settings: QueueSettings) -> None:
+    `cluster` runs the jobs on engine workers on Ray ([engine] workers = "ray", engine/cluster/); the executor
+    here then validates, lists models and names files, and never runs a job."""
+
+    def __init__(self, executor: Executor, db_path: Path, settings: QueueSettings,
+                 cluster: ClusterConfig | None = None) -> None:
         self._executor, self._db_path, self.settings = executor, Path(db_path), settings
+        self._cluster = cluster
         self._loop: asyncio.AbstractEventLoop | None = None
         self._table: JobTable | None = None
         self._worker: Worker | None = None
+        self._runner: ClusterRunner | None = None
         self._handles: dict[str, JobHandle] = {}
         self._finished: deque[str] = deque()
         self._subscribers: weakref.WeakSet[_Stream] = weakref.WeakSet()
@@ -210,8 +219,22 @@ class EngineService:
             raise
         for job in resumed:
             self._handle_for(job.job_id, job.owner)
-        self._worker = Worker(self._executor, table)
-        self._worker.start()
+        if self._cluster is not None:
+            from engine.cluster.dispatcher import ClusterRunner  # here: Ray is imported only when configured
+
+            runner = ClusterRunner(table, self._executor, self._cluster)
+            try:
+                await asyncio.to_thread(runner.start)
+            except BaseException:
+                table.stop()
+                await asyncio.to_thread(runner.stop, 5.0)
+                await asyncio.to_thread(store.close)
+                self._table = None
+                raise
+            self._runner = runner
+        else:
+            self._worker = Worker(self._executor, table)
+            self._worker.start()
         log.info("engine service started: %d jobs resumed from %s", len(resumed), self._db_path)
 
     async def stop(self, timeout: float = 30.0) -> None:
@@ -220,6 +243,12 @@ class EngineService:
         if table is None:
             return
         table.stop()
+        if self._runner is not None:
+            await asyncio.to_thread(self._runner.stop, timeout)
+            if self._runner.alive():
+                log.warning("the engine workers did not stop within %.0f s; leaving them to the process exit",
+                            timeout)
+                return
         if worker is not None:
             await asyncio.to_thread(worker.join, timeout)
             if worker.is_alive():
@@ -252,6 +281,16 @@ class EngineService:
              states: Iterable[JobState] = (JobState.QUEUED, JobState.RUNNING)) -> list[JobInfo]:
         """Jobs in `states` (of one user if `owner`): running first, then queued in order, then newest first."""
         return self._require().infos(owner, states)
+
+    def workers(self) -> list[WorkerInfo]:
+        """The engine workers: each one's device, what it holds and what it runs (one, in-process, when local)."""
+        table = self._require()
+        if self._runner is not None:
+            return self._runner.workers()
+        running = tuple(job.job_id for job in table.infos(None, (JobState.RUNNING,)))
+        models = self._executor.models
+        return [WorkerInfo("local", "this machine", str(self._executor.device), "running" if running else "idle",
+                           tuple(models.loaded_names()), running, 0, models.stats.misses)]
 
     async def info(self, job_id: str) -> JobInfo | None:
         """Any job this database ever held, in the job table or only on disk (finished before a restart)."""

@@ -15,12 +15,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from engine.errors import QueueFull
 from engine.queue.fairness import Entry, FairQueue, StepRate
 from engine.queue.job_store import JobStore
 from engine.queue.jobs import ACTIVE, ENDED, JobEvent, JobInfo, JobRecord, JobState, Owner
+from engine.queue.messages import crashed_message, lost_message, seconds_text, who_text
 from engine.settings import QueueSettings
 from engine.validate import ValidatedPrompt
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 # workflow -> (validated prompt, batch key, sampler steps); raises WorkflowInvalid
 Prepare = Callable[[dict[str, Any]], tuple[ValidatedPrompt, "str | None", int]]
+T = TypeVar("T")  # a worker, as the dispatcher names it
 KEEP_FINISHED = 1000  # finished jobs kept in memory for handles and /queue history; the store keeps all
 
 
@@ -43,11 +45,12 @@ class JobTable:
         self._queue = FairQueue()
         self._jobs: dict[str, JobRecord] = {}  # oldest first
         self._reserved: set[str] = set()  # admitted but not stored yet
-        self._running: list[JobRecord] = []
-        self._running_left = 0  # sampler steps the running batch has left
+        self._running: list[JobRecord] = []  # every running job (of every worker's batch)
+        self._left: dict[str, int] = {}  # sampler steps each running job has left
         self._started: dict[str, float] = {}  # time.monotonic() when each running job started, for its time limit
         self._told: dict[str, int] = {}  # the position each queued job was last told
         self.rate = StepRate()
+        self.lanes = 1  # workers running batches side by side (engine/cluster/ sets it): ETAs divide by it
         self.stopping = False
 
     # -- the service's side (called through asyncio.to_thread) ------------------------------
@@ -90,7 +93,7 @@ class JobTable:
                     # runs first; its attempts keep the run the crash cut short
                     job.state, job.front = JobState.QUEUED, True
                 else:
-                    job.state, job.error = JobState.FAILED, _crashed_message(job.attempts, self.settings)
+                    job.state, job.error = JobState.FAILED, crashed_message(job.attempts, self.settings)
                 changed.append(job)
             if job.state is JobState.QUEUED:
                 try:
@@ -124,7 +127,7 @@ class JobTable:
                 return True
             lines = self._queue.remove(job_id)
             self._apply_lines(lines)
-            job.state, job.error = JobState.CANCELLED, f"cancelled{_who(by)} while it was queued"
+            job.state, job.error = JobState.CANCELLED, f"cancelled{who_text(by)} while it was queued"
         self._write([job], lines)
         with self._cond:
             self._emit(JobEvent(job_id, "cancelled", error=job.error))
@@ -169,43 +172,86 @@ class JobTable:
                 self._cond.wait(timeout=poll_seconds)
             if self.stopping:
                 return []
-            entries, lines = self._queue.take(self.settings.batch_max)
-            self._apply_lines(lines)
-            batch = [self._jobs[e.job_id] for e in entries]
-            started = time.monotonic()
-            for job in batch:
-                job.state = JobState.RUNNING
-                job.attempts += 1
-                self._started[job.job_id] = started  # the limit counts from here, not from the queue
-            self._running = batch
-            self._running_left = max(job.steps for job in batch)
-        # durable before it runs: a crash from here on counts as an attempt
-        self._write(batch, lines)
-        with self._cond:
-            for job in batch:
-                self._emit(JobEvent(job.job_id, "started", eta_s=self._eta_of_running()))
-            self._announce()
+            batch, lines = self._take(None)
+        self._started_batches([batch], lines)
         return batch
+
+    def wait_for_jobs(self, timeout: float) -> bool:
+        """Block until a job is queued, `wake` is called or `timeout` s pass; whether any is queued (False once
+        stopping)."""
+        with self._cond:
+            if not self.stopping and not len(self._queue):
+                self._cond.wait(timeout=timeout)
+            return not self.stopping and len(self._queue) > 0
+
+    def wake(self) -> None:
+        """Wake a `wait_for_jobs` (a worker became free)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def start_routed(self, assign: Callable[[list[JobRecord]], list[tuple[T, JobRecord]]]
+                     ) -> list[tuple[T, list[JobRecord]]]:
+        """Several workers' next batches at once: `assign(queued jobs in the fair order)` picks (worker, job)
+        pairs; each job starts a batch with the queued jobs that may share it (FairQueue.take). A pick whose job
+        joined an earlier pick's batch is dropped: its worker stays free for the next call."""
+        with self._cond:
+            if self.stopping or not len(self._queue):
+                return []
+            picks = assign([self._jobs[entry.job_id] for entry in self._queue.order()])
+            started: list[tuple[T, list[JobRecord]]] = []
+            lines: dict[str, int] = {}
+            for worker, job in picks:
+                if job.state is not JobState.QUEUED:
+                    continue
+                batch, changed = self._take(job.job_id)
+                lines.update(changed)
+                started.append((worker, batch))
+        self._started_batches([batch for _, batch in started], lines)
+        return started
+
+    def _take(self, head: str | None) -> tuple[list[JobRecord], dict[str, int]]:
+        """Inside the lock: the batch starting with `head` (None: the next in the fair order), marked running."""
+        entries, lines = self._queue.take(self.settings.batch_max, start=head)
+        self._apply_lines(lines)
+        batch = [self._jobs[e.job_id] for e in entries]
+        started = time.monotonic()
+        for job in batch:
+            job.state = JobState.RUNNING
+            job.attempts += 1
+            self._started[job.job_id] = started  # the limit counts from here, not from the queue
+            self._left[job.job_id] = max(j.steps for j in batch)
+        self._running.extend(batch)
+        return batch, lines
+
+    def _started_batches(self, batches: list[list[JobRecord]], lines: dict[str, int]) -> None:
+        jobs = [job for batch in batches for job in batch]
+        if not jobs:
+            return
+        # durable before it runs: a crash from here on counts as an attempt
+        self._write(jobs, lines)
+        with self._cond:
+            for job in jobs:
+                self._emit(JobEvent(job.job_id, "started", eta_s=self._eta_of(job.job_id)))
+            self._announce()
 
     def progress(self, jobs: list[JobRecord], node: str, value: int, maximum: int, *, sampler: bool,
                  seconds: float | None = None, steps: int = 0) -> None:
         """A node of the running batch moved on; `seconds` over `steps` sampler steps feed the step rate."""
         with self._cond:
-            if sampler:
-                if seconds is not None:
-                    self.rate.observe(seconds, steps)
-                self._running_left = max(0, maximum - value)
-            eta = self._eta_of_running()
+            if sampler and seconds is not None:
+                self.rate.observe(seconds, steps)
             for job in jobs:
-                self._emit(JobEvent(job.job_id, "progress", eta_s=eta, node=node, value=value, max=maximum))
+                if sampler and job.job_id in self._left:
+                    self._left[job.job_id] = max(0, maximum - value)
+                self._emit(JobEvent(job.job_id, "progress", eta_s=self._eta_of(job.job_id), node=node, value=value,
+                                    max=maximum))
 
     def finish(self, job: JobRecord, state: JobState, *, result: dict[str, Any] | None = None,
                error: str | None = None) -> None:
         """A running job ended: done, failed or cancelled."""
         with self._cond:
             job.state, job.result, job.error = state, result, error
-            self._running = [j for j in self._running if j is not job]
-            self._started.pop(job.job_id, None)
+            self._not_running(job)
         self._write([job])
         with self._cond:
             self._emit(JobEvent(job.job_id, str(state), result=result, error=error))  # type: ignore[arg-type]
@@ -219,13 +265,39 @@ class JobTable:
                 job.state, job.attempts, job.front = JobState.QUEUED, max(0, job.attempts - 1), True
                 job.cancel_requested, job.cancel_by = False, None
                 job.solo = job.solo or solo
-                self._running = [j for j in self._running if j is not job]
-                self._started.pop(job.job_id, None)  # a new run, a new deadline
+                self._not_running(job)  # a new run, a new deadline
                 self._enqueue(job)
         self._write(jobs)
         with self._cond:
             self._announce()
             self._cond.notify_all()
+
+    def lost(self, jobs: list[JobRecord], where: str) -> None:
+        """Running jobs whose worker died (`where` says which): each runs once more, first in the queue, as after
+        a crash of Noodle ([queue] retry_running_once; the run that died counts), or fails with why."""
+        again: list[JobRecord] = []
+        with self._cond:
+            for job in jobs:
+                if job.state is not JobState.RUNNING:
+                    continue
+                self._not_running(job)
+                job.cancel_requested, job.cancel_by = False, None
+                if self.settings.retry_running_once and job.attempts < 2 and not self.stopping:
+                    job.state, job.front = JobState.QUEUED, True
+                    self._enqueue(job)
+                    again.append(job)
+                else:
+                    job.state, job.error = JobState.FAILED, lost_message(job.attempts, where, self.settings)
+        self._write([job for job in jobs if job.state in (JobState.QUEUED, JobState.FAILED)])
+        with self._cond:
+            for job in jobs:
+                if job.state is JobState.FAILED:
+                    self._emit(JobEvent(job.job_id, "failed", error=job.error))
+            self._announce()
+            self._forget_old()
+            self._cond.notify_all()
+        if again:
+            log.warning("%s died running %s; they run once more", where, [job.job_id for job in again])
 
     def interrupted(self, job: JobRecord) -> bool:
         """Whether the running `job` should stop at its next step (cancelled, past its time limit, or stopping)."""
@@ -242,7 +314,7 @@ class JobTable:
 
     def overtime_message(self, elapsed: float) -> str:
         """What the owner of a job stopped by the time limit is told."""
-        return (f"stopped after {_seconds(elapsed)} s: the limit is {self.settings.job_time_limit_seconds:g} s "
+        return (f"stopped after {seconds_text(elapsed)} s: the limit is {self.settings.job_time_limit_seconds:g} s "
                 "([queue] job_time_limit_seconds in config.toml); use fewer steps or a smaller size")
 
     def _write(self, jobs: list[JobRecord], lines: dict[str, int] | None = None) -> None:
@@ -258,6 +330,11 @@ class JobTable:
     def _enqueue(self, job: JobRecord) -> None:
         key = None if job.solo else job.key
         self._queue.restore(Entry(job.job_id, job.owner.user_id, job.seq, job.line, job.steps, key, job.front))
+
+    def _not_running(self, job: JobRecord) -> None:
+        self._running = [j for j in self._running if j is not job]
+        self._started.pop(job.job_id, None)
+        self._left.pop(job.job_id, None)
 
     def _apply_lines(self, lines: dict[str, int]) -> None:
         for job_id, line in lines.items():
@@ -283,18 +360,23 @@ class JobTable:
                          f"{f', position {positions[j.job_id]}' if j.job_id in positions else ''})" for j in jobs)
 
     def _etas(self) -> dict[str, float | None]:
-        etas = self._queue.etas(self.rate.value, self._running_left if self._running else 0)
+        etas = self._queued_etas()
         for job in self._running:
-            etas[job.job_id] = self._eta_of_running()
+            etas[job.job_id] = self._eta_of(job.job_id)
         return etas
 
-    def _eta_of_running(self) -> float | None:
-        return None if self.rate.value is None else self._running_left * self.rate.value
+    def _queued_etas(self) -> dict[str, float | None]:
+        # the first worker to be free starts the next job; `lanes` workers share what waits
+        first_free = min(self._left.values(), default=0)
+        return self._queue.etas(self.rate.value, first_free, lanes=self.lanes)
+
+    def _eta_of(self, job_id: str) -> float | None:
+        return None if self.rate.value is None else self._left.get(job_id, 0) * self.rate.value
 
     def _announce(self) -> None:
         """Tell each queued job its place when it is new or has changed."""
         positions = self._queue.positions()
-        etas = self._queue.etas(self.rate.value, self._running_left if self._running else 0)
+        etas = self._queued_etas()
         for job_id, position in positions.items():
             told = self._told.get(job_id)
             if told != position:
@@ -306,20 +388,3 @@ class JobTable:
         finished = [job_id for job_id, job in self._jobs.items() if job.state in ENDED]
         for job_id in finished[:max(0, len(finished) - KEEP_FINISHED)]:
             del self._jobs[job_id]
-
-
-def _seconds(value: float) -> str:
-    # "612", "3.4", "0.052": a tenth of a second is noise on a ten-minute limit, not on a test's 0.05 s
-    return f"{value:.0f}" if value >= 10 else f"{value:.1f}" if value >= 1 else f"{value:.2g}"
-
-
-def _who(by: Owner | None) -> str:
-    return "" if by is None else f" by {by.user_id}"
-
-
-def _crashed_message(attempts: int, settings: QueueSettings) -> str:
-    if not settings.retry_running_once:
-        return ("Noodle stopped while this job was running (a crash or a kill); queue.retry_running_once is off "
-                "in config.toml, so it was not run again: submit it again")
-    return (f"Noodle stopped while this job was running, {attempts} times in a row (a crash or a kill, perhaps "
-            "out of memory); it is not tried again: submit it again, perhaps with a smaller size or fewer steps")

@@ -1,4 +1,8 @@
-"""The worker thread: the one owner of the device. Takes batches off the job table and runs them.
+"""Running a batch of jobs on an executor, and the local worker thread: the one owner of the device.
+
+`run_jobs` runs one batch and says how each job ended (`Outcome`, plain data); `settle` records that in the
+job table. The `Worker` thread does both in this process; a Ray worker (engine/cluster/) runs `run_jobs` in
+its own process and the dispatcher `settle`s what it sends back.
 
 Nothing here touches the event loop: progress and results go through the job table, which stores them
 and hands them to the service. A job's failure is that job's alone: an exception in a node, a
@@ -12,7 +16,9 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,7 +29,7 @@ from engine.queue.batching import SAMPLER_NODES, BatchMember, run_batch
 from engine.queue.jobs import JobRecord, JobState
 from engine.queue.state_table import JobTable
 
-__all__ = ["Worker", "is_out_of_memory", "message_for"]
+__all__ = ["BatchJob", "Outcome", "Worker", "free_memory", "is_out_of_memory", "message_for", "run_jobs", "settle"]
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +87,25 @@ def _size(nbytes: int) -> str:
     return f"{value:.1f} PiB"
 
 
-class _Listener:
-    """A job's executor events -> the table's progress; the batch's first job also times sampler steps."""
+# what a listener reports: (node, value, max, sampler?, seconds over `steps` sampler steps or None, steps)
+Report = Callable[[str, int, int, bool, "float | None", int], None]
 
-    def __init__(self, table: JobTable, job: JobRecord, *, timed: bool) -> None:
-        self.table, self.job, self.timed = table, job, timed
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one job of a batch ended on its executor, in plain data: a Ray worker sends it back as it is."""
+
+    result: dict[str, Any] | None = None  # RunResult.to_dict() when it ran
+    error: str | None = None  # what its owner is told (message_for) when it failed
+    interrupted: bool = False  # stopped by its interrupt check: a cancel, its time limit, a stop, a batch-mate's
+    out_of_memory: bool = False
+
+
+class StepListener:
+    """A job's executor events -> `report`; the batch's first job also times sampler steps (for the ETAs)."""
+
+    def __init__(self, report: Report, *, timed: bool) -> None:
+        self.report, self.timed = report, timed
         self.sampler = False
         self.last: tuple[int, float] | None = None
 
@@ -100,12 +120,79 @@ class _Listener:
                 if self.last is not None and event.value > self.last[0]:
                     seconds, steps = now - self.last[1], event.value - self.last[0]
                 self.last = (event.value, now)
-            self.table.progress([self.job], event.node, event.value, event.max, sampler=self.sampler,
-                                seconds=seconds, steps=steps)
+            self.report(event.node, event.value, event.max, self.sampler, seconds, steps)
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """One job of a batch as an executor runs it: the local worker's and a Ray worker's input."""
+
+    job_id: str
+    prompt: Any  # a ValidatedPrompt, or the API workflow to validate
+    report: Report
+    interrupted: Callable[[], bool]
+
+
+def run_jobs(executor: Executor, jobs: Sequence[BatchJob]) -> list[Outcome]:
+    """Run one batch (compatible jobs: batching.py) on `executor`; each job's outcome, never an exception.
+    An out-of-memory error frees every model and cache, as ComfyUI does."""
+    listeners = [StepListener(job.report, timed=index == 0) for index, job in enumerate(jobs)]
+    raw: list[RunResult | Exception]
+    try:
+        if len(jobs) == 1:
+            raw = [executor.run(jobs[0].prompt, prompt_id=jobs[0].job_id, listener=listeners[0],
+                                is_cancelled=jobs[0].interrupted)]
+        else:
+            members = [BatchMember(job.prompt, job.job_id, listener, job.interrupted)
+                       for job, listener in zip(jobs, listeners)]
+            raw = run_batch(executor, members)
+    except Exception as err:  # a solo job's failure; for a batch, a bug of ours: every job fails with it
+        if len(jobs) > 1:
+            log.exception("the engine failed running %s", [job.job_id for job in jobs])
+        raw = [err] * len(jobs)
+    if any(isinstance(o, Exception) and is_out_of_memory(o) for o in raw):
+        free_memory(executor)
+    return [Outcome(result=o.to_dict()) if isinstance(o, RunResult)
+            else Outcome(interrupted=True) if isinstance(o, JobCancelled)
+            else Outcome(error=message_for(o, executor.device), out_of_memory=is_out_of_memory(o)) for o in raw]
+
+
+def settle(table: JobTable, batch: list[JobRecord], outcomes: Sequence[Outcome]) -> None:
+    """Record how each job of a batch ended: done, failed, cancelled, or back in the queue."""
+    put_back: list[JobRecord] = []
+    alone: list[JobRecord] = []
+    for job, outcome in zip(batch, outcomes):
+        if outcome.result is not None:
+            table.finish(job, JobState.DONE, result=outcome.result)
+        elif outcome.interrupted and job.cancel_requested:
+            who = "" if job.cancel_by is None else f" by {job.cancel_by.user_id}"
+            table.finish(job, JobState.CANCELLED, error=f"cancelled{who} while it was running")
+        elif outcome.interrupted and (elapsed := table.overtime(job)) is not None:
+            # each job's own limit: a batch stopped for one of its jobs puts the others back
+            table.finish(job, JobState.FAILED, error=table.overtime_message(elapsed))
+        elif outcome.interrupted:
+            put_back.append(job)  # the service is stopping, or a batch-mate was cancelled
+        elif len(batch) > 1 and outcome.out_of_memory:
+            alone.append(job)  # a batch may not fit where each job alone does
+        else:
+            table.finish(job, JobState.FAILED, error=outcome.error or "failed")
+    if put_back:
+        table.requeue(put_back)
+    if alone:
+        table.requeue(alone, solo=True)
+
+
+def free_memory(executor: Executor) -> None:
+    """After an out-of-memory error, as ComfyUI does: every model and cached output goes."""
+    log.warning("out of memory: unloading every model and clearing the caches")
+    executor.models.unload_all()
+    executor.cache.clear()
+    executor.models.prompt_cache.clear()
 
 
 class Worker(threading.Thread):
-    """Runs the table's jobs on the executor, one batch at a time, until the table stops."""
+    """Runs the table's jobs on the executor in this process, one batch at a time, until the table stops
+    ([engine] workers = "local"; engine/cluster/ runs them on Ray workers instead)."""
 
     def __init__(self, executor: Executor, table: JobTable) -> None:
         super().__init__(name="noodle-engine", daemon=True)
@@ -121,62 +208,16 @@ class Worker(threading.Thread):
             if not batch:
                 return
             try:
-                self._run(batch)
+                settle(self.table, batch, run_jobs(self.executor, [self.batch_job(job) for job in batch]))
             except Exception as err:  # a bug of ours: fail what is left of the batch, keep the thread
                 log.exception("the engine failed running %s", [job.job_id for job in batch])
                 for job in batch:
                     if job.state is JobState.RUNNING:
                         self.table.finish(job, JobState.FAILED, error=message_for(err, self.executor.device))
 
-    def _run(self, batch: list[JobRecord]) -> None:
-        listeners = [_Listener(self.table, job, timed=index == 0) for index, job in enumerate(batch)]
-        if len(batch) == 1:
-            outcomes: list[RunResult | Exception] = [self._solo(batch[0], listeners[0])]
-        else:
-            members = [BatchMember(self._prompt(job), job.job_id, listener, self._interrupt(job))
-                       for job, listener in zip(batch, listeners)]
-            outcomes = run_batch(self.executor, members)
-        if any(isinstance(o, Exception) and is_out_of_memory(o) for o in outcomes):
-            self._free_memory()
-        put_back: list[JobRecord] = []
-        alone: list[JobRecord] = []
-        for job, outcome in zip(batch, outcomes):
-            if isinstance(outcome, RunResult):
-                self.table.finish(job, JobState.DONE, result=outcome.to_dict())
-            elif isinstance(outcome, JobCancelled) and job.cancel_requested:
-                who = "" if job.cancel_by is None else f" by {job.cancel_by.user_id}"
-                self.table.finish(job, JobState.CANCELLED, error=f"cancelled{who} while it was running")
-            elif isinstance(outcome, JobCancelled) and (elapsed := self.table.overtime(job)) is not None:
-                # each job's own limit: a batch stopped for one of its jobs puts the others back
-                self.table.finish(job, JobState.FAILED, error=self.table.overtime_message(elapsed))
-            elif isinstance(outcome, JobCancelled):
-                put_back.append(job)  # the service is stopping, or a batch-mate was cancelled
-            elif len(batch) > 1 and is_out_of_memory(outcome):
-                alone.append(job)  # a batch may not fit where each job alone does
-            else:
-                self.table.finish(job, JobState.FAILED, error=message_for(outcome, self.executor.device))
-        if put_back:
-            self.table.requeue(put_back)
-        if alone:
-            self.table.requeue(alone, solo=True)
+    def batch_job(self, job: JobRecord) -> BatchJob:
+        def report(node: str, value: int, maximum: int, sampler: bool, seconds: float | None, steps: int) -> None:
+            self.table.progress([job], node, value, maximum, sampler=sampler, seconds=seconds, steps=steps)
 
-    def _solo(self, job: JobRecord, listener: _Listener) -> RunResult | Exception:
-        try:
-            return self.executor.run(self._prompt(job), prompt_id=job.job_id, listener=listener,
-                                     is_cancelled=self._interrupt(job))
-        except Exception as err:  # the job's failure, told to its owner by _run
-            return err
-
-    @staticmethod
-    def _prompt(job: JobRecord) -> object:
-        return job.prompt if job.prompt is not None else job.workflow
-
-    def _interrupt(self, job: JobRecord) -> Callable[[], bool]:
-        return lambda: self.table.interrupted(job)
-
-    def _free_memory(self) -> None:
-        """After an out-of-memory error, as ComfyUI does: every model and cached output goes."""
-        log.warning("out of memory: unloading every model and clearing the caches")
-        self.executor.models.unload_all()
-        self.executor.cache.clear()
-        self.executor.models.prompt_cache.clear()
+        prompt = job.prompt if job.prompt is not None else job.workflow
+        return BatchJob(job.job_id, prompt, report, lambda: self.table.interrupted(job))

@@ -36,12 +36,15 @@ class QueueEntry:
     position: int | None  # the place of its first queued image (1 runs next); None while it runs
     eta_s: float | None  # seconds until its last image is done, at the recent step rate; None before any rate
     cancelling: bool = False  # cancelled while running: it stops at its next sampler step
+    worker: str | None = None  # the engine worker(s) it runs on, named only when there are several
 
     def line(self) -> str:
         """`#12 imagine · "a red fox…" · 2 images · queued, position 3, about 40 s`."""
         images = f" · {self.images} images" if self.images > 1 else ""
         where = ("cancelling (stops at its next step)" if self.cancelling else "running" if self.running
                  else f"queued, position {self.position}" if self.position else "queued")
+        if self.running and self.worker and not self.cancelling:
+            where += f" on {self.worker}"
         eta = f", about {_duration(self.eta_s)} left" if self.eta_s is not None else ""
         return f"#{self.generation_id} {self.kind} · \"{self.prompt}\"{images} · {where}{eta}"
 
@@ -93,6 +96,7 @@ class RequestQueue:
     async def entries(self, who: Requester) -> list[QueueEntry]:
         """`who`'s requests with queued or running images: running first, then by place in the queue."""
         grouped: dict[int, list[JobInfo]] = {}
+        several = len(self.engine.workers()) > 1  # one worker: naming it says nothing
         for info in self.engine.jobs(Owner(who.user_id, who.guild_id)):
             if "generation_id" in info.extra:  # jobs of other programs sharing the queue have none
                 grouped.setdefault(int(info.extra["generation_id"]), []).append(info)
@@ -107,7 +111,8 @@ class RequestQueue:
                 any(info.state == JobState.RUNNING for info in infos), min(positions, default=None),
                 None if any(eta is None for eta in etas) else max(etas),  # type: ignore[type-var]
                 # every image still listed was asked to stop: the request is on its way out, not running on
-                cancelling=all(info.cancel_requested for info in infos)))
+                cancelling=all(info.cancel_requested for info in infos),
+                worker=_running_on(infos) if several else None))
         entries.sort(key=lambda e: (not e.running, e.position or 0, e.generation_id))
         return entries
 
@@ -134,6 +139,12 @@ class RequestQueue:
             raise RequestInvalid(f"#{generation_id} has nothing queued or running (it is {generation.state}); "
                                  "/queue lists what can still be cancelled")
         return stopped
+
+
+def _running_on(infos: list[JobInfo]) -> str | None:
+    """The workers a request's running images are on, each named once (a batch runs on one)."""
+    names = dict.fromkeys(info.worker for info in infos if info.worker and info.state == JobState.RUNNING)
+    return ", ".join(names) or None
 
 
 def _duration(seconds: float) -> str:

@@ -1,4 +1,5 @@
-"""/queue: the caller's requests in the queue, with place and ETA, and a Cancel button for each.
+"""/queue: the caller's requests in the queue, with place and ETA, and a Cancel button for each; then the engine's
+workers, what each holds and runs (bot/core/services/workers.py).
 
 The answer is private (ephemeral). The buttons are a discord.py View on that answer: pressing one
 cancels through the Studio (which checks that the presser may) and redraws the list. `cancel:` does
@@ -15,6 +16,7 @@ from discord.ext import commands
 from bot.core.front_end import Requester
 from bot.core.requests.imagine import DISCORD_INT_MAX
 from bot.core.services.queue import QueueEntry, queue_text
+from bot.core.services.workers import append_section
 from bot.discord_app.cogs.interaction import reply, require_studio
 from bot.discord_app.post import requester_of
 from engine.errors import NoodleError
@@ -25,8 +27,9 @@ if TYPE_CHECKING:
 __all__ = ["CancelButton", "QueueView", "cancel_line", "queue_cog"]
 
 log = logging.getLogger(__name__)
-# Discord: at most 25 buttons on a message (5 rows of 5)
+# Discord: at most 25 buttons on a message (5 rows of 5), at most 2000 characters in it
 MAX_BUTTONS = 25
+MAX_CHARS = 2000
 VIEW_SECONDS = 10 * 60
 
 
@@ -42,9 +45,9 @@ class CancelButton(discord.ui.Button):  # type: ignore[type-arg]
     async def callback(self, interaction: discord.Interaction) -> None:
         who = requester_of(interaction)
         head = await cancel_line(self.studio, who, self.generation_id)
-        text, view = await queue_answer(self.studio, who)
+        text, view = await queue_answer(self.studio, who, f"{head}\n")
         try:
-            await interaction.response.edit_message(content=f"{head}\n{text}"[:2000], view=view)
+            await interaction.response.edit_message(content=text, view=view)
         except discord.HTTPException as err:
             log.info("could not redraw /queue: %s", err)
 
@@ -67,10 +70,12 @@ async def cancel_line(studio: "Studio", who: Requester, generation_id: int) -> s
     return f"🛑 Cancelled #{generation_id} ({stopped} image(s) stopped)."
 
 
-async def queue_answer(studio: "Studio", who: Requester) -> tuple[str, Optional[QueueView]]:
-    """The list as text, and its buttons (None when there is nothing to cancel)."""
+async def queue_answer(studio: "Studio", who: Requester, head: str = "") -> tuple[str, Optional[QueueView]]:
+    """`head`, the list, then the engine's workers, in one message (the workers give way first); and its buttons
+    (None when there is nothing to cancel)."""
     entries = await studio.queue.entries(who)
-    text = queue_text(entries, "Cancel one with its button, or /queue cancel: NUMBER.")
+    text = head + queue_text(entries, "Cancel one with its button, or /queue cancel: NUMBER.")
+    text = append_section(text, await studio.workers.text(who), MAX_CHARS)
     return text, (QueueView(studio, entries) if any(not entry.cancelling for entry in entries) else None)
 
 
@@ -92,12 +97,12 @@ def queue_cog(studio: "Optional[Studio]") -> commands.Cog:
             await interaction.response.defer(ephemeral=True, thinking=True)
             who = requester_of(interaction)
             head = f"{await cancel_line(need_studio(), who, cancel)}\n" if cancel is not None else ""
-            text, view = await queue_answer(need_studio(), who)
+            text, view = await queue_answer(need_studio(), who, head)
             if view is None:
-                await reply(interaction, head + text)
+                await reply(interaction, text)
                 return
             try:
-                await interaction.edit_original_response(content=(head + text)[:2000], view=view)
+                await interaction.edit_original_response(content=text, view=view)
             except discord.HTTPException as err:
                 log.info("could not answer /queue: %s", err)
 

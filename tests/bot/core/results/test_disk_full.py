@@ -13,6 +13,7 @@ import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -105,8 +106,8 @@ async def test_a_full_database_fails_the_request_it_cannot_record_and_removes_it
     env = disk_env
     written: list[Path] = []
 
-    def save_then_fill(image: Image.Image, path: Path, texts: dict[str, str]) -> None:
-        save_png(image, path, texts)  # the real write, whole; then the disk is full for what comes after it
+    def save_then_fill(image: Image.Image, path: Path, texts: dict[str, str], **options: Any) -> None:
+        save_png(image, path, texts, **options)  # the real write, whole; then the disk is full for what comes after
         written.append(path)
         small_disk.fill()
 

@@ -134,3 +134,17 @@ async def test_a_restart_of_the_bot_keeps_the_queued_jobs(cluster_env: Any) -> N
         handle = again.handle(job.job_id)
         assert handle is not None
         assert (await handle.result(TIMEOUT))["outputs"]
+
+
+@pytest.mark.parametrize("files", ["bytes", "shared"])
+async def test_an_input_image_reaches_the_worker_and_its_result_comes_back(cluster_env: Any, files: str) -> None:
+    source = cluster_env.executor.settings.input_dir / "uploads" / "fox.png"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(source)
+    service = await cluster_env.start(workers=1, files=files)
+    job = await service.submit(txt2img(init_image="uploads/fox.png", denoise=0.6, seed=40), Owner("u1"))
+    result = await job.result(TIMEOUT)
+    local = cluster_env.executor.run(txt2img(init_image="uploads/fox.png", denoise=0.6, seed=40,
+                                             filename_prefix="local"))
+    out = cluster_env.executor.settings.output_dir
+    assert np.abs(pixels(out, result).astype(int) - pixels(out, local.to_dict())).max() <= 2

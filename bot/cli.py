@@ -123,7 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries(verbose=args.verbose)
-    return int(args.handler(args) or 0)
+    from engine.errors import ClusterUnavailable
+
+    try:
+        return int(args.handler(args) or 0)
+    except ClusterUnavailable as err:  # a set-up the owner fixes in config.toml: a line, not a traceback
+        print(f"noodle: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

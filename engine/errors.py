@@ -75,3 +75,7 @@ class NodeExecutionError(NoodleError):
     def __init__(self, node_id: str, class_type: str, cause: BaseException) -> None:
         self.node_id, self.class_type, self.cause = node_id, class_type, cause
         super().__init__(f"node {node_id} ({class_type}) failed: {cause}")
+
+
+class ClusterUnavailable(NoodleError):
+    """[engine] workers = "ray" and Ray is not installed or its cluster cannot be reached: says what to do."""

@@ -19,6 +19,7 @@ from typing import Any
 
 from engine.cluster.actor import EngineWorker, WorkerFacts, WorkerSpec
 from engine.cluster.routing import Holdings
+from engine.errors import ClusterUnavailable
 from engine.models.paths import FOLDERS
 from engine.queue.jobs import JobRecord
 from engine.settings import EngineSettings, Limits, ModelsSettings, RaySettings
@@ -52,7 +53,11 @@ class RemoteWorker:
 
 def connect(settings: RaySettings, workers: int) -> bool:
     """Join or start Ray unless this process is connected already; whether this call started it."""
-    import ray
+    try:
+        import ray
+    except ImportError as err:  # a pip install without the extra
+        raise ClusterUnavailable("[engine] workers = \"ray\" needs Ray: pip install 'noodle-bot[ray]' (`make install` "
+                           "installs it), or set [engine] workers = \"local\"") from err
 
     if ray.is_initialized():
         return False
@@ -61,7 +66,12 @@ def connect(settings: RaySettings, workers: int) -> bool:
         ray.init(num_cpus=max(1, round(workers * settings.cpus_per_worker)), namespace=settings.namespace,
                  include_dashboard=False, runtime_env=_runtime_env())
     else:
-        ray.init(address=settings.address, namespace=settings.namespace, runtime_env=_runtime_env())
+        try:
+            ray.init(address=settings.address, namespace=settings.namespace, runtime_env=_runtime_env())
+        except (ConnectionError, ValueError) as err:
+            raise ClusterUnavailable(f"could not reach the Ray cluster at [ray] address = {settings.address!r}: {err}; "
+                               "start it (`ray start --head` on its head machine), or set address = \"local\" "
+                               "for a cluster on this machine") from err
     log.info("connected to Ray (%s): %s", settings.address, ray.cluster_resources())
     return True
 

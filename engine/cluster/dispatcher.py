@@ -230,15 +230,14 @@ class ClusterRunner:
             self._worker_died(worker, batch, RuntimeError("its stream ended without a result"))
             return
         outcomes = [self._placed(worker, job, outcome, finished) for job, outcome in zip(batch, finished.outcomes)]
-        with self._lock:
+        with self._lock:  # free before its jobs are told they ended: /queue never shows an ended job running
             worker.holdings, worker.loads = finished.holdings, finished.loads
             worker.jobs_done += sum(outcome.result is not None for outcome in outcomes)
+            worker.running, worker.reasons, worker.idle_since = [], {}, time.monotonic()
         try:
             settle(self.table, batch, outcomes)
         finally:
             self._forget(batch)
-            with self._lock:
-                worker.running, worker.reasons, worker.idle_since = [], {}, time.monotonic()
             self._freed.set()
             self.table.wake()
 

@@ -75,8 +75,9 @@ class ClusterRunner:
 
     def start(self) -> None:
         """Connect to Ray, start the bot's workers and wait until they are up (or refused); then dispatch."""
-        count = self.settings.workers or 1
-        self._started_ray = pool.connect(self.settings, count)
+        # before connecting: a local cluster gets a CPU slot for each of them (one per GPU of this machine when
+        # [ray] workers = 0); after: "auto" or a remote cluster counts its own GPUs
+        self._started_ray = pool.connect(self.settings, pool.owned_count(self.settings))
         count = pool.owned_count(self.settings)
         self._manifest = pool.local_manifest(self.executor.models)
         workers = [self._new_worker() for _ in range(count)]
@@ -273,9 +274,7 @@ class ClusterRunner:
                 self._avoid.setdefault(job.job_id, set()).add(worker.name)
             self._lanes()
         self.table.lost(batch, where)
-        for job in batch:
-            if job.state is not JobState.QUEUED:
-                self._forget([job])
+        self._forget(batch)  # those that failed; the retried keep their needs and what to avoid
         if worker.spec is not None and not self.table.stopping:
             threading.Thread(target=self._replace, args=(worker,), daemon=True, name="noodle-replace").start()
         self.table.wake()

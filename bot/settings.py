@@ -83,6 +83,17 @@ class RetentionSettings(BaseModel):
     check_every_hours: float = Field(1.0, gt=0.0)
 
 
+class SafetySettings(BaseModel):
+    """The `[safety]` table: the NSFW classifier, and the rules of a server whose moderators set none (/rules)."""
+
+    classifier: bool = True  # score every result and upload (open_nsfw, offline); off: nothing is scored or held
+    threshold: float = Field(0.8, ge=0.0, le=1.0)  # Yahoo: over 0.8 is very likely NSFW, under 0.2 very likely not
+    normal_channels: Literal["allow", "spoiler", "block"] = "block"  # channels not marked NSFW
+    nsfw_channels: Literal["allow", "spoiler", "block"] = "allow"  # Discord's age-restricted channels
+    without_server: Literal["allow", "spoiler", "block"] = "block"  # a request made in DMs, outside any server
+    threads: int = Field(1, ge=1, le=16)  # onnxruntime threads: one keeps the classifier off the sampler's cores
+
+
 def config_path() -> Path:
     """config.toml in the working folder, or the file NOODLE_CONFIG names."""
     return Path(os.environ.get("NOODLE_CONFIG", "config.toml"))
@@ -100,6 +111,7 @@ class Settings(BaseSettings):
     ray: RaySettings = RaySettings()
     bot: BotSettings = BotSettings()
     retention: RetentionSettings = RetentionSettings()
+    safety: SafetySettings = SafetySettings()
     discord_token: SecretStr | None = None
 
     def cluster(self) -> Any:

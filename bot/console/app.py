@@ -15,7 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from bot.console.commands import CONSOLE_SERVER, preset_command, queue_command, settings_command
+from bot.console.commands import (CONSOLE_SERVER, mod_command, preset_command, queue_command, rules_command,
+                                  settings_command)
 from bot.console.press import PRESS_HELP, press_line
 from bot.core.actions import press_words
 from bot.core.cards.result import card_text, failure_text, history_line, result_card
@@ -26,6 +27,7 @@ from bot.core.requests.options import IMAGINE_OPTIONS, parse_options
 from bot.core.requests.uploads import read_capped
 from bot.core.requests.workflow_file import read_workflow_file
 from bot.core.results.status import relay
+from bot.core.safety.gate import BLOCKED_TEXT, MemberBlocked, blocked_text
 from bot.core.storage.records import Generation
 from bot.core.storage.store import Store
 from bot.settings import Settings
@@ -55,6 +57,11 @@ HELP = """commands:
   COMMAND &                                         run a command in the background (then /queue shows it)
   react JOB 🔁|🔀|🗑️|ℹ️ [N]                          JOB is a job id or `last`; N picks an image of a batch
       (or: reroll, variation, delete, details)
+  /rules [ban: w1, w2] [normal: spoiler] ...        this server's rules (needs --manage-server): threshold normal
+                                                    nsfw ban unban ban_pattern unban_pattern negative (enforced)
+                                                    allow_/block_checkpoints allow_/block_loras reset
+  /mod history|block|unblock user: ID [reason: R]   a member's requests, scores and refusals; block them;
+  /mod blocked                                      who is blocked (needs --manage-server)
 """ + PRESS_HELP + """
   help, quit"""
 ACTIONS = {"🔁": "reroll", "reroll": "reroll", "🔀": "variation", "variation": "variation", "🗑️": "delete",
@@ -77,8 +84,14 @@ class ConsolePublisher:
         self.terminal = terminal  # where a progress line may be drawn: cleared before printing
 
     async def publish(self, generation: Generation) -> str | None:
-        """Print the card and the PNG paths; the console has no message id."""
+        """Print the card and the PNG paths (a result the rules hold back: why, not where); no message id."""
+        if generation.safety == "block":
+            self._print(blocked_text(generation) + " (/mod history lists it)")
+            return None
         lines = [card_text(result_card(generation))] + [f"wrote {path}" for path in generation.images]
+        if generation.safety == "spoiler":
+            lines.insert(1, f"spoiler: NSFW score {generation.nsfw_score or 0:.2f}, over the threshold (Discord shows "
+                            "such a result behind a spoiler)")
         lines.append(f"press: {press_words(generation)}")  # the buttons a Discord result has, as `press` takes them
         self._print("\n".join(lines))
         return None
@@ -188,6 +201,10 @@ class Console:
                 self._detach = False
             return
         try:
+            command = text.split(None, 1)[0]
+            if command not in ("/rules", "rules", "/mod", "mod", "help", "/help") \
+                    and await self.studio.moderation.is_blocked(CONSOLE_SERVER, self.who.user_id):
+                raise MemberBlocked(BLOCKED_TEXT)
             if text in ("help", "/help"):
                 print(HELP, file=self.out)
             elif text.startswith(("/imagine", "imagine ")):
@@ -201,6 +218,12 @@ class Console:
                       file=self.out, flush=True)
             elif text.startswith(("/settings", "settings")):
                 print(await settings_command(self.studio, self.member, text.split(None, 1)[1] if " " in text else ""),
+                      file=self.out, flush=True)
+            elif command in ("/rules", "rules"):
+                print(await rules_command(self.studio, self.member, text.split(None, 1)[1] if " " in text else ""),
+                      file=self.out, flush=True)
+            elif command in ("/mod", "mod"):
+                print(await mod_command(self.studio, self.member, text.split(None, 1)[1] if " " in text else ""),
                       file=self.out, flush=True)
             elif text.startswith(("/tokens", "tokens ")):
                 print(await self.studio.models.tokens(text.split(None, 1)[1] if " " in text else ""), file=self.out,
@@ -345,7 +368,7 @@ async def run_chat(settings: Settings, *, stdin: TextIO, out: TextIO, err: TextI
         engine = EngineService(executor, settings.bot.database, settings.queue, settings.cluster())
         await engine.start()
         studio = Studio(engine, store, settings, front="console",
-                        publisher=ConsolePublisher(out, err if interactive else None))
+                        publisher=ConsolePublisher(out, err if interactive else None), home_server=CONSOLE_SERVER)
         await studio.start()
         console = Console(studio, out, err, interactive=interactive, details_dir=settings.engine.output_dir,
                           manage_server=manage_server)

@@ -14,10 +14,11 @@ from bot.core.errors import RequestInvalid
 from bot.core.front_end import Requester
 from bot.core.presets import PRESET_OPTIONS, preset_details, preset_from_options, preset_line
 from bot.core.requests.options import parse_options
+from bot.core.services.moderation import MOD_SUBCOMMANDS, RULE_OPTIONS
 from bot.core.services.queue import queue_text
 from bot.core.services.user_settings import USER_KEYS, settings_text
 
-__all__ = ["CONSOLE_SERVER", "preset_command", "queue_command", "settings_command"]
+__all__ = ["CONSOLE_SERVER", "mod_command", "preset_command", "queue_command", "rules_command", "settings_command"]
 
 CONSOLE_SERVER = "console"
 SUBCOMMANDS = ("create", "update", "delete", "default", "list", "show")
@@ -80,3 +81,31 @@ async def queue_command(studio: Any, who: Requester, rest: str) -> str:
         stopped = await studio.queue.cancel(who, int(number))
         head = f"cancelled #{number} ({stopped} image(s) stopped)\n"
     return f"{head}{queue_text(await studio.queue.entries(who))}\n\n{await studio.workers.text(who)}"
+
+
+async def rules_command(studio: Any, who: Requester, rest: str) -> str:
+    """`/rules [ban: w1, w2] [normal: spoiler] [threshold: 0.7] ...`: show or change the console server's rules."""
+    options: dict[str, Any] = parse_options(rest.strip(), RULE_OPTIONS, first="(text before an option)")
+    if "(text before an option)" in options:
+        raise RequestInvalid(f"/rules takes name: value options ({', '.join(RULE_OPTIONS)}), e.g. /rules ban: gore; "
+                             f"not {options['(text before an option)'][:40]!r}")
+    return await studio.moderation.rules(who, options)
+
+
+async def mod_command(studio: Any, who: Requester, rest: str) -> str:
+    """`/mod history|block|unblock user: ID [reason: ...]`, `/mod blocked`."""
+    sub, _, text = rest.strip().partition(" ")
+    if sub not in MOD_SUBCOMMANDS:
+        raise RequestInvalid(f"/mod {sub or '(nothing)'} is not a moderation command; use one of "
+                             f"{', '.join(MOD_SUBCOMMANDS)}, e.g. /mod history user: console:you")
+    options = parse_options(text, ("user", "reason"), first="user")
+    if sub == "blocked":
+        return await studio.moderation.blocked(who)
+    user = options.get("user", "").strip().removeprefix("<@").removesuffix(">")
+    if not user:
+        raise RequestInvalid(f"/mod {sub} needs a member, e.g. /mod {sub} user: console:you")
+    if sub == "history":
+        return await studio.moderation.history(who, user)
+    if sub == "block":
+        return await studio.moderation.block(who, user, options.get("reason", ""))
+    return await studio.moderation.unblock(who, user)

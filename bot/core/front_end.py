@@ -32,6 +32,7 @@ class Origin:
 
     channel_id: str | None = None
     guild_id: str | None = None
+    nsfw: bool = False  # Discord marks the channel NSFW (age-restricted): its own rule for NSFW images (/rules)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ The services, and what each needs:
 - `generations` (services/generations.py): /imagine, 🔁, 🔀, 🗑️, ℹ️, /history; all of the above;
 - `actions` (services/actions.py): the buttons under a result that make a new image (U1-U4 upscale, V1-V4 and
   vary subtle/strong, reroll, zoom out, pan, the remix form and its submission); `generations`;
-- `results` (results/collector.py): stores what the engine reports, posts results, follows requests.
+- `gate` (safety/gate.py): the server's rules at every door, and the NSFW classifier's verdict on results; the
+  store. `moderation` (services/moderation.py): /rules and /mod over it.
+- `results` (results/collector.py): stores what the engine reports, reviews and posts results, follows requests.
 
 Nothing here knows Discord or terminals: a front end passes a `Publisher` (bot/core/front_end.py) and
 calls the services. `clock` is the one clock the front ends follow jobs by (status throttles, the token deadline):
@@ -35,9 +37,12 @@ from bot.core.front_end import Publisher
 from bot.core.requests.imagine import Allowed
 from bot.core.results.collector import ResultCollector
 from bot.core.results.retention import Retention
+from bot.core.safety.gate import SafetyGate
+from bot.core.safety.nsfw import NsfwScorer
 from bot.core.services.actions import ResultActions
 from bot.core.services.generations import Generations
 from bot.core.services.models import ModelChoices
+from bot.core.services.moderation import Moderation
 from bot.core.services.queue import RequestQueue
 from bot.core.services.server_presets import ServerPresets
 from bot.core.services.user_settings import UserDefaults
@@ -54,13 +59,20 @@ class Studio:
     """The transport-free services both front ends call, built around one engine service and one store."""
 
     def __init__(self, engine: EngineService, store: Store, settings: Settings, *, front: str,
-                 publisher: Publisher | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 publisher: Publisher | None = None, clock: Callable[[], float] = time.monotonic,
+                 home_server: str | None = None) -> None:
         self.settings, self.front, self.clock = settings, front, clock
         self.allowed = Allowed.from_settings(settings)
         self.models = ModelChoices(engine, settings, self.allowed)
         self.user_defaults = UserDefaults(store, self.models)
         self.presets = ServerPresets(store, self.models, self.user_defaults)
-        self.queue = RequestQueue(engine, store, front=front, per_user_max=settings.queue.per_user_max)
+        scorer = NsfwScorer(settings.safety.threads) if settings.safety.classifier else None
+        # home_server: the server whose rules apply to requests that name none (the console is one of its own)
+        self.gate = SafetyGate(store, settings.safety, scorer, home_server=home_server)
+        self.gate.report = getattr(publisher, "report", None)  # a front end with log channels posts reports
+        self.moderation = Moderation(self.gate, store)
+        self.queue = RequestQueue(engine, store, front=front, per_user_max=settings.queue.per_user_max,
+                                  gate=self.gate)
         self.workers = EngineWorkers(engine, store)
         self.workflows = Workflows(engine, settings, self.queue, self.user_defaults)
         self.generations = Generations(engine, store, settings, models=self.models, presets=self.presets,
@@ -69,7 +81,8 @@ class Studio:
         retention = Retention(store, settings.bot, settings.retention, input_dir=engine.input_dir,
                               output_dir=engine.output_dir)
         self.results = ResultCollector(engine, store, front=front, publisher=publisher,
-                                       publish_timeout=settings.bot.publish_timeout_seconds, retention=retention)
+                                       publish_timeout=settings.bot.publish_timeout_seconds, retention=retention,
+                                       gate=self.gate)
 
     async def start(self) -> None:
         """Collect results from the engine (what ended while nobody listened first)."""
@@ -78,3 +91,4 @@ class Studio:
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop collecting; results still being stored or posted are redone at the next start."""
         await self.results.stop(timeout)
+        await self.gate.drain()

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import discord
@@ -22,8 +23,10 @@ from discord.ext import commands
 from discord.utils import MISSING
 
 from bot.core.requests.imagine import Allowed
+from bot.core.safety.gate import BLOCKED_TEXT
 from bot.core.storage.records import Generation
 from bot.discord_app.cogs.imagine import imagine_cog
+from bot.discord_app.cogs.moderation import Moderation
 from bot.discord_app.buttons import ResultButton
 from bot.discord_app.cogs.buttons import ResultButtons
 from bot.discord_app.cogs.presets import presets_cog
@@ -41,6 +44,7 @@ __all__ = ["ConnectedPublisher", "DiscordRefused", "NoodleBot", "command_payload
 
 log = logging.getLogger(__name__)
 SYNC_KEY = "synced_commands_sha256"
+MODERATOR_COMMANDS = ("rules", "mod")
 
 
 def intents() -> discord.Intents:
@@ -61,6 +65,7 @@ async def command_payloads(settings: Settings) -> list[dict[str, Any]]:
     await bot.add_cog(settings_cog(None, Allowed.from_settings(settings)))
     await bot.add_cog(queue_cog(None))
     await bot.add_cog(Workflow(None))
+    await bot.add_cog(Moderation(None))
     return [command.to_dict(bot.tree) for command in bot.tree.get_commands()]
 
 
@@ -97,6 +102,16 @@ class ConnectedPublisher:
         await self.connected.wait()
         await self.inner.publish_failure(generation)
 
+    async def channel_is_nsfw(self, channel_id: str) -> bool:
+        """Whether the channel is marked NSFW, asked once Discord is connected."""
+        await self.connected.wait()
+        return await self.inner.channel_is_nsfw(channel_id)
+
+    async def report(self, guild_id: str, channel_id: str, text: str, images: Sequence[str]) -> None:
+        """A moderation report for a log channel, sent once Discord is connected."""
+        await self.connected.wait()
+        await self.inner.report(guild_id, channel_id, text, images)
+
 
 class NoodleBot(commands.Bot):
     """Noodle on Discord: slash commands in, channel messages with PNGs out."""
@@ -114,6 +129,7 @@ class NoodleBot(commands.Bot):
         self._repost: asyncio.Task[None] | None = None
         self._core_stopped = False
         self.tree.error(self._on_app_command_error)
+        self.tree.interaction_check = self._not_blocked  # type: ignore[method-assign]
 
     async def start_core(self) -> None:
         """Open the database, start the engine and the Studio, add the cogs: none of it needs Discord."""
@@ -135,6 +151,7 @@ class NoodleBot(commands.Bot):
         await self.add_cog(settings_cog(self.studio, Allowed.from_settings(settings)))
         await self.add_cog(queue_cog(self.studio))
         await self.add_cog(Workflow(self.studio, status_every=every))
+        await self.add_cog(Moderation(self.studio))
         await self.add_cog(Reactions(self, self.studio, status_every=every))
         await self.add_cog(ResultButtons(self.studio, status_every=every))
         self.add_dynamic_items(ResultButton)  # every result's buttons, whenever they were posted
@@ -242,6 +259,20 @@ class NoodleBot(commands.Bot):
         """Post the results whose posting gave up while Discord was away (they stay unposted in the store)."""
         for generation in await self.store.unposted("discord"):
             await self.studio.results.settle(generation.id)
+
+    async def _not_blocked(self, interaction: discord.Interaction) -> bool:
+        """Every slash command of a member this server blocked (/mod block) is refused, privately; /rules and /mod
+        stay open (they need Manage Server or Manage Messages anyway)."""
+        if self.studio is None or interaction.type != discord.InteractionType.application_command:
+            return True  # autocomplete answers no command; buttons and the remix form check in their handlers
+        data: Any = interaction.data or {}
+        if data.get("name") in MODERATOR_COMMANDS:
+            return True
+        if not await self.studio.moderation.is_blocked(str(interaction.guild_id) if interaction.guild_id else None,
+                                                       str(interaction.user.id)):
+            return True
+        await interaction.response.send_message(f"⛔ {BLOCKED_TEXT}", ephemeral=True)
+        return False
 
     async def _on_app_command_error(self, interaction: discord.Interaction,
                                     error: app_commands.AppCommandError) -> None:

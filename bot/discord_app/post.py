@@ -14,7 +14,8 @@ import asyncio
 import io
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ from bot.core.cards.result import failure_text, result_card
 from bot.core.errors import GenerationNotFound
 from bot.core.front_end import Origin, Requester
 from bot.core.requests.workflow_file import is_workflow
+from bot.core.safety.gate import blocked_text
 from bot.core.storage.records import Generation
 from bot.discord_app.buttons import result_view
 from bot.discord_app.embeds import to_embed
@@ -33,8 +35,8 @@ from engine.errors import NoodleError
 from engine.idle import idle_sleep
 
 __all__ = ["REACTIONS", "RETRY_DELAYS", "VARIATION_DIGITS", "ChannelStatus", "DiscordPublisher", "InteractionStatus",
-           "PublishError", "origin_of", "reactions_for", "requester_of", "resolve_channel", "result_nonce",
-           "retry_wait"]
+           "PublishError", "is_nsfw", "origin_of", "reactions_for", "requester_of", "resolve_channel", "result_nonce",
+           "retry_wait", "spoilered"]
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +116,21 @@ def requester_of(interaction: discord.Interaction) -> Requester:
 
 
 def origin_of(interaction: discord.Interaction) -> Origin:
-    """Where a command's result is posted: the channel it was used in."""
+    """Where a command's result is posted: the channel it was used in (and whether Discord marks it NSFW)."""
     return Origin(str(interaction.channel_id) if interaction.channel_id else None,
-                  str(interaction.guild_id) if interaction.guild_id else None)
+                  str(interaction.guild_id) if interaction.guild_id else None,
+                  is_nsfw(getattr(interaction, "channel", None)))
+
+
+def is_nsfw(channel: Any) -> bool:
+    """Whether Discord marks `channel` age-restricted (a thread: its parent; a DM never)."""
+    check = getattr(channel, "is_nsfw", None)
+    return bool(check()) if callable(check) else False
+
+
+def spoilered(name: str) -> str:
+    """A file name Discord shows behind a spoiler."""
+    return name if name.startswith("SPOILER_") else f"SPOILER_{name}"
 
 
 async def resolve_channel(client: Any, channel_id: int) -> Any:
@@ -154,12 +168,17 @@ class DiscordPublisher:
         limits.py); the card says what went to ℹ️ instead.
         """
         private = generation.private
+        if generation.safety == "block":  # the server's rules hold it back: its requester hears why, privately
+            await self._tell_blocked(generation)
+            return None
         if generation.channel_id is None and not private:
             raise GenerationNotFound(f"#{generation.id} has no channel to post to")
         destination = await self._retrying(lambda: self._destination(generation))
         blobs = await asyncio.to_thread(lambda: [(Path(p).name, Path(p).read_bytes()) for p in generation.images])
         outgoing = await asyncio.to_thread(plan_message, blobs, limit=filesize_limit(destination), private=private,
                                            grid_files=self.grid_files, grid_name=f"noodle-{generation.id}-grid.png")
+        if generation.safety == "spoiler":  # over the threshold where the rules say spoiler: every file hidden
+            outgoing = replace(outgoing, files=tuple((spoilered(name), data) for name, data in outgoing.files))
         embed = to_embed(result_card(generation))
         for name, value in outgoing.notes:
             embed.add_field(name=name, value=value, inline=False)
@@ -230,6 +249,30 @@ class DiscordPublisher:
                 log.warning("Discord answered %s; trying again in %.1f s", _why(err), wait)
                 await self.sleep(wait)
         raise AssertionError("unreachable")
+
+    async def _tell_blocked(self, generation: Generation) -> None:
+        """DM the requester that their result was held back; a closed DM is logged (their status line said it)."""
+        try:
+            await (await self._user(generation.requester_id)).send(content=blocked_text(generation))
+        except (discord.HTTPException, PublishError, TimeoutError) as err:
+            log.info("could not tell %s that #%s was held back: %s", generation.requester_id, generation.id, err)
+
+    async def channel_is_nsfw(self, channel_id: str) -> bool:
+        """Whether Discord marks channel `channel_id` NSFW (the result collector's rule choice)."""
+        return is_nsfw(await resolve_channel(self.client, int(channel_id)))
+
+    async def report(self, guild_id: str, channel_id: str, text: str, images: Sequence[str]) -> None:
+        """Post a moderation report to a server's log channel, a held-back result's first image behind a spoiler."""
+        channel = await resolve_channel(self.client, int(channel_id))
+        if str(getattr(getattr(channel, "guild", None), "id", guild_id)) != guild_id:
+            raise PublishError(f"log channel {channel_id} is not in server {guild_id}; set it again with /rules")
+        files = []
+        limit = filesize_limit(channel)
+        for path in images[:1]:
+            data = await asyncio.to_thread(Path(path).read_bytes)
+            if len(data) <= limit:
+                files.append(discord.File(io.BytesIO(data), filename=spoilered(Path(path).name)))
+        await channel.send(content=truncate(text, 1900), files=files, allowed_mentions=discord.AllowedMentions.none())
 
     async def publish_failure(self, generation: Generation) -> None:
         """Tell the requester that a job nobody was watching failed: in the channel, or by DM if private."""

@@ -32,6 +32,7 @@ from bot.core.results.files import remove_files
 from bot.core.results.progress import merged_events
 from bot.core.results.retention import Retention
 from bot.core.results.verdict import outcome_of
+from bot.core.safety.gate import SafetyGate
 from bot.core.storage.records import ENDED, NOT_DONE, Generation
 from bot.core.storage.store import PENDING, WRITE_FAILED, Store
 from engine.disk import is_disk_full
@@ -54,8 +55,9 @@ class ResultCollector:
 
     def __init__(self, engine: EngineService, store: Store, *, front: str, publisher: Publisher | None,
                  publish_timeout: float, retention: Retention | None = None,
-                 repost_delays: tuple[float, ...] = REPOST_DELAYS) -> None:
+                 repost_delays: tuple[float, ...] = REPOST_DELAYS, gate: SafetyGate | None = None) -> None:
         self.engine = engine
+        self.gate = gate  # scores each result and decides, by the server's rules, how it is shown
         self.repost_delays = repost_delays
         self._reposts: dict[int, int] = {}  # generation id -> failed posts so far
         self.retention = retention
@@ -215,6 +217,9 @@ class ResultCollector:
                             # again after its delay, not this one at once
                             problem = "Discord did not take the result yet; Noodle posts it when the channel answers"
                         else:
+                            if self.gate is not None and generation.safety is None:  # scored once, off the loop
+                                generation = await self.gate.review(generation,
+                                                                    nsfw_channel=await self._nsfw_channel(generation))
                             await self._post(generation)
                             generation = await self.store.get(generation_id) or generation
                     elif generation.state in NOT_DONE and not watched \
@@ -230,6 +235,19 @@ class ResultCollector:
         if self._locks.get(generation_id) is lock and not lock.locked():
             del self._locks[generation_id]
         self._announce(generation_id, generation, problem)
+
+    async def _nsfw_channel(self, generation: Generation) -> bool:
+        """Whether the front end says the result's channel (where a private one was asked for) is marked NSFW;
+        False when it cannot tell, so the stricter rule of normal channels applies."""
+        ask = getattr(self.publisher, "channel_is_nsfw", None)
+        if ask is None or generation.channel_id is None:
+            return False
+        try:
+            return bool(await asyncio.wait_for(ask(generation.channel_id), timeout=15))
+        except Exception as err:  # noqa: BLE001 - unknown means normal: a result is never shown by mistake
+            log.warning("#%s: could not tell whether channel %s is NSFW (%s); its normal rule applies",
+                        generation.id, generation.channel_id, err)
+            return False
 
     def _repost_later(self, generation_id: int) -> None:
         """Try posting `generation_id` again after the next of `repost_delays` (one retry pending at a time)."""

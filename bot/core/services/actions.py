@@ -219,6 +219,10 @@ class ResultActions:
         parent, params = await self._parent(generation_id, who, "remix")
         form = _form(parent, params)
         text = {name: str(edits.get(name, getattr(form, name))).strip() for name in REMIX_FIELDS}
+        gate = self.generations.queue.gate
+        if gate is not None:  # the words as typed, as /imagine reads them (the queue reads the expanded graph)
+            await gate.check_typed(parent.guild_id or who.guild_id, who, "remix",
+                                   {"prompt": text["prompt"], "negative": text["negative"]})
         allowed = self.models.allowed
         steps = _number("steps", text["steps"] or form.steps, int, 1, allowed.max_steps)
         cfg = _number("cfg", text["cfg"] or form.cfg, float, 0, allowed.max_cfg)

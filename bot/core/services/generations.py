@@ -84,7 +84,15 @@ class Generations:
         if request.controlnet:  # the name resolves (the request checked it); its family from the header
             controlnet_arch = await self.models.controlnet_arch(
                 resolve_name("ControlNet", request.controlnet, context.controlnets, "models/controlnet"))
+        origin = origin or Origin()
+        gate, guild = self.queue.gate, origin.guild_id or who.guild_id
+        if gate is not None:  # the words as typed: an inline {cat|nude} is refused whichever the seed picks
+            await gate.check_member(guild, who)
+            await gate.check_typed(guild, who, "imagine", {"prompt": request.prompt,
+                                                           **({"negative": request.negative} if request.negative
+                                                              else {})})
         prepared = control = None
+        scores: dict[str, float] = {}
         if request.image is not None:
             prepared = await asyncio.to_thread(prepare_image, request.image.data, request.image.filename,
                                                self.settings.bot.uploads_folder, context.allowed)
@@ -92,6 +100,12 @@ class Generations:
             control = await asyncio.to_thread(prepare_image, request.control_image.data,
                                               request.control_image.filename, self.settings.bot.uploads_folder,
                                               context.allowed, "control_image")
+        for option, upload in (("image", request.image), ("control_image", request.control_image)):
+            if upload is not None and gate is not None:  # every upload is scored; blocked where results would be
+                score = await gate.check_upload(guild, origin.channel_id, origin.nsfw, who, "imagine", upload.data,
+                                                option)
+                if score is not None:
+                    scores[option] = round(score, 4)
         seed = request.seed if request.seed is not None else random_seed(request.batch)
         if seed + request.batch - 1 > SEED_MAX:
             raise RequestInvalid(f"seed {seed} leaves no room for {request.batch} images (one seed each, up to "
@@ -102,7 +116,10 @@ class Generations:
             inpaint=prepared is not None and prepared.transparent, control_image=control.name if control else None,
             controlnet_arch=controlnet_arch, filename_prefix=prefix_for(self.settings.bot.results_folder,
                                                                         request.prompt))
-        return await self._queue("imagine", params, request.batch, request.stored(), who, origin or Origin(),
+        recorded = request.stored()
+        for option, score in scores.items():
+            recorded[option]["nsfw_score"] = score
+        return await self._queue("imagine", params, request.batch, recorded, who, origin,
                                  prepared=tuple(image for image in (prepared, control) if image is not None))
 
     async def reroll(self, generation_id: int, who: Requester, origin: Origin | None = None) -> Ticket:
@@ -137,6 +154,10 @@ class Generations:
 
     async def source_image(self, parent: Generation, image: int) -> PreparedImage:
         """Image `image` (1-based) of `parent`'s PNGs, checked and named as an upload (saved when queued)."""
+        if parent.safety == "block":  # held back by the server's rules: nothing is made from its pixels
+            raise RequestInvalid(f"#{parent.id} was held back by this server's rules (NSFW score "
+                                 f"{parent.nsfw_score or 0:.2f}), so nothing can be made from its images; use "
+                                 "/imagine with another prompt")
         if not 1 <= image <= len(parent.images):
             raise RequestInvalid(f"#{parent.id} has {len(parent.images)} image(s); pick 1 to {len(parent.images)}")
         data = await asyncio.to_thread(_read_bytes, parent.images[image - 1])
@@ -178,6 +199,9 @@ class Generations:
                      origin: Origin, *, prepared: tuple[PreparedImage, ...] = (),
                      parent: Generation | None = None) -> Ticket:
         self.queue.check_room(who, count)
+        if self.queue.gate is not None:  # shown on the card and in the PNG as what the sampler was given
+            params = replace(params, negative=await self.queue.gate.with_enforced(origin.guild_id or who.guild_id,
+                                                                                  params.negative))
         # A name of its own per image: SaveImage is cached like any node (as in ComfyUI), so the same graph
         # twice would hand back the first run's files, which a 🗑️ on that first result then removes.
         images = [(params.seed + n, build_workflow(replace(

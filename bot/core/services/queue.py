@@ -16,6 +16,7 @@ from bot.core.cards.card import truncate
 from bot.core.cards.result import request_label
 from bot.core.errors import NotAllowed, RequestInvalid
 from bot.core.front_end import Origin, Requester, Ticket
+from bot.core.safety.gate import SafetyGate
 from bot.core.services.access import may_moderate, not_found, reachable
 from bot.core.storage.records import NewGeneration
 from bot.core.storage.store import Store
@@ -59,8 +60,10 @@ def queue_text(entries: list[QueueEntry], how_to_cancel: str = "Cancel one with 
 class RequestQueue:
     """Requests into the engine's queue, and /queue's list and cancel."""
 
-    def __init__(self, engine: EngineService, store: Store, *, front: str, per_user_max: int) -> None:
+    def __init__(self, engine: EngineService, store: Store, *, front: str, per_user_max: int,
+                 gate: SafetyGate | None = None) -> None:
         self.engine, self.store, self.front, self.per_user_max = engine, store, front, per_user_max
+        self.gate = gate  # the server's rules, checked on every request's final graphs (bot/core/safety/gate.py)
 
     def check_room(self, who: Requester, count: int) -> None:
         """A batch needs one queue place per image: say so before queueing half of it."""
@@ -72,7 +75,12 @@ class RequestQueue:
 
     async def enqueue(self, new: NewGeneration, who: Requester, origin: Origin, summary: str) -> Ticket:
         """Record a request, then queue one job per workflow of `new.images` (/imagine's images, a /workflow's
-        one graph): all or nothing, so a refusal leaves no row and no job behind."""
+        one graph): all or nothing, so a refusal leaves no row and no job behind.
+
+        Every door passes here, so the server's rules are applied here: a blocked member, a banned word in any
+        prompt box, a model the server does not allow are refused; the enforced negative is written in."""
+        if self.gate is not None:
+            new = await self.gate.admit(new, who)
         owner = Owner(who.user_id, who.guild_id)
         generation = await self.store.add(new)
         handles: list[Any] = []

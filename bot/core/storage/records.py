@@ -113,6 +113,13 @@ class Generation:
     finished_at: float | None = None
     posted_at: float | None = None
     deleted_at: float | None = None
+    nsfw_scores: tuple[float, ...] = ()  # open_nsfw's score of each image (schema 4 on; none before review)
+    safety: str | None = None  # allow | spoiler | block: what the server's rules did with it (None: not reviewed)
+
+    @property
+    def nsfw_score(self) -> float | None:
+        """The highest image score, or None when nothing was scored."""
+        return max(self.nsfw_scores) if self.nsfw_scores else None
 
     @property
     def job_id(self) -> str | None:

@@ -23,6 +23,7 @@ import aiosqlite
 
 from bot.core.storage.preset_table import PRESET_MIGRATION, PresetTable
 from bot.core.storage.records import ENDED, Generation, JobRow, NewGeneration, Outcome
+from bot.core.storage.safety_table import SAFETY_MIGRATION, SafetyTable
 from engine.disk import DiskFull, is_disk_full
 from engine.errors import NoodleError
 
@@ -98,6 +99,7 @@ MIGRATIONS: tuple[str, ...] = (
     # 3: every PNG of a job, as a JSON list (a /workflow job may write several); image_path stays the first.
     # Older rows keep NULL here and are read through image_path.
     "ALTER TABLE generation_jobs ADD COLUMN image_paths_json TEXT;",
+    SAFETY_MIGRATION,  # 4: NSFW scores and what the rules did, blocked members, refused requests (safety_table.py)
 )
 
 PENDING = ("submitting", "queued", "running")
@@ -147,11 +149,13 @@ def _generation(rows: _Rows) -> Generation:
         tokens=_loads(data["tokens_json"], {}), cached=_loads(data["cached_json"], []),
         timings=_loads(data["timings_json"], {}), error=data["error"], started_at=data["started_at"],
         finished_at=data["finished_at"], posted_at=data["posted_at"], deleted_at=data["deleted_at"],
+        nsfw_scores=tuple(_loads(data["nsfw_scores_json"], [])), safety=data["safety"],
     )
 
 
-class Store(PresetTable):
-    """Generations, their jobs and the per-scope settings over one aiosqlite connection (presets: preset_table.py)."""
+class Store(PresetTable, SafetyTable):
+    """Generations, their jobs and the per-scope settings over one aiosqlite connection (presets: preset_table.py;
+    moderation: safety_table.py)."""
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db

@@ -17,6 +17,7 @@ import discord
 from discord.ext import commands
 
 from bot.core.actions import Action
+from bot.core.safety.gate import BLOCKED_TEXT
 from bot.core.storage.records import Generation
 from bot.discord_app.buttons import HANDLER_COG
 from bot.discord_app.cogs.interaction import announce_and_follow, reply
@@ -59,6 +60,9 @@ class ResultButtons(commands.Cog, name=HANDLER_COG):
             await reply(interaction, OLD_BUTTON)
             return
         who = requester_of(interaction)
+        if await self.studio.moderation.is_blocked(who.guild_id, who.user_id):
+            await reply(interaction, f"⛔ {BLOCKED_TEXT}")
+            return
         try:
             if action.name == "delete":
                 await self._delete(interaction, await self.studio.generations.delete(generation_id, who))
@@ -72,8 +76,12 @@ class ResultButtons(commands.Cog, name=HANDLER_COG):
 
     async def _remix(self, interaction: discord.Interaction[Any], generation_id: int) -> None:
         """The modal is the response; a result that cannot be remixed is said so privately instead."""
+        who = requester_of(interaction)
+        if await self.studio.moderation.is_blocked(who.guild_id, who.user_id):
+            await interaction.response.send_message(f"⛔ {BLOCKED_TEXT}", ephemeral=True)
+            return
         try:
-            form = await self.studio.actions.remix_form(generation_id, requester_of(interaction))
+            form = await self.studio.actions.remix_form(generation_id, who)
         except NoodleError as err:
             await interaction.response.send_message(f"❌ {err}", ephemeral=True)
             return

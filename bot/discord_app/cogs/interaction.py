@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
@@ -17,13 +17,15 @@ from bot.core.cards.result import message_link
 from bot.core.errors import RequestInvalid
 from bot.core.front_end import StudioEvent, Ticket
 from bot.core.results.status import accepted_text, relay
+from bot.core.safety.gate import blocked_text
 from bot.discord_app.cogs.tasks import CogTasks
 from bot.discord_app.post import InteractionStatus
+from engine.errors import NoodleError
 
 if TYPE_CHECKING:
     from bot.core.studio import Studio
 
-__all__ = ["MAX_CHOICES", "announce_and_follow", "checkpoint_choices", "file_choices", "fixed_choices",
+__all__ = ["MAX_CHOICES", "announce_and_follow", "answer", "checkpoint_choices", "file_choices", "fixed_choices",
            "matching_choices",
            "preset_choices", "read_attachment", "reply", "require_studio"]
 
@@ -85,6 +87,17 @@ async def reply(interaction: discord.Interaction, text: str) -> None:
         log.info("could not answer the interaction: %s", err)
 
 
+async def answer(interaction: discord.Interaction, work: Any) -> None:
+    """Acknowledge privately, run `work` (a coroutine returning the text), show its text or its error (/preset,
+    /rules, /mod)."""
+    await interaction.response.defer(ephemeral=True, thinking=True)
+    try:
+        text = await work
+    except NoodleError as err:
+        text = f"❌ {err}"
+    await reply(interaction, text)
+
+
 async def read_attachment(attachment: discord.Attachment, option: str) -> bytes:
     """An attachment's bytes (its size already checked); a failed or slow download says to attach it again."""
     try:
@@ -113,6 +126,8 @@ async def _follow(studio: Studio, interaction: discord.Interaction, ticket: Tick
 def _verdict(final: StudioEvent) -> str:
     """The last status line: a link to the posted result, or why there is none."""
     generation = final.generation
+    if final.kind == "done" and generation is not None and generation.safety == "block":
+        return blocked_text(generation)
     if final.kind == "done" and generation is not None and not final.error:
         return f"✅ Done: #{generation.id} {message_link(generation)}".rstrip()
     return f"❌ {final.error or 'the job failed'}"

@@ -14,11 +14,10 @@ from discord.ext import commands
 
 from bot.core.presets import Preset, preset_details, preset_line
 from bot.core.requests.imagine import Allowed
-from bot.discord_app.cogs.interaction import (MAX_CHOICES, checkpoint_choices, fixed_choices, matching_choices,
-                                              preset_choices, reply,
+from bot.discord_app.cogs.interaction import (MAX_CHOICES, answer, checkpoint_choices, fixed_choices, matching_choices,
+                                              preset_choices,
                                               require_studio)
 from bot.discord_app.post import requester_of
-from engine.errors import NoodleError
 
 if TYPE_CHECKING:
     from bot.core.studio import Studio
@@ -62,15 +61,6 @@ def presets_cog(studio: "Optional[Studio]", allowed: Allowed, styles: "tuple[str
     async def complete_vae(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         names = await need_studio().models.names("vae")
         return [app_commands.Choice(name=n, value=n) for n in names if current.lower() in n.lower()][:MAX_CHOICES]
-
-    async def answer(interaction: discord.Interaction, work: Any) -> None:
-        """Acknowledge privately, run `work` (a coroutine returning the text), show its text or its error."""
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        try:
-            text = await work
-        except NoodleError as err:
-            text = f"❌ {err}"
-        await reply(interaction, text)
 
     def preset_of(**options: Any) -> Preset:
         return Preset(**{key: value for key, value in options.items() if value is not None})

@@ -18,6 +18,7 @@ from discord.ext import commands
 
 from bot.core.front_end import Origin, Requester, Ticket
 from bot.core.results.status import accepted_text, relay
+from bot.core.safety.gate import BLOCKED_TEXT
 from bot.core.storage.records import Generation
 from bot.discord_app.cogs.tasks import CogTasks
 from bot.discord_app.limits import DM_FILESIZE_LIMIT, details_messages
@@ -67,6 +68,9 @@ class Reactions(commands.Cog):
             log.info("reaction on #%s ignored: %s", generation.id, err)
             return
         who = _requester(payload, channel)
+        if await self.studio.moderation.is_blocked(who.guild_id, who.user_id):
+            await self._tell(who.user_id, channel, f"⛔ {BLOCKED_TEXT}")
+            return
         try:
             if emoji == REROLL:
                 ticket = await self.studio.generations.reroll(generation.id, who, _origin(payload))

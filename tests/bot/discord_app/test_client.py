@@ -92,11 +92,11 @@ async def test_the_client_wires_store_engine_studio_and_cogs_and_syncs_only_on_c
         monkeypatch.setattr(bot.tree, "sync", sync)
         await bot.setup_hook()
         try:
-            assert set(bot.cogs) == {"Imagine", "Presets", "UserSettings", "Queue", "Workflow", "Reactions",
-                                      "ResultButtons"}
+            assert set(bot.cogs) == {"Imagine", "Presets", "UserSettings", "Queue", "Workflow", "Moderation",
+                                      "Reactions", "ResultButtons"}
             assert bot.studio.front == "discord"
             assert [c.name for c in bot.tree.get_commands()] == ["imagine", "preset", "settings", "tokens", "history",
-                                                                 "models", "queue", "workflow"]
+                                                                 "models", "queue", "workflow", "rules", "mod"]
         finally:
             await bot.close()
     assert synced == [1]  # the second start found the same schema already synced

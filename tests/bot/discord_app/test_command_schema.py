@@ -189,8 +189,13 @@ def test_the_vendored_schema_names_its_source_and_is_complete() -> None:
 async def test_every_synced_command_is_valid_against_discords_spec_and_documented_rules(
         payloads: list[dict[str, Any]]) -> None:
     assert [command["name"] for command in payloads] == ["imagine", "preset", "settings", "tokens", "history",
-                                                         "models", "queue", "workflow"]
+                                                         "models", "queue", "workflow", "rules", "mod"]
     assert all_problems(payloads) == []
+    rules, mod = payloads[-2], payloads[-1]
+    # server-only, shown by default to those who may use them (the Studio checks again in code)
+    assert rules["dm_permission"] is False and int(rules["default_member_permissions"]) == 1 << 5  # Manage Server
+    assert mod["dm_permission"] is False and int(mod["default_member_permissions"]) == 1 << 13  # Manage Messages
+    assert [option["name"] for option in mod["options"]] == ["history", "block", "unblock", "blocked"]
 
 
 async def test_the_limits_in_config_toml_keep_the_commands_valid() -> None:

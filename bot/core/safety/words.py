@@ -1,0 +1,88 @@
+"""Banned words and patterns, matched the way a member trying to get around them would write them.
+
+A prompt is folded before matching: Unicode compatibility forms (full-width letters, ligatures) become plain
+letters, accents and invisible characters (zero-width spaces, soft hyphens) go, case goes, digits inside a word
+read as the letters they stand in for (`nud3` -> `nude`), everything that is not a letter or a digit becomes a
+space (emphasis like `(nude:1.3)`, `nu_de`'s underscore, commas), and a run of single letters is joined
+(`n u d e`, `n.u.d.e` -> `nude`). A banned word then matches as a whole word or phrase, plural included
+(`nude` finds `nudes`); `nud*` matches any word that starts so. Patterns are regular expressions that a
+moderator writes; each runs against the prompt as typed (lower case) and folded, with a time limit: a pattern
+that backtracks without end refuses the one prompt, it never holds the bot up.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import regex
+
+__all__ = ["Banned", "find_banned", "fold"]
+
+PATTERN_SECONDS = 0.05  # per pattern and text: a sane pattern takes microseconds on a 2,000-character prompt
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
+_WORD_WITH_SIGNS = regex.compile(r"[\p{L}0-9@$]*\p{L}[\p{L}0-9@$]*")
+_NOT_WORD = regex.compile(r"[^\p{L}\p{N}]+")
+
+
+@dataclass(frozen=True)
+class Banned:
+    """What matched: the banned word or pattern as the moderator wrote it."""
+
+    entry: str
+    kind: str  # word | pattern
+
+    def describe(self) -> str:
+        return f"the word {self.entry!r}" if self.kind == "word" else f"the pattern {self.entry!r}"
+
+
+def fold(text: str) -> str:
+    """`text` as banned words are matched against it: folded words separated by single spaces."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    plain = "".join(char for char in decomposed if unicodedata.category(char) not in ("Mn", "Me", "Cf"))
+    lowered = plain.casefold()
+    # digits stand in for letters only inside a word that has letters: weights (1.3) and sizes stay numbers
+    lowered = _WORD_WITH_SIGNS.sub(lambda match: match.group(0).translate(_LEET), lowered)
+    words = _NOT_WORD.sub(" ", lowered).split()
+    joined: list[str] = []
+    run: list[str] = []
+    for word in [*words, ""]:
+        if len(word) == 1 and word.isalpha():
+            run.append(word)
+            continue
+        if run:
+            joined.append("".join(run) if len(run) > 1 else run[0])
+            run = []
+        if word:
+            joined.append(word)
+    return " ".join(joined)
+
+
+def _word_pattern(entry: str) -> regex.Pattern[str] | None:
+    folded = fold(entry.strip("*"))
+    if not folded:
+        return None
+    head = r"\S*" if entry.startswith("*") else ""
+    tail = r"\S*" if entry.endswith("*") else "(?:e?s)?"
+    return regex.compile(rf"(?:^| ){head}{regex.escape(folded)}{tail}(?= |$)")
+
+
+def find_banned(texts: Iterable[str], words: Iterable[str], patterns: Iterable[str]) -> Banned | None:
+    """The first banned word or pattern found in any of `texts`, else None."""
+    texts = [text for text in texts if text]
+    folded = [fold(text) for text in texts]
+    for entry in words:
+        compiled = _word_pattern(entry)
+        if compiled is not None and any(compiled.search(text) for text in folded):
+            return Banned(entry, "word")
+    candidates = [*(text.casefold() for text in texts), *folded]
+    for entry in patterns:
+        compiled = regex.compile(entry, regex.IGNORECASE | regex.V1)
+        for text in candidates:
+            try:
+                if compiled.search(text, timeout=PATTERN_SECONDS):
+                    return Banned(entry, "pattern")
+            except TimeoutError:  # a pattern that backtracks without end: the prompt is refused, not waited on
+                return Banned(entry, "pattern")
+    return None

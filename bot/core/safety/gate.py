@@ -136,7 +136,7 @@ class SafetyGate:
         try:
             await self.check_member(server, who)
         except MemberBlocked as err:
-            raise await self._refuse(server, who, new.kind, str(err), _prompt_of(new)) from None
+            raise await self._refuse(server, who, new.kind, str(err), _prompt_of(new), MemberBlocked) from None
         rules = await self.rules(server)
         images = []
         for seed, workflow in new.images:
@@ -193,14 +193,15 @@ class SafetyGate:
                                      "channel does not take such images; use an NSFW channel or another image", "")
         return score
 
-    async def _refuse(self, server: str, who: Requester, door: str, reason: str, text: str) -> RuleRefused:
+    async def _refuse(self, server: str, who: Requester, door: str, reason: str, text: str,
+                      kind: type[RuleRefused] = RuleRefused) -> RuleRefused:
         """Record a refusal, report it to the log channel, and return the error for the member."""
         try:
             await self.store.add_refusal(server, who.user_id, door, reason, text)
         except Exception as err:  # noqa: BLE001 - the refusal stands even when it cannot be recorded
             log.warning("could not record a refusal in server %s: %s", server, err)
         self._log(server, f"🚫 refused {door} by {_member(who)}: {reason}" + (f"\n> {text[:300]}" if text else ""), ())
-        return RuleRefused(reason)
+        return kind(reason)
 
     # -- after sampling --------------------------------------------------------------------------
 

@@ -38,12 +38,24 @@ class Banned:
 
 
 def fold(text: str) -> str:
-    """`text` as banned words are matched against it: folded words separated by single spaces."""
+    """`text` as banned words are matched against it: folded words separated by single spaces, a run of single
+    letters joined into one word."""
+    return " ".join(_folded(text))
+
+
+def _spelled_out(text: str) -> list[str]:
+    """Each run of two or more single letters in `text`, joined: `a n.u.d.e figure` -> ["anude"] (the article
+    joins too, so a banned word is looked for inside these, not only as the whole run)."""
+    return _folded(text, runs_only=True)
+
+
+def _folded(text: str, *, runs_only: bool = False) -> list[str]:
     decomposed = unicodedata.normalize("NFKD", text)
     plain = "".join(char for char in decomposed if unicodedata.category(char) not in ("Mn", "Me", "Cf"))
     lowered = plain.casefold()
-    # digits stand in for letters only inside a word that has letters: weights (1.3) and sizes stay numbers
-    lowered = _WORD_WITH_SIGNS.sub(lambda match: match.group(0).translate(_LEET), lowered)
+    # digits stand in for letters only inside a word that is mostly letters: weights (1.3) and sizes (512x512)
+    # stay numbers
+    lowered = _WORD_WITH_SIGNS.sub(_unleet, lowered)
     words = _NOT_WORD.sub(" ", lowered).split()
     joined: list[str] = []
     run: list[str] = []
@@ -51,12 +63,18 @@ def fold(text: str) -> str:
         if len(word) == 1 and word.isalpha():
             run.append(word)
             continue
-        if run:
-            joined.append("".join(run) if len(run) > 1 else run[0])
-            run = []
-        if word:
+        if run and (len(run) > 1 or not runs_only):
+            joined.append("".join(run))
+        run = []
+        if word and not runs_only:
             joined.append(word)
-    return " ".join(joined)
+    return joined
+
+
+def _unleet(match: regex.Match[str]) -> str:
+    word = match.group(0)
+    letters = sum(char.isalpha() for char in word)
+    return word.translate(_LEET) if letters >= len(word) - letters else word
 
 
 def _word_pattern(entry: str) -> regex.Pattern[str] | None:
@@ -72,9 +90,13 @@ def find_banned(texts: Iterable[str], words: Iterable[str], patterns: Iterable[s
     """The first banned word or pattern found in any of `texts`, else None."""
     texts = [text for text in texts if text]
     folded = [fold(text) for text in texts]
+    spelled = [run for text in texts for run in _spelled_out(text)]
     for entry in words:
         compiled = _word_pattern(entry)
         if compiled is not None and any(compiled.search(text) for text in folded):
+            return Banned(entry, "word")
+        letters = fold(entry.strip("*")).replace(" ", "")
+        if len(letters) > 2 and any(letters in run for run in spelled):  # `a n u d e`: the run took the article
             return Banned(entry, "word")
     candidates = [*(text.casefold() for text in texts), *folded]
     for entry in patterns:

@@ -49,3 +49,9 @@ def png_file(size: tuple[int, int] = (72, 64), mode: str = "RGB", color: Any = (
     buffer = io.BytesIO()
     Image.new(mode, size, color).save(buffer, format="PNG")
     return "wall.png", buffer.getvalue()
+
+
+def mark_nsfw(bot: Any, channel: Any) -> None:
+    """Mark `channel` age-restricted as the bot sees it. SimCord 3.2.1 keeps no NSFW flag on channels (its channel
+    payloads carry none), so the bot's cached channel gets the flag a CHANNEL_UPDATE from Discord would set."""
+    bot.get_channel(channel.id).nsfw = True

@@ -7,7 +7,11 @@ once from 50 people while the worker is running a long job, through thin stand-i
 interactions. Measured per command: arrival -> `defer()` (the acknowledgement) and arrival -> queued
 (the status edit saying where it is in the queue). Then, the worker still busy, as many people press U1 under one
 finished result at once through the real button handler (bot/discord_app/cogs/buttons.py): press -> `defer()`.
-The last line is JSON for scripts.
+
+The NSFW classifier (issue 18) scores each result after sampling, in a worker thread. To show what that costs the
+acknowledgements, the whole burst runs twice, side by side: once as above, once with the classifier scoring
+512x512 PNGs flat out on its thread throughout (more than any real stream of results asks of it). Its own latency
+per result, median and p99, is measured on the same PNG. The last line is JSON for scripts.
 """
 
 from __future__ import annotations
@@ -63,8 +67,10 @@ class _Interaction:
         self.edits.append(content)
 
 
-async def measure(models_dir: Path, commands: int, busy_steps: int = BUSY_STEPS) -> dict[str, Any]:
-    """The measurement itself (the tests run it small): ack and queued latencies of `commands` arrivals."""
+async def measure(models_dir: Path, commands: int, busy_steps: int = BUSY_STEPS, *,
+                  scoring: bool = False) -> dict[str, Any]:
+    """The measurement itself (the tests run it small): ack and queued latencies of `commands` arrivals;
+    `scoring`: with the NSFW classifier busy on its thread the whole time."""
     from bot.core.requests.imagine import Allowed
     from bot.core.storage.store import Store
     from bot.core.studio import Studio
@@ -98,6 +104,7 @@ async def measure(models_dir: Path, commands: int, busy_steps: int = BUSY_STEPS)
         async for event in studio.results.follow(busy.job_id):  # wait until the worker is really running it
             if event.kind in ("started", "progress", "done", "failed"):
                 break
+        classifier = _keep_scoring(studio, root) if scoring else None
         interactions = [_Interaction(1000 + n) for n in range(commands)]
         tasks = []
         for n, interaction in enumerate(interactions):  # all arrive at once, one task each, as discord.py does
@@ -112,6 +119,7 @@ async def measure(models_dir: Path, commands: int, busy_steps: int = BUSY_STEPS)
             if info.job_id != busy.job_id:
                 await engine.cancel(info.job_id)
         presses = await _press_burst(studio, buttons, finished, commands)
+        scored = await _stop(classifier)
         still_busy = engine.handle(busy.job_id) is not None and any(
             info.job_id == busy.job_id for info in engine.jobs())
     finally:
@@ -138,7 +146,61 @@ async def measure(models_dir: Path, commands: int, busy_steps: int = BUSY_STEPS)
         "press_ack_p99_ms": round(percentile(presses["acks"], 0.99), 2),
         "press_ack_max_ms": round(max(presses["acks"]), 2),
         "press_queued": presses["queued"],
+        "scored_meanwhile": scored,
     }
+
+
+def _keep_scoring(studio: Any, root: Path) -> tuple[asyncio.Task[int], asyncio.Event]:
+    """Score a 512x512 PNG again and again on the classifier's thread until told to stop; the task counts them."""
+    png = _bench_png(root)
+    stop = asyncio.Event()
+
+    async def loop() -> int:
+        count = 0
+        while not stop.is_set():
+            await studio.gate.scorer.score_files([png])
+            count += 1
+        return count
+
+    return asyncio.create_task(loop()), stop
+
+
+async def _stop(classifier: tuple[asyncio.Task[int], asyncio.Event] | None) -> int:
+    if classifier is None:
+        return 0
+    task, stop = classifier
+    stop.set()
+    return await task
+
+
+def _bench_png(root: Path) -> Path:
+    """A 512x512 PNG as a result would be (noise: the classifier's cost does not depend on what it shows)."""
+    import numpy as np
+    from PIL import Image
+
+    path = root / "bench-512.png"
+    if not path.exists():
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+async def classifier_latency(samples: int = 100) -> dict[str, float]:
+    """The classifier's added time per result, as the result collector pays it: a 512x512 PNG read, scored on the
+    worker thread and handed back to the loop, `samples` times after one warm-up (the model loads once)."""
+    from bot.core.safety.nsfw import NsfwScorer
+
+    root = Path(tempfile.mkdtemp(prefix="noodle-bench-nsfw-"))
+    png, scorer = _bench_png(root), NsfwScorer()
+    started = time.perf_counter()
+    await scorer.score_files([png])
+    first = (time.perf_counter() - started) * 1000
+    times = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        await scorer.score_files([png])
+        times.append((time.perf_counter() - started) * 1000)
+    return {"first_ms": round(first, 1), "p50_ms": round(percentile(times, 0.5), 1),
+            "p99_ms": round(percentile(times, 0.99), 1), "samples": samples}
 
 
 async def _finished_result(studio: Any) -> int:
@@ -176,7 +238,9 @@ def bench_bot(models_dir: Path, commands: int = 50) -> int:
     from engine.tiny import write_tiny_models
 
     write_tiny_models(models_dir)
+    latency = asyncio.run(classifier_latency())  # first: its first call is the model's one load in this process
     result = asyncio.run(measure(models_dir, commands))
+    busy = asyncio.run(measure(models_dir, commands, scoring=True))
     print(f"/imagine acknowledgement, {commands} commands at once while the engine runs a {BUSY_STEPS}-step job")
     print(f"  arrival -> defer    p50 {result['ack_p50_ms']:8.2f} ms   p99 {result['ack_p99_ms']:8.2f} ms "
           "(Discord's limit: 3000 ms; aim: p99 < 100 ms)")
@@ -186,5 +250,12 @@ def bench_bot(models_dir: Path, commands: int = 50) -> int:
     print(f"U1 button presses, {result['presses']} people at once on one result, the engine still busy")
     print(f"  press -> defer      p50 {result['press_ack_p50_ms']:8.2f} ms   p99 {result['press_ack_p99_ms']:8.2f} ms "
           f"({result['press_queued']} upscales queued)")
-    print(json.dumps(result, ensure_ascii=False))
+    print(f"the same with the NSFW classifier scoring 512 px PNGs on its thread throughout "
+          f"({busy['scored_meanwhile']} scored meanwhile)")
+    print(f"  arrival -> defer    p50 {busy['ack_p50_ms']:8.2f} ms   p99 {busy['ack_p99_ms']:8.2f} ms   "
+          f"(p99 ratio to the run without: {busy['ack_p99_ms'] / max(result['ack_p99_ms'], 1e-9):.2f})")
+    print(f"  press -> defer      p50 {busy['press_ack_p50_ms']:8.2f} ms   p99 {busy['press_ack_p99_ms']:8.2f} ms")
+    print(f"NSFW classifier per result (512x512 PNG, off the loop): p50 {latency['p50_ms']} ms, p99 "
+          f"{latency['p99_ms']} ms over {latency['samples']}; the first (loading the model) {latency['first_ms']} ms")
+    print(json.dumps({**result, "with_classifier": busy, "classifier": latency}, ensure_ascii=False))
     return 0

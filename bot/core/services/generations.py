@@ -199,9 +199,11 @@ class Generations:
                      origin: Origin, *, prepared: tuple[PreparedImage, ...] = (),
                      parent: Generation | None = None) -> Ticket:
         self.queue.check_room(who, count)
+        # the server it belongs to, whose rules apply: where it is posted, else its parent's (a 🔁 in DMs on a
+        # private result made in a server stays that server's), else the member's
+        guild = origin.guild_id or (parent.guild_id if parent else None) or who.guild_id
         if self.queue.gate is not None:  # shown on the card and in the PNG as what the sampler was given
-            params = replace(params, negative=await self.queue.gate.with_enforced(origin.guild_id or who.guild_id,
-                                                                                  params.negative))
+            params = replace(params, negative=await self.queue.gate.with_enforced(guild, params.negative))
         # A name of its own per image: SaveImage is cached like any node (as in ComfyUI), so the same graph
         # twice would hand back the first run's files, which a 🗑️ on that first result then removes.
         images = [(params.seed + n, build_workflow(replace(
@@ -218,7 +220,7 @@ class Generations:
             raise
         new = NewGeneration(kind=kind, front=self.queue.front, requester_id=who.user_id, request=request,
                             params=dump_params(replace(params, batch_size=1)), model_name=params.checkpoint,
-                            images=images, guild_id=origin.guild_id or who.guild_id, channel_id=origin.channel_id,
+                            images=images, guild_id=guild, channel_id=origin.channel_id,
                             parent_id=parent.id if parent else None)
         try:
             return await self.queue.enqueue(new, who, origin, summary_of(params, count))

@@ -83,7 +83,9 @@ class Workflows:
                             params={**params, "checkpoints": checkpoints, "seeds": seeds},
                             model_name=checkpoints[0] if checkpoints else "",
                             images=[(first_seed, ready)],  # the store keeps seeds up to 2**64 - 1
-                            guild_id=origin.guild_id or who.guild_id, channel_id=origin.channel_id,
+                            # a 🔁 in DMs of a result made in a server stays that server's (its rules apply)
+                            guild_id=origin.guild_id or (parent.guild_id if parent else None) or who.guild_id,
+                            channel_id=origin.channel_id,
                             parent_id=parent.id if parent else None)
         summary = workflow_summary(filename, checkpoints, seeds)
         if checked.partial_errors:  # ComfyUI runs the outputs that passed; say which did not

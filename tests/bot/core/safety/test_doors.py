@@ -231,3 +231,18 @@ async def test_the_enforced_negative_reaches_every_sampler_once(env: Env) -> Non
     flow = (await env.finish(await env.studio.workflows.run(_text_workflow("a fox"), "fox.json", ALICE,
                                                             _origin(env)))).generation
     assert flow.workflow["6"]["inputs"]["text"] == "blurry, ugly, watermark"
+
+
+async def test_a_reroll_from_dms_of_a_private_result_keeps_the_servers_rules(env: Env) -> None:
+    private = await _made(env, "a red fox", private=True)
+    assert private.guild_id == GUILD
+    await _rules(env, banned_words=("fox",), enforced_negative="watermark")
+    in_dms, dm_origin = Requester(ALICE.user_id, None, "alice"), Origin("10042", None)
+    with pytest.raises(RuleRefused, match="'fox'"):  # the 🔁 under the DM'd result names no server
+        await env.studio.generations.reroll(private.id, in_dms, dm_origin)
+    await _rules(env, enforced_negative="watermark")
+    again = (await env.finish(await env.studio.generations.reroll(private.id, in_dms, dm_origin))).generation
+    assert again.guild_id == GUILD and again.private and again.params["negative"] == "watermark"
+    await env.studio.moderation.block(MANAGER, ALICE.user_id, "")
+    with pytest.raises(MemberBlocked):
+        await env.studio.generations.reroll(private.id, in_dms, dm_origin)

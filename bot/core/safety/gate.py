@@ -27,7 +27,7 @@ from typing import Any
 
 from bot.core.errors import RequestInvalid
 from bot.core.front_end import Requester
-from bot.core.safety.graph import NegativeNotApplied, model_files, prompt_texts, with_negative
+from bot.core.safety.graph import NegativeNotApplied, model_files, negative_only, prompt_texts, with_negative
 from bot.core.safety.nsfw import NsfwScorer, UnreadableImage
 from bot.core.safety.rules import ImageAction, ServerRules
 from bot.core.safety.words import Banned, find_banned, fold
@@ -65,8 +65,10 @@ class SafetyGate:
     """Rules per server, member blocks, prompt and model checks, and the classifier's verdict on images."""
 
     def __init__(self, store: Store, settings: SafetySettings, scorer: NsfwScorer | None, *,
-                 home_server: str | None = None) -> None:
+                 home_server: str | None = None, owner_negative: str = "") -> None:
         self.store, self.settings, self.scorer = store, settings, scorer
+        # [bot] default_negative: the owner's words, put in a negative for members who give none (never theirs)
+        self.owner_negative = owner_negative.strip()
         self.home_server = home_server  # the server of requests that name none (the console's own)
         self.report: Report | None = None  # set by the front end that can post to a log channel
         self._tasks: set[asyncio.Task[None]] = set()
@@ -124,6 +126,8 @@ class SafetyGate:
             return
         rules = await self.rules(server)
         for label, text in texts.items():
+            if label == "negative":
+                text = self._members_part(text, rules)
             found = find_banned([text], rules.banned_words, rules.banned_patterns)
             if found is not None:
                 raise await self._refuse(server, who, door, _banned_line(found, f"your {label}"), text)
@@ -155,13 +159,17 @@ class SafetyGate:
         if not workflow_kind:  # Noodle's own graph: name the member's words as they know them
             for label in ("prompt", "negative"):
                 text = new.params.get(label)
+                if label == "negative" and isinstance(text, str):
+                    text = self._members_part(text, rules)
                 found = find_banned([text], rules.banned_words, rules.banned_patterns) if isinstance(text, str) \
                     else None
                 if found is not None:
                     return _banned_line(found, f"the {label}" + (" (after its style, preset and wildcards)"
                                                                 if label == "prompt" else ""))
+        negatives = negative_only(workflow)
         for box in prompt_texts(workflow):
-            found = find_banned([box.text], rules.banned_words, rules.banned_patterns)
+            text = self._members_part(box.text, rules) if box.node_id in negatives else box.text
+            found = find_banned([text], rules.banned_words, rules.banned_patterns)
             if found is not None:
                 where = f"node {box.node_id} ({box.class_type}) {box.name}" if workflow_kind else "the prompt"
                 return _banned_line(found, where)
@@ -175,6 +183,14 @@ class SafetyGate:
             if not rules.lora_allowed(name) or found is not None:
                 return f"LoRA {name!r} is not allowed on this server" + _allowed_hint(rules.loras_allowed, "LoRAs")
         return None
+
+    def _members_part(self, negative: str, rules: ServerRules) -> str:
+        """A negative without the words the server enforces and the owner's default negative: a moderator who bans
+        `nsfw` and enforces `nsfw, nude` as the negative must not see every request refused for its own words."""
+        for phrase in (rules.enforced_negative.strip(), self.owner_negative):
+            if phrase:
+                negative = negative.replace(phrase, " ")
+        return negative
 
     async def check_upload(self, guild_id: str | None, channel_id: str | None, nsfw_channel: bool, who: Requester,
                            door: str, data: bytes, option: str) -> float | None:

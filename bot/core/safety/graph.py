@@ -6,7 +6,9 @@ rules are checked on those graphs, after everything that could hide a word has b
 - `prompt_texts`: every prompt box of the graph (the multiline STRING inputs: CLIPTextEncode's `text`,
   CLIPTextEncodeSDXL's `text_g` and `text_l`, ...), positive or negative;
 - `model_files`: every checkpoint and LoRA a loader names (the inputs whose choices are those folders);
-- `with_negative`: the graph with the server's enforced negative in every sampler's negative conditioning.
+- `with_negative`: the graph with the server's enforced negative in every sampler's negative conditioning;
+  `negative_only`: the text encodes that feed negatives alone (where the owner's own negative words are not the
+  member's to answer for).
 
 The node catalog (engine/nodes) says which inputs are prompt boxes, model names and conditioning, so a node
 added to the engine later is covered without a list here.
@@ -24,7 +26,7 @@ from engine.graph import is_link
 from engine.nodes import catalog
 from engine.nodes.base import InputSpec
 
-__all__ = ["NegativeNotApplied", "PromptText", "model_files", "prompt_texts", "with_negative"]
+__all__ = ["NegativeNotApplied", "PromptText", "model_files", "negative_only", "prompt_texts", "with_negative"]
 
 CONDITIONING = "CONDITIONING"
 
@@ -110,6 +112,16 @@ def _encodes_behind(workflow: dict[str, Any], link: Any) -> set[str]:
         specs = _specs(class_type)
         todo += [value for name, value in inputs.items() if specs.get(name) and specs[name].type == CONDITIONING]
     return found
+
+
+def negative_only(workflow: dict[str, Any]) -> set[str]:
+    """The text encodes whose conditioning reaches samplers only as their negative (never as a positive)."""
+    samplers = _samplers(workflow)
+    negatives = set().union(*(_encodes_behind(workflow, workflow[s]["inputs"]["negative"]) for s in samplers)) \
+        if samplers else set()
+    positives = set().union(*(_encodes_behind(workflow, workflow[s]["inputs"].get("positive")) for s in samplers)) \
+        if samplers else set()
+    return negatives - positives
 
 
 def _samplers(workflow: dict[str, Any]) -> list[str]:

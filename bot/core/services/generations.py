@@ -78,14 +78,19 @@ class Generations:
                      context: RequestContext | None = None) -> Ticket:
         """Queue `request` for `who`, one job per image (seeds seed, seed+1, ...); nothing changes when refused."""
         context = context or await self.models.context()
+        origin = origin or Origin()
+        gate, guild = self.queue.gate, origin.guild_id or who.guild_id
         checkpoint = self.models.pick_checkpoint(request.model, list(context.checkpoints))
+        if gate is not None and not request.model:  # no model asked for: the default, or the first the server allows
+            rules = await gate.rules(guild)
+            if not rules.checkpoint_allowed(checkpoint):
+                checkpoint = next((name for name in sorted(context.checkpoints) if rules.checkpoint_allowed(name)),
+                                  checkpoint)  # none allowed at all: the queue's check says so
         arch = await self.models.architecture(checkpoint)
         controlnet_arch = None
         if request.controlnet:  # the name resolves (the request checked it); its family from the header
             controlnet_arch = await self.models.controlnet_arch(
                 resolve_name("ControlNet", request.controlnet, context.controlnets, "models/controlnet"))
-        origin = origin or Origin()
-        gate, guild = self.queue.gate, origin.guild_id or who.guild_id
         if gate is not None:  # the words as typed: an inline {cat|nude} is refused whichever the seed picks
             await gate.check_member(guild, who)
             await gate.check_typed(guild, who, "imagine", {"prompt": request.prompt,

@@ -148,7 +148,7 @@ async def test_blocked_models_and_a_blocked_member_are_refused_at_every_door(env
     first = await _made(env)
     await _rules(env, checkpoints_blocked=("tiny-sd15",))
     with pytest.raises(RuleRefused, match="checkpoint 'tiny-sd15.safetensors' is not allowed"):
-        await env.run({"prompt": "a cat", **SMALL}, ALICE)
+        await env.run({"prompt": "a cat", "model": "tiny-sd15", **SMALL}, ALICE)
     with pytest.raises(RuleRefused, match="not allowed"):
         await env.studio.generations.reroll(first.id, ALICE, _origin(env))
     await _rules(env, loras_allowed=("tiny-lora-b",))
@@ -246,3 +246,25 @@ async def test_a_reroll_from_dms_of_a_private_result_keeps_the_servers_rules(env
     await env.studio.moderation.block(MANAGER, ALICE.user_id, "")
     with pytest.raises(MemberBlocked):
         await env.studio.generations.reroll(private.id, in_dms, dm_origin)
+
+
+async def test_the_servers_and_the_owners_own_negative_words_are_not_held_against_a_member(env: Env) -> None:
+    await _rules(env, banned_words=("nsfw",), enforced_negative="nsfw, nude")
+    made = await _made(env, negative="blurry")  # the enforced negative holds the banned word: not the member's
+    assert made.params["negative"] == "blurry, nsfw, nude"
+    again = (await env.finish(await env.studio.generations.reroll(made.id, ALICE, _origin(env)))).generation
+    assert again.params["negative"] == "blurry, nsfw, nude"
+    remixed = await env.studio.actions.remix(made.id, ALICE, {"steps": "3"}, _origin(env))  # the form holds it too
+    assert (await env.finish(remixed)).error is None
+    with pytest.raises(RuleRefused, match="negative contains the word 'nsfw'"):  # typed by the member: refused
+        await env.run({"prompt": "a cat", "negative": "nsfw, blurry", **SMALL}, ALICE)
+    with pytest.raises(RuleRefused, match="'nsfw'"):  # the enforced words in a positive are the member's
+        await env.run({"prompt": "a cat, nsfw, nude", **SMALL}, ALICE)
+
+
+async def test_without_a_model_asked_for_the_first_checkpoint_the_server_allows_is_used(env: Env) -> None:
+    await _rules(env, checkpoints_allowed=("tiny-sd15-b",))
+    made = await _made(env)  # [bot] default_model is tiny-sd15, which this server does not allow
+    assert made.model_name == "tiny-sd15-b.safetensors"
+    with pytest.raises(RuleRefused, match="the checkpoints allowed here: tiny-sd15-b"):
+        await env.run({"prompt": "a cat", "model": "tiny-sd15", **SMALL}, ALICE)

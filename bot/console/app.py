@@ -89,9 +89,7 @@ class ConsolePublisher:
             self._print(blocked_text(generation) + " (/mod history lists it)")
             return None
         lines = [card_text(result_card(generation))] + [f"wrote {path}" for path in generation.images]
-        if generation.safety == "spoiler":
-            lines.insert(1, f"spoiler: NSFW score {generation.nsfw_score or 0:.2f}, over the threshold (Discord shows "
-                            "such a result behind a spoiler)")
+
         lines.append(f"press: {press_words(generation)}")  # the buttons a Discord result has, as `press` takes them
         self._print("\n".join(lines))
         return None

@@ -10,6 +10,7 @@ Also here: the status, failure and /history lines, and the label a request is li
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from bot.core.cards.card import FIELD_CHARS, PROMPT_CHARS, Card, first_sampler, seconds_text, token_usage, truncate
@@ -114,7 +115,7 @@ def _action(generation: Generation) -> tuple[str, str] | None:
 def result_card(generation: Generation) -> Card:
     """The card of a finished generation, from its stored row."""
     if is_workflow(generation):
-        return workflow_card(generation)
+        return _with_safety(generation, workflow_card(generation))
     params = generation.params
     model = display_name(generation.model_name)
     count = max(1, len(generation.images) or len(generation.jobs))
@@ -154,7 +155,16 @@ def result_card(generation: Generation) -> Card:
         fields.append(("Missing", truncate(generation.error, FIELD_CHARS)))
     if generation.request.get("notes"):
         fields.append(("⚠️ Note", truncate("; ".join(generation.request["notes"]), FIELD_CHARS)))
-    return Card(_title(generation), truncate(params.get("prompt", ""), PROMPT_CHARS), tuple(fields), footer)
+    return _with_safety(generation, Card(_title(generation), truncate(params.get("prompt", ""), PROMPT_CHARS),
+                                         tuple(fields), footer))
+
+
+def _with_safety(generation: Generation, card: Card) -> Card:
+    """The card, with a line saying why it is behind a spoiler when the server's rules put it there."""
+    if generation.safety != "spoiler":
+        return card
+    line = ("NSFW", f"classifier score {generation.nsfw_score or 0:.2f}: behind a spoiler by this server's rules")
+    return replace(card, fields=(*card.fields, line))
 
 
 def card_text(card: Card) -> str:

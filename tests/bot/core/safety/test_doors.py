@@ -195,6 +195,8 @@ async def test_a_workflow_result_over_the_threshold_is_held_back_and_so_is_its_r
     shown = await env.finish(await env.studio.generations.reroll(held.id, ALICE, _origin(env)))
     assert (await env.store.get(shown.generation.id)).safety == "spoiler"
     assert all(f.filename.startswith("SPOILER_") for f in env.channel.results()[-1].files)
+    nsfw = next(field for field in env.channel.results()[-1].embed.fields if field.name == "NSFW")
+    assert nsfw.value.startswith("classifier score 0.") and "behind a spoiler" in nsfw.value
 
 
 async def test_every_door_that_samples_passes_the_classifier_before_it_is_shown(env: Env) -> None:

@@ -83,7 +83,7 @@ def add_engine_commands(sub: argparse._SubParsersAction, defaults: Any, *,
     worker.set_defaults(handler=lambda a: _worker(a, defaults))
 
     every = {"engine": Bench(_bench_engine), "queue": Bench(_bench_queue), "cluster": Bench(_bench_cluster),
-             **(benches or {})}
+             "comfy": Bench(lambda a: _bench_comfy(a, defaults), _bench_comfy_options), **(benches or {})}
     bench = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     bench.add_argument("what", choices=list(every))
     bench.add_argument("--models", type=Path, default=Path(".cache/models"))
@@ -247,6 +247,28 @@ def _bench_cluster(args: argparse.Namespace) -> int:
     from engine.cluster.bench import bench_cluster
 
     return bench_cluster(args.models)
+
+
+def _bench_comfy_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--comfy", default=None, metavar="URL",
+                        help="comfy: the running ComfyUI to time against, e.g. http://127.0.0.1:8199")
+    parser.add_argument("workflows", nargs="*", type=Path, default=[],
+                        help="comfy: API-format workflow files, run on both sides (models from --models)")
+
+
+def _bench_comfy(args: argparse.Namespace, defaults: Any) -> int:
+    from engine.bench_comfy import ComfyError, bench_comfy
+
+    if not args.comfy or not args.workflows:
+        print("noodle bench comfy needs --comfy URL and one or more workflow files (Save (API Format)); their "
+              "models must be in --models here and in that ComfyUI's models folder")
+        return 2
+    try:
+        return bench_comfy(args.comfy, args.workflows, args.models, repeats=args.repeats,
+                           engine=defaults.engine, limits=defaults.limits)
+    except ComfyError as err:
+        print(err)
+        return 1
 
 
 def _bench_engine(args: argparse.Namespace) -> int:

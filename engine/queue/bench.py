@@ -2,7 +2,8 @@
 
 - 8 compatible jobs as one sampler batch against the same 8 run one by one (throughput ratio);
 - switching the LoRA set of a loaded checkpoint against loading a checkpoint from disk (time ratio);
-- a job whose checkpoint is cached against the same job from a cold start (time ratio);
+- a job whose checkpoint is cached against the same job from a cold start (time ratio), and the checkpoint loader
+  step alone in each (the node's own time in the run: with the checkpoint cached it only hands out references);
 - the service's own cost per job: its wall time for a run of jobs less the executor's time inside them
   (validation, SQLite writes, the hand-off to the worker thread, events).
 
@@ -106,7 +107,7 @@ async def _through_service(service: EngineService, workflows: list[dict[str, Any
 async def _measure(executor: Executor, db: Path, repeats: int) -> dict[str, list[float]]:
     seeds = count(1000)
     times: dict[str, list[float]] = {k: [] for k in ("solo", "batch", "switch", "load", "cached_job", "cold_job",
-                                                     "service", "in_executor")}
+                                                     "loader_cached", "loader_cold", "service", "in_executor")}
     executor.run(_workflows(seeds, 1)[0])  # load once: the first run pays for lazy imports and allocations
     service = EngineService(executor, db, QueueSettings(batch_max=1, per_user_max=BATCH, global_max=4 * BATCH))
     await service.start()
@@ -121,11 +122,14 @@ async def _measure(executor: Executor, db: Path, repeats: int) -> dict[str, list
             times["switch"].extend(_timed(switches[(repeat + n) % 2]) for n in range(2))
             times["load"].append(_timed(_cold_load(executor)))
             job = _workflows(seeds, 1)[0]
-            _fresh(executor)
-            times["cached_job"].append(_timed(lambda: executor.run(job)))
-            executor.models.unload_all()
-            _fresh(executor)
-            times["cold_job"].append(_timed(lambda: executor.run(job)))
+            loader = next(node_id for node_id, node in job.items() if node["class_type"] == "CheckpointLoaderSimple")
+            for state in ("cached", "cold"):
+                if state == "cold":
+                    executor.models.unload_all()
+                _fresh(executor)
+                runs: list[Any] = []
+                times[f"{state}_job"].append(_timed(lambda: runs.append(executor.run(job))))
+                times[f"loader_{state}"].append(runs[0].meta["timings"][loader])
             wall, inside = await _through_service(service, _workflows(seeds))
             times["service"].append(wall)
             times["in_executor"].append(inside)
@@ -153,13 +157,20 @@ def bench_queue(models_dir: Path, repeats: int = 5) -> int:
     print(f"  LoRA set switch               {med['switch'] * 1000:8.2f} ms   (adapters resident, UNet + CLIP)")
     print(f"  checkpoint load from disk     {med['load'] * 1000:8.1f} ms")
     print(f"  job, checkpoint cached        {med['cached_job'] * 1000:8.1f} ms")
-    print(f"  job, cold (load from disk)    {med['cold_job'] * 1000:8.1f} ms")
+    print(f"  job, cold (load from disk)    {med['cold_job'] * 1000:8.1f} ms   "
+          f"(cached / cold: {med['cached_job'] / med['cold_job']:.3f})")
+    print(f"  loader step, cached           {med['loader_cached'] * 1000:8.3f} ms   "
+          f"(cold: {med['loader_cold'] * 1000:.1f} ms; cached / cold: {med['loader_cached'] / med['loader_cold']:.4f},"
+          " aim <= 0.01)")
     print(f"  {BATCH} jobs through the service  {med['service'] * 1000:8.1f} ms   "
           f"of which the executor ran {med['in_executor'] * 1000:.1f} ms: {overhead_ms:.2f} ms a job of scheduling")
     summary = {
         "batch_speedup": round(med["solo"] / med["batch"], 3),
         "lora_switch_vs_load": round(med["switch"] / med["load"], 4),
         "cached_vs_cold_load": round(med["cached_job"] / med["cold_job"], 3),
+        "loader_cached_vs_cold": round(med["loader_cached"] / med["loader_cold"], 5),
+        "loader_cached_ms": round(med["loader_cached"] * 1000, 3),
+        "loader_cold_ms": round(med["loader_cold"] * 1000, 1),
         "overhead_ms_per_job": round(overhead_ms, 2),
         "solo_ms": round(med["solo"] * 1000, 1),
         "batch_ms": round(med["batch"] * 1000, 1),

@@ -119,7 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     """The `noodle` entry point."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and configs ship with the project; never ask a hub
     settings = Settings()
-    args = build_parser(settings).parse_args(argv)
+    parser = build_parser(settings)
+    # `noodle bench comfy --comfy URL A.json B.json`: files after an option are its workflows (argparse would have
+    # taken none: the positionals were consumed with the bench's name); anything else left over is an error
+    args, extra = parser.parse_known_args(argv)
+    if extra and (getattr(args, "what", None) != "comfy" or any(item.startswith("-") for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.workflows = [*args.workflows, *(Path(item) for item in extra)]
+    if getattr(args, "workflows", None) and args.what != "comfy":
+        parser.error(f"noodle bench {args.what} takes no workflow files; `noodle bench comfy` does")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries(verbose=args.verbose)

@@ -121,3 +121,18 @@ def test_bench_comfy_runs_noodle_for_real_and_ends_with_the_ratio(comfy: str, ti
     assert result["vs_comfy"] == row["ratio"]  # one workflow: the overall ratio is its own
     assert len(_Comfy.received) == 3 and lines[0].startswith("fox.json: Noodle ")
     assert len(list((tmp_path / "out").glob("bench-comfy_*.png"))) == 3  # Noodle really ran it, warm-up included
+
+
+def test_the_cli_takes_the_workflow_files_after_the_options(tiny_models: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot.cli import main
+
+    monkeypatch.setenv("NOODLE_ENGINE__OUTPUT_DIR", str(tmp_path / "out"))
+    path = tmp_path / "fox.json"
+    path.write_text(json.dumps(_workflow()), encoding="utf-8")
+    code = main(["bench", "comfy", "--comfy", "http://127.0.0.1:9", "--models", str(tiny_models), str(path)])
+    assert code == 1 and "ComfyUI at http://127.0.0.1:9 cannot be reached" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # another bench takes no files
+        main(["bench", "queue", str(path)])
+    assert "noodle bench queue takes no workflow files" in capsys.readouterr().err

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.workflows = [*args.workflows, *(Path(item) for item in extra)]
-    if getattr(args, "workflows", None) and args.what != "comfy":
+    if getattr(args, "workflows", None) and getattr(args, "what", "comfy") != "comfy":  # `noodle run` has no `what`
         parser.error(f"noodle bench {args.what} takes no workflow files; `noodle bench comfy` does")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -340,6 +340,9 @@ class _Silent:
 
 
 async def _read_image(path_text: str, allowed: Allowed, option: str = "image") -> ImageUpload:
+    if "\x00" in path_text:  # no file system takes it (Python raises ValueError, not OSError)
+        raise RequestInvalid(f"{option}: {path_text.strip()!r} holds a NUL character, which no file name can; give "
+                             "the path of a PNG, JPEG or WebP file")
     path = Path(path_text.strip()).expanduser()
     try:  # at most the limit + 1 bytes: a device like /dev/zero never ends
         data = await asyncio.to_thread(read_capped, path, allowed.max_attachment_bytes)

@@ -70,6 +70,9 @@ def read_workflow_file(path_text: str, limit: int) -> tuple[bytes, str]:
     """A local workflow file's bytes and name (`noodle chat`), its size checked before it is read."""
     if not path_text.strip():
         raise RequestInvalid("write /workflow PATH, e.g. /workflow my-graph.json (a ComfyUI API-format export)")
+    if "\x00" in path_text:  # no file system takes it (Python raises ValueError, not OSError)
+        raise RequestInvalid(f"workflow: {path_text.strip()!r} holds a NUL character, which no file name can; give "
+                             "the path of a ComfyUI API-format .json file")
     path = Path(path_text.strip()).expanduser()
     try:
         check_size(path.name, path.stat().st_size, limit)

@@ -146,3 +146,15 @@ async def test_local_files_are_read_bounded_and_a_device_is_refused(env: Env, tm
         "error: image: cannot read /dev/zero (not a regular file); give the path of a PNG, JPEG or WebP file",
         "error: workflow: cannot read /dev/zero (not a regular file); give the path of a ComfyUI API-format .json "
         "file"]
+
+
+async def test_a_path_with_a_nul_character_is_refused_by_name(env: Env, tmp_path: Path) -> None:
+    # Path.stat() raises ValueError, not OSError, for it (found by test_hostile_fuzz)
+    code, printed = await session(env, ["/workflow a\x00b.json", f"/imagine prompt: a fox image: x\x00.png {SMALL}"],
+                                  tmp_path)
+    assert code == 1
+    assert errors(printed) == [
+        "error: workflow: 'a\\x00b.json' holds a NUL character, which no file name can; give the path of a "
+        "ComfyUI API-format .json file",
+        "error: image: 'x\\x00.png' holds a NUL character, which no file name can; give the path of a PNG, JPEG "
+        "or WebP file"]

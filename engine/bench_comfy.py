@@ -146,7 +146,7 @@ def bench_comfy(url: str, files: Sequence[Path], models_dir: Path, repeats: int 
               f"{repeats}, warm): Noodle / ComfyUI = {timing.ratio:.3f}", flush=True)
     ratio = overall(timings)
     print(f"overall (geometric mean of {len(timings)} workflow(s)): Noodle / ComfyUI = {ratio:.3f}")
-    print(json.dumps({"device": str(executor.device), "workflows": [{**asdict(t), "ratio": round(t.ratio, 4)}
-                                                                      for t in timings],
+    print(json.dumps({"device": str(executor.device), "compile": executor.settings.compile,
+                      "workflows": [{**asdict(t), "ratio": round(t.ratio, 4)} for t in timings],
                       "vs_comfy": round(ratio, 4)}))
     return 0

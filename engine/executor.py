@@ -32,6 +32,7 @@ from engine.events import (
     Progress,
 )
 from engine.device import memory_budget, pick_device, pick_dtype
+from engine.models.compiled import UnetCompiler
 from engine.models.manager import ModelManager
 from engine.models.paths import FOLDERS, ModelCatalog
 from engine.nodes import catalog
@@ -334,5 +335,6 @@ def create_executor(models: ModelsSettings, engine: EngineSettings, limits: Limi
         dtype=pick_dtype(engine.dtype, device),
         memory_budget=memory_budget(device, engine.model_memory_bytes),
         input_dir=engine.input_dir,
+        compiler=UnetCompiler(engine.compile_cache) if engine.compile else None,
     )
     return Executor(manager, engine, limits)

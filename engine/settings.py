@@ -44,6 +44,12 @@ class EngineSettings(BaseModel):
     # "local": one worker thread in this process runs every job on this machine's device; "ray": engine workers
     # on a Ray cluster, one per device ([ray] below, engine/cluster/), the queue staying in this process
     workers: Literal["local", "ray"] = "local"
+    # torch.compile the UNet (engine/models/compiled.py): faster sampling once compiled, results equal to eager up
+    # to the last float bits. Each new latent size or batch size compiles once per process (a minute or more on a
+    # CPU, less on a GPU); a new seed or prompt never does. Runs with LoRAs or UNet patches stay eager.
+    compile: bool = False
+    # inductor's caches (kernels, FX graphs): kept between restarts, so a restart only retraces
+    compile_cache: Path = Path(".cache/torch-compile")
 
 
 class Limits(BaseModel):

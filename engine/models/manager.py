@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from engine.errors import UnsupportedModel
 from engine.images_io import IMAGE_SUFFIXES
 from engine.models.checkpoint import LoadedCheckpoint
+from engine.models.compiled import UnetCompiler
 from engine.models.controlnet.load import LoadedControlNet, controlnet_layout, load_controlnet
 from engine.models.controlnet.residuals import chain_of
 from engine.models.detect import detect_checkpoint
@@ -97,8 +98,9 @@ class ModelManager:
     """Loads, caches and patches models for the executor; one per engine."""
 
     def __init__(self, catalog: ModelCatalog, *, device: torch.device, dtype: torch.dtype,
-                 memory_budget: int, input_dir: Path) -> None:
+                 memory_budget: int, input_dir: Path, compiler: UnetCompiler | None = None) -> None:
         self.catalog = catalog
+        self.compiler = compiler  # [engine] compile: the UNet's compiled forward for plain runs
         self.device = device
         self.dtype = dtype
         self.memory_budget = memory_budget
@@ -414,6 +416,13 @@ class ModelManager:
         self._wrap_lora_errors(model.loras, model.checkpoint.name,
                                lambda: self.adapters.activate_unet(model.pipe, wanted, self._files(model.loras)))
         return model.pipe.unet
+
+    def unet_forward(self, model: ModelRef, unet: torch.nn.Module, *, hooked: bool) -> Callable[..., Any] | None:
+        """The compiled forward of `unet` for a run of `model` ([engine] compile), or None to call it eager: when
+        compiling is off, or when the run hooks the UNet (`hooked`: UNet patches, CFG hooks) or has LoRAs."""
+        if self.compiler is None or hooked or model.loras:
+            return None
+        return self.compiler.forward(unet)
 
     def use_text_encoders(self, clip: ClipRef) -> list[torch.nn.Module]:
         """The text encoders of `clip` with exactly its LoRAs active."""

@@ -66,7 +66,7 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
                sampling: samplers.ModelSampling = samplers.DEFAULT_SAMPLING, family: str | None = None,
                patches: ModelPatches | None = None, dual: DualCFG | None = None,
                disable_cfg1_optimization: bool = False, attention: Attn1Slot | None = None,
-               seed: int | Sequence[int] = 0) -> EpsFn:
+               seed: int | Sequence[int] = 0, forward: Callable[..., Any] | None = None) -> EpsFn:
     """The guided noise prediction for a batch of latents at one sigma.
 
     One Conditioning pair guides the whole batch, as a KSampler does. With per-item sequences (the
@@ -90,14 +90,15 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
     `disable_cfg1_optimization` does for every call), and `sides` (cfg_hooks.SidesFn). `attention` is the run's
     attn1 replacements when a caller shares one between predictions (a DualCFGGuider's). `seed` is the sampler's
     noise seed, which seeds an SDXL revision's (unCLIPConditioning's) noise augmentation as in ComfyUI (one per
-    group with `sizes`: each job's own).
+    group with `sizes`: each job's own). `forward` is the UNet's compiled call ([engine] compile,
+    engine/models/compiled.py), used where nothing hooks the UNet for the call (GLIGEN boxes need it eager).
     """
     if dual is not None:
         from engine.nodes.dual_cfg import dual_eps
 
         def build(pos: Conditioning, neg: Conditioning, keep_negative: bool, slot: Attn1Slot | None) -> EpsFn:
             return guided_eps(unet, pos, neg, 1.0, sdxl, pixel_size, sizes, inpaint, sampling, family,
-                              disable_cfg1_optimization=keep_negative, attention=slot, seed=seed)
+                              disable_cfg1_optimization=keep_negative, attention=slot, seed=seed, forward=forward)
 
         return dual_eps(build, positive, negative, cfg, dual, patches or ModelPatches(), disable_cfg1_optimization)
     positives = [positive] if isinstance(positive, Conditioning) else list(positive)
@@ -142,6 +143,8 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
     regions_for: dict[tuple[int, ...], list[list[areas.Region | None]]] = {}  # per group sizes: the same each step
 
     hooked = cfg_hooks.is_hooked(patches)
+    if any(item.extras.get("gligen") for items in groups for item in items):
+        forward = None  # its gated layers are hooked into the UNet for each call
     if attention is None and hooked:
         attention = Attn1Slot(dict(patches.attn1_replace))  # type: ignore[union-attr]
 
@@ -195,7 +198,8 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
         if skip_negative:
             if not forced:
                 forced.append(guided_eps(unet, positive, negative, cfg, sdxl, pixel_size, sizes, inpaint, sampling,
-                                         family, patches=patches, disable_cfg1_optimization=True, seed=seed))
+                                         family, patches=patches, disable_cfg1_optimization=True, seed=seed,
+                                         forward=forward))
             return forced[0].with_uncond(x, timestep, sigma)  # type: ignore[attr-defined]
         pairs = sides(x, timestep, sigma)
         if hooks is not None:
@@ -246,7 +250,7 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
             # each cond's GLIGEN gated layers on its rows, hooked for this call only (engine/models/gligen.py)
             with gligen_fused(unet, [(g_item.extras.get("gligen"), b) for g_items, b in zip(run_groups, counts)
                                      for g_item in g_items], x_in.shape):
-                return unet(x_in, t, encoder_hidden_states=ctx_in, **kwargs).sample
+                return (forward or unet)(x_in, t, encoder_hidden_states=ctx_in, **kwargs).sample
 
         if attention is None:
             return call().float().to(x.device)

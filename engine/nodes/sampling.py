@@ -16,6 +16,7 @@ from pydantic import Field
 from engine import samplers
 from engine.models.unet_hooks import unet_patched
 from engine.nodes.base import SEED_MAX, Choice, Node, RunContext, Socket, register
+from engine.nodes.cfg_hooks import is_hooked
 from engine.nodes.guidance import InpaintSource, guided_eps
 from engine.samplers.loop import lands_on_denoised, resize_noise_mask
 from engine.settings import Limits
@@ -56,9 +57,11 @@ def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.T
     scale = float(model.pipe.vae.config.scaling_factor)
     h, w = latent.samples.shape[2] * 8, latent.samples.shape[3] * 8
     inpaint = InpaintSource(latent.samples.float() * scale, latent.noise_mask, scale)
+    # [engine] compile: the UNet's compiled call, unless this run hooks the UNet (patches, CFG hooks) or has LoRAs
+    forward = ctx.models.unet_forward(model, unet, hooked=bool(model.patches.unet) or is_hooked(model.patches))
     eps = guided_eps(unet, positive, negative, cfg, model.arch.family == "sdxl", (h, w), sizes, inpaint,
                      sampling=model.model_sampling, family=model.arch.family, patches=model.patches, dual=dual,
-                     seed=seed)
+                     seed=seed, forward=forward)
     plan = samplers.build_scheduler(sampler_name, scheduler, sigmas, seed, model.model_sampling, options,
                                     device=unet.device)
     steps = len(sigmas) - 1

@@ -1,0 +1,74 @@
+"""[engine] compile: the tiny UNet through a real inductor compile (about a minute on 2 cores, once a module).
+
+The compiled picture is the eager one up to float rounding; a new seed or a longer prompt never compiles again; a
+run with a LoRA stays eager (bit for bit); inductor's caches land in [engine] compile_cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from torch._dynamo.utils import counters
+
+from engine.executor import Executor, create_executor
+from engine.settings import EngineSettings, Limits, ModelsSettings
+from tests.conftest import TINY_MODELS_DIR
+from tests.engine.conftest import txt2img
+
+LONG_PROMPT = ", ".join(["a red fox in the deep snow under a pale winter sky"] * 10)  # 2 chunks of 75 tokens
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Executor:
+    root = tmp_path_factory.mktemp("compiled")
+    # the inductor cache beside the tiny models, kept between test runs as they are
+    settings = EngineSettings(output_dir=root / "output", input_dir=root / "input", device="cpu", compile=True,
+                              compile_cache=TINY_MODELS_DIR.parent / "torch-compile")
+    return create_executor(ModelsSettings(dir=tiny_models), settings, Limits())
+
+
+def _picture(executor: Executor, workflow: dict) -> np.ndarray:
+    image = executor.run(workflow).to_dict()["outputs"]["9"]["images"][0]
+    path = executor.settings.output_dir / image["subfolder"] / image["filename"]
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def _graphs() -> int:
+    return int(counters["stats"]["unique_graphs"])
+
+
+def test_the_compiled_unet_draws_the_eager_picture_and_a_new_seed_or_prompt_never_recompiles(
+        compiled: Executor, executor: Executor) -> None:
+    before = _graphs()
+    _picture(compiled, txt2img(seed=1))
+    after_first = _graphs()
+    assert after_first > before, "the first run compiled nothing: the compiled forward was not used"
+
+    workflow = txt2img(seed=2, prompt=LONG_PROMPT)
+    compiled_pixels = _picture(compiled, workflow)
+    assert _graphs() == after_first, "a new seed and a 2-chunk prompt compiled new graphs"
+    eager_pixels = _picture(executor, workflow)
+    assert np.abs(compiled_pixels - eager_pixels).max() <= 2  # float rounding, not another picture
+
+    cache = compiled.models.compiler.cache_dir
+    assert cache is not None and any(p.is_file() for p in cache.rglob("*"))
+
+
+def test_a_lora_run_stays_eager_and_equal_to_the_eager_engine(compiled: Executor, executor: Executor) -> None:
+    workflow = txt2img(seed=3, loras=[("tiny-lora-a.safetensors", 0.8, 0.8)])
+    before = _graphs()
+    assert np.array_equal(_picture(compiled, workflow), _picture(executor, workflow))
+    assert _graphs() == before
+
+
+def test_another_checkpoint_of_the_same_architecture_is_compiled_with_its_own_weights(
+        compiled: Executor, executor: Executor) -> None:
+    # the frozen graph holds its UNet's weights: a cached graph of the same shapes must not lend another file's
+    _picture(compiled, txt2img(seed=4))
+    workflow = txt2img(seed=4, checkpoint="tiny-sd15-b.safetensors")
+    compiled_pixels = _picture(compiled, workflow)
+    assert np.abs(compiled_pixels - _picture(executor, workflow)).max() <= 2
+    assert np.abs(compiled_pixels - _picture(executor, txt2img(seed=4))).max() > 50  # the files draw apart

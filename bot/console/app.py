@@ -24,7 +24,7 @@ from bot.core.errors import RequestInvalid
 from bot.core.front_end import Requester, Ticket
 from bot.core.requests.imagine import Allowed, ImageUpload, check_upload_meta
 from bot.core.requests.options import IMAGINE_OPTIONS, parse_options
-from bot.core.requests.uploads import read_capped
+from bot.core.requests.uploads import local_path, read_capped
 from bot.core.requests.workflow_file import read_workflow_file
 from bot.core.results.status import relay
 from bot.core.safety.gate import BLOCKED_TEXT, MemberBlocked, blocked_text
@@ -340,17 +340,14 @@ class _Silent:
 
 
 async def _read_image(path_text: str, allowed: Allowed, option: str = "image") -> ImageUpload:
-    if "\x00" in path_text:  # no file system takes it (Python raises ValueError, not OSError)
-        raise RequestInvalid(f"{option}: {path_text.strip()!r} holds a NUL character, which no file name can; give "
-                             "the path of a PNG, JPEG or WebP file")
-    path = Path(path_text.strip()).expanduser()
+    wanted = "a PNG, JPEG or WebP file"
+    path = local_path(path_text, option, wanted)
     try:  # at most the limit + 1 bytes: a device like /dev/zero never ends
         data = await asyncio.to_thread(read_capped, path, allowed.max_attachment_bytes)
         if len(data) > allowed.max_attachment_bytes:  # refused as the Studio would, with the file's whole size
             check_upload_meta(path.name, None, max(len(data), path.stat().st_size), allowed, option)
     except OSError as err:
-        raise RequestInvalid(f"{option}: cannot read {path} ({err.strerror}); give the path of a PNG, JPEG or "
-                             "WebP file") from None
+        raise RequestInvalid(f"{option}: cannot read {path} ({err.strerror}); give the path of {wanted}") from None
     return ImageUpload(filename=path.name, content_type=None, data=data)
 
 

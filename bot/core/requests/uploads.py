@@ -19,7 +19,7 @@ from engine.disk import check_free_space
 from engine.errors import LimitExceeded
 from engine.images_io import UnusableImage, decode_still, suffix_for
 
-__all__ = ["PreparedImage", "prepare_image", "read_capped", "save_prepared"]
+__all__ = ["PreparedImage", "local_path", "prepare_image", "read_capped", "save_prepared"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,16 @@ def prepare_image(data: bytes, label: str, folder: str, allowed: Allowed, option
     digest = hashlib.sha256(data).hexdigest()[:20]
     transparent = still.alpha is not None and float(still.alpha.min()) < 1.0
     return PreparedImage(f"{folder}/{digest}{suffix_for(still.format)}", width, height, data, transparent)
+
+
+def local_path(path_text: str, option: str, wanted: str) -> Path:
+    """The local file a `noodle chat` option names (`~` expanded); one with a NUL character, which no file system
+    takes (Path.stat() raises ValueError for it, not OSError), is refused naming `option` and what is `wanted`."""
+    text = path_text.strip()
+    if "\x00" in text:
+        raise RequestInvalid(f"{option}: {text!r} holds a NUL character, which no file name can; give the path of "
+                             f"{wanted}")
+    return Path(text).expanduser()
 
 
 def read_capped(path: Path, limit: int) -> bytes:

@@ -12,12 +12,11 @@ import difflib
 import json
 import re
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from bot.core.cards.card import truncate
 from bot.core.errors import RequestInvalid
-from bot.core.requests.uploads import read_capped
+from bot.core.requests.uploads import local_path, read_capped
 from bot.core.storage.records import Generation
 from engine.cost import LIMIT_EXCEEDED
 from engine.nodes import catalog
@@ -70,18 +69,15 @@ def read_workflow_file(path_text: str, limit: int) -> tuple[bytes, str]:
     """A local workflow file's bytes and name (`noodle chat`), its size checked before it is read."""
     if not path_text.strip():
         raise RequestInvalid("write /workflow PATH, e.g. /workflow my-graph.json (a ComfyUI API-format export)")
-    if "\x00" in path_text:  # no file system takes it (Python raises ValueError, not OSError)
-        raise RequestInvalid(f"workflow: {path_text.strip()!r} holds a NUL character, which no file name can; give "
-                             "the path of a ComfyUI API-format .json file")
-    path = Path(path_text.strip()).expanduser()
+    wanted = "a ComfyUI API-format .json file"
+    path = local_path(path_text, "workflow", wanted)
     try:
         check_size(path.name, path.stat().st_size, limit)
         data = read_capped(path, limit)
         check_size(path.name, len(data), limit)  # a file that grew, or a device whose stat() size says nothing
         return data, path.name
     except OSError as err:
-        raise RequestInvalid(f"workflow: cannot read {path} ({err.strerror}); give the path of a ComfyUI "
-                             "API-format .json file") from None
+        raise RequestInvalid(f"workflow: cannot read {path} ({err.strerror}); give the path of {wanted}") from None
 
 
 def parse_workflow(data: bytes, filename: str) -> dict[str, Any]:

@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     """The `noodle` entry point."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and configs ship with the project; never ask a hub
     settings = Settings()
+    from engine.heap import reuse_for
+
+    reuse_for(settings.engine)  # before any thread starts: CPU sampling keeps its freed memory (engine/heap.py)
     parser = build_parser(settings)
     # `noodle bench comfy --comfy URL A.json B.json`: files after an option are its workflows (argparse would have
     # taken none: the positionals were consumed with the bench's name); anything else left over is an error

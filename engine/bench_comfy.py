@@ -127,6 +127,7 @@ def bench_comfy(url: str, files: Sequence[Path], models_dir: Path, repeats: int 
     """Time each workflow file in Noodle (this process's executor on `models_dir`, config.toml's [engine] and
     [limits]) and in ComfyUI at `url`."""
     from engine.executor import create_executor
+    from engine.heap import reusing
 
     executor = create_executor(ModelsSettings(dir=models_dir), engine or EngineSettings(), limits or Limits())
     client = ComfyClient(url)
@@ -147,6 +148,7 @@ def bench_comfy(url: str, files: Sequence[Path], models_dir: Path, repeats: int 
     ratio = overall(timings)
     print(f"overall (geometric mean of {len(timings)} workflow(s)): Noodle / ComfyUI = {ratio:.3f}")
     print(json.dumps({"device": str(executor.device), "compile": executor.settings.compile,
+                      "reuse_cpu_memory": reusing(),
                       "workflows": [{**asdict(t), "ratio": round(t.ratio, 4)} for t in timings],
                       "vs_comfy": round(ratio, 4)}))
     return 0

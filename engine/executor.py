@@ -32,6 +32,7 @@ from engine.events import (
     Progress,
 )
 from engine.device import memory_budget, pick_device, pick_dtype
+from engine.heap import reuse_freed_memory
 from engine.models.compiled import UnetCompiler
 from engine.models.manager import ModelManager
 from engine.models.paths import FOLDERS, ModelCatalog
@@ -328,6 +329,8 @@ def create_executor(models: ModelsSettings, engine: EngineSettings, limits: Limi
     """One executor built from settings: its own catalog of model files, model manager and output cache, on the
     configured device."""
     device = pick_device(engine.device)
+    if device.type == "cpu" and engine.reuse_cpu_memory:
+        reuse_freed_memory()  # already on when `noodle` started this process (engine/heap.py)
     manager = ModelManager(
         ModelCatalog(models.dir, allow_weights_only_pickle=models.allow_weights_only_pickle,
                      hash_cache=models.hash_cache),

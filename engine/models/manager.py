@@ -33,6 +33,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from safetensors.torch import load_file
 
 from engine.errors import UnsupportedModel
+from engine.heap import return_freed_memory
 from engine.images_io import IMAGE_SUFFIXES
 from engine.models.checkpoint import LoadedCheckpoint
 from engine.models.compiled import UnetCompiler
@@ -174,6 +175,7 @@ class ModelManager:
         started = time.perf_counter()
         pipe = load_checkpoint_pipeline(path, arch, self.device, self.dtype)
         seconds = time.perf_counter() - started
+        return_freed_memory()  # the loader's conversion buffers, kept by the CPU heap reuse otherwise
         loaded = LoadedCheckpoint(name, path, arch, pipe, fingerprint, seconds, _pipeline_bytes(pipe),
                                   next(self._clock))
         self.stats.load_seconds += seconds
@@ -454,6 +456,7 @@ def _module_bytes(module: torch.nn.Module) -> int:
 
 def _free_memory(device: torch.device) -> None:
     gc.collect()
+    return_freed_memory()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     elif device.type == "mps":

@@ -25,6 +25,7 @@ import torch
 from engine.errors import JobCancelled, NodeExecutionError, NoodleError
 from engine.events import Event, Executing, Progress
 from engine.executor import Executor, RunResult
+from engine.heap import return_freed_memory
 from engine.queue.batching import SAMPLER_NODES, BatchMember, run_batch
 from engine.queue.jobs import JobRecord, JobState
 from engine.queue.state_table import JobTable
@@ -194,12 +195,18 @@ class Worker(threading.Thread):
     """Runs the table's jobs on the executor in this process, one batch at a time, until the table stops
     ([engine] workers = "local"; engine/cluster/ runs them on Ray workers instead)."""
 
+    # a queue quiet this long gives the CPU heap's kept memory back (engine/heap.py): a burst of jobs keeps it,
+    # an idle bot does not sit on it
+    idle_seconds = 30.0
+
     def __init__(self, executor: Executor, table: JobTable) -> None:
         super().__init__(name="noodle-engine", daemon=True)
         self.executor, self.table = executor, table
 
     def run(self) -> None:
         while True:
+            if not self.table.wait_for_jobs(self.idle_seconds):
+                return_freed_memory()
             try:
                 batch = self.table.next_batch()
             except Exception:  # the store could not be written: those jobs stay queued in it

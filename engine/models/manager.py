@@ -16,7 +16,6 @@ Standalone VAEs have a resident cache of their own, outside the budget: the four
 from __future__ import annotations
 
 import gc
-import hashlib
 import itertools
 import logging
 import time
@@ -30,7 +29,6 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
-from safetensors.torch import load_file
 
 from engine.errors import UnsupportedModel
 from engine.heap import return_freed_memory
@@ -41,6 +39,7 @@ from engine.models.controlnet.load import LoadedControlNet, controlnet_layout, l
 from engine.models.controlnet.residuals import chain_of
 from engine.models.detect import detect_checkpoint
 from engine.models.lora import LoraAdapters, summed
+from engine.models.lora_files import LoraFiles
 from engine.models.paths import FolderLookup, ModelCatalog, file_fingerprint, safe_join
 from engine.models.resident import ResidentCache
 from engine.models.single_file import load_checkpoint_pipeline, load_vae
@@ -115,7 +114,7 @@ class ModelManager:
         self._upscalers: ResidentCache[UpscaleModel] = ResidentCache("upscale model", self._clock)  # by model_key
         self._controlnets: ResidentCache[LoadedControlNet] = ResidentCache("ControlNet", self._clock)
         self._budgeted: tuple[ResidentCache[Any], ...] = (self._upscalers, self._controlnets)  # in memory_budget
-        self._loras: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self.lora_files = LoraFiles(catalog)
         self.adapters = LoraAdapters()
         # text -> conditioning, keyed by encoder identity and LoRA stack (prompts/cache.py)
         self.prompt_cache = PromptEncoderCache(maxsize=128)
@@ -202,7 +201,7 @@ class ModelManager:
             for key in cache:
                 self._drop(cache, key)
         self._vaes.clear()
-        self._loras.clear()
+        self.lora_files.clear()
         _free_memory(self.device)
 
     def resident_bytes(self) -> int:
@@ -392,31 +391,19 @@ class ModelManager:
     # -- LoRAs -----------------------------------------------------------------------------
 
     def lora_key(self, name: str) -> str:
-        """A stable adapter name for a LoRA file in its current state (peft names take no dots)."""
-        path = self.catalog.resolve("loras", name)
-        digest = hashlib.sha1(f"{name}\0{file_fingerprint(path)}".encode()).hexdigest()[:12]
-        return f"lora_{digest}"
+        """A stable adapter name for a LoRA file in its current state (engine/models/lora_files.py)."""
+        return self.lora_files.key(name)
 
     def lora_state(self, name: str) -> dict[str, torch.Tensor]:
-        """A LoRA file's tensors (kohya/A1111 or diffusers keys), read once."""
-        key = self.lora_key(name)
-        if key not in self._loras:
-            path = self.catalog.resolve("loras", name)
-            try:
-                self._loras[key] = load_file(str(path))
-            except Exception as err:  # safetensors raises its own error types for broken files
-                raise UnsupportedModel(f"LoRA {name!r} could not be read as safetensors: {err}") from err
-            while len(self._loras) > 32:
-                self._loras.popitem(last=False)
-        self._loras.move_to_end(key)
-        return self._loras[key]
+        """A LoRA file's tensors, read once (a broken file fails here, naming it)."""
+        return self.lora_files.state(name)
 
     def use_unet(self, model: ModelRef) -> torch.nn.Module:
         """The UNet of `model` with exactly its LoRAs active (none: adapters off, the bare weights)."""
         wanted = summed(model.loras, self.lora_key)
         self._touch(model.checkpoint, model.pipe)
-        self._wrap_lora_errors(model.loras, model.checkpoint.name,
-                               lambda: self.adapters.activate_unet(model.pipe, wanted, self._files(model.loras)))
+        self._wrap_lora_errors(model.loras, model.checkpoint.name, lambda: self.adapters.activate_unet(
+            model.pipe, wanted, self.lora_files.of(model.loras)))
         return model.pipe.unet
 
     def unet_forward(self, model: ModelRef, unet: torch.nn.Module, *, hooked: bool) -> Callable[..., Any] | None:
@@ -430,12 +417,9 @@ class ModelManager:
         """The text encoders of `clip` with exactly its LoRAs active."""
         wanted = summed(clip.loras, self.lora_key)
         self._touch(clip.checkpoint, clip.pipe)
-        self._wrap_lora_errors(clip.loras, clip.checkpoint.name,
-                               lambda: self.adapters.activate_text_encoders(clip.pipe, wanted, self._files(clip.loras)))
+        self._wrap_lora_errors(clip.loras, clip.checkpoint.name, lambda: self.adapters.activate_text_encoders(
+            clip.pipe, wanted, self.lora_files.of(clip.loras)))
         return [m for m in (clip.pipe.text_encoder, getattr(clip.pipe, "text_encoder_2", None)) if m is not None]
-
-    def _files(self, patches: Sequence[LoraPatch]) -> dict[str, dict[str, torch.Tensor]]:
-        return {self.lora_key(p.name): self.lora_state(p.name) for p in patches}
 
     @staticmethod
     def _wrap_lora_errors(patches: Sequence[LoraPatch], model: str, action: Callable[[], None]) -> None:

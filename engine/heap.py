@@ -26,8 +26,9 @@ after it.
 What is kept is returned to the system (`malloc_trim`) when a model is unloaded or evicted, so a checkpoint's
 weights never linger, and when the local worker's queue has been quiet for half a minute (engine/queue/worker.py);
 between jobs of a burst the memory stays, which is the point. The heap holds a few copies of the largest
-step's activations at most: aligned allocations leave gaps that the next one of the same size may not fit. Off with `[engine] reuse_cpu_memory =
-false`; nothing is done where the C library is not glibc (macOS, musl) or the engine's device is not the CPU.
+step's activations at most: aligned allocations leave gaps that the next one of the same size may not fit.
+Off with `[engine] reuse_cpu_memory = false`; nothing is done where the C library is not glibc (macOS, musl) or
+the engine's device is not the CPU.
 """
 
 from __future__ import annotations
@@ -96,12 +97,13 @@ def reuse_for(engine: EngineSettings) -> bool:
 
 
 def return_freed_memory() -> None:
-    """Hand the heap's free pages back to the system (after a model is unloaded or evicted)."""
+    """Hand the heap's free pages back to the system (after a model is loaded, unloaded or evicted, and when the
+    local worker's queue has been quiet)."""
     libc = _glibc()
     if libc is not None and _applied:
         libc.malloc_trim(0)
 
 
 def reusing() -> bool:
-    """Whether this process keeps its freed CPU memory (for benches and the startup line)."""
+    """Whether this process keeps its freed CPU memory (`noodle bench comfy` reports it)."""
     return _applied

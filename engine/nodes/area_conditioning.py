@@ -177,9 +177,16 @@ class Region:
     mult: torch.Tensor
 
 
-def region(item: CondItem, height: int, width: int, batch: int) -> Region | None:
+def region(item: CondItem, height: int, width: int, batch: int,
+           device: torch.device | None = None) -> Region | None:
     """get_area_and_mult for a cond guiding `batch` latents of height x width cells; None for a plain cond (no
-    area, mask or strength other than 1), whose prediction counts 1 everywhere."""
+    area, mask or strength other than 1), whose prediction counts 1 everywhere. The mult is made on the host
+    and put on `device` (the latents') once, so the steps that weigh by it copy nothing."""
+    found = _region(item, height, width, batch)
+    return found if found is None or device is None else Region(found.box, found.mult.to(device))
+
+
+def _region(item: CondItem, height: int, width: int, batch: int) -> Region | None:
     extras = item.extras
     strength = float(extras.get("strength", 1.0))
     if extras.get("area") is None and extras.get("mask") is None and strength == 1.0:

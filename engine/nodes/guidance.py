@@ -210,7 +210,8 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
     def _regions(x: torch.Tensor, counts: list[int]) -> list[list[areas.Region | None]]:
         """Per group, each cond item's Region on the latent (None: a plain cond), for these group sizes."""
         if tuple(counts) not in regions_for:
-            found = [[areas.region(item, *cells, batch) for item in items] for items, batch in zip(groups, counts)]
+            found = [[areas.region(item, *cells, batch, x.device) for item in items]
+                     for items, batch in zip(groups, counts)]
             if any(r is not None for rs in found for r in rs) and (x.shape[-2], x.shape[-1]) != cells:
                 raise ValueError(f"latents of {x.shape[-2]}x{x.shape[-1]} cells, but guided_eps was given "
                                  f"{pixel_size} pixels: area conds are resolved on the latent being sampled")
@@ -233,7 +234,8 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
             kwargs["added_cond_kwargs"] = {key: torch.cat([a[key][indices].repeat_interleave(b, dim=0)
                                                            for a, indices, b in zip(added, picks, counts)])
                                            for key in added[0]}
-        t = timestep.reshape(-1)[:1].to(device).expand(x_in.shape[0])
+        # filled on the device from the host's number: a copy of a CPU tensor there would wait for the GPU
+        t = torch.full((x_in.shape[0],), float(timestep.reshape(-1)[0]), dtype=timestep.dtype, device=device)
         pattern = None if picks == everything else tuple(map(tuple, picks))
         if pattern not in controls:
             controls[pattern] = ControlResiduals.for_groups(run_groups, unet, fits, sampling)

@@ -77,8 +77,9 @@ def run_sampler(ctx: RunContext, model: ModelRef, latent: Latent, noise: torch.T
         masked = {} if latent.noise_mask is None else {"denoise_mask": latent.noise_mask}
         if masked and mask_patch is not None:
             masked["denoise_mask_function"] = functools.partial(mask_patch, sampling=model.model_sampling)
+        # sampled on the UNet's device, handed back where LATENT values live (the CPU), once
         out = samplers.sample(plan, eps, latent.samples.float() * scale, noise, callback=on_step, device=unet.device,
-                              preview=preview, **masked) / scale
+                              preview=preview, **masked).to(latent.samples.device) / scale
     # (a per-step mask function may denoise the mask-0 area too: ComfyUI's result stands as it is then)
     if latent.noise_mask is not None and mask_patch is None and lands_on_denoised(plan):
         # where the mask is 0 the sampler ended on the original latent up to float rounding (scaling included):

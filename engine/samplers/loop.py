@@ -34,9 +34,10 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (x_scaled
 
 
 def _brownian_noise(x: torch.Tensor, plan: SamplerPlan) -> Callable[[Any, Any], torch.Tensor]:
-    """ComfyUI's SDE noise: a torchsde Brownian tree over the run's sigma range, seeded with the job seed."""
+    """ComfyUI's SDE noise: a torchsde Brownian tree over the run's sigma range, seeded with the job seed. The tree
+    lives on the CPU, as ComfyUI's BrownianTreeNoiseSampler(cpu=True) for these samplers; each draw moves to x."""
     positive = plan.sigmas[plan.sigmas > 0]
-    tree = BrownianTreeNoiseSampler(x, float(positive.min()), float(positive.max()), plan.seed)
+    tree = BrownianTreeNoiseSampler(x.cpu(), float(positive.min()), float(positive.max()), plan.seed)
     points = torch.cat([positive, torch.tensor([s for _, s in plan.calls])])
 
     # DPMSolverSDEScheduler asks at exp(-(-log sigma)), an ulp off, and the tree answers such near misses
@@ -45,7 +46,7 @@ def _brownian_noise(x: torch.Tensor, plan: SamplerPlan) -> Callable[[Any, Any], 
         nearest = float(points[(points - float(sigma)).abs().argmin()])
         return nearest if abs(nearest - float(sigma)) <= 1e-5 * nearest else float(sigma)
 
-    return lambda sigma, sigma_next: tree(snap(sigma), snap(sigma_next))
+    return lambda sigma, sigma_next: tree(snap(sigma), snap(sigma_next)).to(x.device)
 
 
 def noise_scaling(sigma: float, noise: torch.Tensor, latent: torch.Tensor, *, max_denoise: bool) -> torch.Tensor:
@@ -122,6 +123,13 @@ def sample(plan: SamplerPlan, eps_fn: EpsFn, latent: torch.Tensor, noise: torch.
            ) -> torch.Tensor:
     """Run the plan as KSAMPLER.sample does. callback(step_index, total_steps, x) follows each ComfyUI step.
 
+    The latent and the noise (drawn on the CPU, as ComfyUI draws them) move to `device` once, and the whole run
+    stays there: every step's math is on the device and the loop never waits for it (no `.item()`, no copy
+    between host and device; tests/engine/samplers/test_host_syncs.py holds it to that), so a GPU queues the next
+    UNet call while the last one runs. The sigmas stay on the host: a step reads them as Python numbers or CPU
+    scalars, as diffusers' schedulers keep theirs. The result comes back on `device`. Only the SDE samplers'
+    Brownian tree lives on the CPU (ComfyUI's cpu=True), so their step noise crosses once a step, as in ComfyUI.
+
     `denoise_mask` (a LATENT's noise mask, any size) limits the change to where it is 1: see `masked_eps`.
     `device` is the model's (where ComfyUI draws the k-diffusion samplers' step noise); `preview(step_index,
     denoised)` gets each step's denoised estimate, as k-diffusion's callback hands it out (with a noise mask, the
@@ -135,6 +143,8 @@ def sample(plan: SamplerPlan, eps_fn: EpsFn, latent: torch.Tensor, noise: torch.
     if scheduler is not None and scheduler.step_index is not None:
         raise ValueError("this SamplerPlan has already run; build a new one for each run")
     n, s0 = plan.steps, float(sigmas[0])
+    device = device or latent.device
+    latent, noise = latent.to(device), noise.to(device)
     if denoise_mask is not None:
         mask = resize_noise_mask(denoise_mask, latent.shape).to(latent.device, latent.dtype)
         per_call = None if denoise_mask_function is None else (
@@ -143,7 +153,7 @@ def sample(plan: SamplerPlan, eps_fn: EpsFn, latent: torch.Tensor, noise: torch.
     max_denoise = math.isclose(plan.sigma_max, s0, rel_tol=1e-5) or s0 > plan.sigma_max  # Sampler.max_denoise
     x = noise_scaling(s0, noise, latent, max_denoise=max_denoise)
     if plan.kdiff is not None:
-        return _sample_kdiff(plan, eps_fn, x, callback, device or torch.device("cpu"), preview)
+        return _sample_kdiff(plan, eps_fn, x, callback, device, preview)
     spec = SPECS[plan.sampler_name]
     to_ve = lambda x, i: x * math.sqrt(float(scheduler.sigmas[i]) ** 2 + 1) if spec.vp else x  # noqa: E731
     if spec.vp:
@@ -203,7 +213,8 @@ def _sample_kdiff(plan: SamplerPlan, eps_fn: EpsFn, x: torch.Tensor,
             eps = eps_fn(scaled, timestep, s)
         return x_now - s * eps.to(x_now.dtype)
 
-    return plan.kdiff.fn(model, x, plan.sigmas.to(x.device), run, **plan.options)
+    # the sigmas stay on the CPU: on the device, each float(sigma) and `if sigma_next > 0` would wait for the GPU
+    return plan.kdiff.fn(model, x, plan.sigmas.cpu(), run, **plan.options)
 
 
 def lands_on_denoised(plan: SamplerPlan) -> bool:

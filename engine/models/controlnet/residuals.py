@@ -93,6 +93,7 @@ class ControlResiduals:
                     self.windows[id(link)] = (percent_to_sigma(link.start_percent, sampling),
                                               percent_to_sigma(link.end_percent, sampling))
         self._hints: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._rows: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def for_groups(cls, groups: Sequence[Sequence[CondItem]], unet: torch.nn.Module, family: str,
@@ -108,6 +109,17 @@ class ControlResiduals:
         if key not in self._hints:  # ComfyUI resizes once per size and keeps it for the run
             self._hints[key] = hint_to_size(link.image.float(), width, height).to(device, dtype)
         return self._hints[key]
+
+    def _row_indices(self, link: ControlHint, rows: list[tuple[int, int]], hint_batch: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch rows a link runs on and the hint row each takes, made on the device once per pattern: a
+        fresh index tensor every step would be a copy from the host that waits for the GPU."""
+        key = (id(link), tuple(rows), hint_batch, device)
+        if key not in self._rows:
+            # ComfyUI's broadcast_image_to: row j of a batch takes hint j mod the hint's batch size
+            self._rows[key] = (torch.tensor([r for r, _ in rows], device=device),
+                               torch.tensor([j % hint_batch for _, j in rows], device=device))
+        return self._rows[key]
 
     def __call__(self, x_in: torch.Tensor, t: torch.Tensor, sigma: float | torch.Tensor, context: torch.Tensor,
                  added: dict[str, torch.Tensor] | None, counts: Sequence[int]) -> dict[str, Any]:
@@ -135,10 +147,9 @@ class ControlResiduals:
         mid: torch.Tensor | None = None
         for link in order:
             net = link.control_net.module
-            index = torch.tensor([r for r, _ in rows[id(link)]], device=x_in.device)
             hint = self._hint(link, height, width, net.dtype, x_in.device)
-            # ComfyUI's broadcast_image_to: row j of a batch takes hint j mod the hint's batch size
-            hint_rows = hint[torch.tensor([j % hint.shape[0] for _, j in rows[id(link)]], device=x_in.device)]
+            index, hint_index = self._row_indices(link, rows[id(link)], hint.shape[0], x_in.device)
+            hint_rows = hint[hint_index]
             kwargs: dict[str, Any] = {}
             if added is not None:
                 kwargs["added_cond_kwargs"] = {key: value[index].to(net.dtype) for key, value in added.items()}

@@ -41,7 +41,8 @@ class Run:
     """One sampling run's extra_args and callback, as a sampler function sees them.
 
     `device` is where the model runs: ComfyUI's samplers hold x there, so its default noise sampler's generator
-    and a `_gpu` sampler's Brownian tree live there; Noodle holds x on the CPU and moves each draw to it.
+    and a `_gpu` sampler's Brownian tree live there. Noodle holds x there too (engine/samplers/loop.py), and
+    `sigmas` on the host, so that reading a sigma never waits for the device.
     `uncond_denoised` is set by the guidance at each model call when `wants_uncond` (the cfg_pp samplers read it,
     as ComfyUI's post_cfg_function hands it to them).
     """
@@ -58,11 +59,14 @@ class Run:
             self.callback(i, x, denoised)
 
     def default_noise(self, x: torch.Tensor) -> NoiseSampler:
-        """default_noise_sampler(x, seed): a generator seeded once on the model's device, a fresh draw per call."""
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        """default_noise_sampler(x, seed): a generator seeded once on the model's device, a fresh draw per call.
+        The generator is made at the first draw (the same numbers): a sampler that never draws needs none."""
+        generators: list[torch.Generator] = []
 
         def draw(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-            return torch.randn(x.shape, dtype=x.dtype, device=self.device, generator=generator).to(x.device)
+            if not generators:
+                generators.append(torch.Generator(device=self.device).manual_seed(self.seed))
+            return torch.randn(x.shape, dtype=x.dtype, device=self.device, generator=generators[0]).to(x.device)
         return draw
 
     def brownian(self, x: torch.Tensor, sigmas: torch.Tensor, *, cpu: bool = True) -> NoiseSampler:

@@ -79,7 +79,7 @@ def deis(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, run: Run, *, ma
         if order == 1:
             x_next = x + (sigma_next - sigma) * d
         else:
-            w = [weight.to(x.device) for weight in step_weights(times, beta_0, beta_1, i, order)]
+            w = step_weights(times, beta_0, beta_1, i, order)  # CPU scalars: no copy to the device per step
             x_next = x + w[0] * d
             for k in range(1, order):
                 x_next = x_next + w[k] * history[-k]

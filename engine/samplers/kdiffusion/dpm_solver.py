@@ -111,7 +111,7 @@ def dpm_fast(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, run: Run) -
     t_start, t_end = _ends(sigmas)
     calls = len(sigmas) - 1
     m = calls // 3 + 1
-    ts = torch.linspace(float(t_start), float(t_end), m + 1, device=x.device)
+    ts = torch.linspace(float(t_start), float(t_end), m + 1)  # on the host with the sigmas: no sync per call
     orders = [3] * (m - 2) + [2, 1] if calls % 3 == 0 else [3] * (m - 1) + [calls % 3]
     solver, done = _Solver(model), 0
     for i, order in enumerate(orders):

@@ -125,8 +125,11 @@ class Settings(BaseSettings):
 
     def engine_here(self) -> EngineSettings:
         """The [engine] settings of this process's executor. With Ray workers it only validates workflows and lists
-        files, so it stays on the CPU: a CUDA context here would cost the first card several hundred MB."""
-        return self.engine.model_copy(update={"device": "cpu"}) if self.engine.workers == "ray" else self.engine
+        files, so it stays on the CPU (a CUDA context here would cost the first card several hundred MB) and keeps
+        no freed memory for sampler steps it never runs (engine/heap.py: the workers do)."""
+        if self.engine.workers != "ray":
+            return self.engine
+        return self.engine.model_copy(update={"device": "cpu", "reuse_cpu_memory": False})
 
     @classmethod
     def settings_customise_sources(

@@ -128,3 +128,16 @@ def test_sampler_suggestions_reach_every_comfyui_sampler() -> None:
     assert len(matching_choices(SUPPORTED_SAMPLERS, "")) == 25
     every = {c.value for typed in SUPPORTED_SAMPLERS for c in matching_choices(SUPPORTED_SAMPLERS, typed)[:1]}
     assert every == set(SUPPORTED_SAMPLERS)  # typing a name suggests it first
+
+
+def test_with_ray_workers_the_bot_process_validates_on_the_cpu_without_memory_reuse() -> None:
+    """Its executor only validates: no CUDA context, and no malloc tuning for sampler steps it never runs (the
+    same rule as engine.heap.reuse_for at start-up)."""
+    from engine.heap import reuse_for
+    from engine.settings import EngineSettings
+
+    here = Settings(engine=EngineSettings(workers="ray", device="auto")).engine_here()
+    assert (here.device, here.reuse_cpu_memory, here.workers) == ("cpu", False, "ray")
+    assert reuse_for(here) is False
+    local = Settings(engine=EngineSettings(device="cpu"))
+    assert local.engine_here() is local.engine and local.engine.reuse_cpu_memory

@@ -22,7 +22,8 @@ in float32. `gligen_fused` then hooks every transformer block of the UNet for on
 BasicTransformerBlock applies `self.fuser` right after the self-attention's residual, where ComfyUI's middle_patch
 runs, when its cross_attention_kwargs carry "gligen"; a forward pre-hook adds that key and the block gets a fuser
 that runs the i-th gated layer on the rows of the conds that have boxes (the i-th SpatialTransformer, ComfyUI's
-transformer_index). The hooks and fusers are removed on the way out, on errors too.
+transformer_index). The hooks and fusers are removed on the way out, on errors too. The tokens and row indices are
+put on the device once per sampling run (GligenInputs), not at each call.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from torch.utils.hooks import RemovableHandle
 
 from engine.errors import UnsupportedModel
 
-__all__ = ["MAX_OBJS", "Gligen", "build_gligen", "gligen_fused", "grounding", "read_gligen", "unet_transformers"]
+__all__ = ["MAX_OBJS", "Gligen", "GligenInputs", "build_gligen", "gligen_fused", "grounding", "read_gligen", "unet_transformers"]
 
 MAX_OBJS = 30  # comfy/gligen.py Gligen.max_objs
 _BLOCKS = ("input_blocks", "middle_block", "output_blocks")
@@ -191,15 +192,41 @@ def _add_gligen_kwarg(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str
     return args, {**kwargs, "cross_attention_kwargs": extra}
 
 
+class GligenInputs:
+    """One sampling run's grounding tokens and row indices, put on the device at the first UNet call and reused
+    at every later one: a cond's boxes, its row count and the latent size are the same at each step, and building
+    them again would copy them from the host (a wait for the device, engine/samplers/loop.py) at every call."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[tuple[int, int, int, int], tuple[Any, torch.Tensor]] = {}
+        self._rows: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def tokens(self, model: Gligen, entry: tuple[Any, ...], rows: int, height: int, width: int,
+               device: torch.device) -> torch.Tensor:
+        key = (id(entry), rows, height, width)
+        if key not in self._tokens:  # the entry is held beside its tokens, so its id names it for the run
+            self._tokens[key] = (entry, model.objs(entry[2], rows, height, width, device))
+        return self._tokens[key][1]
+
+    def rows(self, indices: Sequence[int], device: torch.device) -> torch.Tensor:
+        key = tuple(indices)
+        if key not in self._rows:
+            self._rows[key] = torch.tensor(key, device=device)
+        return self._rows[key]
+
+
 @contextmanager
-def gligen_fused(unet: nn.Module, conds: Sequence[tuple[Any, int]], shape: Sequence[int]) -> Iterator[None]:
+def gligen_fused(unet: nn.Module, conds: Sequence[tuple[Any, int]], shape: Sequence[int],
+                 inputs: GligenInputs | None = None) -> Iterator[None]:
     """The UNet with the conds' GLIGEN gated layers for one call over latents of `shape` [B, C, h, w].
 
     `conds`: per cond in the batch's order, its "gligen" extra (ComfyUI's ("position", GligenRef, params)) or None,
-    and how many rows it has. Without any GLIGEN the UNet is left alone."""
+    and how many rows it has. Without any GLIGEN the UNet is left alone. `inputs`: the run's tokens and row
+    indices from earlier calls (a fresh set when None)."""
     if all(entry is None for entry, _ in conds):
         yield
         return
+    inputs = inputs or GligenInputs()
     device, dtype = unet.device, unet.dtype
     height, width = int(shape[-2]), int(shape[-1])
     # per loaded GLIGEN: the row indices and grounding tokens of the conds it grounds
@@ -207,13 +234,13 @@ def gligen_fused(unet: nn.Module, conds: Sequence[tuple[Any, int]], shape: Seque
     offset = 0
     for entry, rows in conds:
         if entry is not None:
-            kind, ref, params = entry
+            kind, ref, _ = entry
             if kind != "position":
                 raise ValueError(f"GLIGEN conditioning of kind {kind!r}: only 'position' (GLIGENTextBoxApply) is known")
             model = ref.module
             _, indices, tokens = grouped.setdefault(id(model), (model, [], []))
             indices.extend(range(offset, offset + rows))
-            tokens.append(model.objs(params, rows, height, width, device))
+            tokens.append(inputs.tokens(model, entry, rows, height, width, device))
         offset += rows
     transformers = unet_transformers(unet)
     for model, _, _ in grouped.values():
@@ -224,9 +251,10 @@ def gligen_fused(unet: nn.Module, conds: Sequence[tuple[Any, int]], shape: Seque
     handles: list[RemovableHandle] = []
     fused: list[BasicTransformerBlock] = []
     try:
+        row_indices = {key: inputs.rows(indices, device) for key, (_, indices, _) in grouped.items()}
+        objs = {key: torch.cat(tokens) for key, (_, _, tokens) in grouped.items()}
         for index, transformer in enumerate(transformers):
-            parts = [(model.fusers[index], torch.tensor(indices, device=device), torch.cat(tokens))
-                     for model, indices, tokens in grouped.values()]
+            parts = [(model.fusers[index], row_indices[key], objs[key]) for key, (model, _, _) in grouped.items()]
             for block in transformer.transformer_blocks:
                 if "fuser" in block.__dict__ or "fuser" in getattr(block, "_modules", {}):
                     raise ValueError("this UNet already has GLIGEN layers of its own; Noodle's shared UNets have none")

@@ -20,7 +20,7 @@ import engine.nodes.area_conditioning as areas
 from engine import samplers
 from engine.models.controlnet.residuals import ControlResiduals
 from engine.models.detect import INPAINT_CHANNELS, IP2P_CHANNELS
-from engine.models.gligen import gligen_fused
+from engine.models.gligen import GligenInputs, gligen_fused
 import engine.nodes.cfg_hooks as cfg_hooks
 from engine.nodes.attention_replace import Attn1Slot
 from engine.nodes.gligen import spread_to_negative
@@ -138,6 +138,7 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
     # for an InstructPix2Pix UNet: the factor its source latent is concatenated with
     edit_scale = ip2p_scale(sdxl, sampling) if in_channels == IP2P_CHANNELS else None
     concats: dict[tuple[Any, ...], torch.Tensor] = {}  # the concat is the same at every step: built once
+    boxes = GligenInputs()  # so are a GLIGEN cond's grounding tokens
     windows = _timestep_windows(groups, sampling)
     everything = [list(range(len(items))) for items in groups]
     regions_for: dict[tuple[int, ...], list[list[areas.Region | None]]] = {}  # per group sizes: the same each step
@@ -251,7 +252,7 @@ def guided_eps(unet: torch.nn.Module, positive: Conditioning | Sequence[Conditio
         def call() -> torch.Tensor:
             # each cond's GLIGEN gated layers on its rows, hooked for this call only (engine/models/gligen.py)
             with gligen_fused(unet, [(g_item.extras.get("gligen"), b) for g_items, b in zip(run_groups, counts)
-                                     for g_item in g_items], x_in.shape):
+                                     for g_item in g_items], x_in.shape, boxes):
                 return (forward or unet)(x_in, t, encoder_hidden_states=ctx_in, **kwargs).sample
 
         if attention is None:

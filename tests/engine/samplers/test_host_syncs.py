@@ -209,3 +209,21 @@ def test_an_inpainting_unets_concat_is_put_on_the_device_once(executor: Executor
     source = InpaintSource(torch.randn(1, 4, 8, 8), mask, 0.18215)
     eps = guided_eps(unet, positive, negative, 7.0, False, (64, 64), inpaint=source)
     assert later(crossings("euler", eps, denoise_mask=mask)) == []
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_gligen_boxes_are_put_on_the_device_once(sd15_unet: torch.nn.Module, sampler: str) -> None:
+    from engine.models.gligen import build_gligen
+    from engine.values import GligenRef
+    from tests.engine.nodes.test_gligen import TINY_KEY_DIM, TINY_LAYERS, gligen_state
+
+    gligen = GligenRef(on_meta(build_gligen("tiny", gligen_state(TINY_LAYERS, TINY_KEY_DIM, seed=7))), "tiny")
+    g = torch.Generator().manual_seed(3)
+    boxes = ("position", gligen, [(torch.randn(1, TINY_KEY_DIM, generator=g), 3, 4, 1, 2),
+                                  (torch.randn(1, TINY_KEY_DIM, generator=g), 2, 2, 5, 5)])
+    positive, negative = conds(sd15_unet.config.cross_attention_dim)
+    boxed = Conditioning((dataclasses.replace(positive.items[0], extras={"gligen": boxes}),))
+    found = crossings(sampler, guided_eps(sd15_unet, boxed, negative, 7.0, False, (64, 64)))
+    assert later(found) == []
+    # the start: the latent, the noise, the boxes' three tensors (both sides share them) and the two rows' index
+    assert len(found) == 2 + 3 + 1

@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DIFFUSERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install lock run test tiny-models bench clean
+.PHONY: install lock run test tiny-models bench gpu-kit gpu-check clean
 
 install: $(STAMP)
 
@@ -53,5 +53,19 @@ test: install
 bench: install
 	$(VENV)/bin/noodle bench engine
 
+# The GPU figures (noodle bench gpu: Noodle against ComfyUI and diffusers at full size), for a GPU machine that
+# reaches no package index. Here: `make gpu-kit COMFY_MIRROR=<git dir of Comfy-Org/ComfyUI>` fills .gpukit/ (the
+# wheels that machine lacks, ComfyUI's source; about 52 MiB). There, beside a CUDA torch: `make gpu-check`.
+COMFY_MIRROR ?=
+GPU_PYTHON ?= python3
+GPU_OUT ?= .
+gpu-kit: install
+	@test -n "$(COMFY_MIRROR)" || { echo "make gpu-kit needs COMFY_MIRROR=<a git directory of Comfy-Org/ComfyUI>"; exit 2; }
+	$(PY) tests/gpu_kit.py build --comfy-mirror "$(COMFY_MIRROR)"
+
+gpu-check:
+	$(GPU_PYTHON) tests/gpu_kit.py install --python "$$(command -v $(GPU_PYTHON))" --venv .gpuvenv
+	.gpuvenv/bin/noodle bench gpu --models .cache/gpu-models --repeats 3 --out "$(GPU_OUT)/gpu-figures.json"
+
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) .cache .gpuvenv

@@ -70,7 +70,13 @@ def _synced(action: Callable[[], object]) -> Callable[[], object]:
 
 
 def bench_engine(models_dir: Path, repeats: int = 5, real_size: str | None = None) -> int:
-    """Print the timings and ratios; return the exit code."""
+    """Print the timings and ratios, the last line as JSON; return the exit code."""
+    print(json.dumps(measure_engine(models_dir, repeats, real_size)))
+    return 0
+
+
+def measure_engine(models_dir: Path, repeats: int = 5, real_size: str | None = None) -> dict[str, object]:
+    """Print the timings and ratios; return them as a dict."""
     case = prepare(models_dir, real_size)
     SIZE, STEPS = case.size, case.steps
     out = Path(tempfile.mkdtemp(prefix="noodle-bench-"))
@@ -155,8 +161,7 @@ def bench_engine(models_dir: Path, repeats: int = 5, real_size: str | None = Non
     }
     if models.device.type == "cuda":
         summary["peak_vram_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    print(json.dumps(summary))
-    return 0
+    return summary
 
 
 def image_check(out: Path) -> dict[str, float]:

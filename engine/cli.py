@@ -83,7 +83,8 @@ def add_engine_commands(sub: argparse._SubParsersAction, defaults: Any, *,
     worker.set_defaults(handler=lambda a: _worker(a, defaults))
 
     every = {"engine": Bench(_bench_engine), "queue": Bench(_bench_queue), "cluster": Bench(_bench_cluster),
-             "comfy": Bench(lambda a: _bench_comfy(a, defaults), _bench_comfy_options), **(benches or {})}
+             "comfy": Bench(lambda a: _bench_comfy(a, defaults), _bench_comfy_options),
+             "gpu": Bench(lambda a: _bench_gpu(a, defaults), _bench_gpu_options), **(benches or {})}
     bench = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     bench.add_argument("what", choices=list(every))
     bench.add_argument("--models", type=Path, default=Path(".cache/models"))
@@ -266,6 +267,33 @@ def _bench_comfy(args: argparse.Namespace, defaults: Any) -> int:
     try:
         return bench_comfy(args.comfy, args.workflows, args.models, repeats=args.repeats,
                            engine=defaults.engine, limits=defaults.limits)
+    except ComfyError as err:
+        print(err)
+        return 1
+
+
+def _bench_gpu_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--comfy-source", type=Path, default=Path(".gpukit/comfyui"), metavar="DIR",
+                        help="gpu: ComfyUI's source folder, started with this Python (default: make gpu-kit's)")
+    parser.add_argument("--families", default="sd15,sdxl", help="gpu: which full-size checkpoints to time")
+    parser.add_argument("--size", type=int, default=None, help="gpu: image side (default 512 SD1.5, 1024 SDXL)")
+    parser.add_argument("--steps", type=int, default=None, help="gpu: sampler steps (default 20)")
+    parser.add_argument("--out", type=Path, default=None, help="gpu: also write the figures here as JSON")
+    parser.add_argument("--port", type=int, default=8199, help="gpu: the port ComfyUI is started on")
+
+
+def _bench_gpu(args: argparse.Namespace, defaults: Any) -> int:
+    from engine.bench_comfy import ComfyError
+    from engine.bench_gpu import bench_gpu
+
+    families = [name.strip() for name in args.families.split(",") if name.strip()]
+    if not families or set(families) - {"sd15", "sdxl"}:
+        print(f"--families takes sd15, sdxl or both, comma-separated, not {args.families!r}")
+        return 2
+    try:
+        return bench_gpu(args.comfy_source, args.models, repeats=args.repeats, families=families, size=args.size,
+                         steps=args.steps, out=args.out, port=args.port, engine=defaults.engine,
+                         limits=defaults.limits)
     except ComfyError as err:
         print(err)
         return 1

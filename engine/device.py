@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import psutil
 import torch
 
 
@@ -32,23 +33,60 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 # A container's memory limit (cgroup v2, then v1): the machine's RAM is not what this process may use.
 CGROUP_LIMIT_FILES = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+# ...and what the container uses now, page cache included (v2, then v1), beside its limit
+CGROUP_USAGE_FILES = (Path("/sys/fs/cgroup/memory.current"), Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"))
 GIB = 1024**3
+
+
+def _machine_ram() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: assume a modest machine
+        return 16 * GIB
+
+
+def _read_bytes(path: Path) -> int | None:
+    """A cgroup file's number; None where it is missing or says "max" (no limit)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _container_limit(path: Path, machine: int) -> int | None:
+    limit = _read_bytes(path)
+    return limit if limit is not None and 0 < limit < machine else None  # v1 says "no limit" with a huge number
 
 
 def usable_ram(limit_files: Sequence[Path] = CGROUP_LIMIT_FILES) -> int:
     """Bytes of RAM this process may use: the machine's, or its container's limit when that is lower."""
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not a POSIX system: assume a modest machine
-        total = 16 * GIB
-    for path in limit_files:
-        try:
-            text = path.read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and 0 < int(text) < total:  # "max" (v2) or a huge number (v1) mean no limit
-            total = int(text)
-    return total
+    machine = _machine_ram()
+    return min([machine, *(limit for path in limit_files if (limit := _container_limit(path, machine)))])
+
+
+def available_ram(limit_files: Sequence[Path] = CGROUP_LIMIT_FILES,
+                  usage_files: Sequence[Path] = CGROUP_USAGE_FILES) -> int:
+    """Bytes of RAM a new allocation can take now without swapping or waking the kernel's OOM killer.
+
+    The machine's available memory (psutil: Linux's MemAvailable, the free pages and the page cache it can drop),
+    or less where a container's limit is nearer: the limit less the container's usage (which counts page cache the
+    kernel would drop first, so this errs on the small side inside a container).
+    """
+    machine, available = _machine_ram(), psutil.virtual_memory().available
+    for limit_file, usage_file in zip(limit_files, usage_files):
+        limit, usage = _container_limit(limit_file, machine), _read_bytes(usage_file)
+        if limit is not None and usage is not None:
+            available = min(available, max(limit - usage, 0))
+    return available
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A device or allocator out-of-memory error (CUDA's, MPS's "out of memory", the CPU's "can't allocate")."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def memory_budget(device: torch.device, configured: int = 0) -> int:

@@ -35,9 +35,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import platform
 from functools import cache
+
+import torch
 
 from engine.device import pick_device
 from engine.settings import EngineSettings
@@ -102,6 +105,17 @@ def return_freed_memory() -> None:
     libc = _glibc()
     if libc is not None and _applied:
         libc.malloc_trim(0)
+
+
+def free_cached_memory(device: torch.device) -> None:
+    """Give back what is no longer referenced: Python's cycles, this heap's kept pages, the GPU allocator's cache
+    (after a model is unloaded, or before a VAE retries a picture in tiles)."""
+    gc.collect()
+    return_freed_memory()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
 
 
 def reusing() -> bool:

@@ -15,7 +15,6 @@ Standalone VAEs have a resident cache of their own, outside the budget: the four
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import time
@@ -31,7 +30,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
 from engine.errors import UnsupportedModel
-from engine.heap import return_freed_memory
+from engine.heap import free_cached_memory, return_freed_memory
 from engine.images_io import IMAGE_SUFFIXES
 from engine.models.checkpoint import LoadedCheckpoint
 from engine.models.compiled import UnetCompiler
@@ -202,7 +201,7 @@ class ModelManager:
                 self._drop(cache, key)
         self._vaes.clear()
         self.lora_files.clear()
-        _free_memory(self.device)
+        free_cached_memory(self.device)
 
     def resident_bytes(self) -> int:
         """What the loaded checkpoints, live merges, upscalers and ControlNets take: the number held under
@@ -236,7 +235,7 @@ class ModelManager:
             self._drop_merge(key)
         log.info("unloaded checkpoint %s", name)
         del loaded
-        _free_memory(self.device)
+        free_cached_memory(self.device)
 
     # -- merged models ---------------------------------------------------------------------
 
@@ -386,7 +385,7 @@ class ModelManager:
             listener(key)
         log.info("unloaded %s %s", cache.kind, dropped.name)
         del dropped
-        _free_memory(self.device)
+        free_cached_memory(self.device)
 
     # -- LoRAs -----------------------------------------------------------------------------
 
@@ -436,12 +435,3 @@ def _pipeline_bytes(pipe: DiffusionPipeline) -> int:
 
 def _module_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    return_freed_memory()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif device.type == "mps":
-        torch.mps.empty_cache()

@@ -1,20 +1,58 @@
 """VAE nodes: VAEDecode, VAEEncode and VAEEncodeForInpaint. LATENT values stay in the VAE's raw space, as
-ComfyUI keeps them."""
+ComfyUI keeps them.
+
+A picture too big to go through the VAE whole goes in tiles instead, as ComfyUI's VAE.decode / VAE.encode do on
+an out-of-memory error (comfy/sd.py decode_tiled_ / encode_tiled_, with their tiles): on a GPU when its allocator
+says so; on the CPU before it starts, where the picture's measured need is more than the machine has free, since
+there the kernel's OOM killer would end the bot instead of an error. Only such pictures change (at the seams, by
+a few levels): one that fits is decoded whole, as before.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from engine.device import available_ram, is_out_of_memory
+from engine.heap import free_cached_memory, return_freed_memory
 from engine.nodes.base import Node, RunContext, Socket, register
+from engine.nodes.tiled_scale import Tile, TileFunction, averaged_passes
 from engine.values import ImageBatch, Latent, Mask, VaeRef
 
 log = logging.getLogger(__name__)
+
+# Peak memory of a whole picture through a full-size SD VAE (diffusers' AutoencoderKL) beyond its weights, per
+# pixel of the picture at float32: measured 3.85-4.05 KB to decode and 2.56-2.57 KB to encode at 512-1024 px on
+# the CPU (ru_maxrss), counted here with a fifth more. A 2048x2048 decode takes 16 GiB.
+DECODE_BYTES_PER_PIXEL = 4800
+ENCODE_BYTES_PER_PIXEL = 3100
+
+
+def decode_tiles(tile: int) -> tuple[Tile, Tile, Tile]:
+    """comfy/sd.py decode_tiled_'s three passes (h x w, in its order) for tiles of `tile` latent cells."""
+    return (tile * 2, tile // 2), (tile // 2, tile * 2), (tile, tile)
+
+
+def encode_tiles(tile: int) -> tuple[Tile, Tile, Tile]:
+    """comfy/sd.py encode_tiled_'s three passes (h x w, in its order) for tiles of `tile` pixels."""
+    return (tile, tile), (tile // 2, tile * 2), (tile * 2, tile // 2)
+
+
+# ComfyUI's fallback when a picture does not fit (decode_tiled_ and encode_tiled_'s defaults)
+FALLBACK_DECODE_TILE, FALLBACK_DECODE_OVERLAP = 64, 16  # latent cells
+FALLBACK_ENCODE_TILE, FALLBACK_ENCODE_OVERLAP = 512, 64  # pixels
+
+
+def vae_compression(module: torch.nn.Module) -> int:
+    """Pixels per latent cell a side: 8 for SD1.x / SD2.x / SDXL (each encoder block but the last halves)."""
+    return 2 ** (len(module.config.block_out_channels) - 1)
 
 
 def vae_ready(vae: VaeRef) -> torch.nn.Module:
@@ -38,6 +76,74 @@ def decode_latents(module: torch.nn.Module, latents: torch.Tensor) -> torch.Tens
     return decoded.float().cpu()
 
 
+def encode_piece(module: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels [1, 3, H, W] in 0..1 (on the CPU) -> the latent [1, 4, H/8, W/8], float32 on the CPU."""
+    moments = module.encode((pixels * 2.0 - 1.0).to(module.device, module.dtype)).latent_dist
+    return moments.mode().float().cpu()  # the distribution's mean, not a sample: ComfyUI's encode is deterministic
+
+
+def fits_whole(module: torch.nn.Module, pixels: int, bytes_per_pixel: int) -> bool:
+    """Whether a picture of `pixels` pixels can go through `module` whole. On a GPU it is tried, and its
+    out-of-memory error says no; on the CPU the allocator would be handed memory the kernel may not have, so the
+    measured need is held to the RAM free now (after this process gives back what its heap keeps)."""
+    if module.device.type != "cpu":
+        return True
+    needed = pixels * bytes_per_pixel * module.dtype.itemsize // 4
+    if needed <= available_ram():
+        return True
+    return_freed_memory()
+    return needed <= available_ram()
+
+
+def _whole_unless_out_of_memory(run: TileFunction, item: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """`run(item)`, or None after an out-of-memory error, with what that run held freed (as ComfyUI, the retry
+    waits until the error, which holds the failed run's tensors, is gone)."""
+    try:
+        return run(item)
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        log.warning("the VAE ran out of memory on a picture of %s cells: it goes in tiles (%s)",
+                    "x".join(map(str, item.shape[2:])), str(err).splitlines()[0][:200])
+    free_cached_memory(device)
+    return None
+
+
+def whole_or_tiled(items: torch.Tensor, run: TileFunction, module: torch.nn.Module, *, bytes_per_pixel: int,
+                   tiles: tuple[Tile, ...], overlap: int, scale: float, out_channels: int,
+                   progress: Callable[[int, int], None] = lambda value, total: None) -> torch.Tensor:
+    """`items` [B, C, H, W] (on the CPU) through `run` one at a time, each whole where it fits, else as
+    `averaged_passes` over `tiles`; once one picture has not fitted, the rest of the batch (the same size) goes
+    in tiles too. `progress(done, total)` counts pictures."""
+    pixels = round(items.shape[2] * items.shape[3] * max(scale, 1) ** 2)  # a decode's output, an encode's input
+    tiled = not fits_whole(module, pixels, bytes_per_pixel)
+    if tiled:
+        log.warning("a %s-pixel picture needs about %.1f GiB in the VAE, more than this machine has free: it goes "
+                    "in tiles", f"{pixels:,}", pixels * bytes_per_pixel / 1024**3)
+    results = []
+    for index in range(len(items)):
+        item = items[index:index + 1]
+        result = None if tiled else _whole_unless_out_of_memory(run, item, module.device)
+        if result is None:
+            tiled = True
+            result = averaged_passes(item, run, tiles, overlap, scale, out_channels)
+        results.append(result)
+        progress(index + 1, len(items))
+    return torch.cat(results)
+
+
+def decode_pictures(module: torch.nn.Module, latents: torch.Tensor,
+                    progress: Callable[[int, int], None] = lambda value, total: None) -> torch.Tensor:
+    """Latents [B, 4, h, w] -> IMAGE pixels [B, 8h, 8w, 3] in 0..1 on the CPU, one picture at a time (a batch of
+    large pictures would need the decoder's activations times the batch), in tiles where one does not fit."""
+    with torch.inference_mode():
+        decoded = whole_or_tiled(
+            latents.cpu(), partial(decode_latents, module), module, bytes_per_pixel=DECODE_BYTES_PER_PIXEL,
+            tiles=decode_tiles(FALLBACK_DECODE_TILE), overlap=FALLBACK_DECODE_OVERLAP,
+            scale=vae_compression(module), out_channels=module.config.out_channels, progress=progress)
+    return ((decoded + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)
+
+
 @register
 class VAEDecode(Node):
     """Decode latents into images."""
@@ -49,14 +155,7 @@ class VAEDecode(Node):
     vae: VaeRef = Socket("VAE")
 
     def run(self, ctx: RunContext) -> tuple[ImageBatch]:
-        module = vae_ready(self.vae)
-        images = []
-        with torch.inference_mode():
-            # one item at a time: a batch of large images would need the decoder's activations times the batch
-            for index, item in enumerate(self.samples.samples):
-                images.append(((decode_latents(module, item[None]) + 1.0) / 2.0).clamp(0, 1).movedim(1, -1))
-                ctx.progress(index + 1, len(self.samples.samples))
-        return (ImageBatch(torch.cat(images)),)
+        return (ImageBatch(decode_pictures(vae_ready(self.vae), self.samples.samples, ctx.progress)),)
 
 
 @register
@@ -82,16 +181,15 @@ def crop_to_grid(x: torch.Tensor, h_axis: int) -> torch.Tensor:
 
 
 def encode_pixels(vae: VaeRef, pixels: torch.Tensor) -> torch.Tensor:
-    """IMAGE [B, H, W, C] -> latents [B, 4, H/8, W/8], cropped to the 8-pixel grid first, one item at a time."""
+    """IMAGE [B, H, W, C] -> latents [B, 4, H/8, W/8], cropped to the 8-pixel grid first, one item at a time, in
+    tiles where one does not fit."""
     module = vae_ready(vae)
-    pixels = crop_to_grid(pixels[..., :3], h_axis=1)
-    latents = []
+    chw = crop_to_grid(pixels[..., :3], h_axis=1).movedim(-1, 1)
     with torch.inference_mode():
-        for item in pixels:
-            chw = (item.movedim(-1, 0)[None] * 2.0 - 1.0).to(module.device, module.dtype)
-            # the distribution's mean, not a sample: ComfyUI's encode is deterministic
-            latents.append(module.encode(chw).latent_dist.mode().float().cpu())
-    return torch.cat(latents)
+        return whole_or_tiled(
+            chw, partial(encode_piece, module), module, bytes_per_pixel=ENCODE_BYTES_PER_PIXEL,
+            tiles=encode_tiles(FALLBACK_ENCODE_TILE), overlap=FALLBACK_ENCODE_OVERLAP,
+            scale=1 / vae_compression(module), out_channels=module.config.latent_channels)
 
 
 def masked_pixels(pixels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,132 +1,23 @@
 """VAEDecodeTiled and VAEEncodeTiled: the VAE run tile by tile, with ComfyUI 0.3.64's tiles, blending and passes.
 
-As comfy/utils.py tiled_scale does it, a picture is cut into tiles that overlap; each tile goes through the VAE
-on its own (one tile on the device at a time, the sums on the CPU), weighted by a mask that ramps from 1/f to 1
-over the f = overlap x scale output cells at each of its edges (f rounded; a tile no wider than f keeps weight 1
-across), and the weighted tiles are summed and divided by the summed weights. A tile is `tile` cells a side but
-the last one of a row may be shorter: starts step by tile - overlap and are never moved back. A picture that
-fits in one tile goes through whole. As comfy/sd.py decode_tiled_ / encode_tiled_, three such passes are averaged,
-with tiles (h x w) of 2t x t/2, t/2 x 2t and t x t, so no seam sits in the same place twice; a decode clamps to
+The tiling itself is engine/nodes/tiled_scale.py (comfy/utils.py tiled_scale). As comfy/sd.py decode_tiled_ /
+encode_tiled_, three passes are averaged, with tiles (h x w) of 2t x t/2, t/2 x 2t and t x t; a decode clamps to
 0..1 after the average. The temporal inputs only matter for video VAEs: Noodle's VAEs are image VAEs, and ComfyUI
 ignores them for those.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from functools import partial
 from typing import ClassVar
 
-import torch
 from pydantic import Field
 
 from engine.nodes.base import Node, RunContext, Socket, register
-from engine.nodes.vae import crop_to_grid, decode_latents, vae_ready
+from engine.nodes.tiled_scale import TilingError, averaged_passes
+from engine.nodes.vae import (crop_to_grid, decode_latents, decode_tiles, encode_piece, encode_tiles,
+                              vae_compression, vae_ready)
 from engine.values import ImageBatch, Latent, VaeRef
-
-__all__ = ["TilingError", "averaged_passes", "tile_count", "tiled_apply"]
-
-TileFunction = Callable[[torch.Tensor], torch.Tensor]
-Tile = tuple[int, int]  # (height, width), in the input's cells
-
-
-class TilingError(ValueError):
-    """Tiles that would leave output cells uncovered: ComfyUI gives NaN there, or fails on a zero step."""
-
-
-def _starts(size: int, tile: int, overlap: int) -> range | list[int]:
-    return range(0, size - overlap, tile - overlap) if size > tile else [0]
-
-
-def tile_count(height: int, width: int, tile: Tile, overlap: int) -> int:
-    """Tiles one picture of height x width is cut into (ComfyUI's get_tiled_scale_steps)."""
-    return len(_starts(height, tile[0], overlap)) * len(_starts(width, tile[1], overlap))
-
-
-def _ramp(length: int, feather: int) -> torch.Tensor:
-    """One side's weights: (t + 1) / feather at the t-th cell from either end, 1 between."""
-    weights = torch.ones(length)
-    if feather >= length:
-        return weights  # ComfyUI feathers only a tile wider than its ramp
-    ramp = torch.arange(1, feather + 1, dtype=torch.float32) / feather
-    weights[:feather] *= ramp
-    weights[length - feather:] *= ramp.flip(0)  # both ramps meet on a tile under twice the feather
-    return weights
-
-
-@torch.inference_mode()
-def tiled_apply(item: torch.Tensor, function: TileFunction, tile: Tile, overlap: int, scale: float,
-                out_channels: int, progress: Callable[[], None] = lambda: None) -> torch.Tensor:
-    """One pass of ComfyUI's tiled_scale over `item` [1, C, H, W] (on the CPU): `function` maps a tile
-    [1, C, h, w] to [1, out_channels, h x scale, w x scale] float32 on the CPU. Returns the blended result
-    [1, out_channels, round(H x scale), round(W x scale)]; `progress` is called after every tile. Raises
-    TilingError where the tiles leave output cells uncovered; `averaged_passes` checks the steps first.
-    """
-    height, width = item.shape[2], item.shape[3]
-    if height <= tile[0] and width <= tile[1]:
-        progress()
-        return function(item)
-    out_size = (round(height * scale), round(width * scale))
-    summed = torch.zeros(1, out_channels, *out_size)
-    weights = torch.zeros(1, 1, *out_size)
-    feather = round(overlap * scale)
-    for top in _starts(height, tile[0], overlap):
-        for left in _starts(width, tile[1], overlap):
-            rows, cols = min(tile[0], height - top), min(tile[1], width - left)
-            piece = function(item[:, :, top:top + rows, left:left + cols])
-            mask = _ramp(piece.shape[2], feather)[:, None] * _ramp(piece.shape[3], feather)[None, :]
-            y, x = round(top * scale), round(left * scale)
-            summed[:, :, y:y + piece.shape[2], x:x + piece.shape[3]] += piece * mask
-            weights[:, :, y:y + piece.shape[2], x:x + piece.shape[3]] += mask
-            progress()
-    if not bool((weights > 0).all()):
-        raise TilingError("the tiles leave parts of the output uncovered")
-    return summed / weights
-
-
-@torch.inference_mode()
-def averaged_passes(items: torch.Tensor, function: TileFunction, tiles: Sequence[Tile], overlap: int, scale: float,
-                    out_channels: int, progress: Callable[[int, int], None] = lambda value, total: None
-                    ) -> torch.Tensor:
-    """`items` [B, C, H, W] (on the CPU) through `tiled_apply` once per tile shape, summed in `tiles`' order and
-    divided by their number, one item at a time; `progress(done, total)` counts tiles over all passes.
-
-    Raises TilingError, before any tile runs, where a tile no bigger than the overlap would have to move on
-    (ComfyUI fails there on a zero step, or gives NaN for a negative one).
-    """
-    height, width = items.shape[2], items.shape[3]
-    for tile in tiles:
-        if any(size > length and length <= overlap for size, length in zip((height, width), tile)):
-            raise TilingError(f"tiles of {tile[0]}x{tile[1]} (h x w) overlapping by {overlap} never move on")
-    total = len(items) * sum(tile_count(height, width, tile, overlap) for tile in tiles)
-    done = 0
-
-    def step() -> None:
-        nonlocal done
-        done += 1
-        progress(done, total)
-
-    results = []
-    for index in range(len(items)):
-        item = items[index:index + 1]
-        whole: torch.Tensor | None = None
-        summed: torch.Tensor | None = None
-        for tile in tiles:
-            if height <= tile[0] and width <= tile[1]:
-                # the picture fits this pass's tile: it goes through whole, once for all such passes
-                whole = function(item) if whole is None else whole
-                result = whole
-                step()
-            else:
-                result = tiled_apply(item, function, tile, overlap, scale, out_channels, step)
-            summed = result if summed is None else summed + result
-        assert summed is not None, "averaged_passes needs at least one tile shape"
-        results.append(summed / len(tiles))
-    return torch.cat(results)
-
-
-def _compression(module: torch.nn.Module) -> int:
-    """Pixels per latent cell a side: 8 for SD1.x / SD2.x / SDXL (each encoder block but the last halves)."""
-    return 2 ** (len(module.config.block_out_channels) - 1)
 
 
 def _tile_error(node: str, err: TilingError, tile_size: int, overlap: int) -> ValueError:
@@ -154,12 +45,11 @@ class VAEDecodeTiled(Node):
         module = vae_ready(self.vae)
         # ComfyUI's own adjustment: an overlap over a quarter of the tile becomes a quarter
         overlap = self.tile_size // 4 if self.tile_size < self.overlap * 4 else self.overlap
-        compression = _compression(module)
+        compression = vae_compression(module)
         tile, cells = self.tile_size // compression, overlap // compression  # in latent cells
-        tiles = ((tile * 2, tile // 2), (tile // 2, tile * 2), (tile, tile))  # decode_tiled_'s order
         try:
-            decoded = averaged_passes(self.samples.samples, lambda z: decode_latents(module, z), tiles, cells,
-                                      compression, module.config.out_channels, ctx.progress)
+            decoded = averaged_passes(self.samples.samples, partial(decode_latents, module), decode_tiles(tile),
+                                      cells, compression, module.config.out_channels, ctx.progress)
         except TilingError as err:  # the adjusted overlap keeps every step positive; kept as a guard
             raise _tile_error("VAEDecodeTiled", err, self.tile_size, self.overlap) from err
         return (ImageBatch(((decoded + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)),)
@@ -185,18 +75,10 @@ class VAEEncodeTiled(Node):
         module = vae_ready(self.vae)
         # ComfyUI's encode node adjusts nothing: tile and overlap in pixels, the pixels cropped to the 8-grid
         pixels = crop_to_grid(self.pixels.pixels[..., :3], h_axis=1).movedim(-1, 1)
-        compression = _compression(module)
-        tile = self.tile_size
-        tiles = ((tile, tile), (tile // 2, tile * 2), (tile * 2, tile // 2))  # encode_tiled_'s order
-
-        def encode(piece: torch.Tensor) -> torch.Tensor:
-            # the distribution's mean, not a sample: ComfyUI's encode is deterministic
-            moments = module.encode((piece * 2.0 - 1.0).to(module.device, module.dtype)).latent_dist
-            return moments.mode().float().cpu()
-
+        compression = vae_compression(module)
         try:
-            latents = averaged_passes(pixels, encode, tiles, self.overlap, 1 / compression,
-                                      module.config.latent_channels, ctx.progress)
+            latents = averaged_passes(pixels, partial(encode_piece, module), encode_tiles(self.tile_size),
+                                      self.overlap, 1 / compression, module.config.latent_channels, ctx.progress)
         except TilingError as err:
             raise _tile_error("VAEEncodeTiled", err, self.tile_size, self.overlap) from err
         return (Latent(latents),)

@@ -23,6 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from engine.device import is_out_of_memory
+
 __all__ = ["MIN_TILE", "OVERLAP", "tile_steps", "tiled_upscale", "upscale_image"]
 
 log = logging.getLogger(__name__)
@@ -87,14 +89,6 @@ def tiled_upscale(images: Tensor, model: Callable[[Tensor], Tensor], scale: int,
                 progress()
         output[index:index + 1] = summed / weights
     return output
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """A device or allocator out-of-memory error (CUDA's, MPS's "out of memory", the CPU's "can't allocate")."""
-    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def upscale_image(images: Tensor, model: Callable[[Tensor], Tensor], scale: int, tile: int,

@@ -111,8 +111,8 @@ def measure_engine(models_dir: Path, repeats: int = 5, real_size: str | None = N
         pipe = executor.models.checkpoint(params.checkpoint).pipe
         latents = pipe(params.prompt, negative_prompt=params.negative, num_inference_steps=STEPS, guidance_scale=CFG,
                        width=SIZE, height=SIZE, generator=torch.Generator().manual_seed(1), output_type="latent").images
-        # Decoded as our VAEDecode does, in the VAE's own dtype: our graph keeps a force_upcast VAE in
-        # fp32 on a GPU, where diffusers' SD1.5 pipeline would hand it fp16 latents.
+        # Decoded as our VAEDecode does, in the VAE's own dtype ([engine] vae_dtype: bfloat16 on most GPUs, as
+        # ComfyUI), where diffusers' pipelines would decode in the UNet's fp16, or fp32 for SDXL's force_upcast.
         vae = pipe.vae
         with torch.inference_mode():
             pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample

@@ -28,7 +28,35 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     """fp16 on GPUs, fp32 on the CPU (CPU half precision is slow and lossy), unless config says otherwise."""
     if setting == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[setting]
+    return DTYPES[setting]
+
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# AMD cards that run bfloat16 only emulated (RDNA2 and older; comfy/model_management.py should_use_bf16's list)
+AMD_WITHOUT_BF16 = ("gfx1030", "gfx1031", "gfx1010", "gfx1011", "gfx1012", "gfx906", "gfx900", "gfx803")
+
+
+def runs_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bfloat16 at full speed, by ComfyUI's rule: an NVIDIA card of compute capability 8
+    (Ampere) or newer, an AMD card newer than RDNA2, Apple silicon on macOS 14 or later; never the CPU."""
+    if device.type == "cuda":
+        if torch.version.hip:
+            return not any(arch in torch.cuda.get_device_properties(device).gcnArchName for arch in AMD_WITHOUT_BF16)
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "mps":
+        return bool(torch.backends.mps.is_macos_or_newer(14, 0))
+    return False
+
+
+def pick_vae_dtype(setting: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's precision. `auto` is ComfyUI's (comfy/model_management.py vae_dtype for the SD VAEs, whose
+    working dtypes are bfloat16 and float32): bfloat16 where the device runs it at full speed, else float32; and
+    float32 when the engine itself is set to float32 (as ComfyUI's --force-fp32). bfloat16 has float32's range,
+    so neither the SDXL VAE's fp16 overflow nor the SD1.x VAE's occasional one (a black picture) can happen, at
+    half of float32's memory and time."""
+    if setting != "auto":
+        return DTYPES[setting]
+    return torch.bfloat16 if dtype != torch.float32 and runs_bf16(device) else torch.float32
 
 
 # A container's memory limit (cgroup v2, then v1): the machine's RAM is not what this process may use.

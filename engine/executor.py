@@ -31,7 +31,7 @@ from engine.events import (
     ExecutionSuccess,
     Progress,
 )
-from engine.device import memory_budget, pick_device, pick_dtype
+from engine.device import memory_budget, pick_device, pick_dtype, pick_vae_dtype
 from engine.heap import reuse_freed_memory
 from engine.models.compiled import UnetCompiler
 from engine.models.manager import ModelManager
@@ -331,11 +331,13 @@ def create_executor(models: ModelsSettings, engine: EngineSettings, limits: Limi
     device = pick_device(engine.device)
     if device.type == "cpu" and engine.reuse_cpu_memory:
         reuse_freed_memory()  # already on when `noodle` started this process (engine/heap.py)
+    dtype = pick_dtype(engine.dtype, device)
     manager = ModelManager(
         ModelCatalog(models.dir, allow_weights_only_pickle=models.allow_weights_only_pickle,
                      hash_cache=models.hash_cache),
         device=device,
-        dtype=pick_dtype(engine.dtype, device),
+        dtype=dtype,
+        vae_dtype=pick_vae_dtype(engine.vae_dtype, device, dtype),
         memory_budget=memory_budget(device, engine.model_memory_bytes),
         input_dir=engine.input_dir,
         compiler=UnetCompiler(engine.compile_cache) if engine.compile else None,

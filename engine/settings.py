@@ -29,6 +29,9 @@ class EngineSettings(BaseModel):
 
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    # the VAE's: "auto" is ComfyUI's choice, bfloat16 on GPUs that run it at full speed (NVIDIA Ampere and newer,
+    # Apple silicon on macOS 14+), float32 elsewhere and whenever dtype is float32 (engine/device.py)
+    vae_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     output_dir: Path = Path("output")
     input_dir: Path = Path("input")
     # Node outputs kept between runs, most recently used first (ComfyUI keeps the last prompt's).

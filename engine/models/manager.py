@@ -97,11 +97,13 @@ class ModelManager:
     """Loads, caches and patches models for the executor; one per engine."""
 
     def __init__(self, catalog: ModelCatalog, *, device: torch.device, dtype: torch.dtype,
-                 memory_budget: int, input_dir: Path, compiler: UnetCompiler | None = None) -> None:
+                 memory_budget: int, input_dir: Path, compiler: UnetCompiler | None = None,
+                 vae_dtype: torch.dtype | None = None) -> None:
         self.catalog = catalog
         self.compiler = compiler  # [engine] compile: the UNet's compiled forward for plain runs
         self.device = device
         self.dtype = dtype
+        self.vae_dtype = dtype if vae_dtype is None else vae_dtype  # [engine] vae_dtype (engine/device.py)
         self.memory_budget = memory_budget
         self.input_dir = input_dir
         self.stats = ManagerStats()
@@ -172,6 +174,8 @@ class ModelManager:
         self._make_room(path.stat().st_size)
         started = time.perf_counter()
         pipe = load_checkpoint_pipeline(path, arch, self.device, self.dtype)
+        if pipe.vae.dtype != self.vae_dtype:  # its own precision: bfloat16 on most GPUs, as ComfyUI's
+            pipe.vae.to(self.vae_dtype)
         seconds = time.perf_counter() - started
         return_freed_memory()  # the loader's conversion buffers, kept by the CPU heap reuse otherwise
         loaded = LoadedCheckpoint(name, path, arch, pipe, fingerprint, seconds, _pipeline_bytes(pipe),
@@ -309,7 +313,7 @@ class ModelManager:
         key = f"{name}:{fingerprint}"
         cached = self._vaes.get(key)
         if cached is None:
-            cached = load_vae(path, self.device, self.dtype)
+            cached = load_vae(path, self.device, self.vae_dtype)
             self._vaes.add(key, cached, name, fingerprint, _module_bytes(cached))
         return cached
 

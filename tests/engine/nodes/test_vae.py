@@ -1,12 +1,19 @@
-"""A half-precision VAE that overflows is decoded again in float32 instead of giving a black image."""
+"""A half-precision VAE that overflows is decoded again in float32 instead of giving a black image; the VAE's
+precision ([engine] vae_dtype) follows ComfyUI's rule and a bfloat16 VAE draws the float32 picture closely."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
+from engine.device import DTYPES, pick_vae_dtype
 from engine.models.single_file import load_vae
 from engine.nodes import catalog
 from engine.nodes.base import RunContext, RunMeta
@@ -40,3 +47,54 @@ def test_an_overflowing_fp16_vae_falls_back_to_fp32(tiny_models: Path) -> None:
     assert bool(got.isfinite().all()) and float(got.std()) > 0.01
     assert torch.allclose(got, expected, atol=1e-3)  # well under one 8-bit level
 
+
+
+# --- the VAE's precision ([engine] vae_dtype) ------------------------------------------------------------------------
+
+def card(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], hip_arch: str | None = None) -> None:
+    """torch reports a CUDA card of `capability` (NVIDIA), or an AMD card of `hip_arch`."""
+    monkeypatch.setattr(torch.version, "hip", "6.2" if hip_arch else None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(gcnArchName=f"{hip_arch}:sramecc+:xnack-"))
+
+
+def test_auto_picks_the_vae_precision_by_comfyuis_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda, fp16, fp32 = torch.device("cuda"), torch.float16, torch.float32
+    assert pick_vae_dtype("auto", torch.device("cpu"), fp32) == fp32
+    card(monkeypatch, (8, 6))  # an RTX 3090: bfloat16, as ComfyUI
+    assert pick_vae_dtype("auto", cuda, fp16) == torch.bfloat16
+    assert pick_vae_dtype("auto", cuda, fp32) == fp32  # the engine set to float32 (ComfyUI's --force-fp32)
+    card(monkeypatch, (9, 0))  # an H100 / H200
+    assert pick_vae_dtype("auto", cuda, fp16) == torch.bfloat16
+    card(monkeypatch, (7, 5))  # a T4 or an RTX 2080: no native bfloat16, float32 as ComfyUI
+    assert pick_vae_dtype("auto", cuda, fp16) == fp32
+    assert pick_vae_dtype("float16", cuda, fp16) == fp16  # the owner's choice holds
+    card(monkeypatch, (10, 3), hip_arch="gfx1030")  # an RX 6800 (RDNA2): emulated bfloat16
+    assert pick_vae_dtype("auto", cuda, fp16) == fp32
+    card(monkeypatch, (11, 0), hip_arch="gfx1100")  # an RX 7900 (RDNA3)
+    assert pick_vae_dtype("auto", cuda, fp16) == torch.bfloat16
+
+
+def test_a_bfloat16_vae_is_loaded_so_and_draws_the_float32_picture_closely(
+        tiny_models: Path, tmp_path: Path) -> None:
+    from engine.executor import create_executor
+    from engine.settings import EngineSettings, Limits, ModelsSettings
+    from tests.engine.conftest import txt2img
+
+    pictures = {}
+    for vae_dtype in ("float32", "bfloat16"):
+        settings = EngineSettings(output_dir=tmp_path / vae_dtype, input_dir=tmp_path, device="cpu",
+                                  vae_dtype=vae_dtype)
+        executor = create_executor(ModelsSettings(dir=tiny_models), settings, Limits())
+        pipe = executor.models.checkpoint("tiny-sd15.safetensors").pipe
+        assert pipe.vae.dtype == DTYPES[vae_dtype] and pipe.unet.dtype == torch.float32
+        assert executor.models.vae("tiny-vae.safetensors").dtype == DTYPES[vae_dtype]
+        result = executor.run(txt2img())
+        [image] = result.outputs["9"]["images"]
+        path = settings.output_dir / image["subfolder"] / image["filename"]
+        pictures[vae_dtype] = torch.from_numpy(np.asarray(Image.open(path), dtype=np.float32) / 255)
+    error = float(((pictures["bfloat16"] - pictures["float32"]) ** 2).mean())
+    psnr = 10 * math.log10(1 / error) if error else math.inf
+    print(f"bfloat16 VAE vs float32: PSNR {psnr:.1f} dB")
+    assert 30.0 < psnr < math.inf  # a different precision, the same picture

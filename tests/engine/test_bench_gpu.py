@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.bench_comfy import ComfyClient, ComfyError, ReservedPeak, time_workflows
-from engine.bench_gpu import comfy_server, environment, gpu_workflows
+from engine.bench_gpu import comfy_server, environment, gpu_workflows, vae_precision
 from engine.executor import Executor
 
 STAND_IN = textwrap.dedent('''
@@ -157,3 +157,13 @@ def test_the_cli_says_what_families_it_takes(capsys: pytest.CaptureFixture[str])
     assert main(["bench", "gpu", "--families", "sd15", "--comfy-source", "/nowhere", "--models", "/nowhere"]) == 1
     assert "/nowhere/main.py does not exist" in capsys.readouterr().out
     assert not Path("/nowhere").exists()
+
+
+def test_the_vae_is_timed_in_each_precision_on_a_copy(executor: Executor) -> None:
+    vae = executor.models.checkpoint("tiny-sd15.safetensors").pipe.vae
+    before = vae.dtype
+    found = vae_precision(vae, 64, repeats=1)
+    assert list(found) == ["float32", "float16", "bfloat16"]
+    for figures in found.values():
+        assert figures["ms"] > 0 and figures["peak_gib"] is None and figures["went_float32"] is False
+    assert vae.dtype == before  # the engine's VAE is left as it was

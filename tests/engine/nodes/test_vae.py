@@ -74,6 +74,12 @@ def test_auto_picks_the_vae_precision_by_comfyuis_rule(monkeypatch: pytest.Monke
     assert pick_vae_dtype("auto", cuda, fp16) == fp32
     card(monkeypatch, (11, 0), hip_arch="gfx1100")  # an RX 7900 (RDNA3)
     assert pick_vae_dtype("auto", cuda, fp16) == torch.bfloat16
+    cpu = torch.device("cpu")
+    for amx in (True, False):  # a CPU with AMX (Sapphire Rapids), and one without
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+        assert pick_vae_dtype("auto", cpu, fp32) == fp32  # the CPU default: float32 everywhere, as ComfyUI
+        assert pick_vae_dtype("auto", cpu, torch.bfloat16) == (torch.bfloat16 if amx else fp32)
 
 
 def test_a_bfloat16_vae_is_loaded_so_and_draws_the_float32_picture_closely(

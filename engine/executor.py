@@ -332,7 +332,8 @@ def create_executor(models: ModelsSettings, engine: EngineSettings, limits: Limi
     if device.type == "cpu" and engine.reuse_cpu_memory:
         reuse_freed_memory()  # already on when `noodle` started this process (engine/heap.py)
     dtype = pick_dtype(engine.dtype, device)
-    if device.type == "cpu" and dtype == torch.float32 and cpu_runs_bf16():
+    # (said where this process samples: with Ray workers this executor only validates)
+    if engine.workers == "local" and device.type == "cpu" and dtype == torch.float32 and cpu_runs_bf16():
         log.info('this CPU does bfloat16 in hardware (AMX): [engine] dtype = "bfloat16" samples about twice as fast, '
                  "with pictures a little different from float32's (and from ComfyUI's on a CPU)")
     manager = ModelManager(

@@ -104,3 +104,23 @@ def test_a_bfloat16_vae_is_loaded_so_and_draws_the_float32_picture_closely(
     psnr = 10 * math.log10(1 / error) if error else math.inf
     print(f"bfloat16 VAE vs float32: PSNR {psnr:.1f} dB")
     assert 30.0 < psnr < math.inf  # a different precision, the same picture
+
+
+def test_on_a_cpu_with_amx_the_engine_says_bfloat16_is_there(tiny_models: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from engine import executor as executor_module
+    from engine.settings import EngineSettings, Limits, ModelsSettings
+
+    def hints(amx: bool, **engine: Any) -> list[str]:
+        monkeypatch.setattr(executor_module, "cpu_runs_bf16", lambda: amx)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="engine.executor"):
+            executor_module.create_executor(ModelsSettings(dir=tiny_models), EngineSettings(
+                device="cpu", output_dir=tmp_path, input_dir=tmp_path, **engine), Limits())
+        return [r.getMessage() for r in caplog.records if 'dtype = "bfloat16"' in r.getMessage()]
+
+    assert len(hints(True)) == 1
+    assert hints(False) == [] and hints(True, dtype="bfloat16") == [] and hints(True, workers="ray") == []

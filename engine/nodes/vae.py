@@ -114,7 +114,8 @@ def whole_or_tiled(items: torch.Tensor, run: TileFunction, module: torch.nn.Modu
                    progress: Callable[[int, int], None] = lambda value, total: None) -> torch.Tensor:
     """`items` [B, C, H, W] (on the CPU) through `run` one at a time, each whole where it fits, else as
     `averaged_passes` over `tiles`; once one picture has not fitted, the rest of the batch (the same size) goes
-    in tiles too. `progress(done, total)` counts pictures."""
+    in tiles too. `progress(done, total)` counts pictures, and tiles within a tiled one (a tiled decode takes
+    minutes on a CPU: the progress line moves, and a cancel or the job's time limit is honoured at each tile)."""
     pixels = round(items.shape[2] * items.shape[3] * max(scale, 1) ** 2)  # a decode's output, an encode's input
     tiled = not fits_whole(module, pixels, bytes_per_pixel)
     if tiled:
@@ -126,7 +127,9 @@ def whole_or_tiled(items: torch.Tensor, run: TileFunction, module: torch.nn.Modu
         result = None if tiled else _whole_unless_out_of_memory(run, item, module.device)
         if result is None:
             tiled = True
-            result = averaged_passes(item, run, tiles, overlap, scale, out_channels)
+            result = averaged_passes(item, run, tiles, overlap, scale, out_channels,
+                                     lambda done, total, index=index: progress(index * total + done,
+                                                                               len(items) * total))
         results.append(result)
         progress(index + 1, len(items))
     return torch.cat(results)

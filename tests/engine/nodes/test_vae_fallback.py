@@ -16,7 +16,7 @@ import torch
 from engine.device import available_ram
 from engine.models.single_file import load_vae
 from engine.nodes import vae as vae_nodes
-from engine.nodes.vae import DECODE_BYTES_PER_PIXEL, encode_pixels
+from engine.nodes.vae import DECODE_BYTES_PER_PIXEL, decode_pictures, encode_pixels
 from engine.values import ImageBatch, Latent, VaeRef
 from tests.engine.nodes.test_vae_tiled import comfy_decode_tiled, comfy_encode_tiled, latent_noise, run
 
@@ -131,3 +131,14 @@ def test_the_free_memory_counts_a_containers_limit(tmp_path: Path) -> None:
     assert available_ram([limit], [usage]) <= 256 * 1024**2
     limit.write_text("max\n")  # no limit: the machine's own free memory
     assert available_ram([limit], [usage]) > 256 * 1024**2
+
+
+def test_a_tiled_picture_reports_progress_at_every_tile(tiny_vae: VaeRef) -> None:
+    tiny_vae.vae.decode = SmallDevice(tiny_vae.vae.decode, DEVICE_CELLS)
+    reports: list[tuple[int, int]] = []
+    decode_pictures(tiny_vae.vae, latent_noise(2, 72, 80, seed=15),
+                    lambda value, total: reports.append((value, total)))
+    fractions = [value / total for value, total in reports]
+    # 72x80 cells in tiles (h x w) of 128x32, 32x128 and 64x64 stepping by 16 less: 1x4 + 4x1 + 2x2 a picture
+    assert len(reports) == 2 * (4 + 4 + 4) + 2 and reports[-1] == (2, 2)
+    assert fractions == sorted(fractions) and fractions[0] == 1 / 24

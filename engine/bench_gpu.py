@@ -200,10 +200,9 @@ def bench_gpu(comfy_source: Path, models_dir: Path, *, repeats: int = 3, familie
             Path(out).write_text(json.dumps(found, indent=1), encoding="utf-8")
 
     keep()
-    workflows = []
-    for family in families:
-        case = prepare(models_dir, family)
-        workflows += gpu_workflows(family, case.checkpoint, size or case.size, steps or case.steps)
+    cases = {family: prepare(models_dir, family) for family in families}
+    workflows = [workflow for family, case in cases.items()
+                 for workflow in gpu_workflows(family, case.checkpoint, size or case.size, steps or case.steps)]
     work = Path(tempfile.mkdtemp(prefix="noodle-bench-gpu-"))
     settings = (engine or EngineSettings()).model_copy(update={"output_dir": work / "noodle-out"})
     executor = create_executor(ModelsSettings(dir=models_dir), settings, limits or Limits())
@@ -212,8 +211,7 @@ def bench_gpu(comfy_source: Path, models_dir: Path, *, repeats: int = 3, familie
     keep()
     found["noodle_vae_dtype"] = str(executor.models.vae_dtype).removeprefix("torch.")
     found["vae_precision"] = {}
-    for family in families:
-        case = prepare(models_dir, family)
+    for family, case in cases.items():
         side = size or case.size
         print(f"{family} VAE, one {side}x{side} decode per precision:", flush=True)
         found["vae_precision"][family] = vae_precision(executor.models.checkpoint(case.checkpoint).pipe.vae, side,

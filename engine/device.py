@@ -24,6 +24,9 @@ def pick_device(setting: str = "auto") -> torch.device:
     return torch.device(setting)
 
 
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     """fp16 on GPUs, fp32 on the CPU (CPU half precision is slow and lossy), unless config says otherwise."""
     if setting == "auto":
@@ -31,7 +34,6 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     return DTYPES[setting]
 
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # AMD cards that run bfloat16 only emulated (RDNA2 and older; comfy/model_management.py should_use_bf16's list)
 AMD_WITHOUT_BF16 = ("gfx1030", "gfx1031", "gfx1010", "gfx1011", "gfx1012", "gfx906", "gfx900", "gfx803")
 
@@ -61,8 +63,8 @@ def pick_vae_dtype(setting: str, device: torch.device, dtype: torch.dtype) -> to
     """The VAE's precision. `auto` is ComfyUI's (comfy/model_management.py vae_dtype for the SD VAEs, whose
     working dtypes are bfloat16 and float32): bfloat16 where the device runs it at full speed, else float32; and
     float32 when the engine itself is set to float32 (as ComfyUI's --force-fp32). bfloat16 has float32's range,
-    so neither the SDXL VAE's fp16 overflow nor the SD1.x VAE's occasional one (a black picture) can happen, at
-    half of float32's memory and time."""
+    so neither the SDXL VAE's fp16 overflow nor the SD1.x VAE's occasional one (a black picture) can happen, in
+    half of float32's memory."""
     if setting != "auto":
         return DTYPES[setting]
     return torch.bfloat16 if dtype != torch.float32 and runs_bf16(device) else torch.float32

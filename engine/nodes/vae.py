@@ -23,7 +23,7 @@ from pydantic import Field
 from engine.device import available_ram, is_out_of_memory
 from engine.heap import free_cached_memory, return_freed_memory
 from engine.nodes.base import Node, RunContext, Socket, register
-from engine.nodes.tiled_scale import Tile, TileFunction, averaged_passes
+from engine.tiled_scale import Tile, TileFunction, averaged_passes
 from engine.values import ImageBatch, Latent, Mask, VaeRef
 
 log = logging.getLogger(__name__)

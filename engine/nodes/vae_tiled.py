@@ -1,6 +1,6 @@
 """VAEDecodeTiled and VAEEncodeTiled: the VAE run tile by tile, with ComfyUI 0.3.64's tiles, blending and passes.
 
-The tiling itself is engine/nodes/tiled_scale.py (comfy/utils.py tiled_scale). As comfy/sd.py decode_tiled_ /
+The tiling itself is engine/tiled_scale.py (comfy/utils.py tiled_scale). As comfy/sd.py decode_tiled_ /
 encode_tiled_, three passes are averaged, with tiles (h x w) of 2t x t/2, t/2 x 2t and t x t; a decode clamps to
 0..1 after the average. The temporal inputs only matter for video VAEs: Noodle's VAEs are image VAEs, and ComfyUI
 ignores them for those.
@@ -14,7 +14,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from engine.nodes.base import Node, RunContext, Socket, register
-from engine.nodes.tiled_scale import TilingError, averaged_passes
+from engine.tiled_scale import TilingError, averaged_passes
 from engine.nodes.vae import (crop_to_grid, decode_latents, decode_tiles, encode_piece, encode_tiles,
                               vae_compression, vae_ready)
 from engine.values import ImageBatch, Latent, VaeRef

@@ -22,7 +22,7 @@ from engine.errors import NodeExecutionError, WorkflowInvalid
 from engine.executor import Executor
 from engine.models.single_file import load_vae
 from engine.nodes import catalog
-from engine.nodes.tiled_scale import averaged_passes
+from engine.tiled_scale import averaged_passes
 from engine.values import ImageBatch, Latent, VaeRef
 from tests.engine.conftest import txt2img
 

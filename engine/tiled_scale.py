@@ -7,7 +7,8 @@ summed and divided by the summed weights. A tile is `tile` cells a side but the 
 starts step by tile - overlap and are never moved back. A picture that fits in one tile goes through whole. As
 comfy/sd.py decode_tiled_ / encode_tiled_, `averaged_passes` averages several such passes with different tile
 shapes, so no seam sits in the same place twice. The VAE nodes use it (engine/nodes/vae.py when a picture does
-not fit in memory whole, engine/nodes/vae_tiled.py always).
+not fit in memory whole, engine/nodes/vae_tiled.py always), and the model upscaler one pass of it
+(engine/models/upscale/tiling.py).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _ramp(length: int, feather: int) -> torch.Tensor:
 @torch.inference_mode()
 def tiled_apply(item: torch.Tensor, function: TileFunction, tile: Tile, overlap: int, scale: float,
                 out_channels: int, progress: Callable[[], None] = lambda: None) -> torch.Tensor:
-    """One pass of ComfyUI's tiled_scale over `item` [1, C, H, W] (on the CPU): `function` maps a tile
+    """One pass of ComfyUI's tiled_scale over `item` [1, C, H, W] (on whatever device `function` takes): it maps a tile
     [1, C, h, w] to [1, out_channels, h x scale, w x scale] float32 on the CPU. Returns the blended result
     [1, out_channels, round(H x scale), round(W x scale)]; `progress` is called after every tile. Raises
     TilingError where the tiles leave output cells uncovered; `averaged_passes` checks the steps first.

@@ -344,6 +344,7 @@ def create_executor(models: ModelsSettings, engine: EngineSettings, limits: Limi
         vae_dtype=pick_vae_dtype(engine.vae_dtype, device, dtype),
         memory_budget=memory_budget(device, engine.model_memory_bytes),
         input_dir=engine.input_dir,
-        compiler=UnetCompiler(engine.compile_cache) if engine.compile else None,
+        # inductor's freezing where it is measured to pay: the CPU (engine/models/compiled.py)
+        compiler=UnetCompiler(engine.compile_cache, freeze=device.type == "cpu") if engine.compile else None,
     )
     return Executor(manager, engine, limits)

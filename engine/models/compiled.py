@@ -20,6 +20,13 @@ Runs that hook the UNet (LoRAs through peft, FreeU and hypernetwork patches, GLI
 replacements) run eager: each of those would otherwise be a new graph (minutes on a CPU) for one run.
 Pixels: the compiled UNet's output differs from eager in the last float bits (about 5e-6 of a unit); results are
 not bit-identical to the eager engine, which is why this is off unless the owner turns it on.
+
+Memory: the compiled forward hangs on its UNet module (a cycle the garbage collector frees with it), so an evicted
+or unloaded checkpoint takes its compiled graphs along. Freezing is used on the CPU only, where it is measured to
+pay; there PyTorch 2.13's inductor keeps a frozen graph's weights alive after the module is gone (measured: a
+Linear's weight outlives its module, `torch._dynamo.reset()` and PyCodeCache cleared; the holder is not a Python
+object), so on the CPU an evicted compiled UNet's weights stay in memory until the bot restarts (logged when it
+happens). On a GPU the graphs take the weights as inputs, inductor's default, and nothing is kept.
 """
 
 from __future__ import annotations
@@ -27,12 +34,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch._inductor.config as inductor_config
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +47,16 @@ __all__ = ["UnetCompiler"]
 
 # graphs one process may keep for the UNet's forward: one per latent size x batch size x checkpoint
 RECOMPILE_LIMIT = 64
+_COMPILED = "_noodle_compiled"  # the attribute of a UNet module holding its compiled forward
 
 
 class UnetCompiler:
-    """Compiled forwards of UNets, one per UNet module, made on first use."""
+    """Compiled forwards of UNets, one per UNet module, made on first use; `freeze`: inductor's freezing (on the
+    CPU: create_executor passes the device's)."""
 
-    def __init__(self, cache_dir: Path | None) -> None:
+    def __init__(self, cache_dir: Path | None, *, freeze: bool = True) -> None:
         self.cache_dir = cache_dir
-        self._forwards: weakref.WeakKeyDictionary[torch.nn.Module, Callable[..., Any]] = weakref.WeakKeyDictionary()
+        self.freeze = freeze
         self._seen: set[tuple[Any, ...]] = set()
         self._lock = threading.Lock()
         if cache_dir is not None:
@@ -55,11 +64,6 @@ class UnetCompiler:
             # between restarts. Set even where the variable is: inductor writes its default there on first use
             cache_dir.mkdir(parents=True, exist_ok=True)
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir.resolve())
-        # freezing as a global setting: handed to torch.compile in `options` it did not take (measured: 2.45 s a
-        # call, the unfrozen graph's time, against 1.49 s); nothing else in Noodle compiles
-        import torch._inductor.config as inductor
-
-        inductor.freezing = True
         dynamo = torch._dynamo.config
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(dynamo, name):
@@ -68,14 +72,23 @@ class UnetCompiler:
     def forward(self, unet: torch.nn.Module) -> Callable[..., Any]:
         """`unet`'s compiled forward: call it as the UNet itself (latents, timestep, encoder_hidden_states=...)."""
         with self._lock:
-            compiled = self._forwards.get(unet)
+            compiled = unet.__dict__.get(_COMPILED)
             if compiled is None:
                 _keep_cross_attention_eager(unet)
                 # freezing: the graph's weights are constants, so it must never see a UNet whose weights change in
                 # place; LoRA runs (peft layers beside the weights) stay eager, and a reloaded file is a new module
                 compiled = torch.compile(unet, dynamic=False)
-                self._forwards[unet] = compiled
+                # on the module itself, not in a registry keyed by it: the compiled module holds the UNet, so a
+                # registry (a WeakKeyDictionary too) would keep every unloaded UNet alive. object.__setattr__: not
+                # a submodule (nn.Module's own setattr would register it, and state_dict would hold it twice)
+                object.__setattr__(unet, _COMPILED, compiled)
         return lambda x, t, **kwargs: self._call(unet, compiled, x, t, **kwargs)
+
+    def forget(self, unet: torch.nn.Module) -> None:
+        """The manager lets go of `unet` (unloaded or evicted): says so where frozen weights outlive it."""
+        if unet.__dict__.get(_COMPILED) is not None and self.freeze:
+            log.warning("the compiled UNet of an unloaded model keeps its weights in memory until a restart "
+                        "(inductor's freezing on the CPU holds them; [engine] compile = false frees them)")
 
     def _call(self, unet: torch.nn.Module, compiled: Callable[..., Any], x: torch.Tensor, t: torch.Tensor,
               **kwargs: Any) -> Any:
@@ -88,7 +101,10 @@ class UnetCompiler:
             self._seen.add(key)
             log.info("compiling the UNet for latents of %s (first run of this size; a minute or more on a CPU, "
                      "cached in %s)", "x".join(map(str, x.shape)), self.cache_dir or "inductor's default folder")
-        return compiled(x, t, **kwargs)
+        # freezing is read when a graph compiles, inside this call. Patched for the call, not handed to
+        # torch.compile in `options` (it did not take there: 2.45 s a call, the unfrozen graph's time, against 1.49 s)
+        with inductor_config.patch(freezing=self.freeze):
+            return compiled(x, t, **kwargs)
 
 
 def _keep_cross_attention_eager(unet: torch.nn.Module) -> None:

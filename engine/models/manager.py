@@ -238,6 +238,8 @@ class ModelManager:
         for key in [key for key, merge in self._merges.items() if merge.parent == loaded.key]:
             self._drop_merge(key)
         log.info("unloaded checkpoint %s", name)
+        if self.compiler is not None:
+            self.compiler.forget(loaded.pipe.unet)
         del loaded
         free_cached_memory(self.device)
 
@@ -298,6 +300,9 @@ class ModelManager:
         for listener in self._unload_listeners:  # the node cache lets go of the outputs holding it
             listener(key)
         log.info("dropped merged model %s", merge.label)
+        pipe = merge.pipe()
+        if self.compiler is not None and pipe is not None:
+            self.compiler.forget(pipe.unet)
 
     def _forget_dead_merges(self) -> None:
         # the node cache let go of a merge's last output on its own (LRU): its memory is free already

@@ -1,19 +1,25 @@
 """[engine] compile: the tiny UNet through a real inductor compile (about a minute on 2 cores, once a module).
 
 The compiled picture is the eager one up to float rounding; a new seed or a longer prompt never compiles again; a
-run with a LoRA stays eager (bit for bit); inductor's caches land in [engine] compile_cache.
+run with a LoRA stays eager (bit for bit); inductor's caches land in [engine] compile_cache; an unloaded UNet is
+freed with its compiled forward.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torch._dynamo.utils import counters
 
 from engine.executor import Executor, create_executor
+from engine.models.compiled import UnetCompiler
 from engine.settings import EngineSettings, Limits, ModelsSettings
 from tests.conftest import TINY_MODELS_DIR
 from tests.engine.conftest import txt2img
@@ -72,3 +78,44 @@ def test_another_checkpoint_of_the_same_architecture_is_compiled_with_its_own_we
     compiled_pixels = _picture(compiled, workflow)
     assert np.abs(compiled_pixels - _picture(executor, workflow)).max() <= 2
     assert np.abs(compiled_pixels - _picture(executor, txt2img(seed=4))).max() > 50  # the files draw apart
+
+
+class _Block(torch.nn.Module):
+    """A stand-in UNet: compiles in seconds, called as the UNet is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return self.conv(x) * t.reshape(-1, 1, 1, 1)
+
+
+def test_an_unloaded_unet_is_freed_with_its_compiled_forward(tmp_path: Path) -> None:
+    # unfrozen, as on a GPU: nothing but the module holds its compiled forward (a registry keyed by the module kept
+    # every unloaded UNet alive, since the compiled module holds its UNet)
+    compiler = UnetCompiler(tmp_path / "cache", freeze=False)
+    block = _Block()
+    forward = compiler.forward(block)
+    with torch.inference_mode():
+        out = forward(torch.ones(2, 4, 8, 8), torch.full((2,), 0.5))
+        assert torch.allclose(out, block(torch.ones(2, 4, 8, 8), torch.full((2,), 0.5)), atol=1e-5)
+    held = block.__dict__["_noodle_compiled"]
+    compiler.forward(block)
+    assert block.__dict__["_noodle_compiled"] is held  # compiled once, reused
+    module, weight = weakref.ref(block), weakref.ref(block.conv.weight)
+    compiler.forget(block)
+    del block, forward, held
+    gc.collect()
+    assert module() is None and weight() is None
+
+
+def test_forgetting_a_frozen_unet_says_its_weights_stay(caplog: pytest.LogCaptureFixture) -> None:
+    compiler = UnetCompiler(None, freeze=True)
+    block = _Block()
+    with caplog.at_level(logging.WARNING, logger="engine.models.compiled"):
+        compiler.forget(block)  # never compiled: nothing held, nothing said
+        assert not caplog.records
+        compiler.forward(block)
+        compiler.forget(block)
+    assert "keeps its weights in memory until a restart" in caplog.text

@@ -34,6 +34,7 @@ from engine.events import (
 from engine.device import cpu_runs_bf16, memory_budget, pick_device, pick_dtype, pick_vae_dtype
 from engine.heap import reuse_freed_memory
 from engine.models.compiled import UnetCompiler
+from engine.models.cuda_graphs import UnetGraphs
 from engine.models.manager import ModelManager
 from engine.models.paths import FOLDERS, ModelCatalog
 from engine.nodes import catalog
@@ -346,5 +347,8 @@ def create_executor(models: ModelsSettings, engine: EngineSettings, limits: Limi
         input_dir=engine.input_dir,
         # inductor's freezing where it is measured to pay: the CPU (engine/models/compiled.py)
         compiler=UnetCompiler(engine.compile_cache, freeze=device.type == "cpu") if engine.compile else None,
+        graphs=UnetGraphs() if engine.cuda_graphs and device.type == "cuda" else None,
     )
+    if engine.cuda_graphs and device.type != "cuda":
+        log.info("[engine] cuda_graphs is on but the device is %s: the UNet runs as it would without", device.type)
     return Executor(manager, engine, limits)

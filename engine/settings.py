@@ -53,6 +53,10 @@ class EngineSettings(BaseModel):
     compile: bool = False
     # inductor's caches (kernels, FX graphs): kept between restarts, so a restart only retraces
     compile_cache: Path = Path(".cache/torch-compile")
+    # on a CUDA device, replay the UNet's call as a CUDA graph (engine/models/cuda_graphs.py): one launch for its
+    # ~1,500 kernels, the same numbers as eager; each image size and prompt length is captured once (about three
+    # calls) and kept (up to 8, a pool of activations each). Runs with LoRAs or UNet patches stay eager
+    cuda_graphs: bool = False
     # on the CPU, keep freed tensor memory in the process for the next sampler step instead of page-faulting it
     # back in from the kernel (engine/heap.py; glibc only): the same pixels, a full-size SD1.5 job 17% faster at
     # 256x256 on this machine, for 0.6-1.4 GB more peak memory at 512x512 (given back when the queue is quiet for

@@ -36,6 +36,7 @@ from engine.models.checkpoint import LoadedCheckpoint
 from engine.models.compiled import UnetCompiler
 from engine.models.controlnet.load import LoadedControlNet, controlnet_layout, load_controlnet
 from engine.models.controlnet.residuals import chain_of
+from engine.models.cuda_graphs import UnetGraphs
 from engine.models.detect import detect_checkpoint
 from engine.models.lora import LoraAdapters, summed
 from engine.models.lora_files import LoraFiles
@@ -98,9 +99,10 @@ class ModelManager:
 
     def __init__(self, catalog: ModelCatalog, *, device: torch.device, dtype: torch.dtype,
                  memory_budget: int, input_dir: Path, compiler: UnetCompiler | None = None,
-                 vae_dtype: torch.dtype | None = None) -> None:
+                 vae_dtype: torch.dtype | None = None, graphs: UnetGraphs | None = None) -> None:
         self.catalog = catalog
         self.compiler = compiler  # [engine] compile: the UNet's compiled forward for plain runs
+        self.graphs = graphs  # [engine] cuda_graphs: the UNet's call replayed as CUDA graphs for plain runs
         self.device = device
         self.dtype = dtype
         self.vae_dtype = dtype if vae_dtype is None else vae_dtype  # [engine] vae_dtype (engine/device.py)
@@ -205,6 +207,8 @@ class ModelManager:
                 self._drop(cache, key)
         self._vaes.clear()
         self.lora_files.clear()
+        if self.graphs is not None:
+            self.graphs.clear()
         free_cached_memory(self.device)
 
     def resident_bytes(self) -> int:
@@ -415,11 +419,14 @@ class ModelManager:
         return model.pipe.unet
 
     def unet_forward(self, model: ModelRef, unet: torch.nn.Module, *, hooked: bool) -> Callable[..., Any] | None:
-        """The compiled forward of `unet` for a run of `model` ([engine] compile), or None to call it eager: when
-        compiling is off, or when the run hooks the UNet (`hooked`: UNet patches, CFG hooks) or has LoRAs."""
-        if self.compiler is None or hooked or model.loras:
+        """The forward of `unet` for a run of `model`: compiled ([engine] compile), replayed as CUDA graphs ([engine]
+        cuda_graphs), both, or None to call it eager: when both are off, or when the run hooks the UNet (`hooked`:
+        UNet patches, CFG hooks) or has LoRAs."""
+        if hooked or model.loras:
             return None
-        return self.compiler.forward(unet)
+        forward = None if self.compiler is None else self.compiler.forward(unet)
+        graphed = None if self.graphs is None else self.graphs.forward(unet, forward)
+        return graphed or forward
 
     def use_text_encoders(self, clip: ClipRef) -> list[torch.nn.Module]:
         """The text encoders of `clip` with exactly its LoRAs active."""

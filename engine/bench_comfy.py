@@ -208,7 +208,8 @@ def report(executor: Any, timings: Sequence[WorkflowTiming]) -> dict[str, Any]:
     ratio = overall(timings)
     print(f"overall (geometric mean of {len(timings)} workflow(s)): Noodle / ComfyUI = {ratio:.3f}")
     return {"device": str(executor.device), "dtype": str(executor.models.dtype).removeprefix("torch."),
-            "compile": executor.settings.compile, "reuse_cpu_memory": reusing(),
+            "compile": executor.settings.compile, "cuda_graphs": executor.models.graphs is not None,
+            "reuse_cpu_memory": reusing(),
             "workflows": [{**asdict(t), "ratio": round(t.ratio, 4)} for t in timings], "vs_comfy": round(ratio, 4)}
 
 

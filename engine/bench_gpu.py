@@ -9,9 +9,11 @@ minutes: Noodle against a ComfyUI it starts itself from DIR's source, then again
 3. Times per family SD1.5 at 512² and SDXL at 1024², 20 steps, cfg 7, euler/normal and dpmpp_2m/karras, in
    Noodle (config.toml's [engine] default: fp16 on the GPU) and in that ComfyUI, as `noodle bench comfy`
    (engine/bench_comfy.py), with each side's peak memory.
+   On a GPU the same workflows are timed again with [engine] cuda_graphs on (`comfy_cuda_graphs`).
 4. Stops ComfyUI, times each family's VAE decoding one picture of the timed size in float32, float16 and
-   bfloat16 (the [engine] vae_dtype lever), then runs `noodle bench engine --real-size sdxl`: Noodle's graph
-   against diffusers' pipeline on the same components.
+   bfloat16 (the [engine] vae_dtype lever) and one UNet call per lever (engine/bench_levers.py: CUDA graph,
+   fused QKV, channels_last, each against the plain call, with how far its output is), then runs `noodle bench
+   engine --real-size sdxl`: Noodle's graph against diffusers' pipeline on the same components.
 5. Prints the card, torch and CUDA versions, and ends with one JSON line holding all of it (also written to
    `--out` when given), so a cut-off run still leaves what it measured.
 
@@ -38,6 +40,8 @@ import torch
 
 from engine.bench import measure_engine, prepare
 from engine.bench_comfy import ComfyClient, ComfyError, report, time_workflows
+from engine.bench_levers import unet_levers
+from engine.models.cuda_graphs import UnetGraphs
 from engine.nodes.vae import decode_latents
 from engine.settings import EngineSettings, Limits, ModelsSettings
 from engine.templates import WorkflowParams, build_workflow
@@ -208,16 +212,28 @@ def bench_gpu(comfy_source: Path, models_dir: Path, *, repeats: int = 3, familie
     executor = create_executor(ModelsSettings(dir=models_dir), settings, limits or Limits())
     with comfy_server(comfy_source, models_dir, work, port=port) as url:
         found["comfy"] = report(executor, time_workflows(ComfyClient(url), executor, workflows, repeats))
+        keep()
+        if torch.cuda.is_available() and executor.models.graphs is None:
+            print("again with [engine] cuda_graphs = true:", flush=True)
+            executor.models.graphs = UnetGraphs()
+            found["comfy_cuda_graphs"] = report(executor, time_workflows(ComfyClient(url), executor, workflows,
+                                                                         repeats))
+            executor.models.graphs.clear()
+            executor.models.graphs = None
     keep()
     found["noodle_vae_dtype"] = str(executor.models.vae_dtype).removeprefix("torch.")
-    found["vae_precision"] = {}
-    for family, case in cases.items():
-        side = size or case.size
-        print(f"{family} VAE, one {side}x{side} decode per precision:", flush=True)
-        found["vae_precision"][family] = vae_precision(executor.models.checkpoint(case.checkpoint).pipe.vae, side,
-                                                       repeats)
-        print(json.dumps(found["vae_precision"][family]), flush=True)
-        keep()
+    stages = (("vae_precision", "VAE, one {side}x{side} decode per precision", lambda pipe, side:
+               vae_precision(pipe.vae, side, repeats)),
+              ("unet_levers", "UNet, one call per lever at {side}x{side}", lambda pipe, side:
+               unet_levers(pipe.unet, side, repeats)))
+    for stage, title, measure in stages:
+        found[stage] = {}
+        for family, case in cases.items():
+            side = size or case.size
+            print(f"{family} {title.format(side=side)}:", flush=True)
+            found[stage][family] = measure(executor.models.checkpoint(case.checkpoint).pipe, side)
+            print(json.dumps(found[stage][family]), flush=True)
+            keep()
     del executor
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -227,7 +243,11 @@ def bench_gpu(comfy_source: Path, models_dir: Path, *, repeats: int = 3, familie
         keep()
     summary = {"card": found["environment"]["card"], "torch": found["environment"]["torch"],
                "cuda": found["environment"]["cuda"], "vs_comfy": found["comfy"]["vs_comfy"],
+               "vs_comfy_cuda_graphs": found.get("comfy_cuda_graphs", {}).get("vs_comfy"),
                "sdxl_graph_vs_pipeline": found.get("sdxl_vs_diffusers", {}).get("graph_vs_pipeline"),
+               "unet_levers_vs_plain": {family: {lever: times.get("vs_plain") for lever, times in levers.items()
+                                                 if lever != "plain"}
+                                        for family, levers in found["unet_levers"].items()},
                "vae_bfloat16_vs_float32": {family: round(times["bfloat16"]["ms"] / times["float32"]["ms"], 3)
                                            for family, times in found["vae_precision"].items()}}
     found["summary"] = summary

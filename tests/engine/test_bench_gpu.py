@@ -14,6 +14,7 @@ import torch
 
 from engine.bench_comfy import ComfyClient, ComfyError, ReservedPeak, time_workflows
 from engine.bench_gpu import comfy_server, environment, gpu_workflows, vae_precision
+from engine.bench_levers import unet_inputs, unet_levers
 from engine.executor import Executor
 
 STAND_IN = textwrap.dedent('''
@@ -167,3 +168,23 @@ def test_the_vae_is_timed_in_each_precision_on_a_copy(executor: Executor) -> Non
     for figures in found.values():
         assert figures["ms"] > 0 and figures["peak_gib"] is None and figures["went_float32"] is False
     assert vae.dtype == before  # the engine's VAE is left as it was
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny-sd15.safetensors", "tiny-sdxl.safetensors"])
+def test_each_unet_lever_is_timed_and_compared_and_the_unet_left_as_it_was(executor: Executor,
+                                                                          checkpoint: str) -> None:
+    unet = executor.models.checkpoint(checkpoint).pipe.unet
+    args, kwargs = unet_inputs(unet, 64)
+    with torch.inference_mode():
+        before = unet(*args, **kwargs).sample
+        found = unet_levers(unet, 64, repeats=1)
+        after = unet(*args, **kwargs).sample
+    assert list(found) == ["plain", "fused_qkv", "channels_last"]  # no CUDA graph off CUDA
+    assert found["plain"]["ms"] > 0
+    for lever in ("fused_qkv", "channels_last"):
+        assert found[lever]["ms"] > 0 and found[lever]["vs_plain"] > 0
+        assert found[lever]["max_abs_diff"] < 1e-3  # the same prediction, give or take rounding
+        assert found[lever]["equal"] == (found[lever]["max_abs_diff"] == 0.0)
+    assert torch.equal(before, after)
+    assert not any(name in module._modules for module in unet.modules() for name in ("to_qkv", "to_kv"))
+    assert all(p.is_contiguous() for p in unet.parameters())

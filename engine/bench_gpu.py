@@ -8,14 +8,15 @@ minutes: Noodle against a ComfyUI it starts itself from DIR's source, then again
    use it, at run time, and the image workflows timed here never do (its wheel, 34 MB, is too big to carry).
 3. Times per family SD1.5 at 512² and SDXL at 1024², 20 steps, cfg 7, euler/normal and dpmpp_2m/karras, in
    Noodle (config.toml's [engine] default: fp16 on the GPU) and in that ComfyUI, as `noodle bench comfy`
-   (engine/bench_comfy.py), with each side's peak memory.
-   On a GPU the same workflows are timed again with [engine] cuda_graphs on (`comfy_cuda_graphs`).
-4. Stops ComfyUI, times each family's VAE decoding one picture of the timed size in float32, float16 and
-   bfloat16 (the [engine] vae_dtype lever) and one UNet call per lever (engine/bench_levers.py: CUDA graph,
-   fused QKV, channels_last, each against the plain call, with how far its output is), then runs `noodle bench
-   engine --real-size sdxl`: Noodle's graph against diffusers' pipeline on the same components.
+   (engine/bench_comfy.py), with each side's peak memory. On a GPU the same workflows are timed again with
+   [engine] cuda_graphs on (`comfy_cuda_graphs`).
+4. Stops ComfyUI and runs `noodle bench engine --real-size sdxl`: Noodle's graph against diffusers' pipeline on
+   the same components. Then, the figures the issue asks being in, the levers: each family's VAE decoding one
+   picture of the timed size in float32, float16 and bfloat16 ([engine] vae_dtype), and one UNet call per lever
+   (engine/bench_levers.py: CUDA graph, fused QKV, channels_last, each against the plain call, with how far its
+   output is).
 5. Prints the card, torch and CUDA versions, and ends with one JSON line holding all of it (also written to
-   `--out` when given), so a cut-off run still leaves what it measured.
+   `--out` after every stage, with the summary so far), so a cut-off run still leaves what it measured.
 
 `--size` and `--steps` shrink the run (a CPU check of this program, not figures).
 """
@@ -200,6 +201,7 @@ def bench_gpu(comfy_source: Path, models_dir: Path, *, repeats: int = 3, familie
     print("measured on: " + ", ".join(f"{key} {value}" for key, value in found["environment"].items()), flush=True)
 
     def keep() -> None:  # after every stage: what is measured so far survives a cut-off run
+        found["summary"] = summary(found)
         if out is not None:
             Path(out).write_text(json.dumps(found, indent=1), encoding="utf-8")
 
@@ -216,12 +218,22 @@ def bench_gpu(comfy_source: Path, models_dir: Path, *, repeats: int = 3, familie
         if torch.cuda.is_available() and executor.models.graphs is None:
             print("again with [engine] cuda_graphs = true:", flush=True)
             executor.models.graphs = UnetGraphs()
-            found["comfy_cuda_graphs"] = report(executor, time_workflows(ComfyClient(url), executor, workflows,
-                                                                         repeats))
+            try:
+                found["comfy_cuda_graphs"] = report(executor, time_workflows(ComfyClient(url), executor, workflows,
+                                                                             repeats))
+            except Exception as err:  # a lever's failure is a finding, not the end of the figures the issue asks
+                found["comfy_cuda_graphs"] = {"error": f"{type(err).__name__}: {err}"}
+                print(f"with cuda_graphs the run failed: {type(err).__name__}: {err}", flush=True)
             executor.models.graphs.clear()
             executor.models.graphs = None
     keep()
     found["noodle_vae_dtype"] = str(executor.models.vae_dtype).removeprefix("torch.")
+    # what point 3 of the speed issue asks comes first, so a run cut off at its time limit still holds it
+    executor.models.unload_all()  # its models reload for the stages below; diffusers' pipeline gets the room
+    if "sdxl" in families:
+        print("Noodle's graph against diffusers' pipeline, SDXL at full size:", flush=True)
+        found["sdxl_vs_diffusers"] = measure_engine(models_dir, repeats, real_size="sdxl")
+        keep()
     stages = (("vae_precision", "VAE, one {side}x{side} decode per precision", lambda pipe, side:
                vae_precision(pipe.vae, side, repeats)),
               ("unet_levers", "UNet, one call per lever at {side}x{side}", lambda pipe, side:
@@ -234,24 +246,20 @@ def bench_gpu(comfy_source: Path, models_dir: Path, *, repeats: int = 3, familie
             found[stage][family] = measure(executor.models.checkpoint(case.checkpoint).pipe, side)
             print(json.dumps(found[stage][family]), flush=True)
             keep()
-    del executor
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if "sdxl" in families:
-        print("Noodle's graph against diffusers' pipeline, SDXL at full size:", flush=True)
-        found["sdxl_vs_diffusers"] = measure_engine(models_dir, repeats, real_size="sdxl")
-        keep()
-    summary = {"card": found["environment"]["card"], "torch": found["environment"]["torch"],
-               "cuda": found["environment"]["cuda"], "vs_comfy": found["comfy"]["vs_comfy"],
-               "vs_comfy_cuda_graphs": found.get("comfy_cuda_graphs", {}).get("vs_comfy"),
-               "sdxl_graph_vs_pipeline": found.get("sdxl_vs_diffusers", {}).get("graph_vs_pipeline"),
-               "unet_levers_vs_plain": {family: {lever: times.get("vs_plain") for lever, times in levers.items()
-                                                 if lever != "plain"}
-                                        for family, levers in found["unet_levers"].items()},
-               "vae_bfloat16_vs_float32": {family: round(times["bfloat16"]["ms"] / times["float32"]["ms"], 3)
-                                           for family, times in found["vae_precision"].items()}}
-    found["summary"] = summary
-    keep()
     print(json.dumps(found))
     return 0
+
+
+def summary(found: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of what `bench_gpu` has measured so far."""
+    environment = found["environment"]
+    return {"card": environment["card"], "torch": environment["torch"], "cuda": environment["cuda"],
+            "vs_comfy": found.get("comfy", {}).get("vs_comfy"),
+            "vs_comfy_cuda_graphs": found.get("comfy_cuda_graphs", {}).get("vs_comfy"),
+            "sdxl_graph_vs_pipeline": found.get("sdxl_vs_diffusers", {}).get("graph_vs_pipeline"),
+            "unet_levers_vs_plain": {family: {lever: times.get("vs_plain") for lever, times in levers.items()
+                                              if lever != "plain"}
+                                     for family, levers in found.get("unet_levers", {}).items()},
+            "vae_bfloat16_vs_float32": {family: round(times["bfloat16"]["ms"] / times["float32"]["ms"], 3)
+                                        for family, times in found.get("vae_precision", {}).items()}}
 

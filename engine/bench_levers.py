@@ -59,7 +59,9 @@ def unet_levers(unet: torch.nn.Module, side: int, repeats: int) -> dict[str, dic
         return unet(*a, **k)
 
     found: dict[str, dict[str, Any]] = {}
-    with torch.inference_mode():
+    # no_grad, not inference_mode: channels_last and fused QKV make new weights, which must stay ordinary tensors
+    # (peft cannot switch a LoRA on weights made in inference mode), also when the caller is in inference mode
+    with torch.inference_mode(False), torch.no_grad():
         base_ms, base = _timed(plain, args, kwargs, repeats, cuda)
         found["plain"] = {"ms": base_ms}
         if cuda:

@@ -58,7 +58,8 @@ def capture_on_cuda(run: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
             run()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: CUDA work of the engine's other threads (a VAE decode, a text encode) does not void the capture
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         output = run()
     return graph.replay, output
 

@@ -1,2 +1,3 @@
-"""The bot's SQLite file: store.py (one connection, migrations, generations and settings), preset_table.py,
-records.py (the rows as dataclasses and their states), params.py (an /imagine's params, versioned)."""
+"""The bot's SQLite file: store.py (one connection, generations and settings), schema.py (the migrations and how
+they are applied), preset_table.py, safety_table.py, records.py (the rows as dataclasses and their states),
+params.py (an /imagine's params, versioned)."""

@@ -22,7 +22,8 @@ from bot.console.app import Console, ConsolePublisher, LineReader
 from bot.discord_app.client import command_payloads
 from bot.core.errors import RequestInvalid
 from bot.settings import Settings
-from bot.core.storage.store import MIGRATIONS, Store, migrate
+from bot.core.storage.schema import MIGRATIONS, migrate
+from bot.core.storage.store import Store
 from bot.core.front_end import Origin, Requester
 from bot.core.requests.workflow_file import LINE_CHARS, SHOWN_NODES, reseed, summarise
 from engine.errors import WorkflowInvalid

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from bot.core.storage.records import NewGeneration, Outcome
-from bot.core.storage.store import MIGRATIONS, Store, StoreError, migrate
+from bot.core.storage.schema import MIGRATIONS, StoreError, migrate
+from bot.core.storage.store import Store
 
 
 def _new(images: int = 2) -> NewGeneration:

@@ -40,6 +40,7 @@ from engine.models.cuda_graphs import UnetGraphs
 from engine.models.detect import detect_checkpoint
 from engine.models.lora import LoraAdapters, summed
 from engine.models.lora_files import LoraFiles
+from engine.models.merges import MergeBook, MergedModel
 from engine.models.paths import FolderLookup, ModelCatalog, file_fingerprint, safe_join
 from engine.models.resident import ResidentCache
 from engine.models.single_file import load_checkpoint_pipeline, load_vae
@@ -57,18 +58,6 @@ class _Weighed(Protocol):
 
 
 T = TypeVar("T", bound=_Weighed)
-
-
-@dataclass
-class MergedModel:
-    """The new modules of one merge, counted in the model budget while the pipeline holding them lives."""
-
-    key: str
-    label: str
-    parent: str  # the key of the loaded checkpoint whose other components the merged pipeline shares
-    pipe: weakref.ref[DiffusionPipeline]
-    nbytes: int
-    used: int = 0
 
 
 @dataclass
@@ -111,7 +100,7 @@ class ModelManager:
         self.stats = ManagerStats()
         self.lookup: FolderLookup = _Lookup(self)
         self._checkpoints: OrderedDict[str, LoadedCheckpoint] = OrderedDict()
-        self._merges: dict[str, MergedModel] = {}
+        self._merges = MergeBook()
         self._clock = itertools.count(1)
         self._vaes: ResidentCache[AutoencoderKL] = ResidentCache("VAE", self._clock, max_entries=4)
         self._upscalers: ResidentCache[UpscaleModel] = ResidentCache("upscale model", self._clock)  # by model_key
@@ -200,7 +189,7 @@ class ModelManager:
         """Free every model (after an out-of-memory error, as ComfyUI does)."""
         for name in list(self._checkpoints):
             self._unload(name)
-        for key in list(self._merges):
+        for key in self._merges.keys():
             self._drop_merge(key)
         for cache in self._budgeted:
             for key in cache:
@@ -214,8 +203,7 @@ class ModelManager:
     def resident_bytes(self) -> int:
         """What the loaded checkpoints, live merges, upscalers and ControlNets take: the number held under
         `memory_budget` (standalone VAEs are not counted)."""
-        self._forget_dead_merges()
-        return (sum(c.nbytes for c in self._checkpoints.values()) + sum(m.nbytes for m in self._merges.values())
+        return (sum(c.nbytes for c in self._checkpoints.values()) + self._merges.nbytes()
                 + sum(cache.nbytes() for cache in self._budgeted))
 
     def _make_room(self, incoming: int, keep: frozenset[str] = frozenset()) -> None:
@@ -225,7 +213,7 @@ class ModelManager:
             # (last use, key, how it leaves): one clock for every kind, so the oldest use goes first
             candidates: list[tuple[int, str, Callable[[str], None]]] = [
                 (c.used, name, self._unload) for name, c in self._checkpoints.items() if c.key not in keep]
-            candidates += [(m.used, key, self._drop_merge) for key, m in self._merges.items() if key not in keep]
+            candidates += [(used, key, self._drop_merge) for used, key in self._merges.last_used(keep)]
             for cache in self._budgeted:
                 candidates += [(used, key, partial(self._drop, cache)) for used, key in cache.last_used(keep)]
             if not candidates:
@@ -239,7 +227,7 @@ class ModelManager:
         for listener in self._unload_listeners:
             listener(loaded.key)
         # a merge shares this checkpoint's other components: keeping it would keep them, uncounted
-        for key in [key for key, merge in self._merges.items() if merge.parent == loaded.key]:
+        for key in self._merges.children(loaded.key):
             self._drop_merge(key)
         log.info("unloaded checkpoint %s", name)
         if self.compiler is not None:
@@ -257,7 +245,7 @@ class ModelManager:
         self._make_room(nbytes, keep=frozenset({parent.key}))
         tick = next(self._clock)
         merge = MergedModel(f"merge:{tick}", label, parent.key, weakref.ref(pipe), nbytes, tick)
-        self._merges[merge.key] = merge
+        self._merges.add(merge)
         if self.resident_bytes() > self.memory_budget:
             log.warning("%s (%.1f MB) and its checkpoint %s are over the model budget of %.1f MB ([engine] "
                         "model_memory_bytes); kept for this job, evicted by the next load", label, nbytes / 1e6,
@@ -266,8 +254,7 @@ class ModelManager:
 
     def merge_labels(self) -> list[str]:
         """The merges whose weights are in memory and counted, least recently used first."""
-        self._forget_dead_merges()
-        return [m.label for m in sorted(self._merges.values(), key=lambda m: m.used)]
+        return self._merges.labels()
 
     def keys_held_by(self, values: Iterable[Any]) -> frozenset[str]:
         """The checkpoints and merges that node output `values` keep in memory; a cache drops them with those."""
@@ -282,20 +269,15 @@ class ModelManager:
                 keys.update(hint.control_net.checkpoint_key for item in value.items for hint in chain_of(item))
             if isinstance(value, UpscaleModel):
                 keys.add(value.model_key)
-            merge = self._merge_of(getattr(value, "pipe", None))
+            merge = self._merges.of(getattr(value, "pipe", None))
             if merge is not None:
                 keys.add(merge.key)
         return frozenset(keys)
 
-    def _merge_of(self, pipe: DiffusionPipeline | None) -> MergedModel | None:
-        if pipe is None:
-            return None
-        return next((m for m in self._merges.values() if m.pipe() is pipe), None)
-
     def _touch(self, checkpoint: LoadedCheckpoint, pipe: DiffusionPipeline) -> None:
         """A model runs: its checkpoint (and merge) become the most recently used."""
         checkpoint.used = next(self._clock)
-        merge = self._merge_of(pipe)
+        merge = self._merges.of(pipe)
         if merge is not None:
             merge.used = next(self._clock)
 
@@ -307,11 +289,6 @@ class ModelManager:
         pipe = merge.pipe()
         if self.compiler is not None and pipe is not None:
             self.compiler.forget(pipe.unet)
-
-    def _forget_dead_merges(self) -> None:
-        # the node cache let go of a merge's last output on its own (LRU): its memory is free already
-        for key in [key for key, merge in self._merges.items() if merge.pipe() is None]:
-            del self._merges[key]
 
     # -- VAEs ------------------------------------------------------------------------------
 
@@ -340,7 +317,7 @@ class ModelManager:
                 raise UnsupportedModel(f"ControlNet {name!r} is a diff ControlNet and its model carries LoRAs; "
                                        "ComfyUI adds the LoRA'd weights to it and Noodle adds only the checkpoint's: "
                                        "connect DiffControlNetLoader to the model before its LoRA loaders")
-            merge = self._merge_of(base.pipe)
+            merge = self._merges.of(base.pipe)
             key += f":{merge.key if merge is not None else base.checkpoint.key}"
         cached = self._controlnets.get(key)
         if cached is None:

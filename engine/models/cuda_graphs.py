@@ -179,6 +179,8 @@ class UnetGraphs:
             entry = (id(unet), key)
             self._order[entry] = weakref.ref(unet)
             self._order.move_to_end(entry)
+            for gone in [e for e, ref in self._order.items() if ref() is None]:
+                del self._order[gone]  # an unloaded UNet's graphs went with it: they hold no place
             while len(self._order) > self.limit:
                 (_, old_key), ref = self._order.popitem(last=False)
                 owner = ref()

@@ -8,7 +8,9 @@ without a copy is overwritten by the next replay. Under NOODLE_TEST_DEVICE=cuda 
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -136,3 +138,17 @@ def test_a_failed_capture_runs_eager_from_then_on(caplog: pytest.LogCaptureFixtu
 
 def test_no_graphs_off_cuda() -> None:
     assert UnetGraphs().forward(_Scale(), device=torch.device("cpu")) is None
+
+
+def test_an_unloaded_unets_graphs_go_with_it_and_leave_room() -> None:
+    graphs = UnetGraphs(capture=Counted(stand_in), limit=2)
+    gone, kept = _Scale(), _Scale()
+    with torch.inference_mode():
+        graphs.forward(kept)(torch.ones(1, 3), torch.zeros(1))  # type: ignore[misc]
+        graphs.forward(gone)(torch.ones(1, 3), torch.zeros(1))  # type: ignore[misc]  # newer than kept's
+        module = weakref.ref(gone)
+        del gone
+        gc.collect()
+        assert module() is None  # its graph held no reference to it
+        graphs.forward(kept)(torch.ones(1, 4), torch.zeros(1))  # type: ignore[misc]
+    assert len(kept.__dict__["_noodle_cuda_graphs"].graphs) == 2  # the dead UNet's place was given back

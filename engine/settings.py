@@ -54,7 +54,7 @@ class EngineSettings(BaseModel):
     # inductor's caches (kernels, FX graphs): kept between restarts, so a restart only retraces
     compile_cache: Path = Path(".cache/torch-compile")
     # on a CUDA device, replay the UNet's call as a CUDA graph (engine/models/cuda_graphs.py): one launch for its
-    # ~1,500 kernels, the same numbers as eager; each image size and prompt length is captured once (about three
+    # ~1,200 operations, the same kernels as eager; each image size and prompt length is captured once (about three
     # calls) and kept (up to 8, a pool of activations each). Runs with LoRAs or UNet patches stay eager
     cuda_graphs: bool = False
     # on the CPU, keep freed tensor memory in the process for the next sampler step instead of page-faulting it

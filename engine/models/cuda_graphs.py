@@ -1,11 +1,12 @@
 """`[engine] cuda_graphs = true`: on a CUDA device, plain sampling runs replay the UNet's call as a CUDA graph.
 
-Why: a UNet call is a long chain of small kernels (an SD1.5 UNet about 1,500), each launched from Python. On a
-fast card at 512x512 the GPU can finish them quicker than Python issues them, so the card waits on the host. A
-graph captures one call's kernels once and replays them with one launch. The kernels are the same ones, on the
-same inputs, so a replay gives eager's numbers; the time it saves has not been measured yet (no GPU was lent
-while this was written): `noodle bench gpu` measures it, in its lever stage. torch.compile's "reduce-overhead"
-mode does the same behind inductor; this needs no compile and also wraps `[engine] compile`'s forward.
+Why: a UNet call is a long chain of small kernels (an SD1.5 UNet call is 1,215 tensor operations, counted on the
+CPU with a dispatch mode), each launched from Python. On a fast card at 512x512 the GPU can finish them quicker
+than Python issues them, so the card waits on the host. A graph captures one call's kernels once and replays them
+with one launch. The kernels are the same ones, on the same inputs, so a replay is expected to give eager's
+numbers; that and the time it saves have not been measured yet (no GPU was lent while this was written):
+`noodle bench gpu` measures both, in its lever stage. torch.compile's "reduce-overhead" mode does the same behind
+inductor; this needs no compile and also wraps `[engine] compile`'s forward.
 
 What is captured: one graph per UNet module and per call signature (the shape, dtype and device of every tensor
 argument; the other arguments' values), on that signature's first call: two warm-up calls on a side stream, the

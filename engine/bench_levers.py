@@ -3,7 +3,8 @@
 One call as the sampler makes it (a batch of two: the cond and the uncond, a 77-token context, SDXL's pooled text
 and size conditioning), in the UNet's own dtype and device, timed after warm-ups (the median of `repeats` rounds of
 CALLS calls), for each lever against the plain call:
-- cuda_graph: the call replayed as a CUDA graph ([engine] cuda_graphs; engine/models/cuda_graphs.py), CUDA only;
+- cuda_graph: the call replayed as a CUDA graph ([engine] cuda_graphs; engine/models/cuda_graphs.py), CUDA only,
+  with the memory it kept reserved (kept_gib);
 - fused_qkv: diffusers' fuse_qkv_projections (one matrix product for q, k and v in self-attention);
 - channels_last: weights and latents in NHWC memory order.
 Each lever's output is compared with the plain call's (max_abs_diff, equal: bit for bit), so a lever that would
@@ -68,7 +69,10 @@ def unet_levers(unet: torch.nn.Module, side: int, repeats: int) -> dict[str, dic
             graphs = UnetGraphs()
             graphed = graphs.forward(unet)
             assert graphed is not None
+            reserved = torch.cuda.memory_reserved()
             found["cuda_graph"] = _lever(graphed, args, kwargs, repeats, cuda, base_ms, base)
+            # what the capture kept reserved (mostly the graph's private pool): what a byte cap would count
+            found["cuda_graph"]["kept_gib"] = round((torch.cuda.memory_reserved() - reserved) / 2**30, 3)
             graphs.clear()  # its pool back to torch's cache
         with _fused_qkv(unet):
             found["fused_qkv"] = _lever(plain, args, kwargs, repeats, cuda, base_ms, base)

@@ -54,19 +54,15 @@ def prepare(models_dir: Path, real_size: str | None) -> BenchCase:
     return case
 
 
-def _timed(action: Callable[[], object]) -> float:
+def timed(action: Callable[[], object]) -> float:
+    """Seconds `action` takes; on a GPU from an idle device to the end of the work it queued (synchronized
+    before and after), since a call returns while its kernels still run."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     started = time.perf_counter()
     action()
+    sync()
     return time.perf_counter() - started
-
-
-def _synced(action: Callable[[], object]) -> Callable[[], object]:
-    def run() -> object:
-        result = action()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return result
-    return run
 
 
 def bench_engine(models_dir: Path, repeats: int = 5, real_size: str | None = None) -> int:
@@ -128,13 +124,13 @@ def measure_engine(models_dir: Path, repeats: int = 5, real_size: str | None = N
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     for _ in range(repeats):
-        times["graph"].append(_timed(_synced(graph_uncached)))
-        times["pipeline"].append(_timed(_synced(pipeline)))
-        times["cold"].append(_timed(_synced(cold)))
+        times["graph"].append(timed(graph_uncached))
+        times["pipeline"].append(timed(pipeline))
+        times["cold"].append(timed(cold))
         pipe = executor.models.checkpoint(params.checkpoint).pipe  # reloaded by the cold run
         pipe.scheduler = euler
         pipe.set_progress_bar_config(disable=True)
-        times["reroll"].append(_timed(_synced(reroll)))
+        times["reroll"].append(timed(reroll))
     med = {k: statistics.median(v) for k, v in times.items()}
     models = executor.models
     where = torch.cuda.get_device_name() if models.device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"

@@ -34,12 +34,13 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine.bench import measure_engine, prepare
+from engine.bench import measure_engine, prepare, timed
 from engine.bench_comfy import ComfyClient, ComfyError, report, time_workflows
 from engine.bench_levers import unet_levers
 from engine.models.cuda_graphs import UnetGraphs
@@ -173,13 +174,8 @@ def vae_precision(vae: torch.nn.Module, side: int, repeats: int) -> dict[str, di
         with torch.inference_mode():
             for _ in range(repeats + 1):
                 if cuda:
-                    torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                started = time.perf_counter()
-                decode_latents(module, latent)
-                if cuda:
-                    torch.cuda.synchronize()
-                seconds.append(time.perf_counter() - started)
+                seconds.append(timed(partial(decode_latents, module, latent)))
         found[str(dtype).removeprefix("torch.")] = {
             "ms": round(statistics.median(seconds[1:]) * 1000, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
@@ -215,7 +211,7 @@ def bench_gpu(comfy_source: Path, models_dir: Path, *, repeats: int = 3, familie
     with comfy_server(comfy_source, models_dir, work, port=port) as url:
         found["comfy"] = report(executor, time_workflows(ComfyClient(url), executor, workflows, repeats))
         keep()
-        if torch.cuda.is_available() and executor.models.graphs is None:
+        if executor.device.type == "cuda" and executor.models.graphs is None:
             print("again with [engine] cuda_graphs = true:", flush=True)
             executor.models.graphs = UnetGraphs()
             try:

@@ -16,13 +16,13 @@ turned on here.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from engine.bench import timed
 from engine.models.cuda_graphs import UnetGraphs
 
 __all__ = ["CALLS", "unet_inputs", "unet_levers"]
@@ -63,47 +63,43 @@ def unet_levers(unet: torch.nn.Module, side: int, repeats: int) -> dict[str, dic
     # no_grad, not inference_mode: channels_last and fused QKV make new weights, which must stay ordinary tensors
     # (peft cannot switch a LoRA on weights made in inference mode), also when the caller is in inference mode
     with torch.inference_mode(False), torch.no_grad():
-        base_ms, base = _timed(plain, args, kwargs, repeats, cuda)
+        base_ms, base = _timed(plain, args, kwargs, repeats)
         found["plain"] = {"ms": base_ms}
         if cuda:
             graphs = UnetGraphs()
             graphed = graphs.forward(unet)
             assert graphed is not None
             reserved = torch.cuda.memory_reserved()
-            found["cuda_graph"] = _lever(graphed, args, kwargs, repeats, cuda, base_ms, base)
+            found["cuda_graph"] = _lever(graphed, args, kwargs, repeats, base_ms, base)
             # what the capture kept reserved (mostly the graph's private pool): what a byte cap would count
             found["cuda_graph"]["kept_gib"] = round((torch.cuda.memory_reserved() - reserved) / 2**30, 3)
             graphs.clear()  # its pool back to torch's cache
         with _fused_qkv(unet):
-            found["fused_qkv"] = _lever(plain, args, kwargs, repeats, cuda, base_ms, base)
+            found["fused_qkv"] = _lever(plain, args, kwargs, repeats, base_ms, base)
         with _channels_last(unet):
             nhwc = (args[0].to(memory_format=torch.channels_last), args[1])
-            found["channels_last"] = _lever(plain, nhwc, kwargs, repeats, cuda, base_ms, base)
+            found["channels_last"] = _lever(plain, nhwc, kwargs, repeats, base_ms, base)
     return found
 
 
 def _lever(call: Callable[..., Any], args: tuple[torch.Tensor, ...], kwargs: dict[str, Any], repeats: int,
-           cuda: bool, base_ms: float, base: torch.Tensor) -> dict[str, Any]:
-    ms, out = _timed(call, args, kwargs, repeats, cuda)
+           base_ms: float, base: torch.Tensor) -> dict[str, Any]:
+    ms, out = _timed(call, args, kwargs, repeats)
     diff = float((out.float() - base.float()).abs().max())
     return {"ms": ms, "vs_plain": round(ms / base_ms, 3), "max_abs_diff": diff, "equal": diff == 0.0}
 
 
-def _timed(call: Callable[..., Any], args: tuple[torch.Tensor, ...], kwargs: dict[str, Any], repeats: int,
-           cuda: bool) -> tuple[float, torch.Tensor]:
+def _timed(call: Callable[..., Any], args: tuple[torch.Tensor, ...], kwargs: dict[str, Any],
+           repeats: int) -> tuple[float, torch.Tensor]:
     """The median milliseconds of one call over `repeats` rounds, after a round of warm-up; the last output."""
-    rounds = []
-    out = call(*args, **kwargs).sample
-    for _ in range(repeats + 1):
-        if cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
+    last = [call(*args, **kwargs).sample]  # the first call (for a graph: its capture)
+
+    def calls() -> None:
         for _ in range(CALLS):
-            out = call(*args, **kwargs).sample
-        if cuda:
-            torch.cuda.synchronize()
-        rounds.append((time.perf_counter() - started) / CALLS)
-    return round(statistics.median(rounds[1:]) * 1000, 2), out.contiguous()
+            last[0] = call(*args, **kwargs).sample
+
+    rounds = [timed(calls) / CALLS for _ in range(repeats + 1)]
+    return round(statistics.median(rounds[1:]) * 1000, 2), last[0].contiguous()
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from engine.bench import timed
 from engine.executor import Executor
 from engine.queue.batching import BatchMember, run_batch
 from engine.queue.jobs import Owner
@@ -39,12 +40,6 @@ CHECKPOINT, LORAS = "tiny-sd15.safetensors", ("tiny-lora-a.safetensors", "tiny-l
 SIZE, STEPS, CFG, BATCH = 64, 8, 7.0, 8
 PROMPTS = ("a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen", "an old map of the sea",
            "a cat asleep on a piano", "a city street in the rain", "a mountain lake at dawn", "a robot reading")
-
-
-def _timed(action: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
 
 
 def _workflows(seeds: Iterator[int], n: int = BATCH) -> list[dict[str, Any]]:
@@ -114,13 +109,13 @@ async def _measure(executor: Executor, db: Path, repeats: int) -> dict[str, list
     try:
         for repeat in range(repeats):
             workflows = _workflows(seeds)
-            times["solo"].append(_timed(lambda: _solo(executor, workflows)))
-            times["batch"].append(_timed(lambda: _batched(executor, workflows)))
+            times["solo"].append(timed(lambda: _solo(executor, workflows)))
+            times["batch"].append(timed(lambda: _batched(executor, workflows)))
             switches = [_switch_to(executor, name) for name in LORAS]
             for switch in switches:  # each LoRA's adapter loaded into this pipeline: the timed calls only switch
                 switch()
-            times["switch"].extend(_timed(switches[(repeat + n) % 2]) for n in range(2))
-            times["load"].append(_timed(_cold_load(executor)))
+            times["switch"].extend(timed(switches[(repeat + n) % 2]) for n in range(2))
+            times["load"].append(timed(_cold_load(executor)))
             job = _workflows(seeds, 1)[0]
             loader = next(node_id for node_id, node in job.items() if node["class_type"] == "CheckpointLoaderSimple")
             for state in ("cached", "cold"):
@@ -128,7 +123,7 @@ async def _measure(executor: Executor, db: Path, repeats: int) -> dict[str, list
                     executor.models.unload_all()
                 _fresh(executor)
                 runs: list[Any] = []
-                times[f"{state}_job"].append(_timed(lambda: runs.append(executor.run(job))))
+                times[f"{state}_job"].append(timed(lambda: runs.append(executor.run(job))))
                 times[f"loader_{state}"].append(runs[0].meta["timings"][loader])
             wall, inside = await _through_service(service, _workflows(seeds))
             times["service"].append(wall)

@@ -100,12 +100,10 @@ class UnetGraphs:
         self._order: OrderedDict[tuple[int, tuple[Any, ...]], weakref.ref[torch.nn.Module]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def forward(self, unet: torch.nn.Module, call: Callable[..., Any] | None = None,
-                *, device: torch.device | None = None) -> Callable[..., Any] | None:
+    def forward(self, unet: torch.nn.Module, call: Callable[..., Any] | None = None) -> Callable[..., Any] | None:
         """The graphed form of `call` (the UNet itself, or its compiled forward) for one sampling run, or None
-        where graphs do not apply: off CUDA, or after a failed capture. `device` defaults to the UNet's."""
-        where = device or next(unet.parameters()).device
-        if where.type != "cuda" and self.capture is capture_on_cuda:
+        where graphs do not apply: a UNet off CUDA (with the CUDA capture), or after a failed capture."""
+        if next(unet.parameters()).device.type != "cuda" and self.capture is capture_on_cuda:
             return None
         state = self._state(unet)
         if state.off:

@@ -1,4 +1,9 @@
-"""The `noodle` CLI contract: `run` prints one JSON line per workflow with ComfyUI's shapes and exit codes."""
+"""The `noodle` CLI contract: `run` prints one JSON line per workflow with ComfyUI's shapes and exit codes.
+
+One test runs the real entry point in a fresh interpreter (its exit code is the process's); the others call the
+same `main` in this process, where torch and diffusers are already imported (a child interpreter spends about 6 s
+of this machine's 2 cores importing them before it does anything).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,12 +32,35 @@ def noodle(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=300)
 
 
-@pytest.mark.slow
-def test_run_prints_one_line_per_workflow_and_reuses_the_cache(tiny_models: Path, tmp_path: Path) -> None:
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def noodle_here(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., Done]:
+    """`noodle ARGS` through bot.cli's main in this process, with no config.toml, in the folder `cwd`."""
+    from bot.cli import main
+
+    def call(*args: str, cwd: Path) -> Done:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setenv("NOODLE_CONFIG", str(cwd / "none.toml"))
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return Done(code, out, err)
+
+    return call
+
+
+def test_run_prints_one_line_per_workflow_and_reuses_the_cache(tiny_models: Path, tmp_path: Path,
+                                                               noodle_here: Callable[..., Done]) -> None:
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     first.write_text(json.dumps(txt2img(seed=1)))
     second.write_text(json.dumps(txt2img(seed=2)))
-    done = noodle("run", str(first), str(second), "--models", str(tiny_models), "--out", str(tmp_path / "out"),
+    done = noodle_here("run", str(first), str(second), "--models", str(tiny_models), "--out", str(tmp_path / "out"),
                   cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
@@ -47,7 +77,8 @@ def test_run_prints_one_line_per_workflow_and_reuses_the_cache(tiny_models: Path
 
 
 @pytest.mark.slow
-def test_run_exit_codes_invalid_2_failed_1(tiny_models: Path, tmp_path: Path) -> None:
+def test_run_exit_codes_invalid_2_failed_1(tiny_models: Path, tmp_path: Path,
+                                           noodle_here: Callable[..., Done]) -> None:
     invalid = tmp_path / "invalid.json"
     invalid.write_text(json.dumps(with_changes(txt2img(), "3", sampler_name="euler_dy")))
     done = noodle("run", str(invalid), "--models", str(tiny_models), "--out", str(tmp_path / "out"), cwd=tmp_path)
@@ -60,16 +91,15 @@ def test_run_exit_codes_invalid_2_failed_1(tiny_models: Path, tmp_path: Path) ->
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG but not really")
     failing = tmp_path / "failing.json"
     failing.write_text(json.dumps(txt2img(init_image="broken.png")))
-    done = noodle("run", str(failing), "--models", str(tiny_models), "--out", str(tmp_path / "out"),
+    done = noodle_here("run", str(failing), "--models", str(tiny_models), "--out", str(tmp_path / "out"),
                   "--input", str(tmp_path / "in"), cwd=tmp_path)
     assert done.returncode == 1
     line = json.loads(done.stdout)
     assert line["type"] == "execution_error" and line["node_id"] == "12" and line["node_type"] == "LoadImage"
 
 
-@pytest.mark.slow
-def test_nodes_prints_object_info(tiny_models: Path, tmp_path: Path) -> None:
-    done = noodle("nodes", "--models", str(tiny_models), cwd=tmp_path)
+def test_nodes_prints_object_info(tiny_models: Path, tmp_path: Path, noodle_here: Callable[..., Done]) -> None:
+    done = noodle_here("nodes", "--models", str(tiny_models), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout)
     ksampler = info["KSampler"]
@@ -87,9 +117,8 @@ def test_nodes_prints_object_info(tiny_models: Path, tmp_path: Path) -> None:
         assert name in info, name
 
 
-@pytest.mark.slow
-def test_tokens_prints_the_report(tiny_models: Path, tmp_path: Path) -> None:
-    done = noodle("tokens", "a photo of a cat, embedding:tiny-embedding <lora:tiny-lora-a:0.5>", "--models",
+def test_tokens_prints_the_report(tiny_models: Path, tmp_path: Path, noodle_here: Callable[..., Done]) -> None:
+    done = noodle_here("tokens", "a photo of a cat, embedding:tiny-embedding <lora:tiny-lora-a:0.5>", "--models",
                   str(tiny_models), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)

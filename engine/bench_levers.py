@@ -4,7 +4,8 @@ One call as the sampler makes it (a batch of two: the cond and the uncond, a 77-
 and size conditioning), in the UNet's own dtype and device, timed after warm-ups (the median of `repeats` rounds of
 CALLS calls), for each lever against the plain call:
 - cuda_graph: the call replayed as a CUDA graph ([engine] cuda_graphs; engine/models/cuda_graphs.py), CUDA only,
-  with the memory it kept reserved (kept_gib);
+  with the memory it kept reserved (kept_gib) and what a second graph (a batch of one) adds to it in the shared
+  pool (second_graph_kept_gib);
 - fused_qkv: diffusers' fuse_qkv_projections (one matrix product for q, k and v in self-attention);
 - channels_last: weights and latents in NHWC memory order.
 Each lever's output is compared with the plain call's (max_abs_diff, equal: bit for bit), so a lever that would
@@ -73,13 +74,22 @@ def unet_levers(unet: torch.nn.Module, side: int, repeats: int) -> dict[str, dic
             found["cuda_graph"] = _lever(graphed, args, kwargs, repeats, base_ms, base)
             # what the capture kept reserved (mostly the graph's private pool): what a byte cap would count
             found["cuda_graph"]["kept_gib"] = round((torch.cuda.memory_reserved() - reserved) / 2**30, 3)
-            graphs.clear()  # its pool back to torch's cache
+            # a second graph (the batch of one a cfg 1 run makes) in the same pool: what it adds on top
+            reserved = torch.cuda.memory_reserved()
+            graphed(*(a[:1] for a in args), **_first_of_batch(kwargs))
+            found["cuda_graph"]["second_graph_kept_gib"] = round((torch.cuda.memory_reserved() - reserved) / 2**30, 3)
+            graphs.clear()  # the pool back to torch's cache
         with _fused_qkv(unet):
             found["fused_qkv"] = _lever(plain, args, kwargs, repeats, base_ms, base)
         with _channels_last(unet):
             nhwc = (args[0].to(memory_format=torch.channels_last), args[1])
             found["channels_last"] = _lever(plain, nhwc, kwargs, repeats, base_ms, base)
     return found
+
+
+def _first_of_batch(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of unet_inputs for a batch of one."""
+    return {key: _first_of_batch(value) if isinstance(value, dict) else value[:1] for key, value in kwargs.items()}
 
 
 def _lever(call: Callable[..., Any], args: tuple[torch.Tensor, ...], kwargs: dict[str, Any], repeats: int,

@@ -55,7 +55,7 @@ class EngineSettings(BaseModel):
     compile_cache: Path = Path(".cache/torch-compile")
     # on a CUDA device, replay the UNet's call as a CUDA graph (engine/models/cuda_graphs.py): one launch for its
     # ~1,200 operations, the same kernels as eager; each image size and prompt length is captured once (about three
-    # calls) and kept (up to 8, a pool of activations each). Runs with LoRAs or UNet patches stay eager
+    # calls) and kept (up to 8, in one shared pool of activations). Runs with LoRAs or UNet patches stay eager
     cuda_graphs: bool = False
     # on the CPU, keep freed tensor memory in the process for the next sampler step instead of page-faulting it
     # back in from the kernel (engine/heap.py; glibc only): the same pixels, a full-size SD1.5 job 17% faster at

@@ -18,10 +18,16 @@ Where not: off CUDA (no graphs there), and where `[engine] compile` would stay e
 hooks, GLIGEN boxes: the manager's unet_forward decides). A capture that fails leaves that UNet eager for the
 rest of the process, said once in the log.
 
-Memory: each graph keeps a private pool of its call's activations, about one eager call's peak. At most
-MAX_GRAPHS graphs are kept in the process, the least recently used dropped first, and a UNet's graphs go with its
-module (they hang on it, as the compiled forward does). A graph reads the weights where they were at capture:
-once per run the UNet's weight addresses are checked, and its graphs are dropped if any moved.
+Memory: the graphs share one memory pool (the first capture's, handed to every later one), so what they keep is
+about the largest call's activations, not the sum over every size captured. That is safe here because a graph's
+temporaries are dead once its replay ends and replays never overlap (one lock, one stream), and because each
+replay's output is copied out before the lock is let go: a later graph may have been given an earlier one's
+temporaries for its output, so the earlier graph's next replay overwrites it (PyTorch's notes ask for replays in
+capture order for that reason; the copy makes the order free). At most MAX_GRAPHS graphs are kept in the
+process, the least recently used dropped first, and a UNet's graphs go with its module (they hang on it, as the
+compiled forward does). The pool goes back to torch's cache when the last graph does (unload_all, the
+out-of-memory path, drops them all). A graph reads the weights where they were at capture: once per run the
+UNet's weight addresses are checked, and its graphs are dropped if any moved.
 """
 
 from __future__ import annotations
@@ -40,18 +46,20 @@ from torch.utils import _pytree as pytree
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GraphOutput", "UnetGraphs", "capture_on_cuda"]
+__all__ = ["Capture", "GraphOutput", "UnetGraphs", "capture_on_cuda"]
 
-MAX_GRAPHS = 8  # a 1024x1024 SDXL batch of two keeps a few GB in its pool: a handful of sizes, not every one
+MAX_GRAPHS = 8  # sizes kept at once: the pool is shared, but each graph keeps its inputs, output and kernels
 WARMUPS = 2  # eager calls before a capture: cuBLAS and cuDNN pick and allocate their workspaces there
 _GRAPHS = "_noodle_cuda_graphs"  # the attribute of a UNet module holding its graphs
 
-Capture = Callable[[Callable[[], Any]], tuple[Callable[[], None], Any]]
+# (the call to capture, the pool to capture into or None for a new one) -> (replay, the output the replays write,
+# the pool the graph's memory is in)
+Capture = Callable[[Callable[[], Any], Any], tuple[Callable[[], None], Any, Any]]
 
 
-def capture_on_cuda(run: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
-    """`run` captured as a CUDA graph: (replay, the output tensors the replays write), after warm-ups on a side
-    stream as PyTorch's CUDA graphs notes ask."""
+def capture_on_cuda(run: Callable[[], Any], pool: Any = None) -> tuple[Callable[[], None], Any, Any]:
+    """`run` captured as a CUDA graph in `pool` (a graph's pool(), or None): (replay, the output tensors the
+    replays write, the graph's pool), after warm-ups on a side stream as PyTorch's CUDA graphs notes ask."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -60,9 +68,11 @@ def capture_on_cuda(run: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     # thread_local: CUDA work of the engine's other threads (a VAE decode, a text encode) does not void the capture
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    # no explicit stream: every capture runs on torch.cuda.graph's one default capture stream, which sharing a pool
+    # asks for
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         output = run()
-    return graph.replay, output
+    return graph.replay, output, graph.pool()
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,6 @@ class _UnetState:
     weights: tuple[int, ...]  # the addresses its graphs read the weights at
     graphs: dict[tuple[Any, ...], _Graph] = field(default_factory=dict)
     off: bool = False  # a capture failed: eager from then on
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class UnetGraphs:
@@ -99,6 +108,9 @@ class UnetGraphs:
         # every kept graph, least recently used first: (its UNet, weakly, and its key) for dropping the oldest
         self._order: OrderedDict[tuple[int, tuple[Any, ...]], weakref.ref[torch.nn.Module]] = OrderedDict()
         self._lock = threading.Lock()
+        self._pool: Any = None  # the pool every graph is captured into, from the first capture on
+        # one graph call at a time, across UNets: graphs sharing a pool must never run at once
+        self._running = threading.Lock()
 
     def forward(self, unet: torch.nn.Module, call: Callable[..., Any] | None = None) -> Callable[..., Any] | None:
         """The graphed form of `call` (the UNet itself, or its compiled forward) for one sampling run, or None
@@ -120,6 +132,7 @@ class UnetGraphs:
                 if state is not None:
                     state.graphs.pop(key, None)
             self._order.clear()
+            self._pool = None
 
     def _state(self, unet: torch.nn.Module) -> _UnetState:
         weights = tuple(t.data_ptr() for t in itertools.chain(unet.parameters(), unet.buffers()))
@@ -142,7 +155,7 @@ class UnetGraphs:
         key = _signature(leaves, spec)
         if key is None or state.off:
             return run(*args, **kwargs)
-        with state.lock:
+        with self._running:
             graph = state.graphs.get(key)
             if graph is None:
                 graph = self._captured(unet, state, run, leaves, spec, key)
@@ -160,8 +173,11 @@ class UnetGraphs:
         """A new graph for this signature, its inputs holding this call's values; None if the capture failed."""
         inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         args, kwargs = pytree.tree_unflatten(inputs, spec)
+        with self._lock:
+            if not any(ref() is not None for ref in self._order.values()):
+                self._pool = None  # every graph went with its UNet, and their pool with them: a new one
         try:
-            replay, output = self.capture(lambda: _sample(run(*args, **kwargs)))
+            replay, output, self._pool = self.capture(lambda: _sample(run(*args, **kwargs)), self._pool)
         except Exception as err:  # an op that cannot be captured: this UNet stays eager
             state.off = True
             log.warning("CUDA graph capture of the UNet failed (%s: %s); it runs eager from now on",

@@ -21,27 +21,30 @@ import torch
 from PIL import Image
 
 from engine.executor import Executor
-from engine.models.cuda_graphs import UnetGraphs, capture_on_cuda
+from engine.models.cuda_graphs import Capture, UnetGraphs, capture_on_cuda
 from tests.conftest import tiny_executor
 from tests.engine.conftest import txt2img
 
 
-def stand_in(run: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
-    """A capture on the CPU: each replay calls again, into the graph's own output tensor."""
+def stand_in(run: Callable[[], Any], pool: Any = None) -> tuple[Callable[[], None], Any, Any]:
+    """A capture on the CPU: each replay calls again, into the graph's own output tensor. Its pool: the one it was
+    given, or a new token."""
     output = run()
-    return (lambda: output.copy_(run())), output
+    return (lambda: output.copy_(run())), output, pool if pool is not None else object()
 
 
 class Counted:
-    """A capture (the stand-in, or the real one on CUDA) that counts its captures."""
+    """A capture (the stand-in, or the real one on CUDA) that counts its captures and the pools it was given."""
 
-    def __init__(self, capture: Callable[[Callable[[], Any]], tuple[Callable[[], None], Any]]) -> None:
+    def __init__(self, capture: Capture) -> None:
         self.capture = capture
         self.captures = 0
+        self.pools: list[Any] = []  # the pool each capture was handed (None: a new one)
 
-    def __call__(self, run: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+    def __call__(self, run: Callable[[], Any], pool: Any = None) -> tuple[Callable[[], None], Any, Any]:
         self.captures += 1
-        return self.capture(run)
+        self.pools.append(pool)
+        return self.capture(run, pool)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +127,7 @@ def test_moved_weights_are_captured_again_and_old_graphs_give_way() -> None:
 
 
 def test_a_failed_capture_runs_eager_from_then_on(caplog: pytest.LogCaptureFixture) -> None:
-    def failing(run: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+    def failing(run: Callable[[], Any], pool: Any = None) -> tuple[Callable[[], None], Any, Any]:
         raise RuntimeError("operation not permitted when stream is capturing")
 
     graphs = UnetGraphs(capture=failing)
@@ -152,3 +155,44 @@ def test_an_unloaded_unets_graphs_go_with_it_and_leave_room() -> None:
         assert module() is None  # its graph held no reference to it
         graphs.forward(kept)(torch.ones(1, 4), torch.zeros(1))  # type: ignore[misc]
     assert len(kept.__dict__["_noodle_cuda_graphs"].graphs) == 2  # the dead UNet's place was given back
+
+
+def test_every_graph_is_captured_into_the_first_ones_pool_until_none_is_left() -> None:
+    # one pool for all: the graphs keep about the largest call's activations, not one call's per size captured
+    capture = Counted(stand_in)
+    graphs = UnetGraphs(capture=capture)
+    first, second = _Scale(), _Scale()
+    with torch.inference_mode():
+        graphs.forward(first)(torch.ones(1, 3), torch.zeros(1))  # type: ignore[misc]
+        graphs.forward(first)(torch.ones(1, 4), torch.zeros(1))  # type: ignore[misc]  # another size
+        graphs.forward(second)(torch.ones(1, 3), torch.zeros(1))  # type: ignore[misc]  # another UNet
+        shared = capture.pools[1]
+        assert capture.pools[0] is None and shared is not None and capture.pools[2] is shared
+        graphs.clear()  # the out-of-memory path: every graph, and so the pool, let go
+        graphs.forward(first)(torch.ones(1, 3), torch.zeros(1))  # type: ignore[misc]
+        assert capture.pools[3] is None
+        del first, second
+        gc.collect()  # the UNets unloaded: their graphs, and the pool, went with them
+        graphs.forward(_Scale())(torch.ones(1, 3), torch.zeros(1))  # type: ignore[misc]
+        assert capture.pools[4] is None
+
+
+def test_graphs_whose_outputs_share_memory_replay_in_any_order() -> None:
+    # in a shared pool a later graph's output may sit in an earlier graph's temporaries: this stand-in puts every
+    # graph's output at the start of one buffer, so each replay overwrites the others' outputs
+    buffer = torch.zeros(64)
+
+    def shared(run: Callable[[], Any], pool: Any = None) -> tuple[Callable[[], None], Any, Any]:
+        first = run()
+        output = buffer[:first.numel()].view(first.shape)
+        output.copy_(first)
+        return (lambda: output.copy_(run())), output, pool if pool is not None else object()
+
+    graphs = UnetGraphs(capture=shared)
+    module = _Scale()
+    forward = graphs.forward(module)
+    assert forward is not None
+    with torch.inference_mode():
+        got = [forward(torch.full((1, width), float(width)), torch.zeros(1)).sample for width in (3, 4, 3, 4, 3)]
+    for out, width in zip(got, (3, 4, 3, 4, 3)):
+        assert torch.equal(out, torch.full((1, width), 2.0 * width))

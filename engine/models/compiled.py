@@ -47,6 +47,8 @@ __all__ = ["UnetCompiler"]
 
 # graphs one process may keep for the UNet's forward: one per latent size x batch size x checkpoint
 RECOMPILE_LIMIT = 64
+# dynamo's name for that limit (cache_size_limit before torch 2.6)
+_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 _COMPILED = "_noodle_compiled"  # the attribute of a UNet module holding its compiled forward
 
 
@@ -54,9 +56,10 @@ class UnetCompiler:
     """Compiled forwards of UNets, one per UNet module, made on first use; `freeze`: inductor's freezing (on the
     CPU: create_executor passes the device's)."""
 
-    def __init__(self, cache_dir: Path | None, *, freeze: bool = True) -> None:
+    def __init__(self, cache_dir: Path | None, *, freeze: bool = True, recompile_limit: int = RECOMPILE_LIMIT) -> None:
         self.cache_dir = cache_dir
         self.freeze = freeze
+        self.recompile_limit = recompile_limit
         self._seen: set[tuple[Any, ...]] = set()
         self._lock = threading.Lock()
         if cache_dir is not None:
@@ -64,10 +67,6 @@ class UnetCompiler:
             # between restarts. Set even where the variable is: inductor writes its default there on first use
             cache_dir.mkdir(parents=True, exist_ok=True)
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir.resolve())
-        dynamo = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(dynamo, name):
-                setattr(dynamo, name, max(getattr(dynamo, name), RECOMPILE_LIMIT))
 
     def forward(self, unet: torch.nn.Module) -> Callable[..., Any]:
         """`unet`'s compiled forward: call it as the UNet itself (latents, timestep, encoder_hidden_states=...)."""
@@ -101,9 +100,13 @@ class UnetCompiler:
             self._seen.add(key)
             log.info("compiling the UNet for latents of %s (first run of this size; a minute or more on a CPU, "
                      "cached in %s)", "x".join(map(str, x.shape)), self.cache_dir or "inductor's default folder")
-        # freezing is read when a graph compiles, inside this call. Patched for the call, not handed to
-        # torch.compile in `options` (it did not take there: 2.45 s a call, the unfrozen graph's time, against 1.49 s)
-        with inductor_config.patch(freezing=self.freeze):
+        # both are read when a graph compiles, inside this call, and torch keeps its config per context
+        # (contextvars), so they are set in the calling thread's: a limit set where the executor was made did not
+        # reach the engine's own thread, which compiled 8 sizes at most and ran the rest eager (measured). Freezing
+        # is not handed to torch.compile in `options`: it did not take there (2.45 s a call, the unfrozen graph's
+        # time, against 1.49 s)
+        limit = torch._dynamo.config.patch(**{_LIMIT: self.recompile_limit})
+        with inductor_config.patch(freezing=self.freeze), limit:
             return compiled(x, t, **kwargs)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import weakref
 from pathlib import Path
 
@@ -124,3 +125,37 @@ def test_forgetting_a_frozen_unet_says_its_weights_stay(caplog: pytest.LogCaptur
         compiler.forward(block)
         compiler.forget(block)
     assert "keeps its weights in memory until a restart" in caplog.text
+
+
+class _Sized(torch.nn.Module):
+    """A stand-in of its own (its forward's code object counts its own compiles)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return self.conv(x) + t.reshape(-1, 1, 1, 1)
+
+
+def test_the_compilers_recompile_limit_holds_in_the_engines_own_thread(tmp_path: Path) -> None:
+    # torch keeps its config per context, and the engine samples in a thread of its own (engine/queue/worker.py):
+    # a limit set when the executor was made never reached it, and it compiled 8 sizes at most. A limit of 1, below
+    # torch's 8, shows whose limit counts there: the second size runs eager
+    compiler = UnetCompiler(tmp_path / "cache", freeze=False, recompile_limit=1)
+    module = _Sized()
+    forward = compiler.forward(module)
+    right: list[bool] = []
+
+    def engine_thread() -> None:
+        with torch.inference_mode():
+            for side in (4, 5):
+                x, t = torch.ones(2, 4, side, side), torch.full((2,), 0.5)
+                right.append(torch.allclose(forward(x, t), module(x, t), atol=1e-5))
+
+    before = _graphs()
+    thread = threading.Thread(target=engine_thread)
+    thread.start()
+    thread.join()
+    assert right == [True, True]
+    assert _graphs() == before + 1

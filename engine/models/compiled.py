@@ -59,7 +59,9 @@ class UnetCompiler:
     def __init__(self, cache_dir: Path | None, *, freeze: bool = True, recompile_limit: int = RECOMPILE_LIMIT) -> None:
         self.cache_dir = cache_dir
         self.freeze = freeze
-        self.recompile_limit = recompile_limit
+        # entered around every call (see _call); made once, reused: torch's patches keep their state per context
+        self._config = (inductor_config.patch(freezing=freeze),
+                        torch._dynamo.config.patch(**{_LIMIT: recompile_limit}))
         self._seen: set[tuple[Any, ...]] = set()
         self._lock = threading.Lock()
         if cache_dir is not None:
@@ -105,8 +107,8 @@ class UnetCompiler:
         # reach the engine's own thread, which compiled 8 sizes at most and ran the rest eager (measured). Freezing
         # is not handed to torch.compile in `options`: it did not take there (2.45 s a call, the unfrozen graph's
         # time, against 1.49 s)
-        limit = torch._dynamo.config.patch(**{_LIMIT: self.recompile_limit})
-        with inductor_config.patch(freezing=self.freeze), limit:
+        freezing, limit = self._config
+        with freezing, limit:
             return compiled(x, t, **kwargs)
 
 

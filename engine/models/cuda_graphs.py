@@ -126,11 +126,8 @@ class UnetGraphs:
     def clear(self) -> None:
         """Drop every graph (their pools go back to torch's cache)."""
         with self._lock:
-            for (_, key), ref in list(self._order.items()):
-                unet = ref()
-                state = None if unet is None else unet.__dict__.get(_GRAPHS)
-                if state is not None:
-                    state.graphs.pop(key, None)
+            for (_, key), ref in self._order.items():
+                _drop(ref, key)
             self._order.clear()
             self._pool = None
 
@@ -198,10 +195,15 @@ class UnetGraphs:
                 del self._order[gone]  # an unloaded UNet's graphs went with it: they hold no place
             while len(self._order) > self.limit:
                 (_, old_key), ref = self._order.popitem(last=False)
-                owner = ref()
-                owner_state = None if owner is None else owner.__dict__.get(_GRAPHS)
-                if owner_state is not None:
-                    owner_state.graphs.pop(old_key, None)
+                _drop(ref, old_key)
+
+
+def _drop(ref: weakref.ref[torch.nn.Module], key: tuple[Any, ...]) -> None:
+    """The graph kept for `key` on the UNet `ref` points to, let go (nothing if that UNet is gone)."""
+    unet = ref()
+    state = None if unet is None else unet.__dict__.get(_GRAPHS)
+    if state is not None:
+        state.graphs.pop(key, None)
 
 
 def _sample(output: Any) -> torch.Tensor:

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from engine.settings import EngineSettings, Limits, ModelsSettings
 from tests.engine.conftest import txt2img, with_changes
 
 REPO = Path(__file__).resolve().parents[2]
+Noodle = Callable[..., subprocess.CompletedProcess[str]]  # noodle(*args, cwd=...) and noodle_here's
 
 
 def noodle(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -32,31 +32,25 @@ def noodle(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=300)
 
 
-@dataclass
-class Done:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture
-def noodle_here(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., Done]:
-    """`noodle ARGS` through bot.cli's main in this process, with no config.toml, in the folder `cwd`."""
+def noodle_here(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Noodle:
+    """`noodle ARGS` through bot.cli's main in this process, with no config.toml, in the folder `cwd`; what it did,
+    in the shape `noodle` gives."""
     from bot.cli import main
 
-    def call(*args: str, cwd: Path) -> Done:
+    def call(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         monkeypatch.chdir(cwd)
         monkeypatch.setenv("NOODLE_CONFIG", str(cwd / "none.toml"))
         capsys.readouterr()
         code = main(list(args))
         out, err = capsys.readouterr()
-        return Done(code, out, err)
+        return subprocess.CompletedProcess(["noodle", *args], code, out, err)
 
     return call
 
 
 def test_run_prints_one_line_per_workflow_and_reuses_the_cache(tiny_models: Path, tmp_path: Path,
-                                                               noodle_here: Callable[..., Done]) -> None:
+                                                               noodle_here: Noodle) -> None:
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     first.write_text(json.dumps(txt2img(seed=1)))
     second.write_text(json.dumps(txt2img(seed=2)))
@@ -78,7 +72,7 @@ def test_run_prints_one_line_per_workflow_and_reuses_the_cache(tiny_models: Path
 
 @pytest.mark.slow
 def test_run_exit_codes_invalid_2_failed_1(tiny_models: Path, tmp_path: Path,
-                                           noodle_here: Callable[..., Done]) -> None:
+                                           noodle_here: Noodle) -> None:
     invalid = tmp_path / "invalid.json"
     invalid.write_text(json.dumps(with_changes(txt2img(), "3", sampler_name="euler_dy")))
     done = noodle("run", str(invalid), "--models", str(tiny_models), "--out", str(tmp_path / "out"), cwd=tmp_path)
@@ -98,7 +92,7 @@ def test_run_exit_codes_invalid_2_failed_1(tiny_models: Path, tmp_path: Path,
     assert line["type"] == "execution_error" and line["node_id"] == "12" and line["node_type"] == "LoadImage"
 
 
-def test_nodes_prints_object_info(tiny_models: Path, tmp_path: Path, noodle_here: Callable[..., Done]) -> None:
+def test_nodes_prints_object_info(tiny_models: Path, tmp_path: Path, noodle_here: Noodle) -> None:
     done = noodle_here("nodes", "--models", str(tiny_models), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout)
@@ -117,7 +111,7 @@ def test_nodes_prints_object_info(tiny_models: Path, tmp_path: Path, noodle_here
         assert name in info, name
 
 
-def test_tokens_prints_the_report(tiny_models: Path, tmp_path: Path, noodle_here: Callable[..., Done]) -> None:
+def test_tokens_prints_the_report(tiny_models: Path, tmp_path: Path, noodle_here: Noodle) -> None:
     done = noodle_here("tokens", "a photo of a cat, embedding:tiny-embedding <lora:tiny-lora-a:0.5>", "--models",
                   str(tiny_models), cwd=tmp_path)
     assert done.returncode == 0, done.stderr

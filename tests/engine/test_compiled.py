@@ -8,7 +8,7 @@ land in [engine] compile_cache; an unloaded UNet is freed with its compiled forw
 from __future__ import annotations
 
 import gc
-import logging
+import sys
 import threading
 import weakref
 from pathlib import Path
@@ -116,15 +116,49 @@ def test_an_unloaded_unet_is_freed_with_its_compiled_forward(tmp_path: Path) -> 
     assert module() is None and weight() is None
 
 
-def test_forgetting_a_frozen_unet_says_its_weights_stay(caplog: pytest.LogCaptureFixture) -> None:
-    compiler = UnetCompiler(None, freeze=True)
-    block = _Block()
-    with caplog.at_level(logging.WARNING, logger="engine.models.compiled"):
-        compiler.forget(block)  # never compiled: nothing held, nothing said
-        assert not caplog.records
-        compiler.forward(block)
-        compiler.forget(block)
-    assert "keeps its weights in memory until a restart" in caplog.text
+class _Mixed(torch.nn.Module):
+    """A stand-in whose frozen graph keeps its weights both ways: a Linear's (a view of it, as a constant) and a
+    conv's (a prepacked copy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return self.conv(x) + self.proj(x.reshape(-1, 8)).reshape(x.shape) * t.reshape(-1, 1, 1, 1)
+
+
+def _frozen_constants() -> int:
+    """Tensors held by the modules inductor generated (a frozen graph's constants live there)."""
+    return sum(isinstance(value, torch.Tensor) for name, module in list(sys.modules.items())
+               if name.startswith("torch._inductor.runtime.compile_tasks.") for value in vars(module).values())
+
+
+def test_forgetting_a_frozen_unet_frees_its_weights_and_the_others_compile_again(tmp_path: Path) -> None:
+    # frozen, as on the CPU: dynamo's cache entries kept the traced graph (the original weights) and the generated
+    # module the frozen constants, after the module was gone; forget clears both
+    compiler = UnetCompiler(tmp_path / "cache", freeze=True)
+    x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 0.5)
+    gone, kept = _Mixed(), _Mixed()
+    with torch.inference_mode():
+        compiler.forward(gone)(x, t)
+        compiler.forward(kept)(x, t)
+        graphs = _graphs()
+        compiler.forget(_Mixed())  # loaded, never compiled (a LoRA run, say): the compiled graphs stay
+        compiler.forward(kept)(x, t)
+        assert _graphs() == graphs
+    assert _frozen_constants() > 0
+    held = [weakref.ref(gone), *(weakref.ref(p) for p in gone.parameters())]
+    compiler.forget(gone)
+    del gone
+    gc.collect()
+    assert [ref() is None for ref in held] == [True] * len(held)
+    assert _frozen_constants() == 0
+    with torch.inference_mode():  # the other UNet compiles again, with its own weights
+        before = _graphs()
+        assert torch.allclose(compiler.forward(kept)(x, t), kept(x, t), atol=1e-5)
+        assert _graphs() > before
 
 
 class _Sized(torch.nn.Module):

@@ -33,6 +33,12 @@ it; with both cleared, 1.55 GB). So
 still loaded compile again on their next call (from inductor's cache in `compile_cache`: about 60 s a size for SD1.5
 on this CPU instead of 100). That is the trade: an eviction costs the other loaded checkpoints a recompile instead
 of leaving a whole checkpoint's weights, twice over, in memory the model budget counts as free.
+
+Each size's frozen graph keeps its own prepacked copy of the weights (oneDNN picks the layout per shape): a full-size
+SD1.5 process held 9.3, 13.7 and 18.4 GB after compiling 256, 320 and 384 pixels. So the model budget ([engine]
+model_memory_bytes) counts each graph (FROZEN_GRAPH_SHARE of its UNet's weights): before a new size compiles, the
+manager evicts the least recently used other models, then the older graphs (all at once, as above), and a size that
+still does not fit runs eager, said in the log.
 """
 
 from __future__ import annotations
@@ -51,13 +57,16 @@ from torch._inductor.codecache import PyCodeCache
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UnetCompiler"]
+__all__ = ["FROZEN_GRAPH_SHARE", "UnetCompiler"]
 
 # graphs one process may keep for the UNet's forward: one per latent size x batch size x checkpoint
 RECOMPILE_LIMIT = 64
 # dynamo's name for that limit (cache_size_limit before torch 2.6)
 _LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 _COMPILED = "_noodle_compiled"  # the attribute of a UNet module holding its compiled forward
+# What a frozen graph of one more size keeps, for the model budget, per byte of its UNet's weights: measured on a
+# full-size SD1.5 file (3.44 GB of fp32 weights), the process grew 4.1, 4.4 and 4.7 GB at 256, 320 and 384 pixels
+FROZEN_GRAPH_SHARE = 1.3
 
 
 class UnetCompiler:
@@ -71,6 +80,7 @@ class UnetCompiler:
         self._config = (inductor_config.patch(freezing=freeze),
                         torch._dynamo.config.patch(**{_LIMIT: recompile_limit}))
         self._seen: set[tuple[Any, ...]] = set()
+        self._frozen: dict[tuple[Any, ...], int] = {}  # frozen graphs: their copy of the weights, in bytes
         self._lock = threading.Lock()
         if cache_dir is not None:
             # read by inductor whenever it compiles: its FX graph and kernel caches (and Triton's on a GPU), kept
@@ -78,8 +88,15 @@ class UnetCompiler:
             cache_dir.mkdir(parents=True, exist_ok=True)
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir.resolve())
 
-    def forward(self, unet: torch.nn.Module) -> Callable[..., Any]:
-        """`unet`'s compiled forward: call it as the UNet itself (latents, timestep, encoder_hidden_states=...)."""
+    @property
+    def nbytes(self) -> int:
+        """What the frozen graphs keep beyond their UNets' own weights, about a copy of the weights a size."""
+        return sum(self._frozen.values())
+
+    def forward(self, unet: torch.nn.Module, admit: Callable[[int], bool] | None = None) -> Callable[..., Any]:
+        """`unet`'s compiled forward: call it as the UNet itself (latents, timestep, encoder_hidden_states=...).
+        `admit(nbytes)`: asked before a frozen graph of a new size compiles, whether its copy of the weights may be
+        kept (the manager makes room in its model budget); refused, that call runs eager."""
         with self._lock:
             compiled = unet.__dict__.get(_COMPILED)
             if compiled is None:
@@ -91,27 +108,42 @@ class UnetCompiler:
                 # registry (a WeakKeyDictionary too) would keep every unloaded UNet alive. object.__setattr__: not
                 # a submodule (nn.Module's own setattr would register it, and state_dict would hold it twice)
                 object.__setattr__(unet, _COMPILED, compiled)
-        return lambda x, t, **kwargs: self._call(unet, compiled, x, t, **kwargs)
+        return lambda x, t, **kwargs: self._call(unet, compiled, admit, x, t, **kwargs)
 
     def forget(self, unet: torch.nn.Module) -> None:
         """The manager lets go of `unet` (unloaded or evicted): frozen, what the compiled graphs keep of its weights
         is let go too, with every other UNet's graphs (see the module's docstring)."""
-        if unet.__dict__.pop(_COMPILED, None) is None or not self.freeze:
-            return
+        if unet.__dict__.pop(_COMPILED, None) is not None and self.freeze:
+            self.clear()
+
+    def clear(self) -> None:
+        """Every compiled graph of every UNet (frozen, the only way to free what they keep); each compiles again on
+        its next call."""
         with self._lock:
+            if not self._seen:
+                return
             _drop_frozen_graphs()
             self._seen.clear()  # the sizes compile again: their first run says so
-        log.info("freed the compiled graphs of an unloaded UNet; the loaded checkpoints' UNets compile again on "
-                 "their next run (from inductor's cache in %s)", self.cache_dir or "inductor's default folder")
+            self._frozen.clear()
+        log.info("freed the compiled UNet graphs; the loaded checkpoints' UNets compile again on their next run "
+                 "(from inductor's cache in %s)", self.cache_dir or "inductor's default folder")
 
-    def _call(self, unet: torch.nn.Module, compiled: Callable[..., Any], x: torch.Tensor, t: torch.Tensor,
-              **kwargs: Any) -> Any:
+    def _call(self, unet: torch.nn.Module, compiled: Callable[..., Any], admit: Callable[[int], bool] | None,
+              x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> Any:
         context = kwargs.get("encoder_hidden_states")
         if context is not None:
             # its length follows the prompt; it only reaches the eager cross-attention, so no kernel depends on it
             torch._dynamo.maybe_mark_dynamic(context, 1)
         key = (id(unet), tuple(x.shape), x.dtype, x.device.type)
         if key not in self._seen:
+            if self.freeze:
+                copy = _graph_bytes(unet)
+                if admit is not None and not admit(copy):
+                    log.warning("latents of %s run eager: their compiled graph would keep another %.1f GB copy of "
+                                "the UNet's weights, over [engine] model_memory_bytes with what else is loaded",
+                                "x".join(map(str, x.shape)), copy / 1e9)
+                    return unet(x, t, **kwargs)
+                self._frozen[key] = copy
             self._seen.add(key)
             log.info("compiling the UNet for latents of %s (first run of this size; a minute or more on a CPU, "
                      "cached in %s)", "x".join(map(str, x.shape)), self.cache_dir or "inductor's default folder")
@@ -123,6 +155,10 @@ class UnetCompiler:
         freezing, limit = self._config
         with freezing, limit:
             return compiled(x, t, **kwargs)
+
+
+def _graph_bytes(unet: torch.nn.Module) -> int:
+    return int(FROZEN_GRAPH_SHARE * sum(p.numel() * p.element_size() for p in unet.parameters()))
 
 
 def _drop_frozen_graphs() -> None:

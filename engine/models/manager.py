@@ -111,6 +111,7 @@ class ModelManager:
         # text -> conditioning, keyed by encoder identity and LoRA stack (prompts/cache.py)
         self.prompt_cache = PromptEncoderCache(maxsize=128)
         self._unload_listeners: list[Callable[[str], Any]] = []
+        self._compiled_used = 0  # the clock at the last run through the compiled UNet
 
     @cached_property
     def embeddings(self) -> EmbeddingLibrary:
@@ -204,7 +205,7 @@ class ModelManager:
         """What the loaded checkpoints, live merges, upscalers and ControlNets take: the number held under
         `memory_budget` (standalone VAEs are not counted)."""
         return (sum(c.nbytes for c in self._checkpoints.values()) + self._merges.nbytes()
-                + sum(cache.nbytes() for cache in self._budgeted))
+                + sum(cache.nbytes() for cache in self._budgeted) + (self.compiler.nbytes if self.compiler else 0))
 
     def _make_room(self, incoming: int, keep: frozenset[str] = frozenset()) -> None:
         """Evict the least recently used checkpoints, merges, upscalers and ControlNets, never those in `keep`, until
@@ -216,6 +217,8 @@ class ModelManager:
             candidates += [(used, key, self._drop_merge) for used, key in self._merges.last_used(keep)]
             for cache in self._budgeted:
                 candidates += [(used, key, partial(self._drop, cache)) for used, key in cache.last_used(keep)]
+            if self.compiler is not None and self.compiler.nbytes:  # frozen graphs: all go at once (compiled.py)
+                candidates.append((self._compiled_used, "compiled UNet graphs", lambda _: self.compiler.clear()))
             if not candidates:
                 return
             _, victim, drop = min(candidates, key=lambda candidate: candidate[:2])
@@ -401,9 +404,20 @@ class ModelManager:
         UNet patches, CFG hooks) or has LoRAs."""
         if hooked or model.loras:
             return None
-        forward = None if self.compiler is None else self.compiler.forward(unet)
+        forward = None
+        if self.compiler is not None:
+            self._compiled_used = next(self._clock)
+            merge = self._merges.of(model.pipe)
+            keep = frozenset({model.checkpoint.key} | ({merge.key} if merge is not None else set()))
+            forward = self.compiler.forward(unet, partial(self._admit_graph, keep))
         graphed = None if self.graphs is None else self.graphs.forward(unet, forward)
         return graphed or forward
+
+    def _admit_graph(self, keep: frozenset[str], nbytes: int) -> bool:
+        """Whether a frozen graph's copy of `nbytes` fits the model budget, once the least recently used other
+        models (older graphs too) are evicted for it."""
+        self._make_room(nbytes, keep)
+        return self.resident_bytes() + nbytes <= self.memory_budget
 
     def use_text_encoders(self, clip: ClipRef) -> list[torch.nn.Module]:
         """The text encoders of `clip` with exactly its LoRAs active."""

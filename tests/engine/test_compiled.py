@@ -8,6 +8,7 @@ land in [engine] compile_cache; an unloaded UNet is freed with its compiled forw
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 import threading
 import weakref
@@ -20,9 +21,10 @@ from PIL import Image
 from torch._dynamo.utils import counters
 
 from engine.executor import Executor, create_executor
-from engine.models.compiled import UnetCompiler
+from engine.models.compiled import FROZEN_GRAPH_SHARE, UnetCompiler
 from engine.settings import EngineSettings, Limits, ModelsSettings
-from tests.conftest import TINY_MODELS_DIR
+from engine.values import ModelRef
+from tests.conftest import TINY_MODELS_DIR, tiny_executor
 from tests.engine.conftest import txt2img
 
 LONG_PROMPT = ", ".join(["a red fox in the deep snow under a pale winter sky"] * 10)  # 2 chunks of 75 tokens
@@ -159,6 +161,42 @@ def test_forgetting_a_frozen_unet_frees_its_weights_and_the_others_compile_again
         before = _graphs()
         assert torch.allclose(compiler.forward(kept)(x, t), kept(x, t), atol=1e-5)
         assert _graphs() > before
+
+
+def test_a_frozen_graphs_copy_of_the_weights_counts_in_the_model_budget(
+        tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # frozen, each size's graph keeps a copy of the UNet's weights (prepacked): the model budget counts it, evicts
+    # other models for it, then older graphs, and a size that still does not fit runs eager
+    models = tiny_executor(tiny_models, tmp_path).models
+    models.compiler = UnetCompiler(tmp_path / "cache", freeze=True)
+    first = models.checkpoint("tiny-sd15.safetensors")
+    models.checkpoint("tiny-sd15-b.safetensors")
+    block = _Mixed()
+    copy = int(FROZEN_GRAPH_SHARE * sum(p.numel() * p.element_size() for p in block.parameters()))
+    models.memory_budget = models.resident_bytes() + copy  # both checkpoints and one graph
+    forward = models.unet_forward(ModelRef(first, first.pipe), block, hooked=False)
+    assert forward is not None
+    t = torch.full((2,), 0.5)
+
+    def run(size: int) -> None:
+        x = torch.randn(2, 4, size, size)
+        with torch.inference_mode():
+            assert torch.allclose(forward(x, t), block(x, t), atol=1e-5)
+
+    run(8)
+    assert models.compiler.nbytes == copy and len(models.loaded_names()) == 2
+    run(16)  # a second graph: the other checkpoint goes, not the one sampling
+    assert models.loaded_names() == ["tiny-sd15.safetensors"] and models.compiler.nbytes == 2 * copy
+    models.memory_budget = models.resident_bytes()
+    run(24)  # nothing else to evict: the older graphs go, and this one compiles
+    assert models.compiler.nbytes == copy and models.loaded_names() == ["tiny-sd15.safetensors"]
+    models.memory_budget = first.nbytes + copy - 1
+    before = _graphs()
+    with caplog.at_level(logging.WARNING, logger="engine.models.compiled"):
+        run(32)  # its copy alone is over: it runs eager, and the checkpoint stays
+    assert _graphs() == before and models.compiler.nbytes == 0
+    assert models.loaded_names() == ["tiny-sd15.safetensors"]
+    assert "run eager" in caplog.text and "model_memory_bytes" in caplog.text
 
 
 class _Sized(torch.nn.Module):

@@ -81,6 +81,7 @@ class UnetCompiler:
                         torch._dynamo.config.patch(**{_LIMIT: recompile_limit}))
         self._seen: set[tuple[Any, ...]] = set()
         self._frozen: dict[tuple[Any, ...], int] = {}  # frozen graphs: their copy of the weights, in bytes
+        self._refused: set[tuple[Any, ...]] = set()  # sizes the model budget had no room for: run eager
         self._lock = threading.Lock()
         if cache_dir is not None:
             # read by inductor whenever it compiles: its FX graph and kernel caches (and Triton's on a GPU), kept
@@ -125,6 +126,7 @@ class UnetCompiler:
             _drop_frozen_graphs()
             self._seen.clear()  # the sizes compile again: their first run says so
             self._frozen.clear()
+            self._refused.clear()
         log.info("freed the compiled UNet graphs; the loaded checkpoints' UNets compile again on their next run "
                  "(from inductor's cache in %s)", self.cache_dir or "inductor's default folder")
 
@@ -139,11 +141,15 @@ class UnetCompiler:
             if self.freeze:
                 copy = _graph_bytes(unet)
                 if admit is not None and not admit(copy):
+                    if key in self._refused:  # asked again each call (room may free up), said once
+                        return unet(x, t, **kwargs)
+                    self._refused.add(key)
                     log.warning("latents of %s run eager: their compiled graph would keep another %.1f GB copy of "
                                 "the UNet's weights, over [engine] model_memory_bytes with what else is loaded",
                                 "x".join(map(str, x.shape)), copy / 1e9)
                     return unet(x, t, **kwargs)
                 self._frozen[key] = copy
+                self._refused.discard(key)
             self._seen.add(key)
             log.info("compiling the UNet for latents of %s (first run of this size; a minute or more on a CPU, "
                      "cached in %s)", "x".join(map(str, x.shape)), self.cache_dir or "inductor's default folder")

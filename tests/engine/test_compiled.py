@@ -194,7 +194,9 @@ def test_a_frozen_graphs_copy_of_the_weights_counts_in_the_model_budget(
     before = _graphs()
     with caplog.at_level(logging.WARNING, logger="engine.models.compiled"):
         run(32)  # its copy alone is over: it runs eager, and the checkpoint stays
+        run(32)  # said once
     assert _graphs() == before and models.compiler.nbytes == 0
+    assert sum("run eager" in r.getMessage() for r in caplog.records) == 1
     assert models.loaded_names() == ["tiny-sd15.safetensors"]
     assert "run eager" in caplog.text and "model_memory_bytes" in caplog.text
 

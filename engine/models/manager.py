@@ -202,14 +202,14 @@ class ModelManager:
         free_cached_memory(self.device)
 
     def resident_bytes(self) -> int:
-        """What the loaded checkpoints, live merges, upscalers and ControlNets take: the number held under
-        `memory_budget` (standalone VAEs are not counted)."""
+        """What the loaded checkpoints, live merges, upscalers, ControlNets and frozen compiled graphs take: the
+        number held under `memory_budget` (standalone VAEs are not counted)."""
         return (sum(c.nbytes for c in self._checkpoints.values()) + self._merges.nbytes()
                 + sum(cache.nbytes() for cache in self._budgeted) + (self.compiler.nbytes if self.compiler else 0))
 
     def _make_room(self, incoming: int, keep: frozenset[str] = frozenset()) -> None:
-        """Evict the least recently used checkpoints, merges, upscalers and ControlNets, never those in `keep`, until
-        `incoming` fits."""
+        """Evict the least recently used checkpoints, merges, upscalers, ControlNets and compiled graphs, never
+        those in `keep`, until `incoming` fits."""
         while self.resident_bytes() + incoming > self.memory_budget:
             # (last use, key, how it leaves): one clock for every kind, so the oldest use goes first
             candidates: list[tuple[int, str, Callable[[str], None]]] = [
@@ -217,8 +217,9 @@ class ModelManager:
             candidates += [(used, key, self._drop_merge) for used, key in self._merges.last_used(keep)]
             for cache in self._budgeted:
                 candidates += [(used, key, partial(self._drop, cache)) for used, key in cache.last_used(keep)]
-            if self.compiler is not None and self.compiler.nbytes:  # frozen graphs: all go at once (compiled.py)
-                candidates.append((self._compiled_used, "compiled UNet graphs", lambda _: self.compiler.clear()))
+            compiler = self.compiler
+            if compiler is not None and compiler.nbytes:  # frozen graphs: all go at once (compiled.py)
+                candidates.append((self._compiled_used, "compiled UNet graphs", lambda _: compiler.clear()))
             if not candidates:
                 return
             _, victim, drop = min(candidates, key=lambda candidate: candidate[:2])

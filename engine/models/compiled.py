@@ -28,11 +28,11 @@ weights after its module is gone, in two places: dynamo's cache entries, on the 
 shares, keep the traced graph and with it the original weights; and each graph's generated module (in sys.modules)
 keeps the frozen constants, the prepacked copies and views of the weights. Neither lets go when the module dies
 (measured: an engine that ran a full-size SD1.5 file compiled at 256x256 held 9.1 GB, and 7.65 GB after unloading
-it; with both cleared, 1.55 GB). So
-`forget` clears both, for every UNet: dynamo has no way to drop one module's entries, and the entries of the UNets
-still loaded compile again on their next call (from inductor's cache in `compile_cache`: a one-step SD1.5 run at
-256x256 took 53.7 s after a clear, 4.1 s before it, on this CPU). That is the trade: an eviction costs the other loaded checkpoints a recompile instead
-of leaving a whole checkpoint's weights, twice over, in memory the model budget counts as free.
+it; with both cleared, 1.55 GB). So `forget` clears both, for every UNet: dynamo has no way to drop one module's
+entries, and the UNets still loaded compile again on their next call (from inductor's cache in `compile_cache`: a
+one-step SD1.5 run at 256x256 took 53.7 s after a clear, 4.1 s before it, on this CPU). That is the trade: an
+eviction costs the other loaded checkpoints a recompile instead of leaving a whole checkpoint's weights, twice over,
+in memory the model budget counts as free.
 
 Each size's frozen graph keeps its own prepacked copy of the weights (oneDNN picks the layout per shape): a full-size
 SD1.5 process held 9.3, 13.7 and 18.4 GB after compiling 256, 320 and 384 pixels. So the model budget ([engine]
@@ -140,13 +140,12 @@ class UnetCompiler:
         if key not in self._seen:
             if self.freeze:
                 copy = _graph_bytes(unet)
-                if admit is not None and not admit(copy):
-                    if key in self._refused:  # asked again each call (room may free up), said once
-                        return unet(x, t, **kwargs)
-                    self._refused.add(key)
-                    log.warning("latents of %s run eager: their compiled graph would keep another %.1f GB copy of "
-                                "the UNet's weights, over [engine] model_memory_bytes with what else is loaded",
-                                "x".join(map(str, x.shape)), copy / 1e9)
+                if admit is not None and not admit(copy):  # asked again each call (room may free up), said once
+                    if key not in self._refused:
+                        self._refused.add(key)
+                        log.warning("latents of %s run eager: their compiled graph would keep another %.1f GB copy "
+                                    "of the UNet's weights, over [engine] model_memory_bytes with what else is loaded",
+                                    "x".join(map(str, x.shape)), copy / 1e9)
                     return unet(x, t, **kwargs)
                 self._frozen[key] = copy
                 self._refused.discard(key)

@@ -40,10 +40,16 @@ class LoraTag:
         return asdict(self)
 
 
+def _quoted(text: str, limit: int = 60) -> str:
+    """`text` as an error quotes it: cut to `limit` characters (a tag can be as long as the prompt, and the error is
+    shown in a status line Discord caps at 2,000)."""
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
 def _number(value: str, tag: str) -> float:
     value = value.strip()
     if not _NUMBER.fullmatch(value) or not math.isfinite(weight := float(value)):
-        raise PromptError(f"LoRA tag {tag!r}: {value!r} is not a weight; write <lora:name:0.8> "
+        raise PromptError(f"LoRA tag {_quoted(tag)}: {_quoted(value)} is not a weight; write <lora:name:0.8> "
                           "or <lora:name:0.8:0.5> (UNet, then CLIP)")
     return weight
 
@@ -52,7 +58,7 @@ def _parse_tag(tag: str, body: str) -> LoraTag:
     name, *params = body.split(":")
     name = name.strip()
     if not name:
-        raise PromptError(f"LoRA tag {tag!r} has no name; write <lora:name:0.8>")
+        raise PromptError(f"LoRA tag {_quoted(tag)} has no name; write <lora:name:0.8>")
     positional: list[float] = []
     named: dict[str, float] = {}
     for param in params:
@@ -60,12 +66,12 @@ def _parse_tag(tag: str, body: str) -> LoraTag:
         if equals:
             field = _NAMED.get(key.strip().lower())
             if field is None:
-                raise PromptError(f"LoRA tag {tag!r}: unknown setting {key.strip()!r}; use unet= or clip=")
+                raise PromptError(f"LoRA tag {_quoted(tag)}: unknown setting {key.strip()!r}; use unet= or clip=")
             named[field] = _number(value, tag)
         else:
             positional.append(_number(param, tag))
     if len(positional) > 2:
-        raise PromptError(f"LoRA tag {tag!r} has {len(positional)} weights; at most two (UNet, then CLIP)")
+        raise PromptError(f"LoRA tag {_quoted(tag)} has {len(positional)} weights; at most two (UNet, then CLIP)")
     unet = named.get("unet", positional[0] if positional else 1.0)
     # one number means both; otherwise the CLIP strength follows the UNet's unless given
     clip = named.get("clip", positional[1] if len(positional) > 1 else unet)

@@ -118,7 +118,10 @@ class NoodleBot(commands.Bot):
 
     def __init__(self, settings: Settings, *, executor: Any = None) -> None:
         quiet_discord_logs()  # before discord.Client.__init__, which logs the voice warnings
-        super().__init__(command_prefix=commands.when_mentioned, intents=intents(), help_command=None)
+        # No message of Noodle's pings anyone unless it names them (only_mentioning): prompts, preset names and
+        # error texts a member wrote are echoed back, and "@everyone" or a role mention in them must stay text
+        super().__init__(command_prefix=commands.when_mentioned, intents=intents(), help_command=None,
+                         allowed_mentions=discord.AllowedMentions.none())
         self.settings = settings
         # an executor already holding the models (tests share one across bots); None: `start_core` makes one
         self._executor = executor

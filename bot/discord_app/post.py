@@ -30,13 +30,13 @@ from bot.core.safety.gate import blocked_text
 from bot.core.storage.records import Generation
 from bot.discord_app.buttons import result_view
 from bot.discord_app.embeds import to_embed
-from bot.discord_app.limits import GridFiles, Outgoing, filesize_limit, fit_embed, plan_message
+from bot.discord_app.limits import MAX_CONTENT, GridFiles, Outgoing, filesize_limit, fit_embed, plan_message
 from engine.errors import NoodleError
 from engine.idle import idle_sleep
 
 __all__ = ["REACTIONS", "RETRY_DELAYS", "VARIATION_DIGITS", "ChannelStatus", "DiscordPublisher", "InteractionStatus",
-           "PublishError", "is_nsfw", "origin_of", "reactions_for", "requester_of", "resolve_channel", "result_nonce",
-           "retry_wait", "spoilered"]
+           "PublishError", "is_nsfw", "only_mentioning", "origin_of", "reactions_for", "requester_of", "resolve_channel",
+           "result_nonce", "retry_wait", "spoilered"]
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +210,9 @@ class DiscordPublisher:
         try:
             if generation.private:
                 return await destination.send(embed=embed, files=files, nonce=nonce, view=result_view(generation))
-            mention = discord.AllowedMentions(users=[discord.Object(int(generation.requester_id))]) \
-                if generation.requester_id.isdigit() else discord.AllowedMentions.none()
             content = f"<@{generation.requester_id}>" if generation.requester_id.isdigit() else None
-            return await destination.send(content=content, embed=embed, files=files, allowed_mentions=mention,
+            return await destination.send(content=content, embed=embed, files=files,
+                                          allowed_mentions=only_mentioning(generation.requester_id),
                                           nonce=nonce, view=result_view(generation))
         except discord.Forbidden as err:
             if generation.private:
@@ -285,7 +284,7 @@ class DiscordPublisher:
                 return
             channel = await resolve_channel(self.client, int(generation.channel_id))
             await channel.send(f"<@{generation.requester_id}> {text}",
-                               allowed_mentions=discord.AllowedMentions(users=True))
+                               allowed_mentions=only_mentioning(generation.requester_id))
         except discord.HTTPException as err:
             raise PublishError(f"could not report the failure of #{generation.id}: {err}") from err
 
@@ -296,6 +295,14 @@ class DiscordPublisher:
         return self.client.get_user(int(user_id)) or await asyncio.wait_for(self.client.fetch_user(int(user_id)), 15)
 
 
+def only_mentioning(user_id: str) -> discord.AllowedMentions:
+    """Mentions that ping `user_id` alone (nobody, if it is no Discord id). Spelt out field by field: an
+    AllowedMentions(users=True) leaves everyone and roles at discord.py's default, which is True, so a member's
+    "@everyone" quoted in an error text would ping the whole server."""
+    users = [discord.Object(int(user_id))] if user_id.isdigit() else False
+    return discord.AllowedMentions(everyone=False, roles=False, users=users, replied_user=False)
+
+
 class InteractionStatus:
     """The status shown in the command's own (private) response, edited through the interaction token."""
 
@@ -304,7 +311,7 @@ class InteractionStatus:
 
     async def update(self, text: str) -> None:
         try:
-            await self.interaction.edit_original_response(content=text)
+            await self.interaction.edit_original_response(content=truncate(text, MAX_CONTENT))
         except discord.HTTPException as err:  # an expired token or a deleted response: the result still posts
             log.info("status edit failed: %s", err)
 
@@ -317,7 +324,7 @@ class ChannelStatus:
 
     async def update(self, text: str) -> None:
         try:
-            await self.message.edit(content=text)
+            await self.message.edit(content=truncate(text, MAX_CONTENT))
         except discord.HTTPException as err:
             log.info("status edit failed: %s", err)
 

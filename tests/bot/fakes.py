@@ -18,6 +18,12 @@ _ids = itertools.count(900_000_000_000_000_001)
 DEFAULT_FILESIZE_LIMIT = discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES  # 10 MiB: unboosted guilds and DMs
 
 
+def _refuse_long(content: str | None) -> None:
+    """Discord's answer to a message text over its 2,000 characters: 400, nothing changed."""
+    if content is not None and len(content) > 2000:
+        raise http_error(400, "Invalid Form Body: content must be 2000 or fewer in length")
+
+
 def http_error(status: int, message: str = "", *, retry_after: float | None = None) -> discord.HTTPException:
     """The exception discord.py raises for a Discord answer of `status` (Forbidden, NotFound, DiscordServerError,
     else HTTPException); a 429's `retry_after` rides in the Retry-After header, as Discord sends it."""
@@ -63,6 +69,7 @@ class FakeMessage:
         self.removed_reactions.append((str(emoji), member.id))
 
     async def edit(self, *, content: str | None = None, **_: Any) -> None:
+        _refuse_long(content)
         self.content = content
         self.edits.append(content or "")
 
@@ -202,6 +209,7 @@ class FakeInteraction:
         self.edit_times: list[float] = []
 
     async def edit_original_response(self, *, content: str | None = None, **_: Any) -> None:
+        _refuse_long(content)
         self.edits.append(content or "")
         self.edit_times.append(time.monotonic())
 

@@ -45,6 +45,14 @@ def test_unreadable_tags_say_how_to_write_them(text: str, message: str) -> None:
         extract_lora_tags(text)
 
 
+@pytest.mark.parametrize("text", ["<lora:x:" + "a" * 3000 + ">", "<lora:" + "b" * 3000 + ":1:2:3>",
+                                  "<lora:x:unet=" + "9" * 3000 + "x>"])
+def test_an_unreadable_tag_of_any_length_is_quoted_short(text: str) -> None:
+    with pytest.raises(PromptError) as caught:
+        extract_lora_tags(text)
+    assert len(str(caught.value)) < 300 and "…" in str(caught.value)
+
+
 def test_closest_names_for_an_unknown_lora() -> None:
     available = ["add_detail.safetensors", "sub/Detail_Tweaker.safetensors", "pixel-art-xl.safetensors", "x.pt"]
     assert closest_names("detail_tweaker", available)[0] == "sub/Detail_Tweaker.safetensors"

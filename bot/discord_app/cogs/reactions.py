@@ -16,13 +16,15 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord.ext import commands
 
+from bot.core.cards.card import truncate
 from bot.core.front_end import Origin, Requester, Ticket
 from bot.core.results.status import accepted_text, relay
 from bot.core.safety.gate import BLOCKED_TEXT
 from bot.core.storage.records import Generation
 from bot.discord_app.cogs.tasks import CogTasks
-from bot.discord_app.limits import DM_FILESIZE_LIMIT, details_messages
-from bot.discord_app.post import DELETE, DETAILS, REROLL, VARIATION, VARIATION_DIGITS, ChannelStatus, resolve_channel
+from bot.discord_app.limits import DM_FILESIZE_LIMIT, MAX_CONTENT, details_messages
+from bot.discord_app.post import (DELETE, DETAILS, REROLL, VARIATION, VARIATION_DIGITS, ChannelStatus, only_mentioning,
+                                  resolve_channel)
 from engine.errors import NoodleError
 
 if TYPE_CHECKING:
@@ -141,14 +143,14 @@ class Reactions(commands.Cog):
         """Send a DM; False (and a short public notice) when it could not be sent."""
         try:
             user = await self._user(user_id)
-            await user.send(content=text or None, files=files)
+            await user.send(content=truncate(text, MAX_CONTENT) or None, files=files)
             return True
         except discord.HTTPException as err:
             log.info("could not DM %s: %s", user_id, err)
             try:
                 await channel.send(f"<@{user_id}> I could not send you a direct message ({err.status}); allow DMs "
                                    "from server members to get details and errors", delete_after=NOTICE_SECONDS,
-                                   allowed_mentions=discord.AllowedMentions(users=True))
+                                   allowed_mentions=only_mentioning(user_id))
             except discord.HTTPException as notice_err:
                 log.info("could not tell %s either: %s", user_id, notice_err)
             return False

@@ -24,9 +24,9 @@ from bot.core.cards.details import details_of
 from bot.core.storage.records import Generation, JobRow
 from bot.discord_app import limits
 from bot.discord_app.limits import DM_FILESIZE_LIMIT, MAX_FILES, details_messages, filesize_limit, fit_embed
-from bot.discord_app.post import RETRY_DELAYS, DiscordPublisher, PublishError
+from bot.discord_app.post import RETRY_DELAYS, ChannelStatus, DiscordPublisher, InteractionStatus, PublishError
 from tests.bot.conftest import WAIT, Env
-from tests.bot.fakes import FakeChannel, FakeClient, http_error
+from tests.bot.fakes import FakeChannel, FakeClient, FakeInteraction, http_error
 
 ids = iter(range(1, 10_000))
 
@@ -270,3 +270,15 @@ async def test_details_on_a_grid_kept_for_details_dm_the_full_pngs(env: Env) -> 
     await asyncio.wait_for(asyncio.gather(*cog._tasks), WAIT)
     [(text, files)] = env.client.get_user(77).dms
     assert "Seed" in text and [f.data for f in files[1:]] == [Path(p).read_bytes() for p in final.generation.images]
+
+
+async def test_a_status_longer_than_a_message_is_cut_to_fit_instead_of_refused() -> None:
+    # a failure reason can quote a member's text at any length; Discord refuses a 2,001-character edit outright,
+    # which left the status at "Starting" with no word of the failure
+    reason = "❌ image 1 failed: " + "a" * 5000
+    interaction = FakeInteraction()
+    await InteractionStatus(interaction).update(reason)  # type: ignore[arg-type]
+    message = await FakeChannel().send("⏳ Queued")
+    await ChannelStatus(message).update(reason)
+    for shown in (interaction.edits[-1], message.edits[-1]):
+        assert len(shown) == limits.MAX_CONTENT and shown.startswith("❌ image 1 failed: aaa") and shown.endswith("…")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from bot.core.errors import RequestInvalid
+from bot.core.requests.workflow_file import is_workflow
 from bot.core.storage.records import Generation
 
 __all__ = ["ACTION_NAMES", "Action", "ButtonSpec", "CUSTOM_ID", "PAN_DIRECTIONS", "ZOOM_FACTORS", "buttons_for",
@@ -140,7 +141,7 @@ def buttons_for(generation: Generation) -> tuple[tuple[ButtonSpec, ...], ...]:
     """
     tail = (ButtonSpec(Action("delete"), "", "🗑️"), ButtonSpec(Action("details"), "", "ℹ️"))
     reroll, remix = ButtonSpec(Action("reroll"), "", "🔁"), ButtonSpec(Action("remix"), "", "✏️")
-    if generation.kind == "workflow":
+    if is_workflow(generation):  # its rerolls too: they run the same uploaded graph
         return ((reroll, *tail),)
     if edits_result(generation):
         return (

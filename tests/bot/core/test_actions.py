@@ -10,6 +10,7 @@ import pytest
 from bot.core.actions import (Action, buttons_for, custom_id, edits_result, parse_action, parse_custom_id,
                               press_words)
 from bot.core.errors import RequestInvalid
+from bot.core.requests.workflow_file import SOURCE as WORKFLOW_SOURCE
 from bot.core.storage.records import Generation, JobRow
 
 EVERY_ACTION = [Action("upscale", n) for n in range(1, 5)] + [Action("variation", n) for n in range(1, 5)] + [
@@ -71,6 +72,8 @@ def test_an_upscaled_image_and_its_rerolls_offer_the_edit_set() -> None:
     assert not edits_result(_generation("reroll", upscale_by=1.0))
 
 
-def test_a_workflow_result_offers_what_its_own_graph_allows() -> None:
-    assert [spec.action.code for row in buttons_for(_generation("workflow", images=4)) for spec in row] == \
-        ["reroll", "delete", "details"]
+@pytest.mark.parametrize("kind", ["workflow", "reroll"])
+def test_a_workflow_result_and_its_rerolls_offer_what_its_own_graph_allows(kind: str) -> None:
+    # a reroll of a /workflow result runs the same uploaded graph: U and V could only ever answer "came from /workflow"
+    result = _generation(kind, images=4, source=WORKFLOW_SOURCE)
+    assert [spec.action.code for row in buttons_for(result) for spec in row] == ["reroll", "delete", "details"]

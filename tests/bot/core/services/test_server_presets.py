@@ -276,6 +276,28 @@ async def test_the_console_has_the_preset_commands_and_manage_server_flag(env: E
     assert "Preset: quick" in out and "Steps · CFG · Sampler: 2 · 5 · " in out
 
 
+async def test_a_settings_preset_is_the_servers_and_never_stops_an_imagine_elsewhere(env: Env) -> None:
+    # presets belong to a server: "anime" chosen in 777 means nothing in 888 (whose own "anime" is another
+    # preset) nor in DMs, where a member-wide preset refused every /imagine
+    elsewhere, in_dms = Requester("2", "888", "member"), Requester("2", None, "member")
+    await env.studio.presets.create(MANAGER, Preset(name="anime", steps=3, cfg=4.0))
+    await env.studio.presets.create(Requester("9", "888", "manager", manage_server=True), Preset(name="anime", cfg=9.0))
+    assert await env.studio.user_defaults.change(MEMBER, {"preset": "anime", "steps": 6}) == {"preset": "anime",
+                                                                                            "steps": 6}
+    assert (await env.studio.presets.layered_options({"prompt": "a fox"}, MEMBER))["cfg"] == 4.0
+    for who in (elsewhere, in_dms):
+        assert await env.studio.user_defaults.get(who) == {"steps": 6}  # the rest follows the member everywhere
+        assert await env.studio.presets.layered_options({"prompt": "a fox"}, who) == {"prompt": "a fox", "steps": 6}
+    with pytest.raises(RequestInvalid, match="presets belong to a server"):
+        await env.studio.user_defaults.change(in_dms, {"preset": "anime"})
+    # a row from before presets were kept per server: used where a preset of its name exists, cleared per server
+    await env.store.put_setting("user", "3", "defaults", {"preset": "anime", "width": 64})
+    old, old_elsewhere = Requester("3", "777", "old"), Requester("3", "999", "old")
+    assert await env.studio.user_defaults.get(old) == {"preset": "anime", "width": 64}
+    assert await env.studio.user_defaults.get(old_elsewhere) == {"width": 64}
+    assert await env.studio.user_defaults.change(old, {"preset": None}) == {"width": 64}
+
+
 async def test_settings_keep_a_members_defaults_across_restarts(env: Env) -> None:
     await env.studio.presets.create(MANAGER, Preset(name="quick", model="tiny-sd15", steps=3, cfg=5.0))
     cog = settings_cog(env.studio, Allowed.from_settings(env.settings))

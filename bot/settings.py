@@ -62,8 +62,9 @@ class BotSettings(BaseModel):
     connect_retry_first_seconds: float = Field(5.0, gt=0.0)
     connect_retry_max_seconds: float = Field(300.0, gt=0.0)
     # Node types /workflow refuses (on Discord and in `noodle chat`): CheckpointSave writes a multi-GB
-    # checkpoint file on this machine every time it runs.
-    workflow_blocked_nodes: tuple[str, ...] = ("CheckpointSave",)
+    # checkpoint file on this machine every time it runs; SaveLatent a .latent file per node (a graph of hundreds
+    # of them fills the disk) that no result posts and neither 🗑️ nor retention removes.
+    workflow_blocked_nodes: tuple[str, ...] = ("CheckpointSave", "SaveLatent")
     # A batch of 2-4 is shown as one grid image; its PNGs (each with its recipe) are "attach"ed beside it, or sent
     # on ℹ️ ("details") so the message shows the grid alone.
     grid_files: Literal["attach", "details"] = "attach"

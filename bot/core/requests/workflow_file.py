@@ -10,8 +10,11 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import os
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bot.core.cards.card import truncate
@@ -23,7 +26,7 @@ from engine.nodes import catalog
 from engine.nodes.base import SEED_MAX
 
 __all__ = ["SEED_INPUTS", "SOURCE", "check_size", "checkpoints_of", "is_workflow", "node_lines", "parse_workflow",
-           "read_workflow_file", "refuse_blocked", "reseed", "seeds_of", "summarise", "with_outputs"]
+           "read_workflow_file", "refuse_blocked", "UploadRead", "upload_refused", "uploads_read", "reseed", "seeds_of", "summarise", "with_outputs"]
 
 SOURCE = "workflow"  # params["source"] of a /workflow result and of its rerolls
 SEED_INPUTS = {"KSampler": "seed", "KSamplerAdvanced": "noise_seed"}  # what 🔁 changes
@@ -31,7 +34,8 @@ EXPORT_HINT = "in ComfyUI export it with Save (API Format) (Workflow → Export 
 # a refusal lists this many nodes, each line cut to this length: a Discord reply holds 2000 characters
 SHOWN_NODES, LINE_CHARS, SHOWN_CHOICES = 12, 300, 8
 # why a blocked node type is blocked, for the ones whose reason we know
-REASONS = {"CheckpointSave": "it writes a multi-GB checkpoint file on the bot's machine"}
+REASONS = {"CheckpointSave": "it writes a multi-GB checkpoint file on the bot's machine",
+           "SaveLatent": "it writes a file on the bot's machine that is never posted or removed"}
 # The longest integer a workflow may hold: a KSampler seed reaches 2**64 - 1, 20 digits, and no input takes more.
 # Python's json refuses past 4,300 digits with a ValueError of its own, which escaped as a crash (issue 12).
 MAX_INT_DIGITS = len(str(SEED_MAX))
@@ -140,6 +144,57 @@ def refuse_blocked(workflow: dict[str, Any], filename: str, blocked: Iterable[st
         raise RequestInvalid(f"workflow: {filename!r} uses node types this bot does not run from chat ([bot] "
                              f"workflow_blocked_nodes in config.toml): {listed}. Take them out, or run the workflow "
                              "in ComfyUI")
+
+
+@dataclass(frozen=True)
+class UploadRead:
+    """A node input of a workflow that names a file among the bot's uploads."""
+
+    node_id: str
+    class_type: str
+    given: str  # the name as the workflow spells it
+    name: str  # the same file as the store records uploads: relative to the input folder, "/"-separated
+
+
+def uploads_read(workflow: dict[str, Any], input_dir: Path, uploads_folder: str) -> list[UploadRead]:
+    """The inputs that load a file from the bot's uploads ([bot] uploads_folder inside the input folder).
+
+    Those are members' /imagine attachments, seen only by the member who sent them (their command is answered
+    privately), but named by their content on every result's ℹ️ and in its PNG: a LoadImage of that name feeding
+    a SaveImage would post another member's picture, so /workflow lets a member load only their own. Any input
+    that names an input-folder file counts, with the name resolved as the engine resolves it (so
+    "x/../noodle-uploads/..." and links count too), compared without case (a case-insensitive disk reads
+    "NOODLE-UPLOADS" as the same folder).
+    """
+    root = input_dir.resolve()
+    uploads = str((root / uploads_folder).resolve()).casefold()
+    found = []
+    for node_id, node in _nodes(workflow):
+        cls = catalog().get(str(node.get("class_type")))
+        inputs = node.get("inputs")
+        if cls is None or not isinstance(inputs, dict):
+            continue
+        for spec in cls.input_specs():
+            given = inputs.get(spec.name)
+            if spec.choices_from != "input" or not isinstance(given, str):
+                continue
+            try:
+                target = (root / given.replace("\\", "/")).resolve()
+            except (OSError, ValueError):  # a NUL in the name, a loop of links: the engine refuses it by name
+                continue
+            folded = str(target).casefold()
+            if folded == uploads or folded.startswith(uploads.rstrip(os.sep) + os.sep):
+                relative = target.relative_to(root).as_posix() if target.is_relative_to(root) else given
+                found.append(UploadRead(node_id, str(node.get("class_type")), given, relative))
+    return found
+
+
+def upload_refused(read: UploadRead, filename: str) -> RequestInvalid:
+    """Why a workflow may not load another member's upload."""
+    return RequestInvalid(f"workflow: {filename!r} node {read.node_id} ({read.class_type}) loads "
+                          f"{truncate(read.given, 80)!r} from the bot's uploads ([bot] uploads_folder), which hold "
+                          "members' /imagine attachments: a workflow may load only your own, and the images the owner "
+                          "put in the input folder. To start from a picture of yours, use /imagine image:")
 
 
 def with_outputs(workflow: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 A member at their queue cap is refused first, before any work. A file then goes through
 bot/core/requests/workflow_file.py (size, JSON, UI format refused, /prompt wrapper unwrapped, blocked node
-types refused, outputs renamed under the results folder) and the engine's validator (ComfyUI's errors and
+types refused, other members' uploads not loadable, outputs renamed under the results folder) and the engine's validator (ComfyUI's errors and
 the whole graph's cost, summarised per node), then into the queue as ONE job through the same bookkeeping
 as /imagine (`RequestQueue.enqueue`: the row first, all or nothing, the per-user cap). The job's images
 are stored, posted and deleted together.
@@ -20,7 +20,8 @@ from bot.core.errors import RequestInvalid
 from bot.core.front_end import Origin, Requester, Ticket
 from bot.core.requests.imagine import DISCORD_INT_MAX
 from bot.core.requests.workflow_file import (SOURCE, check_size, checkpoints_of, node_lines, parse_workflow,
-                                             refuse_blocked, reseed, seeds_of, summarise, with_outputs)
+                                             refuse_blocked, reseed, seeds_of, summarise, upload_refused,
+                                             uploads_read, with_outputs)
 from bot.core.results.files import prefix_for
 from bot.core.services.queue import RequestQueue
 from bot.core.services.user_settings import UserDefaults
@@ -48,6 +49,10 @@ class Workflows:
         check_size(filename, len(data), self.settings.limits.max_workflow_bytes)
         workflow = await asyncio.to_thread(parse_workflow, data, filename)
         refuse_blocked(workflow, filename, self.settings.bot.workflow_blocked_nodes)
+        for read in await asyncio.to_thread(uploads_read, workflow, self.engine.input_dir,
+                                            self.settings.bot.uploads_folder):
+            if not await self.queue.store.sent_input(who.user_id, read.name):
+                raise upload_refused(read, filename)
         if private is None:
             private = bool((await self.user_defaults.get(who)).get("private"))
         request: dict[str, Any] = {"filename": filename, "bytes": len(data)}  # /queue and /history show the name

@@ -269,6 +269,14 @@ class Store(PresetTable, SafetyTable):
             (besides, name, json.dumps(name)))
         return bool(list(rows))
 
+    async def sent_input(self, requester_id: str, name: str) -> bool:
+        """Whether `requester_id` sent input `name`: an /imagine image: or control_image: of theirs, or the result
+        they took back for a variation (params, which a member's own text never writes)."""
+        rows = await self._db.execute_fetchall(
+            "SELECT 1 FROM generations WHERE requester_id = ? AND (json_extract(params_json, '$.init_image') = ? "
+            "OR json_extract(params_json, '$.control_image') = ?) LIMIT 1", (requester_id, name, name))
+        return bool(list(rows))
+
     async def finished_before(self, before: float) -> list[Generation]:
         """Done generations that finished before `before` (for retention of results), oldest first."""
         return await self._many("WHERE state = 'done' AND finished_at < ? ORDER BY id", (before,))

@@ -25,6 +25,7 @@ from bot.settings import Settings
 from bot.core.storage.schema import MIGRATIONS, migrate
 from bot.core.storage.store import Store
 from bot.core.front_end import Origin, Requester
+from bot.core.requests.imagine import ImageUpload
 from bot.core.requests.workflow_file import LINE_CHARS, SHOWN_NODES, reseed, summarise
 from engine.errors import WorkflowInvalid
 from engine.queue import JobState
@@ -147,6 +148,11 @@ async def test_what_is_no_runnable_workflow_is_refused_with_what_to_do(env: Env)
     blocked = await refused(env, as_file(saver))
     assert "node 40 (CheckpointSave): it writes a multi-GB checkpoint file" in blocked
     assert "workflow_blocked_nodes" in blocked
+    # hundreds of SaveLatent nodes wrote GBs no 🗑️ or retention removes: refused the same way
+    hoarder = {**graph(), **{f"5{n}": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0],
+                                                                            "filename_prefix": "latents/x"}}
+                             for n in range(3)}}
+    assert "node 50 (SaveLatent): it writes a file on the bot's machine" in await refused(env, as_file(hoarder))
     assert "holds a JSON list, not a workflow" in await refused(env, b"[1, 2, 3]")
     assert "is not UTF-8 text" in await refused(env, b"\x89PNG\r\n\x1a\n\xff\xfe")
     assert "Prompt has no outputs" in await refused(env, as_file({"4": graph()["4"]}))
@@ -322,3 +328,32 @@ async def test_a_missing_load_image_never_lists_the_input_folder(env: Env) -> No
         assert "someone-elses-upload" not in message
     finally:
         secret.unlink()
+
+
+async def test_a_workflow_loads_only_its_requesters_own_uploads_and_the_owners_input_images(env: Env) -> None:
+    """An /imagine attachment is seen by its sender alone, yet ℹ️ and the PNG name it (by its content): a stranger's
+    LoadImage -> SaveImage of that name would post it. The sender may load it; the owner's input images load."""
+    bob = Requester("66", "777", "bob")
+    picture = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(picture, format="PNG")
+    upload = ImageUpload(filename="mine.png", content_type="image/png", data=picture.getvalue())
+    made = await env.finish(await env.studio.generations.submit(await env.studio.generations.parse(
+        {"prompt": "a wall", "steps": 2, "image": upload, "denoise": 0.9}), bob, Origin("555", "777")))
+    name = made.generation.params["init_image"]
+    folder = env.settings.bot.uploads_folder
+    assert name.startswith(f"{folder}/") and (env.settings.engine.input_dir / name).is_file()
+
+    def loading(image: str) -> bytes:
+        return as_file({"1": {"class_type": "LoadImage", "inputs": {"image": image}},
+                        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}})
+
+    # alice has the name (ℹ️ shows it; her text may even hold it) but never sent that picture
+    await env.run({"prompt": f"{name} {folder}/", "steps": 2}, ALICE)
+    for spelt in (name, f"elsewhere/../{name}", name.upper(), name.replace("/", "\\"), folder):
+        message = await refused(env, loading(spelt))
+        assert "from the bot's uploads ([bot] uploads_folder)" in message and "node 1 (LoadImage)" in message
+    for who, image in ((bob, name), (ALICE, "owners-texture.png")):
+        Image.new("RGB", (64, 64), "teal").save(env.settings.engine.input_dir / "owners-texture.png")
+        done = await env.finish(await env.studio.workflows.run(loading(image), "g.json", who, Origin("555", "777")))
+        assert done.kind == "done" and len(done.generation.images) == 1
+    (env.settings.engine.input_dir / "owners-texture.png").unlink()

@@ -13,6 +13,7 @@ import engine.cost.area_rules  # noqa: F401  (registers the area conditioning no
 import engine.cost.clip_vision_rules  # noqa: F401  (unCLIPConditioning's rule)
 import engine.cost.gligen_rules  # noqa: F401  (GLIGENTextBoxApply's rule)
 import engine.cost.guidance_rules  # noqa: F401  (DualCFGGuider's rule)
+import engine.cost.mask_rules  # noqa: F401  (the MASK nodes' rules)
 import engine.cost.op_rules  # noqa: F401  (registers the small nodes' rules in RULES)
 import engine.cost.sigma_rules  # noqa: F401  (the SIGMAS nodes' and SaveImageWebsocket's rules)
 from engine.cost.files import Files, ModelFiles
@@ -93,7 +94,12 @@ def _held(step: Step, shape: Shape) -> Shape:
     """`shape`, or None once it is over a limit (the refusal added to the node's)."""
     before, limits = len(step.errors), step.limits
     if isinstance(shape, Pictures):
-        noun, size = ("latents" if shape.kind == "LATENT" else "images"), f"{shape.width:,}x{shape.height:,}"
+        noun = {"LATENT": "latents", "MASK": "masks"}.get(shape.kind, "images")
+        size = f"{shape.width:,}x{shape.height:,}"
+        smallest = 8 if shape.kind == "LATENT" else 1  # a latent's cell is 8 pixels
+        if min(shape.width, shape.height) < smallest:  # a resize by a tiny factor: torch fails on it, raw
+            step.refuse_empty(f"makes {noun} of {size} pixels; {noun} need at least {smallest}x{smallest}",
+                              "use a larger size or scale factor")
         if shape.batch > limits.max_batch:
             step.refuse("max_batch", shape.batch, f"makes a batch of {shape.batch:,} {noun}", "make fewer at once")
         if max(shape.width, shape.height) > limits.max_side:
@@ -132,5 +138,8 @@ def _body(prompt: ValidatedPrompt, refused: dict[str, list[dict[str, Any]]]) -> 
                                                                      if node_id in reach[out]],
                              "class_type": str(prompt.workflow.nodes[node_id].class_type)}
                    for node_id, errors in refused.items()}
-    return {"error": {"type": LIMIT_EXCEEDED, "message": "Workflow is over this server's limits", "details": "",
-                      "extra_info": {}}, "node_errors": node_errors}
+    if any(error["type"] == LIMIT_EXCEEDED for errors in refused.values() for error in errors):
+        top = {"type": LIMIT_EXCEEDED, "message": "Workflow is over this server's limits"}
+    else:  # only shapes too small to compute on (Step.refuse_empty)
+        top = {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"}
+    return {"error": {**top, "details": "", "extra_info": {}}, "node_errors": node_errors}

@@ -43,7 +43,9 @@ def _empty_latent(step: Step, files: Files) -> tuple[Shape, ...]:
 @_rule("LoadImage")
 def _load_image(step: Step, files: Files) -> tuple[Shape, ...]:
     size = files.image_size(step.const("image"))
-    return (None if size is None else Pictures("IMAGE", 1, *size), None)  # one still frame; the MASK follows it
+    # one still frame; its MASK is the alpha at that size (an opaque image's is 64x64: never larger but for a
+    # frame under 64 pixels a side, which max_side and max_pixels take anyway)
+    return (None, None) if size is None else (Pictures("IMAGE", 1, *size), Pictures("MASK", 1, *size))
 
 
 @_rule("VAEEncode", "VAEEncodeTiled")
@@ -77,13 +79,15 @@ def _composite_masked(step: Step, files: Files) -> tuple[Shape, ...]:
 @_rule("ImagePadForOutpaint")
 def _pad_for_outpaint(step: Step, files: Files) -> tuple[Shape, ...]:
     image = step.pictures("image")
-    return (image and Pictures("IMAGE", image.batch, image.width + step.const("left") + step.const("right"),
-                               image.height + step.const("top") + step.const("bottom")), None)
+    padded = image and Pictures("IMAGE", image.batch, image.width + step.const("left") + step.const("right"),
+                                image.height + step.const("top") + step.const("bottom"))
+    return (padded, padded and Pictures("MASK", 1, padded.width, padded.height))  # one mask for the batch
 
 
 @_rule("MaskToImage")
 def _mask_to_image(step: Step, files: Files) -> tuple[Shape, ...]:
-    return (None,)  # a MASK's size is not followed; the node makes one image per mask, at the mask's size
+    mask = step.pictures("mask")  # one image per mask, at the mask's size (masks: engine/cost/mask_rules.py)
+    return (mask and Pictures("IMAGE", mask.batch, mask.width, mask.height),)
 
 
 @_rule("VAEDecode", "VAEDecodeTiled")

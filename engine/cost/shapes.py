@@ -18,9 +18,9 @@ LIMIT_EXCEEDED = "limit_exceeded"  # our error type, beside ComfyUI's (engine.va
 
 @dataclass(frozen=True)
 class Pictures:
-    """The shape of a LATENT or IMAGE value: `batch` items of width x height pixels (a latent's cells x 8)."""
+    """The shape of a LATENT, IMAGE or MASK value: `batch` items of width x height pixels (a latent's cells x 8)."""
 
-    kind: str  # "LATENT" or "IMAGE"
+    kind: str  # "LATENT", "IMAGE" or "MASK"
     batch: int
     width: int
     height: int
@@ -83,6 +83,12 @@ class Step:
     def cond(self, name: str) -> Cond | None:
         value = self.inputs.get(name)
         return value if isinstance(value, Cond) else None
+
+    def refuse_empty(self, what: str, fix: str) -> None:
+        """Add a refusal of a shape too small to compute on: not a server's limit (nothing could run it), so it is
+        ComfyUI's type for a node's own check of its inputs."""
+        self.errors.append({"type": "custom_validation_failed", "message": "Custom validation failed for node",
+                            "details": f"{what}: {fix}", "extra_info": {}})
 
     def refuse(self, limit: str, got: int, what: str, fix: str, input_name: str | None = None, per: str = "") -> None:
         """Add a refusal: `what` the node does, then the limit (`per` side, job ...), then `fix`."""

@@ -180,6 +180,61 @@ def test_many_save_nodes_are_held_to_the_job_images(executor: Executor) -> None:
                                        "a job (limits.max_job_images in config.toml)")
 
 
+def _mask_batches(doublings: int, side: int = 64) -> dict[str, Any]:
+    """SolidMask -> MaskToImage -> `doublings` ImageBatch(x, x) -> SaveImage "9"."""
+    workflow: dict[str, Any] = {"1": {"class_type": "SolidMask", "inputs": {"value": 0.5, "width": side,
+                                                                           "height": side}},
+                                "2": {"class_type": "MaskToImage", "inputs": {"mask": ["1", 0]}}}
+    previous = ["2", 0]
+    for i in range(doublings):
+        workflow[f"b{i}"] = {"class_type": "ImageBatch", "inputs": {"image1": previous, "image2": previous}}
+        previous = [f"b{i}", 0]
+    workflow["9"] = {"class_type": "SaveImage", "inputs": {"images": previous, "filename_prefix": "masks"}}
+    return workflow
+
+
+def test_a_masks_size_is_followed_into_the_images_and_latents_made_of_it(executor: Executor) -> None:
+    # a MASK had no shape: 64 images where max_batch is 8, or 1,024 of 2048x2048 (48 GiB) passed validation
+    assert cost_of(executor, _mask_batches(3)).batch == 8
+    error = only_error(refusal(executor, _mask_batches(6)), "b3", "ImageBatch", "max_batch")
+    assert "makes a batch of 16 images" in error["details"]
+    grown = txt2img()
+    grown.update({"20": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 512, "height": 512}},
+                  "21": {"class_type": "GrowMask", "inputs": {"mask": ["20", 0], "expand": 4,
+                                                               "tapered_corners": True}},
+                  "22": {"class_type": "InvertMask", "inputs": {"mask": ["21", 0]}},
+                  "23": {"class_type": "MaskComposite", "inputs": {"destination": ["22", 0], "source": ["20", 0],
+                                                                    "x": 0, "y": 0, "operation": "add"}},
+                  "24": {"class_type": "MaskToImage", "inputs": {"mask": ["23", 0]}},
+                  "25": {"class_type": "VAEEncode", "inputs": {"pixels": ["24", 0], "vae": ["4", 2]}},
+                  "26": {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["25", 0], "amount": 64}}})
+    grown["3"]["inputs"]["latent_image"] = ["26", 0]
+    error = only_error(refusal(executor, grown), "26", "RepeatLatentBatch", "max_batch")
+    assert "makes a batch of 64 latents" in error["details"]
+    grown["26"]["inputs"]["amount"] = 2
+    assert cost_of(executor, grown).pixels == 512 * 512
+
+
+def test_a_resize_to_nothing_is_refused_before_torch_fails_on_it(executor: Executor) -> None:
+    shrunk = feed_sampler(txt2img(), "12", "LatentUpscaleBy", upscale_method="bislerp", scale_by=0.01)
+    with pytest.raises(WorkflowInvalid) as caught:  # not a server's limit: nothing could compute on it
+        validate_within_limits(shrunk, catalog(), executor.models, LIMITS)
+    assert caught.value.body["error"]["type"] == "prompt_outputs_failed_validation"
+    [error] = caught.value.body["node_errors"]["12"]["errors"]
+    assert error["type"] == "custom_validation_failed"
+    assert error["details"] == "makes latents of 0x0 pixels; latents need at least 8x8: use a larger size or scale factor"
+    tiny = txt2img()
+    tiny["12"] = {"class_type": "ImageScale", "inputs": {"image": ["8", 0], "upscale_method": "bilinear", "width": 1,
+                                                         "height": 1, "crop": "disabled"}}
+    tiny["13"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["12", 0], "vae": ["4", 2]}}
+    tiny["9"]["inputs"]["images"] = ["12", 0]
+    tiny["14"] = {"class_type": "SaveLatent", "inputs": {"samples": ["13", 0], "filename_prefix": "tiny"}}
+    with pytest.raises(WorkflowInvalid, match="node 13 .VAEEncode.: .*makes latents of 0x0 pixels"):
+        validate_within_limits(tiny, catalog(), executor.models, LIMITS)
+    del tiny["13"], tiny["14"]
+    assert cost_of(executor, tiny).side == 64  # a 1x1 picture is still a picture
+
+
 def test_independent_problems_are_all_named_and_what_follows_a_refused_node_is_not(executor: Executor) -> None:
     workflow = feed_sampler(txt2img(batch_size=8), "14", "RepeatLatentBatch", amount=2)
     feed_sampler(workflow, "15", "RepeatLatentBatch", amount=2)
@@ -246,7 +301,7 @@ def test_what_a_hires_graph_writes_when_run_is_what_its_cost_said(executor: Exec
 
 
 def test_every_node_that_makes_a_latent_image_or_conditioning_has_a_rule() -> None:
-    shaped = {"LATENT", "IMAGE", "CONDITIONING"}
+    shaped = {"LATENT", "IMAGE", "MASK", "CONDITIONING"}
     for name, cls in catalog().items():
         takes_images = any(spec.type == "IMAGE" for spec in cls.input_specs())
         if shaped & set(cls.RETURN_TYPES) or (cls.OUTPUT_NODE and takes_images):

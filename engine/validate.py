@@ -341,6 +341,12 @@ class _Validation:
                 value = convert(value)
             except Exception as ex:
                 return _invalid_type(spec, raw, config, str(ex))
+        if isinstance(value, str) and not _encodable(value):
+            # JSON's "\ud800" parses to a lone surrogate, which is no character: the tokenizer, a file name, a PNG
+            # text chunk and SQLite each fail on it with an error of their own. Refused here, named.
+            shown = value.encode("utf-8", "backslashreplace").decode("utf-8")
+            return _invalid_type(spec, shown, config, "it holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
+                                 "which is not a character: remove it, or write the character itself")
         if spec.min is not None and value < spec.min:
             return _error("value_smaller_than_min", f"Value {value} smaller than min of {spec.min}", name,
                           input_name=name, input_config=config, received_value=value)
@@ -412,6 +418,14 @@ def _types_match(received: str, expected: str) -> bool:
     if not isinstance(received, str) or not isinstance(expected, str):
         return False
     return bool({t.strip() for t in received.split(",")} & {t.strip() for t in expected.split(",")})
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _error(kind: str, message: str, details: str, **extra_info: Any) -> dict[str, Any]:

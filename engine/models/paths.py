@@ -188,7 +188,7 @@ def safe_join(
         real = base.joinpath(*parts).resolve()
         inside = real.is_relative_to(base.resolve())
         exists = inside and real.is_file()
-    except OSError:  # a name the file system cannot even look up (too long, bad bytes): not there
+    except (OSError, ValueError):  # a name the file system cannot even look up (too long, NUL, a lone surrogate)
         inside, exists = True, False
     if not inside:
         raise UnsafeModelFile(

@@ -230,6 +230,14 @@ def test_invalid_input_type(value: Any, reason: str) -> None:
     assert error["extra_info"]["received_value"] is value
 
 
+def test_a_lone_surrogate_in_a_string_is_refused_in_an_error_that_can_be_sent() -> None:
+    # JSON's "\ud800" parses to a string no encoder takes: the tokenizer, file names and SQLite failed on it raw
+    [error] = failed_on(json.loads(json.dumps(TXT2IMG).replace('"fox"}', '"mine \\ud800"}')), "9")
+    assert error["type"] == "invalid_input_type" and error["extra_info"]["input_name"] == "filename_prefix"
+    assert "lone UTF-16 surrogate" in error["details"] and "mine \\ud800" in error["details"]
+    json.dumps(error, ensure_ascii=False).encode("utf-8")  # the refusal itself goes out as UTF-8
+
+
 def test_nan_for_a_float_is_refused() -> None:
     # ComfyUI accepts NaN (its min/max comparisons are false) and draws a NaN image; we refuse it.
     [error] = failed_on(edited(**{"3": {"cfg": "nan"}}), "3")

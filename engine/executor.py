@@ -46,11 +46,18 @@ log = logging.getLogger(__name__)
 TEMP_FOLDER = "temp"  # PreviewImage writes under output_dir/temp, as ComfyUI's temp directory
 
 
-def written_paths(output_dir: Path, ui: dict[str, Any], kinds: tuple[str, ...] = ("output", "temp")) -> list[Path]:
-    """The files one output node's `ui` names (ComfyUI's `{"filename", "subfolder", "type"}` entries), of `kinds`."""
+# every `ui` list an output node names its files in: SaveImage's images, SaveLatent's latents, CheckpointSave's
+# checkpoints (a failed run removes them all; results are the images)
+WRITTEN_LISTS = ("images", "latents", "checkpoints")
+
+
+def written_paths(output_dir: Path, ui: dict[str, Any], kinds: tuple[str, ...] = ("output", "temp"),
+                  lists: tuple[str, ...] = ("images",)) -> list[Path]:
+    """The files one output node's `ui` names in `lists` (ComfyUI's `{"filename", "subfolder", "type"}` entries),
+    of `kinds`."""
     roots = {"output": output_dir, TEMP_FOLDER: output_dir / TEMP_FOLDER}
     return [roots[kind] / item.get("subfolder", "") / item["filename"]
-            for item in ui.get("images", ()) if isinstance(item, dict)
+            for entries in lists for item in ui.get(entries, ()) if isinstance(item, dict)
             and (kind := item.get("type", "output")) in kinds and kind in roots]
 
 Listener = Callable[[Event], None]
@@ -225,7 +232,7 @@ class Run:
         self.values[node_id] = out.values
         if out.ui:
             self._ui[node_id] = out.ui
-            written = written_paths(self.executor.settings.output_dir, out.ui)
+            written = written_paths(self.executor.settings.output_dir, out.ui, lists=WRITTEN_LISTS)
             self._written += [(self._sigs[node_id], path) for path in written]
             self.emit(Executed(self.prompt_id, node_id, out.ui))
         part = _meta_of(self.meta, node_id, models_before)

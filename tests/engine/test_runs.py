@@ -150,15 +150,17 @@ def test_a_run_that_fails_after_one_saveimage_leaves_none_of_its_pngs(executor: 
     frames[0].save(animated, save_all=True, append_images=frames[1:])
     workflow = txt2img(seed=11, filename_prefix="all-or-nothing")
     workflow["9"]["inputs"]["filename_prefix"] = "all-or-nothing"
+    # a SaveLatent's file goes too (its ui names it under "latents", not "images")
+    workflow["10"] = {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": "all-or-nothing"}}
     workflow["30"] = {"class_type": "LoadImage", "inputs": {"image": "three-frames.png"}}
     workflow["31"] = {"class_type": "SaveImage", "inputs": {"images": ["30", 0], "filename_prefix": "all-or-nothing"}}
     prompt = executor.validate(workflow)
-    assert prompt.order.index("9") < prompt.order.index("30")  # the first PNG is written before the failure
+    assert max(prompt.order.index("9"), prompt.order.index("10")) < prompt.order.index("30")  # written before it
     before = set(executor.settings.output_dir.rglob("all-or-nothing*"))
     with pytest.raises(NodeExecutionError, match="animated PNG of 3 frames"):
         executor.run(prompt)
     assert set(executor.settings.output_dir.rglob("all-or-nothing*")) == before
     # the same graph without the failing branch runs again from the top of SaveImage: its cached output is gone
-    del workflow["30"], workflow["31"]
+    del workflow["10"], workflow["30"], workflow["31"]
     result = executor.run(workflow)
     assert "9" not in result.meta["cached"] and len(set(executor.settings.output_dir.rglob("all-or-nothing*"))) == 1

@@ -65,7 +65,14 @@ def vae_ready(vae: VaeRef) -> torch.nn.Module:
 
 
 def decode_latents(module: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """Latents [1, 4, h, w] (any device) -> the decoder's output [1, 3, 8h, 8w] in -1..1, float32 on the CPU."""
+    """Latents [1, 4, h, w] (any device) -> the decoder's output [1, 3, 8h, 8w] in -1..1, float32 on the CPU.
+
+    Latents that hold NaN or inf are refused: no precision decodes them (the old retry turned the shared VAE to
+    float32 for good, and the picture stayed black)."""
+    if not bool(latents.isfinite().all()):
+        raise ValueError("the latent to decode holds NaN or inf: the sampler overflowed (in float16 a LoRA at a high "
+                         "strength or a very high cfg does it); lower them, or set [engine] dtype to bfloat16 or "
+                         "float32")
     decoded = module.decode(latents.to(module.device, module.dtype)).sample
     if module.dtype != torch.float32 and not bool(decoded.isfinite().all()):
         # Many SD1.x VAEs overflow in half precision now and then, giving a black image. As

@@ -49,6 +49,21 @@ def test_an_overflowing_fp16_vae_falls_back_to_fp32(tiny_models: Path) -> None:
 
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # (a float16 SD VAE is upcast anyway)
+def test_a_latent_holding_nan_is_refused_and_the_vae_keeps_its_precision(tiny_models: Path,
+                                                                         dtype: torch.dtype) -> None:
+    # an fp16 UNet that overflowed hands over NaN: no precision decodes it, and the old retry turned the shared
+    # VAE to float32 for every later job while the picture stayed black
+    vae = load_vae(tiny_models / "vae" / "tiny-vae.safetensors", "cpu", dtype)
+    ctx = RunContext.__new__(RunContext)
+    ctx.report_progress, ctx.is_cancelled, ctx.node_id, ctx.meta = (lambda *a: None), (lambda: False), "8", RunMeta()
+    samples = torch.zeros((1, 4, 8, 8))
+    samples[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="the latent to decode holds NaN or inf: the sampler overflowed"):
+        catalog()["VAEDecode"].model_construct(samples=Latent(samples), vae=VaeRef(vae, "tiny-vae")).run(ctx)
+    assert vae.dtype == dtype
+
+
 # --- the VAE's precision ([engine] vae_dtype) ------------------------------------------------------------------------
 
 def card(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], hip_arch: str | None = None) -> None:

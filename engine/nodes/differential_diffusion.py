@@ -42,7 +42,8 @@ class DifferentialMask:
         ts_from, ts_to = sampling.timestep(sigmas[0].float()), sampling.timestep(sigma_to)
         current = sampling.timestep(torch.tensor(float(sigma), dtype=torch.float32))
         threshold = (current - ts_to) / (ts_from - ts_to)
-        binary = (mask >= threshold.to(mask.device)).to(mask.dtype)
+        # a host number (the sigmas live there): a 0-d tensor moved to the device would be a copy every model call
+        binary = (mask >= float(threshold)).to(mask.dtype)
         if self.strength and self.strength < 1:
             return self.strength * binary + (1 - self.strength) * mask
         return binary

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import samplers
 from engine.executor import Executor
+from engine.nodes.differential_diffusion import DifferentialMask
 from engine.nodes.guidance import InpaintSource, guided_eps
 from engine.samplers.kdiffusion import base as kdiff_base
 from engine.values import CondItem, Conditioning, ControlHint
@@ -190,6 +192,9 @@ def test_cfg_one_a_noise_mask_area_conds_and_a_controlnet_cross_nothing_after_th
     mask[:, 16:48, 16:48] = 1.0
     eps = guided_eps(sd15_unet, positive, negative, 7.0, False, (64, 64))
     assert later(crossings(sampler, eps, denoise_mask=mask)) == []
+    # DifferentialDiffusion's per-step mask: its threshold is a host number, never a copy per model call
+    differential = functools.partial(DifferentialMask(0.5), sampling=samplers.DEFAULT_SAMPLING)
+    assert later(crossings(sampler, eps, denoise_mask=mask, denoise_mask_function=differential)) == []
 
     mask_cond = dataclasses.replace(positive.items[0], extras={"mask": mask, "mask_strength": 0.7})
     area_cond = dataclasses.replace(positive.items[0], extras={"area": (4, 4, 2, 2), "strength": 1.5})

@@ -23,8 +23,10 @@ from engine.values import ImageBatch, Mask
 
 IMAGE_CHANNELS = ("red", "green", "blue", "alpha")
 MASK_OPERATIONS = ("multiply", "add", "subtract", "and", "or", "xor")
-# grow/shrink steps between checks of the cancel flag: a 2048 px mask takes about 10 ms a step on a CPU
-_CANCEL_EVERY = 32
+# a tapered GrowMask up to this many steps takes them one by one (five maxima of the mask each); a larger one is
+# computed on the turned grid (four times the pixels, about 2 x log2(2 x radius) maxima): measured on eight
+# 2048x2048 masks here, 16 steps one by one 3.2 s against 7.2 s turned, 64 steps 12.0 s against 7.4 s
+_STEPPED_RADIUS = 32
 
 
 def as_batch(mask: torch.Tensor) -> torch.Tensor:
@@ -110,28 +112,71 @@ class InvertMask(Node):
 def grow_mask(mask: torch.Tensor, expand: int, tapered_corners: bool,
               check: Any = lambda: None) -> torch.Tensor:
     """ComfyUI's GrowMask: `expand` steps of grey dilation (erosion when negative) of [B, H, W] with a 3x3
-    footprint, its corners left out when `tapered_corners`; `check` runs now and then (the cancel flag).
+    footprint, its corners left out when `tapered_corners`; `check` runs between the passes (the cancel flag).
 
-    As scipy.ndimage's "reflect" edges (what ComfyUI uses), a neighbour outside the mask is the edge pixel
-    itself. After H + W steps every pixel holds the whole mask's max (min), so further steps change nothing
-    and are not taken.
+    ComfyUI takes the steps one by one (scipy.ndimage's grey_dilation per step), `expand` passes over the mask:
+    about 22 minutes for 16,384 steps of eight 2048x2048 masks here. The result is computed whole instead, bit
+    for bit the same, since a max (min) is exact whatever the order. As scipy's "reflect" edges make a neighbour
+    outside the mask the edge pixel itself, a step is the max over the footprint cut to the mask, and k steps are
+    the max over every pixel k steps away inside the mask: the square of radius k (|dy|, |dx| <= k) for the full
+    footprint, the diamond |dy| + |dx| <= k for the tapered one, cut to the mask either way (a rectangle holds every
+    shortest path between its pixels). A square is two sliding maxima, rows then columns; a diamond is a square in
+    the coordinates u = y + x, v = y - x, so the mask is laid on that grid (four times the pixels) for the same
+    two passes; up to _STEPPED_RADIUS steps, taking them one by one is quicker. A sliding max of width w takes
+    about log2(w) whole-tensor steps (`_sliding`). Past H + W steps every pixel holds the whole mask's max (min):
+    more change nothing.
     """
     grown = as_batch(mask).float()
-    pick = torch.maximum if expand > 0 else torch.minimum
     height, width = grown.shape[-2:]
-    for step in range(min(abs(expand), height + width)):
-        if step % _CANCEL_EVERY == 0:
+    radius = min(abs(expand), height + width)
+    pick = torch.maximum if expand > 0 else torch.minimum
+    empty = float("-inf") if expand > 0 else float("inf")  # where no pixel is: never picked
+    if not tapered_corners:
+        return _sliding(_sliding(grown, radius, -2, pick, empty, check), radius, -1, pick, empty, check)
+    if radius <= _STEPPED_RADIUS:
+        for _ in range(radius):
             check()
-        padded = F.pad(grown[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
-        shifted = [padded[:, 1:-1, 1:-1], padded[:, :-2, 1:-1], padded[:, 2:, 1:-1],
-                   padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]]
-        if not tapered_corners:
-            shifted += [padded[:, :-2, :-2], padded[:, :-2, 2:], padded[:, 2:, :-2], padded[:, 2:, 2:]]
-        out = shifted[0]
-        for other in shifted[1:]:
-            out = pick(out, other)
-        grown = out
-    return grown
+            grown = _cross_step(grown, pick)
+        return grown
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    u, v = rows + cols, rows - cols + (width - 1)  # every (u, v) of one pixel, on an (H + W - 1)^2 grid
+    side = height + width - 1
+    out = torch.empty_like(grown)
+    for index, item in enumerate(grown):  # one at a time: the turned grid holds four times a mask's pixels
+        turned = item.new_full((1, side, side), empty)
+        turned[0, u, v] = item
+        turned = _sliding(_sliding(turned, radius, -2, pick, empty, check), radius, -1, pick, empty, check)
+        out[index] = turned[0, u, v]
+    return out
+
+
+def _cross_step(grown: torch.Tensor, pick: Any) -> torch.Tensor:
+    """One step of the tapered footprint: each pixel and its four neighbours, the edge pixel standing in for a
+    neighbour outside."""
+    padded = F.pad(grown[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
+    out = padded[:, 1:-1, 1:-1]
+    for other in (padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]):
+        out = pick(out, other)
+    return out
+
+
+def _sliding(values: torch.Tensor, radius: int, dim: int, pick: Any, empty: float, check: Any) -> torch.Tensor:
+    """The max (`pick`) over [i - radius, i + radius] along `dim` at every i, the window cut to the tensor: the
+    window of 2 x radius + 1 is two overlapping windows of the largest power of two in it (a max may count a
+    pixel twice), each built by doubling."""
+    width = 2 * radius + 1
+    length = values.shape[dim]
+    shape = list(values.shape)
+    shape[dim] = radius
+    padded = torch.cat([values.new_full(shape, empty), values, values.new_full(shape, empty)], dim)
+    span, windows = 1, padded  # windows[i]: the max over padded[i : i + span]
+    while span * 2 <= width:
+        check()
+        kept = windows.shape[dim] - span
+        windows = pick(windows.narrow(dim, 0, kept), windows.narrow(dim, span, kept))
+        span *= 2
+    # padded[i : i + width] is windows[i] and windows[i + width - span]; i runs over the tensor's length
+    return pick(windows.narrow(dim, 0, length), windows.narrow(dim, width - span, length))
 
 
 @register

@@ -148,9 +148,11 @@ def test_grow_mask_negative_shrinks_and_grey_values_take_the_max_at_the_edges() 
     assert torch.equal(eroded.values, grid([[0.2, 0.1], [0.1, 0.1]]))
 
 
-def test_grow_mask_is_scipys_grey_dilation_and_erosion_as_comfyui_runs_them() -> None:
-    values = torch.rand(2, 9, 13, generator=torch.Generator().manual_seed(0))
-    for expand in (-3, 2, 5, 40):
+@pytest.mark.parametrize("shape", [(2, 9, 13), (1, 1, 1), (1, 1, 7), (1, 16, 3), (3, 20, 20)])
+def test_grow_mask_is_scipys_grey_dilation_and_erosion_as_comfyui_runs_them(shape: tuple[int, int, int]) -> None:
+    # computed whole rather than step by step: bit for bit ComfyUI's steps, at every radius and shape
+    values = torch.rand(*shape, generator=torch.Generator().manual_seed(0)).round(decimals=1)  # ties too
+    for expand in (-40, -3, -1, 1, 2, 5, 7, 8, 9, 40):
         for tapered in (True, False):
             corner = 0 if tapered else 1
             footprint = np.array([[corner, 1, corner], [1, 1, 1], [corner, 1, corner]])

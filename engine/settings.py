@@ -101,6 +101,9 @@ class Limits(BaseModel):
     # a 4x ESRGAN (23 blocks, 64 features) needs about 3.8 GB at fp32 for it (measured: 14.6 KB per tile pixel),
     # a 256x256 tile a quarter. Halved on out-of-memory down to 128x128, as ComfyUI does.
     upscale_tile_pixels: int = Field(512 * 512, ge=128 * 128)
+    # VAE calls one VAEDecodeTiled / VAEEncodeTiled may make (its three passes, every picture): tiny tiles over a
+    # big batch are thousands of calls. The defaults' tiles on eight 2048x2048 pictures are about 730.
+    max_vae_tiles: int = Field(2048, ge=16)
 
 
 class QueueSettings(BaseModel):

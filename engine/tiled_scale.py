@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["Tile", "TileFunction", "TilingError", "averaged_passes", "tile_count", "tiled_apply"]
+__all__ = ["Tile", "TileFunction", "TilingError", "averaged_passes", "covered", "tile_count", "tiled_apply"]
 
 TileFunction = Callable[[torch.Tensor], torch.Tensor]
 Tile = tuple[int, int]  # (height, width), in the input's cells
@@ -29,6 +29,25 @@ class TilingError(ValueError):
 
 def _starts(size: int, tile: int, overlap: int) -> range | list[int]:
     return range(0, size - overlap, tile - overlap) if size > tile else [0]
+
+
+def covered(height: int, width: int, tile: Tile, overlap: int, scale: float) -> bool:
+    """Whether one pass of tiles covers every output cell, worked out before any tile runs (a grid of tiles covers
+    the picture where each side's row of them covers that side). A tile's output is taken as floor(cells x
+    scale) a side: exact for the VAE decoder (x 8), the upscalers (x 2, x 4) and the encoder (its three halvings
+    floor), and a tile never gives less."""
+    return all(_side_covered(size, length, overlap, scale) for size, length in zip((height, width), tile))
+
+
+def _side_covered(size: int, tile: int, overlap: int, scale: float) -> bool:
+    if size <= tile:
+        return True
+    reached = 0
+    for start in _starts(size, tile, overlap):
+        if round(start * scale) > reached:
+            return False
+        reached = max(reached, round(start * scale) + int(min(tile, size - start) * scale))
+    return reached >= round(size * scale)
 
 
 def tile_count(height: int, width: int, tile: Tile, overlap: int) -> int:
@@ -59,6 +78,8 @@ def tiled_apply(item: torch.Tensor, function: TileFunction, tile: Tile, overlap:
     if height <= tile[0] and width <= tile[1]:
         progress()
         return function(item)
+    if not covered(height, width, tile, overlap, scale):
+        raise TilingError("the tiles leave parts of the output uncovered")
     out_size = (round(height * scale), round(width * scale))
     summed = torch.zeros(1, out_channels, *out_size)
     weights = torch.zeros(1, 1, *out_size)
@@ -85,12 +106,16 @@ def averaged_passes(items: torch.Tensor, function: TileFunction, tiles: Sequence
     divided by their number, one item at a time; `progress(done, total)` counts tiles over all passes.
 
     Raises TilingError, before any tile runs, where a tile no bigger than the overlap would have to move on
-    (ComfyUI fails there on a zero step, or gives NaN for a negative one).
+    (ComfyUI fails there on a zero step, or gives NaN for a negative one), or where a pass's tiles leave output
+    cells uncovered (ComfyUI gives NaN there).
     """
     height, width = items.shape[2], items.shape[3]
     for tile in tiles:
         if any(size > length and length <= overlap for size, length in zip((height, width), tile)):
             raise TilingError(f"tiles of {tile[0]}x{tile[1]} (h x w) overlapping by {overlap} never move on")
+        if not covered(height, width, tile, overlap, scale):
+            raise TilingError(f"tiles of {tile[0]}x{tile[1]} (h x w) overlapping by {overlap} leave parts of the "
+                              "output uncovered")
     total = len(items) * sum(tile_count(height, width, tile, overlap) for tile in tiles)
     done = 0
 

@@ -16,6 +16,7 @@ import engine.cost.guidance_rules  # noqa: F401  (DualCFGGuider's rule)
 import engine.cost.mask_rules  # noqa: F401  (the MASK nodes' rules)
 import engine.cost.op_rules  # noqa: F401  (registers the small nodes' rules in RULES)
 import engine.cost.sigma_rules  # noqa: F401  (the SIGMAS nodes' and SaveImageWebsocket's rules)
+import engine.cost.tiled_rules  # noqa: F401  (VAEDecodeTiled's and VAEEncodeTiled's rules)
 from engine.cost.files import Files, ModelFiles
 from engine.cost.rules import RULES
 from engine.cost.shapes import LIMIT_EXCEEDED, Cond, Pictures, Shape, Step

@@ -48,7 +48,7 @@ def _load_image(step: Step, files: Files) -> tuple[Shape, ...]:
     return (None, None) if size is None else (Pictures("IMAGE", 1, *size), Pictures("MASK", 1, *size))
 
 
-@_rule("VAEEncode", "VAEEncodeTiled")
+@_rule("VAEEncode")  # VAEEncodeTiled: engine/cost/tiled_rules.py
 def _encode(step: Step, files: Files) -> tuple[Shape, ...]:
     image = step.pictures("pixels")  # cropped to a multiple of 8, as ComfyUI's vae_encode_crop_pixels
     return (image and Pictures("LATENT", image.batch, image.width // 8 * 8, image.height // 8 * 8),)
@@ -90,7 +90,7 @@ def _mask_to_image(step: Step, files: Files) -> tuple[Shape, ...]:
     return (mask and Pictures("IMAGE", mask.batch, mask.width, mask.height),)
 
 
-@_rule("VAEDecode", "VAEDecodeTiled")
+@_rule("VAEDecode")  # VAEDecodeTiled: engine/cost/tiled_rules.py
 def _decode(step: Step, files: Files) -> tuple[Shape, ...]:
     latent = step.pictures("samples")
     return (latent and Pictures("IMAGE", latent.batch, latent.width, latent.height),)

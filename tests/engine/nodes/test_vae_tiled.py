@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.cost import check_cost
-from engine.errors import NodeExecutionError, WorkflowInvalid
+from engine.cost import check_cost, validate_within_limits
+from engine.errors import WorkflowInvalid
 from engine.executor import Executor
 from engine.models.single_file import load_vae
 from engine.nodes import catalog
-from engine.tiled_scale import averaged_passes
+from engine.nodes.vae import encode_tiles
+from engine.settings import Limits
+from engine.tiled_scale import TilingError, averaged_passes
 from engine.values import ImageBatch, Latent, VaeRef
 from tests.engine.conftest import txt2img
 
@@ -267,10 +269,25 @@ def test_bad_inputs_are_refused_by_name(executor: Executor) -> None:
 
 def test_encode_tiles_that_would_never_move_on_are_refused_with_the_fix(executor: Executor) -> None:
     # ComfyUI's encode does not clamp: tile 64 with overlap 64 gives 32-pixel tiles overlapping by 64, a zero
-    # step there (or NaN latents for a larger overlap); here it is refused, naming both inputs
+    # step there (or NaN latents for a larger overlap); here it is refused at validation, naming both inputs
     workflow = tiled_round_trip()
     workflow["20"]["inputs"]["overlap"] = 64
-    with pytest.raises(NodeExecutionError) as caught:
-        executor.run(workflow)
+    with pytest.raises(WorkflowInvalid) as caught:
+        executor.validate(workflow)
     message = str(caught.value)
-    assert "VAEEncodeTiled" in message and "tile_size 64, overlap 64" in message and "under half" in message
+    assert "node 20 (VAEEncodeTiled)" in message and "tile_size 64, overlap 64) never move on" in message
+    assert "under half" in message
+    # tiles that move on but leave output cells uncovered: refused before any tile runs, also when run directly
+    pixels = torch.rand(1, 3, 256, 256)
+    with pytest.raises(TilingError, match="32x128 .h x w. overlapping by 31 leave parts of the output uncovered"):
+        averaged_passes(pixels, lambda tile: pytest.fail("a tile ran"), encode_tiles(64), 31, 1 / 8, 4)
+
+
+def test_tiny_tiles_over_a_big_batch_are_held_to_max_vae_tiles(executor: Executor) -> None:
+    workflow = tiled_round_trip()
+    workflow["20"]["inputs"].update(tile_size=64, overlap=24)
+    workflow["5"]["inputs"].update(width=256, height=256)  # 210 encoder calls
+    assert executor.validate(workflow) is not None  # within the default 2,048
+    with pytest.raises(WorkflowInvalid, match=r"node 20 \(VAEEncodeTiled\): .*runs the VAE on 210 tiles \(tile_size "
+                                              r"64, overlap 24, 1 picture, three passes\).*limits.max_vae_tiles"):
+        validate_within_limits(workflow, catalog(), executor.models, Limits(max_vae_tiles=16))

@@ -144,6 +144,9 @@ def adaptive_problems(order: int, rtol: float, atol: float, h_init: float,
     return problems
 
 
+_MAX_LOG = 700.0  # math.exp overflows past about 709.8; atan makes any factor past e^700 the same anyway
+
+
 class _StepSize:
     """PIDStepSizeController: grows or shrinks h by the error history, accepts a step when the factor is high
     enough."""
@@ -161,7 +164,11 @@ class _StepSize:
         if not self.errs:
             self.errs = [inv_error] * 3
         self.errs[0] = inv_error
-        factor = self.errs[0] ** self.b1 * self.errs[1] ** self.b2 * self.errs[2] ** self.b3
+        try:
+            factor = self.errs[0] ** self.b1 * self.errs[1] ** self.b2 * self.errs[2] ** self.b3
+        except OverflowError:  # a power past float's range (coefficients of 100 on a tiny error): its logs add up
+            logged = sum(b * math.log(e) for b, e in zip((self.b1, self.b2, self.b3), self.errs, strict=True))
+            factor = math.exp(min(logged, _MAX_LOG))
         factor = 1 + math.atan(factor - 1)
         accept = factor >= self.accept_safety
         if accept:
@@ -213,8 +220,12 @@ def dpm_adaptive(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, run: Ru
         delta = torch.maximum(atol_t, rtol_t * torch.maximum(x_low.abs(), x_prev.abs()))
         error = float(torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5)
         if not math.isfinite(error):
+            # atol 0 divides by zero where the latent is 0; otherwise the step size control took h out of range
+            fix = "raise atol above 0" if atol == 0 else (
+                f"its step size control (pcoeff {pcoeff:g}, icoeff {icoeff:g}, dcoeff {dcoeff:g}) took the step out "
+                "of range: use smaller coefficients (ComfyUI's defaults are 0, 1 and 0)")
             raise ValueError(f"dpm_adaptive's error estimate is {error} at sigma {float(_sigma(s)):.4g} (rtol "
-                             f"{rtol:g}, atol {atol:g}): raise atol above 0")
+                             f"{rtol:g}, atol {atol:g}): {fix}")
         if control.propose(error):
             x_prev = x_low
             x = x_high if noise is None else x_high + up * s_noise * noise(_sigma(s), _sigma(t))

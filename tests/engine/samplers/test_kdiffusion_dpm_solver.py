@@ -262,6 +262,17 @@ def test_dpm_adaptive_refuses_options_that_could_never_finish() -> None:
             ours("dpm_adaptive", sigmas, torch.zeros(2, 4, 8, 8), options)
 
 
+def test_dpm_adaptive_coefficients_past_floats_range_grow_the_step_instead_of_overflowing() -> None:
+    # ComfyUI's errs ** b1 raises OverflowError for coefficients of 100 on a tiny error; the factor is then
+    # read from its logs, and atan caps any huge factor at 1 + pi / 2 as it caps a finite one
+    control = dpm_solver._StepSize(0.05, 100.0, 100.0, 100.0, 3, 0.81)
+    assert control.propose(1e-9) and control.propose(1e-9)
+    assert control.h == pytest.approx(0.05 * (1 + math.pi / 2) ** 2)
+    plain = dpm_solver._StepSize(0.05, 0.0, 1.0, 0.0, 3, 0.81)
+    plain.propose(0.5)
+    assert plain.h == 0.05 * (1 + math.atan((1 / (0.5 + 1e-8)) ** (1 / 3) - 1))  # ComfyUI's arithmetic, exactly
+
+
 def test_classification_for_the_queue() -> None:
     assert S.is_deterministic("heunpp2") and S.is_deterministic("dpm_fast") and S.is_deterministic("lms", {"order": 2})
     # no step noise at eta 0, but its step sizes come from the whole batch's error: never batched

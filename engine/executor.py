@@ -214,7 +214,10 @@ class Run:
         stats_before = self.executor.models.stats_snapshot()
         try:
             ctx.check_cancelled()
-            node = cls.model_construct(**self.inputs(node_id))
+            inputs = self.inputs(node_id)
+            for name in self.prompt.links.get(node_id, {}):  # constants were held to their ranges by validation
+                cls.check_linked(name, inputs[name])
+            node = cls.model_construct(**inputs)
             produced = node.run(ctx)
         except JobCancelled as err:
             self.fail(node_id, err)

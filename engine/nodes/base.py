@@ -7,6 +7,7 @@ puts the class in `Node.registry` under its ComfyUI `class_type`. Validation, th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,23 @@ class Node(BaseModel):
     def fingerprint(cls, inputs: dict[str, Any], ctx_paths: FolderLookup) -> str | None:
         """Something that changes when a file this node reads changes (ComfyUI's IS_CHANGED)."""
         return None
+
+    @classmethod
+    def check_linked(cls, name: str, value: Any) -> None:
+        """Hold a number another node made (a FLOAT output linked into a FLOAT input) to this input's range, as
+        validation holds a constant: raises ValueError naming both. ComfyUI checks only constants, so a linked 0
+        blur sigma drew a NaN picture there and a 1e9 area percentage failed in the sampler."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return  # a socket's value (MODEL, LATENT ...), a string, a bool: nothing to hold to a range
+        spec = next((s for s in cls.input_specs() if s.name == name), None)
+        if spec is None or spec.type not in ("INT", "FLOAT"):
+            return
+        if not math.isfinite(value) or (spec.min is not None and value < spec.min) \
+                or (spec.max is not None and value > spec.max):
+            low = "" if spec.min is None else f" from {spec.min:g}"
+            high = "" if spec.max is None else f" up to {spec.max:g}"
+            raise ValueError(f"{name}: the linked value {value:g} is outside what {cls.__name__} takes (finite"
+                             f"{low}{high}); change the node that makes it")
 
     @classmethod
     def check_values(cls, values: dict[str, Any], limits: Limits) -> list[tuple[str, str]]:

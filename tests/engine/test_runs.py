@@ -164,3 +164,25 @@ def test_a_run_that_fails_after_one_saveimage_leaves_none_of_its_pngs(executor: 
     del workflow["10"], workflow["30"], workflow["31"]
     result = executor.run(workflow)
     assert "9" not in result.meta["cached"] and len(set(executor.settings.output_dir.rglob("all-or-nothing*"))) == 1
+
+
+def test_a_linked_number_outside_the_inputs_range_fails_the_node_naming_both(executor: Executor) -> None:
+    # ComfyUI holds only constants to their ranges: SamplingPercentToSigma's FLOAT (1e9 at percent 0, 0 at 1)
+    # linked into ImageBlur's sigma drew a NaN picture, into the sampler's cfg ran a cfg of a billion
+    workflow = txt2img(seed=3)
+    workflow["20"] = {"class_type": "SamplingPercentToSigma", "inputs": {"model": ["4", 0], "sampling_percent": 1.0,
+                                                                         "return_actual_sigma": False}}
+    workflow["31"] = {"class_type": "ImageBlur", "inputs": {"image": ["8", 0], "blur_radius": 3, "sigma": ["20", 0]}}
+    workflow["9"]["inputs"]["images"] = ["31", 0]
+    with pytest.raises(NodeExecutionError, match=r"node 31 \(ImageBlur\) failed: sigma: the linked value 0 is "
+                                                 r"outside what ImageBlur takes \(finite from 0.1 up to 10\)"):
+        executor.run(workflow)
+    workflow["20"]["inputs"]["sampling_percent"] = 0.0  # 999999999.9
+    workflow["9"]["inputs"]["images"] = ["8", 0]
+    workflow["3"]["inputs"]["cfg"] = ["20", 0]
+    with pytest.raises(NodeExecutionError, match=r"node 3 \(KSampler\) failed: cfg: the linked value 1e\+09"):
+        executor.run(workflow)
+    workflow["3"]["inputs"]["cfg"] = 7.0  # in range, linked or not, it runs
+    workflow["31"]["inputs"]["sigma"], workflow["20"]["inputs"]["sampling_percent"] = ["20", 0], 0.5
+    workflow["9"]["inputs"]["images"] = ["31", 0]
+    assert executor.run(workflow).outputs["9"]["images"]

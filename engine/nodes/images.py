@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 import numpy as np
@@ -156,6 +157,31 @@ def save_path(output_dir: Path, prefix: str, width: int = 0, height: int = 0,
     return folder, stem, max(counters, default=0) + 1
 
 
+MAX_NAME_BYTES = 200  # a file name part of a prefix: 255 on most disks, less the counter and the .part suffix
+
+
+def prefix_problems(prefix: str) -> list[tuple[str, str]]:
+    """Why a SaveImage filename_prefix cannot name files in the output folder, found at validation (save_path
+    would find the escapes only after sampling, and the disk the rest, with an error of its own)."""
+    shown = prefix if len(prefix) <= 60 else prefix[:59] + "…"
+    clean = prefix.replace("%width%", "1").replace("%height%", "1")
+    if "\x00" in clean:
+        return [("filename_prefix", f"filename_prefix {shown!r} holds a NUL character, which no file name can")]
+    path = PurePosixPath(clean)  # as save_path reads it: the folder is its parent, the file stem its name
+    if not path.name:
+        return [("filename_prefix", f"filename_prefix {shown!r} names no file; use a name such as 'noodle' or "
+                                    "'portraits/noodle'")]
+    folder = posixpath.normpath(str(path.parent))
+    if path.is_absolute() or folder == ".." or folder.startswith("../"):
+        return [("filename_prefix", f"filename_prefix {shown!r} leaves the output folder; use a relative name such "
+                                    "as 'noodle' or 'portraits/noodle'")]
+    longest = max(len(part.encode("utf-8")) for part in PurePosixPath(clean).parts)
+    if longest > MAX_NAME_BYTES:
+        return [("filename_prefix", f"filename_prefix {shown!r} has a name of {longest} bytes; a disk takes about "
+                                    f"255, so keep each part under {MAX_NAME_BYTES}")]
+    return []
+
+
 def save_images(ctx: RunContext, pixels: torch.Tensor, prefix: str, kind: str, folder_root: Path) -> Output:
     """Write a batch as `{prefix}_{counter:05}_.png` with its recipe in text chunks."""
     images = tensor_to_pils(pixels)
@@ -202,6 +228,10 @@ class SaveImage(Node):
 
     images: ImageBatch = Socket("IMAGE")
     filename_prefix: str = Text("ComfyUI")
+
+    @classmethod
+    def check_values(cls, values: dict[str, Any], limits: Limits) -> list[tuple[str, str]]:
+        return prefix_problems(values.get("filename_prefix", "ComfyUI"))
 
     def run(self, ctx: RunContext) -> Output:
         return save_images(ctx, self.images.pixels, self.filename_prefix, "output", ctx.output_dir)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.errors import NodeExecutionError
+from engine.errors import NodeExecutionError, WorkflowInvalid
 from engine.executor import Executor
 from engine.pngmeta import parse_parameters, read_png_texts
 from tests.engine.conftest import txt2img, with_changes
@@ -186,3 +186,20 @@ def test_a_linked_number_outside_the_inputs_range_fails_the_node_naming_both(exe
     workflow["31"]["inputs"]["sigma"], workflow["20"]["inputs"]["sampling_percent"] = ["20", 0], 0.5
     workflow["9"]["inputs"]["images"] = ["31", 0]
     assert executor.run(workflow).outputs["9"]["images"]
+
+
+@pytest.mark.parametrize(("prefix", "says"), [
+    ("\x00evil", "holds a NUL character"), ("", "names no file"), (".", "names no file"),
+    ("../../etc/noodle", "leaves the output folder"), ("/tmp/abs", "leaves the output folder"),
+    ("sub/../../x", "leaves the output folder"), ("x" * 300, "has a name of 300 bytes")])
+def test_a_filename_prefix_that_cannot_name_a_file_is_refused_before_sampling(executor: Executor, prefix: str,
+                                                                              says: str) -> None:
+    # found by save_path only after sampling, or by the disk with errors of its own (ENAMETOOLONG, a NUL)
+    workflow = txt2img(seed=3, filename_prefix=prefix)
+    with pytest.raises(WorkflowInvalid, match=rf"node 9 \(SaveImage\).*{says}"):
+        executor.validate(workflow)
+
+
+@pytest.mark.parametrize("prefix", ["..", "  ", "sub/", "%width%/%height%", "a/b/c/d"])
+def test_odd_prefixes_comfyui_saves_under_still_save(executor: Executor, prefix: str) -> None:
+    assert executor.run(txt2img(seed=3, filename_prefix=prefix)).outputs["9"]["images"]

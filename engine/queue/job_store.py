@@ -55,6 +55,7 @@ class JobStore:
         self._lock = threading.Lock()
         # state changes a failed write could not store (a full disk), by job: written with the next save
         self._unsaved: dict[str, tuple[Any, ...]] = {}
+        self._unsaved_lines: dict[str, int] = {}  # places in line a failed save did not write
         # autocommit: each statement is its own transaction unless `_transaction` groups them
         self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
         try:
@@ -114,19 +115,23 @@ class JobStore:
             for j in jobs:  # the latest state of a job wins over one that could not be written before
                 pending[j.job_id] = (str(j.state), j.attempts, int(j.front), j.error, _json_or_none(j.result),
                                      j.seq, j.line, now, j.job_id)
-            self._db.execute("BEGIN IMMEDIATE")
+            moved = {**self._unsaved_lines, **(lines or {})}
             try:
+                # inside the try: a database locked past the timeout (or read-only) fails at BEGIN, and the rows
+                # must be kept then as when the COMMIT fails, or a job that ended would run again after a restart
+                self._db.execute("BEGIN IMMEDIATE")
                 self._db.executemany(
                     "UPDATE engine_jobs SET state = ?, attempts = ?, front = ?, error = ?, result = ?, seq = ?, "
                     "line = ?, updated_at = ? WHERE job_id = ?", list(pending.values()))
                 self._db.executemany("UPDATE engine_jobs SET line = ?, updated_at = ? WHERE job_id = ?",
-                                     [(line, now, job_id) for job_id, line in (lines or {}).items()])
+                                     [(line, now, job_id) for job_id, line in moved.items()])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._rollback()
-                self._unsaved = pending
+                self._unsaved, self._unsaved_lines = pending, moved
                 raise
             self._unsaved.clear()
+            self._unsaved_lines.clear()
 
     @property
     def unsaved(self) -> list[str]:

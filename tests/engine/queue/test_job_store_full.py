@@ -81,3 +81,25 @@ def test_on_a_really_full_disk_the_commit_error_is_the_one_raised(small_disk: Sm
     store.save([])
     assert _states(path) == {"ran": "done"}
     store.close()
+
+
+def test_a_database_locked_past_the_timeout_keeps_the_rows_and_the_lines_for_the_next_write(tmp_path: Path) -> None:
+    # another connection holding the write lock fails the save at BEGIN, before the UPDATEs: the ended job and the
+    # moved place in line must still land later, or the job runs again after a restart
+    path = tmp_path / "noodle.sqlite3"
+    store = JobStore(path)
+    ran, waiting = job("ran", 1), job("waiting", 2)
+    store.insert(ran)
+    store.insert(waiting)
+    store._db.execute("PRAGMA busy_timeout = 50")  # the store waits 10 s; the test does not
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    ran.state = JobState.DONE
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+        store.save([ran], lines={"waiting": 7})
+    assert store.unsaved == ["ran"]
+    holder.execute("ROLLBACK")
+    holder.close()
+    store.save([])
+    assert _states(path) == {"ran": "done", "waiting": "queued"} and store.get("waiting").line == 7
+    store.close()

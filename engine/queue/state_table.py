@@ -259,17 +259,28 @@ class JobTable:
             self._forget_old()
 
     def requeue(self, jobs: list[JobRecord], *, solo: bool = False) -> None:
-        """Put running jobs back in front (not counted as an attempt); `solo`: never batch them."""
+        """Put running jobs back in front (not counted as an attempt); `solo`: never batch them. One whose cancel
+        came after its batch stopped (its owner cancels every image of a batch, one after another) is cancelled:
+        `cancel` said yes to it."""
+        cancelled: list[JobRecord] = []
         with self._cond:
             for job in jobs:
-                job.state, job.attempts, job.front = JobState.QUEUED, max(0, job.attempts - 1), True
-                job.cancel_requested, job.cancel_by = False, None
-                job.solo = job.solo or solo
                 self._not_running(job)  # a new run, a new deadline
+                if job.cancel_requested:
+                    job.state = JobState.CANCELLED
+                    job.error = f"cancelled{who_text(job.cancel_by)} while it was running"
+                    cancelled.append(job)
+                    continue
+                job.state, job.attempts, job.front = JobState.QUEUED, max(0, job.attempts - 1), True
+                job.solo = job.solo or solo
                 self._enqueue(job)
         self._write(jobs)
         with self._cond:
+            for job in cancelled:
+                self._emit(JobEvent(job.job_id, "cancelled", error=job.error))
             self._announce()
+            if cancelled:
+                self._forget_old()
             self._cond.notify_all()
 
     def lost(self, jobs: list[JobRecord], where: str) -> None:

@@ -135,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries(verbose=args.verbose)
-    from engine.errors import ClusterUnavailable
+    from engine.errors import ClusterUnavailable, EngineBusy
 
     try:
         return int(args.handler(args) or 0)
-    except ClusterUnavailable as err:  # a set-up the owner fixes in config.toml: a line, not a traceback
+    except (ClusterUnavailable, EngineBusy) as err:  # a set-up the owner fixes: a line, not a traceback
         print(f"noodle: {err}", file=sys.stderr)
         return 1
 

@@ -77,5 +77,9 @@ class NodeExecutionError(NoodleError):
         super().__init__(f"node {node_id} ({class_type}) failed: {cause}")
 
 
+class EngineBusy(NoodleError):
+    """Another engine runs on the same database file (engine/queue/engine_lock.py): says what to do."""
+
+
 class ClusterUnavailable(NoodleError):
     """[engine] workers = "ray" and Ray is not installed or its cluster cannot be reached: says what to do."""

@@ -31,6 +31,7 @@ from engine.models.controlnet.load import controlnet_layout
 from engine.models.detect import Arch, detect_checkpoint
 from engine.models.paths import file_fingerprint
 from engine.queue.batching import batch_key, sampler_steps
+from engine.queue.engine_lock import hold_engine_lock, release_engine_lock
 from engine.queue.job_store import JobStore
 from engine.queue.jobs import JobEvent, JobInfo, JobState, Owner, WorkerInfo
 from engine.queue.state_table import KEEP_FINISHED, JobTable
@@ -132,6 +133,7 @@ class EngineService:
     def __init__(self, executor: Executor, db_path: Path, settings: QueueSettings,
                  cluster: ClusterConfig | None = None) -> None:
         self._executor, self._db_path, self.settings = executor, Path(db_path), settings
+        self._lock: Any = None  # the database's engine lock while started (engine/queue/engine_lock.py)
         self._cluster = cluster
         self._loop: asyncio.AbstractEventLoop | None = None
         self._table: JobTable | None = None
@@ -209,13 +211,19 @@ class EngineService:
         if self._table is not None:
             raise RuntimeError("this EngineService is started already")
         self._loop = asyncio.get_running_loop()
-        store = await asyncio.to_thread(JobStore, self._db_path)
+        self._lock = hold_engine_lock(self._db_path)  # before anything is read: another engine's jobs are its own
+        try:
+            store = await asyncio.to_thread(JobStore, self._db_path)
+        except BaseException:
+            release_engine_lock(self._lock)
+            raise
         table = self._table = JobTable(store, self.settings, self._prepare, self._post)
         try:
             resumed = await asyncio.to_thread(table.resume)
         except BaseException:
             self._table = None
             await asyncio.to_thread(store.close)
+            release_engine_lock(self._lock)
             raise
         for job in resumed:
             self._handle_for(job.job_id, job.owner)
@@ -229,6 +237,7 @@ class EngineService:
                 table.stop()
                 await asyncio.to_thread(runner.stop, 5.0)
                 await asyncio.to_thread(store.close)
+                release_engine_lock(self._lock)
                 self._table = None
                 raise
             self._runner = runner
@@ -255,6 +264,7 @@ class EngineService:
                 log.warning("the engine worker did not stop within %.0f s; leaving it to the process exit", timeout)
                 return
         await asyncio.to_thread(table.store.close)
+        release_engine_lock(self._lock)
         # after every event the worker sent: the loop runs callbacks in order
         asyncio.get_running_loop().call_soon(self._end_subscribers)
 

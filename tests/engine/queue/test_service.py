@@ -341,3 +341,19 @@ async def test_stream_and_result_waits_go_through_the_idle_seam_and_behave_the_s
     count = len(declared)
     await collect(handle.events())
     assert len(declared) == count  # outside the block nothing is wrapped
+
+
+async def test_a_second_engine_on_the_same_database_is_refused_until_the_first_stops(queue_env: QueueEnv) -> None:
+    # a second engine took the first one's running job for one a crash left behind and ran every job twice
+    from engine.errors import EngineBusy
+
+    first = await queue_env.start()
+    handle = await first.submit(txt2img(seed=61), Owner("ann"))
+    second = EngineService(queue_env.executor, queue_env.db, QueueSettings())
+    with pytest.raises(EngineBusy, match="another Noodle engine is running on .*give this one its own database"):
+        await second.start()
+    assert (await asyncio.wait_for(handle.result(), TIMEOUT))["outputs"]
+    await first.stop(timeout=TIMEOUT)
+    await second.start()  # the lock went with the first engine (and with its process, however that ends)
+    queue_env.services.append(second)
+    assert [row["state"] for row in rows(queue_env.db).values()] == ["done"]

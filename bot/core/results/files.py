@@ -5,13 +5,14 @@ Disk work: the services call `remove_files` and `read_parameters` through `async
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 from engine.pngmeta import read_png_texts
 
-__all__ = ["prefix_for", "read_parameters", "remove_files"]
+__all__ = ["prefix_for", "read_parameters", "remove_files", "touch_inputs"]
 
 
 def prefix_for(folder: str, prompt: str) -> str:
@@ -30,6 +31,16 @@ def remove_files(paths: list[str]) -> int:
             path.unlink()
             removed += 1
     return removed
+
+
+def touch_inputs(input_dir: Path, names: list[str]) -> None:
+    """Mark input files as used now (their modification time), as a fresh upload is; a file gone is left to the
+    job, which says so."""
+    for name in names:
+        try:
+            os.utime(input_dir / name)
+        except FileNotFoundError:
+            continue
 
 
 def read_parameters(paths: list[str]) -> str | None:

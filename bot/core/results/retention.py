@@ -27,6 +27,7 @@ from bot.core.storage.records import Generation
 from bot.core.storage.store import Store
 from bot.settings import BotSettings, RetentionSettings
 from engine.errors import NoodleError
+from engine.executor import written_paths
 from engine.queue import JobRecord, JobStore
 
 __all__ = ["Pruned", "Retention", "expired_files", "inputs_of", "owned_folder"]
@@ -86,6 +87,19 @@ def expired_files(folder: Path, before: float, keep: set[Path]) -> list[Path]:
             if stat.S_ISREG(info.st_mode) and info.st_mtime < before and path not in keep:
                 found.append(path)
     return found
+
+
+def still_expired(paths: list[Path], before: float) -> list[Path]:
+    """Those of `paths` not modified since `before` now: a request queued after they were listed touched the ones
+    it loads again (a 🔁 of an old img2img), and those stay."""
+    kept = []
+    for path in paths:
+        try:
+            if path.lstat().st_mtime < before:
+                kept.append(path)
+        except FileNotFoundError:
+            continue
+    return kept
 
 
 def _remove_empty_folders(folder: Path) -> None:
@@ -155,6 +169,7 @@ class Retention:
         in_use |= {name for job in await asyncio.to_thread(self._active_jobs) for name in _loaded(job.workflow)}
         keep = {(self.input_dir / name).resolve() for name in in_use}
         expired = await asyncio.to_thread(expired_files, folder, before, keep)
+        expired = await asyncio.to_thread(still_expired, expired, before)  # checked again at the last moment
         return await asyncio.to_thread(remove_files, [str(path) for path in expired])
 
     def _active_jobs(self) -> list[JobRecord]:
@@ -185,6 +200,11 @@ class Retention:
             retired += 1
         if folder.is_dir():  # strays: PNGs no row names any more (a crash between writing and recording)
             keep = {Path(path).resolve() for path in await self.store.images_kept(before)}
+            # a pending request's images that ended already are named by their job's result alone until it settles
+            # (its other images still run, or a restart retries one): never strays
+            keep |= {path.resolve() for generation in await self.store.pending() for job in generation.jobs
+                     for output in ((job.result or {}).get("outputs") or {}).values()
+                     for path in written_paths(self.output_dir, output)}
             expired = await asyncio.to_thread(expired_files, folder, before, keep)
             files += await asyncio.to_thread(remove_files, [str(path) for path in expired])
             await asyncio.to_thread(_remove_empty_folders, folder)

@@ -26,7 +26,7 @@ from bot.core.requests.imagine import DISCORD_INT_MAX, GenerationRequest, Reques
 from bot.core.requests.names import resolve_name
 from bot.core.requests.uploads import PreparedImage, prepare_image, save_prepared
 from bot.core.requests.workflow_file import is_workflow
-from bot.core.results.files import prefix_for, read_parameters, remove_files
+from bot.core.results.files import prefix_for, read_parameters, remove_files, touch_inputs
 from bot.core.results.retention import inputs_of, owned_folder
 from bot.core.services.access import may_moderate, not_found, reachable
 from bot.core.services.models import ModelChoices
@@ -223,6 +223,10 @@ class Generations:
         except BaseException:
             await asyncio.to_thread(remove_files, created)
             raise
+        # the parent's sources a 🔁 or an action loads again are in use from now: touched, so retention (which takes
+        # uploads by their age) leaves them to this request
+        reused = {params.init_image, params.control_image} - {None, *(image.name for image in prepared)}
+        await asyncio.to_thread(touch_inputs, input_dir, sorted(str(name) for name in reused))
         new = NewGeneration(kind=kind, front=self.queue.front, requester_id=who.user_id, request=request,
                             params=dump_params(replace(params, batch_size=1)), model_name=params.checkpoint,
                             images=images, guild_id=guild, channel_id=origin.channel_id,

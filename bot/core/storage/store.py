@@ -278,15 +278,19 @@ class Store(PresetTable, SafetyTable):
         return bool(list(rows))
 
     async def finished_before(self, before: float) -> list[Generation]:
-        """Done generations that finished before `before` (for retention of results), oldest first."""
-        return await self._many("WHERE state = 'done' AND finished_at < ? ORDER BY id", (before,))
+        """Done and posted generations that finished before `before` (for retention of results), oldest first; one
+        never posted yet (Discord away, a stop between the run's end and the post) waits for its post."""
+        return await self._many("WHERE state = 'done' AND finished_at < ? AND posted_at IS NOT NULL ORDER BY id",
+                                (before,))
 
     async def images_kept(self, before: float) -> set[str]:
-        """PNG paths of results that are not deleted and finished at or after `before` (retention keeps them)."""
+        """PNG paths of results that are not deleted and finished at or after `before`, or are not posted yet
+        (retention keeps them)."""
         rows = await self._db.execute_fetchall(
             "SELECT j.image_path, j.image_paths_json FROM generation_jobs j "
             "JOIN generations g ON g.id = j.generation_id "
-            f"WHERE g.state != 'deleted' AND (g.finished_at IS NULL OR g.finished_at >= ? OR g.state IN {_IN_PENDING})",
+            f"WHERE g.state != 'deleted' AND (g.finished_at IS NULL OR g.finished_at >= ? OR g.state IN {_IN_PENDING} "
+            "OR g.posted_at IS NULL)",
             (before,))
         return {path for row in rows for path in [row[0], *_loads(row[1], [])] if path}
 

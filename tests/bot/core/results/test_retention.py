@@ -18,7 +18,7 @@ from PIL import Image
 
 from bot.core.errors import RequestInvalid
 from bot.core.requests.imagine import ImageUpload
-from bot.core.results.retention import DAY, Retention
+from bot.core.results.retention import DAY, Pruned, Retention, still_expired
 from bot.settings import RetentionSettings, Settings
 from bot.core.front_end import Origin, Requester
 from tests.bot.conftest import WAIT, Env, _origin
@@ -185,3 +185,58 @@ def _write(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(_png())
     return path
+
+
+async def test_results_retention_keeps_what_is_not_posted_yet_and_a_pending_requests_ended_images(
+        tmp_path: Path) -> None:
+    # A: image 1 of two ended 40 days ago, then the bot was down (image 2 runs again): its PNG is named by its job's
+    # result alone until the request settles. B: done 40 days ago, never posted (Discord away): still to post.
+    from bot.core.storage.records import NewGeneration, Outcome
+    from bot.core.storage.store import Store
+    from bot.settings import BotSettings
+
+    store = await Store.open(tmp_path / "noodle.sqlite3")
+    output, old = tmp_path / "output", time.time() - OLD
+    (output / "noodle" / "1999-01-01").mkdir(parents=True)
+
+    def png(name: str) -> tuple[Path, dict[str, object]]:
+        path = _age(_write(output / "noodle" / "1999-01-01" / name), OLD)
+        return path, {"outputs": {"9": {"images": [{"filename": name, "subfolder": "noodle/1999-01-01",
+                                                    "type": "output"}]}}, "meta": {}}
+
+    pending = await store.add(NewGeneration("imagine", "discord", "u", {}, {}, "m", [(1, {}), (2, {})]),
+                              created_at=old)
+    await store.attach_job(pending.id, 1, "a1")
+    await store.attach_job(pending.id, 2, "a2")
+    await store.mark_queued(pending.id)
+    first, result = png("a1.png")
+    await store.end_job("a1", "done", result=result, finished_at=old)
+    unposted = await store.add(NewGeneration("imagine", "discord", "u", {}, {}, "m", [(3, {})]), created_at=old)
+    await store.attach_job(unposted.id, 1, "b1")
+    waiting, result = png("b1.png")
+    await store.end_job("b1", "done", result=result, finished_at=old)
+    await store.settle(unposted.id, Outcome("done", {1: str(waiting.resolve())}, {}, [], {}, None, old))
+    retention = Retention(store, BotSettings(database=tmp_path / "noodle.sqlite3"),
+                          RetentionSettings(results_days=30), input_dir=tmp_path / "input", output_dir=output)
+    try:
+        assert await retention.prune() == Pruned()
+        assert first.is_file() and waiting.is_file()
+        assert [g.id for g in await store.unposted("discord")] == [unposted.id]
+        await store.mark_posted(unposted.id, "42", old)  # posted at last: now it is an old result like any other
+        assert (await retention.prune()).results == 1 and not waiting.exists() and first.is_file()
+    finally:
+        await store.close()
+
+
+async def test_a_reroll_of_an_old_img2img_keeps_its_upload_from_a_pass_already_under_way(env: Env) -> None:
+    # a 🔁 loads its parent's upload again without saving it: it is touched as it is queued, and a pass that listed
+    # the file before that checks its age again before removing it
+    await _first_pass(env)
+    finished = await env.finish(await _submit(env, _png(), seed=1))
+    upload = _age(env.settings.engine.input_dir / finished.generation.params["init_image"], OLD)
+    listed = [upload]  # what a pass running now found old
+    reroll = await env.studio.generations.reroll(finished.generation.id, WHO)
+    assert upload.stat().st_mtime > time.time() - 60
+    assert still_expired(listed, time.time() - DAY) == []
+    assert (await env.finish(reroll)).kind == "done"
+    assert (await env.studio.results.retention.prune()).uploads == 0 and upload.exists()

@@ -361,7 +361,8 @@ class ResultCollector:
                 if job_id is None:  # stopped between the store and the queue: link it if the queue has it
                     info = by_image.get((generation.id, job.idx))
                     if info is None:
-                        await self._abandon(generation)
+                        # read again: the images linked just above are in the row now, and go out with the rest
+                        await self._abandon(await self.store.get(generation.id) or generation)
                         break
                     await self.store.attach_job(generation.id, job.idx, info.job_id)
                     job_id = info.job_id

@@ -158,3 +158,27 @@ async def test_a_failed_job_nobody_follows_is_reported_in_its_channel(
 
     await sends.until(lambda: any("was cancelled" in (m.content or "") for m in env.channel.sent), "the failure notice")
     assert (await env.store.get(ticket.generation_id)).state == "cancelled"
+
+
+async def test_a_request_cut_off_between_its_first_job_and_its_link_is_taken_back_out_whole(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    # killed after image 1 went into the queue but before its row was linked to it: the next start's reconcile
+    # links it, then abandons the request; it cancelled only the jobs of the row as first read, so image 1 ran
+    from bot.core.storage.records import NewGeneration
+    from engine.queue import Owner
+    from tests.engine.conftest import txt2img
+
+    gate = Gate(monkeypatch)
+    held = await env.engine.submit(txt2img(seed=GATE_SEED), Owner("someone"))  # keeps the worker busy
+    await gate.wait_entered()
+    try:
+        cut = await env.store.add(NewGeneration("imagine", "discord", "42", {}, {}, "m",
+                                                [(1, txt2img(seed=1)), (2, txt2img(seed=2))]))
+        orphan = await env.engine.submit(txt2img(seed=1), Owner("42"),
+                                         extra={"generation_id": cut.id, "idx": 1, "front": env.studio.results.front})
+        await env.studio.results.reconcile()
+        assert await env.store.get(cut.id) is None  # recorded as never made, as before
+        assert (await env.engine.info(orphan.job_id)).state is JobState.CANCELLED  # and its queued image with it
+    finally:
+        gate.open()
+    await asyncio.wait_for(held.result(), WAIT)

@@ -6,6 +6,7 @@ script, so a file is always at a version this list names. A file from a newer No
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -107,7 +108,16 @@ async def migrate(db: aiosqlite.Connection, path: Path, migrations: Sequence[str
         raise StoreError(f"{path} has schema version {version} but this Noodle knows up to {len(migrations)}: "
                          "it was written by a newer Noodle; upgrade Noodle or use another [bot] database file")
     for target, script in enumerate(migrations[version:], start=version + 1):
-        # executescript commits first; BEGIN..COMMIT makes the migration and its version bump one step
-        async with db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {target};\nCOMMIT;"):
-            pass
+        # executescript commits first; BEGIN..COMMIT makes the migration and its version bump one step. IMMEDIATE:
+        # a second process opening the file at the same time waits for this one's write lock, then finds the step
+        # applied (its script fails on what is there now, and the version says why)
+        try:
+            async with db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {target};\nCOMMIT;"):
+                pass
+        except sqlite3.OperationalError:
+            if db.in_transaction:
+                await db.rollback()
+            if await user_version(db) >= target:
+                continue  # another process applied it meanwhile
+            raise
     return len(migrations)

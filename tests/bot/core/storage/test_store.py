@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -142,3 +143,14 @@ async def test_a_store_opens_while_something_keeps_every_statement_result_alive(
     finally:
         await store.close()
     assert any(isinstance(result, sqlite3.Cursor) for result in held)
+
+
+async def test_two_processes_opening_a_new_file_at_once_both_get_it(tmp_path: Path) -> None:
+    # the bot and a `noodle chat` started together: the second read user_version 0 before the first committed its
+    # migration, then failed on "table generations already exists" and blamed the file
+    for attempt in range(5):
+        path = tmp_path / f"together-{attempt}.sqlite3"
+        opened = await asyncio.gather(Store.open(path), Store.open(path), return_exceptions=True)
+        assert not [o for o in opened if isinstance(o, BaseException)], opened
+        for store in opened:
+            await store.close()  # type: ignore[union-attr]

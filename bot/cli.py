@@ -7,9 +7,11 @@ engine/cli.py owns `run`, `nodes`, `tiny-models`, `tokens` and `bench engine|que
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import sys
+import tomllib
 
 # transformers warns at import time that torchvision is missing (we never use its image processors);
 # the level must be set before diffusers imports it. `-v` turns the libraries' logs back on.
@@ -18,8 +20,10 @@ if "-v" not in sys.argv and "--verbose" not in sys.argv:
 
 from pathlib import Path  # noqa: E402
 
-from bot.settings import Settings  # noqa: E402
-from engine.cli import Bench, add_engine_commands  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from bot.settings import Settings, config_path  # noqa: E402
+from engine.cli import Bench, add_engine_commands, positive_int  # noqa: E402
 
 
 def build_parser(settings: Settings) -> argparse.ArgumentParser:
@@ -50,7 +54,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
 
 
 def _bench_bot_options(bench: argparse.ArgumentParser) -> None:
-    bench.add_argument("--commands", type=int, default=50, help="bench bot: commands arriving at once")
+    bench.add_argument("--commands", type=positive_int, default=50, help="bench bot: commands arriving at once")
 
 
 def _bench_bot(args: argparse.Namespace) -> int:
@@ -84,8 +88,9 @@ def cmd_chat(args: argparse.Namespace, settings: Settings, *, demo: tuple[str, .
     chat, note = chat_settings(settings, models=args.models, db=args.db, out=args.out)
     if note:
         print(note, file=sys.stderr)
-    interactive = sys.stdin.isatty()
-    return asyncio.run(run_chat(chat, stdin=sys.stdin, out=sys.stdout, err=sys.stderr, interactive=interactive,
+    stdin = sys.stdin if sys.stdin is not None else io.StringIO()  # started with stdin closed (<&-): no input
+    interactive = stdin.isatty()
+    return asyncio.run(run_chat(chat, stdin=stdin, out=sys.stdout, err=sys.stderr, interactive=interactive,
                                 demo=() if interactive else demo,
                                 manage_server=bool(getattr(args, "manage_server", False))))
 
@@ -118,7 +123,11 @@ def quiet_libraries(*, verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """The `noodle` entry point."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and configs ship with the project; never ask a hub
-    settings = Settings()
+    try:
+        settings = Settings()
+    except (ValidationError, tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as err:
+        print(config_problem(err), file=sys.stderr)
+        return 2
     from engine.heap import reuse_for
 
     reuse_for(settings.engine)  # before any thread starts: CPU sampling keeps its freed memory (engine/heap.py)
@@ -135,13 +144,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries(verbose=args.verbose)
-    from engine.errors import ClusterUnavailable, EngineBusy
+    from engine.errors import NoodleError
 
     try:
         return int(args.handler(args) or 0)
-    except (ClusterUnavailable, EngineBusy) as err:  # a set-up the owner fixes: a line, not a traceback
+    except NoodleError as err:  # a set-up the owner fixes (a cluster, a database, a device): a line, no traceback
         print(f"noodle: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: queued jobs stay in the database for the next start
+        print("noodle: interrupted", file=sys.stderr)
+        return 130
+
+
+def config_problem(err: BaseException) -> str:
+    """One line per thing wrong with config.toml (or a NOODLE_ variable), naming the file and the key."""
+    where = config_path()
+    if isinstance(err, ValidationError):
+        lines = [f"noodle: {where}: [{'.'.join(str(part) for part in problem['loc'][:-1]) or 'top level'}] "
+                 f"{problem['loc'][-1]} = {problem.get('input')!r}: {problem['msg']}" for problem in err.errors()]
+        return "\n".join(lines) + "\n(fix config.toml, or the NOODLE_ environment variable of that key)"
+    if isinstance(err, tomllib.TOMLDecodeError):
+        return f"noodle: {where} is not valid TOML: {err}"
+    return f"noodle: {where} cannot be read: {err}"
 
 
 if __name__ == "__main__":

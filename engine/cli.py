@@ -31,6 +31,17 @@ class Bench:
     add_options: Callable[[argparse.ArgumentParser], None] | None = None
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a bench of 0 repeats has no median to print)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
+
+
 def add_engine_commands(sub: argparse._SubParsersAction, defaults: Any, *,
                         benches: Mapping[str, Bench] | None = None) -> None:
     """Register the engine's subcommands; `defaults` is the loaded Settings (config.toml).
@@ -88,7 +99,7 @@ def add_engine_commands(sub: argparse._SubParsersAction, defaults: Any, *,
     bench = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     bench.add_argument("what", choices=list(every))
     bench.add_argument("--models", type=Path, default=Path(".cache/models"))
-    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--repeats", type=positive_int, default=5)
     bench.add_argument("--real-size", choices=["sd15", "sdxl"], default=None,
                        help="engine: a full-size checkpoint with random weights (written once into --models) "
                             "at 512 or 1024 pixels, 20 steps, instead of the tiny model; meant for a GPU")
@@ -142,7 +153,7 @@ def cmd_run(args: argparse.Namespace, defaults: Any) -> int:
             workflow = json.loads(path.read_text(encoding="utf-8"))
             result = executor.run(workflow, listener=bar)
             line: dict[str, Any] = result.to_dict()
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, ValueError, RecursionError) as err:  # JSON, UTF-8 (ValueErrors), nesting too deep
             line = {"error": {"type": "invalid_prompt", "message": f"Cannot read workflow file {path}",
                               "details": str(err), "extra_info": {}}, "node_errors": {}}
             worst = max(worst, 2)
@@ -186,6 +197,11 @@ def cmd_tokens(args: argparse.Namespace, defaults: Any) -> int:
 
     folder = Path(args.models) / "embeddings"
     try:
+        args.text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
+        print(json.dumps({"error": "the text is not UTF-8: give the prompt as UTF-8 text"}))
+        return 2
+    try:
         report = token_report(args.text, EmbeddingLibrary(folder) if folder.is_dir() else None,
                               max_chunks=defaults.limits.max_prompt_chunks)
     except PromptError as err:
@@ -226,7 +242,11 @@ def cmd_coverage(args: argparse.Namespace, defaults: Any) -> int:
 def cmd_tiny_models(args: argparse.Namespace) -> int:
     from engine.tiny import write_tiny_models
 
-    written = write_tiny_models(args.dir, force=args.force)
+    try:
+        written = write_tiny_models(args.dir, force=args.force)
+    except OSError as err:  # DIR is a file, cannot be made, or a folder stands where a model goes
+        print(f"tiny-models: cannot write the models into {args.dir}: {err}", file=sys.stderr)
+        return 1
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0

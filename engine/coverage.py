@@ -134,7 +134,7 @@ def read_workflow(path: Path) -> tuple[Kind, Any, str]:
                 return "unreadable", None, "the PNG carries no workflow (no `prompt` text chunk)"
         else:
             data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, SyntaxError) as err:  # PIL raises SyntaxError on a broken PNG
+    except (OSError, ValueError, SyntaxError, RecursionError) as err:  # PIL: SyntaxError on a broken PNG
         return "unreadable", None, f"cannot read it ({type(err).__name__}: {err})"
     if isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data:
         return "ui", data, f"ComfyUI's UI format (\"nodes\" and \"links\"), not the API format; {UI_HINT}"

@@ -9,6 +9,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from engine.errors import DeviceUnavailable
+
 
 def pick_device(setting: str = "auto") -> torch.device:
     """The torch device named in config, or the best one present for `auto`."""
@@ -19,7 +21,7 @@ def pick_device(setting: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if setting == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("engine.device = 'cuda' in config.toml, but torch sees no CUDA device; "
+        raise DeviceUnavailable("engine.device = 'cuda' in config.toml, but torch sees no CUDA device; "
                            "install a CUDA build of torch (see README) or set engine.device = 'auto'")
     return torch.device(setting)
 

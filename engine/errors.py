@@ -77,6 +77,10 @@ class NodeExecutionError(NoodleError):
         super().__init__(f"node {node_id} ({class_type}) failed: {cause}")
 
 
+class DeviceUnavailable(NoodleError, RuntimeError):
+    """[engine] device names a device torch cannot see (cuda without a CUDA build): says what to do."""
+
+
 class EngineBusy(NoodleError):
     """Another engine runs on the same database file (engine/queue/engine_lock.py): says what to do."""
 

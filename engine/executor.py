@@ -265,7 +265,9 @@ class Run:
             return err
         name = self._classes[node_id].__name__
         self.emit(ExecutionError(self.prompt_id, node_id, name, type(err).__name__, str(err)))
-        if not isinstance(err, NoodleError):
+        if isinstance(err, OSError):  # the disk's answer (read-only, not a folder): its message says it all
+            log.error("node %s (%s) failed: %s", node_id, name, err)
+        elif not isinstance(err, NoodleError):
             log.error("node %s (%s) failed", node_id, name, exc_info=err)
         return NodeExecutionError(node_id, name, err)
 

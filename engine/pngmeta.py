@@ -85,7 +85,10 @@ def save_png(image: Image.Image, path: Path, texts: Mapping[str, str], *, exclus
             info.add_text(key, value)
         except UnicodeEncodeError:
             info.add_itxt(key, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file stands where the folder goes: not a name another writer took (that is below)
+        raise NotADirectoryError(20, "a file stands where the folder for the PNG goes", str(path.parent)) from None
     # written under a temporary name, then renamed: a disk that fills mid-write leaves no half PNG that the
     # output folder, a result message or the next counter would take for an image
     # (a name of this writer's own: engine workers on Ray may share one output folder)

@@ -226,8 +226,12 @@ def _save(state: dict[str, Tensor], path: Path) -> None:
     """Write atomically: parallel test runs may build the same cache at once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({key: tensor.contiguous() for key, tensor in state.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    try:
+        save_file({key: tensor.contiguous() for key, tensor in state.items()}, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never a 12 MB temp file left beside a failed write
+        raise
 
 
 def _plan(root: Path) -> dict[str, Path]:

@@ -361,6 +361,7 @@ async def run_chat(settings: Settings, *, stdin: TextIO, out: TextIO, err: TextI
     store = await Store.open(settings.bot.database)
     engine: Any = None
     studio: Any = None
+    finished = False
     try:
         executor = create_executor(settings.models, settings.engine_here(), settings.limits)
         engine = EngineService(executor, settings.bot.database, settings.queue, settings.cluster())
@@ -370,11 +371,17 @@ async def run_chat(settings: Settings, *, stdin: TextIO, out: TextIO, err: TextI
         await studio.start()
         console = Console(studio, out, err, interactive=interactive, details_dir=settings.engine.output_dir,
                           manage_server=manage_server)
-        return await console.run(LineReader(stdin), demo=demo)
+        code = await console.run(LineReader(stdin), demo=demo)
+        finished = True
+        return code
     finally:
+        # Ctrl-C (or an error) mid-job: the engine stops first, so the running job stops at its next step and
+        # stays queued for the next start; the studio would otherwise wait on it (the process did not exit)
+        if engine is not None and not finished:
+            await engine.stop()
         if studio is not None:
             await studio.stop()
-        if engine is not None:
+        if engine is not None and finished:
             await engine.stop()
         await store.close()
 

@@ -66,7 +66,7 @@ def unwrap_state_dict(data: Any) -> Any:
     return data
 
 
-def _flat_tensors(weights: dict[Any, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _flat_tensors(weights: dict[Any, Any], source: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The tensors to write (contiguous, none sharing memory: safetensors refuses shared storage) and the names
     of the entries that are not tensors (step counters, EMA decay, hyper-parameters)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -76,6 +76,10 @@ def _flat_tensors(weights: dict[Any, Any]) -> tuple[dict[str, torch.Tensor], lis
         if not isinstance(value, torch.Tensor) or not isinstance(key, str):
             dropped.append(str(key))
             continue
+        if value.layout != torch.strided or value.is_quantized:  # safetensors holds plain dense tensors only
+            kind = "quantized" if value.is_quantized else f"a {value.layout} tensor"
+            raise ConvertError(f"{source}: tensor {key!r} is {kind}, which a .safetensors file cannot hold; no SD "
+                               "model stores its weights so: this file is not one Noodle loads")
         tensor = value.detach().contiguous()
         storage = tensor.untyped_storage()
         # a view of a bigger tensor, or a second name for the same one (tied weights): its own copy
@@ -91,6 +95,11 @@ def _unpickler_reason(err: pickle.UnpicklingError) -> str:
     """The one line of torch's long weights-only message that says what it met ("Unsupported global: GLOBAL
     x.Y was not an allowed global by default ...", "Unsupported operand 110")."""
     text = str(err)
+    # a blocked function ("Trying to load unsupported GLOBAL posix.system whose module posix is blocked") comes
+    # without the WeightsUnpickler line: the line naming the global is the reason, wherever it is
+    named = [line.strip() for line in text.splitlines() if "global" in line.lower() and "weights_only" not in line]
+    if named:
+        return named[0]
     _, found, rest = text.partition("WeightsUnpickler error:")
     lines = [line.strip() for line in (rest if found else text).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
@@ -123,13 +132,13 @@ def convert_file(source: Path, *, force: bool = False) -> Converted:
     metadata = {"format": "pt", "converted_from": source.name}
     hypernetwork = flatten_a1111(data)  # widths -> (key, value) state dicts: flat keys, options as metadata
     if hypernetwork is not None:
-        tensors, dropped = _flat_tensors(hypernetwork[0])
+        tensors, dropped = _flat_tensors(hypernetwork[0], source)
         metadata |= hypernetwork[1]
     else:
         weights = unwrap_state_dict(data)
         if not isinstance(weights, dict):
             raise ConvertError(f"{source}: holds a {type(weights).__name__}, not a dict of weights")
-        tensors, dropped = _flat_tensors(weights)
+        tensors, dropped = _flat_tensors(weights, source)
     if not tensors:
         raise ConvertError(f"{source}: holds no tensors, so there is nothing to convert")
     # written under a temporary name, then renamed: a failed or interrupted write leaves no half file that
@@ -138,10 +147,20 @@ def convert_file(source: Path, *, force: bool = False) -> Converted:
     try:
         save_file(tensors, str(partial), metadata=metadata)
         os.replace(partial, target)
+    except (OSError, RuntimeError, KeyError, TypeError) as err:  # the disk, or a tensor safetensors cannot store
+        _discard(partial)
+        raise ConvertError(f"{source}: could not be written as {target.name} ({type(err).__name__}: {err})") from err
     except BaseException:
-        partial.unlink(missing_ok=True)
+        _discard(partial)
         raise
     return Converted(source, target, len(tensors), sum(t.nbytes for t in tensors.values()), tuple(dropped))
+
+
+def _discard(partial: Path) -> None:
+    try:
+        partial.unlink(missing_ok=True)
+    except OSError:  # a read-only folder: the error that brought us here is the one to tell
+        pass
 
 
 def convert_files(paths: list[Path], *, force: bool = False,

@@ -134,3 +134,54 @@ def test_a_front_end_adds_its_bench_beside_the_engine_benches_through_the_hook()
     args = parser.parse_args(["bench", "extra", "--rounds", "3"])
     assert args.handler(args) == 0 and ran == [3]
     assert parser.parse_args(["bench", "queue"]).what == "queue"
+
+
+def test_run_reads_past_a_binary_or_too_deep_workflow_file(tiny_models: Path, tmp_path: Path,
+                                                           noodle_here: Noodle) -> None:
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    done = noodle_here("run", "binary.json", "deep.json", "missing.json", "--models", str(tiny_models),
+                       "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 2 and not done.stderr.count("Traceback")
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["error"]["message"] for line in lines] == [f"Cannot read workflow file {name}" for name in
+                                                            ("binary.json", "deep.json", "missing.json")]
+
+
+def test_a_broken_config_is_one_line_per_problem_naming_the_file_and_exit_2(
+        tmp_path: Path, noodle_here: Noodle, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for text, says in (("[limits\nmax_side = 1\n", "is not valid TOML: Expected ']'"),
+                       ('[limits]\nmax_side = -5\nmax_batch = "lots"\n',
+                        "[limits] max_side = -5: Input should be greater than or equal to 64")):
+        (tmp_path / "config.toml").write_text(text)
+        monkeypatch.setenv("NOODLE_CONFIG", str(tmp_path / "config.toml"))
+        assert main(["nodes"]) == 2
+    done = noodle_here("nodes", cwd=tmp_path)  # (its own NOODLE_CONFIG: none.toml, which is not there)
+    assert done.returncode == 0
+
+
+def test_bench_repeats_below_one_are_refused_before_any_work(tmp_path: Path, noodle_here: Noodle) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        noodle_here("bench", "engine", "--repeats", "0", cwd=tmp_path)
+    assert exit_.value.code == 2
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path, noodle_here: Noodle,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.cli
+
+    def interrupted(args: argparse.Namespace, defaults: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.cli, "cmd_nodes", interrupted)
+    done = noodle_here("nodes", cwd=tmp_path)
+    assert done.returncode == 130 and done.stderr.strip() == "noodle: interrupted"
+
+
+def test_tokens_of_text_that_is_not_utf8_is_an_error_line(tmp_path: Path, noodle_here: Noodle) -> None:
+    done = noodle_here("tokens", "x\udcff\udcfe", cwd=tmp_path)
+    assert done.returncode == 2 and json.loads(done.stdout) == {"error": "the text is not UTF-8: give the prompt "
+                                                                          "as UTF-8 text"}

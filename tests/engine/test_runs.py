@@ -203,3 +203,15 @@ def test_a_filename_prefix_that_cannot_name_a_file_is_refused_before_sampling(ex
 @pytest.mark.parametrize("prefix", ["..", "  ", "sub/", "%width%/%height%", "a/b/c/d"])
 def test_odd_prefixes_comfyui_saves_under_still_save(executor: Executor, prefix: str) -> None:
     assert executor.run(txt2img(seed=3, filename_prefix=prefix)).outputs["9"]["images"]
+
+
+def test_a_file_where_the_pngs_folder_goes_fails_the_save_instead_of_looping(executor: Executor) -> None:
+    # mkdir's FileExistsError was taken for a PNG name another writer took: the counter went up forever
+    blocker = executor.settings.output_dir / "blocker"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a folder")
+    try:
+        with pytest.raises(NodeExecutionError, match="a file stands where the folder for the PNG goes"):
+            executor.run(txt2img(seed=3, filename_prefix="blocker/fox"))
+    finally:
+        blocker.unlink()

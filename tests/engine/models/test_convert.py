@@ -149,3 +149,41 @@ def test_a_real_checkpoint_layout_round_trips(tiny_models: Path, tmp_path: Path)
     torch.save({"state_dict": original, "global_step": 1}, source)
     done = convert_file(source)
     assert done.tensors == len(original) and _same(load_file(done.target), original)
+
+
+class _RunsCode:
+    """A pickle whose loading calls a function: what a malicious checkpoint holds."""
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.getcwd, ())
+
+
+def test_a_pickle_calling_a_function_is_called_unsafe_without_torchs_advice_to_load_it_anyway(tmp_path: Path) -> None:
+    source = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "x": _RunsCode()}, source)
+    with pytest.raises(UnsafeModelFile, match="holds more than weights") as err:
+        convert_file(source)
+    assert "getcwd" in str(err.value) and "weights_only set to False" not in str(err.value)
+
+
+@pytest.mark.parametrize(("tensor", "kind"), [(torch.eye(3).to_sparse(), "sparse_coo"),
+                                              (torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8),
+                                               "quantized")])
+def test_a_tensor_safetensors_cannot_hold_is_refused_by_name_and_nothing_is_written(
+        tmp_path: Path, tensor: torch.Tensor, kind: str) -> None:
+    source = tmp_path / "odd.pt"
+    torch.save({"fine": torch.ones(2), "odd": tensor}, source)
+    with pytest.raises(ConvertError, match=f"odd.pt: tensor 'odd' is .*{kind}"):
+        convert_file(source)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.pt"]
+
+
+def test_a_target_that_cannot_be_written_is_an_error_of_that_file_and_the_next_is_converted(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.pt", tmp_path / "second.pt"
+    torch.save(_weights(), first)
+    torch.save(_weights(), second)
+    (tmp_path / "first.safetensors").mkdir()  # a folder where the file goes
+    lines: list[str] = []
+    assert convert_files([first, second], force=True, report=lines.append) == 1
+    assert lines[0].startswith("error: ") and "first.pt: could not be written as first.safetensors" in lines[0]
+    assert (tmp_path / "second.safetensors").is_file() and not list(tmp_path.glob(".*.part"))

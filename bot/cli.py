@@ -22,7 +22,7 @@ from pathlib import Path  # noqa: E402
 
 from pydantic import ValidationError  # noqa: E402
 
-from bot.settings import Settings, config_path  # noqa: E402
+from bot.settings import Settings, config_path, unknown_keys  # noqa: E402
 from engine.cli import Bench, add_engine_commands, positive_int  # noqa: E402
 
 
@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as err:
         print(config_problem(err), file=sys.stderr)
         return 2
+    for key in unknown_keys():  # a typo is not an error (an old file may hold a key a newer Noodle dropped)
+        print(f"noodle: {config_path()}: {key} is no setting of Noodle's; it is left out", file=sys.stderr)
     from engine.heap import reuse_for
 
     reuse_for(settings.engine)  # before any thread starts: CPU sampling keeps its freed memory (engine/heap.py)

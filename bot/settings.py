@@ -5,7 +5,9 @@ Built once in the entry point and passed down; nothing else reads the file.
 
 from __future__ import annotations
 
+import difflib
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -154,3 +156,29 @@ class _DiscordToken(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, object]:
         token = os.environ.get("DISCORD_TOKEN")
         return {"discord_token": token} if token else {}
+
+
+def unknown_keys(path: Path | None = None) -> list[str]:
+    """Keys of the config file that no setting reads (a typo'd `[limit]` or `devcie` is otherwise left out without a
+    word), each with the closest known name; empty when the file is not there or does not parse (loading says so)."""
+    path = path or config_path()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return _unknown(data, Settings, "")
+
+
+def _unknown(data: dict[str, Any], model: type[BaseModel], where: str) -> list[str]:
+    found = []
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            close = difflib.get_close_matches(key, list(model.model_fields), n=1)
+            section = f"[{where.rstrip('.')}] " if where else ""
+            name = f"[{where}{key}]" if isinstance(value, dict) else f"{section}{key}"
+            found.append(name + (f" (did you mean {close[0]}?)" if close else ""))
+        elif isinstance(value, dict) and isinstance(field.annotation, type) and issubclass(field.annotation,
+                                                                                            BaseModel):
+            found += _unknown(value, field.annotation, f"{where}{key}.")
+    return found

@@ -185,3 +185,24 @@ def test_tokens_of_text_that_is_not_utf8_is_an_error_line(tmp_path: Path, noodle
     done = noodle_here("tokens", "x\udcff\udcfe", cwd=tmp_path)
     assert done.returncode == 2 and json.loads(done.stdout) == {"error": "the text is not UTF-8: give the prompt "
                                                                           "as UTF-8 text"}
+
+
+def test_a_typo_in_the_config_is_said_with_the_closest_setting_and_the_rest_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from bot.cli import main
+
+    (tmp_path / "config.toml").write_text('[limit]\nmax_side = 64\n[engine]\ndevcie = "cpu"\n[bot]\ndefault_step = 3\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NOODLE_CONFIG", str(tmp_path / "config.toml"))
+    assert main(["nodes"]) == 0
+    said = capsys.readouterr().err.splitlines()
+    assert [line.split(": ", 2)[2] for line in said if "is no setting" in line] == [
+        "[limit] (did you mean limits?) is no setting of Noodle's; it is left out",
+        "[engine] devcie (did you mean device?) is no setting of Noodle's; it is left out",
+        "[bot] default_step (did you mean default_steps?) is no setting of Noodle's; it is left out"]
+
+
+def test_the_shipped_config_holds_only_real_settings() -> None:
+    from bot.settings import unknown_keys
+
+    assert unknown_keys(REPO / "config.toml") == []

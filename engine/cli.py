@@ -193,12 +193,11 @@ def cmd_nodes(args: argparse.Namespace, defaults: Any) -> int:
 def cmd_tokens(args: argparse.Namespace, defaults: Any) -> int:
     from prompts.embeddings import EmbeddingLibrary
     from prompts.errors import PromptError
+    from engine.validate import encodable
     from prompts.plan import token_report
 
     folder = Path(args.models) / "embeddings"
-    try:
-        args.text.encode("utf-8")
-    except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
+    if not encodable(args.text):  # bytes that are not UTF-8 on the command line arrive as lone surrogates
         print(json.dumps({"error": "the text is not UTF-8: give the prompt as UTF-8 text"}))
         return 2
     try:

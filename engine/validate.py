@@ -29,7 +29,7 @@ from engine.graph import NO_INPUTS, CycleError, Workflow, topological_sort, walk
 from engine.nodes.base import InputSpec, Node
 from engine.settings import Limits
 
-__all__ = ["ERROR_TYPES", "UI_ONLY_NODES", "ValidatedPrompt", "unknown_node", "validate"]
+__all__ = ["ERROR_TYPES", "UI_ONLY_NODES", "ValidatedPrompt", "encodable", "unknown_node", "validate"]
 
 # ComfyUI's error type names, plus ours for a cycle (ComfyUI recurses until RecursionError) and for a graph
 # over this server's limits as a whole (engine/cost/, after validation).
@@ -341,7 +341,7 @@ class _Validation:
                 value = convert(value)
             except Exception as ex:
                 return _invalid_type(spec, raw, config, str(ex))
-        if isinstance(value, str) and not _encodable(value):
+        if isinstance(value, str) and not encodable(value):
             # JSON's "\ud800" parses to a lone surrogate, which is no character: the tokenizer, a file name, a PNG
             # text chunk and SQLite each fail on it with an error of their own. Refused here, named.
             shown = value.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -420,7 +420,8 @@ def _types_match(received: str, expected: str) -> bool:
     return bool({t.strip() for t in received.split(",")} & {t.strip() for t in expected.split(",")})
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
+    """Whether `text` is UTF-8 text (a lone surrogate, from JSON's "\\ud800" or bytes that were not UTF-8, is not)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -132,7 +132,7 @@ def grow_mask(mask: torch.Tensor, expand: int, tapered_corners: bool,
     pick = torch.maximum if expand > 0 else torch.minimum
     empty = float("-inf") if expand > 0 else float("inf")  # where no pixel is: never picked
     if not tapered_corners:
-        return _sliding(_sliding(grown, radius, -2, pick, empty, check), radius, -1, pick, empty, check)
+        return _square(grown, radius, pick, empty, check)
     if radius <= _STEPPED_RADIUS:
         for _ in range(radius):
             check()
@@ -145,7 +145,7 @@ def grow_mask(mask: torch.Tensor, expand: int, tapered_corners: bool,
     for index, item in enumerate(grown):  # one at a time: the turned grid holds four times a mask's pixels
         turned = item.new_full((1, side, side), empty)
         turned[0, u, v] = item
-        turned = _sliding(_sliding(turned, radius, -2, pick, empty, check), radius, -1, pick, empty, check)
+        turned = _square(turned, radius, pick, empty, check)
         out[index] = turned[0, u, v]
     return out
 
@@ -158,6 +158,11 @@ def _cross_step(grown: torch.Tensor, pick: Any) -> torch.Tensor:
     for other in (padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]):
         out = pick(out, other)
     return out
+
+
+def _square(values: torch.Tensor, radius: int, pick: Any, empty: float, check: Any) -> torch.Tensor:
+    """The max (`pick`) over the square of `radius` around every pixel of [B, H, W], cut to the tensor."""
+    return _sliding(_sliding(values, radius, -2, pick, empty, check), radius, -1, pick, empty, check)
 
 
 def _sliding(values: torch.Tensor, radius: int, dim: int, pick: Any, empty: float, check: Any) -> torch.Tensor:

@@ -21,14 +21,13 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from bot.core.errors import GenerationNotFound
 from bot.core.front_end import Publisher, StudioEvent
-from bot.core.results.files import remove_files
+from bot.core.results.files import remove_files, written_files
 from bot.core.results.progress import merged_events
 from bot.core.results.retention import Retention
 from bot.core.results.verdict import outcome_of
@@ -37,7 +36,6 @@ from bot.core.storage.records import ENDED, NOT_DONE, Generation
 from bot.core.storage.store import PENDING, WRITE_FAILED, Store
 from engine.disk import is_disk_full
 from engine.errors import NoodleError
-from engine.executor import written_paths
 from engine.idle import idle_sleep, idle_wait
 from engine.queue import EngineService, JobEvent, JobState
 
@@ -171,7 +169,7 @@ class ResultCollector:
         generation = await self.store.get(generation_id)
         if state == "done" and (generation_id in self._unstored or _state_of(generation, job_id) != "done"):
             # an image that ended after its request failed (a full disk): no message will show it, so no file stays
-            await asyncio.to_thread(remove_files, _written_files(self.engine.output_dir, [result]))
+            await asyncio.to_thread(remove_files, written_files(self.engine.output_dir, [result]))
             return
         if generation is not None and generation.all_ended and generation.state in PENDING:
             self._spawn(self.settle(generation_id))
@@ -327,7 +325,7 @@ class ResultCollector:
         message = f"{reason}; {why}" if reason else why
         message += "" if reason and advice in reason else advice
         known = [job.result for job in generation.jobs] + list(results)
-        await asyncio.to_thread(remove_files, _written_files(self.engine.output_dir, known))
+        await asyncio.to_thread(remove_files, written_files(self.engine.output_dir, known))
         for job in generation.jobs:
             if job.job_id is not None and not job.ended:
                 await self.engine.cancel(job.job_id)
@@ -399,8 +397,3 @@ def _idx_of(generation: Generation, job_id: str) -> int:
 def _state_of(generation: Generation | None, job_id: str) -> str | None:
     return next((job.state for job in generation.jobs if job.job_id == job_id), None) if generation else None
 
-
-def _written_files(output_dir: Path, results: Iterable[dict[str, Any] | None]) -> list[str]:
-    """Every PNG the job results name: SaveImage's under the output folder, PreviewImage's under its temp/."""
-    return [str(path) for result in results if result for output in result.get("outputs", {}).values()
-            for path in written_paths(output_dir, output)]

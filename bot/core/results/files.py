@@ -8,11 +8,14 @@ from __future__ import annotations
 import os
 import re
 from datetime import datetime, timezone
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+from engine.executor import written_paths
 from engine.pngmeta import read_png_texts
 
-__all__ = ["prefix_for", "read_parameters", "remove_files", "touch_inputs"]
+__all__ = ["prefix_for", "read_parameters", "remove_files", "touch_inputs", "written_files"]
 
 
 def prefix_for(folder: str, prompt: str) -> str:
@@ -31,6 +34,12 @@ def remove_files(paths: list[str]) -> int:
             path.unlink()
             removed += 1
     return removed
+
+
+def written_files(output_dir: Path, results: Iterable[dict[str, Any] | None]) -> list[str]:
+    """Every PNG the job results name: SaveImage's under the output folder, PreviewImage's under its temp/."""
+    return [str(path) for result in results if result for output in (result.get("outputs") or {}).values()
+            for path in written_paths(output_dir, output)]
 
 
 def touch_inputs(input_dir: Path, names: list[str]) -> None:

@@ -22,12 +22,11 @@ from typing import Any
 
 import aiosqlite
 
-from bot.core.results.files import remove_files
+from bot.core.results.files import remove_files, written_files
 from bot.core.storage.records import Generation
 from bot.core.storage.store import Store
 from bot.settings import BotSettings, RetentionSettings
 from engine.errors import NoodleError
-from engine.executor import written_paths
 from engine.queue import JobRecord, JobStore
 
 __all__ = ["Pruned", "Retention", "expired_files", "inputs_of", "owned_folder"]
@@ -202,9 +201,8 @@ class Retention:
             keep = {Path(path).resolve() for path in await self.store.images_kept(before)}
             # a pending request's images that ended already are named by their job's result alone until it settles
             # (its other images still run, or a restart retries one): never strays
-            keep |= {path.resolve() for generation in await self.store.pending() for job in generation.jobs
-                     for output in ((job.result or {}).get("outputs") or {}).values()
-                     for path in written_paths(self.output_dir, output)}
+            keep |= {Path(path).resolve() for generation in await self.store.pending()
+                     for path in written_files(self.output_dir, [job.result for job in generation.jobs])}
             expired = await asyncio.to_thread(expired_files, folder, before, keep)
             files += await asyncio.to_thread(remove_files, [str(path) for path in expired])
             await asyncio.to_thread(_remove_empty_folders, folder)

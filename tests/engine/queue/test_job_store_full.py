@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.disk import is_disk_full
-from engine.queue.jobs import JobState
+from engine.queue.jobs import JobRecord, JobState
 from engine.queue.job_store import JobStore
 from tests.engine.disk_support import SmallDisk, small_disk  # noqa: F401 (a fixture)
 from tests.engine.queue.test_job_store import job
@@ -27,12 +27,18 @@ def _cap_pages(store: JobStore) -> None:
     store._db.execute(f"PRAGMA max_page_count = {pages}")
 
 
+def _stored(path: Path, *names: str) -> tuple[JobStore, list[JobRecord]]:
+    """A store at `path` holding a queued job of each name, in that order."""
+    store = JobStore(path)
+    jobs = [job(name, seq) for seq, name in enumerate(names, start=1)]
+    for each in jobs:
+        store.insert(each)
+    return store, jobs
+
+
 def test_a_full_database_reports_itself_and_the_row_lands_with_the_next_write(tmp_path: Path) -> None:
     path = tmp_path / "noodle.sqlite3"
-    store = JobStore(path)
-    ran, other = job("ran", 1), job("other", 2)
-    store.insert(ran)
-    store.insert(other)
+    store, (ran, other) = _stored(path, "ran", "other")
     ran.state = JobState.RUNNING
     store.save([ran])
     _cap_pages(store)
@@ -53,9 +59,7 @@ def test_a_full_database_reports_itself_and_the_row_lands_with_the_next_write(tm
 
 def test_a_newer_state_wins_over_the_one_that_could_not_be_written(tmp_path: Path) -> None:
     path = tmp_path / "noodle.sqlite3"
-    store = JobStore(path)
-    first = job("a", 1)
-    store.insert(first)
+    store, (first,) = _stored(path, "a")
     _cap_pages(store)
     first.state, first.error = JobState.FAILED, "x" * 100_000
     with pytest.raises(sqlite3.OperationalError):
@@ -69,9 +73,7 @@ def test_a_newer_state_wins_over_the_one_that_could_not_be_written(tmp_path: Pat
 
 def test_on_a_really_full_disk_the_commit_error_is_the_one_raised(small_disk: SmallDisk) -> None:
     path = small_disk.root / "noodle.sqlite3"
-    store = JobStore(path)
-    ran = job("ran", 1)
-    store.insert(ran)
+    store, (ran,) = _stored(path, "ran")
     small_disk.fill()
     ran.state, ran.result = JobState.DONE, {"outputs": {}, "meta": {}}
     with pytest.raises(sqlite3.OperationalError, match="^database or disk is full$"):
@@ -87,10 +89,7 @@ def test_a_database_locked_past_the_timeout_keeps_the_rows_and_the_lines_for_the
     # another connection holding the write lock fails the save at BEGIN, before the UPDATEs: the ended job and the
     # moved place in line must still land later, or the job runs again after a restart
     path = tmp_path / "noodle.sqlite3"
-    store = JobStore(path)
-    ran, waiting = job("ran", 1), job("waiting", 2)
-    store.insert(ran)
-    store.insert(waiting)
+    store, (ran, waiting) = _stored(path, "ran", "waiting")
     store._db.execute("PRAGMA busy_timeout = 50")  # the store waits 10 s; the test does not
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")

@@ -175,7 +175,7 @@ def prefix_problems(prefix: str) -> list[tuple[str, str]]:
     if path.is_absolute() or folder == ".." or folder.startswith("../"):
         return [("filename_prefix", f"filename_prefix {shown!r} leaves the output folder; use a relative name such "
                                     "as 'noodle' or 'portraits/noodle'")]
-    longest = max(len(part.encode("utf-8")) for part in PurePosixPath(clean).parts)
+    longest = max(len(part.encode("utf-8")) for part in path.parts)
     if longest > MAX_NAME_BYTES:
         return [("filename_prefix", f"filename_prefix {shown!r} has a name of {longest} bytes; a disk takes about "
                                     f"255, so keep each part under {MAX_NAME_BYTES}")]

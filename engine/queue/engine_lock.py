@@ -9,7 +9,6 @@ Windows the lock is not taken and one engine per file is the owner's to keep.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import IO
 
@@ -21,8 +20,6 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["hold_engine_lock", "release_engine_lock"]
-
-log = logging.getLogger(__name__)
 
 
 def hold_engine_lock(database: Path) -> IO[bytes] | None:

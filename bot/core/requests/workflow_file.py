@@ -25,8 +25,9 @@ from engine.cost import LIMIT_EXCEEDED
 from engine.nodes import catalog
 from engine.nodes.base import SEED_MAX
 
-__all__ = ["SEED_INPUTS", "SOURCE", "check_size", "checkpoints_of", "is_workflow", "node_lines", "parse_workflow",
-           "read_workflow_file", "refuse_blocked", "UploadRead", "upload_refused", "uploads_read", "reseed", "seeds_of", "summarise", "with_outputs"]
+__all__ = ["SEED_INPUTS", "SOURCE", "UploadRead", "check_size", "checkpoints_of", "is_workflow", "node_lines",
+           "parse_workflow", "read_workflow_file", "refuse_blocked", "reseed", "seeds_of", "summarise",
+           "upload_refused", "uploads_read", "with_outputs"]
 
 SOURCE = "workflow"  # params["source"] of a /workflow result and of its rerolls
 SEED_INPUTS = {"KSampler": "seed", "KSamplerAdvanced": "noise_seed"}  # what 🔁 changes

@@ -40,7 +40,7 @@ class UserDefaults:
 
     async def get(self, who: Requester) -> dict[str, Any]:
         """What `who` keeps as their defaults (/settings), with the preset they chose in this server."""
-        current = dict(await self._everywhere(who))
+        current = await self._everywhere(who)
         legacy = current.pop("preset", None)
         here = None
         if who.guild_id is not None:

@@ -123,6 +123,9 @@ def quiet_libraries(*, verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """The `noodle` entry point."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights and configs ship with the project; never ask a hub
+    if problem := missing_config():
+        print(problem, file=sys.stderr)
+        return 2
     try:
         settings = Settings()
     except (ValidationError, tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as err:
@@ -162,12 +165,32 @@ def config_problem(err: BaseException) -> str:
     """One line per thing wrong with config.toml (or a NOODLE_ variable), naming the file and the key."""
     where = config_path()
     if isinstance(err, ValidationError):
-        lines = [f"noodle: {where}: [{'.'.join(str(part) for part in problem['loc'][:-1]) or 'top level'}] "
-                 f"{problem['loc'][-1]} = {problem.get('input')!r}: {problem['msg']}" for problem in err.errors()]
+        lines = [f"noodle: {where}: {_config_key(problem['loc'], problem.get('input'))}"
+                 f"{problem['msg'].removeprefix('Value error, ')}" for problem in err.errors()]
         return "\n".join(lines) + "\n(fix config.toml, or the NOODLE_ environment variable of that key)"
     if isinstance(err, tomllib.TOMLDecodeError):
         return f"noodle: {where} is not valid TOML: {err}"
     return f"noodle: {where} cannot be read: {err}"
+
+
+def _config_key(loc: tuple[int | str, ...], given: object) -> str:
+    """`[table] key = value: ` for a setting's own problem; `[table] ` (or nothing) for one of several settings
+    together, which its message names."""
+    if not loc:
+        return ""
+    if isinstance(given, dict):  # a table's check across its keys
+        return f"[{'.'.join(str(part) for part in loc)}] "
+    return f"[{'.'.join(str(part) for part in loc[:-1]) or 'top level'}] {loc[-1]} = {given!r}: "
+
+
+def missing_config() -> str | None:
+    """What is wrong when NOODLE_CONFIG names a file that is not there (without it, a missing ./config.toml means
+    the defaults): the owner meant a file, and running on defaults would ignore every limit they set in it."""
+    named = os.environ.get("NOODLE_CONFIG")
+    if named is None or Path(named).exists():
+        return None
+    return (f"noodle: NOODLE_CONFIG names {named}, which is not there; give the path of a config file, or unset "
+            "NOODLE_CONFIG to read ./config.toml")
 
 
 if __name__ == "__main__":

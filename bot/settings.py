@@ -8,10 +8,10 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from engine.settings import EngineSettings, Limits, ModelsSettings, QueueSettings, RaySettings
@@ -71,6 +71,37 @@ class BotSettings(BaseModel):
     # on ℹ️ ("details") so the message shows the grid alone.
     grid_files: Literal["attach", "details"] = "attach"
 
+    @field_validator("results_folder", "uploads_folder")
+    @classmethod
+    def _a_folder_inside(cls, value: str) -> str:
+        """Results are SaveImage prefixes and uploads files under the engine's folders: a folder that leaves them
+        would fail every request (and retention would leave it alone), so it is refused when the file is read."""
+        path = PurePosixPath(value.replace("\\", "/"))
+        if "\x00" in value or path.is_absolute() or ".." in path.parts or not path.parts:
+            raise ValueError("must name a folder inside the engine's folder ([engine] output_dir or input_dir), "
+                             "such as 'noodle' or 'discord/noodle'")
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_that_run(self) -> BotSettings:
+        """The default sampler, scheduler and steps are what most requests run: a pair Noodle refuses (a typo, or
+        one it cannot reproduce faithfully) would refuse every request that does not name its own."""
+        # here, not at the top: the sampler tables import diffusers, which only a loaded config needs
+        from engine.samplers.names import SCHEDULER_NAMES, SUPPORTED_SAMPLERS, UnfaithfulSampler
+        from engine.samplers.plan import check_pair
+
+        if self.default_sampler not in SUPPORTED_SAMPLERS:
+            raise ValueError(f"default_sampler {self.default_sampler!r} is not one of Noodle's samplers: "
+                             f"{', '.join(SUPPORTED_SAMPLERS)}")
+        if self.default_scheduler not in SCHEDULER_NAMES:
+            raise ValueError(f"default_scheduler {self.default_scheduler!r} is not one of ComfyUI's schedulers: "
+                             f"{', '.join(SCHEDULER_NAMES)}")
+        try:
+            check_pair(self.default_sampler, self.default_scheduler, self.default_steps)
+        except UnfaithfulSampler as err:
+            raise ValueError(f"default_sampler, default_scheduler and default_steps: {err}") from None
+        return self
+
 
 class RetentionSettings(BaseModel):
     """The `[retention]` table: how long uploads, the engine's finished job rows and results are kept (0: for ever).
@@ -116,6 +147,35 @@ class Settings(BaseSettings):
     retention: RetentionSettings = RetentionSettings()
     safety: SafetySettings = SafetySettings()
     discord_token: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _bot_within_limits(self) -> Settings:
+        """[bot]'s defaults against [limits]: a default a request cannot have (a side over max_side, steps over
+        max_steps) refuses every request that leaves it out, so the file is refused instead, naming what to set."""
+        bot, limits = self.bot, self.limits
+        problems = []
+        if bot.min_side > limits.max_side:
+            problems.append(f"[bot] min_side = {bot.min_side} is above [limits] max_side = {limits.max_side}, so no "
+                            "size is allowed")
+        for key, family in (("size_sd15", "SD1.5"), ("size_sdxl", "SDXL")):
+            side = getattr(bot, key)
+            wrong = [why for why, holds in (
+                ("is not a multiple of 8", side % 8),
+                (f"is below [bot] min_side = {bot.min_side}", side < bot.min_side),
+                (f"is above [limits] max_side = {limits.max_side}", side > limits.max_side),
+                (f"squared is above [limits] max_pixels = {limits.max_pixels}", side * side > limits.max_pixels),
+            ) if holds]
+            if wrong:
+                problems.append(f"[bot] {key} = {side} (the side of an {family} image whose size is not given) "
+                                + " and ".join(wrong))
+        if bot.default_steps > limits.max_steps:
+            problems.append(f"[bot] default_steps = {bot.default_steps} is above [limits] max_steps = "
+                            f"{limits.max_steps}")
+        if bot.default_cfg > bot.max_cfg:
+            problems.append(f"[bot] default_cfg = {bot.default_cfg} is above [bot] max_cfg = {bot.max_cfg}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def cluster(self) -> Any:
         """The engine's Ray workers (engine.cluster.dispatcher.ClusterConfig) when [engine] workers = "ray", else

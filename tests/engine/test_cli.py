@@ -27,7 +27,7 @@ Noodle = Callable[..., subprocess.CompletedProcess[str]]  # noodle(*args, cwd=..
 
 def noodle(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """`python -m bot.cli ARGS` in a fresh interpreter (which imports torch: seconds, so its tests are marked slow)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NOODLE_CONFIG": str(cwd / "none.toml"), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NOODLE_CONFIG": os.devnull, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "bot.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -40,7 +40,7 @@ def noodle_here(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPa
 
     def call(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         monkeypatch.chdir(cwd)
-        monkeypatch.setenv("NOODLE_CONFIG", str(cwd / "none.toml"))
+        monkeypatch.setenv("NOODLE_CONFIG", os.devnull)
         capsys.readouterr()
         code = main(list(args))
         out, err = capsys.readouterr()
@@ -159,7 +159,7 @@ def test_a_broken_config_is_one_line_per_problem_naming_the_file_and_exit_2(
         (tmp_path / "config.toml").write_text(text)
         monkeypatch.setenv("NOODLE_CONFIG", str(tmp_path / "config.toml"))
         assert main(["nodes"]) == 2
-    done = noodle_here("nodes", cwd=tmp_path)  # (its own NOODLE_CONFIG: none.toml, which is not there)
+    done = noodle_here("nodes", cwd=tmp_path)  # (its own NOODLE_CONFIG: an empty file)
     assert done.returncode == 0
 
 
@@ -206,3 +206,49 @@ def test_the_shipped_config_holds_only_real_settings() -> None:
     from bot.settings import unknown_keys
 
     assert unknown_keys(REPO / "config.toml") == []
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ('[bot]\nresults_folder = "../elsewhere"\n',
+     "[bot] results_folder = '../elsewhere': must name a folder inside the engine's folder"),
+    ('[bot]\nuploads_folder = "/etc"\n', "[bot] uploads_folder = '/etc': must name a folder inside"),
+    ('[bot]\nuploads_folder = "."\n', "[bot] uploads_folder = '.': must name a folder inside"),
+    ('[bot]\ndefault_sampler = "eular"\n', "[bot] default_sampler 'eular' is not one of Noodle's samplers: euler, "),
+    ('[bot]\ndefault_scheduler = "karas"\n', "[bot] default_scheduler 'karas' is not one of ComfyUI's schedulers"),
+    ('[bot]\nmin_side = 512\n[limits]\nmax_side = 256\n',
+     "[bot] min_side = 512 is above [limits] max_side = 256, so no size is allowed"),
+    ('[limits]\nmax_side = 768\n', "[bot] size_sdxl = 1024 (the side of an SDXL image whose size is not given) is "
+                                   "above [limits] max_side = 768"),
+    ('[bot]\nsize_sd15 = 500\n', "[bot] size_sd15 = 500 (the side of an SD1.5 image whose size is not given) is not "
+                                 "a multiple of 8"),
+    ('[bot]\ndefault_steps = 200\ndefault_cfg = 40\n',
+     "[bot] default_steps = 200 is above [limits] max_steps = 150; [bot] default_cfg = 40.0 is above [bot] max_cfg"),
+])
+def test_a_default_no_request_could_have_is_refused_when_the_config_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], text: str,
+        says: str) -> None:
+    """Each of these was accepted at start and then refused every request that left the value out (or, for the
+    folders, every one at all)."""
+    from bot.cli import main
+
+    (tmp_path / "config.toml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NOODLE_CONFIG", str(tmp_path / "config.toml"))
+    assert main(["nodes"]) == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("noodle: ") and says in first, first
+
+
+def test_a_config_file_named_by_noodle_config_that_is_not_there_is_an_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """It ran on the defaults without a word, so every limit the owner wrote in the file they meant was ignored."""
+    from bot.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NOODLE_CONFIG", str(tmp_path / "cofnig.toml"))
+    assert main(["nodes"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"noodle: NOODLE_CONFIG names {tmp_path / 'cofnig.toml'}, which is not there; give the path of a config "
+        "file, or unset NOODLE_CONFIG to read ./config.toml")
+    monkeypatch.delenv("NOODLE_CONFIG")  # no NOODLE_CONFIG and no ./config.toml: the defaults, as before
+    assert main(["nodes"]) == 0

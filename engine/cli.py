@@ -151,6 +151,9 @@ def cmd_run(args: argparse.Namespace, defaults: Any) -> int:
         bar = ProgressBar()
         try:
             workflow = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(workflow, str):  # the executor would read a str as JSON text once more
+                raise ValueError("it holds a JSON string, not an object of nodes (save the workflow with Export "
+                                 "(API))")
             result = executor.run(workflow, listener=bar)
             line: dict[str, Any] = result.to_dict()
         except (OSError, ValueError, RecursionError) as err:  # JSON, UTF-8 (ValueErrors), nesting too deep

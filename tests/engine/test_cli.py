@@ -140,12 +140,17 @@ def test_run_reads_past_a_binary_or_too_deep_workflow_file(tiny_models: Path, tm
                                                            noodle_here: Noodle) -> None:
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
     (tmp_path / "deep.json").write_text("[" * 100_000)
-    done = noodle_here("run", "binary.json", "deep.json", "missing.json", "--models", str(tiny_models),
-                       "--out", str(tmp_path / "out"), cwd=tmp_path)
+    (tmp_path / "string.json").write_text('"{}"')  # a JSON string: it was decoded once more, "not valid JSON"
+    (tmp_path / "list.json").write_text('[1]')
+    done = noodle_here("run", "binary.json", "deep.json", "missing.json", "string.json", "list.json", "--models",
+                       str(tiny_models), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert done.returncode == 2 and not done.stderr.count("Traceback")
     lines = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [line["error"]["message"] for line in lines] == [f"Cannot read workflow file {name}" for name in
-                                                            ("binary.json", "deep.json", "missing.json")]
+    assert [line["error"]["message"] for line in lines] == [
+        *(f"Cannot read workflow file {name}" for name in ("binary.json", "deep.json", "missing.json", "string.json")),
+        "Cannot execute because the prompt is not a JSON object."]
+    assert lines[3]["error"]["details"] == ("it holds a JSON string, not an object of nodes (save the workflow with "
+                                            "Export (API))")
 
 
 def test_a_broken_config_is_one_line_per_problem_naming_the_file_and_exit_2(

@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 
+from bot.core.cards.card import truncate
 from bot.core.cards.result import message_link
 from bot.core.errors import RequestInvalid
 from bot.core.front_end import StudioEvent, Ticket
 from bot.core.results.status import accepted_text, relay
 from bot.core.safety.gate import blocked_text
 from bot.discord_app.cogs.tasks import CogTasks
+from bot.discord_app.limits import MAX_CONTENT
 from bot.discord_app.post import InteractionStatus
 from engine.errors import NoodleError
 
@@ -80,9 +82,10 @@ async def preset_choices(studio: Studio, interaction: discord.Interaction,
 
 
 async def reply(interaction: discord.Interaction, text: str) -> None:
-    """Put `text` in the deferred answer (cut to Discord's 2000 characters); a failed edit is logged, not raised."""
+    """Put `text` in the deferred answer (cut to Discord's 2000 characters, with an ellipsis so the cut shows); a
+    failed edit is logged, not raised."""
     try:
-        await interaction.edit_original_response(content=text[:2000])
+        await interaction.edit_original_response(content=truncate(text, MAX_CONTENT))
     except discord.HTTPException as err:
         log.info("could not answer the interaction: %s", err)
 

@@ -18,6 +18,7 @@ from bot.core.requests.imagine import DISCORD_INT_MAX
 from bot.core.services.queue import QueueEntry, queue_text
 from bot.core.services.workers import append_section
 from bot.discord_app.cogs.interaction import reply, require_studio
+from bot.discord_app.limits import MAX_CONTENT
 from bot.discord_app.post import requester_of
 from engine.errors import NoodleError
 
@@ -27,9 +28,8 @@ if TYPE_CHECKING:
 __all__ = ["CancelButton", "QueueView", "cancel_line", "queue_cog"]
 
 log = logging.getLogger(__name__)
-# Discord: at most 25 buttons on a message (5 rows of 5), at most 2000 characters in it
+# Discord: at most 25 buttons on a message (5 rows of 5)
 MAX_BUTTONS = 25
-MAX_CHARS = 2000
 VIEW_SECONDS = 10 * 60
 
 
@@ -75,7 +75,7 @@ async def queue_answer(studio: "Studio", who: Requester, head: str = "") -> tupl
     (None when there is nothing to cancel)."""
     entries = await studio.queue.entries(who)
     text = head + queue_text(entries, "Cancel one with its button, or /queue cancel: NUMBER.")
-    text = append_section(text, await studio.workers.text(who), MAX_CHARS)
+    text = append_section(text, await studio.workers.text(who), MAX_CONTENT)
     return text, (QueueView(studio, entries) if any(not entry.cancelling for entry in entries) else None)
 
 

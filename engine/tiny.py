@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -29,6 +28,7 @@ from engine.models.detect import INPAINT_CHANNELS, Arch, Family
 from engine.models.sd2 import tiny_sd2_checkpoint
 from engine.models.to_original import pipeline_to_original, unet_to_original, vae_file_dict
 from engine.models.upscale import UpscalerSpec, build_module
+from engine.safetensors_file import save_safetensors
 
 __all__ = ["FORMAT_VERSION", "TinyComponents", "esrgan_keys", "tiny_components", "tiny_lora", "tiny_sdxl_lora",
            "tiny_upscaler", "write_random_checkpoint", "write_tiny_models"]
@@ -227,7 +227,8 @@ def _save(state: dict[str, Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file({key: tensor.contiguous() for key, tensor in state.items()}, str(tmp), metadata={"format": "pt"})
+        save_safetensors({key: tensor.contiguous() for key, tensor in state.items()}, str(tmp),
+                         metadata={"format": "pt"})
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # never a 12 MB temp file left beside a failed write

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from engine.errors import NoodleError, UnsafeModelFile
 from engine.models.detect import PICKLE_SUFFIXES
 from engine.models.hypernetwork import flatten_a1111
+from engine.safetensors_file import save_safetensors
 
 __all__ = ["ConvertError", "Converted", "convert_file", "convert_files", "unwrap_state_dict"]
 
@@ -145,7 +145,7 @@ def convert_file(source: Path, *, force: bool = False) -> Converted:
     # the models folder would list
     partial = target.with_name(f".{target.name}.part")
     try:
-        save_file(tensors, str(partial), metadata=metadata)
+        save_safetensors(tensors, str(partial), metadata=metadata)
         os.replace(partial, target)
     except (OSError, RuntimeError, KeyError, TypeError) as err:  # the disk, or a tensor safetensors cannot store
         _discard(partial)

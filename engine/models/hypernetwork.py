@@ -24,9 +24,9 @@ from typing import Any, ClassVar
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from engine.errors import UnsupportedModel
+from engine.safetensors_file import save_safetensors
 
 __all__ = ["ACTIVATIONS", "HypernetworkPatch", "build_hypernetwork", "flatten_a1111", "hypernetwork_file",
            "read_hypernetwork"]
@@ -198,5 +198,5 @@ def hypernetwork_file(path: Path, widths: tuple[int, ...], layer_structure: tupl
     metadata = {"activation_func": activation, "is_layer_norm": str(layer_norm), "use_dropout": "False",
                 "activate_output": "False", "last_layer_dropout": "False"}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    save_safetensors(tensors, str(path), metadata=metadata)
     return path

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from engine.disk import DiskFull, check_free_space, disk_full_message, is_disk_full
 from engine.errors import LimitExceeded, UnsafeModelFile
@@ -27,6 +27,7 @@ from engine.models.paths import FolderLookup, safe_join
 from engine.nodes.base import MAX_RESOLUTION, Choice, Node, Output, RunContext, Socket, Text, register
 from engine.nodes.images import save_path
 from engine.nodes.latents import composite, repeat_to_batch, size_problems, upscale_latent
+from engine.safetensors_file import save_safetensors
 from engine.values import Latent
 
 LATENT_SUFFIXES = (".latent", ".safetensors")
@@ -263,7 +264,7 @@ class SaveLatent(Node):
         name = f"{stem}_{counter:05}_.latent"
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            save_file(tensors, folder / name, metadata=metadata)
+            save_safetensors(tensors, folder / name, metadata=metadata)
         except OSError as err:
             (folder / name).unlink(missing_ok=True)
             if is_disk_full(err):

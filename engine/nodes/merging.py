@@ -13,12 +13,12 @@ from typing import Any, Callable, ClassVar
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
 from pydantic import Field
-from safetensors.torch import save_file
 
 from engine.models.lora import folded_state_dict
 from engine.models.to_original import text_encoders_to_original, unet_to_original, vae_to_original
 from engine.nodes.base import Node, Output, RunContext, Socket, Text, register
 from engine.nodes.images import save_path
+from engine.safetensors_file import save_safetensors
 from engine.values import ClipRef, ModelRef, VaeRef
 
 
@@ -234,6 +234,6 @@ class CheckpointSave(Node):
         path = folder / f"{stem}_{counter:05}_.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(cpu, str(path), metadata={"prompt": json.dumps(ctx.prompt), "noodle.family": family})
+        save_safetensors(cpu, str(path), metadata={"prompt": json.dumps(ctx.prompt), "noodle.family": family})
         subfolder = folder.relative_to(ctx.output_dir.resolve()).as_posix()
         return Output((), {"checkpoints": [{"filename": path.name, "subfolder": subfolder, "type": "output"}]})

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from diffusers import ControlNetModel, UNet2DConditionModel
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from engine.models.detect import Arch, Family
 from engine.models.to_original import unet_to_original
+from engine.safetensors_file import save_safetensors
 
 __all__ = ["TINY_CONTROLNETS", "controlnet_to_original", "tiny_controlnet", "tiny_controlnet_paths",
            "write_tiny_controlnets"]
@@ -97,6 +97,6 @@ def write_tiny_controlnets(root: Path, *, force: bool = False) -> dict[str, Path
             state = controlnet_to_original(tiny_controlnet(family, seed), Arch.of(family, True))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: parallel test runs build the same cache
-        save_file({key: value.contiguous() for key, value in state.items()}, str(tmp), metadata={"format": "pt"})
+        save_safetensors({key: value.contiguous() for key, value in state.items()}, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path)
     return paths

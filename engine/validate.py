@@ -26,7 +26,7 @@ from typing import Any
 from engine.data import comfyui_node
 from engine.errors import WorkflowInvalid
 from engine.graph import NO_INPUTS, CycleError, Workflow, topological_sort, walk
-from engine.nodes.base import InputSpec, Node
+from engine.nodes.base import INPUT_FOLDERS, InputSpec, Node
 from engine.settings import Limits
 
 __all__ = ["ERROR_TYPES", "UI_ONLY_NODES", "ValidatedPrompt", "encodable", "unknown_node", "validate"]
@@ -385,7 +385,7 @@ class _Validation:
 
 def _pickle_stem(spec: InputSpec, value: Any) -> str | None:
     """`sub/x` for a pickle name `sub/x.ckpt` given to a models-folder input; None for anything else."""
-    if spec.choices_from is None or spec.choices_from == "input" or not isinstance(value, str):
+    if spec.choices_from is None or spec.choices_from in INPUT_FOLDERS or not isinstance(value, str):
         return None
     from engine.models.detect import PICKLE_SUFFIXES  # here: detect needs torch, validation otherwise does not
 

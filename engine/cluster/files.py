@@ -22,6 +22,7 @@ from engine.disk import check_free_space
 from engine.errors import UnsafeModelFile
 from engine.executor import TEMP_FOLDER, written_paths
 from engine.models.paths import safe_join
+from engine.nodes.base import INPUT_FOLDERS
 
 __all__ = ["WireFile", "collect_results", "input_files", "place_results", "read_inputs", "write_inputs"]
 
@@ -46,7 +47,7 @@ def input_files(workflow: Mapping[str, Any], catalog: Mapping[str, Any]) -> list
         if not isinstance(inputs, Mapping):
             continue
         names += [value for spec in cls.input_specs()
-                  if spec.choices_from == "input" and isinstance(value := inputs.get(spec.name), str)]
+                  if spec.choices_from in INPUT_FOLDERS and isinstance(value := inputs.get(spec.name), str)]
     return list(dict.fromkeys(names))
 
 

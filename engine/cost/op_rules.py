@@ -113,7 +113,7 @@ def _load_latent(step: Step, files: Files) -> tuple[Shape, ...]:
     from engine.nodes.latent_ops import latent_file_shape
 
     try:
-        shape = latent_file_shape(files.models.resolve("input", str(step.const("latent"))))
+        shape = latent_file_shape(files.models.resolve("input_latents", str(step.const("latent"))))
     except (NoodleError, OSError):
         return (None,)  # LoadLatent says why when it runs, and holds the file to the limits there too
     if shape is None or len(shape) != 4:

@@ -41,10 +41,11 @@ from engine.models.detect import detect_checkpoint
 from engine.models.lora import LoraAdapters, summed
 from engine.models.lora_files import LoraFiles
 from engine.models.merges import MergeBook, MergedModel
-from engine.models.paths import FolderLookup, ModelCatalog, file_fingerprint, safe_join
+from engine.models.paths import LATENT_SUFFIXES, FolderLookup, ModelCatalog, file_fingerprint, safe_join
 from engine.models.resident import ResidentCache
 from engine.models.single_file import load_checkpoint_pipeline, load_vae
 from engine.models.upscale import UpscaleModel, load_upscaler, upscaler_key
+from engine.nodes.base import INPUT_FOLDERS
 from prompts.cache import PromptEncoderCache
 from prompts.embeddings import EmbeddingLibrary
 from engine.values import ClipRef, Conditioning, ControlNetRef, LoraPatch, ModelRef
@@ -126,18 +127,20 @@ class ModelManager:
     # -- names -----------------------------------------------------------------------------
 
     def choices(self, folder: str) -> list[str]:
-        """The names a COMBO input may take: files of a models folder, or images in the input folder."""
-        if folder == "input":
+        """The names a COMBO input may take: files of a models folder, or images ("input") or .latent files
+        ("input_latents") in the input folder."""
+        if folder in INPUT_FOLDERS:
             if not self.input_dir.is_dir():
                 return []
+            suffixes = IMAGE_SUFFIXES if folder == "input" else LATENT_SUFFIXES
             return sorted(p.relative_to(self.input_dir).as_posix() for p in self.input_dir.rglob("*")
-                          if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                          if p.is_file() and p.suffix.lower() in suffixes)
         return self.catalog.list(folder)
 
     def resolve(self, folder: str, name: str) -> Path:
         """A file's path, refusing names that leave their folder."""
-        if folder == "input":
-            return safe_join(self.input_dir, name, what="input image")
+        if folder in INPUT_FOLDERS:
+            return safe_join(self.input_dir, name, what="input image" if folder == "input" else "input latent")
         return self.catalog.resolve(folder, name)
 
     def on_unload(self, listener: Callable[[str], Any]) -> None:

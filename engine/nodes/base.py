@@ -29,8 +29,11 @@ if TYPE_CHECKING:
 MAX_RESOLUTION = 16384
 SEED_MAX = 2**64 - 1
 PRIMITIVE_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
-# Folders a COMBO input can list: the models folders plus the input folder of LoadImage.
-CHOICE_FOLDERS = ("checkpoints", "loras", "vae", "embeddings", "input")
+# The input folder as a COMBO lists it: its images for LoadImage ("input"), its .latent files for LoadLatent
+# ("input_latents"), as ComfyUI's two listings of the one folder.
+INPUT_FOLDERS = ("input", "input_latents")
+# Folders a COMBO input can list: the models folders plus those two.
+CHOICE_FOLDERS = ("checkpoints", "loras", "vae", "embeddings", *INPUT_FOLDERS)
 
 
 def Socket(type_name: str, *, optional: bool = False, description: str = "") -> Any:  # noqa: N802

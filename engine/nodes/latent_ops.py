@@ -23,14 +23,13 @@ from safetensors.torch import load_file
 
 from engine.disk import DiskFull, check_free_space, disk_full_message, is_disk_full
 from engine.errors import LimitExceeded, UnsafeModelFile
-from engine.models.paths import FolderLookup, safe_join
+from engine.models.paths import LATENT_SUFFIXES, FolderLookup, safe_join
 from engine.nodes.base import MAX_RESOLUTION, Choice, Node, Output, RunContext, Socket, Text, register
 from engine.nodes.images import save_path
 from engine.nodes.latents import composite, repeat_to_batch, size_problems, upscale_latent
 from engine.safetensors_file import save_safetensors
 from engine.values import Latent
 
-LATENT_SUFFIXES = (".latent", ".safetensors")
 LATENT_KEY, VERSION_KEY = "latent_tensor", "latent_format_version_0"
 OLD_FORMAT_SCALE = 1.0 / 0.18215  # a file without the version marker holds SD1 latents scaled for the UNet
 ROTATIONS = ("none", "90 degrees", "180 degrees", "270 degrees")
@@ -315,8 +314,9 @@ class LoadLatent(Node):
     CATEGORY: ClassVar[str] = "_for_testing"
     RETURN_TYPES: ClassVar[tuple[str, ...]] = ("LATENT",)
 
-    # a name in the input folder; ComfyUI lists its .latent files as a COMBO
-    latent: str = Field(...)
+    # a .latent file of the input folder, listed as a COMBO as ComfyUI does: a name not there is refused at
+    # validation, and a Ray worker is sent the file as it is sent LoadImage's
+    latent: str = Choice("input_latents")
 
     @classmethod
     def fingerprint(cls, inputs: dict[str, Any], lookup: FolderLookup) -> str | None:
@@ -324,7 +324,7 @@ class LoadLatent(Node):
         name = inputs["latent"]
         if not isinstance(name, str) or not name.lower().endswith(LATENT_SUFFIXES):
             return None  # the run refuses it
-        return hashlib.sha256(lookup.resolve("input", name).read_bytes()).hexdigest()
+        return hashlib.sha256(lookup.resolve("input_latents", name).read_bytes()).hexdigest()
 
     def run(self, ctx: RunContext) -> tuple[Latent]:
         path = latent_path(ctx.input_dir, self.latent)

@@ -23,7 +23,7 @@ from bot.core.requests.uploads import local_path, read_capped
 from bot.core.storage.records import Generation
 from engine.cost import LIMIT_EXCEEDED
 from engine.nodes import catalog
-from engine.nodes.base import SEED_MAX
+from engine.nodes.base import INPUT_FOLDERS, SEED_MAX
 
 __all__ = ["SEED_INPUTS", "SOURCE", "UploadRead", "check_size", "checkpoints_of", "is_workflow", "node_lines",
            "parse_workflow", "read_workflow_file", "refuse_blocked", "reseed", "seeds_of", "summarise",
@@ -177,7 +177,7 @@ def uploads_read(workflow: dict[str, Any], input_dir: Path, uploads_folder: str)
             continue
         for spec in cls.input_specs():
             given = inputs.get(spec.name)
-            if spec.choices_from != "input" or not isinstance(given, str):
+            if spec.choices_from not in INPUT_FOLDERS or not isinstance(given, str):
                 continue
             try:
                 target = (root / given.replace("\\", "/")).resolve()

@@ -227,3 +227,28 @@ def test_a_loaded_latent_is_held_to_the_limits_from_its_header(executor: Any) ->
     with pytest.raises(LimitExceeded, match="limits.max_batch"):  # and the node itself, for a file changed since
         run("LoadLatent", SimpleNamespace(input_dir=executor.settings.input_dir, limits=Limits(max_batch=8)),
             latent="ops-twelve.latent")
+
+
+def test_load_latent_lists_the_input_folders_latents_and_refuses_a_missing_one_at_validation(executor: Any) -> None:
+    """As ComfyUI's COMBO of the input folder's .latent files: a missing name was found only when the job ran, and a
+    Ray worker was never sent the file (its input was no input-folder choice)."""
+    from engine.cluster.files import input_files
+    from engine.errors import WorkflowInvalid
+    from engine.object_info import object_info
+
+    save_file({"latent_tensor": torch.zeros(1, 4, 2, 2), "latent_format_version_0": torch.tensor([])},
+              executor.settings.input_dir / "ops-listed.latent")
+    listed = executor.models.choices("input_latents")
+    assert "ops-listed.latent" in listed and not [name for name in listed if name.endswith(".png")]
+    assert "ops-listed.latent" not in executor.models.choices("input")  # LoadImage's list stays images
+    info = object_info(catalog(), executor.models.choices)["LoadLatent"]["input"]["required"]["latent"]
+    assert info[0] == listed and "image_upload" not in info[1]
+    workflow = {"1": {"class_type": "LoadLatent", "inputs": {"latent": "ops-missing.latent"}},
+                "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "ops/m"}}}
+    with pytest.raises(WorkflowInvalid) as caught:
+        executor.validate(workflow)
+    [error] = caught.value.body["node_errors"]["1"]["errors"]
+    assert error["type"] == "value_not_in_list" and error["extra_info"]["input_name"] == "latent"
+    workflow["1"]["inputs"]["latent"] = "ops-listed.latent"
+    executor.validate(workflow)
+    assert input_files(workflow, catalog()) == ["ops-listed.latent"]

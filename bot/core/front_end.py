@@ -33,6 +33,7 @@ class Origin:
     channel_id: str | None = None
     guild_id: str | None = None
     nsfw: bool = False  # Discord marks the channel NSFW (age-restricted): its own rule for NSFW images (/rules)
+    parent_id: str | None = None  # a thread's channel, whose /rules channel rule the thread follows
 
 
 @dataclass(frozen=True)

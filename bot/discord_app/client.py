@@ -107,6 +107,11 @@ class ConnectedPublisher:
         await self.connected.wait()
         return await self.inner.channel_is_nsfw(channel_id)
 
+    async def channel_parent(self, channel_id: str) -> str | None:
+        """The channel a thread is in, asked once Discord is connected."""
+        await self.connected.wait()
+        return await self.inner.channel_parent(channel_id)
+
     async def report(self, guild_id: str, channel_id: str, text: str, images: Sequence[str]) -> None:
         """A moderation report for a log channel, sent once Discord is connected."""
         await self.connected.wait()

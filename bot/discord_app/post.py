@@ -35,8 +35,8 @@ from engine.errors import NoodleError
 from engine.idle import idle_sleep
 
 __all__ = ["REACTIONS", "RETRY_DELAYS", "VARIATION_DIGITS", "ChannelStatus", "DiscordPublisher", "InteractionStatus",
-           "PublishError", "is_nsfw", "only_mentioning", "origin_of", "reactions_for", "requester_of", "resolve_channel",
-           "result_nonce", "retry_wait", "spoilered"]
+           "PublishError", "is_nsfw", "only_mentioning", "origin_of", "parent_of", "reactions_for", "requester_of",
+           "resolve_channel", "result_nonce", "retry_wait", "spoilered"]
 
 log = logging.getLogger(__name__)
 
@@ -108,18 +108,30 @@ def reactions_for(generation: Generation) -> tuple[str, ...]:
 
 
 def requester_of(interaction: discord.Interaction) -> Requester:
-    """The person behind a command, with the permissions Discord resolved for this channel."""
+    """The person behind a command, with their permissions in the server (their roles'), not the ones Discord
+    resolved for this channel (`interaction.permissions`, overwrites included): what they allow here (/mod block
+    and history, another member's result) reaches across the server, so a member given Manage Messages in one
+    channel must not moderate them all. Outside a server: none."""
     user = interaction.user
+    granted = getattr(user, "guild_permissions", None) if interaction.guild_id else None
+    granted = granted if isinstance(granted, discord.Permissions) else discord.Permissions.none()
     return Requester(str(user.id), str(interaction.guild_id) if interaction.guild_id else None,
-                     getattr(user, "display_name", str(user)), bool(interaction.permissions.manage_messages),
-                     bool(interaction.permissions.manage_guild))
+                     getattr(user, "display_name", str(user)), bool(granted.manage_messages),
+                     bool(granted.manage_guild))
 
 
 def origin_of(interaction: discord.Interaction) -> Origin:
-    """Where a command's result is posted: the channel it was used in (and whether Discord marks it NSFW)."""
+    """Where a command's result is posted: the channel it was used in (whether Discord marks it NSFW, and the
+    channel it is a thread of)."""
+    channel = getattr(interaction, "channel", None)
     return Origin(str(interaction.channel_id) if interaction.channel_id else None,
-                  str(interaction.guild_id) if interaction.guild_id else None,
-                  is_nsfw(getattr(interaction, "channel", None)))
+                  str(interaction.guild_id) if interaction.guild_id else None, is_nsfw(channel), parent_of(channel))
+
+
+def parent_of(channel: Any) -> str | None:
+    """The id of the channel a thread is in; None for anything that is no thread."""
+    parent = getattr(channel, "parent_id", None) if isinstance(channel, discord.Thread) else None
+    return str(parent) if parent else None
 
 
 def is_nsfw(channel: Any) -> bool:
@@ -259,6 +271,10 @@ class DiscordPublisher:
     async def channel_is_nsfw(self, channel_id: str) -> bool:
         """Whether Discord marks channel `channel_id` NSFW (the result collector's rule choice)."""
         return is_nsfw(await resolve_channel(self.client, int(channel_id)))
+
+    async def channel_parent(self, channel_id: str) -> str | None:
+        """The channel thread `channel_id` is in (whose /rules channel rule it follows); None for a channel."""
+        return parent_of(await resolve_channel(self.client, int(channel_id)))
 
     async def report(self, guild_id: str, channel_id: str, text: str, images: Sequence[str]) -> None:
         """Post a moderation report to a server's log channel, a held-back result's first image behind a spoiler."""

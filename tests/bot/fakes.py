@@ -200,9 +200,9 @@ class FakeInteraction:
 
     def __init__(self, user_id: int = 42, channel_id: int = 555, guild_id: int | None = 777,
                  manage_messages: bool = False, manage_guild: bool = False) -> None:
-        self.user = SimpleNamespace(id=user_id, display_name=f"user{user_id}")
-        self.channel_id, self.guild_id = channel_id, guild_id
         self.permissions = discord.Permissions(manage_messages=manage_messages, manage_guild=manage_guild)
+        self.user = SimpleNamespace(id=user_id, display_name=f"user{user_id}", guild_permissions=self.permissions)
+        self.channel_id, self.guild_id = channel_id, guild_id
         self.response = FakeResponse()
         self.created_at = discord.utils.utcnow()
         self.edits: list[str] = []

@@ -216,8 +216,8 @@ class ResultCollector:
                             problem = "Discord did not take the result yet; Noodle posts it when the channel answers"
                         else:
                             if self.gate is not None and generation.safety is None:  # scored once, off the loop
-                                generation = await self.gate.review(generation,
-                                                                    nsfw_channel=await self._nsfw_channel(generation))
+                                nsfw, parent = await self._channel_facts(generation)
+                                generation = await self.gate.review(generation, nsfw_channel=nsfw, parent_id=parent)
                             await self._post(generation)
                             generation = await self.store.get(generation_id) or generation
                     elif generation.state in NOT_DONE and not watched \
@@ -234,18 +234,21 @@ class ResultCollector:
             del self._locks[generation_id]
         self._announce(generation_id, generation, problem)
 
-    async def _nsfw_channel(self, generation: Generation) -> bool:
-        """Whether the front end says the result's channel (where a private one was asked for) is marked NSFW;
-        False when it cannot tell, so the stricter rule of normal channels applies."""
+    async def _channel_facts(self, generation: Generation) -> tuple[bool, str | None]:
+        """Whether the front end says the result's channel (where a private one was asked for) is marked NSFW, and
+        the channel it is a thread of; (False, None) when it cannot tell, so the stricter rule of normal channels
+        applies."""
         ask = getattr(self.publisher, "channel_is_nsfw", None)
+        parent = getattr(self.publisher, "channel_parent", None)
         if ask is None or generation.channel_id is None:
-            return False
+            return False, None
         try:
-            return bool(await asyncio.wait_for(ask(generation.channel_id), timeout=15))
+            nsfw = bool(await asyncio.wait_for(ask(generation.channel_id), timeout=15))
+            return nsfw, (await asyncio.wait_for(parent(generation.channel_id), timeout=15) if parent else None)
         except Exception as err:  # noqa: BLE001 - unknown means normal: a result is never shown by mistake
             log.warning("#%s: could not tell whether channel %s is NSFW (%s); its normal rule applies",
                         generation.id, generation.channel_id, err)
-            return False
+            return False, None
 
     def _repost_later(self, generation_id: int) -> None:
         """Try posting `generation_id` again after the next of `repost_delays` (one retry pending at a time)."""

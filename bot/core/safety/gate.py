@@ -193,7 +193,7 @@ class SafetyGate:
         return negative
 
     async def check_upload(self, guild_id: str | None, channel_id: str | None, nsfw_channel: bool, who: Requester,
-                           door: str, data: bytes, option: str) -> float | None:
+                           door: str, data: bytes, option: str, *, parent_id: str | None = None) -> float | None:
         """An attached image's score; RuleRefused when it is over the threshold where such results are blocked."""
         if self.scorer is None:
             return None
@@ -202,7 +202,8 @@ class SafetyGate:
         except UnreadableImage:
             return None  # prepare_image has refused it already, with the better words
         rules = await self.rules(guild_id)
-        if score >= rules.threshold and rules.image_action(channel_id, nsfw_channel=nsfw_channel) == "block":
+        if score >= rules.threshold and rules.image_action(channel_id, nsfw_channel=nsfw_channel,
+                                                            parent_id=parent_id) == "block":
             server = self.server_of(guild_id) or ""
             raise await self._refuse(server, who, door, f"{option}: the NSFW classifier scored the attached image "
                                      f"{score:.2f}, over this server's threshold of {rules.threshold:.2f}, and this "
@@ -221,8 +222,9 @@ class SafetyGate:
 
     # -- after sampling --------------------------------------------------------------------------
 
-    async def review(self, generation: Generation, *, nsfw_channel: bool) -> Generation:
-        """Score a finished result's images and decide what is done with it where it goes; stored once."""
+    async def review(self, generation: Generation, *, nsfw_channel: bool, parent_id: str | None = None) -> Generation:
+        """Score a finished result's images and decide what is done with it where it goes (`parent_id`: the channel
+        of the thread it goes to); stored once."""
         if generation.safety is not None or generation.state != "done":
             return generation
         if self.scorer is None:
@@ -236,7 +238,8 @@ class SafetyGate:
             except Exception:  # noqa: BLE001 - a classifier that cannot run: the result counts as over, not under
                 log.exception("#%s could not be scored; it is treated as over the threshold", generation.id)
                 scores, over = [], True
-            action = rules.image_action(generation.channel_id, nsfw_channel=nsfw_channel) if over else "allow"
+            action = rules.image_action(generation.channel_id, nsfw_channel=nsfw_channel,
+                                        parent_id=parent_id) if over else "allow"
         await self.store.record_review(generation.id, scores, action)
         reviewed = replace(generation, nsfw_scores=tuple(round(score, 4) for score in scores), safety=action)
         server = self.server_of(generation.guild_id)

@@ -90,10 +90,14 @@ class ServerRules(BaseModel):
             raise ValueError(f"channels: {len(values)} channel rules; the limit is {MAX_LIST}")
         return values
 
-    def image_action(self, channel_id: str | None, *, nsfw_channel: bool) -> ImageAction:
-        """What happens to an over-threshold result posted in `channel_id` (or asked for there, when private)."""
-        if channel_id is not None and channel_id in self.channels:
-            return self.channels[channel_id]
+    def image_action(self, channel_id: str | None, *, nsfw_channel: bool,
+                     parent_id: str | None = None) -> ImageAction:
+        """What happens to an over-threshold result posted in `channel_id` (or asked for there, when private): its
+        own rule, else the rule of the channel a thread `channel_id` is in (`parent_id`: a member who opens a
+        thread stays under the channel's rule), else the rule of normal or NSFW channels."""
+        for channel in (channel_id, parent_id):
+            if channel is not None and channel in self.channels:
+                return self.channels[channel]
         return self.nsfw if nsfw_channel else self.normal
 
     def checkpoint_allowed(self, name: str) -> bool:
@@ -126,12 +130,17 @@ def name_allowed(name: str, allowed: Sequence[str], blocked: Sequence[str]) -> b
     """A model file passes when no blocked entry matches it and, if there is an allow list, one allowed entry does.
 
     Entries match the file name with or without `.safetensors`, in any case, as a whole or as a `*` glob
-    (`anime/*`, `*nsfw*`), and also the file's name without its subfolder."""
+    (`anime/*`, `*nsfw*`), and also the file's name without its subfolder. Only `*` is a wildcard: `[` and `?`
+    are common in model names (`realistic [v2]`, `[pruned]`) and match themselves, where fnmatch would read
+    `[v2]` as "v or 2" and let the file the moderator named through."""
     candidates = {_stem(name), _stem(name.replace("\\", "/").rsplit("/", 1)[-1])}
 
     def matches(entry: str) -> bool:
         pattern = _stem(entry.strip())
-        return any(fnmatch.fnmatchcase(candidate, pattern) for candidate in candidates)
+        if "*" not in pattern:
+            return pattern in candidates
+        literal = "*".join(regex.sub(r"([\[\]?])", r"[\1]", part) for part in pattern.split("*"))
+        return any(fnmatch.fnmatchcase(candidate, literal) for candidate in candidates)
 
     if any(matches(entry) for entry in blocked):
         return False

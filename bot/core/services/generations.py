@@ -108,7 +108,7 @@ class Generations:
         for option, upload in (("image", request.image), ("control_image", request.control_image)):
             if upload is not None and gate is not None:  # every upload is scored; blocked where results would be
                 score = await gate.check_upload(guild, origin.channel_id, origin.nsfw, who, "imagine", upload.data,
-                                                option)
+                                                option, parent_id=origin.parent_id)
                 if score is not None:
                     scores[option] = round(score, 4)
         seed = request.seed if request.seed is not None else random_seed(request.batch)

@@ -229,3 +229,31 @@ async def test_the_enforced_negative_is_appended_on_the_card_the_png_and_the_gra
     texts = png_texts(await posted.attachments[0].read())
     assert "Negative prompt: blurry, ugly, watermark" in texts["parameters"]
     assert "ugly, watermark" in texts["prompt"]  # the sampler's negative conditioning got it too
+
+
+async def test_a_thread_follows_the_rule_of_the_channel_it_is_in(world: World) -> None:
+    """A channel's own /rules rule held only for the channel's id: a member who opened a thread in it got results
+    the channel blocks, under the server's rule of normal channels."""
+    carol = _moderator(world)
+    await _rules(world, carol, threshold=0.6, normal="spoiler", channel=world.channel, action="block")
+    thread = world.env.backend.create_thread(world.channel.id, "fox pictures", world.alice.id)
+    await world.env.settle()
+    [in_thread] = [handle for handle in world.channel.threads if handle.id == thread.id]
+    result = await _run_high(world, in_thread)
+    assert world.bot_messages(in_thread) == []
+    assert _dms(world, world.alice) == [blocked_text(await world.bot.store.get(1))]
+    assert (await world.bot.store.get(1)).safety == "block" and _said(world, result).startswith("🚫 ")
+
+
+async def test_manage_messages_in_one_channel_only_is_no_power_over_the_server(world: World) -> None:
+    """/mod acts across the server; the permissions Discord resolves for the command's channel include that
+    channel's overwrites, so a member given Manage Messages in one channel blocked members everywhere."""
+    dave = world.guild.add_member(world.env.create_user("dave"))
+    corner = world.guild.create_text_channel("dave-corner", overwrites={
+        dave: discord.PermissionOverwrite(manage_messages=True)})
+    _let_use(world, "mod", dave)
+    refused = _said(world, await dave.slash(corner, "mod block", user=world.bob))
+    assert refused.startswith("❌ ") and "Manage Server or Manage Messages" in refused
+    assert not await world.bot.studio.moderation.is_blocked(str(world.guild.id), str(world.bob.id))
+    carol = _moderator(world, manage_messages=True)  # a role's Manage Messages is the server's
+    assert _said(world, await carol.slash(corner, "mod block", user=world.bob)).startswith("blocked ")

@@ -26,6 +26,24 @@ def test_model_lists_match_names_with_or_without_extension_and_globs() -> None:
     assert name_allowed("any.safetensors", (), ()) is True
 
 
+def test_brackets_and_question_marks_in_a_model_entry_are_the_names_own_characters() -> None:
+    """fnmatch read `[v2]` as a class: the file the moderator named passed and 'realistic v' was blocked."""
+    assert name_allowed("realistic [v2].safetensors", (), ("realistic [v2]",)) is False
+    assert name_allowed("realistic v.safetensors", (), ("realistic [v2]",)) is True
+    assert name_allowed("what?.safetensors", (), ("what?",)) is False and name_allowed("whatx.safetensors", (),
+                                                                                       ("what?",)) is True
+    assert name_allowed("anime/x [pruned].safetensors", (), ("*[pruned]",)) is False
+    assert name_allowed("anime/x p.safetensors", (), ("*[pruned]",)) is True
+
+
+def test_a_thread_without_a_rule_of_its_own_follows_its_channels() -> None:
+    rules = ServerRules.defaults(SafetySettings()).changed({"normal": "spoiler", "channels": {"1": "block",
+                                                                                             "2": "allow"}})
+    assert rules.image_action("9", nsfw_channel=False, parent_id="1") == "block"
+    assert rules.image_action("2", nsfw_channel=False, parent_id="1") == "allow"  # its own rule first
+    assert rules.image_action("9", nsfw_channel=False, parent_id="5") == "spoiler"
+
+
 def test_a_bad_change_is_refused_naming_what_is_wrong() -> None:
     rules = ServerRules()
     with pytest.raises(RequestInvalid, match="not a regular expression"):

@@ -27,10 +27,11 @@ from typing import Any
 
 from bot.core.errors import RequestInvalid
 from bot.core.front_end import Requester
-from bot.core.safety.graph import NegativeNotApplied, model_files, negative_only, prompt_texts, with_negative
+from bot.core.safety.graph import (NegativeNotApplied, guidance_below_one, model_files, negative_only, prompt_texts,
+                                   with_negative)
 from bot.core.safety.nsfw import NsfwScorer, UnreadableImage
 from bot.core.safety.rules import ImageAction, ServerRules
-from bot.core.safety.words import Banned, find_banned, fold
+from bot.core.safety.words import Banned, find_banned, holds_phrase
 from bot.core.storage.records import Generation, NewGeneration
 from bot.core.storage.store import Store
 from bot.settings import SafetySettings
@@ -103,7 +104,7 @@ class SafetyGate:
         """`negative` with the server's enforced negative appended (once), as the card and the PNG show it."""
         server = self.server_of(guild_id)
         enforced = (await self.rules(server)).enforced_negative.strip() if server is not None else ""
-        if not enforced or fold(enforced) in fold(negative):
+        if not enforced or holds_phrase(negative, enforced):
             return negative
         return f"{negative.rstrip().rstrip(',')}, {enforced}" if negative.strip() else enforced
 
@@ -173,6 +174,11 @@ class SafetyGate:
             if found is not None:
                 where = f"node {box.node_id} ({box.class_type}) {box.name}" if workflow_kind else "the prompt"
                 return _banned_line(found, where)
+        low = guidance_below_one(workflow) if rules.enforced_negative.strip() else []
+        if low:
+            where = low[0] if workflow_kind else f"cfg {new.params.get('cfg')}"
+            return (f"{where} is under 1: below cfg 1 a sampler draws toward its negative prompt (at 0, the negative "
+                    "alone), and this server adds its own negative prompt to every request; use cfg 1 or more")
         files = model_files(workflow)
         for name in files["checkpoints"]:
             if not rules.checkpoint_allowed(name):

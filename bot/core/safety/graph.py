@@ -8,7 +8,8 @@ rules are checked on those graphs, after everything that could hide a word has b
 - `model_files`: every checkpoint and LoRA a loader names (the inputs whose choices are those folders);
 - `with_negative`: the graph with the server's enforced negative in every sampler's negative conditioning;
   `negative_only`: the text encodes that feed negatives alone (where the owner's own negative words are not the
-  member's to answer for).
+  member's to answer for); `guidance_below_one`: the cfg inputs under 1, where a sampler draws toward its
+  negative (at cfg 0 it draws the negative alone), which a server that enforces a negative cannot allow.
 
 The node catalog (engine/nodes) says which inputs are prompt boxes, model names and conditioning, so a node
 added to the engine later is covered without a list here.
@@ -21,12 +22,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from bot.core.safety.words import fold
+from bot.core.safety.words import holds_phrase
 from engine.graph import is_link
 from engine.nodes import catalog
 from engine.nodes.base import InputSpec
 
-__all__ = ["NegativeNotApplied", "PromptText", "model_files", "negative_only", "prompt_texts", "with_negative"]
+__all__ = ["NegativeNotApplied", "PromptText", "guidance_below_one", "model_files", "negative_only", "prompt_texts",
+           "with_negative"]
 
 CONDITIONING = "CONDITIONING"
 
@@ -119,9 +121,39 @@ def negative_only(workflow: dict[str, Any]) -> set[str]:
     samplers = _samplers(workflow)
     negatives = set().union(*(_encodes_behind(workflow, workflow[s]["inputs"]["negative"]) for s in samplers)) \
         if samplers else set()
-    positives = set().union(*(_encodes_behind(workflow, workflow[s]["inputs"].get("positive")) for s in samplers)) \
-        if samplers else set()
-    return negatives - positives
+    return negatives - _positives(workflow)
+
+
+def _positives(workflow: dict[str, Any]) -> set[str]:
+    """The text encodes whose conditioning reaches a sampler or guider through any input but `negative`: a
+    KSampler's positive, and as well DualCFGGuider's cond1 and cond2 and BasicGuider's conditioning (an encode
+    wired as cond1 and as the negative is a positive, and the server's own words in it are the member's)."""
+    found: set[str] = set()
+    for _, class_type, inputs in _nodes(workflow):
+        if CONDITIONING in _returns(class_type):
+            continue  # passes conditioning on: what it feeds is found from the consumer
+        specs = _specs(class_type)
+        for name, value in inputs.items():
+            if name != "negative" and name in specs and specs[name].type == CONDITIONING:
+                found |= _encodes_behind(workflow, value)
+    return found
+
+
+def guidance_below_one(workflow: dict[str, Any]) -> list[str]:
+    """Each cfg input (cfg, DualCFGGuider's cfg_conds and cfg_cond2_negative ...) of a node that takes a negative,
+    set under 1 or from another node's output (a value not known before the run): `node 3 (KSampler) cfg 0.0`."""
+    found = []
+    for node_id, class_type, inputs in _nodes(workflow):
+        if not is_link(inputs.get("negative")):
+            continue
+        for name, spec in _specs(class_type).items():
+            value = inputs.get(name)
+            if not name.startswith("cfg") or spec.type != "FLOAT" or value is None:
+                continue
+            if is_link(value) or not isinstance(value, (int, float)) or value < 1:
+                shown = "from another node" if is_link(value) else repr(value)
+                found.append(f"node {node_id} ({class_type}) {name} {shown}")
+    return found
 
 
 def _samplers(workflow: dict[str, Any]) -> list[str]:
@@ -131,7 +163,7 @@ def _samplers(workflow: dict[str, Any]) -> list[str]:
 
 
 def _contains(text: str, enforced: str) -> bool:
-    return fold(enforced) in fold(text)
+    return holds_phrase(text, enforced)
 
 
 def _appended(text: str, enforced: str) -> str:
@@ -150,8 +182,7 @@ def with_negative(workflow: dict[str, Any], enforced: str) -> dict[str, Any]:
         return workflow
     graph = copy.deepcopy(workflow)
     samplers = _samplers(graph)
-    positives = set().union(*(_encodes_behind(graph, graph[s]["inputs"].get("positive")) for s in samplers)) \
-        if samplers else set()
+    positives = _positives(graph)
     for sampler in samplers:
         inputs = graph[sampler]["inputs"]
         negatives = _encodes_behind(graph, inputs["negative"])
@@ -164,11 +195,14 @@ def with_negative(workflow: dict[str, Any], enforced: str) -> dict[str, Any]:
             continue  # joined on before (a reroll of a /workflow result this rule already changed)
         if negatives and not negatives & positives and all(isinstance(text, str) for boxes in texts.values()
                                                            for text in boxes.values()):
-            for node, boxes in texts.items():
-                for name, text in boxes.items():
-                    if not _contains(text, enforced):
-                        graph[node]["inputs"][name] = _appended(text, enforced)
-            continue
+            appended = {(node, name): text if _contains(text, enforced) else _appended(text, enforced)
+                        for node, boxes in texts.items() for name, text in boxes.items()}
+            # held at full weight after the append too: an unclosed `[` in the member's text weighs down what
+            # follows it, so such a negative takes the enforced words in an encode of their own (below)
+            if all(_contains(text, enforced) for text in appended.values()):
+                for (node, name), text in appended.items():
+                    graph[node]["inputs"][name] = text
+                continue
         clip = next((graph[node]["inputs"].get("clip") for node in sorted(negatives | _encodes_behind(
             graph, inputs.get("positive"))) if is_link(graph[node]["inputs"].get("clip"))), None)
         if clip is None:

@@ -8,6 +8,10 @@ space (emphasis like `(nude:1.3)`, `nu_de`'s underscore, commas), and a run of s
 (`nude` finds `nudes`); `nud*` matches any word that starts so. Patterns are regular expressions that a
 moderator writes; each runs against the prompt as typed (lower case) and folded, with a time limit: a pattern
 that backtracks without end refuses the one prompt, it never holds the bot up.
+
+Each text is also matched as the text encoder reads it (`as_encoded`): `<lora:>` tags taken out, so the word
+around one closes up, and the emphasis brackets gone with their weights, so `nu()de`, `nu[]de` and `nu(:1)de`,
+which encode as `nude`, are read as `nude`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ from dataclasses import dataclass
 
 import regex
 
-__all__ = ["Banned", "find_banned", "fold"]
+from prompts.emphasis import parse_weighted
+from prompts.errors import PromptError
+from prompts.loras import extract_lora_tags
+
+__all__ = ["Banned", "as_encoded", "find_banned", "fold", "holds_phrase"]
 
 PATTERN_SECONDS = 0.05  # per pattern and text: a sane pattern takes microseconds on a 2,000-character prompt
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
@@ -86,9 +94,35 @@ def _word_pattern(entry: str) -> regex.Pattern[str] | None:
     return regex.compile(rf"(?:^| ){head}{regex.escape(folded)}{tail}(?= |$)")
 
 
+def as_encoded(text: str) -> str:
+    """`text` as the text encoder reads it: without its `<lora:>` tags and emphasis brackets, the runs of text
+    joined (a BREAK a space); `text` itself when it does not parse (its encode refuses it, saying why)."""
+    try:
+        fragments = parse_weighted(extract_lora_tags(text)[0])
+    except PromptError:
+        return text
+    return "".join(" " if fragment.is_break else fragment.text for fragment in fragments)
+
+
+def holds_phrase(text: str, phrase: str) -> bool:
+    """Whether `phrase` is in `text` as whole words (folded) at full weight or more, as the encoder reads it: an
+    enforced negative counts as there only then. `xnsfw, nudex` does not hold `nsfw, nude`; neither does
+    `(nsfw, nude:0)`, nor a phrase an unclosed `[` weighs down."""
+    target = fold(phrase)
+    if not target:
+        return True
+    try:
+        fragments = parse_weighted(extract_lora_tags(text)[0])
+    except PromptError:
+        return False
+    whole = regex.compile(rf"(?:^| ){regex.escape(target)}(?= |$)")
+    return any(not fragment.is_break and fragment.weight >= 1.0 and whole.search(fold(fragment.text))
+               for fragment in fragments)
+
+
 def find_banned(texts: Iterable[str], words: Iterable[str], patterns: Iterable[str]) -> Banned | None:
-    """The first banned word or pattern found in any of `texts`, else None."""
-    texts = [text for text in texts if text]
+    """The first banned word or pattern found in any of `texts` (as typed, or as encoded), else None."""
+    texts = list(dict.fromkeys(variant for text in texts if text for variant in (text, as_encoded(text))))
     folded = [fold(text) for text in texts]
     spelled = [run for text in texts for run in _spelled_out(text)]
     for entry in words:

@@ -28,6 +28,7 @@ from bot.core.errors import NotAllowed, RequestInvalid
 from bot.core.front_end import Requester
 from bot.core.safety.gate import SafetyGate
 from bot.core.safety.rules import ACTIONS, ServerRules
+from bot.core.services.server_locks import ServerLocks
 from bot.core.storage.store import Store
 
 __all__ = ["MOD_SUBCOMMANDS", "RULE_OPTIONS", "Moderation", "rules_text"]
@@ -128,6 +129,7 @@ class Moderation:
 
     def __init__(self, gate: SafetyGate, store: Store) -> None:
         self.gate, self.store = gate, store
+        self._changing = ServerLocks()
 
     def _server(self, who: Requester, command: str) -> str:
         server = self.gate.server_of(who.guild_id)
@@ -150,14 +152,15 @@ class Moderation:
     async def rules(self, who: Requester, options: dict[str, Any] | None = None) -> str:
         """/rules: show the server's rules, or change them with `options` (see the module's docstring)."""
         server = self._may_set_rules(who)
-        current = await self.gate.rules(server)
         options = {key: value for key, value in (options or {}).items() if value is not None}
         if not options:
-            return rules_text(current)
-        if str(options.pop("reset", "")).lower() in ("true", "1", "yes"):
-            current = ServerRules.defaults(self.gate.settings)
-        changed = current.changed(_changes(current, options))
-        await self.gate.put_rules(server, changed)
+            return rules_text(await self.gate.rules(server))
+        async with self._changing(server):  # read, change, write: another moderator's change waits, not lost
+            current = await self.gate.rules(server)
+            if str(options.pop("reset", "")).lower() in ("true", "1", "yes"):
+                current = ServerRules.defaults(self.gate.settings)
+            changed = current.changed(_changes(current, options))
+            await self.gate.put_rules(server, changed)
         warning = ""
         if changed.normal == "allow" or any(action == "allow" for action in changed.channels.values()):
             warning = ("\n⚠️ allow outside NSFW channels: Discord requires adult content to stay in channels marked "

@@ -14,6 +14,7 @@ from bot.core.presets import (Preset, PresetRecord, check_name, layered, missing
 from bot.core.requests.imagine import RequestContext
 from bot.core.services.models import ModelChoices
 from bot.core.services.preset_lookup import preset_record
+from bot.core.services.server_locks import ServerLocks
 from bot.core.services.user_settings import UserDefaults
 from bot.core.storage.store import Store
 from prompts.styles import Style, load_styles
@@ -29,6 +30,7 @@ class ServerPresets:
     def __init__(self, store: Store, models: ModelChoices, user_defaults: UserDefaults) -> None:
         self.store, self.models, self.user_defaults = store, models, user_defaults
         self._styles: dict[str, Style] | None = None
+        self._changing = ServerLocks()  # create, update, delete, default: one at a time per server
 
     @property
     def styles(self) -> dict[str, Style]:
@@ -43,38 +45,42 @@ class ServerPresets:
         """Check and store a new server preset."""
         require_manage_server(who, "/preset create")
         guild, name = str(who.guild_id), check_name(preset.name)
-        if await self.store.preset(guild, name) is not None:
-            raise RequestInvalid(f"preset {name!r} already exists; change it with /preset update {name} or pick "
-                                 "another name")
-        context = await self.models.context()
-        checked = validate_preset(preset.model_copy(update={"name": name}), context, self.styles)
-        return await self.store.add_preset(guild, checked, who.user_id)
+        async with self._changing(guild):
+            if await self.store.preset(guild, name) is not None:
+                raise RequestInvalid(f"preset {name!r} already exists; change it with /preset update {name} or "
+                                     "pick another name")
+            context = await self.models.context()
+            checked = validate_preset(preset.model_copy(update={"name": name}), context, self.styles)
+            return await self.store.add_preset(guild, checked, who.user_id)
 
     async def update(self, who: Requester, preset: Preset) -> PresetRecord:
         """Change the options given (the others stay), checked again as a whole."""
         require_manage_server(who, "/preset update")
         guild, name = str(who.guild_id), check_name(preset.name)
-        existing = await preset_record(self.store, guild, name)
-        merged = Preset(name=name, **{**existing.preset.options(), **preset.options()})
-        context = await self.models.context()
-        checked = validate_preset(merged, context, self.styles)
-        return await self.store.replace_preset(guild, checked, who.user_id)
+        async with self._changing(guild):  # a delete between the read and the write would lose the row
+            existing = await preset_record(self.store, guild, name)
+            merged = Preset(name=name, **{**existing.preset.options(), **preset.options()})
+            context = await self.models.context()
+            checked = validate_preset(merged, context, self.styles)
+            return await self.store.replace_preset(guild, checked, who.user_id)
 
     async def delete(self, who: Requester, name: str) -> None:
         """Delete a server preset (and clear it as the default if it was)."""
         require_manage_server(who, "/preset delete")
         guild = str(who.guild_id)
-        record = await preset_record(self.store, guild, name.strip().lower())
-        await self.store.remove_preset(guild, record.preset.name)
-        if await self.store.get_setting("guild", guild, DEFAULT_KEY) == record.preset.name:
-            await self.store.put_setting("guild", guild, DEFAULT_KEY, None)
+        async with self._changing(guild):
+            record = await preset_record(self.store, guild, name.strip().lower())
+            await self.store.remove_preset(guild, record.preset.name)
+            if await self.store.get_setting("guild", guild, DEFAULT_KEY) == record.preset.name:
+                await self.store.put_setting("guild", guild, DEFAULT_KEY, None)
 
     async def set_default(self, who: Requester, name: str | None) -> str | None:
         """Make `name` the server's default preset (None: no default); returns it."""
         require_manage_server(who, "/preset default")
         guild = str(who.guild_id)
-        chosen = (await preset_record(self.store, guild, name.strip().lower())).preset.name if name else None
-        await self.store.put_setting("guild", guild, DEFAULT_KEY, chosen)
+        async with self._changing(guild):  # a default set to a preset being deleted would outlive it
+            chosen = (await preset_record(self.store, guild, name.strip().lower())).preset.name if name else None
+            await self.store.put_setting("guild", guild, DEFAULT_KEY, chosen)
         return chosen
 
     # -- reads -------------------------------------------------------------------------------

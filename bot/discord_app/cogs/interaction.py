@@ -98,6 +98,9 @@ async def answer(interaction: discord.Interaction, work: Any) -> None:
         text = await work
     except NoodleError as err:
         text = f"❌ {err}"
+    except Exception:  # a bug or a database error: the member is answered (not left at "thinking…"), the log says
+        log.exception("/%s failed", getattr(interaction.command, "qualified_name", "a command"))
+        text = "❌ that failed on the bot's side and was logged for its owner; try again in a moment"
     await reply(interaction, text)
 
 

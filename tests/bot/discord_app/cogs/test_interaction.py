@@ -15,3 +15,17 @@ def test_an_answer_longer_than_a_message_is_cut_to_fit_with_an_ellipsis() -> Non
     assert interaction.edits[0] == text[:1999] + "…"
     asyncio.run(reply(interaction, "short"))
     assert interaction.edits[1] == "short"
+
+
+def test_a_command_that_fails_on_the_bots_side_is_still_answered() -> None:
+    """answer() caught only NoodleError: anything else left the member's private reply at "thinking…"."""
+    from bot.discord_app.cogs.interaction import answer
+
+    async def broken() -> str:
+        raise KeyError("a bug")
+
+    interaction = FakeInteraction()
+    interaction.command = None
+    asyncio.run(answer(interaction, broken()))
+    assert interaction.edits == ["❌ that failed on the bot's side and was logged for its owner; try again in a "
+                                 "moment"]

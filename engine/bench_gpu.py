@@ -43,12 +43,13 @@ import torch
 from engine.bench import measure_engine, prepare, timed
 from engine.bench_comfy import ComfyClient, ComfyError, report, time_workflows
 from engine.bench_levers import unet_levers
+from engine.executor import Executor
 from engine.models.cuda_graphs import UnetGraphs
 from engine.nodes.vae import decode_latents
 from engine.settings import EngineSettings, Limits, ModelsSettings
 from engine.templates import WorkflowParams, build_workflow
 
-__all__ = ["bench_gpu", "comfy_server", "environment", "gpu_workflows", "vae_precision"]
+__all__ = ["bench_gpu", "comfy_server", "environment", "gpu_workflows", "vae_dtypes", "vae_precision"]
 
 SAMPLERS = (("euler", "normal"), ("dpmpp_2m", "karras"))
 CFG = 7.0
@@ -160,6 +161,13 @@ def _wait_for(server: subprocess.Popen[bytes], client: ComfyClient, log_path: Pa
     raise ComfyError(f"ComfyUI did not start (exit code {server.poll()}); the end of {log_path}:\n{tail}")
 
 
+def vae_dtypes(executor: Executor) -> dict[str, str]:
+    """The dtype each loaded checkpoint's VAE runs in, by checkpoint: the setting says what was asked, this what
+    the timed decodes ran in (a decode that fell back to float32 on NaN, as ComfyUI's rule does, shows here)."""
+    return {name: str(next(executor.models.checkpoint(name).pipe.vae.parameters()).dtype).removeprefix("torch.")
+            for name in executor.models.loaded_names()}
+
+
 def vae_precision(vae: torch.nn.Module, side: int, repeats: int) -> dict[str, dict[str, Any]]:
     """One side x side decode by a copy of `vae` in each precision, after a warm-up: median milliseconds, the
     peak memory of the decode on a GPU, and whether a half-precision copy gave NaN and went to float32 (the
@@ -223,7 +231,8 @@ def bench_gpu(comfy_source: Path, models_dir: Path, *, repeats: int = 3, familie
             executor.models.graphs.clear()
             executor.models.graphs = None
     keep()
-    found["noodle_vae_dtype"] = str(executor.models.vae_dtype).removeprefix("torch.")
+    found["noodle_vae_dtype"] = str(executor.models.vae_dtype).removeprefix("torch.")  # the setting, resolved
+    found["noodle_vae_module_dtypes"] = vae_dtypes(executor)
     # what point 3 of the speed issue asks comes first, so a run cut off at its time limit still holds it
     executor.models.unload_all()  # its models reload for the stages below; diffusers' pipeline gets the room
     if "sdxl" in families:

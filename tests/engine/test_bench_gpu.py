@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.bench_comfy import ComfyClient, ComfyError, ReservedPeak, time_workflows
-from engine.bench_gpu import comfy_server, environment, gpu_workflows, vae_precision
+from engine.bench_gpu import comfy_server, environment, gpu_workflows, vae_dtypes, vae_precision
 from engine.bench_levers import unet_inputs, unet_levers
 from engine.executor import Executor
 
@@ -168,6 +168,13 @@ def test_the_vae_is_timed_in_each_precision_on_a_copy(executor: Executor) -> Non
     for figures in found.values():
         assert figures["ms"] > 0 and figures["peak_gib"] is None and figures["went_float32"] is False
     assert vae.dtype == before  # the engine's VAE is left as it was
+
+
+def test_the_report_names_the_dtype_each_loaded_vae_runs_in(executor: Executor) -> None:
+    """It gave [engine] vae_dtype alone: the setting, not what the timed decodes ran in."""
+    executor.models.checkpoint("tiny-sd15.safetensors")
+    found = vae_dtypes(executor)
+    assert found["tiny-sd15.safetensors"] == "float32" and set(found) == set(executor.models.loaded_names())
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny-sd15.safetensors", "tiny-sdxl.safetensors"])

@@ -132,8 +132,9 @@ class EmbeddingLibrary:
                 continue
             name = _by_stem(found.group("bare").lower(), listing.safe)
             if name is None:  # a pickle file's bare name: say so, keep the word
-                warnings.append(self._pickle_warning(found.group("bare")))
-                continue
+                if _by_stem(found.group("bare").lower(), listing.pickles) is not None:
+                    warnings.append(self._pickle_warning(found.group("bare")))
+                continue  # else a word the case-blind pattern took for a name ("eaſynegative"): plain text
             vectors, warning = self._vector_count(name, widths)
             matches.append(EmbeddingMatch(found.start(), found.end(), name if vectors else None, vectors, warning))
         return matches, warnings

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import PromptError
@@ -50,7 +51,9 @@ _SYNTAX = re.compile(
     re.VERBOSE,
 )
 # A1111's rule: BREAK as a whole word, upper case only; surrounding whitespace goes with it.
-_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+# The leading whitespace is matched only from the start of its run: `\s*` tried at every space of a long run read
+# to its end each time (quadratic: a /workflow text of 256 KiB of spaces took 16 minutes to parse).
+_BREAK = re.compile(r"(?:(?<!\s)\s*+)?\bBREAK\b\s*")
 
 
 @dataclass(frozen=True)
@@ -94,10 +97,13 @@ def _nested_products(count: int, spans: list[_Span]) -> list[float]:
     return products
 
 
-def _explicit_weight(number: str, text: str) -> float:
-    """The weight of `(text:number)`, refused outside ±MAX_WEIGHT (1e39 or 400 digits: inf in float32)."""
+def _explicit_weight(number: str, text_of: Callable[[], str]) -> float:
+    """The weight of `(text:number)`, refused outside ±MAX_WEIGHT (1e39 or 400 digits: inf in float32). The
+    group's text is only made for the refusal: made for every weight, thousands of nested groups cost a
+    quadratic join."""
     weight = float(number)  # the pattern only lets decimal numbers through; 309+ digits give inf
     if not (math.isfinite(weight) and abs(weight) <= MAX_WEIGHT):
+        text = text_of()
         shown = number if len(number) <= 20 else f"{number[:12]}… ({len(number)} characters)"
         raise PromptError(f"emphasis weight {shown} on {_shown(text)} is outside {_range()}; weights of 0.5 to 1.5 "
                           f"are usual: write it like ({_shown(text, quote=False)}:1.2)")
@@ -142,7 +148,8 @@ def parse_weighted(text: str) -> list[Fragment]:
             deepest = max(deepest, len(open_round) + len(open_square))
         elif kind == "weight" and open_round:
             span = open_round.pop()
-            span.multiplier = _explicit_weight(match.group("weight"), "".join(p or "" for p in pieces[span.start:]))
+            span.multiplier = _explicit_weight(match.group("weight"),
+                                               lambda start=span.start: "".join(p or "" for p in pieces[start:]))
             span.end = len(pieces)
         elif kind == "close" and token == ")" and open_round:
             open_round.pop().end = len(pieces)

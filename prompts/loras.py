@@ -23,7 +23,9 @@ from .names import closest_names
 __all__ = ["LoraTag", "closest_names", "extract_lora_tags"]
 
 _TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+# a decimal number, an exponent allowed as float() (A1111's reading) and the emphasis parser take one
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+MAX_STRENGTH = 100.0  # LoraLoader's strength range in ComfyUI, and the loras: option's
 _NAMED = {"unet": "unet", "model": "unet", "clip": "clip", "te": "clip"}
 
 
@@ -51,6 +53,9 @@ def _number(value: str, tag: str) -> float:
     if not _NUMBER.fullmatch(value) or not math.isfinite(weight := float(value)):
         raise PromptError(f"LoRA tag {_quoted(tag)}: {_quoted(value)} is not a weight; write <lora:name:0.8> "
                           "or <lora:name:0.8:0.5> (UNet, then CLIP)")
+    if abs(weight) > MAX_STRENGTH:  # else the graph's LoraLoader refuses it, naming a node the member never wrote
+        raise PromptError(f"LoRA tag {_quoted(tag)}: strength {_quoted(value, 20)} is outside "
+                          f"-{MAX_STRENGTH:g} to {MAX_STRENGTH:g}; 0.5 to 1 is usual, e.g. <lora:name:0.8>")
     return weight
 
 

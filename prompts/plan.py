@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from .chunks import BREAK, CHUNK_TOKENS, EMBEDDING_SLOT, Chunk, Unit, split_chunks
 from .embeddings import EmbeddingLibrary
 from .emphasis import Fragment, parse_weighted
+from .errors import PromptError
 from .loras import extract_lora_tags
 from .report import TokenReport
 from .tokenizer import clip_tokenizer, word_token_groups
@@ -82,6 +83,11 @@ def plan_prompt(
     """
     if max_chunks is not None and max_chunks < 1:
         raise ValueError(f"max_chunks must be 1 or more (or None for no cap), not {max_chunks}")
+    try:  # the tokenizer fails on it with a TypeError that names nothing (/tokens, the cost check)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PromptError("the prompt holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is no character; "
+                          "write the text itself") from None
     tokenizer = tokenizer or clip_tokenizer()
     clean, loras = extract_lora_tags(text)
     used: list[str] = []

@@ -29,7 +29,8 @@ MAX_DEPTH = 8
 MAX_NAME_CHARS = 100
 _ESCAPABLE = ("{", "}", "|")  # only these: `\(` must reach the emphasis parser untouched
 # a name starts with a letter or digit, so "____" or "__" in ordinary text stays text
-_WILDCARD = re.compile(r"__([A-Za-z0-9][A-Za-z0-9_\-]*(?:/[A-Za-z0-9][A-Za-z0-9_\-]*)*?)__")
+# lazy, so the shortest name ends at the first `__`: `__colors__-__animals__` is two wildcards, not one name
+_WILDCARD = re.compile(r"__([A-Za-z0-9][A-Za-z0-9_\-]*?(?:/[A-Za-z0-9][A-Za-z0-9_\-]*?)*?)__")
 
 
 def available_wildcards(folder: Path | None = None) -> list[str]:

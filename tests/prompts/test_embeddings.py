@@ -88,3 +88,11 @@ def test_new_files_are_seen_and_change_the_fingerprint(embedding_folder: Path, l
     save_file({"emb_params": torch.randn(4, L_WIDTH)}, embedding_folder / "fresh.safetensors")
     assert token_report("embedding:fresh", library).tokens == 4
     assert library.fingerprint() != before
+
+
+def test_a_word_the_case_blind_name_pattern_takes_for_a_name_is_plain_text(library: EmbeddingLibrary) -> None:
+    """'ſ' (long s) matches 's' without case: 'eaſy' looked like a name, and the member was told of a pickle file
+    that is not there."""
+    report = token_report("a ſd1style cat", library)
+    assert report.embeddings == [] and report.warnings == []
+    assert report.tokens == count_tokens("a ſd1style cat")  # read as the words it is

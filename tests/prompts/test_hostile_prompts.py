@@ -88,3 +88,44 @@ def test_a_wildcard_that_cannot_be_looked_up_names_no_path(tmp_path: Path) -> No
         resolve_wildcards("__loop__", 1, tmp_path)
     assert str(caught.value).startswith("wildcard __loop__ cannot be looked up (")
     assert str(tmp_path) not in str(caught.value)
+
+
+def test_a_long_run_of_spaces_or_of_weighted_groups_parses_in_linear_time() -> None:
+    """BREAK's `\\s*` rescanned the rest of a space run from each space (256 KiB of spaces: 16 minutes), and every
+    `(x:w)` joined its group's text for a message it seldom needed (20,000 nested groups: 5 s). Both are now
+    linear; 20,000 doublings of either would take minutes if they were not."""
+    import time
+
+    start = time.perf_counter()
+    [spaced] = parse_weighted("a" + " " * 262_144 + "b")
+    assert spaced.text == "a" + " " * 262_144 + "b" and spaced.weight == 1.0
+    with pytest.raises(PromptError, match="nest 20000 deep"):
+        parse_weighted("(a" * 20_000 + ":1)" * 20_000)
+    assert time.perf_counter() - start < 20  # quadratic, this was over 900 s; linear, well under a second
+    assert [f.text for f in parse_weighted("a  BREAK  b")] == ["a", "BREAK", "b"]
+
+
+@pytest.mark.parametrize(("text", "drawn"), [
+    ("__colors__-__animals__", "yellow-blue parrot"),
+    ("__colors____animals__", "yellowblue parrot"),
+    ("__colors__and__animals__", "yellowandblue parrot"),
+])
+def test_wildcards_side_by_side_are_each_their_own(text: str, drawn: str) -> None:
+    """The name ran on to the last `__`: '__colors__-__animals__' was one wildcard that is not there."""
+    assert resolve_wildcards(text, 3) == drawn
+    assert resolve_wildcards("__colors__ __animals__", 3) == "yellow blue parrot"  # the same draws, spaced
+
+
+def test_a_lora_tag_strength_is_held_to_loraloaders_range_and_may_have_an_exponent() -> None:
+    from prompts.loras import extract_lora_tags
+
+    with pytest.raises(PromptError, match=r"strength '1000' is outside -100 to 100"):
+        extract_lora_tags("a fox <lora:x:1000>")  # it reached the graph, refused there for a node 'lora1'
+    assert extract_lora_tags("<lora:x:1e-1>")[1][0].unet_weight == pytest.approx(0.1)
+
+
+def test_a_lone_surrogate_is_a_prompt_error_not_the_tokenizers_type_error() -> None:
+    from prompts.plan import token_report
+
+    with pytest.raises(PromptError, match="lone UTF-16 surrogate"):
+        token_report("a red \ud800 fox")

@@ -60,6 +60,11 @@ def written_paths(output_dir: Path, ui: dict[str, Any], kinds: tuple[str, ...] =
             for entries in lists for item in ui.get(entries, ()) if isinstance(item, dict)
             and (kind := item.get("type", "output")) in kinds and kind in roots]
 
+def _files_gone(output_dir: Path, ui: dict[str, Any] | None) -> bool:
+    """Whether any file an output node's cached `ui` names is no longer there."""
+    return bool(ui) and any(not path.is_file() for path in written_paths(output_dir, ui, lists=WRITTEN_LISTS))
+
+
 Listener = Callable[[Event], None]
 
 
@@ -165,6 +170,11 @@ class Run:
         # Look every node up first: ComfyUI announces the cached set before running anything.
         for node_id in prompt.order:
             entry = executor.cache.get(self._sigs[node_id])
+            if entry is not None and _files_gone(executor.settings.output_dir, entry.ui):
+                # an output node whose files were removed since (🗑️, retention, a Ray worker sending them to the
+                # bot) runs again: its cached entry would name a file that is not there, or by then another's
+                executor.cache.discard(self._sigs[node_id])
+                entry = None
             if entry is not None:
                 self.values[node_id] = entry.values
                 if entry.ui:

@@ -2,8 +2,10 @@
 
 Going out, the input images a graph names (inputs whose choices come from the input folder: LoadImage,
 LoadImageMask, LoadLatent) are sent with the job and written under the worker's own input folder. Coming back,
-the images its output nodes wrote (ComfyUI's `{"filename", "subfolder", "type"}` entries) are read, sent, and
-removed on the worker; the bot writes them under its output folder at the same names. A name another writer
+the files its output nodes wrote (ComfyUI's `{"filename", "subfolder", "type"}` entries: SaveImage's and
+PreviewImage's images, SaveLatent's latents, CheckpointSave's checkpoints) are read, sent, and removed on the
+worker; the bot writes them under its output folder at the same names, each name held to one plain file name
+inside its folder (a worker's reply is trusted no more than a workflow). A name another writer
 took meanwhile (two workers both saving `noodle_00001_.png`) gets the next free counter, and the result's entry
 says so. With files = "shared" none of this runs: every worker reads and writes the bot's folders.
 """
@@ -19,8 +21,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from engine.disk import check_free_space
-from engine.errors import UnsafeModelFile
-from engine.executor import TEMP_FOLDER, written_paths
+from engine.errors import NoodleError, UnsafeModelFile
+from engine.executor import TEMP_FOLDER, WRITTEN_LISTS
 from engine.models.paths import safe_join
 from engine.nodes.base import INPUT_FOLDERS
 
@@ -78,11 +80,16 @@ def _same(path: Path, data: bytes) -> bool:
 def collect_results(output_dir: Path, results: Sequence[dict[str, Any] | None]) -> tuple[WireFile, ...]:
     """The files the results' output nodes wrote, read and removed (the worker keeps no copies)."""
     found: list[WireFile] = []
+    roots = {"output": output_dir, TEMP_FOLDER: output_dir / TEMP_FOLDER}
     for result in results:
         for ui in (result or {}).get("outputs", {}).values():
-            for item, path in zip(_entries(ui), written_paths(output_dir, ui)):
+            for item in _entries(ui):
+                kind = item.get("type", "output")
+                if kind not in roots:
+                    continue
+                path = _inside(roots[kind], _relative(item))
                 if path.is_file():
-                    found.append(WireFile(item.get("type", "output"), _relative(item), path.read_bytes()))
+                    found.append(WireFile(kind, _relative(item), path.read_bytes()))
                     path.unlink()
     return tuple(found)
 
@@ -98,9 +105,12 @@ def place_results(output_dir: Path, result: dict[str, Any], files: Sequence[Wire
         for ui in result.get("outputs", {}).values():
             for item in _entries(ui):
                 kind = item.get("type", "output")
-                sent = by_key.get((kind, _relative(item)))
-                if sent is None or kind not in roots:
+                if kind not in roots:
                     continue
+                _plain_name(item.get("filename"))
+                sent = by_key.get((kind, _relative(item)))
+                if sent is None:  # the result would name a file the bot does not have (or another job's)
+                    raise NoodleError(f"the worker sent no file for its result {_relative(item)!r}")
                 check_free_space(output_dir, min_free_mb, len(sent.data), label=f"{output_dir.name}/")
                 folder = _inside(roots[kind], str(item.get("subfolder", "") or ""))
                 item["filename"] = _write_new(folder, item["filename"], sent.data)
@@ -123,8 +133,20 @@ def _inside(root: Path, relative: str) -> Path:
     return target
 
 
+def _plain_name(name: Any) -> None:
+    """Refuse a result file name that is not one plain name: `_inside` holds the subfolder, this the name itself
+    (`../../x.png` or an absolute path would be written wherever the bot may write)."""
+    text = str(name)
+    if not isinstance(name, str) or not text or "\x00" in text or "/" in text or "\\" in text or text in (".", ".."):
+        raise UnsafeModelFile(f"result file name {text[:80]!r} is not a plain file name; a worker's files stay inside "
+                              "their folder")
+
+
 def _entries(ui: Any) -> list[dict[str, Any]]:
-    return [item for item in (ui.get("images", ()) if isinstance(ui, dict) else ()) if isinstance(item, dict)]
+    """A node's written-file entries, of every list an output node writes (the executor's WRITTEN_LISTS)."""
+    if not isinstance(ui, dict):
+        return []
+    return [item for entries in WRITTEN_LISTS for item in ui.get(entries, ()) if isinstance(item, dict)]
 
 
 def _relative(item: Mapping[str, Any]) -> str:

@@ -49,6 +49,20 @@ def test_identical_rerun_is_served_whole_from_the_cache(executor: Executor) -> N
     assert second.outputs == first.outputs
 
 
+def test_an_output_node_whose_file_was_removed_runs_again(executor: Executor) -> None:
+    """Its cached entry named the removed file (🗑️, retention, a Ray worker that sends its files to the bot): an
+    identical run answered with a file that was not there, or on a worker with another job's of that name."""
+    executor.cache.clear()
+    first = executor.run(txt2img(seed=7))
+    [image] = first.outputs["9"]["images"]
+    path = executor.settings.output_dir / image["subfolder"] / image["filename"]
+    path.unlink()
+    again = executor.run(txt2img(seed=7))
+    assert "9" not in again.meta["cached"] and sorted(again.meta["cached"]) == ["3", "4", "5", "6", "7", "8"]
+    [remade] = again.outputs["9"]["images"]
+    assert (executor.settings.output_dir / remade["subfolder"] / remade["filename"]).is_file()
+
+
 def test_events_follow_comfyui_order(executor: Executor) -> None:
     executor.cache.clear()
     executor.run(txt2img(seed=1))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine.cluster.files import WireFile, collect_results, input_files, place_results, read_inputs, write_inputs
-from engine.errors import UnsafeModelFile
+from engine.errors import NoodleError, UnsafeModelFile
 from engine.nodes import catalog
 
 
@@ -50,6 +50,39 @@ def test_a_worker_reply_naming_a_path_outside_the_folder_is_refused(tmp_path: Pa
     assert not (tmp_path / "etc").exists()
     with pytest.raises(UnsafeModelFile):
         write_inputs(tmp_path / "in", [WireFile("input", "../escape.png", b"x")], 0)
+
+
+@pytest.mark.parametrize("name", ["../../escaped.png", "/tmp/abs_escaped.png", "..", "a\\..\\b.png"])
+def test_a_worker_reply_whose_file_name_leaves_the_folder_is_refused(tmp_path: Path, name: str) -> None:
+    """Only the subfolder was checked: a filename of '../../escaped.png' was written two folders up."""
+    bot = tmp_path / "deep" / "bot"
+    with pytest.raises(UnsafeModelFile, match="not a plain file name"):
+        place_results(bot, result(name, subfolder=""), (WireFile("output", name, b"pwned"),), 0)
+    assert not list(tmp_path.rglob("*escaped*")) and not Path("/tmp/abs_escaped.png").exists()
+
+
+def test_latents_and_checkpoints_come_back_too(tmp_path: Path) -> None:
+    """Only `images` entries were sent: a SaveLatent's .latent stayed on the worker and the result named a file
+    the bot did not have."""
+    worker, bot = tmp_path / "worker", tmp_path / "bot"
+    (worker / "latents").mkdir(parents=True)
+    (worker / "checkpoints").mkdir()
+    (worker / "latents" / "fox_00001_.latent").write_bytes(b"latent")
+    (worker / "checkpoints" / "mix_00001_.safetensors").write_bytes(b"weights")
+    outcome = {"prompt_id": "p", "meta": {}, "outputs": {
+        "7": {"latents": [{"filename": "fox_00001_.latent", "subfolder": "latents", "type": "output"}]},
+        "8": {"checkpoints": [{"filename": "mix_00001_.safetensors", "subfolder": "checkpoints", "type": "output"}]}}}
+    sent = collect_results(worker, [outcome])
+    assert {f.path for f in sent} == {"latents/fox_00001_.latent", "checkpoints/mix_00001_.safetensors"}
+    place_results(bot, outcome, sent, 0)
+    assert (bot / "latents/fox_00001_.latent").read_bytes() == b"latent"
+    assert (bot / "checkpoints/mix_00001_.safetensors").read_bytes() == b"weights"
+
+
+def test_a_result_entry_the_worker_sent_no_file_for_fails_the_job(tmp_path: Path) -> None:
+    """It kept the worker's name, which on the bot was usually another job's picture."""
+    with pytest.raises(NoodleError, match="sent no file for its result 'noodle/fox_00001_.png'"):
+        place_results(tmp_path / "bot", result("fox_00001_.png", subfolder="noodle"), (), 0)
 
 
 def test_the_input_images_a_graph_reads_go_out_and_are_written_once(tmp_path: Path) -> None:

@@ -25,6 +25,10 @@ from engine.errors import UnsupportedModel
 from engine.values import LoraPatch
 
 
+# an active set no job asks for: the next `_switch` sets every layer again
+_STALE: tuple[tuple[str, float], ...] = (("<stale>", 0.0),)
+
+
 @dataclass
 class _ModuleState:
     loaded: set[str] = field(default_factory=set)
@@ -55,12 +59,12 @@ class LoraAdapters:
         for key in wanted:
             if key not in state.loaded:
                 lora = self._convert(pipe, key, files[key])
-                with _shapes_checked("UNet"):
+                with _stale_on_failure(state), _shapes_checked("UNet"):
                     type(pipe).load_lora_into_unet(dict(lora.state_dict), lora.network_alphas, unet=unet,
                                                    adapter_name=key, _pipeline=pipe)
-                self._check_loaded(unet, key, "UNet")
+                    self._check_loaded(unet, key, "UNet")
                 state.loaded.add(key)
-                state.active = (("<stale>", 0.0),)
+                state.active = _STALE
                 self.loads += 1
         self._switch(unet, state, wanted)
 
@@ -75,12 +79,12 @@ class LoraAdapters:
                 if key not in state.loaded:
                     lora = self._convert(pipe, key, files[key])
                     # a LoRA without keys for this encoder loads nothing; it still counts as loaded
-                    with _shapes_checked("text encoder"):
+                    with _stale_on_failure(state), _shapes_checked("text encoder"):
                         type(pipe).load_lora_into_text_encoder(dict(lora.state_dict), lora.network_alphas,
                                                                text_encoder=encoder, prefix=attr, adapter_name=key,
                                                                _pipeline=pipe)
                     state.loaded.add(key)
-                    state.active = (("<stale>", 0.0),)
+                    state.active = _STALE
                     self.loads += 1
             self._switch(encoder, state, wanted)
 
@@ -117,6 +121,18 @@ class LoraAdapters:
                 layer.set_scale(name, wanted[name])  # scaling = strength * alpha / rank
         state.active = target
         self.switches += 1
+
+
+@contextmanager
+def _stale_on_failure(state: _ModuleState) -> Iterator[None]:
+    """A load that raises leaves the layers' active adapters unknown: when diffusers rolls a failed load back, peft
+    deletes the adapter and activates whichever adapter name sorts first, so the set `state.active` records (and
+    `_switch` would skip setting again) is no longer the one the layers run."""
+    try:
+        yield
+    except BaseException:
+        state.active = _STALE
+        raise
 
 
 @contextmanager

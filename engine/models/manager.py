@@ -7,7 +7,7 @@ live in node outputs, not here: the manager counts them in the same budget while
 holds them, and evicting one tells the node cache to let go of it. LoRAs are peft adapters
 on the loaded modules: a LoraLoader only names them, and `use_unet` / `use_text_encoders`
 switch the adapter set right before a module runs, so changing LoRAs never reloads a
-checkpoint from disk. Upscale models (engine/models/upscale/) and ControlNets (engine/models/controlnet/) are
+checkpoint from disk; the adapters' bytes count in their checkpoint's (or merge's) share of the budget. Upscale models (engine/models/upscale/) and ControlNets (engine/models/controlnet/) are
 kept each in a resident cache (engine/models/resident.py) by name and file state (a diff ControlNet also by its
 base model), in the same budget and LRU as checkpoints, and evicting one tells the node cache to let go of it.
 Standalone VAEs have a resident cache of their own, outside the budget: the four most recently used.
@@ -108,7 +108,7 @@ class ModelManager:
         self._controlnets: ResidentCache[LoadedControlNet] = ResidentCache("ControlNet", self._clock)
         self._budgeted: tuple[ResidentCache[Any], ...] = (self._upscalers, self._controlnets)  # in memory_budget
         self.lora_files = LoraFiles(catalog)
-        self.adapters = LoraAdapters()
+        self.adapters = LoraAdapters(on_resize=self._adapters_resized)
         # text -> conditioning, keyed by encoder identity and LoRA stack (prompts/cache.py)
         self.prompt_cache = PromptEncoderCache(maxsize=128)
         self._unload_listeners: list[Callable[[str], Any]] = []
@@ -121,8 +121,8 @@ class ModelManager:
 
     def stats_snapshot(self) -> dict[str, Any]:
         """Cache hits, misses, evictions, load time and LoRA activity so far, for a job's meta."""
-        return {**self.stats.snapshot(), "lora_loads": self.adapters.loads,
-                "lora_switches": self.adapters.switches, "loaded": self.loaded_names()}
+        return {**self.stats.snapshot(), "lora_loads": self.adapters.loads, "lora_switches": self.adapters.switches,
+                "lora_removals": self.adapters.removals, "loaded": self.loaded_names()}
 
     # -- names -----------------------------------------------------------------------------
 
@@ -398,8 +398,7 @@ class ModelManager:
         """The UNet of `model` with exactly its LoRAs active (none: adapters off, the bare weights)."""
         wanted = summed(model.loras, self.lora_key)
         self._touch(model.checkpoint, model.pipe)
-        self._wrap_lora_errors(model.loras, model.checkpoint.name, lambda: self.adapters.activate_unet(
-            model.pipe, wanted, self.lora_files.of(model.loras)))
+        self._activate(model, lambda: self.adapters.activate_unet(model.pipe, wanted, self.lora_files.of(model.loras)))
         return model.pipe.unet
 
     def unet_forward(self, model: ModelRef, unet: torch.nn.Module, *, hooked: bool) -> Callable[..., Any] | None:
@@ -411,9 +410,7 @@ class ModelManager:
         forward = None
         if self.compiler is not None:
             self._compiled_used = next(self._clock)
-            merge = self._merges.of(model.pipe)
-            keep = frozenset({model.checkpoint.key} | ({merge.key} if merge is not None else set()))
-            forward = self.compiler.forward(unet, partial(self._admit_graph, keep))
+            forward = self.compiler.forward(unet, partial(self._admit_graph, self._keys_of(model)))
         graphed = None if self.graphs is None else self.graphs.forward(unet, forward)
         return graphed or forward
 
@@ -427,9 +424,31 @@ class ModelManager:
         """The text encoders of `clip` with exactly its LoRAs active."""
         wanted = summed(clip.loras, self.lora_key)
         self._touch(clip.checkpoint, clip.pipe)
-        self._wrap_lora_errors(clip.loras, clip.checkpoint.name, lambda: self.adapters.activate_text_encoders(
-            clip.pipe, wanted, self.lora_files.of(clip.loras)))
+        self._activate(clip, lambda: self.adapters.activate_text_encoders(clip.pipe, wanted,
+                                                                          self.lora_files.of(clip.loras)))
         return [m for m in (clip.pipe.text_encoder, getattr(clip.pipe, "text_encoder_2", None)) if m is not None]
+
+    def _activate(self, value: ModelRef | ClipRef, action: Callable[[], None]) -> None:
+        """Switch `value`'s LoRAs with `action`; adapters it loaded count in the budget, so others may go."""
+        loads = self.adapters.loads
+        self._wrap_lora_errors(value.loras, value.checkpoint.name, action)
+        if self.adapters.loads != loads:
+            self._make_room(0, keep=self._keys_of(value))
+
+    def _keys_of(self, model: ModelRef | ClipRef) -> frozenset[str]:
+        """The checkpoint (and merge) a MODEL or CLIP value runs on: kept while it runs."""
+        merge = self._merges.of(model.pipe)
+        return frozenset({model.checkpoint.key} | ({merge.key} if merge is not None else set()))
+
+    def _adapters_resized(self, module: torch.nn.Module, nbytes: int) -> None:
+        """Count LoRA adapters added to (or removed from) `module` in the bytes of the model that owns it: its
+        checkpoint, or the merge that made it (a merge shares its checkpoint's other modules)."""
+        owner: LoadedCheckpoint | MergedModel | None = next(
+            (c for c in self._checkpoints.values() if _holds(c.pipe, module)), None)
+        if owner is None:
+            owner = next((merge for merge, pipe in self._merges.live() if _holds(pipe, module)), None)
+        if owner is not None:
+            owner.nbytes += nbytes
 
     @staticmethod
     def _wrap_lora_errors(patches: Sequence[LoraPatch], model: str, action: Callable[[], None]) -> None:
@@ -438,6 +457,10 @@ class ModelManager:
         except UnsupportedModel as err:
             names = ", ".join(repr(p.name) for p in patches)
             raise UnsupportedModel(f"LoRA {names} does not fit checkpoint {model!r}: {err}") from err
+
+
+def _holds(pipe: DiffusionPipeline, module: torch.nn.Module) -> bool:
+    return any(component is module for component in pipe.components.values())
 
 
 def _pipeline_bytes(pipe: DiffusionPipeline) -> int:

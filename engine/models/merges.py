@@ -48,6 +48,10 @@ class MergeBook:
             return None
         return next((m for m in self._merges.values() if m.pipe() is pipe), None)
 
+    def live(self) -> list[tuple[MergedModel, DiffusionPipeline]]:
+        """Each merge whose pipeline still lives, with that pipeline."""
+        return [(m, pipe) for m in self._merges.values() if (pipe := m.pipe()) is not None]
+
     def children(self, parent: str) -> list[str]:
         """The merges sharing the components of checkpoint `parent`."""
         return [key for key, merge in self._merges.items() if merge.parent == parent]

@@ -43,7 +43,7 @@ from engine.models.lora_files import LoraFiles
 from engine.models.merges import MergeBook, MergedModel
 from engine.models.paths import LATENT_SUFFIXES, FolderLookup, ModelCatalog, file_fingerprint, safe_join
 from engine.models.resident import ResidentCache
-from engine.models.single_file import load_checkpoint_pipeline, load_vae
+from engine.models.single_file import check_checkpoint_layout, load_checkpoint_pipeline, load_vae
 from engine.models.upscale import UpscaleModel, load_upscaler, upscaler_key
 from engine.nodes.base import INPUT_FOLDERS
 from prompts.cache import PromptEncoderCache
@@ -164,11 +164,13 @@ class ModelManager:
         self.stats.misses += 1
         # a pickle name only resolves when the owner allowed weights-only loading (ModelCatalog)
         arch = detect_checkpoint(path, allow_weights_only_pickle=self.catalog.allow_weights_only_pickle)
+        # a file its header shows is broken (a weight missing) is refused before anything is evicted for it
+        check_checkpoint_layout(path, arch)
         # free room first, with the file's size as the estimate: loading next to models that must go
         # anyway would need both in memory at once
         self._make_room(path.stat().st_size)
         started = time.perf_counter()
-        pipe = load_checkpoint_pipeline(path, arch, self.device, self.dtype)
+        pipe = load_checkpoint_pipeline(path, arch, self.device, self.dtype, layout_checked=True)
         if pipe.vae.dtype != self.vae_dtype:  # its own precision: bfloat16 on most GPUs, as ComfyUI's
             pipe.vae.to(self.vae_dtype)
         seconds = time.perf_counter() - started

@@ -36,8 +36,8 @@ from engine.errors import NoodleError, UnsupportedModel
 from engine.models.detect import SUPPORTED, Arch, Family, read_shapes
 from engine.models.to_original import text_encoders_to_original, unet_to_original, vae_file_dict, vae_to_original
 
-__all__ = ["clip_tokenizer", "expected_shapes", "load_checkpoint_pipeline", "load_vae", "missing_weights",
-           "unet_config"]
+__all__ = ["check_checkpoint_layout", "clip_tokenizer", "expected_shapes", "load_checkpoint_pipeline", "load_vae",
+           "missing_weights", "unet_config"]
 
 SDPipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
 _SHOWN = 5  # how many offending keys a message lists
@@ -141,16 +141,30 @@ def _require_accelerate() -> None:
         raise UnsupportedModel("loading single-file checkpoints needs the accelerate package; install it")
 
 
-def load_checkpoint_pipeline(path: Path, arch: Arch, device: torch.device | str, dtype: torch.dtype) -> SDPipeline:
+def check_checkpoint_layout(path: Path, arch: Arch) -> None:
+    """Refuse a single file lacking a weight `arch` needs, or holding one in another shape, from its header alone:
+    the model manager calls it before it evicts anything to make room for the file."""
+    _require_accelerate()
+    _check_layout(read_shapes(Path(path), allow_weights_only_pickle=True), expected_shapes(arch),
+                  _checkpoint_what(Path(path), arch))
+
+
+def _checkpoint_what(path: Path, arch: Arch) -> str:
+    return f"checkpoint {path.name!r} ({arch.name})"
+
+
+def load_checkpoint_pipeline(path: Path, arch: Arch, device: torch.device | str, dtype: torch.dtype, *,
+                             layout_checked: bool = False) -> SDPipeline:
     """Load an SD1.x or SDXL single file as a diffusers pipeline (scheduler from the config folder).
 
     `path` comes from `ModelCatalog.resolve`, which enforces the pickle policy; pickles allowed
-    there are read weights-only (here and by diffusers' own loader).
+    there are read weights-only (here and by diffusers' own loader). `layout_checked`: the caller ran
+    `check_checkpoint_layout` already (a weights-only pickle's shapes cost a read of the whole file).
     """
     path = Path(path)
-    what = f"checkpoint {path.name!r} ({arch.name})"
-    _require_accelerate()
-    _check_layout(read_shapes(path, allow_weights_only_pickle=True), expected_shapes(arch), what)
+    what = _checkpoint_what(path, arch)
+    if not layout_checked:
+        check_checkpoint_layout(path, arch)
     kwargs: dict[str, Any] = {
         "config": str(arch.config_dir),
         "local_files_only": True,

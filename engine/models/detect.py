@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from engine.errors import UnsafeModelFile, UnsupportedModel
+from engine.models.safetensors_header import corrupt, data_end, entry_extent
 
 if TYPE_CHECKING:
     from engine.samplers.model_sampling import ModelSampling
@@ -145,7 +146,8 @@ def _not_safetensors(path: Path, head: bytes) -> UnsupportedModel:
 
 
 def read_header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes from a safetensors header, after checking the file holds all the data it declares."""
+    """Keys and shapes from a safetensors header, after checking the file holds all the data it declares and each
+    tensor's dtype, shape and offsets agree."""
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
@@ -165,24 +167,18 @@ def read_header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     if not isinstance(header, dict):
         raise _not_safetensors(path, head)
     shapes: dict[str, tuple[int, ...]] = {}
-    data_end = 0
+    extents: list[tuple[int, int, str]] = []
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        try:
-            shape = tuple(int(dim) for dim in entry["shape"])
-            start, end = (int(offset) for offset in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise _refuse(path.name, f"has a malformed safetensors header entry for {key!r}") from err
-        if not 0 <= start <= end:
-            raise _refuse(path.name, f"has a malformed safetensors header entry for {key!r}")
-        shapes[key] = shape
-        data_end = max(data_end, end)
+        shapes[key], start, end = entry_extent(path.name, key, entry)
+        extents.append((start, end, key))
+    end_of_data = data_end(path.name, extents)
     # safetensors itself refuses a file whose data is shorter or longer than its header says.
-    if 8 + length + data_end != size:
+    if 8 + length + end_of_data != size:
         raise _refuse(
             path.name,
-            f"is truncated or corrupt: its header declares {8 + length + data_end} bytes, the file has {size}",
+            f"is truncated or corrupt: its header declares {8 + length + end_of_data} bytes, the file has {size}",
         )
     return shapes
 
@@ -340,9 +336,18 @@ def _sd2_prediction(path: Path, shapes: Shapes, allow_weights_only_pickle: bool)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         probe = read_pickle_weights(path)[key] if allow_weights_only_pickle else None
     else:
-        with safe_open(str(path), framework="pt") as handle:  # one small tensor, not the weights
-            probe = handle.get_tensor(key)
+        probe = _read_tensors(path, [key])[key]  # one small tensor, not the weights
     return "v_prediction" if probe is not None and predicts_v(probe) else "eps"
+
+
+def _read_tensors(path: Path, keys: Sequence[str]) -> dict[str, Tensor]:
+    """A few tensors of a safetensors file; one safetensors cannot read is refused naming the file, not with the
+    library's own error (which names neither the file nor what to do)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in keys}
+    except (SafetensorError, OSError) as err:
+        raise corrupt(path.name, f"safetensors cannot read it ({err})") from err
 
 
 def _edm_sigmas(path: Path, shapes: Shapes, allow_weights_only_pickle: bool) -> tuple[float, float]:
@@ -353,8 +358,8 @@ def _edm_sigmas(path: Path, shapes: Shapes, allow_weights_only_pickle: bool) -> 
         weights = read_pickle_weights(path) if allow_weights_only_pickle else {}
         values = {key: float(weights[key].float().reshape(-1)[0]) for key in keys if key in weights}
     else:
-        with safe_open(str(path), framework="pt") as handle:  # two scalars, not the weights
-            values = {key: float(handle.get_tensor(key).float().reshape(-1)[0]) for key in keys}
+        tensors = _read_tensors(path, keys)  # two scalars, not the weights
+        values = {key: float(tensor.float().reshape(-1)[0]) for key, tensor in tensors.items()}
     low, high = values.get(EDM_VPRED_MIN, 0.002), values.get(EDM_VPRED_MAX, 120.0)
     if not (0.0 < low < high and high < float("inf")):
         raise _refuse(path.name, f"declares a continuous EDM range (edm_vpred.*) of sigma_min {low:g} and sigma_max "

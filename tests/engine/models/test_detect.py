@@ -7,6 +7,7 @@ import os
 import struct
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -201,3 +202,60 @@ def test_weights_only_loading_unwraps_state_dict_and_keeps_tensors(tmp_path: Pat
     torch.save({"state_dict": {"w": torch.ones(2), "epoch": 3}}, path)
     weights = read_pickle_weights(path)
     assert list(weights) == ["w"] and torch.equal(weights["w"], torch.ones(2))
+
+
+def _relabelled(source: Path, target: Path, change: Any) -> Path:
+    """`source` with its header edited by `change(header)` and its data as it was: a header that lies."""
+    raw = source.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    change(header)
+    text = json.dumps(header).encode()
+    target.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+    return target
+
+
+def _first(header: dict[str, Any], dtype: str) -> str:
+    return next(key for key, entry in header.items() if key != "__metadata__" and entry["dtype"] == dtype)
+
+
+def _same_range_as_another(header: dict[str, Any]) -> None:
+    by_shape: dict[str, list[str]] = {}
+    for key, entry in header.items():
+        if key != "__metadata__":
+            by_shape.setdefault(json.dumps([entry["shape"], entry["dtype"]]), []).append(key)
+    first, second = next(keys for keys in by_shape.values() if len(keys) > 1)[:2]
+    header[second]["data_offsets"] = header[first]["data_offsets"]
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda h: h[_first(h, "F32")].update(dtype="F8_E4M3"), r"is F8_E4M3 \[77, 32\], 2464 bytes, but its header gives "
+                                                              r"it 9856"),
+    (lambda h: h[_first(h, "F32")].update(dtype="I64"), "is I64 .*but its header gives it"),
+    (lambda h: h[_first(h, "F32")].update(dtype="Q4_K"), "has the dtype 'Q4_K', which safetensors does not know"),
+    (_same_range_as_another, "overlaps the tensor before it"),
+    (lambda h: h.update({"zzz.huge": {"dtype": "F32", "shape": [1000000, 1000000], "data_offsets": [0, 4]}}),
+     r"'zzz.huge' is F32 \[1000000, 1000000\], 4000000000000 bytes, but its header gives it 4"),
+    (lambda h: h[_first(h, "F32")].update(shape=[-1, 32]), r"negative dimension in its shape \[-1, 32\]"),
+])
+def test_a_header_that_lies_about_its_data_is_refused_naming_the_file_and_tensor(
+        tiny_models: Path, tmp_path: Path, change: Any, expected: str) -> None:
+    lie = _relabelled(tiny_models / "checkpoints" / "tiny-sd15.safetensors", tmp_path / "lie.safetensors", change)
+    with pytest.raises(UnsupportedModel, match=rf"^'lie.safetensors' is corrupt: .*{expected}.*download it again"):
+        read_header_shapes(lie)
+
+
+def test_legitimate_dtypes_pass_the_header_checks(tmp_path: Path) -> None:
+    tensors = {"bf16": torch.zeros(3, 5, dtype=torch.bfloat16), "fp8": torch.zeros(7, dtype=torch.float8_e4m3fn),
+               "i64": torch.zeros(2, 2, dtype=torch.int64), "bool": torch.zeros(9, dtype=torch.bool),
+               "empty": torch.zeros(0, 4), "scalar": torch.tensor(1.5)}
+    save_file(tensors, str(tmp_path / "mixed.safetensors"))
+    assert read_header_shapes(tmp_path / "mixed.safetensors") == {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def test_an_sd2_file_safetensors_cannot_open_is_refused_naming_it(tiny_models: Path, tmp_path: Path) -> None:
+    # metadata values must be strings: the header's tensors are sound, safetensors still refuses the file
+    broken = _relabelled(tiny_models / "checkpoints" / "tiny-sd2-v.safetensors", tmp_path / "sd2.safetensors",
+                         lambda h: h.update({"__metadata__": {"format": 1}}))
+    with pytest.raises(UnsupportedModel, match=r"^'sd2.safetensors' is corrupt: safetensors cannot read it"):
+        detect_checkpoint(broken)

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from engine.errors import UnsupportedModel
+from engine.models.detect import read_safetensors
 from engine.values import ClipVisionOutput, ClipVisionRef
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def read_clip_vision(path: Path, name: str, device: torch.device, dtype: torch.d
     does; a missing weight is refused rather than left random."""
     from transformers import CLIPVisionModelWithProjection
 
-    state = load_file(str(path))
+    state = read_safetensors(path, f"clip_vision file {name!r}")
     if prefix is None:
         prefix = "visual." if "visual.transformer.resblocks.0.attn.in_proj_weight" in state else ""
     state = to_transformers_keys(state, prefix)

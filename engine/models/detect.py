@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import Tensor
 
 from engine.errors import UnsafeModelFile, UnsupportedModel
@@ -206,6 +207,22 @@ def read_pickle_weights(path: Path) -> dict[str, Tensor]:
         raise _refuse(path.name, f"holds a {type(data).__name__}, not a dict of weights")
     # Training bookkeeping (step counters, EMA decay as a number) is not weights; keep tensors only.
     return {key: value for key, value in data.items() if isinstance(key, str) and isinstance(value, Tensor)}
+
+
+def read_safetensors(path: Path, what: str) -> dict[str, Tensor]:
+    """All tensors of the .safetensors file `what` names ("GLIGEN file 'x'"), for loaders that read no pickle even
+    where the owner allows weights-only pickles: a pickle suffix is refused saying how to convert it, a file
+    safetensors cannot read (empty, truncated) refused naming it, not with safetensors' own error."""
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise UnsafeModelFile(f"{what} is a pickle file ({suffix}), and pickle files can run code when loaded; this "
+                              "kind of model loads from .safetensors only. Convert it once with `noodle convert` "
+                              f"(it writes {path.stem}.safetensors beside it) and choose that file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise UnsupportedModel(f"{what} could not be read as safetensors ({err}): it is empty, truncated or not a "
+                               "safetensors file; download it again or save it anew") from err
 
 
 def read_shapes(path: Path, *, allow_weights_only_pickle: bool = False) -> dict[str, tuple[int, ...]]:

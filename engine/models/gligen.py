@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from diffusers.models.attention import BasicTransformerBlock, GatedSelfAttentionDense
 from diffusers.models.embeddings import GLIGENTextBoundingboxProjection
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from engine.errors import UnsupportedModel
+from engine.models.detect import read_safetensors
 
 __all__ = ["MAX_OBJS", "Gligen", "GligenInputs", "build_gligen", "gligen_fused", "grounding", "read_gligen", "unet_transformers"]
 
@@ -153,8 +153,8 @@ def build_gligen(name: str, state: Mapping[str, torch.Tensor]) -> Gligen:
 
 
 def read_gligen(path: Path, name: str) -> Gligen:
-    """Load a .safetensors GLIGEN file (pickles never reach here: the models catalog refuses them)."""
-    return build_gligen(name, load_file(str(path)))
+    """Load a .safetensors GLIGEN file (a pickle is refused even where the owner allows weights-only pickles)."""
+    return build_gligen(name, read_safetensors(path, f"GLIGEN file {name!r}"))
 
 
 def unet_transformers(unet: nn.Module) -> list[nn.Module]:

@@ -362,7 +362,7 @@ class _Validation:
                 listed = len(options) <= _MAX_LISTED_CHOICES
                 return _error("value_not_in_list", "Value not in list",
                               f"{name}: '{value}' not in {options if listed else f'(list of length {len(options)})'}"
-                              f"{_pickle_hint(spec, value)}",
+                              f"{_pickle_hint(spec, value)}{_suffix_case_hint(spec, value)}",
                               input_name=name, input_config=config if listed else None, received_value=value)
         check.constants[name] = value
         return None
@@ -409,6 +409,17 @@ def _pickle_hint(spec: InputSpec, value: Any) -> str:
     return (f"; '{value}' is a pickle file, and Noodle loads only .safetensors: it runs such a name on {file} "
             f"in {spec.choices_from}/ when that file is there. Convert the pickle once with `noodle convert "
             f"<models>/{spec.choices_from}/{value}`, or download the .safetensors release")
+
+
+def _suffix_case_hint(spec: InputSpec, value: Any) -> str:
+    """For 'x.SAFETENSORS', which the folder leaves out of its list (ModelCatalog.list): rename it."""
+    if spec.choices_from is None or spec.choices_from in INPUT_FOLDERS or not isinstance(value, str):
+        return ""
+    suffix = value[-len(".safetensors"):]
+    if suffix.lower() != ".safetensors" or suffix == ".safetensors":
+        return ""
+    return (f"; '{value}' ends in '{suffix}', and the loader reads a file as safetensors only by the lowercase "
+            f"'.safetensors': rename it to '{value[:-len(suffix)]}.safetensors'")
 
 
 def _types_match(received: str, expected: str) -> bool:

@@ -53,6 +53,10 @@ class ModelCatalog:
     def _suffixes(self) -> tuple[str, ...]:
         return (SAFE_SUFFIX, *PICKLE_SUFFIXES) if self.allow_weights_only_pickle else (SAFE_SUFFIX,)
 
+    def _loadable(self, file: str) -> bool:
+        # '.safetensors' in lowercase only: diffusers' single-file loader takes 'X.SAFETENSORS' for a pickle
+        return file.endswith(SAFE_SUFFIX) or file.lower().endswith(self._suffixes()[1:])
+
     def _folder(self, folder: str) -> Path:
         if folder not in FOLDERS:
             raise ValueError(f"model folder {folder!r} is not one of {', '.join(FOLDERS)}")
@@ -78,7 +82,7 @@ class ModelCatalog:
             subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
             for file in files:
                 path = Path(directory) / file
-                if file.startswith(".") or not file.lower().endswith(self._suffixes()):
+                if file.startswith(".") or not self._loadable(file):
                     continue
                 if path.resolve().is_relative_to(real_base) and path.is_file():
                     names.append(path.relative_to(base).as_posix())
@@ -118,6 +122,8 @@ class ModelCatalog:
             if not self.allow_weights_only_pickle:
                 raise UnsafeModelFile(self._pickle_refusal(folder, name, suffix))
         path = safe_join(base, name, what=kind, shown=self._shown(folder), listing=lambda: self.list(folder))
+        if suffix == SAFE_SUFFIX and not name.endswith(SAFE_SUFFIX):
+            raise UnsupportedModel(suffix_case_refusal(kind, name))
         if suffix not in self._suffixes():
             raise UnsupportedModel(f"{kind} {name!r} is not a .safetensors file; only .safetensors is loaded")
         return path
@@ -205,6 +211,13 @@ def safe_join(
 def display_name(name: str) -> str:
     """A model file as people read it, without its folder and `.safetensors`: `anime/detail.safetensors` -> `detail`."""
     return name.rsplit("/", 1)[-1].removesuffix(SAFE_SUFFIX)
+
+
+def suffix_case_refusal(kind: str, name: str) -> str:
+    """Why `name`, ending in '.SAFETENSORS' or another casing, is not loaded, and what to do."""
+    right = name[: -len(SAFE_SUFFIX)] + SAFE_SUFFIX
+    return (f"{kind} {name!r} ends in {name[-len(SAFE_SUFFIX):]!r}; the loader reads a file as safetensors only by "
+            f"the lowercase '.safetensors' (it would take this one for a pickle): rename it to {right!r}")
 
 
 def file_fingerprint(path: Path) -> str:

@@ -277,6 +277,13 @@ def test_value_not_in_a_folder_list() -> None:
     assert error["extra_info"]["input_config"] == [FOLDERS["checkpoints"], {}]
 
 
+def test_a_safetensors_suffix_in_capitals_is_told_to_be_renamed() -> None:
+    [error] = failed_on(edited(**{"4": {"ckpt_name": "sub/Upper.SAFETENSORS"}}), "4")
+    assert error["details"].endswith("; 'sub/Upper.SAFETENSORS' ends in '.SAFETENSORS', and the loader reads a file "
+                                     "as safetensors only by the lowercase '.safetensors': rename it to "
+                                     "'sub/Upper.safetensors'")
+
+
 def test_value_not_in_a_long_list_leaves_the_list_out() -> None:
     workflow = edited(**{"8": {"vae": ["10", 0]}})
     workflow["10"] = {"class_type": "VAELoader", "inputs": {"vae_name": "missing.safetensors"}}

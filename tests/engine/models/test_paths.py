@@ -33,6 +33,18 @@ def root(tmp_path: Path) -> Path:
     return models
 
 
+def test_a_safetensors_suffix_in_other_letters_is_not_listed_and_is_refused_with_its_new_name(root: Path) -> None:
+    # diffusers' single-file loader reads 'X.SAFETENSORS' as a pickle and fails with an OSError quoting the path
+    for name in ("Upper.SAFETENSORS", "Mixed.SafeTensors"):
+        _touch(root / "checkpoints" / name)
+    catalog = ModelCatalog(root)
+    assert "Upper.SAFETENSORS" not in catalog.list("checkpoints")
+    assert "Mixed.SafeTensors" not in catalog.list("checkpoints")
+    with pytest.raises(UnsupportedModel, match=r"^checkpoint 'Mixed.SafeTensors' ends in '.SafeTensors'; .*rename "
+                                               r"it to 'Mixed.safetensors'$"):
+        catalog.resolve("checkpoints", "Mixed.SafeTensors")
+
+
 def test_list_gives_sorted_posix_names_of_safetensors_only(root: Path) -> None:
     catalog = ModelCatalog(root)
     expected = ["anime/pastel.safetensors", "sd15.safetensors", "sdxl_base_1.0.safetensors"]

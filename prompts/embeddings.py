@@ -16,7 +16,8 @@ Each vector takes the place of one token. Only `.safetensors` are read: a pickle
 `.bin`, `.ckpt`, `.pth`) could run code when loaded, so it is refused with a warning, as the
 models folder contract says. Nothing here raises for a bad file: every problem becomes a
 warning and the reference is skipped. Files are listed when first needed and their tensors
-loaded on first use; headers alone answer "how many tokens".
+loaded on first use; headers alone answer "how many tokens". A file changed in place is read again at the next
+prompt; a link leading out of the folder is not listed, as ModelCatalog refuses such links.
 """
 
 from __future__ import annotations
@@ -81,6 +82,15 @@ class EmbeddingLibrary:
         self._shapes.clear()
         self._tensors.clear()
 
+    def _current(self) -> _Listing:
+        """The listing, read again when a listed file changed in place (`cp new.safetensors embeddings/x.safetensors`
+        writes into the file and leaves the folder's mtime as it was): a stat per file, at each prompt."""
+        listing = self._scan()
+        if listing.stamp != _stamp(self.folder, [*listing.safe.values(), *listing.pickles.values()]):
+            self.refresh()
+            listing = self._scan()
+        return listing
+
     def _scan(self) -> _Listing:
         # a rescan when the folder's own mtime moves catches added/removed top-level files
         try:
@@ -93,27 +103,28 @@ class EmbeddingLibrary:
             self.refresh()
         safe: dict[str, Path] = {}
         pickles: dict[str, Path] = {}
-        stamp: list[tuple[str, int, int]] = []
         files = sorted(self.folder.rglob("*")) if mtime is not None else []
+        real_folder = self.folder.resolve()
         for path in files:
             suffix = path.suffix.lower()
             if not path.is_file() or (suffix != SAFE_SUFFIX and suffix not in PICKLE_SUFFIXES):
                 continue
+            if not path.resolve().is_relative_to(real_folder):  # a link out of the folder, as ModelCatalog refuses
+                continue
             name = path.relative_to(self.folder).with_suffix("").as_posix()
             (safe if suffix == SAFE_SUFFIX else pickles).setdefault(name, path)
-            info = path.stat()
-            stamp.append((path.relative_to(self.folder).as_posix(), info.st_size, info.st_mtime_ns))
         self._folder_mtime = mtime
-        self._listing = _Listing(safe, pickles, tuple(stamp), _reference_pattern([*safe, *pickles]))
+        stamp = _stamp(self.folder, [*safe.values(), *pickles.values()])
+        self._listing = _Listing(safe, pickles, stamp, _reference_pattern([*safe, *pickles]))
         return self._listing
 
     def names(self) -> list[str]:
         """The usable embedding names (`.safetensors` files), e.g. `["easynegative", "sub/style"]`."""
-        return sorted(self._scan().safe)
+        return sorted(self._current().safe)
 
     def fingerprint(self) -> tuple[str, tuple[tuple[str, int, int], ...]]:
         """What the files look like now; part of the encoding cache key."""
-        return str(self.folder), self._scan().stamp
+        return str(self.folder), self._current().stamp
 
     # -- finding references -------------------------------------------------------------------
     def match(self, text: str, widths: Sequence[int] | None = None) -> tuple[list[EmbeddingMatch], list[str]]:
@@ -123,7 +134,7 @@ class EmbeddingLibrary:
         With `widths` (the text encoders' widths) an embedding must have vectors of every width
         and the same count in each; without, the count of its first tensor is used.
         """
-        listing = self._scan()
+        listing = self._current()
         matches: list[EmbeddingMatch] = []
         warnings: list[str] = []
         for found in listing.pattern.finditer(text):
@@ -232,6 +243,18 @@ class EmbeddingLibrary:
                 tensor = handle.get_tensor(key)
             self._tensors[(name, width)] = tensor.reshape(-1, width).to(torch.float32)
         return self._tensors[(name, width)]
+
+
+def _stamp(folder: Path, paths: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
+    """(name, size, mtime_ns) of each file, sorted; a file gone since has size -1."""
+    stamp = []
+    for path in paths:
+        try:
+            info = path.stat()
+            stamp.append((path.relative_to(folder).as_posix(), info.st_size, info.st_mtime_ns))
+        except OSError:
+            stamp.append((path.relative_to(folder).as_posix(), -1, 0))
+    return tuple(sorted(stamp))
 
 
 def _by_stem(stem: str, names: dict[str, Path]) -> str | None:

@@ -96,3 +96,29 @@ def test_a_word_the_case_blind_name_pattern_takes_for_a_name_is_plain_text(libra
     report = token_report("a ſd1style cat", library)
     assert report.embeddings == [] and report.warnings == []
     assert report.tokens == count_tokens("a ſd1style cat")  # read as the words it is
+
+
+def test_a_file_overwritten_in_place_is_read_again(embedding_folder: Path, library: EmbeddingLibrary) -> None:
+    assert token_report("embedding:sd1style", library).tokens == 2
+    before = library.fingerprint()
+    folder_mtime = embedding_folder.stat().st_mtime_ns
+    replacement = embedding_folder.parent / "new.safetensors"
+    save_file({"emb_params": torch.ones(5, L_WIDTH)}, replacement)
+    # what `cp new.safetensors embeddings/sd1style.safetensors` does: the folder's mtime stays
+    with open(embedding_folder / "sd1style.safetensors", "r+b") as file:
+        file.write(replacement.read_bytes())
+        file.truncate()
+    assert embedding_folder.stat().st_mtime_ns == folder_mtime
+    assert token_report("embedding:sd1style", library).tokens == 5
+    assert library.fingerprint() != before
+    assert torch.equal(library.vectors("sd1style", L_WIDTH), torch.ones(5, L_WIDTH))
+
+
+def test_a_link_out_of_the_folder_is_not_read(embedding_folder: Path, library: EmbeddingLibrary) -> None:
+    outside = embedding_folder.parent / "secret.safetensors"
+    save_file({"emb_params": torch.randn(3, L_WIDTH)}, outside)
+    (embedding_folder / "link.safetensors").symlink_to(outside)
+    (embedding_folder / "inside.safetensors").symlink_to(embedding_folder / "sd1style.safetensors")
+    assert "link" not in library.names() and "inside" in library.names()
+    report = token_report("embedding:link", library)
+    assert report.tokens == 0 and "is not in embeddings/" in report.warnings[0]

@@ -94,7 +94,7 @@ class LoraAdapters:
                 if key not in state.loaded:
                     lora = self._convert(pipe, key, files[key])
                     # a LoRA without keys for this encoder loads nothing; it still counts as loaded
-                    with _stale_on_failure(state), _shapes_checked("text encoder"):
+                    with _stale_on_failure(state), _shapes_checked("text encoder"), _some_layer_named("text encoder"):
                         type(pipe).load_lora_into_text_encoder(dict(lora.state_dict), lora.network_alphas,
                                                                text_encoder=encoder, prefix=attr, adapter_name=key,
                                                                _pipeline=pipe)
@@ -152,7 +152,7 @@ class LoraAdapters:
     @staticmethod
     def _check_loaded(module: torch.nn.Module, key: str, what: str) -> None:
         if not any(key in getattr(layer, "lora_A", {}) for layer in _tuner_layers(module)):
-            raise UnsupportedModel(f"the LoRA matched no layer of the {what}: it was made for another model family")
+            raise UnsupportedModel(_matched_no_layer(what))
 
     def _switch(self, module: torch.nn.Module, state: _ModuleState, wanted: dict[str, float]) -> None:
         target = tuple(sorted(wanted.items()))
@@ -182,6 +182,21 @@ def _stale_on_failure(state: _ModuleState) -> Iterator[None]:
     except BaseException:
         state.active = _STALE
         raise
+
+
+def _matched_no_layer(what: str) -> str:
+    return f"the LoRA matched no layer of the {what}: it was made for another model family"
+
+
+@contextmanager
+def _some_layer_named(what: str) -> Iterator[None]:
+    """A LoRA with keys for a text encoder that name none of its layers (made for another model, or damaged) fails
+    in diffusers' get_peft_kwargs, which takes the first of the ranks it found, with a bare IndexError "list index
+    out of range"; say what the UNet side says. It fails before peft injects anything: the encoder is as it was."""
+    try:
+        yield
+    except IndexError as err:
+        raise UnsupportedModel(_matched_no_layer(what)) from err
 
 
 @contextmanager

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from engine.errors import NodeExecutionError
 from engine.executor import Executor
@@ -86,3 +87,15 @@ def test_adapters_kept_per_module_are_bounded_least_recently_used_first(tiny_mod
     fresh = picture(lora_folder_executor(tiny_models, tmp_path / "fresh", copies=1), steps=1, seed=9,
                     loras=((names[0], 1.0, 1.0),))
     assert np.array_equal(first, fresh)
+
+
+def test_text_encoder_keys_that_name_no_layer_are_refused_in_words(tiny_models: Path, tmp_path: Path) -> None:
+    executor = lora_folder_executor(tiny_models, tmp_path, copies=0)
+    state = load_file(str(tiny_models / "loras" / "tiny-lora-a.safetensors"))
+    # the UNet's keys as they were, the text encoder's naming no layer of it
+    save_file({k.replace("lora_te_", "lora_te_zzz_"): v for k, v in state.items()},
+              str(tmp_path / "models" / "loras" / "half.safetensors"))
+    with pytest.raises(NodeExecutionError, match="LoRA 'half.safetensors' does not fit checkpoint 'tiny-sd15.safetensors'"
+                                                 ": the LoRA matched no layer of the text encoder"):
+        executor.run(txt2img(steps=1, loras=(("half.safetensors", 1.0, 1.0),)))
+    assert executor.run(txt2img(steps=1)).outputs["9"]

@@ -26,7 +26,8 @@ from typing import Any
 from engine.data import comfyui_node
 from engine.errors import WorkflowInvalid
 from engine.graph import NO_INPUTS, CycleError, Workflow, topological_sort, walk
-from engine.nodes.base import INPUT_FOLDERS, InputSpec, Node
+from engine.input_folder import INPUT_FOLDERS
+from engine.nodes.base import InputSpec, Node
 from engine.settings import Limits
 
 __all__ = ["ERROR_TYPES", "UI_ONLY_NODES", "ValidatedPrompt", "encodable", "unknown_node", "validate"]

@@ -23,8 +23,8 @@ from typing import Any
 from engine.disk import check_free_space
 from engine.errors import NoodleError, UnsafeModelFile
 from engine.executor import TEMP_FOLDER, WRITTEN_LISTS
+from engine.input_folder import INPUT_FOLDERS
 from engine.models.paths import safe_join
-from engine.nodes.base import INPUT_FOLDERS
 
 __all__ = ["WireFile", "collect_results", "input_files", "place_results", "read_inputs", "write_inputs"]
 

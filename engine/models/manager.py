@@ -32,6 +32,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from engine.errors import UnsupportedModel
 from engine.heap import free_cached_memory, return_freed_memory
 from engine.images_io import IMAGE_SUFFIXES
+from engine.input_folder import INPUT_FOLDERS, LATENT_SUFFIXES
 from engine.models.checkpoint import LoadedCheckpoint
 from engine.models.compiled import UnetCompiler
 from engine.models.controlnet.load import LoadedControlNet, controlnet_layout, load_controlnet
@@ -41,11 +42,10 @@ from engine.models.detect import detect_checkpoint
 from engine.models.lora import LoraAdapters, summed
 from engine.models.lora_files import LoraFiles
 from engine.models.merges import MergeBook, MergedModel
-from engine.models.paths import LATENT_SUFFIXES, FolderLookup, ModelCatalog, file_fingerprint, safe_join
+from engine.models.paths import FolderLookup, ModelCatalog, file_fingerprint, safe_join
 from engine.models.resident import ResidentCache
 from engine.models.single_file import check_checkpoint_layout, load_checkpoint_pipeline, load_vae
 from engine.models.upscale import UpscaleModel, load_upscaler, upscaler_key
-from engine.nodes.base import INPUT_FOLDERS
 from prompts.cache import PromptEncoderCache
 from prompts.embeddings import EmbeddingLibrary
 from engine.values import ClipRef, Conditioning, ControlNetRef, LoraPatch, ModelRef

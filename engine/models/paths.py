@@ -23,7 +23,7 @@ from engine.errors import ModelNotFound, UnsafeModelFile, UnsupportedModel
 from engine.models.detect import PICKLE_SUFFIXES
 from engine.models.hashes import HashBook
 
-__all__ = ["FOLDERS", "LATENT_SUFFIXES", "FolderLookup", "ModelCatalog", "display_name",
+__all__ = ["FOLDERS", "FolderLookup", "ModelCatalog", "display_name",
            "file_fingerprint", "safe_join"]
 
 Folder = Literal["checkpoints", "loras", "vae", "embeddings", "upscale_models", "controlnet", "hypernetworks",
@@ -33,8 +33,6 @@ FOLDERS: dict[str, str] = {"checkpoints": "checkpoint", "loras": "LoRA", "vae": 
                            "hypernetworks": "hypernetwork", "gligen": "GLIGEN model",
                            "clip_vision": "CLIP vision model"}
 SAFE_SUFFIX = ".safetensors"
-# LoadLatent's files in the input folder ("input_latents"); a latent ComfyUI saved may also be a .safetensors
-LATENT_SUFFIXES = (".latent", SAFE_SUFFIX)
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 

@@ -17,6 +17,7 @@ import annotated_types
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import JobCancelled
+from engine.input_folder import INPUT_FOLDERS
 
 if TYPE_CHECKING:
     import torch
@@ -29,10 +30,7 @@ if TYPE_CHECKING:
 MAX_RESOLUTION = 16384
 SEED_MAX = 2**64 - 1
 PRIMITIVE_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
-# The input folder as a COMBO lists it: its images for LoadImage ("input"), its .latent files for LoadLatent
-# ("input_latents"), as ComfyUI's two listings of the one folder.
-INPUT_FOLDERS = ("input", "input_latents")
-# Folders a COMBO input can list: the models folders plus those two.
+# Folders a COMBO input can list: the models folders plus the input folder's two listings (engine/input_folder.py).
 CHOICE_FOLDERS = ("checkpoints", "loras", "vae", "embeddings", *INPUT_FOLDERS)
 
 

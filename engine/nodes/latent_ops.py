@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 from engine.disk import DiskFull, check_free_space, disk_full_message, is_disk_full
 from engine.errors import LimitExceeded, UnsafeModelFile
-from engine.models.paths import LATENT_SUFFIXES, FolderLookup, safe_join
+from engine.input_folder import LATENT_SUFFIXES
+from engine.models.paths import FolderLookup, safe_join
 from engine.nodes.base import MAX_RESOLUTION, Choice, Node, Output, RunContext, Socket, Text, register
 from engine.nodes.images import save_path
 from engine.nodes.latents import composite, repeat_to_batch, size_problems, upscale_latent

@@ -23,7 +23,8 @@ from bot.core.requests.uploads import local_path, read_capped
 from bot.core.storage.records import Generation
 from engine.cost import LIMIT_EXCEEDED
 from engine.nodes import catalog
-from engine.nodes.base import INPUT_FOLDERS, SEED_MAX
+from engine.input_folder import INPUT_FOLDERS
+from engine.nodes.base import SEED_MAX
 
 __all__ = ["SEED_INPUTS", "SOURCE", "UploadRead", "check_size", "checkpoints_of", "is_workflow", "node_lines",
            "parse_workflow", "read_workflow_file", "refuse_blocked", "reseed", "seeds_of", "summarise",

@@ -70,6 +70,7 @@ class ClusterRunner:
         self._count = 0
         self._closing = threading.Event()
         self._freed = threading.Event()  # a worker became free or joined: the dispatch thread looks again
+        self._joining: threading.Thread | None = None  # the look for joined workers under way, if any
 
     # -- life ----------------------------------------------------------------------------------------
 
@@ -332,9 +333,13 @@ class ClusterRunner:
                 for worker in workers:
                     if not worker.running and worker not in pings.values():
                         pings[worker.handle.ping.remote()] = worker
-            if now >= next_join and not self.table.stopping:
+            if now >= next_join and not self.table.stopping and not (self._joining and self._joining.is_alive()):
                 next_join = now + self.settings.join_poll_seconds
-                self._find_joined()
+                # in a thread of its own: bringing a joined worker up waits until it starts (a machine still
+                # importing torch, or one Ray cannot place yet: up to pool.READY_TIMEOUT_S), and meanwhile this
+                # loop must go on passing cancels and time limits to the workers and pinging them
+                self._joining = threading.Thread(target=self._find_joined, name="noodle-join", daemon=True)
+                self._joining.start()
             if self.table.stopping and not any(w.running for w in workers):
                 if not any(t.is_alive() for t in self._threads if t.name.startswith("noodle-batch")):
                     return

@@ -148,3 +148,26 @@ async def test_an_input_image_reaches_the_worker_and_its_result_comes_back(clust
                                              filename_prefix="local"))
     out = cluster_env.executor.settings.output_dir
     assert np.abs(pixels(out, result).astype(int) - pixels(out, local.to_dict())).max() <= 2
+
+
+async def test_a_joined_worker_still_starting_holds_up_no_time_limit(cluster_env: Any) -> None:
+    """The watch thread brought joined workers up itself, waiting for each to start (up to 10 minutes): while a
+    machine joined, a job past its time limit ran on to the end (3.5 s of a 1 s limit) and a cancel waited."""
+    from engine.cluster import pool
+    from engine.settings import ModelsSettings, RaySettings
+
+    service = await cluster_env.start(workers=1, queue={"job_time_limit_seconds": 0.3}, join_poll_seconds=0.1)
+    executor = cluster_env.executor
+    [spec] = pool.owned_specs(["late"], ModelsSettings(dir=cluster_env.models), executor.settings, executor.limits,
+                              RaySettings())
+    # registered, but Ray cannot place it (it asks for 64 CPUs): as a machine still importing torch looks
+    pending = pool.start_actor(spec, RaySettings(cpus_per_worker=64), name=pool.JOINED_PREFIX + "late")
+    try:
+        await asyncio.sleep(0.5)  # the watch loop has found it and is bringing it up
+        slow = await service.submit(txt2img(steps=LONG, seed=21, negative="too slow"), Owner("u1"))
+        with pytest.raises(JobFailed, match=r"stopped after .* the limit is 0.3 s"):
+            await slow.result(TIMEOUT)  # the loop that passes the limit on also passes cancels and pings
+    finally:
+        import ray
+
+        ray.kill(pending)

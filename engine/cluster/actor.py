@@ -40,10 +40,15 @@ from engine.nodes import catalog
 from engine.queue.worker import BatchJob, Outcome, run_jobs
 from engine.settings import EngineSettings, Limits, ModelsSettings
 
-__all__ = ["EngineWorker", "Finished", "StepEvent", "WireJob", "WorkerFacts", "WorkerSpec"]
+__all__ = ["EngineWorker", "Finished", "StepEvent", "WireJob", "WorkerBusy", "WorkerFacts", "WorkerSpec"]
 
 log = logging.getLogger(__name__)
 RECENT_TEXTS = 128  # (checkpoint, text) pairs remembered: the prompt cache's size (ModelManager.prompt_cache)
+
+
+class WorkerBusy(RuntimeError):
+    """The worker is running a batch already: one a bot that died gave it (`noodle worker` outlives the bot), which
+    the new bot cannot see. Its jobs go back to the queue; they are not this worker's to fail."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +192,7 @@ class EngineWorker:
     def run(self, jobs: list[WireJob]) -> Iterator[StepEvent | Finished]:
         """Run one batch; yields its progress, then `Finished`. One batch at a time."""
         if not self._busy.acquire(blocking=False):
-            raise RuntimeError(f"worker {self.spec.name} is running a batch already")
+            raise WorkerBusy(f"worker {self.spec.name} is running a batch already")
         started = time.perf_counter()
         try:
             events: queue.Queue[StepEvent | None] = queue.Queue()

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from engine.cluster import pool
-from engine.cluster.actor import Finished, StepEvent, WireJob
+from engine.cluster.actor import Finished, StepEvent, WireJob, WorkerBusy
 from engine.cluster.files import input_files, place_results, read_inputs
 from engine.cluster.pool import RemoteWorker
 from engine.cluster.routing import Candidate, Holdings, Needs, Router, needs_of
@@ -41,6 +41,7 @@ __all__ = ["ClusterConfig", "ClusterRunner"]
 log = logging.getLogger(__name__)
 WATCH_SECONDS = 0.05  # how soon a cancel or the time limit reaches a running job on a worker (plus its step)
 PING_SECONDS = 2.0  # an idle worker's liveness check
+BUSY_POLL_SECONDS = 0.5  # how often a worker busy with an earlier run's batch is asked whether it is free
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,9 @@ class ClusterRunner:
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
             self._worker_died(worker, batch, err)
             return
+        except WorkerBusy:  # (Ray raises the worker's error as an instance of its class)
+            self._busy_elsewhere(worker, batch)
+            return
         except Exception as err:  # reading an input, a message that would not unpickle: this batch fails
             log.exception("engine worker %s could not run %s", worker.name, list(by_id))
             finished = Finished(tuple(Outcome(error=f"could not run on engine worker {worker.name}: {err}")
@@ -279,6 +283,40 @@ class ClusterRunner:
         if worker.spec is not None and not self.table.stopping:
             threading.Thread(target=self._replace, args=(worker,), daemon=True, name="noodle-replace").start()
         self.table.wake()
+
+    def _busy_elsewhere(self, worker: RemoteWorker, batch: list[JobRecord]) -> None:
+        """`worker` is running a batch this bot did not give it (a `noodle worker` outlives a bot that died, and
+        runs on with that bot's batch): the jobs go back to the front of the queue, for another worker or for
+        this one once it is free. Each was failed at once before, and the next one routed there too."""
+        log.warning("engine worker %s is still running a batch of an earlier run of the bot; it takes jobs again "
+                    "when that ends", worker.name)
+        with self._lock:
+            worker.state, worker.note, worker.running, worker.reasons = "busy", "finishing an earlier batch", [], {}
+            self._lanes()
+        self.table.requeue(batch)
+        threading.Thread(target=self._wait_free, args=(worker,), daemon=True, name="noodle-busy").start()
+        self.table.wake()
+
+    def _wait_free(self, worker: RemoteWorker) -> None:
+        """Ask a busy worker how it is until it is free (then it takes jobs) or gone (then it is dead)."""
+        import ray
+
+        while not self._closing.is_set():
+            time.sleep(BUSY_POLL_SECONDS)
+            try:
+                busy = ray.get(worker.handle.status.remote(), timeout=PING_SECONDS)["busy"]
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+                self._worker_died(worker, [], err)
+                return
+            except ray.exceptions.GetTimeoutError:
+                continue
+            if not busy:
+                with self._lock:
+                    if worker.state == "busy":
+                        worker.state, worker.note, worker.idle_since = "up", "", time.monotonic()
+                        self._lanes()
+                self.table.wake()
+                return
 
     def _replace(self, dead: RemoteWorker) -> None:
         """A new worker for one of the bot's own that died."""

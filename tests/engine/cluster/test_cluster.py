@@ -171,3 +171,21 @@ async def test_a_joined_worker_still_starting_holds_up_no_time_limit(cluster_env
         import ray
 
         ray.kill(pending)
+
+
+async def test_a_worker_still_running_an_earlier_bots_batch_fails_no_job(cluster_env: Any) -> None:
+    """A `noodle worker` outlives a bot that died and runs on with its batch; the new bot saw it idle, and each job
+    routed to it failed at once with 'running a batch already'. Now they wait and run when it is free."""
+    from engine.cluster.actor import WireJob
+
+    service = await cluster_env.start(workers=1)
+    [worker] = service._runner._workers
+    orphan = worker.handle.run.options(num_returns="streaming").remote(
+        [WireJob("earlier-bot", txt2img(steps=LONG, seed=31, negative="an earlier bot's"))])
+    await asyncio.sleep(0.5)  # it is running the orphan batch now
+    job = await service.submit(txt2img(seed=32), Owner("u1"))
+    result = await job.result(TIMEOUT)  # was JobFailed: could not run on engine worker ...: running a batch already
+    assert result["outputs"]["9"]["images"]
+    assert rows(cluster_env.db)[job.job_id]["attempts"] == 1  # put back, not counted as a try
+    for ref in orphan:  # (the orphan batch's own stream, drained)
+        pass

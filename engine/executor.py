@@ -60,6 +60,7 @@ def written_paths(output_dir: Path, ui: dict[str, Any], kinds: tuple[str, ...] =
             for entries in lists for item in ui.get(entries, ()) if isinstance(item, dict)
             and (kind := item.get("type", "output")) in kinds and kind in roots]
 
+
 def _files_gone(output_dir: Path, ui: dict[str, Any] | None) -> bool:
     """Whether any file an output node's cached `ui` names is no longer there."""
     return bool(ui) and any(not path.is_file() for path in written_paths(output_dir, ui, lists=WRITTEN_LISTS))

@@ -7,8 +7,8 @@ live in node outputs, not here: the manager counts them in the same budget while
 holds them, and evicting one tells the node cache to let go of it. LoRAs are peft adapters
 on the loaded modules: a LoraLoader only names them, and `use_unet` / `use_text_encoders`
 switch the adapter set right before a module runs, so changing LoRAs never reloads a
-checkpoint from disk; the adapters' bytes count in their checkpoint's (or merge's) share of the budget. Upscale models (engine/models/upscale/) and ControlNets (engine/models/controlnet/) are
-kept each in a resident cache (engine/models/resident.py) by name and file state (a diff ControlNet also by its
+checkpoint from disk; the adapters' bytes count in their checkpoint's (or merge's) share of the budget. Upscale
+models (engine/models/upscale/) and ControlNets (engine/models/controlnet/) are kept each in a resident cache (engine/models/resident.py) by name and file state (a diff ControlNet also by its
 base model), in the same budget and LRU as checkpoints, and evicting one tells the node cache to let go of it.
 Standalone VAEs have a resident cache of their own, outside the budget: the four most recently used.
 """

@@ -23,8 +23,8 @@ from engine.errors import ModelNotFound, UnsafeModelFile, UnsupportedModel
 from engine.models.detect import PICKLE_SUFFIXES
 from engine.models.hashes import HashBook
 
-__all__ = ["FOLDERS", "FolderLookup", "ModelCatalog", "display_name",
-           "file_fingerprint", "safe_join"]
+__all__ = ["FOLDERS", "FolderLookup", "ModelCatalog", "display_name", "file_fingerprint", "safe_join",
+           "suffix_case_refusal"]
 
 Folder = Literal["checkpoints", "loras", "vae", "embeddings", "upscale_models", "controlnet", "hypernetworks",
                  "gligen", "clip_vision"]

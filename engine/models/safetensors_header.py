@@ -52,6 +52,7 @@ def data_end(name: str, extents: list[tuple[int, int, str]]) -> int:
     for start, end, key in sorted(extents):
         if start != offset:
             where = "overlaps the tensor before it" if start < offset else "leaves a gap after the tensor before it"
-            raise corrupt(name, f"tensor {key!r} {where} (its data starts at byte {start}, that one's ends at {offset})")
+            raise corrupt(name, f"tensor {key!r} {where} (its data starts at byte {start}, that one's ends at "
+                                f"{offset})")
         offset = end
     return offset

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import regex
 
-from prompts.emphasis import parse_weighted
+from prompts.emphasis import Fragment, parse_weighted
 from prompts.errors import PromptError
 from prompts.loras import extract_lora_tags
 
@@ -94,12 +94,20 @@ def _word_pattern(entry: str) -> regex.Pattern[str] | None:
     return regex.compile(rf"(?:^| ){head}{regex.escape(folded)}{tail}(?= |$)")
 
 
+def _encoded_fragments(text: str) -> list[Fragment] | None:
+    """`text`'s weighted runs as the text encoder reads them (its `<lora:>` tags out, as prompts/plan.py takes
+    them); None when it does not parse (its encode refuses it, saying why)."""
+    try:
+        return parse_weighted(extract_lora_tags(text)[0])
+    except PromptError:
+        return None
+
+
 def as_encoded(text: str) -> str:
     """`text` as the text encoder reads it: without its `<lora:>` tags and emphasis brackets, the runs of text
-    joined (a BREAK a space); `text` itself when it does not parse (its encode refuses it, saying why)."""
-    try:
-        fragments = parse_weighted(extract_lora_tags(text)[0])
-    except PromptError:
+    joined (a BREAK a space); `text` itself when it does not parse."""
+    fragments = _encoded_fragments(text)
+    if fragments is None:
         return text
     return "".join(" " if fragment.is_break else fragment.text for fragment in fragments)
 
@@ -111,9 +119,8 @@ def holds_phrase(text: str, phrase: str) -> bool:
     target = fold(phrase)
     if not target:
         return True
-    try:
-        fragments = parse_weighted(extract_lora_tags(text)[0])
-    except PromptError:
+    fragments = _encoded_fragments(text)
+    if fragments is None:
         return False
     whole = regex.compile(rf"(?:^| ){regex.escape(target)}(?= |$)")
     return any(not fragment.is_break and fragment.weight >= 1.0 and whole.search(fold(fragment.text))

@@ -4,8 +4,8 @@ A member at their queue cap is refused first, before any work. A file then goes 
 bot/core/requests/workflow_file.py (size, JSON, UI format refused, /prompt wrapper unwrapped, blocked node
 types refused, other members' uploads not loadable, outputs renamed under the results folder) and the
 engine's validator (ComfyUI's errors and the whole graph's cost, summarised per node), then into the queue as
-ONE job through the same bookkeeping as /imagine (`RequestQueue.enqueue`: the row first, all or nothing, the per-user cap). The job's images
-are stored, posted and deleted together.
+ONE job through the same bookkeeping as /imagine (`RequestQueue.enqueue`: the row first, all or nothing, the
+per-user cap). The job's images are stored, posted and deleted together.
 """
 
 from __future__ import annotations

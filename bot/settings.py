@@ -82,25 +82,26 @@ class BotSettings(BaseModel):
                              "such as 'noodle' or 'discord/noodle'")
         return value
 
-    @model_validator(mode="after")
-    def _defaults_that_run(self) -> BotSettings:
-        """The default sampler, scheduler and steps are what most requests run: a pair Noodle refuses (a typo, or
-        one it cannot reproduce faithfully) would refuse every request that does not name its own."""
-        # here, not at the top: the sampler tables import diffusers, which only a loaded config needs
+    def sampler_problem(self) -> str | None:
+        """Why the default sampler, scheduler and steps cannot run, or None: they are what most requests run, and a
+        pair Noodle refuses (a typo, or one it cannot reproduce faithfully) would refuse every request that does not
+        name its own. Asked by `Settings` when the file is read, not here when a BotSettings is built: the sampler
+        tables import diffusers (seconds), and `Settings`' own default BotSettings is built when this module is
+        imported."""
         from engine.samplers.names import SCHEDULER_NAMES, SUPPORTED_SAMPLERS, UnfaithfulSampler
         from engine.samplers.plan import check_pair
 
         if self.default_sampler not in SUPPORTED_SAMPLERS:
-            raise ValueError(f"default_sampler {self.default_sampler!r} is not one of Noodle's samplers: "
-                             f"{', '.join(SUPPORTED_SAMPLERS)}")
+            return (f"[bot] default_sampler {self.default_sampler!r} is not one of Noodle's samplers: "
+                    f"{', '.join(SUPPORTED_SAMPLERS)}")
         if self.default_scheduler not in SCHEDULER_NAMES:
-            raise ValueError(f"default_scheduler {self.default_scheduler!r} is not one of ComfyUI's schedulers: "
-                             f"{', '.join(SCHEDULER_NAMES)}")
+            return (f"[bot] default_scheduler {self.default_scheduler!r} is not one of ComfyUI's schedulers: "
+                    f"{', '.join(SCHEDULER_NAMES)}")
         try:
             check_pair(self.default_sampler, self.default_scheduler, self.default_steps)
         except UnfaithfulSampler as err:
-            raise ValueError(f"default_sampler, default_scheduler and default_steps: {err}") from None
-        return self
+            return f"[bot] default_sampler, default_scheduler and default_steps: {err}"
+        return None
 
 
 class RetentionSettings(BaseModel):
@@ -150,10 +151,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _bot_within_limits(self) -> Settings:
-        """[bot]'s defaults against [limits]: a default a request cannot have (a side over max_side, steps over
-        max_steps) refuses every request that leaves it out, so the file is refused instead, naming what to set."""
+        """[bot]'s defaults against [limits] and the samplers: a default a request cannot have (a side over max_side,
+        steps over max_steps, a sampler that is not there) refuses every request that leaves it out, so the file is
+        refused instead, naming what to set."""
         bot, limits = self.bot, self.limits
-        problems = []
+        problems = [problem] if (problem := bot.sampler_problem()) else []
         if bot.min_side > limits.max_side:
             problems.append(f"[bot] min_side = {bot.min_side} is above [limits] max_side = {limits.max_side}, so no "
                             "size is allowed")

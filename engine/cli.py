@@ -205,7 +205,7 @@ def cmd_tokens(args: argparse.Namespace, defaults: Any) -> int:
         return 2
     try:
         report = token_report(args.text, EmbeddingLibrary(folder) if folder.is_dir() else None,
-                              max_chunks=defaults.limits.max_prompt_chunks)
+                              max_chunks=defaults.limits.max_prompt_chunks, syntax=defaults.engine.prompt_syntax)
     except PromptError as err:
         print(json.dumps({"error": str(err)}))
         return 2

@@ -99,7 +99,8 @@ class Executor:
     def validate(self, workflow: Any) -> ValidatedPrompt:
         """Validate against the node catalog and the models folder, and the whole graph's cost against the
         limits (engine/cost/); raises WorkflowInvalid."""
-        return validate_within_limits(workflow, catalog(), self.models, self.limits)
+        return validate_within_limits(workflow, catalog(), self.models, self.limits,
+                                      syntax=self.settings.prompt_syntax)
 
     def run(
         self,
@@ -198,6 +199,7 @@ class Run:
             temp_dir=ex.settings.output_dir / TEMP_FOLDER,
             report_progress=lambda node, value, total: self.emit(Progress(self.prompt_id, node, value, total)),
             is_cancelled=self.is_cancelled, prompt_weighting=ex.settings.prompt_weighting,
+            prompt_syntax=ex.settings.prompt_syntax,
         )
 
     def inputs(self, node_id: str) -> dict[str, Any]:

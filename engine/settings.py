@@ -44,6 +44,11 @@ class EngineSettings(BaseModel):
     # activations on CUDA, half the usable RAM, container limits included, elsewhere).
     model_memory_bytes: int = Field(0, ge=0)
     prompt_weighting: Literal["comfy", "a1111"] = "comfy"
+    # how prompt text is read (prompts/plan.py): "noodle", A1111's emphasis ((x:1.2) inside ( multiplies, [x] /1.1,
+    # BREAK), <lora:> tags and whole words per 75-token chunk; "comfy", exactly as ComfyUI's CLIPTextEncode reads it
+    # (flat (x:1.2), [x] and BREAK plain text, chunks cut at 75 tokens inside a word), for the same pictures as
+    # ComfyUI from the same workflows. The bot's <lora:> tags become LoraLoaders in both
+    prompt_syntax: Literal["noodle", "comfy"] = "noodle"
     # "local": one worker thread in this process runs every job on this machine's device; "ray": engine workers
     # on a Ray cluster, one per device ([ray] below, engine/cluster/), the queue staying in this process
     workers: Literal["local", "ray"] = "local"

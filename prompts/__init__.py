@@ -1,8 +1,9 @@
 """Prompt text -> tokens -> conditioning: Noodle's `prompts` package.
 
 Token counts come from the real CLIP tokenizer (shipped in `clip_tokenizer/`); prompts are
-split into 75-token chunks, weighted with A1111's emphasis syntax, and encoded with
-transformers CLIP text models the way ComfyUI's CLIPTextEncode does. Around that: LoRA tags,
+split into 75-token chunks, weighted with A1111's emphasis syntax (or read exactly as ComfyUI reads
+them: `syntax="comfy"`), and encoded with transformers CLIP text models the way ComfyUI's
+CLIPTextEncode does. Around that: LoRA tags,
 textual-inversion embeddings, wildcards and style templates.
 
 This package imports neither `engine` nor `bot`: imports point downstream (bot -> engine -> prompts).
@@ -17,7 +18,7 @@ from .encoded import EncodedPrompt
 from .errors import PromptError
 from .loras import LoraTag, extract_lora_tags
 from .names import closest_names
-from .plan import PromptPlan, plan_prompt, token_report
+from .plan import SYNTAXES, PromptPlan, Syntax, encoded_fragments, plan_prompt, token_report
 from .report import TokenReport
 from .styles import Style, apply_style, load_styles
 from .tokenizer import clip_tokenizer, count_tokens
@@ -25,6 +26,7 @@ from .wildcards import available_wildcards, resolve_wildcards
 
 __all__ = [
     "CHUNK_TOKENS",
+    "SYNTAXES",
     "CacheInfo",
     "Chunk",
     "ClipEncoder",
@@ -37,6 +39,7 @@ __all__ = [
     "PromptError",
     "PromptPlan",
     "Style",
+    "Syntax",
     "TokenReport",
     "Weighting",
     "apply_style",
@@ -45,6 +48,7 @@ __all__ = [
     "closest_names",
     "count_tokens",
     "encode_prompt",
+    "encoded_fragments",
     "extract_lora_tags",
     "load_styles",
     "parse_weighted",

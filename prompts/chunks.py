@@ -1,14 +1,16 @@
 """Weighted token groups -> CLIP's 77-token chunks (start + 75 prompt tokens + end/padding).
 
 A group is one word's tokens (whitespace-separated, as the tokenizer split it) or one
-embedding's vectors. Groups fill a chunk in order; a group that does not fit starts the next
-chunk whole, so a word never straddles two chunks, unless the group alone is longer than a
-chunk: then it fills the current chunk and runs on into the next ones. `BREAK` closes the
-current chunk. No chunk is ever empty, except the single chunk of an empty prompt.
+embedding's vectors; in ComfyUI's syntax, one weighted run's tokens (prompts/comfy_emphasis.py).
+Groups fill a chunk in order; a group that does not fit starts the next chunk whole, so a word
+never straddles two chunks, unless the group is longer than `keep_whole`: then it fills the
+current chunk and runs on into the next ones. `BREAK` closes the current chunk. No chunk is
+ever empty, except the single chunk of an empty prompt.
 
-(ComfyUI's tokenizers differ by version: older ones move words of up to 7 tokens and split
-longer ones; current ones only keep embeddings and weighted segments apart. Whole words are
-what the design asks for, and what a reader of the token report expects.)
+`keep_whole` is a chunk (75) for Noodle's syntax: whole words, as the design asks and a reader of
+the token report expects. ComfyUI 0.3.64 keeps only groups of up to 7 tokens whole (its
+max_word_length 8), and its groups are whole weighted runs: a plain long prompt is one group,
+cut at exactly 75 tokens, inside a word if it falls there.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["BREAK", "CHUNK_TOKENS", "EMBEDDING_SLOT", "Chunk", "Slot", "Unit", "split_chunks"]
+__all__ = ["BREAK", "CHUNK_TOKENS", "COMFY_KEEP_WHOLE", "EMBEDDING_SLOT", "Chunk", "Slot", "Unit", "split_chunks"]
 
 CHUNK_TOKENS = 75
+COMFY_KEEP_WHOLE = 7  # ComfyUI's SDTokenizer: groups of max_word_length (8) tokens or more are split to fill a chunk
 EMBEDDING_SLOT = -1  # stands in the token list where an embedding vector goes
 BREAK = None  # a group list entry that forces a new chunk
 
@@ -76,8 +79,9 @@ class Chunk:
         return any(w != 1.0 for w in self.weights)
 
 
-def split_chunks(groups: Iterable[Sequence[Unit] | None]) -> list[Chunk]:
-    """Pack groups (`BREAK` = None between them) into chunks of at most 75 units."""
+def split_chunks(groups: Iterable[Sequence[Unit] | None], keep_whole: int = CHUNK_TOKENS) -> list[Chunk]:
+    """Pack groups (`BREAK` = None between them) into chunks of at most 75 units; a group of up to `keep_whole`
+    units that does not fit moves whole to the next chunk."""
     chunks: list[list[Unit]] = []
     current: list[Unit] = []
     for group in groups:
@@ -88,10 +92,10 @@ def split_chunks(groups: Iterable[Sequence[Unit] | None]) -> list[Chunk]:
             continue
         if len(current) + len(group) <= CHUNK_TOKENS:
             current.extend(group)
-        elif len(group) <= CHUNK_TOKENS:  # does not fit, but fits a chunk: move it whole
+        elif len(group) <= keep_whole:  # does not fit, but is kept whole: it starts the next chunk
             chunks.append(current)
             current = list(group)
-        else:  # longer than a chunk: fill up, then carry on in fresh chunks
+        else:  # longer than that: fill up, then carry on in fresh chunks
             rest = list(group)
             while rest:
                 room = CHUNK_TOKENS - len(current)

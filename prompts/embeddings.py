@@ -163,6 +163,20 @@ class EmbeddingLibrary:
         vectors, warning = self._vector_count(name, widths)
         return EmbeddingMatch(found.start(), end, name if vectors else None, vectors, warning)
 
+    def lookup(self, written: str, widths: Sequence[int] | None = None) -> EmbeddingMatch:
+        """The embedding a ComfyUI-syntax reference names, `written` being all of it up to whitespace (commas
+        included: the caller tries again without them, as ComfyUI does): its name and vector count, or (name None)
+        the warning saying why it was left out. The span is not known here: start and end are 0."""
+        if not written:
+            return EmbeddingMatch(0, 0, None, 0, "'embedding:' is followed by no name here; it was left out "
+                                                 "(write embedding:name, the file's name without .safetensors)")
+        listing = self._current()
+        name = self._resolve(written, listing)
+        if name is None:
+            return EmbeddingMatch(0, 0, None, 0, self._missing_warning(written, listing))
+        vectors, warning = self._vector_count(name, widths)
+        return EmbeddingMatch(0, 0, name if vectors else None, vectors, warning)
+
     @staticmethod
     def _resolve(written: str, listing: _Listing) -> str | None:
         """The `.safetensors` name `written` refers to: exact path, then any case, then by file stem

@@ -1,4 +1,5 @@
-"""Emphasis syntax: prompt text -> weighted fragments, with A1111's rules.
+"""Noodle's emphasis syntax (`[engine] prompt_syntax = "noodle"`, the default): text -> weighted fragments, with
+A1111's rules. ComfyUI's own reading, for pictures equal to ComfyUI's, is prompts/comfy_emphasis.py.
 
     (x)       x1.1, nested brackets multiply: ((x)) = 1.21
     (x:1.3)   x1.3 (times any enclosing brackets, as in A1111; ComfyUI would set 1.3 flat)
@@ -31,7 +32,8 @@ from dataclasses import dataclass
 
 from .errors import PromptError
 
-__all__ = ["MAX_NESTING", "MAX_WEIGHT", "ROUND_MULTIPLIER", "SQUARE_MULTIPLIER", "Fragment", "parse_weighted"]
+__all__ = ["MAX_NESTING", "MAX_WEIGHT", "ROUND_MULTIPLIER", "SQUARE_MULTIPLIER", "Fragment", "check_product",
+           "explicit_weight", "nesting_error", "parse_weighted"]
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
@@ -98,16 +100,34 @@ def _nested_products(count: int, spans: list[_Span]) -> list[float]:
 
 
 def _explicit_weight(number: str, text_of: Callable[[], str]) -> float:
-    """The weight of `(text:number)`, refused outside ±MAX_WEIGHT (1e39 or 400 digits: inf in float32). The
-    group's text is only made for the refusal: made for every weight, thousands of nested groups cost a
-    quadratic join."""
-    weight = float(number)  # the pattern only lets decimal numbers through; 309+ digits give inf
+    """The weight of `(text:number)`; the pattern only lets decimal numbers through (309+ digits give inf)."""
+    return explicit_weight(float(number), number, text_of)
+
+
+def explicit_weight(weight: float, number: str, text_of: Callable[[], str]) -> float:
+    """`weight`, written as `number` after a group's colon, or PromptError outside ±MAX_WEIGHT or not finite (1e39 or
+    400 digits: inf in float32; ComfyUI's float() also reads nan). The group's text is only made for the refusal:
+    made for every weight, thousands of nested groups cost a quadratic join."""
     if not (math.isfinite(weight) and abs(weight) <= MAX_WEIGHT):
         text = text_of()
         shown = number if len(number) <= 20 else f"{number[:12]}… ({len(number)} characters)"
-        raise PromptError(f"emphasis weight {shown} on {_shown(text)} is outside {_range()}; weights of 0.5 to 1.5 "
-                          f"are usual: write it like ({_shown(text, quote=False)}:1.2)")
+        raise PromptError(f"emphasis weight {shown.strip()} on {_shown(text)} is outside {_range()}; weights of 0.5 "
+                          f"to 1.5 are usual: write it like ({_shown(text, quote=False)}:1.2)")
     return weight
+
+
+def check_product(piece: str, weight: float) -> None:
+    """PromptError when the brackets around `piece` multiply its weight past ±MAX_WEIGHT: (x:90) inside a ( is 99,
+    inside two it is 108.9."""
+    if piece and not (math.isfinite(weight) and abs(weight) <= MAX_WEIGHT):
+        raise PromptError(f"the brackets around {_shown(piece)} multiply its weight to {weight:.4g}, outside "
+                          f"{_range()}: use fewer brackets, or write one weight, as in "
+                          f"({_shown(piece, quote=False)}:1.5)")
+
+
+def nesting_error(deepest: int, brackets: str = "( and [") -> PromptError:
+    return PromptError(f"brackets nest {deepest} deep here; at most {MAX_NESTING} {brackets} may be open at once "
+                       "(each ( multiplies the weight by 1.1): close them, or write one weight, as in (word:1.5)")
 
 
 def _range() -> str:
@@ -163,8 +183,7 @@ def parse_weighted(text: str) -> list[Fragment]:
                 pieces.append(part)
 
     if deepest > MAX_NESTING:
-        raise PromptError(f"brackets nest {deepest} deep here; at most {MAX_NESTING} ( and [ may be open at once "
-                          "(each ( multiplies the weight by 1.1): close them, or write one weight, as in (word:1.5)")
+        raise nesting_error(deepest)
     for span in open_round + open_square:  # unclosed: default multiplier up to the end
         span.end = len(pieces)
     weights = [
@@ -172,11 +191,7 @@ def parse_weighted(text: str) -> list[Fragment]:
         for r, s in zip(_nested_products(len(pieces), round_spans), _nested_products(len(pieces), square_spans))
     ]
     for piece, weight in zip(pieces, weights):
-        # after multiplying: (x:90) inside a ( is 99, inside two it is 108.9
-        if piece and not (math.isfinite(weight) and abs(weight) <= MAX_WEIGHT):
-            raise PromptError(f"the brackets around {_shown(piece)} multiply its weight to {weight:.4g}, outside "
-                              f"{_range()}: use fewer brackets, or write one weight, as in "
-                              f"({_shown(piece, quote=False)}:1.5)")
+        check_product(piece or "", weight)
     return _merge(pieces, weights)
 
 

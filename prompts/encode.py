@@ -28,7 +28,7 @@ from .chunks import CHUNK_TOKENS, Chunk
 from .embeddings import EmbeddingLibrary
 from .encoded import EncodedPrompt
 from .errors import PromptError
-from .plan import plan_prompt
+from .plan import Syntax, plan_prompt
 
 __all__ = ["ClipEncoder", "Weighting", "encode_prompt", "sd1_encoder", "sdxl_encoders"]
 
@@ -208,13 +208,15 @@ def encode_prompt(
     weighting: Weighting = "comfy",
     max_chunks: int | None = None,
     cache: PromptEncoderCache | None = None,
+    syntax: Syntax = "noodle",
 ) -> EncodedPrompt:
     """Encode `text` with `encoders` (SD1.x: one, SDXL: clip_l then clip_g) into conditioning.
 
     Long prompts become several 77-token chunks, each encoded on its own (as one row of a batch)
     and joined on the token axis;
-    `max_chunks` (from config) caps them and the report says what was cut. With `cache`, the
-    same text, encoders, layers, weighting, cap and embedding files give the stored result.
+    `max_chunks` (from config) caps them and the report says what was cut; `syntax` is how the text is read
+    (Noodle's or ComfyUI's, prompts/plan.py). With `cache`, the same text, encoders, layers, weighting, syntax,
+    cap and embedding files give the stored result.
     Raises `PromptError` for text the user must fix, `ValueError` for bad arguments.
     """
     # 1. Check inputs
@@ -225,14 +227,14 @@ def encode_prompt(
     if sum(encoder.pooled for encoder in encoders) > 1:
         raise ValueError("only one encoder can give the pooled output (SDXL: clip_g)")
     owners = [obj for encoder in encoders for obj in (encoder.model, encoder.tokenizer)]
-    key = (text, tuple(encoder.key() for encoder in encoders), weighting, max_chunks,
+    key = (text, tuple(encoder.key() for encoder in encoders), weighting, syntax, max_chunks,
            None if embeddings is None else embeddings.fingerprint())  # the folder and its files, not the object
     if cache is not None and (stored := cache.lookup(key, owners)) is not None:
         return stored.copy()
 
     # 2. Plan: the chunks are the same for every encoder (one CLIP vocabulary); only padding differs
     plan = plan_prompt(text, encoders[0].tokenizer, embeddings=embeddings,
-                       widths=[encoder.width for encoder in encoders], max_chunks=max_chunks)
+                       widths=[encoder.width for encoder in encoders], max_chunks=max_chunks, syntax=syntax)
 
     # 3. Encode every chunk with every encoder, then weight
     per_encoder: list[torch.Tensor] = []

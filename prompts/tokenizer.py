@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer, PreTrainedTokenizerBase
 
-__all__ = ["TOKENIZER_DIR", "clip_tokenizer", "count_tokens", "word_token_groups"]
+__all__ = ["TOKENIZER_DIR", "clip_tokenizer", "count_tokens", "text_tokens", "word_token_groups"]
 
 TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
 # A fast tokenizer's Rust core rejects concurrent calls that change its truncation settings
@@ -37,7 +37,12 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str, *, offsets: bool) -> 
 
 def count_tokens(text: str, tokenizer: PreTrainedTokenizerBase | None = None) -> int:
     """How many CLIP tokens `text` is, without the start and end tokens ("a photo of a cat" -> 5)."""
-    return len(_encode(tokenizer or clip_tokenizer(), text, offsets=False)["input_ids"])
+    return len(text_tokens(text, tokenizer))
+
+
+def text_tokens(text: str, tokenizer: PreTrainedTokenizerBase | None = None) -> list[int]:
+    """The CLIP tokens of `text`, without the start and end tokens."""
+    return list(_encode(tokenizer or clip_tokenizer(), text, offsets=False)["input_ids"])
 
 
 def word_token_groups(text: str, tokenizer: PreTrainedTokenizerBase | None = None) -> list[list[int]]:

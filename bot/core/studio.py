@@ -69,7 +69,7 @@ class Studio:
         scorer = NsfwScorer(settings.safety.threads) if settings.safety.classifier else None
         # home_server: the server whose rules apply to requests that name none (the console is one of its own)
         self.gate = SafetyGate(store, settings.safety, scorer, home_server=home_server,
-                               owner_negative=settings.bot.default_negative)
+                               owner_negative=settings.bot.default_negative, syntax=settings.engine.prompt_syntax)
         self.gate.report = getattr(publisher, "report", None)  # a front end with log channels posts reports
         self.moderation = Moderation(self.gate, store)
         self.queue = RequestQueue(engine, store, front=front, per_user_max=settings.queue.per_user_max,

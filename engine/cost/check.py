@@ -25,6 +25,7 @@ from engine.graph import Workflow, upstream
 from engine.nodes.base import Node
 from engine.settings import Limits
 from engine.validate import ValidatedPrompt, validate
+from prompts.plan import Syntax
 
 __all__ = ["WorkflowCost", "check_cost", "validate_within_limits"]
 
@@ -44,9 +45,10 @@ class WorkflowCost:
 
 
 def check_cost(prompt: ValidatedPrompt, limits: Limits, models: ModelFiles,
-               registry: Mapping[str, type[Node]]) -> WorkflowCost:
-    """The cost of a validated prompt; raises WorkflowInvalid naming each node past a limit."""
-    files = Files(models, limits)
+               registry: Mapping[str, type[Node]], *, syntax: Syntax = "noodle") -> WorkflowCost:
+    """The cost of a validated prompt, its texts read in `syntax` ([engine] prompt_syntax); raises WorkflowInvalid
+    naming each node past a limit."""
+    files = Files(models, limits, syntax)
     shapes: dict[str, tuple[Shape, ...]] = {}
     refused: dict[str, list[dict[str, Any]]] = {}
     totals = {"steps": 0, "images": 0}
@@ -77,7 +79,7 @@ def check_cost(prompt: ValidatedPrompt, limits: Limits, models: ModelFiles,
 
 
 def validate_within_limits(workflow: object, registry: Mapping[str, type[Node]], models: ModelFiles,
-                           limits: Limits) -> ValidatedPrompt:
+                           limits: Limits, *, syntax: Syntax = "noodle") -> ValidatedPrompt:
     """Validate as ComfyUI does, bounded: the node count before any node is checked, the whole cost after."""
     parsed = Workflow.parse(workflow)
     if len(parsed.nodes) > limits.max_workflow_nodes:
@@ -87,7 +89,7 @@ def validate_within_limits(workflow: object, registry: Mapping[str, type[Node]],
         raise WorkflowInvalid({"error": {"type": LIMIT_EXCEEDED, "message": message, "details": "",
                                          "extra_info": {"limit": "max_workflow_nodes"}}, "node_errors": {}})
     prompt = validate(parsed, registry, models.choices, limits)
-    check_cost(prompt, limits, models, registry)
+    check_cost(prompt, limits, models, registry, syntax=syntax)
     return prompt
 
 

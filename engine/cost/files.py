@@ -15,7 +15,7 @@ from engine.models.upscale import read_spec
 from engine.settings import Limits
 from prompts.embeddings import EmbeddingLibrary
 from prompts.errors import PromptError
-from prompts.plan import token_report
+from prompts.plan import Syntax, plan_prompt
 
 __all__ = ["Files", "ModelFiles"]
 
@@ -36,8 +36,8 @@ class ModelFiles(Protocol):
 class Files:
     """What `check_cost` reads beside the graph, each file and text once: input images' headers, prompts' chunks."""
 
-    def __init__(self, models: ModelFiles, limits: Limits) -> None:
-        self.models, self.limits = models, limits
+    def __init__(self, models: ModelFiles, limits: Limits, syntax: Syntax = "noodle") -> None:
+        self.models, self.limits, self.syntax = models, limits, syntax
         self.sizes: dict[str, tuple[int, int] | None] = {}
         self.chunks: dict[str, int] = {}
         self.scales: dict[str, int | None] = {}
@@ -67,7 +67,8 @@ class Files:
             if self._embeddings is None:
                 self._embeddings = self.models.embeddings
             try:
-                count = token_report(text, self._embeddings, max_chunks=self.limits.max_prompt_chunks).chunks
+                count = plan_prompt(text, embeddings=self._embeddings, max_chunks=self.limits.max_prompt_chunks,
+                                    syntax=self.syntax).report.chunks
             except PromptError:  # its encode refuses it with this message when the job runs; bound it meanwhile
                 count = self.limits.max_prompt_chunks
             self.chunks[text] = count

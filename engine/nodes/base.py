@@ -136,6 +136,7 @@ class RunContext:
     report_progress: Callable[[str, int, int], None] = lambda node, value, total: None
     is_cancelled: Callable[[], bool] = lambda: False
     prompt_weighting: str = "comfy"
+    prompt_syntax: str = "noodle"
 
     def check_cancelled(self) -> None:
         """Raise JobCancelled when an interrupt was asked for; called at every sampler step."""

@@ -77,6 +77,7 @@ def encode_text(text: str, encoders: list[ClipEncoder], ctx: RunContext) -> Enco
         hits = ctx.models.prompt_cache.cache_info().hits
         encoded = encode_prompt(text, encoders, embeddings=ctx.models.embeddings,
                                 weighting=ctx.prompt_weighting,  # type: ignore[arg-type]
+                                syntax=ctx.prompt_syntax,  # type: ignore[arg-type]
                                 cache=ctx.models.prompt_cache, max_chunks=ctx.limits.max_prompt_chunks)
     except PromptError as err:
         raise PromptError(f"node {ctx.node_id}: {err}") from err

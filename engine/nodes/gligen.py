@@ -56,10 +56,12 @@ def box_text_pooled(text: str, clip: ClipRef, ctx: RunContext) -> torch.Tensor:
                          f"{clip.arch.family}")
     encoder = replace(clip_encoders(clip, ctx)[0], layer=-1, final_norm=True)
     try:
+        syntax = ctx.prompt_syntax
         encoded = encode_prompt(text, [encoder], embeddings=ctx.models.embeddings, weighting="comfy",
-                                cache=ctx.models.prompt_cache, max_chunks=ctx.limits.max_prompt_chunks)
+                                cache=ctx.models.prompt_cache, max_chunks=ctx.limits.max_prompt_chunks,
+                                syntax=syntax)  # type: ignore[arg-type]
         plan = plan_prompt(text, encoder.tokenizer, embeddings=ctx.models.embeddings, widths=[encoder.width],
-                           max_chunks=ctx.limits.max_prompt_chunks)
+                           max_chunks=ctx.limits.max_prompt_chunks, syntax=syntax)  # type: ignore[arg-type]
     except PromptError as err:
         raise PromptError(f"node {ctx.node_id}: {err}") from err
     end = 1 + len(plan.chunks[0].tokens)  # after the start token and the first chunk's tokens

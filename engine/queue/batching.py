@@ -91,7 +91,8 @@ def batch_key(prompt: ValidatedPrompt) -> str | None:
 def sampler_steps(prompt: ValidatedPrompt, executor: Executor) -> int:
     """The sampler steps a job runs, for queue ETAs: the cost check's count, which follows every sampler node
     (KSampler's schedule, SamplerCustom's SIGMAS through schedulers, splits and flips)."""
-    return check_cost(prompt, executor.limits, executor.models, catalog()).steps
+    return check_cost(prompt, executor.limits, executor.models, catalog(),
+                      syntax=executor.settings.prompt_syntax).steps
 
 
 def run_batch(executor: Executor, members: Sequence[BatchMember]) -> list[RunResult | Exception]:

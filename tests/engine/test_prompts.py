@@ -68,3 +68,26 @@ def test_the_same_text_twice_hits_the_encoder_cache(executor: Executor) -> None:
     executor.models.prompt_cache.clear()
     meta = executor.run(with_changes(txt2img(prompt="a lone fox", seed=5), "7", text="a lone fox")).meta
     assert meta["encoder_cache"] == {"6": "miss", "7": "hit"}
+
+
+def test_comfyui_syntax_draws_what_comfyui_reads(executor: Executor) -> None:
+    """[engine] prompt_syntax = "comfy": a long prompt is cut at 75 tokens inside a word (Noodle's syntax moves the
+    word whole), `((fox:1.3))` weighs 1.3 flat, and a short plain prompt draws the same pixels in both."""
+    settings = executor.settings
+    long_text = " ".join(["cat"] * 74) + " photorealistic"  # "photorealistic" is 2 tokens
+    noodle_long, noodle_meta = render(executor, txt2img(prompt=long_text, seed=6))
+    noodle_plain, _ = render(executor, txt2img(prompt="a red fox", seed=6))
+    noodle_nested, _ = render(executor, txt2img(prompt="a ((fox:1.3))", seed=6))
+    executor.settings = settings.model_copy(update={"prompt_syntax": "comfy"})
+    try:
+        comfy_long, comfy_meta = render(executor, txt2img(prompt=long_text, seed=6))
+        comfy_plain, _ = render(executor, txt2img(prompt="a red fox", seed=6))
+        comfy_nested, _ = render(executor, txt2img(prompt="a ((fox:1.3))", seed=6))
+        comfy_flat, _ = render(executor, txt2img(prompt="a (fox:1.3)", seed=6))
+    finally:
+        executor.settings = settings
+    assert noodle_meta["tokens"]["6"]["chunk_tokens"] == [74, 2]
+    assert comfy_meta["tokens"]["6"]["chunk_tokens"] == [75, 1]
+    assert not np.array_equal(noodle_long, comfy_long)
+    assert np.array_equal(noodle_plain, comfy_plain)
+    assert np.array_equal(comfy_nested, comfy_flat) and not np.array_equal(noodle_nested, comfy_nested)

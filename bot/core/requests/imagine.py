@@ -26,9 +26,8 @@ from engine.nodes.base import SEED_MAX
 from engine.nodes.latents import side_problem, size_problems
 from engine.samplers import SCHEDULER_NAMES, SUPPORTED_SAMPLERS, UnfaithfulSampler, check_pair
 from engine.templates import LoraChoice, WorkflowParams
-from prompts.emphasis import parse_weighted
 from prompts.errors import PromptError
-from prompts.loras import extract_lora_tags
+from prompts.plan import Syntax, encoded_fragments
 
 __all__ = ["CONTROL_STRENGTH_MAX", "Allowed", "GenerationRequest", "ImageUpload", "RequestContext", "check_sampler",
            "check_upload_meta", "parse_request"]
@@ -82,6 +81,7 @@ class RequestContext:
     vaes: Sequence[str] = ()
     defaults: BotSettings = field(default_factory=BotSettings)
     controlnets: Sequence[str] = ()
+    syntax: Syntax = "noodle"  # [engine] prompt_syntax: how the engine's text encode reads the prompt
 
 
 def check_upload_meta(filename: str, content_type: str | None, size: int, allowed: Allowed,
@@ -270,7 +270,7 @@ class GenerationRequest(BaseModel):
             raise RequestInvalid(f"prompt: {err}") from None
         for name, text in (("prompt", expanded.prompt), ("negative", expanded.negative)):
             try:  # the text encode reads the emphasis again; read here, a bad weight never reaches the queue
-                parse_weighted(extract_lora_tags(text)[0])
+                encoded_fragments(text, context.syntax)
             except PromptError as err:
                 raise RequestInvalid(f"{name}: {err}") from None
         controlnet = resolve_name("ControlNet", self.controlnet, context.controlnets, "models/controlnet") \

@@ -14,13 +14,13 @@ from bot.core.errors import RequestInvalid
 from prompts.chunks import CHUNK_TOKENS
 from prompts.embeddings import EmbeddingLibrary
 from prompts.errors import PromptError
-from prompts.plan import token_report
+from prompts.plan import Syntax, token_report
 from prompts.wildcards import resolve_wildcards
 
 __all__ = ["token_text"]
 
 
-def token_text(text: str, embeddings_dir: Path, max_chunks: int | None = None) -> str:
+def token_text(text: str, embeddings_dir: Path, max_chunks: int | None = None, syntax: Syntax = "noodle") -> str:
     """`42/75 tokens (1 chunk)` plus the embeddings, LoRA tags and warnings found; RequestInvalid when the
     prompt cannot be read (an unclosed bracket, an unknown embedding...)."""
     if not text.strip():
@@ -28,7 +28,7 @@ def token_text(text: str, embeddings_dir: Path, max_chunks: int | None = None) -
     try:
         drawn = resolve_wildcards(text, 0)
         report = token_report(drawn, EmbeddingLibrary(embeddings_dir) if embeddings_dir.is_dir() else None,
-                              max_chunks=max_chunks)
+                              max_chunks=max_chunks, syntax=syntax)
     except PromptError as err:
         raise RequestInvalid(f"the prompt cannot be read: {err}") from None
     chunks = max(1, report.chunks)

@@ -35,6 +35,7 @@ from bot.core.safety.words import Banned, find_banned, holds_phrase
 from bot.core.storage.records import Generation, NewGeneration
 from bot.core.storage.store import Store
 from bot.settings import SafetySettings
+from prompts.plan import Syntax
 
 __all__ = ["BLOCKED_TEXT", "MemberBlocked", "Report", "RuleRefused", "SafetyGate", "blocked_text"]
 
@@ -66,8 +67,9 @@ class SafetyGate:
     """Rules per server, member blocks, prompt and model checks, and the classifier's verdict on images."""
 
     def __init__(self, store: Store, settings: SafetySettings, scorer: NsfwScorer | None, *,
-                 home_server: str | None = None, owner_negative: str = "") -> None:
+                 home_server: str | None = None, owner_negative: str = "", syntax: Syntax = "noodle") -> None:
         self.store, self.settings, self.scorer = store, settings, scorer
+        self.syntax = syntax  # [engine] prompt_syntax: texts are matched as the engine's encode will read them
         # [bot] default_negative: the owner's words, put in a negative for members who give none (never theirs)
         self.owner_negative = owner_negative.strip()
         self.home_server = home_server  # the server of requests that name none (the console's own)
@@ -104,7 +106,7 @@ class SafetyGate:
         """`negative` with the server's enforced negative appended (once), as the card and the PNG show it."""
         server = self.server_of(guild_id)
         enforced = (await self.rules(server)).enforced_negative.strip() if server is not None else ""
-        if not enforced or holds_phrase(negative, enforced):
+        if not enforced or holds_phrase(negative, enforced, self.syntax):
             return negative
         return f"{negative.rstrip().rstrip(',')}, {enforced}" if negative.strip() else enforced
 
@@ -129,7 +131,7 @@ class SafetyGate:
         for label, text in texts.items():
             if label == "negative":
                 text = self._members_part(text, rules)
-            found = find_banned([text], rules.banned_words, rules.banned_patterns)
+            found = find_banned([text], rules.banned_words, rules.banned_patterns, self.syntax)
             if found is not None:
                 raise await self._refuse(server, who, door, _banned_line(found, f"your {label}"), text)
 
@@ -149,7 +151,7 @@ class SafetyGate:
             if problem is not None:
                 raise await self._refuse(server, who, new.kind, problem, _prompt_of(new))
             try:
-                images.append((seed, with_negative(workflow, rules.enforced_negative)))
+                images.append((seed, with_negative(workflow, rules.enforced_negative, self.syntax)))
             except NegativeNotApplied as err:
                 raise await self._refuse(server, who, new.kind, str(err), _prompt_of(new)) from None
         return replace(new, images=images)
@@ -162,15 +164,15 @@ class SafetyGate:
                 text = new.params.get(label)
                 if label == "negative" and isinstance(text, str):
                     text = self._members_part(text, rules)
-                found = find_banned([text], rules.banned_words, rules.banned_patterns) if isinstance(text, str) \
-                    else None
+                found = find_banned([text], rules.banned_words, rules.banned_patterns, self.syntax) \
+                    if isinstance(text, str) else None
                 if found is not None:
                     return _banned_line(found, f"the {label}" + (" (after its style, preset and wildcards)"
                                                                 if label == "prompt" else ""))
         negatives = negative_only(workflow)
         for box in prompt_texts(workflow):
             text = self._members_part(box.text, rules) if box.node_id in negatives else box.text
-            found = find_banned([text], rules.banned_words, rules.banned_patterns)
+            found = find_banned([text], rules.banned_words, rules.banned_patterns, self.syntax)
             if found is not None:
                 where = f"node {box.node_id} ({box.class_type}) {box.name}" if workflow_kind else "the prompt"
                 return _banned_line(found, where)

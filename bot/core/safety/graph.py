@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.core.safety.words import holds_phrase
+from prompts.plan import Syntax
 from engine.graph import is_link
 from engine.nodes import catalog
 from engine.nodes.base import InputSpec
@@ -162,15 +163,15 @@ def _samplers(workflow: dict[str, Any]) -> list[str]:
             if is_link(inputs.get("negative")) and CONDITIONING not in _returns(class_type)]
 
 
-def _contains(text: str, enforced: str) -> bool:
-    return holds_phrase(text, enforced)
+def _contains(text: str, enforced: str, syntax: Syntax) -> bool:
+    return holds_phrase(text, enforced, syntax)
 
 
 def _appended(text: str, enforced: str) -> str:
     return f"{text.rstrip().rstrip(',')}, {enforced}" if text.strip() else enforced
 
 
-def with_negative(workflow: dict[str, Any], enforced: str) -> dict[str, Any]:
+def with_negative(workflow: dict[str, Any], enforced: str, syntax: Syntax = "noodle") -> dict[str, Any]:
     """`workflow` with `enforced` in every sampler's negative conditioning; unchanged where it is already there.
 
     A negative text encode that feeds only negatives gets the text appended (as /imagine's negative is); one
@@ -188,18 +189,18 @@ def with_negative(workflow: dict[str, Any], enforced: str) -> dict[str, Any]:
         negatives = _encodes_behind(graph, inputs["negative"])
         texts = {node: {name: graph[node]["inputs"].get(name) for name in _prompt_inputs(graph[node]["class_type"])}
                  for node in negatives}
-        if negatives and all(isinstance(text, str) and _contains(text, enforced)
+        if negatives and all(isinstance(text, str) and _contains(text, enforced, syntax)
                              for boxes in texts.values() for text in boxes.values()):
             continue
         if any(node.startswith("noodle_negative_") and texts[node].get("text") == enforced for node in negatives):
             continue  # joined on before (a reroll of a /workflow result this rule already changed)
         if negatives and not negatives & positives and all(isinstance(text, str) for boxes in texts.values()
                                                            for text in boxes.values()):
-            appended = {(node, name): text if _contains(text, enforced) else _appended(text, enforced)
+            appended = {(node, name): text if _contains(text, enforced, syntax) else _appended(text, enforced)
                         for node, boxes in texts.items() for name, text in boxes.items()}
             # held at full weight after the append too: an unclosed `[` in the member's text weighs down what
             # follows it, so such a negative takes the enforced words in an encode of their own (below)
-            if all(_contains(text, enforced) for text in appended.values()):
+            if all(_contains(text, enforced, syntax) for text in appended.values()):
                 for (node, name), text in appended.items():
                     graph[node]["inputs"][name] = text
                 continue

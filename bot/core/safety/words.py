@@ -9,9 +9,10 @@ space (emphasis like `(nude:1.3)`, `nu_de`'s underscore, commas), and a run of s
 moderator writes; each runs against the prompt as typed (lower case) and folded, with a time limit: a pattern
 that backtracks without end refuses the one prompt, it never holds the bot up.
 
-Each text is also matched as the text encoder reads it (`as_encoded`): `<lora:>` tags taken out, so the word
-around one closes up, and the emphasis brackets gone with their weights, so `nu()de`, `nu[]de` and `nu(:1)de`,
-which encode as `nude`, are read as `nude`.
+Each text is also matched as the text encoder reads it (`as_encoded`, in [engine] prompt_syntax): `<lora:>` tags
+taken out (Noodle's syntax), so the word around one closes up, and the emphasis brackets gone with their weights,
+so `nu()de`, `nu[]de` and `nu(:1)de`, which encode as `nude`, are read as `nude` (in ComfyUI's syntax the runs
+are joined as well, which reads more than its encoder sees, never less).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from dataclasses import dataclass
 
 import regex
 
-from prompts.emphasis import Fragment, parse_weighted
+from prompts.emphasis import Fragment
 from prompts.errors import PromptError
-from prompts.loras import extract_lora_tags
+from prompts.plan import Syntax, encoded_fragments
 
 __all__ = ["Banned", "as_encoded", "find_banned", "fold", "holds_phrase"]
 
@@ -94,32 +95,32 @@ def _word_pattern(entry: str) -> regex.Pattern[str] | None:
     return regex.compile(rf"(?:^| ){head}{regex.escape(folded)}{tail}(?= |$)")
 
 
-def _encoded_fragments(text: str) -> list[Fragment] | None:
-    """`text`'s weighted runs as the text encoder reads them (its `<lora:>` tags out, as prompts/plan.py takes
-    them); None when it does not parse (its encode refuses it, saying why)."""
+def _encoded_fragments(text: str, syntax: Syntax) -> list[Fragment] | None:
+    """`text`'s weighted runs as the text encoder reads them in `syntax` ([engine] prompt_syntax: in Noodle's, its
+    `<lora:>` tags out); None when it does not parse (its encode refuses it, saying why)."""
     try:
-        return parse_weighted(extract_lora_tags(text)[0])
+        return encoded_fragments(text, syntax)
     except PromptError:
         return None
 
 
-def as_encoded(text: str) -> str:
-    """`text` as the text encoder reads it: without its `<lora:>` tags and emphasis brackets, the runs of text
-    joined (a BREAK a space); `text` itself when it does not parse."""
-    fragments = _encoded_fragments(text)
+def as_encoded(text: str, syntax: Syntax = "noodle") -> str:
+    """`text` as the text encoder reads it: without its emphasis brackets (and in Noodle's syntax its `<lora:>`
+    tags), the runs of text joined (a BREAK a space); `text` itself when it does not parse."""
+    fragments = _encoded_fragments(text, syntax)
     if fragments is None:
         return text
     return "".join(" " if fragment.is_break else fragment.text for fragment in fragments)
 
 
-def holds_phrase(text: str, phrase: str) -> bool:
+def holds_phrase(text: str, phrase: str, syntax: Syntax = "noodle") -> bool:
     """Whether `phrase` is in `text` as whole words (folded) at full weight or more, as the encoder reads it: an
     enforced negative counts as there only then. `xnsfw, nudex` does not hold `nsfw, nude`; neither does
     `(nsfw, nude:0)`, nor a phrase an unclosed `[` weighs down."""
     target = fold(phrase)
     if not target:
         return True
-    fragments = _encoded_fragments(text)
+    fragments = _encoded_fragments(text, syntax)
     if fragments is None:
         return False
     whole = regex.compile(rf"(?:^| ){regex.escape(target)}(?= |$)")
@@ -127,9 +128,10 @@ def holds_phrase(text: str, phrase: str) -> bool:
                for fragment in fragments)
 
 
-def find_banned(texts: Iterable[str], words: Iterable[str], patterns: Iterable[str]) -> Banned | None:
-    """The first banned word or pattern found in any of `texts` (as typed, or as encoded), else None."""
-    texts = list(dict.fromkeys(variant for text in texts if text for variant in (text, as_encoded(text))))
+def find_banned(texts: Iterable[str], words: Iterable[str], patterns: Iterable[str],
+                syntax: Syntax = "noodle") -> Banned | None:
+    """The first banned word or pattern found in any of `texts` (as typed, or as encoded in `syntax`), else None."""
+    texts = list(dict.fromkeys(variant for text in texts if text for variant in (text, as_encoded(text, syntax))))
     folded = [fold(text) for text in texts]
     spelled = [run for text in texts for run in _spelled_out(text)]
     for entry in words:

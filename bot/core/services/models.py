@@ -32,7 +32,8 @@ class ModelChoices:
         checkpoints, loras, vaes, controlnets = await asyncio.to_thread(
             lambda: (self.engine.choices("checkpoints"), self.engine.choices("loras"), self.engine.choices("vae"),
                      self.engine.choices("controlnet")))
-        return RequestContext(self.allowed, checkpoints, loras, vaes, self.settings.bot, controlnets)
+        return RequestContext(self.allowed, checkpoints, loras, vaes, self.settings.bot, controlnets,
+                              self.settings.engine.prompt_syntax)
 
     async def names(self, folder: str, matching: str = "") -> list[str]:
         """Files of `folder` whose names contain `matching`, prefix matches first (autocomplete)."""
@@ -100,4 +101,4 @@ class ModelChoices:
     async def tokens(self, text: str) -> str:
         """The token report of `text` (/tokens), with this models folder's embeddings."""
         return await asyncio.to_thread(token_text, text, self.settings.models.dir / "embeddings",
-                                       self.settings.limits.max_prompt_chunks)
+                                       self.settings.limits.max_prompt_chunks, self.settings.engine.prompt_syntax)

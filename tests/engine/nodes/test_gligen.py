@@ -254,7 +254,7 @@ def pixels(executor: Executor, workflow: dict[str, Any]) -> np.ndarray:
 
 def context(executor: Executor) -> Any:
     return SimpleNamespace(node_id="21", models=executor.models, limits=executor.limits, meta=RunMeta(),
-                           prompt_weighting="comfy")
+                           prompt_weighting="comfy", prompt_syntax="noodle")
 
 
 def test_the_folder_is_listed_and_a_pickle_is_refused_with_the_convert_command(gligen_executor: Executor) -> None:

@@ -103,6 +103,16 @@ def test_a_negative_whose_unclosed_bracket_would_weigh_the_phrase_down_gets_it_i
     assert with_negative(fixed, ENFORCED) == fixed  # a reroll adds nothing more
 
 
+@pytest.mark.parametrize(("syntax", "appended"), [("noodle", False), ("comfy", True)])
+def test_the_enforced_negative_is_weighed_as_the_engines_syntax_reads_it(syntax: str, appended: bool) -> None:
+    """`((nsfw, nude:0.95))` is 1.1 x 1.1 x 0.95 = 1.15 in Noodle's syntax, but 0.95 flat in ComfyUI's: read with
+    Noodle's rules under prompt_syntax = "comfy", the weakened phrase would count as there."""
+    graph = json.loads(_text_workflow("a red fox"))
+    graph["6"]["inputs"]["text"] = "((nsfw, nude:0.95))"
+    fixed = with_negative(graph, ENFORCED, syntax)  # type: ignore[arg-type]
+    assert (_texts(fixed)["6"] == f"((nsfw, nude:0.95)), {ENFORCED}") is appended
+
+
 async def test_below_cfg_1_is_refused_where_a_negative_is_enforced(env: Env) -> None:
     """At cfg 0 the sampler draws its negative alone: the server's enforced 'nsfw, nude'."""
     await env.studio.gate.put_rules(GUILD, ServerRules(enforced_negative=ENFORCED))

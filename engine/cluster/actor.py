@@ -73,6 +73,13 @@ class WorkerFacts:
     device: str  # "cuda:0 (NVIDIA H200)", "cpu"
     dtype: str
     budget_bytes: int
+    prompt_reading: tuple[str, str] = ("comfy", "noodle")  # its [engine] prompt_weighting and prompt_syntax
+
+
+def prompt_reading(settings: EngineSettings) -> tuple[str, str]:
+    """How an engine reads prompt text: [engine] prompt_weighting and prompt_syntax. Workers that read it otherwise
+    draw another picture from the same job, so a reroll would change with the machine it lands on."""
+    return settings.prompt_weighting, settings.prompt_syntax
 
 
 @dataclass(frozen=True)
@@ -143,9 +150,10 @@ class EngineWorker:
         shown = str(device)
         if device.type == "cuda":
             shown = f"{device} ({torch.cuda.get_device_name(device)})"
+        settings = self.executor.settings
         return WorkerFacts(self.spec.name, socket.gethostname(), os.getpid(), ray.get_runtime_context().get_node_id(),
                            shown, str(self.executor.models.dtype).removeprefix("torch."),
-                           self.executor.models.memory_budget)
+                           self.executor.models.memory_budget, prompt_reading(settings))
 
     def manifest(self, names: dict[str, list[str]]) -> dict[str, str | None]:
         """"folder/name" -> the short hash of this worker's file of that name, None where it has none."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from engine.cluster import pool
-from engine.cluster.actor import Finished, StepEvent, WireJob, WorkerBusy
+from engine.cluster.actor import Finished, StepEvent, WireJob, WorkerBusy, prompt_reading
 from engine.cluster.files import input_files, place_results, read_inputs
 from engine.cluster.pool import RemoteWorker
 from engine.cluster.routing import Candidate, Holdings, Needs, Router, needs_of
@@ -67,6 +67,7 @@ class ClusterRunner:
         self._needs: dict[str, Needs] = {}
         self._avoid: dict[str, set[str]] = {}  # job id -> workers that died running it
         self._manifest: dict[str, str] = {}
+        self._reading = prompt_reading(config.engine or executor.settings)  # what every worker's must be
         self._started_ray = False
         self._count = 0
         self._closing = threading.Event()
@@ -83,7 +84,7 @@ class ClusterRunner:
         count = pool.owned_count(self.settings)
         self._manifest = pool.local_manifest(self.executor.models)
         workers = [self._new_worker() for _ in range(count)]
-        pool.wait_up(workers, self._manifest)
+        pool.wait_up(workers, self._manifest, self._reading)
         with self._lock:
             self._workers.extend(workers)
         self._find_joined()
@@ -321,7 +322,7 @@ class ClusterRunner:
     def _replace(self, dead: RemoteWorker) -> None:
         """A new worker for one of the bot's own that died."""
         replacement = self._new_worker()
-        pool.wait_up([replacement], self._manifest)
+        pool.wait_up([replacement], self._manifest, self._reading)
         with self._lock:
             if self._closing.is_set():
                 return
@@ -410,7 +411,7 @@ class ClusterRunner:
             return
         for worker in found:
             worker.idle_since = time.monotonic()
-        pool.wait_up(found, self._manifest)
+        pool.wait_up(found, self._manifest, self._reading)
         for worker in found:
             if worker.state == "refused":
                 worker.handle.refused.remote(worker.note)

@@ -128,15 +128,17 @@ def start_actor(spec: WorkerSpec, settings: RaySettings, *, name: str | None = N
     return ray.remote(EngineWorker).options(**options).remote(spec)
 
 
-def wait_up(workers: list[RemoteWorker], manifest: dict[str, str], timeout: float = READY_TIMEOUT_S) -> None:
-    """Wait for each worker's facts and check its models; marks each up, refused or dead (with its note)."""
+def wait_up(workers: list[RemoteWorker], manifest: dict[str, str], reading: tuple[str, str],
+            timeout: float = READY_TIMEOUT_S) -> None:
+    """Wait for each worker's facts and check its models and how it reads prompts (`reading`, the bot's
+    actor.prompt_reading); marks each up, refused or dead (with its note)."""
     if not workers:
         return
     with ThreadPoolExecutor(max_workers=len(workers)) as pool:
-        list(pool.map(lambda worker: _bring_up(worker, manifest, timeout), workers))
+        list(pool.map(lambda worker: _bring_up(worker, manifest, reading, timeout), workers))
 
 
-def _bring_up(worker: RemoteWorker, manifest: dict[str, str], timeout: float) -> None:
+def _bring_up(worker: RemoteWorker, manifest: dict[str, str], reading: tuple[str, str], timeout: float) -> None:
     import ray
 
     try:
@@ -152,7 +154,7 @@ def _bring_up(worker: RemoteWorker, manifest: dict[str, str], timeout: float) ->
         worker.state, worker.note = "dead", f"did not start: {type(err).__name__}: {err}"
         log.error("engine worker %s %s", worker.name, worker.note)
         return
-    refusal = check_models(manifest, theirs)
+    refusal = check_reading(reading, worker.facts.prompt_reading) or check_models(manifest, theirs)
     if refusal:
         worker.state, worker.note = "refused", refusal
         log.error("engine worker %s on %s refused: %s", worker.name, worker.facts.host, refusal)
@@ -187,6 +189,17 @@ def check_models(ours: dict[str, str], theirs: dict[str, str | None]) -> str | N
         parts.append(f"it lacks {', '.join(missing[:3])}{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
     return ("the models folder must hold the same files under the same names on every worker: "
             + "; ".join(parts) + "; copy them from the bot's machine and start the worker again")
+
+
+def check_reading(ours: tuple[str, str], theirs: tuple[str, str]) -> str | None:
+    """Why a worker that reads prompt text otherwise than the bot cannot serve its jobs: the same job would draw
+    another picture there."""
+    if tuple(theirs) == tuple(ours):
+        return None
+    differ = [f"{name} = {their!r} (the bot's is {our!r})" for name, our, their
+              in zip(("prompt_weighting", "prompt_syntax"), ours, theirs) if our != their]
+    return (f"its [engine] {' and '.join(differ)}: the same prompt would draw another picture there; set the bot's "
+            "in that machine's config.toml and start the worker again")
 
 
 def find_joined(known: Iterable[str]) -> list[RemoteWorker]:

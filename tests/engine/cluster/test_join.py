@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parents[3]
 class WorkerCommand:
     """`noodle worker` in a child process with a config.toml of its own; its output read on a thread."""
 
-    def __init__(self, ray: Any, root: Path, models: Path, name: str) -> None:
+    def __init__(self, ray: Any, root: Path, models: Path, name: str, engine: str = "") -> None:
         config = root / f"{name}.toml"
-        config.write_text(f'[models]\ndir = "{models}"\n[engine]\ndevice = "cpu"\n'
+        config.write_text(f'[models]\ndir = "{models}"\n[engine]\ndevice = "cpu"\n{engine}'
                           f'[ray]\nnamespace = "{ray.get_runtime_context().namespace}"\n')
         env = {**os.environ, "NOODLE_CONFIG": str(config), "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
                "PYTHONPATH": str(REPO)}
@@ -102,3 +102,19 @@ async def test_a_worker_whose_models_differ_is_refused_naming_the_file(cluster_e
         command.stop()
     [refused] = [w for w in service.workers() if w.name == "box-c"]
     assert refused.state == "refused" and "loras/tiny-lora-a.safetensors" in refused.note
+
+
+async def test_a_worker_that_reads_prompts_otherwise_is_refused_naming_the_setting(cluster_env: Any, ray_cluster: Any,
+                                                                                   tmp_path: Path) -> None:
+    """Its [engine] prompt_syntax differs from the bot's: a long prompt would break into other chunks there, and a
+    reroll's picture would change with the machine it lands on."""
+    service = await cluster_env.start(workers=1, join_poll_seconds=0.2)
+    command = WorkerCommand(ray_cluster, tmp_path, cluster_env.models, "box-d", engine='prompt_syntax = "comfy"\n')
+    try:
+        line = await command.line_with("the bot refused box-d")
+        assert "prompt_syntax = 'comfy' (the bot's is 'noodle')" in line
+        assert await asyncio.to_thread(command.process.wait, TIMEOUT) == 1
+    finally:
+        command.stop()
+    [refused] = [w for w in service.workers() if w.name == "box-d"]
+    assert refused.state == "refused" and "prompt_syntax" in refused.note

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 WATCH_SECONDS = 0.05  # how soon a cancel or the time limit reaches a running job on a worker (plus its step)
 PING_SECONDS = 2.0  # an idle worker's liveness check
 BUSY_POLL_SECONDS = 0.5  # how often a worker busy with an earlier run's batch is asked whether it is free
+JOINED_AT_START_SECONDS = 10.0  # how long start waits for the joined workers already up; later ones join meanwhile
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,18 @@ class ClusterRunner:
         pool.wait_up(workers, self._manifest, self._reading)
         with self._lock:
             self._workers.extend(workers)
-        self._find_joined()
+        # in the join thread, as later looks are: bringing a joined worker up waits until it starts (up to
+        # pool.READY_TIMEOUT_S for one Ray cannot place yet), and the bot must not wait that long to start serving;
+        # joined workers that are up answer within this wait and take jobs from the first one
+        self._joining = threading.Thread(target=self._find_joined, name="noodle-join", daemon=True)
+        self._joining.start()
+        self._joining.join(JOINED_AT_START_SECONDS)
         self._lanes()
-        if not self._up():
+        if not self._up() and not self._joining.is_alive():
             log.error("no engine worker is up: jobs wait in the queue until one is (%s)",
                       "; ".join(f"{w.name}: {w.note}" for w in workers))
+        elif not self._up():
+            log.warning("no engine worker is up yet: jobs wait in the queue while the joined workers start")
         for target, name in ((self._dispatch, "noodle-dispatch"), (self._watch, "noodle-watch")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()

@@ -189,3 +189,28 @@ async def test_a_worker_still_running_an_earlier_bots_batch_fails_no_job(cluster
     assert rows(cluster_env.db)[job.job_id]["attempts"] == 1  # put back, not counted as a try
     for ref in orphan:  # (the orphan batch's own stream, drained)
         pass
+
+
+async def test_the_bot_starts_serving_while_a_joined_worker_is_still_starting(cluster_env: Any) -> None:
+    """start() brought the joined workers up itself, waiting for each to start (up to pool.READY_TIMEOUT_S, 10
+    minutes): a machine still importing torch when the bot restarted held every job up that long."""
+    import time
+
+    import ray
+
+    from engine.cluster import pool
+    from engine.settings import ModelsSettings, RaySettings
+
+    executor = cluster_env.executor
+    [spec] = pool.owned_specs(["late"], ModelsSettings(dir=cluster_env.models), executor.settings, executor.limits,
+                              RaySettings())
+    # registered before the bot starts, but Ray cannot place it (it asks for 64 CPUs)
+    pending = pool.start_actor(spec, RaySettings(cpus_per_worker=64), name=pool.JOINED_PREFIX + "late")
+    try:
+        begun = time.monotonic()
+        service = await cluster_env.start(workers=1, join_poll_seconds=0.1)
+        assert time.monotonic() - begun < TIMEOUT  # the join wait is 10 s; it was READY_TIMEOUT_S (600 s)
+        result = await (await service.submit(txt2img(seed=23), Owner("u1"))).result(TIMEOUT)
+        assert result["meta"]["worker"]["name"] != "late"
+    finally:
+        ray.kill(pending)

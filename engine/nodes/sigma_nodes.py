@@ -178,6 +178,10 @@ class VPScheduler(Node):
     def run(self, ctx: RunContext) -> tuple[Sigmas]:
         t = torch.linspace(1, self.eps_s, self.steps)
         head = torch.sqrt(torch.special.expm1(self.beta_d * t**2 / 2 + self.beta_min * t))
+        if not bool(torch.isfinite(head[0])):  # ComfyUI samples on with it and draws NaN: a black picture
+            raise ValueError(f"VPScheduler: beta_d / 2 + beta_min = {self.beta_d / 2 + self.beta_min:g} makes its "
+                             f"first sigma sqrt(e^{self.beta_d / 2 + self.beta_min:g} - 1), past float32's range "
+                             "(the exponent must stay under 88); the usual values are beta_d 19.9, beta_min 0.1")
         return (Sigmas(torch.cat([head, torch.zeros(1)])),)
 
 

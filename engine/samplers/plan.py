@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -183,7 +184,10 @@ def _checked_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
     """A sigma list as float32, refused unless every sigma is finite and >= 0 (both paths step through it)."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
     if not bool(torch.isfinite(sigmas).all()) or bool((sigmas < 0).any()):
-        raise ValueError(f"sigmas must be finite and >= 0, got {sigmas.tolist()}")
+        bad = [i for i, sigma in enumerate(sigmas.tolist()) if not (math.isfinite(sigma) and sigma >= 0)]
+        shown = ", ".join(f"sigma {i} is {sigmas[i].item():g}" for i in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"sigmas must be finite and >= 0: {shown}{more} (of {len(sigmas)})")
     return sigmas
 
 

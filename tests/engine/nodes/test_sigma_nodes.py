@@ -300,3 +300,16 @@ def test_every_node_that_makes_or_takes_sigmas_has_a_cost_rule() -> None:
     for name, cls in catalog().items():
         if "SIGMAS" in cls.RETURN_TYPES or any(spec.type == "SIGMAS" for spec in cls.input_specs()):
             assert name in RULES, f"{name} makes or takes SIGMAS: engine/cost/ needs a rule for its length"
+
+
+def test_a_vp_schedule_past_float32_is_refused_naming_its_inputs() -> None:
+    """beta_d 5000 makes sqrt(e^2500 - 1): infinite in float32, a black picture in ComfyUI. The sampler's own check
+    listed every one of the 10,001 sigmas in its message; it names three now."""
+    from engine.samplers.plan import _checked_sigmas
+
+    with pytest.raises(ValueError, match=r"beta_d / 2 \+ beta_min = 2500.1 .* past float32's range"):
+        run("VPScheduler", steps=10_000, beta_d=5000.0)
+    with pytest.raises(ValueError) as caught:
+        _checked_sigmas(torch.tensor([float("inf")] * 10_000 + [0.0]))
+    assert str(caught.value) == ("sigmas must be finite and >= 0: sigma 0 is inf, sigma 1 is inf, sigma 2 is inf and "
+                                 "9997 more (of 10001)")

@@ -247,3 +247,15 @@ def test_hostile_brackets_parse_in_linear_time() -> None:
     with pytest.raises(PromptError, match="nest 65 deep"):
         parse_comfy("(a" * 20_000 + ":1)" * 20_000)
     assert time.perf_counter() - start < 20  # each is well under a second; quadratic, minutes
+
+
+def test_a_name_referenced_many_times_is_looked_up_once(embedding_folder: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each lookup stats the folder's files: 18,000 references in a 256 KiB text took 11 s (0.6 s looked up once)."""
+    library = EmbeddingLibrary(embedding_folder)
+    calls: list[str] = []
+    real = EmbeddingLibrary.lookup
+    monkeypatch.setattr(EmbeddingLibrary, "lookup", lambda self, written, widths=None: calls.append(written)
+                        or real(self, written, widths))
+    plan = plan_prompt("x embedding:sd1style " * 500 + "embedding:nope " * 500, embeddings=library, syntax="comfy")
+    assert sorted(calls) == ["nope", "sd1style"] and plan.report.embeddings == ["sd1style"]

@@ -113,6 +113,16 @@ def test_the_enforced_negative_is_weighed_as_the_engines_syntax_reads_it(syntax:
     assert (_texts(fixed)["6"] == f"((nsfw, nude:0.95)), {ENFORCED}") is appended
 
 
+@pytest.mark.parametrize("syntax", ["noodle", "comfy"])
+def test_the_enforced_negative_behind_an_embedding_reference_is_not_there(syntax: str) -> None:
+    """The encoder reads `embedding:nsfw,nude` as an embedding (or drops it), never as the words: the phrase was
+    counted as there and nothing was appended."""
+    graph = json.loads(_text_workflow("a red fox"))
+    graph["6"]["inputs"]["text"] = "blurry embedding:nsfw,nude"
+    fixed = with_negative(graph, ENFORCED, syntax)  # type: ignore[arg-type]
+    assert _texts(fixed)["6"] == f"blurry embedding:nsfw,nude, {ENFORCED}"
+
+
 async def test_below_cfg_1_is_refused_where_a_negative_is_enforced(env: Env) -> None:
     """At cfg 0 the sampler draws its negative alone: the server's enforced 'nsfw, nude'."""
     await env.studio.gate.put_rules(GUILD, ServerRules(enforced_negative=ENFORCED))

@@ -204,7 +204,7 @@ def cmd_tokens(args: argparse.Namespace, defaults: Any) -> int:
         print(json.dumps({"error": "the text is not UTF-8: give the prompt as UTF-8 text"}))
         return 2
     try:
-        report = token_report(args.text, EmbeddingLibrary(folder) if folder.is_dir() else None,
+        report = token_report(args.text, EmbeddingLibrary(folder),
                               max_chunks=defaults.limits.max_prompt_chunks, syntax=defaults.engine.prompt_syntax)
     except PromptError as err:
         print(json.dumps({"error": str(err)}))

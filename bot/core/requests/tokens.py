@@ -27,7 +27,7 @@ def token_text(text: str, embeddings_dir: Path, max_chunks: int | None = None, s
         raise RequestInvalid("there is no text to count; give the prompt, e.g. /tokens a red fox, (snow:1.2)")
     try:
         drawn = resolve_wildcards(text, 0)
-        report = token_report(drawn, EmbeddingLibrary(embeddings_dir) if embeddings_dir.is_dir() else None,
+        report = token_report(drawn, EmbeddingLibrary(embeddings_dir),
                               max_chunks=max_chunks, syntax=syntax)
     except PromptError as err:
         raise RequestInvalid(f"the prompt cannot be read: {err}") from None

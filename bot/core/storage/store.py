@@ -79,6 +79,20 @@ def _generation(rows: _Rows) -> Generation:
     )
 
 
+async def _pragma(db: aiosqlite.Connection, pragma: str) -> None:
+    """Run one PRAGMA. Switching a new file to WAL while another process opens it at the same moment (the bot and a
+    `noodle chat` started together) can answer "database is locked" without waiting for busy_timeout (SQLite does
+    not call its busy handler there), so that one answer is waited out, up to the same 10 s."""
+    for attempt in range(200):
+        try:
+            async with db.execute(pragma):
+                return
+        except aiosqlite.OperationalError as err:
+            if "locked" not in str(err) or attempt == 199:
+                raise
+            await asyncio.sleep(0.05)
+
+
 class Store(PresetTable, SafetyTable):
     """Generations, their jobs and the per-scope settings over one aiosqlite connection (presets: preset_table.py;
     moderation: safety_table.py)."""
@@ -104,8 +118,7 @@ class Store(PresetTable, SafetyTable):
             # row, kept alive by whoever holds its future) leaves a statement in progress, and the migration's
             # COMMIT fails with "cannot commit transaction - SQL statements in progress".
             for pragma in ("PRAGMA busy_timeout = 10000", "PRAGMA journal_mode = WAL", "PRAGMA foreign_keys = ON"):
-                async with db.execute(pragma):
-                    pass
+                await _pragma(db, pragma)
             await migrate(db, path)
         except aiosqlite.DatabaseError as err:
             await db.close()

@@ -21,7 +21,6 @@ from engine.nodes.conditioning import clip_encoders
 from engine.values import ClipRef, CondItem, Conditioning, GligenRef
 from prompts.encode import encode_prompt
 from prompts.errors import PromptError
-from prompts.plan import plan_prompt
 
 __all__ = ["GLIGENLoader", "GLIGENTextBoxApply", "box_text_pooled", "spread_to_negative"]
 
@@ -56,15 +55,12 @@ def box_text_pooled(text: str, clip: ClipRef, ctx: RunContext) -> torch.Tensor:
                          f"{clip.arch.family}")
     encoder = replace(clip_encoders(clip, ctx)[0], layer=-1, final_norm=True)
     try:
-        syntax = ctx.prompt_syntax
         encoded = encode_prompt(text, [encoder], embeddings=ctx.models.embeddings, weighting="comfy",
                                 cache=ctx.models.prompt_cache, max_chunks=ctx.limits.max_prompt_chunks,
-                                syntax=syntax)  # type: ignore[arg-type]
-        plan = plan_prompt(text, encoder.tokenizer, embeddings=ctx.models.embeddings, widths=[encoder.width],
-                           max_chunks=ctx.limits.max_prompt_chunks, syntax=syntax)  # type: ignore[arg-type]
+                                syntax=ctx.prompt_syntax)  # type: ignore[arg-type]
     except PromptError as err:
         raise PromptError(f"node {ctx.node_id}: {err}") from err
-    end = 1 + len(plan.chunks[0].tokens)  # after the start token and the first chunk's tokens
+    end = 1 + encoded.report.chunk_tokens[0]  # after the start token and the first chunk's tokens
     return encoded.embeds[:, end].detach().float().cpu()
 
 

@@ -32,13 +32,13 @@ from safetensors import SafetensorError, safe_open
 
 from .names import closest_names
 
-__all__ = ["EmbeddingLibrary", "EmbeddingMatch"]
+__all__ = ["REFERENCE", "EmbeddingLibrary", "EmbeddingMatch"]
 
 SAFE_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
 _COMFY_PREFIX = "embedding:"
-# ComfyUI starts a reference only at the start of a word; the name runs to whitespace or a comma
-_COMFY = r"(?<![^\s,])embedding:(?P<comfy>[^\s,]+)"
+# ComfyUI starts a reference only at the start of a word; the name runs to whitespace or a comma (Noodle's syntax)
+REFERENCE = r"(?<![^\s,])embedding:(?P<comfy>[^\s,]+)"
 _TRAILING_PUNCTUATION = ".;:!?)]}'\""
 _KNOWN_KEYS = ("clip_l", "clip_g", "emb_params")
 
@@ -280,6 +280,6 @@ def _reference_pattern(names: list[str]) -> re.Pattern[str]:
     """ComfyUI's `embedding:name`, or any file's stem as a whole word (longest first), any case."""
     stems = sorted({name.rsplit("/", 1)[-1] for name in names}, key=len, reverse=True)
     if not stems:
-        return re.compile(_COMFY + r"|(?P<bare>(?!))")
+        return re.compile(REFERENCE + r"|(?P<bare>(?!))")
     bare = "|".join(re.escape(stem) for stem in stems)
-    return re.compile(_COMFY + rf"|(?<!\w)(?P<bare>(?i:{bare}))(?!\w)")
+    return re.compile(REFERENCE + rf"|(?<!\w)(?P<bare>(?i:{bare}))(?!\w)")

@@ -27,18 +27,22 @@ from transformers import PreTrainedTokenizerBase
 
 from .chunks import BREAK, CHUNK_TOKENS, COMFY_KEEP_WHOLE, EMBEDDING_SLOT, Chunk, Unit, split_chunks
 from .comfy_emphasis import parse_comfy
-from .embeddings import EmbeddingLibrary, EmbeddingMatch
+from .embeddings import REFERENCE, EmbeddingLibrary, EmbeddingMatch
 from .emphasis import Fragment, parse_weighted
 from .errors import PromptError
 from .loras import extract_lora_tags
 from .report import TokenReport
 from .tokenizer import clip_tokenizer, text_tokens, word_token_groups
 
-__all__ = ["SYNTAXES", "PromptPlan", "Syntax", "encoded_fragments", "plan_prompt", "token_report"]
+__all__ = ["SYNTAXES", "PromptPlan", "Syntax", "encoded_fragments", "plan_prompt", "token_report",
+           "without_references"]
 
 Syntax = Literal["noodle", "comfy"]
 SYNTAXES: tuple[Syntax, ...] = ("noodle", "comfy")
 _COMFY_REFERENCE = re.compile(r" embedding:|\nembedding:")  # where ComfyUI splits a run for its embeddings
+# a whole reference, as each syntax finds it: Noodle's name runs to whitespace or a comma, ComfyUI's to whitespace
+_REFERENCES: dict[str, re.Pattern[str]] = {"noodle": re.compile(REFERENCE),
+                                           "comfy": re.compile(r"(?:^|(?<=[ \n]))embedding:\S*")}
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,12 @@ def _comfy_groups(fragment: Fragment, reading: _Reading) -> list[list[Unit]]:
             piece = leftover
         groups.append([Unit(token, weight) for token in text_tokens(piece, reading.tokenizer)])
     return groups
+
+
+def without_references(text: str, syntax: Syntax = "noodle") -> str:
+    """`text` with each `embedding:name` reference, as `syntax` finds it, made a space: the encoder reads the
+    embedding's vectors there, or nothing when there is no such file, never the words."""
+    return _REFERENCES[syntax].sub(" ", text)
 
 
 def encoded_fragments(text: str, syntax: Syntax = "noodle") -> list[Fragment]:

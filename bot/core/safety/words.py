@@ -25,7 +25,7 @@ import regex
 
 from prompts.emphasis import Fragment
 from prompts.errors import PromptError
-from prompts.plan import Syntax, encoded_fragments
+from prompts.plan import Syntax, encoded_fragments, without_references
 
 __all__ = ["Banned", "as_encoded", "find_banned", "fold", "holds_phrase"]
 
@@ -33,9 +33,6 @@ PATTERN_SECONDS = 0.05  # per pattern and text: a sane pattern takes microsecond
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
 _WORD_WITH_SIGNS = regex.compile(r"[\p{L}0-9@$]*\p{L}[\p{L}0-9@$]*")
 _NOT_WORD = regex.compile(r"[^\p{L}\p{N}]+")
-# where the text encoder reads an embedding reference, not words (prompts/embeddings.py, prompts/plan.py)
-_NOODLE_REFERENCE = regex.compile(r"(?<![^\s,])embedding:[^\s,]+")
-_COMFY_REFERENCE = regex.compile(r"(?:^|(?<=[ \n]))embedding:\S*")
 
 
 @dataclass(frozen=True)
@@ -129,9 +126,8 @@ def holds_phrase(text: str, phrase: str, syntax: Syntax = "noodle") -> bool:
     whole = regex.compile(rf"(?:^| ){regex.escape(target)}(?= |$)")
     # an `embedding:name` reference is not encoded as its words (vectors, or nothing when there is no such file):
     # `blurry embedding:nsfw,nude` must not count as holding `nsfw, nude`
-    reference = _COMFY_REFERENCE if syntax == "comfy" else _NOODLE_REFERENCE
     return any(not fragment.is_break and fragment.weight >= 1.0
-               and whole.search(fold(reference.sub(" ", fragment.text))) for fragment in fragments)
+               and whole.search(fold(without_references(fragment.text, syntax))) for fragment in fragments)
 
 
 def find_banned(texts: Iterable[str], words: Iterable[str], patterns: Iterable[str],

@@ -150,10 +150,9 @@ class EngineWorker:
         shown = str(device)
         if device.type == "cuda":
             shown = f"{device} ({torch.cuda.get_device_name(device)})"
-        settings = self.executor.settings
         return WorkerFacts(self.spec.name, socket.gethostname(), os.getpid(), ray.get_runtime_context().get_node_id(),
                            shown, str(self.executor.models.dtype).removeprefix("torch."),
-                           self.executor.models.memory_budget, prompt_reading(settings))
+                           self.executor.models.memory_budget, prompt_reading(self.executor.settings))
 
     def manifest(self, names: dict[str, list[str]]) -> dict[str, str | None]:
         """"folder/name" -> the short hash of this worker's file of that name, None where it has none."""

@@ -194,7 +194,7 @@ def check_models(ours: dict[str, str], theirs: dict[str, str | None]) -> str | N
 def check_reading(ours: tuple[str, str], theirs: tuple[str, str]) -> str | None:
     """Why a worker that reads prompt text otherwise than the bot cannot serve its jobs: the same job would draw
     another picture there."""
-    if tuple(theirs) == tuple(ours):
+    if theirs == ours:
         return None
     differ = [f"{name} = {their!r} (the bot's is {our!r})" for name, our, their
               in zip(("prompt_weighting", "prompt_syntax"), ours, theirs) if our != their]

@@ -79,18 +79,22 @@ def _generation(rows: _Rows) -> Generation:
     )
 
 
+_LOCKED_WAIT_S = 0.05
+_LOCKED_TRIES = 200  # 10 s, busy_timeout's own wait
+
+
 async def _pragma(db: aiosqlite.Connection, pragma: str) -> None:
     """Run one PRAGMA. Switching a new file to WAL while another process opens it at the same moment (the bot and a
     `noodle chat` started together) can answer "database is locked" without waiting for busy_timeout (SQLite does
     not call its busy handler there), so that one answer is waited out, up to the same 10 s."""
-    for attempt in range(200):
+    for attempt in range(_LOCKED_TRIES):
         try:
             async with db.execute(pragma):
                 return
         except aiosqlite.OperationalError as err:
-            if "locked" not in str(err) or attempt == 199:
+            if "locked" not in str(err) or attempt == _LOCKED_TRIES - 1:
                 raise
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(_LOCKED_WAIT_S)
 
 
 class Store(PresetTable, SafetyTable):
